@@ -1,0 +1,1 @@
+"""What crosses the wire: keys, configs, signed messages and codecs. Imports nothing else of potluck."""

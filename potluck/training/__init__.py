@@ -1,0 +1,1 @@
+"""Shared ML code: the model family, token streams, DiLoCo optimizers and evaluation."""
