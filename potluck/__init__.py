@@ -5,7 +5,3 @@ pseudo-gradients, and aggregators combine them. See DESIGN.md for the architectu
 """
 
 __version__ = "0.1.0"
-
-# The wire protocol's version: bumped whenever an encoding or a message's fields change, so that
-# nodes running different versions refuse each other with a clear message instead of misreading bytes.
-PROTOCOL_VERSION = 1

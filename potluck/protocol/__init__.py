@@ -1,1 +1,5 @@
 """What crosses the wire: keys, configs, signed messages and codecs. Imports nothing else of potluck."""
+
+# The wire protocol's version: bumped whenever an encoding or a message's fields change, so that
+# nodes running different versions refuse each other with a clear message instead of misreading bytes.
+PROTOCOL_VERSION = 1
