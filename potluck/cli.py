@@ -1,0 +1,255 @@
+"""The `potluck` command: keygen, simulate, plan (the swarm commands arrive with the swarm).
+
+This is the only module that talks to the terminal: it sets up logging, draws progress bars on
+stderr, prints tables or `--json` on stdout, and turns the library's one-line errors into a
+one-line message and exit status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from potluck import __version__
+from potluck.protocol import PROTOCOL_VERSION
+
+app = typer.Typer(
+    name="potluck",
+    help="Train one model together on volunteers' GPUs over ordinary internet links.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+stderr = Console(stderr=True)
+stdout = Console()
+
+DEFAULT_IDENTITY = Path("~/.potluck/identity.key")
+
+
+class UsageError(Exception):
+    """A flag's value cannot be used; the message says which and why."""
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+    """The library's one-line error types: printed as they are, never as a traceback."""
+    from potluck.protocol.codecs import CodecError
+    from potluck.protocol.config import ConfigError
+    from potluck.protocol.envelope import EnvelopeError
+    from potluck.protocol.identity import IdentityError
+    from potluck.training.data import DataError
+
+    return (UsageError, IdentityError, ConfigError, CodecError, EnvelopeError, DataError)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=stderr, show_path=False, rich_tracebacks=False)],
+    )
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"potluck {__version__} (protocol v{PROTOCOL_VERSION})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each step is doing.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Train one model together on volunteers' GPUs over ordinary internet links."""
+    _setup_logging(verbose)
+
+
+@app.command()
+def keygen(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the private key (mode 0600).")] = (
+        DEFAULT_IDENTITY
+    ),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing key (its identity is lost).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {path, fingerprint, public_key} as JSON.")] = False,
+) -> None:
+    """Create this node's Ed25519 identity: its fingerprint is your name on the leaderboard."""
+    from potluck.protocol.identity import generate_identity, save_identity
+
+    path = out.expanduser()
+    identity = generate_identity()
+    save_identity(identity, path, overwrite=force)
+    if as_json:
+        print(
+            json.dumps(
+                {"path": str(path), "fingerprint": identity.fingerprint, "public_key": identity.public_key.hex()}
+            )
+        )
+    else:
+        stdout.print(f"wrote {path}\nfingerprint {identity.fingerprint}\npublic key  {identity.public_key.hex()}")
+
+
+@app.command()
+def simulate(
+    peers: Annotated[int, typer.Option(help="Simulated peers (run one after another).", min=1)] = 4,
+    rounds: Annotated[int | None, typer.Option(help="Outer rounds. [default: 8, or the config's]", min=1)] = None,
+    local_steps: Annotated[
+        int | None, typer.Option(help="Inner steps per round (H). [default: 25, or the config's]", min=1)
+    ] = None,
+    codecs: Annotated[str, typer.Option(help="Comma-separated codecs, one DiLoCo arm each.")] = "none,int8,dct-topk",
+    outer: Annotated[
+        str | None, typer.Option(help="Outer optimizer: nesterov or average. [default: the config's]")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="A run config (TOML or YAML); flags override it.")] = None,
+    data: Annotated[str | None, typer.Option(help="builtin, a text file, a directory, or hf:<saved dataset>.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per inner step per peer.", min=1)] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak inner AdamW learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for init and data order.", min=0)] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    eval_batches: Annotated[int, typer.Option(help="Held-out batches per evaluation.", min=1)] = 16,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")] = (
+        False
+    ),
+) -> None:
+    """Compare DiLoCo with each codec against DDP at equal tokens: held-out loss and upload bytes."""
+    from potluck.protocol.config import RunConfig, load_run_config, run_config_from_mapping
+    from potluck.simulate import simulate as run_simulation
+    from potluck.training.device import pick_device
+
+    base = load_run_config(config) if config else RunConfig(rounds=8, local_steps=25)
+    overrides: dict[str, object] = base.model_dump(mode="json")
+    for section, key, value in [
+        (None, "rounds", rounds),
+        (None, "local_steps", local_steps),
+        ("outer", "kind", outer),
+        ("data", "source", data),
+        ("inner", "batch_size", batch_size),
+        ("inner", "lr", lr),
+        (None, "seed", seed),
+    ]:
+        if value is not None:
+            target = overrides if section is None else overrides[section]
+            target[key] = value  # type: ignore[index]
+    cfg = run_config_from_mapping(overrides, source="flags")
+    names = [c.strip() for c in codecs.split(",") if c.strip()]
+    if not names:
+        raise UsageError("--codecs names no codec; try --codecs none,int8,dct-topk")
+    total = cfg.rounds * cfg.local_steps * peers
+    with Progress(
+        TextColumn("{task.description:>10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=True,
+    ) as progress:
+        # DDP takes one step where the simulated peers take P, one after another.
+        tasks = {arm: progress.add_task(arm, total=total // peers if arm == "ddp" else total) for arm in ["ddp", *names]}
+
+        def on_progress(arm: str, done: int, _total: int) -> None:
+            progress.update(tasks[arm], completed=done)
+
+        result = run_simulation(cfg, peers=peers, codecs=names, device=pick_device(device), on_progress=on_progress)
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    table = Table(title=f"{peers} peers, {cfg.rounds} rounds x {cfg.local_steps} inner steps, outer {cfg.outer.kind}")
+    for column in ("arm", "val loss", "gap vs DDP", "up B/peer/step", "up B/param/kstep", "down B/param/round",
+                   "less upload than DDP"):
+        table.add_column(column, justify="right")
+    for arm in result.arms:
+        table.add_row(
+            arm.name,
+            f"{arm.val_loss:.4f}",
+            f"{arm.gap_pct:+.2f}%",
+            f"{arm.upload_bytes_per_peer_per_step:,.0f}",
+            f"{arm.upload_bytes_per_param_per_kstep:.3g}",
+            f"{arm.download_bytes_per_param_per_round:.3g}",
+            f"{arm.reduction_vs_ddp:,.0f}x",
+        )
+    stdout.print(table)
+    stdout.print(f"initial held-out loss {result.initial_val_loss:.4f}; model {result.num_params:,} parameters")
+
+
+def _quantity(value: str | None, flag: str) -> float | None:
+    from potluck.planner import parse_quantity
+
+    if value is None:
+        return None
+    try:
+        return parse_quantity(value)
+    except ValueError as err:
+        raise UsageError(f"{flag}: {err}") from None
+
+
+@app.command()
+def plan(
+    params: Annotated[str | None, typer.Option(help="Model parameters N (e.g. 1.2e9 or 1.2G).")] = None,
+    clusters: Annotated[str | None, typer.Option(help="Clusters m that train apart and sync each round.")] = None,
+    gpus_per_cluster: Annotated[str | None, typer.Option(help="GPUs per cluster n.")] = None,
+    device_flops: Annotated[str | None, typer.Option(help="FLOP/s per device C_d (e.g. 150T).")] = None,
+    bandwidth: Annotated[str | None, typer.Option(help="Link bandwidth W between clusters, bits/s.")] = None,
+    batch_tokens: Annotated[str | None, typer.Option(help="Global batch B, tokens.")] = None,
+    local_steps: Annotated[str | None, typer.Option(help="Local steps s per round.")] = None,
+    target_k: Annotated[float, typer.Option(help="Scaling efficiency to find the local steps for.")] = 0.9,
+    upload_bytes: Annotated[str | None, typer.Option(help="Payload uploaded per round, bytes (MB = 10^6).")] = None,
+    download_bytes: Annotated[str | None, typer.Option(help="Payload downloaded per round, bytes.")] = None,
+    up: Annotated[str | None, typer.Option(help="Upload rate, bits/s (e.g. 10M).")] = None,
+    down: Annotated[str | None, typer.Option(help="Download rate, bits/s (e.g. 100M).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Scaling efficiency K of local SGD (He et al., arXiv 2409.13198) and network time per round."""
+    from potluck.planner import make_plan
+
+    values = {
+        "params": _quantity(params, "--params"),
+        "clusters": _quantity(clusters, "--clusters"),
+        "gpus_per_cluster": _quantity(gpus_per_cluster, "--gpus-per-cluster"),
+        "device_flops": _quantity(device_flops, "--device-flops"),
+        "bandwidth_bits_per_s": _quantity(bandwidth, "--bandwidth"),
+        "batch_tokens": _quantity(batch_tokens, "--batch-tokens"),
+        "local_steps": _quantity(local_steps, "--local-steps"),
+        "upload_bytes": _quantity(upload_bytes, "--upload-bytes"),
+        "download_bytes": _quantity(download_bytes, "--download-bytes"),
+        "up_bits_per_s": _quantity(up, "--up"),
+        "down_bits_per_s": _quantity(down, "--down"),
+    }
+    try:
+        result = make_plan(**values, target_k=target_k)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    out = result.to_dict()
+    if not any(v is not None for v in out.values()):
+        raise UsageError(
+            "nothing to compute: give --clusters --gpus-per-cluster --device-flops --bandwidth --batch-tokens "
+            "--local-steps for K, or --upload-bytes/--download-bytes with --up/--down for transfer times"
+        )
+    if as_json:
+        print(json.dumps(out))
+        return
+    for key, value in out.items():
+        if value is not None:
+            stdout.print(f"{key:>24}  {value:.4g}" if isinstance(value, float) else f"{key:>24}  {value}")
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turning known errors into one line and exit status 2."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        stderr.print("interrupted")
+        sys.exit(130)
+    except _known_errors() as err:
+        stderr.print(f"potluck: error: {err}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)

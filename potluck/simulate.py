@@ -1,0 +1,323 @@
+"""The DiLoCo algorithm in one process, side by side with a DDP baseline, with no network.
+
+`potluck simulate` answers the question every codec and hyperparameter change raises: how much
+upload does it save against data-parallel training, and what does it cost in held-out loss at
+equal tokens? Simulated peers run one after another; the "aggregator" is a function call; the
+bytes counted are the real signed wire messages (envelope header + codec payload) a peer would
+send, so the reduction factors are the ones the swarm would see.
+
+Equal tokens: DDP step t trains on the concatenation of the P peers' batches at their step t, so
+both arms see exactly the same tokens in the same order per peer, with the same inner optimizer
+and learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from potluck.protocol import PROTOCOL_VERSION
+from potluck.protocol.codecs import Codec, make_codec
+from potluck.protocol.codecs.aggregate import encode_aggregate, weighted_mean
+from potluck.protocol.config import RunConfig, config_hash
+from potluck.protocol.envelope import UpdateHeader, new_nonce, payload_digest, sign_update
+from potluck.protocol.identity import Identity, generate_identity
+from potluck.training.data import BatchSampler, Corpus, load_corpus, val_batches
+from potluck.training.diloco import (
+    OuterOptimizer,
+    inner_lr,
+    inner_step,
+    load_params,
+    make_inner_optimizer,
+    pseudo_gradient,
+    snapshot,
+)
+from potluck.training.evaluate import evaluate
+from potluck.training.models import GPT, build_model, model_config
+
+logger = logging.getLogger(__name__)
+
+# Called as on_progress(arm_name, inner_steps_done, inner_steps_total) after every inner step.
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass(kw_only=True, slots=True)
+class ArmResult:
+    """What one arm (DDP or one codec) achieved and what it cost on the wire."""
+
+    name: str
+    val_loss: float
+    gap_pct: float = 0.0  # (val_loss - ddp_val_loss) / ddp_val_loss * 100
+    upload_bytes_per_peer_per_step: float
+    upload_bytes_per_param_per_kstep: float  # per peer, per 1000 inner steps
+    download_bytes_per_param_per_round: float
+    reduction_vs_ddp: float = 1.0  # DDP ring all-reduce bytes per step / this arm's upload bytes per step
+    val_loss_per_round: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+@dataclass(kw_only=True, slots=True)
+class SimulationResult:
+    """Every arm of one simulation, with the settings that produced it."""
+
+    initial_val_loss: float
+    num_params: int
+    peers: int
+    rounds: int
+    local_steps: int
+    tokens_per_arm: int
+    outer: str
+    config_hash: str
+    arms: list[ArmResult]
+
+    def to_dict(self) -> dict[str, object]:
+        """The `--json` object: plain values only."""
+        return asdict(self)
+
+
+def ddp_bytes_per_step(*, num_params: int, peers: int) -> float:
+    """Bytes each worker sends per step in a ring all-reduce of fp32 gradients: 2(P-1)/P x 4 x params."""
+    return 2 * (peers - 1) / peers * 4 * num_params
+
+
+def _eval(model: GPT, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
+    return evaluate(model, batches, device=device)
+
+
+def _to(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch[0].to(device), batch[1].to(device)
+
+
+def _samplers(cfg: RunConfig, *, corpus: Corpus, peers: int, block_size: int) -> list[BatchSampler]:
+    return [
+        BatchSampler(
+            corpus.train,
+            batch_size=cfg.inner.batch_size,
+            block_size=block_size,
+            shard=p,
+            num_shards=peers,
+            seed=cfg.seed,
+        )
+        for p in range(peers)
+    ]
+
+
+def _lr(cfg: RunConfig, step: int) -> float:
+    return inner_lr(
+        step,
+        total_steps=cfg.rounds * cfg.local_steps,
+        peak_lr=cfg.inner.lr,
+        warmup_steps=cfg.inner.warmup_steps,
+        min_lr_ratio=cfg.inner.min_lr_ratio,
+    )
+
+
+def _optimizer(cfg: RunConfig, model: GPT) -> torch.optim.AdamW:
+    return make_inner_optimizer(
+        model, lr=cfg.inner.lr, betas=(cfg.inner.beta1, cfg.inner.beta2), weight_decay=cfg.inner.weight_decay
+    )
+
+
+def run_ddp(
+    cfg: RunConfig,
+    *,
+    peers: int,
+    corpus: Corpus,
+    eval_set: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    on_progress: ProgressCallback | None = None,
+) -> ArmResult:
+    """Train one model on the union of the peers' batches, step by step: the data-parallel baseline."""
+    started = time.perf_counter()
+    block_size = model_config(cfg.model.size, block_size=cfg.model.block_size).block_size
+    model = build_model(model_config(cfg.model.size, block_size=cfg.model.block_size), seed=cfg.seed).to(device)
+    optimizer = _optimizer(cfg, model)
+    samplers = _samplers(cfg, corpus=corpus, peers=peers, block_size=block_size)
+    total = cfg.rounds * cfg.local_steps
+    curve = []
+    for step in range(total):
+        parts = [s.next_batch() for s in samplers]
+        batch = _to((torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])), device)
+        inner_step(model, optimizer, batch, lr=_lr(cfg, step), grad_clip=cfg.inner.grad_clip)
+        if on_progress:
+            on_progress("ddp", step + 1, total)
+        if (step + 1) % cfg.local_steps == 0:
+            curve.append(_eval(model, eval_set, device))
+    num_params = model.num_params()
+    per_step = ddp_bytes_per_step(num_params=num_params, peers=peers)
+    return ArmResult(
+        name="ddp",
+        val_loss=curve[-1],
+        upload_bytes_per_peer_per_step=per_step,
+        upload_bytes_per_param_per_kstep=per_step / num_params * 1000,
+        # A ring all-reduce receives as much as it sends; a "round" is local_steps steps.
+        download_bytes_per_param_per_round=per_step * cfg.local_steps / num_params,
+        val_loss_per_round=curve,
+        wall_s=time.perf_counter() - started,
+    )
+
+
+def _signed_update_bytes(
+    cfg: RunConfig, *, identity: Identity, run_hash: str, round_index: int, tokens: int, payload: bytes, codec: str
+) -> int:
+    """Size on the wire of the signed header a peer sends with its payload."""
+    header = UpdateHeader(
+        protocol_version=PROTOCOL_VERSION,
+        run_id=cfg.run_name,
+        config_hash=run_hash,
+        round=round_index,
+        base_version=round_index,
+        peer_public_key=identity.public_key,
+        tokens=tokens,
+        inner_steps=cfg.local_steps,
+        codec=codec,
+        payload_bytes=len(payload),
+        payload_sha256=payload_digest(payload),
+        nonce=new_nonce(),
+        timestamp_s=time.time(),
+    )
+    return len(sign_update(header, identity).to_bytes())
+
+
+def run_diloco(
+    cfg: RunConfig,
+    *,
+    peers: int,
+    codec: Codec,
+    aggregate_codec: Codec,
+    corpus: Corpus,
+    eval_set: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    on_progress: ProgressCallback | None = None,
+) -> ArmResult:
+    """DiLoCo with P peers run one after another: inner AdamW, compressed pseudo-gradients, outer step."""
+    started = time.perf_counter()
+    model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
+    master_model = build_model(model_cfg, seed=cfg.seed).to(device)
+    master = snapshot(master_model)
+    spec = {name: tuple(t.shape) for name, t in master.items()}
+    outer = OuterOptimizer(kind=cfg.outer.kind, lr=cfg.outer.lr, momentum=cfg.outer.momentum)
+    workers = [build_model(model_cfg, seed=cfg.seed).to(device) for _ in range(peers)]
+    optimizers = [_optimizer(cfg, w) for w in workers]
+    samplers = _samplers(cfg, corpus=corpus, peers=peers, block_size=model_cfg.block_size)
+    identities = [generate_identity() for _ in range(peers)]
+    peer_residuals: list[dict[str, torch.Tensor]] = [{} for _ in range(peers)]
+    aggregator_residual: dict[str, torch.Tensor] = {}
+    run_hash = config_hash(cfg)
+    tokens_per_round = cfg.local_steps * cfg.inner.batch_size * model_cfg.block_size
+    total = cfg.rounds * cfg.local_steps * peers
+    done = 0
+    upload_bytes = download_bytes = 0
+    curve = []
+    for round_index in range(cfg.rounds):
+        decoded = []
+        for p, worker in enumerate(workers):
+            load_params(worker, master)
+            for local in range(cfg.local_steps):
+                step = round_index * cfg.local_steps + local
+                batch = _to(samplers[p].next_batch(), device)
+                inner_step(worker, optimizers[p], batch, lr=_lr(cfg, step), grad_clip=cfg.inner.grad_clip)
+                done += 1
+                if on_progress:
+                    on_progress(codec.name, done, total)
+            delta = {k: v.float().cpu() for k, v in pseudo_gradient(master, worker).items()}
+            payload = codec.encode(delta, peer_residuals[p])
+            upload_bytes += len(payload) + _signed_update_bytes(
+                cfg,
+                identity=identities[p],
+                run_hash=run_hash,
+                round_index=round_index,
+                tokens=tokens_per_round,
+                payload=payload,
+                codec=codec.name,
+            )
+            decoded.append(codec.decode(payload, spec))
+        mean = weighted_mean(decoded, [float(tokens_per_round)] * peers)
+        aggregate = encode_aggregate(mean, codec=aggregate_codec, state=aggregator_residual)
+        download_bytes += len(aggregate)
+        applied = {k: v.to(device) for k, v in aggregate_codec.decode(aggregate, spec).items()}
+        outer.step(master, applied)
+        load_params(master_model, master)
+        curve.append(_eval(master_model, eval_set, device))
+    num_params = master_model.num_params()
+    steps = cfg.rounds * cfg.local_steps
+    per_step = upload_bytes / peers / steps
+    return ArmResult(
+        name=codec.name,
+        val_loss=curve[-1],
+        upload_bytes_per_peer_per_step=per_step,
+        upload_bytes_per_param_per_kstep=per_step / num_params * 1000,
+        download_bytes_per_param_per_round=download_bytes / cfg.rounds / num_params,
+        val_loss_per_round=curve,
+        wall_s=time.perf_counter() - started,
+    )
+
+
+def simulate(
+    cfg: RunConfig,
+    *,
+    peers: int,
+    codecs: Sequence[str],
+    device: torch.device,
+    eval_batches: int = 16,
+    on_progress: ProgressCallback | None = None,
+) -> SimulationResult:
+    """Run the DDP baseline and one DiLoCo arm per codec on the same data; compare loss and bytes.
+
+    A codec named like the config's upload codec uses the config's parameters; others use their
+    defaults. The aggregate (download) codec is the config's, re-encoding the mean with the
+    aggregator's own error feedback.
+    """
+    if peers < 1:
+        raise ValueError(f"--peers must be at least 1 (got {peers})")
+    model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
+    codec_objects = [make_codec(name, cfg.codec.params if name == cfg.codec.name else None) for name in codecs]
+    corpus = load_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction, max_bytes=cfg.data.max_bytes)
+    eval_set = [
+        _to(b, device)
+        for b in val_batches(
+            corpus.val, batch_size=cfg.inner.batch_size, block_size=model_cfg.block_size, num_batches=eval_batches
+        )
+    ]
+    initial = _eval(build_model(model_cfg, seed=cfg.seed).to(device), eval_set, device)
+    ddp = run_ddp(cfg, peers=peers, corpus=corpus, eval_set=eval_set, device=device, on_progress=on_progress)
+    arms = [ddp]
+    for codec in codec_objects:
+        # Each arm compresses both directions with its own codec; the config's aggregate-codec
+        # parameters apply when it names the same codec.
+        same = codec.name == cfg.aggregate_codec.name
+        aggregate_codec = make_codec(codec.name, cfg.aggregate_codec.params if same else None)
+        arm = run_diloco(
+            cfg,
+            peers=peers,
+            codec=codec,
+            aggregate_codec=aggregate_codec,
+            corpus=corpus,
+            eval_set=eval_set,
+            device=device,
+            on_progress=on_progress,
+        )
+        arm.gap_pct = (arm.val_loss - ddp.val_loss) / ddp.val_loss * 100
+        arm.reduction_vs_ddp = ddp.upload_bytes_per_peer_per_step / arm.upload_bytes_per_peer_per_step
+        arms.append(arm)
+        logger.info("arm %s: val loss %.4f (%+.2f%% vs DDP)", arm.name, arm.val_loss, arm.gap_pct)
+    for arm in arms:
+        if not math.isfinite(arm.val_loss):
+            logger.warning("arm %s diverged (val loss %s)", arm.name, arm.val_loss)
+    num_params = build_model(model_cfg, seed=cfg.seed).num_params()
+    return SimulationResult(
+        initial_val_loss=initial,
+        num_params=num_params,
+        peers=peers,
+        rounds=cfg.rounds,
+        local_steps=cfg.local_steps,
+        tokens_per_arm=cfg.rounds * cfg.local_steps * peers * cfg.inner.batch_size * model_cfg.block_size,
+        outer=cfg.outer.kind,
+        config_hash=config_hash(cfg),
+        arms=arms,
+    )

@@ -1,0 +1,87 @@
+"""The `potluck` console script as a user runs it: real subprocesses, exit codes, one-line errors."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+POTLUCK = [sys.executable, "-c", "from potluck.cli import main; main()"]
+
+
+def run(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `potluck ARGS` and capture its output; fails the test if it hangs."""
+    return subprocess.run([*POTLUCK, *args], capture_output=True, text=True, timeout=timeout_s, check=False)
+
+
+def test_keygen_writes_a_private_key_readable_only_by_its_owner(tmp_path: Path) -> None:
+    key = tmp_path / "keys" / "id.key"
+    result = run("keygen", "--out", str(key), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["path"] == str(key)
+    assert info["fingerprint"]
+    assert len(bytes.fromhex(info["public_key"])) == 32
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+
+
+def test_keygen_refuses_to_overwrite_with_one_line(tmp_path: Path) -> None:
+    key = tmp_path / "id.key"
+    assert run("keygen", "--out", str(key)).returncode == 0
+    before = key.read_bytes()
+    result = run("keygen", "--out", str(key))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert key.read_bytes() == before
+
+
+def test_plan_reproduces_the_distro_worked_example() -> None:
+    result = run("plan", "--upload-bytes", "2.8e6", "--up", "10e6", "--download-bytes", "86.8e6", "--down", "100e6",
+                 "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["upload_seconds"] == pytest.approx(2.24, abs=0.005)
+    assert out["download_seconds"] == pytest.approx(6.944, abs=0.005)
+
+
+def test_plan_scenario_one_of_the_scaling_law_paper_is_above_090() -> None:
+    result = run("plan", "--clusters", "2", "--gpus-per-cluster", "8", "--device-flops", "150e12", "--bandwidth",
+                 "0.8e9", "--batch-tokens", "4e6", "--local-steps", "32", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["K"] > 0.9
+
+
+def test_plan_refuses_junk_with_one_line() -> None:
+    result = run("plan", "--up", "fast", "--upload-bytes", "1e6")
+    assert result.returncode == 2
+    assert "--up" in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+def test_bad_config_is_one_line_naming_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text("[inner]\nlr = -1.0\n")
+    result = run("simulate", "--config", str(config))
+    assert result.returncode == 2
+    assert "inner.lr" in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_simulate_json_reports_every_arm() -> None:
+    result = run("simulate", "--peers", "2", "--rounds", "2", "--local-steps", "3", "--eval-batches", "2",
+                 "--codecs", "none,dct-topk", "--json", timeout_s=240)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert [arm["name"] for arm in out["arms"]] == ["ddp", "none", "dct-topk"]
+    for arm in out["arms"]:
+        assert arm["val_loss"] < out["initial_val_loss"]
+        for key in ("gap_pct", "upload_bytes_per_peer_per_step", "upload_bytes_per_param_per_kstep",
+                    "download_bytes_per_param_per_round", "reduction_vs_ddp"):
+            assert isinstance(arm[key], float)
+    by_name = {arm["name"]: arm for arm in out["arms"]}
+    assert by_name["dct-topk"]["reduction_vs_ddp"] > by_name["none"]["reduction_vs_ddp"] > 1

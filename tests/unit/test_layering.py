@@ -1,0 +1,54 @@
+"""The tree is the architecture: imports between potluck's components point one way only."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "potluck"
+
+# component -> the potluck components it may import (besides itself)
+ALLOWED = {
+    "protocol": set(),
+    "training": {"protocol"},
+    "incentives": {"protocol"},
+    "peer": {"protocol", "training"},
+    "aggregator_server": {"protocol", "training", "incentives"},
+    "web": {"protocol"},
+}
+
+
+def _potluck_imports(path: Path) -> set[str]:
+    """The second-level potluck modules a file imports, e.g. {"protocol", "training"}."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "potluck":
+                found.add(parts[1] if len(parts) > 1 else "")
+    return found
+
+
+@pytest.mark.parametrize("component", sorted(ALLOWED))
+def test_component_imports_only_what_the_design_allows(component: str) -> None:
+    # Prepare
+    files = sorted((PACKAGE / component).rglob("*.py"))
+    # Execute
+    bad = {
+        f"{path.relative_to(PACKAGE.parent)} imports potluck.{name}"
+        for path in files
+        for name in _potluck_imports(path) - ALLOWED[component] - {component}
+    }
+    # Assert
+    assert not bad, sorted(bad)
+
+
+def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("from potluck.training.models import GPT\nimport potluck.peer.loop\n")
+    assert _potluck_imports(bad) == {"training", "peer"}
