@@ -1,0 +1,435 @@
+"""RunConfig: every hyperparameter of one training run, validated at the boundary and content-hashed.
+
+A run is identified by the sha256 of its canonical config (``config_hash``): peers and aggregators
+refuse updates whose config hash differs, so a changed config is a different run. Configs come from
+TOML or YAML files (``load_run_config``), from mappings built by the CLI (``run_config_from_mapping``)
+and from ``key.path=value`` flags (``parse_overrides`` + ``overrides=``). Every problem surfaces as one
+``ConfigError`` line naming the file and the field, e.g.
+``run.toml: inner.lr: Input should be greater than 0 (got -1)``.
+
+TOML has no null, so optional fields accept the string ``"none"`` as well (``grad_clip = "none"``
+turns clipping off); ``dump_run_config`` writes it that way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "MODEL_SIZES",
+    "CodecSpec",
+    "ConfigError",
+    "DataSpec",
+    "InnerOptimizerSpec",
+    "ModelSpec",
+    "OuterOptimizerSpec",
+    "RunConfig",
+    "config_hash",
+    "dump_run_config",
+    "load_run_config",
+    "parse_overrides",
+    "run_config_from_mapping",
+]
+
+# The built-in GPT family; must equal the keys of potluck.training.models.MODEL_SIZES (a test checks).
+ModelSize = Literal["tiny", "small", "10m", "124m", "350m", "1b"]
+MODEL_SIZES: tuple[str, ...] = get_args(ModelSize)
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_CODEC_NAME = re.compile(r"[a-z0-9-]{1,32}")
+_ED25519_HEX = re.compile(r"[0-9a-f]{64}")  # a raw 32-byte Ed25519 public key, lowercase hex
+
+
+def _none_word(value: Any) -> Any:
+    """Read the string "none" as None: TOML cannot write null, so optional fields accept this word."""
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return None
+    return value
+
+
+def _check_run_name(value: str) -> str:
+    if not _RUN_NAME.fullmatch(value):
+        raise ValueError("must be 1-64 characters from A-Z a-z 0-9 . _ -")
+    return value
+
+
+def _check_codec_name(value: str) -> str:
+    if not _CODEC_NAME.fullmatch(value):
+        raise ValueError("must be a codec's registry name: 1-32 characters from a-z 0-9 -, e.g. dct-topk")
+    return value
+
+
+def _check_aggregator_key(value: str) -> str:
+    if not _ED25519_HEX.fullmatch(value):
+        raise ValueError("must be an Ed25519 public key as 64 lowercase hex characters")
+    return value
+
+
+def _check_distinct(keys: tuple[str, ...]) -> tuple[str, ...]:
+    seen: dict[str, int] = {}
+    for index, key in enumerate(keys):
+        if key in seen:
+            raise ValueError(f"entry {index} repeats entry {seen[key]}; list each key once")
+        seen[key] = index
+    return keys
+
+
+def _check_data_source(value: str) -> str:
+    if not value.strip():
+        raise ValueError('must be "builtin", a file or directory path, or "hf:<dataset dir>"')
+    if value.startswith("hf:") and not value[3:].strip():
+        raise ValueError('"hf:" needs the directory of a dataset saved on disk, e.g. "hf:/data/fineweb"')
+    return value
+
+
+def _check_codec_params(value: Any) -> Any:
+    """Refuse anything but flat scalar params, so that the union below never guesses and the hash stays exact."""
+    if not isinstance(value, Mapping):
+        return value  # let pydantic report the type error
+    for key, item in value.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"parameter names must be non-empty strings, not {key!r}")
+        if not isinstance(item, bool | int | float | str):
+            raise ValueError(f"parameter {key!r} must be a number, string or boolean, not {type(item).__name__}")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"parameter {key!r} must be finite, not {item!r}")
+    return value
+
+
+_Optional = BeforeValidator(_none_word)
+# Unknown keys are errors (a typo must not silently keep a default), values are immutable, and NaN or inf
+# never reach a run: TOML and JSON can both spell them.
+_FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class ModelSpec(BaseModel):
+    """Which network to train."""
+
+    model_config = _FROZEN
+
+    size: ModelSize = "tiny"
+    # Context length in tokens; None keeps the size's own default. 8 is the smallest useful window,
+    # 8192 bounds the attention memory a volunteer must hold.
+    block_size: Annotated[Annotated[int, Field(ge=8, le=8192)] | None, _Optional] = None
+
+
+class DataSpec(BaseModel):
+    """Where each peer's tokens come from."""
+
+    model_config = _FROZEN
+
+    # "builtin" (the Python standard library's own source, present on every install), a path to a
+    # text file or directory, or "hf:<dir>" for a Hugging Face dataset saved on disk.
+    source: Annotated[str, AfterValidator(_check_data_source)] = "builtin"
+    val_fraction: float = Field(0.02, gt=0, lt=0.5)  # held-out share for validation loss
+    # Read at most this many bytes of the source (None: all of it); 4 MB keeps the builtin corpus quick.
+    max_bytes: Annotated[Annotated[int, Field(gt=0)] | None, _Optional] = 4_000_000
+
+
+class InnerOptimizerSpec(BaseModel):
+    """AdamW on each peer between synchronizations; cosine decay after warmup (He et al. 2024)."""
+
+    model_config = _FROZEN
+
+    lr: float = Field(3e-3, gt=0, le=1)  # peak learning rate
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)  # 0.95 rather than 0.999: steadier for LLM pretraining
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to 10% of the peak, as in the paper
+    batch_size: int = Field(16, ge=1, le=4096)  # sequences per inner step on one peer
+    grad_clip: Annotated[Annotated[float, Field(gt=0)] | None, _Optional] = 1.0  # max grad norm; None: no clip
+
+
+class OuterOptimizerSpec(BaseModel):
+    """The step applied to the averaged pseudo-gradient once per round (DiLoCo's outer optimizer)."""
+
+    model_config = _FROZEN
+
+    # "nesterov": SGD with Nesterov momentum (DiLoCo); "average": plain parameter averaging (lr 1, no momentum).
+    kind: Literal["nesterov", "average"] = "nesterov"
+    lr: float = Field(0.7, gt=0, le=10)  # 0.7 and 0.9 are DiLoCo's and He et al.'s tuned values
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class CodecSpec(BaseModel):
+    """A codec by registry name plus its parameters; the codec module validates the parameters itself."""
+
+    model_config = _FROZEN
+
+    name: Annotated[str, AfterValidator(_check_codec_name)] = "dct-topk"
+    params: Annotated[dict[str, int | float | str | bool], BeforeValidator(_check_codec_params)] = Field(
+        default_factory=dict
+    )
+
+
+class RunConfig(BaseModel):
+    """Every hyperparameter of one run. The canonical hash of this object is the run's identity."""
+
+    model_config = _FROZEN
+
+    run_name: Annotated[str, AfterValidator(_check_run_name)] = "potluck-default"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    inner: InnerOptimizerSpec = Field(default_factory=InnerOptimizerSpec)
+    outer: OuterOptimizerSpec = Field(default_factory=OuterOptimizerSpec)
+    local_steps: int = Field(30, ge=1, le=100_000)  # H: inner steps per round
+    rounds: int = Field(50, ge=1, le=10_000_000)  # planned rounds; the inner LR schedule spans rounds * local_steps
+    codec: CodecSpec = Field(default_factory=CodecSpec)  # upload codec (peer -> aggregator)
+    # Download codec (the aggregator re-encodes the mean); when left out it is the same as `codec`.
+    aggregate_codec: CodecSpec = Field(default_factory=CodecSpec)
+    round_deadline_s: float = Field(120.0, gt=0)  # a round closes at this deadline or at the token target
+    # Close the round once accepted updates carry this many tokens; None: at the deadline or when every
+    # known peer has reported.
+    target_tokens_per_round: Annotated[Annotated[int, Field(gt=0)] | None, _Optional] = None
+    max_update_bytes: int = Field(64 * 2**20, gt=0)  # hard size limit of one uploaded update (64 MiB)
+    # Ed25519 public keys whose signed aggregates peers accept. Empty: no aggregator is trusted, and the
+    # swarm falls back to peer-to-peer averaging.
+    aggregator_keys: Annotated[
+        tuple[Annotated[str, AfterValidator(_check_aggregator_key)], ...], AfterValidator(_check_distinct)
+    ] = ()
+    seed: int = Field(0, ge=0, le=2**63 - 1)  # TOML integers are signed 64-bit
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aggregate_codec_defaults_to_codec(cls, data: Any) -> Any:
+        """Copy `codec` into a missing `aggregate_codec`, but only a valid one, so an error is reported once."""
+        if isinstance(data, Mapping) and "codec" in data and "aggregate_codec" not in data:
+            try:
+                CodecSpec.model_validate(data["codec"])
+            except ValidationError:
+                return data
+            return {**data, "aggregate_codec": data["codec"]}
+        return data
+
+    @property
+    def config_hash(self) -> str:
+        """The run's identity: sha256 hex of the canonical encoding (see the module function)."""
+        return config_hash(self)
+
+    def with_overrides(self, overrides: Mapping[str, Any], *, source: str = "<overrides>") -> RunConfig:
+        """A copy with dotted fields replaced, e.g. ``{"inner.lr": 1e-3}``; raises ConfigError.
+
+        `aggregate_codec` is already resolved here, so changing ``codec.*`` does not move it; to have it
+        follow, apply the overrides to the raw mapping instead (``run_config_from_mapping(..., overrides=)``).
+        """
+        return run_config_from_mapping(self.model_dump(), source=source, overrides=overrides)
+
+
+class ConfigError(Exception):
+    """An unusable run config: one line, ``<source>: <field.path>: <problem>``, problems joined with "; "."""
+
+    def __init__(self, source: str, problems: Iterable[str]) -> None:
+        self.source = source
+        self.problems = tuple(" ".join(p.split()) for p in problems)  # collapse any newline: one line, always
+        super().__init__(f"{source}: " + "; ".join(self.problems))
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """sha256 hex of the canonical JSON of `cfg`: sorted keys, no whitespace, ASCII only.
+
+    JSON of plain values is stable across processes and Python versions (floats print with the
+    shortest round-tripping repr since Python 3.1), which is what a run identity needs.
+    """
+    canonical = json.dumps(
+        cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_run_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a RunConfig from a ``.toml``, ``.yaml`` or ``.yml`` file; raises ConfigError naming the file.
+
+    `overrides` (dotted keys, see ``parse_overrides``) are applied to the file's mapping before validation.
+    """
+    source = str(path)
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(source, [f"unknown config format {suffix or '(no extension)'!r}; use .toml, .yaml or .yml"])
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, ["no such file"]) from None
+    except IsADirectoryError:
+        raise ConfigError(source, ["is a directory, not a config file"]) from None
+    except PermissionError:
+        raise ConfigError(source, ["permission denied; check the file's mode and owner"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, [f"not UTF-8 text (byte {exc.start})"]) from None
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read: {exc.strerror or exc}"]) from None
+    data = _parse_toml(text, source) if suffix == ".toml" else _parse_yaml(text, source)
+    return run_config_from_mapping(data, source=source, overrides=overrides)
+
+
+def run_config_from_mapping(
+    data: Mapping[str, Any], *, source: str = "<flags>", overrides: Mapping[str, Any] | None = None
+) -> RunConfig:
+    """Validate a nested mapping (as read from a file or built from flags) into a RunConfig.
+
+    Missing fields take their defaults; `overrides` with dotted keys replace single fields first.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(source, [f"the top level must be a mapping of fields (got {_kind(data)})"])
+    if overrides:
+        data = _apply_overrides(data, overrides, source)
+    try:
+        return RunConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(error) for error in exc.errors()]) from None
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Turn CLI flags like ``inner.lr=1e-3`` or ``aggregator_keys=["ab..."]`` into ``{"inner.lr": 0.001}``.
+
+    Values are read as JSON where they parse (numbers, true/false, null, lists, quoted strings), else kept as
+    plain strings (``outer.kind=average``, ``grad_clip=none``). Raises ConfigError on a flag without "=".
+    """
+    result: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError("<flags>", [f"expected key.path=value (got {item!r})"])
+        try:
+            result[key] = json.loads(raw)
+        except ValueError:
+            result[key] = raw.strip()
+    return result
+
+
+def _apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Deep-copy the mapping's nested dicts along each dotted key and set the leaf."""
+    merged: dict[str, Any] = dict(data)
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        if not all(parts):
+            raise ConfigError(source, [f"bad field path {dotted!r}"])
+        node = merged
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part, {})
+            if not isinstance(child, Mapping):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(source, [f"unknown field {dotted!r} ({where!r} is not a section)"])
+            node[part] = dict(child)
+            node = node[part]
+        node[parts[-1]] = value
+    return merged
+
+
+def _parse_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # The message already carries "(at line L, column C)".
+        raise ConfigError(source, [f"invalid TOML: {exc}"]) from None
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [f"invalid YAML{where}: {problem}"]) from None
+    return {} if data is None else data  # an empty file means all defaults, as an empty TOML file does
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "a string", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    """One pydantic error as ``field.path: problem (got value)``."""
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+    if error["type"] == "extra_forbidden":
+        return f"unknown field {path!r}"
+    message = error["msg"]
+    if error["type"] == "value_error":
+        message = str(error["ctx"]["error"])  # drop pydantic's "Value error, " prefix
+    got = repr(error.get("input"))
+    got = got if len(got) <= 80 else got[:77] + "..."  # room for a whole 64-hex key
+    text = f"{message} (got {got})" if "input" in error else message
+    return f"{path}: {text}" if path else text
+
+
+# ---------------------------------------------------------------------------------------------- dumping
+
+
+def dump_run_config(cfg: RunConfig, fmt: Literal["toml", "yaml"] = "toml") -> str:
+    """Write `cfg` as TOML or YAML text that loads back to a config with the same hash.
+
+    Every field is written, defaults included, so the file documents the whole run.
+    """
+    data = cfg.model_dump(mode="json")
+    if fmt == "yaml":
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    if fmt == "toml":
+        return "\n".join(_toml_table(data, prefix=())).lstrip("\n") + "\n"
+    raise ValueError(f"unknown format {fmt!r}; use 'toml' or 'yaml'")
+
+
+def _toml_table(table: Mapping[str, Any], *, prefix: tuple[str, ...]) -> Iterable[str]:
+    """Scalars of a table first, then its sub-tables under ``[a.b]`` headers (TOML's required order)."""
+    if prefix:
+        yield ""
+        yield "[" + ".".join(_toml_key(part) for part in prefix) + "]"
+    for key, value in table.items():
+        if not isinstance(value, Mapping):
+            yield f"{_toml_key(key)} = {_toml_value(value)}"
+    for key, value in table.items():
+        if isinstance(value, Mapping) and (value or not prefix):
+            yield from _toml_table(value, prefix=(*prefix, key))
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return '"none"'  # TOML has no null; optional fields read this word as None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # shortest round-tripping form, e.g. 0.003 or 1e-05, both valid TOML
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: escape quotes, backslashes and the control characters TOML forbids raw."""
+    out = []
+    for char in text:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
