@@ -115,6 +115,7 @@ def simulate(
     data: Annotated[str | None, typer.Option(help="builtin, a text file, a directory, or hf:<saved dataset>.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per inner step per peer.", min=1)] = None,
     lr: Annotated[float | None, typer.Option(help="Peak inner AdamW learning rate.")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Inner LR warmup steps.", min=0)] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for init and data order.", min=0)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     eval_batches: Annotated[int, typer.Option(help="Held-out batches per evaluation.", min=1)] = 16,
@@ -136,6 +137,7 @@ def simulate(
         ("data", "source", data),
         ("inner", "batch_size", batch_size),
         ("inner", "lr", lr),
+        ("inner", "warmup_steps", warmup_steps),
         (None, "seed", seed),
     ]:
         if value is not None:
@@ -155,7 +157,8 @@ def simulate(
         transient=True,
     ) as progress:
         # DDP takes one step where the simulated peers take P, one after another.
-        tasks = {arm: progress.add_task(arm, total=total // peers if arm == "ddp" else total) for arm in ["ddp", *names]}
+        arms = ("ddp", *names)
+        tasks = {arm: progress.add_task(arm, total=total // peers if arm == "ddp" else total) for arm in arms}
 
         def on_progress(arm: str, done: int, _total: int) -> None:
             progress.update(tasks[arm], completed=done)
@@ -165,8 +168,15 @@ def simulate(
         print(json.dumps(result.to_dict()))
         return
     table = Table(title=f"{peers} peers, {cfg.rounds} rounds x {cfg.local_steps} inner steps, outer {cfg.outer.kind}")
-    for column in ("arm", "val loss", "gap vs DDP", "up B/peer/step", "up B/param/kstep", "down B/param/round",
-                   "less upload than DDP"):
+    for column in (
+        "arm",
+        "val loss",
+        "gap vs DDP",
+        "up B/peer/step",
+        "up B/param/kstep",
+        "down B/param/round",
+        "less upload than DDP",
+    ):
         table.add_column(column, justify="right")
     for arm in result.arms:
         table.add_row(

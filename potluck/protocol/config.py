@@ -217,6 +217,17 @@ class RunConfig(BaseModel):
             return {**data, "aggregate_codec": data["codec"]}
         return data
 
+    @model_validator(mode="after")
+    def _warmup_fits_in_the_run(self) -> RunConfig:
+        """The inner LR schedule warms up, then decays over rounds * local_steps; warmup must fit inside it."""
+        total = self.rounds * self.local_steps
+        if self.inner.warmup_steps > total:
+            raise ValueError(
+                f"inner.warmup_steps ({self.inner.warmup_steps}) is longer than the whole run "
+                f"(rounds x local_steps = {total}); lower it or plan more rounds"
+            )
+        return self
+
     @property
     def config_hash(self) -> str:
         """The run's identity: sha256 hex of the canonical encoding (see the module function)."""

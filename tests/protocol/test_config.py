@@ -172,6 +172,7 @@ INVALID_MAPPINGS = [
     ({"data": {"source": "hf:"}}, "data.source:"),
     ({"data": {"val_fraction": 0.5}}, "data.val_fraction:"),
     ({"seed": -1}, "seed:"),
+    ({"rounds": 2, "local_steps": 3}, "inner.warmup_steps (20) is longer than the whole run"),
 ]
 
 

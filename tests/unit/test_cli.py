@@ -40,8 +40,9 @@ def test_keygen_refuses_to_overwrite_with_one_line(tmp_path: Path) -> None:
 
 
 def test_plan_reproduces_the_distro_worked_example() -> None:
-    result = run("plan", "--upload-bytes", "2.8e6", "--up", "10e6", "--download-bytes", "86.8e6", "--down", "100e6",
-                 "--json")
+    result = run(
+        "plan", "--upload-bytes", "2.8e6", "--up", "10e6", "--download-bytes", "86.8e6", "--down", "100e6", "--json"
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["upload_seconds"] == pytest.approx(2.24, abs=0.005)
@@ -49,8 +50,22 @@ def test_plan_reproduces_the_distro_worked_example() -> None:
 
 
 def test_plan_scenario_one_of_the_scaling_law_paper_is_above_090() -> None:
-    result = run("plan", "--clusters", "2", "--gpus-per-cluster", "8", "--device-flops", "150e12", "--bandwidth",
-                 "0.8e9", "--batch-tokens", "4e6", "--local-steps", "32", "--json")
+    result = run(
+        "plan",
+        "--clusters",
+        "2",
+        "--gpus-per-cluster",
+        "8",
+        "--device-flops",
+        "150e12",
+        "--bandwidth",
+        "0.8e9",
+        "--batch-tokens",
+        "4e6",
+        "--local-steps",
+        "32",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["K"] > 0.9
 
@@ -73,15 +88,35 @@ def test_bad_config_is_one_line_naming_the_field(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_simulate_json_reports_every_arm() -> None:
-    result = run("simulate", "--peers", "2", "--rounds", "2", "--local-steps", "3", "--eval-batches", "2",
-                 "--codecs", "none,dct-topk", "--json", timeout_s=240)
+    result = run(
+        "simulate",
+        "--peers",
+        "2",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "3",
+        "--warmup-steps",
+        "1",
+        "--eval-batches",
+        "2",
+        "--codecs",
+        "none,dct-topk",
+        "--json",
+        timeout_s=240,
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert [arm["name"] for arm in out["arms"]] == ["ddp", "none", "dct-topk"]
     for arm in out["arms"]:
         assert arm["val_loss"] < out["initial_val_loss"]
-        for key in ("gap_pct", "upload_bytes_per_peer_per_step", "upload_bytes_per_param_per_kstep",
-                    "download_bytes_per_param_per_round", "reduction_vs_ddp"):
+        for key in (
+            "gap_pct",
+            "upload_bytes_per_peer_per_step",
+            "upload_bytes_per_param_per_kstep",
+            "download_bytes_per_param_per_round",
+            "reduction_vs_ddp",
+        ):
             assert isinstance(arm[key], float)
     by_name = {arm["name"]: arm for arm in out["arms"]}
     assert by_name["dct-topk"]["reduction_vs_ddp"] > by_name["none"]["reduction_vs_ddp"] > 1
