@@ -202,10 +202,9 @@ class Codec(ABC):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise ValueError(f"tensor {name!r} must be a floating-point torch.Tensor")
         flat = _flatten(list(tensors.values()))
-        if state is not None:
-            residual = _flatten_state(state, tensors, like=flat)
-            flat = flat + residual if self.ef_decay == 1.0 else flat + self.ef_decay * residual
-        if not bool(torch.isfinite(flat).all()):
+        if state:  # an empty state is a zero residual
+            flat.add_(_flatten_state(state, tensors, like=flat), alpha=self.ef_decay)
+        if not _all_finite(flat):
             raise ValueError(f"cannot encode non-finite values (in {_first_nonfinite(tensors, flat)!r})")
         arrays = self._compress(flat)
         if state is not None:
@@ -344,10 +343,20 @@ def make_codec(name: str, params: Mapping[str, object] | None = None) -> Codec:
 
 
 def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One contiguous fp32 vector of all tensors in order (on their device)."""
+    """A new contiguous fp32 vector of all tensors in order (on their device)."""
     if not tensors:
         return torch.zeros(0, dtype=torch.float32)
+    if len(tensors) == 1:
+        return tensors[0].detach().reshape(-1).to(torch.float32, copy=True)
     return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+
+
+def _all_finite(flat: torch.Tensor) -> bool:
+    """True unless ``flat`` holds a NaN or an infinity (min and max propagate both; no temporaries)."""
+    if not flat.numel():
+        return True
+    low, high = torch.aminmax(flat)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def _unflatten(flat: torch.Tensor, spec: TensorSpec) -> dict[str, torch.Tensor]:
@@ -360,9 +369,7 @@ def _unflatten(flat: torch.Tensor, spec: TensorSpec) -> dict[str, torch.Tensor]:
 def _flatten_state(
     state: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], *, like: torch.Tensor
 ) -> torch.Tensor:
-    """The residual as one flat vector on ``like``'s device; zeros for an empty state."""
-    if not state:
-        return torch.zeros_like(like)
+    """The (non-empty) residual as one flat vector on ``like``'s device."""
     if set(state) != set(tensors) or any(tuple(state[k].shape) != tuple(t.shape) for k, t in tensors.items()):
         raise ValueError("error-feedback state is for a different model; start from an empty dict")
     return _flatten([state[name] for name in tensors]).to(like.device)
@@ -384,7 +391,7 @@ def _first_nonfinite(tensors: Mapping[str, torch.Tensor], flat: torch.Tensor) ->
     """The name of the first tensor whose (residual-added) values are not all finite."""
     offset = 0
     for name, t in tensors.items():
-        if not bool(torch.isfinite(flat[offset : offset + t.numel()]).all()):
+        if not _all_finite(flat[offset : offset + t.numel()]):
             return name
         offset += t.numel()
     return "?"

@@ -131,7 +131,8 @@ def inverse_dct_sparse(positions: np.ndarray, values: np.ndarray, chunk: int) ->
         stop = min(start + _ROWS_PER_BLOCK, rows)
         block, tmp = out[start:stop], term[: stop - start]
         for j in range(k):  # out += values[:, j] * matrix[positions[:, j]], in this order
-            np.multiply(matrix[positions[start:stop, j]], values[start:stop, j, None], out=tmp)
+            np.take(matrix, positions[start:stop, j], axis=0, out=tmp)
+            np.multiply(tmp, values[start:stop, j, None], out=tmp)
             np.add(block, tmp, out=block)
     return out
 
@@ -175,7 +176,7 @@ class TopKCodec(Codec):
         return 2 * rows + -(-count * self.bits // 8) + 2 + index_bytes
 
     def _compress(self, flat: torch.Tensor) -> dict[str, np.ndarray]:
-        if flat.numel() and float(flat.abs().max()) > quantize.MAX_INPUT_MAGNITUDE:
+        if flat.numel() and max(map(abs, map(float, torch.aminmax(flat)))) > quantize.MAX_INPUT_MAGNITUDE:
             raise ValueError(f"codec {self.name!r} takes values up to 2**100; this update has larger ones")
         rows = -(-flat.numel() // self.chunk)
         x = torch.nn.functional.pad(flat, (0, rows * self.chunk - flat.numel())).view(rows, self.chunk)
