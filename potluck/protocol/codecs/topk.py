@@ -19,8 +19,9 @@ Body arrays, for ``n_chunks`` chunks and ``n = n_chunks * k`` kept entries:
     idx_rem    uint8[ceil(n * r / 8)]     Rice remainders, r bits each
 
 Size at the defaults, per 256-element chunk: 16 bits of scale + 4 x 2 bits of value + 4 Rice codes
-of ~7.5 bits (at most 31: with r = 6, 4 x 7 bits plus quotients summing to <= 252 >> 6 = 3) =
-~54 bits, 0.21 bits or ~0.026 bytes per parameter, versus 32 bits for fixed 8-bit indices.
+of ~7.1 bits each (measured on random data; at most 31 bits for all 4: with r = 6, 4 x 7 bits plus
+quotients summing to <= 252 >> 6 = 3) = ~53 bits, i.e. ~0.026 bytes per parameter before framing.
+Fixed-width 8-bit indices would make it ~56 bits.
 
 Decoding is bit-reproducible across machines: the inverse transform is a fixed-order sum of k
 scaled rows of one DCT matrix built from a 4*chunk-entry cosine table, in numpy elementwise ops
