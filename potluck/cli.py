@@ -107,7 +107,10 @@ def simulate(
     local_steps: Annotated[
         int | None, typer.Option(help="Inner steps per round (H). [default: 25, or the config's]", min=1)
     ] = None,
-    codecs: Annotated[str, typer.Option(help="Comma-separated codecs, one DiLoCo arm each.")] = "none,int8,dct-topk",
+    codecs: Annotated[
+        str,
+        typer.Option(help="Comma-separated arms, name[:param=value...] each, e.g. none,dct-topk:density=0.03."),
+    ] = "none,int8,dct-topk",
     outer: Annotated[
         str | None, typer.Option(help="Outer optimizer: nesterov or average. [default: the config's]")
     ] = None,
@@ -144,9 +147,16 @@ def simulate(
             target = overrides if section is None else overrides[section]
             target[key] = value  # type: ignore[index]
     cfg = run_config_from_mapping(overrides, source="flags")
+    from potluck.simulate import parse_arm
+
     names = [c.strip() for c in codecs.split(",") if c.strip()]
     if not names:
         raise UsageError("--codecs names no codec; try --codecs none,int8,dct-topk")
+    try:
+        for name in names:
+            parse_arm(name)
+    except ValueError as err:
+        raise UsageError(f"--codecs: {err}") from None
     total = cfg.rounds * cfg.local_steps * peers
     with Progress(
         TextColumn("{task.description:>10}"),

@@ -80,6 +80,34 @@ class SimulationResult:
         return asdict(self)
 
 
+def parse_arm(text: str) -> tuple[str, str, dict[str, int | float | str | bool]]:
+    """``"dct-topk:density=0.03:bits=4"`` -> (arm label, codec name, params); numbers and booleans are typed.
+
+    Raises ValueError with the offending part; the codec itself validates names and values.
+    """
+    name, *assignments = text.strip().split(":")
+    params: dict[str, int | float | str | bool] = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key or not raw:
+            raise ValueError(f"codec arm {text!r}: expected name:param=value[:param=value], got {assignment!r}")
+        params[key] = _typed(raw)
+    if not name:
+        raise ValueError(f"codec arm {text!r} has no codec name")
+    return text.strip(), name, params
+
+
+def _typed(raw: str) -> int | float | str | bool:
+    if raw in ("true", "false"):
+        return raw == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
 def ddp_bytes_per_step(*, num_params: int, peers: int) -> float:
     """Bytes each worker sends per step in a ring all-reduce of fp32 gradients: 2(P-1)/P x 4 x params."""
     return 2 * (peers - 1) / peers * 4 * num_params
@@ -187,6 +215,7 @@ def _signed_update_bytes(
 def run_diloco(
     cfg: RunConfig,
     *,
+    label: str,
     peers: int,
     codec: Codec,
     aggregate_codec: Codec,
@@ -224,7 +253,7 @@ def run_diloco(
                 inner_step(worker, optimizers[p], batch, lr=_lr(cfg, step), grad_clip=cfg.inner.grad_clip)
                 done += 1
                 if on_progress:
-                    on_progress(codec.name, done, total)
+                    on_progress(label, done, total)
             delta = {k: v.float().cpu() for k, v in pseudo_gradient(master, worker).items()}
             payload = codec.encode(delta, peer_residuals[p])
             upload_bytes += len(payload) + _signed_update_bytes(
@@ -248,7 +277,7 @@ def run_diloco(
     steps = cfg.rounds * cfg.local_steps
     per_step = upload_bytes / peers / steps
     return ArmResult(
-        name=codec.name,
+        name=label,
         val_loss=curve[-1],
         upload_bytes_per_peer_per_step=per_step,
         upload_bytes_per_param_per_kstep=per_step / num_params * 1000,
@@ -276,7 +305,13 @@ def simulate(
     if peers < 1:
         raise ValueError(f"--peers must be at least 1 (got {peers})")
     model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
-    codec_objects = [make_codec(name, cfg.codec.params if name == cfg.codec.name else None) for name in codecs]
+    arms_to_run = []
+    for text in codecs:
+        label, name, params = parse_arm(text)
+        # A bare codec name that the config names too takes the config's parameters, in both directions.
+        upload = params or (cfg.codec.params if name == cfg.codec.name else {})
+        download = params or (cfg.aggregate_codec.params if name == cfg.aggregate_codec.name else {})
+        arms_to_run.append((label, make_codec(name, upload), make_codec(name, download)))
     corpus = load_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction, max_bytes=cfg.data.max_bytes)
     eval_set = [
         _to(b, device)
@@ -287,13 +322,10 @@ def simulate(
     initial = _eval(build_model(model_cfg, seed=cfg.seed).to(device), eval_set, device)
     ddp = run_ddp(cfg, peers=peers, corpus=corpus, eval_set=eval_set, device=device, on_progress=on_progress)
     arms = [ddp]
-    for codec in codec_objects:
-        # Each arm compresses both directions with its own codec; the config's aggregate-codec
-        # parameters apply when it names the same codec.
-        same = codec.name == cfg.aggregate_codec.name
-        aggregate_codec = make_codec(codec.name, cfg.aggregate_codec.params if same else None)
+    for label, codec, aggregate_codec in arms_to_run:
         arm = run_diloco(
             cfg,
+            label=label,
             peers=peers,
             codec=codec,
             aggregate_codec=aggregate_codec,
