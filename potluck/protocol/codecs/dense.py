@@ -34,51 +34,46 @@ def _finite_f32(values: np.ndarray, what: str) -> np.ndarray:
     return out
 
 
-class NoneCodec(Codec):
+class _CastCodec(Codec):
+    """Every element sent as one floating-point type; no parameters, no state worth feeding back."""
+
+    wire_dtype: type  # numpy dtype of the values on the wire
+
+    @property
+    def decode_params(self) -> dict[str, int | float | str]:
+        return {}
+
+    def _array_keys(self) -> frozenset[str]:
+        return frozenset({"values"})
+
+    def _max_body_bytes(self, numel: int) -> int:
+        return np.dtype(self.wire_dtype).itemsize * numel
+
+    def _compress(self, flat: torch.Tensor) -> dict[str, np.ndarray]:
+        return {"values": flat.cpu().numpy().astype(self.wire_dtype)}
+
+    def _decompress(self, arrays: Mapping[str, np.ndarray], numel: int) -> np.ndarray:
+        return _finite_f32(take_array(arrays, "values", self.wire_dtype, numel), "values")
+
+
+class NoneCodec(_CastCodec):
     """fp32, unchanged: the baseline every other codec is measured against."""
 
     name = "none"
     version = 1
-
-    @property
-    def decode_params(self) -> dict[str, int | float | str]:
-        return {}
-
-    def _array_keys(self) -> frozenset[str]:
-        return frozenset({"values"})
-
-    def _max_body_bytes(self, numel: int) -> int:
-        return 4 * numel
-
-    def _compress(self, flat: torch.Tensor) -> dict[str, np.ndarray]:
-        return {"values": flat.cpu().numpy()}
-
-    def _decompress(self, arrays: Mapping[str, np.ndarray], numel: int) -> np.ndarray:
-        return _finite_f32(take_array(arrays, "values", np.float32, numel), "values")
+    wire_dtype = np.float32
 
 
-class Fp16Codec(Codec):
+class Fp16Codec(_CastCodec):
     """IEEE half precision: half the bytes of fp32, relative error <= 2**-11."""
 
     name = "fp16"
     version = 1
-
-    @property
-    def decode_params(self) -> dict[str, int | float | str]:
-        return {}
-
-    def _array_keys(self) -> frozenset[str]:
-        return frozenset({"values"})
-
-    def _max_body_bytes(self, numel: int) -> int:
-        return 2 * numel
+    wire_dtype = np.float16
 
     def _compress(self, flat: torch.Tensor) -> dict[str, np.ndarray]:
         # Clamp first: a value past 65504 would become inf, which decode rightly rejects.
-        return {"values": flat.clamp(-_FP16_MAX, _FP16_MAX).half().cpu().numpy()}
-
-    def _decompress(self, arrays: Mapping[str, np.ndarray], numel: int) -> np.ndarray:
-        return _finite_f32(take_array(arrays, "values", np.float16, numel), "values")
+        return super()._compress(flat.clamp(-_FP16_MAX, _FP16_MAX))
 
 
 def int8_quantize(x: np.ndarray, *, block: int, scale_dtype: type) -> tuple[np.ndarray, np.ndarray]:
