@@ -38,7 +38,7 @@ from potluck.training.diloco import (
     snapshot,
 )
 from potluck.training.evaluate import evaluate
-from potluck.training.models import GPT, build_model, model_config
+from potluck.training.models import GPT, build_model, count_params, model_config
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +113,6 @@ def ddp_bytes_per_step(*, num_params: int, peers: int) -> float:
     return 2 * (peers - 1) / peers * 4 * num_params
 
 
-def _eval(model: GPT, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
-    return evaluate(model, batches, device=device)
-
-
 def _to(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return batch[0].to(device), batch[1].to(device)
 
@@ -162,10 +158,10 @@ def run_ddp(
 ) -> ArmResult:
     """Train one model on the union of the peers' batches, step by step: the data-parallel baseline."""
     started = time.perf_counter()
-    block_size = model_config(cfg.model.size, block_size=cfg.model.block_size).block_size
-    model = build_model(model_config(cfg.model.size, block_size=cfg.model.block_size), seed=cfg.seed).to(device)
+    model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
+    model = build_model(model_cfg, seed=cfg.seed).to(device)
     optimizer = _optimizer(cfg, model)
-    samplers = _samplers(cfg, corpus=corpus, peers=peers, block_size=block_size)
+    samplers = _samplers(cfg, corpus=corpus, peers=peers, block_size=model_cfg.block_size)
     total = cfg.rounds * cfg.local_steps
     curve = []
     for step in range(total):
@@ -175,7 +171,7 @@ def run_ddp(
         if on_progress:
             on_progress("ddp", step + 1, total)
         if (step + 1) % cfg.local_steps == 0:
-            curve.append(_eval(model, eval_set, device))
+            curve.append(evaluate(model, eval_set, device=device))
     num_params = model.num_params()
     per_step = ddp_bytes_per_step(num_params=num_params, peers=peers)
     return ArmResult(
@@ -272,7 +268,7 @@ def run_diloco(
         applied = {k: v.to(device) for k, v in aggregate_codec.decode(aggregate, spec).items()}
         outer.step(master, applied)
         load_params(master_model, master)
-        curve.append(_eval(master_model, eval_set, device))
+        curve.append(evaluate(master_model, eval_set, device=device))
     num_params = master_model.num_params()
     steps = cfg.rounds * cfg.local_steps
     per_step = upload_bytes / peers / steps
@@ -319,7 +315,7 @@ def simulate(
             corpus.val, batch_size=cfg.inner.batch_size, block_size=model_cfg.block_size, num_batches=eval_batches
         )
     ]
-    initial = _eval(build_model(model_cfg, seed=cfg.seed).to(device), eval_set, device)
+    initial = evaluate(build_model(model_cfg, seed=cfg.seed).to(device), eval_set, device=device)
     ddp = run_ddp(cfg, peers=peers, corpus=corpus, eval_set=eval_set, device=device, on_progress=on_progress)
     arms = [ddp]
     for label, codec, aggregate_codec in arms_to_run:
@@ -341,10 +337,9 @@ def simulate(
     for arm in arms:
         if not math.isfinite(arm.val_loss):
             logger.warning("arm %s diverged (val loss %s)", arm.name, arm.val_loss)
-    num_params = build_model(model_cfg, seed=cfg.seed).num_params()
     return SimulationResult(
         initial_val_loss=initial,
-        num_params=num_params,
+        num_params=count_params(model_cfg),
         peers=peers,
         rounds=cfg.rounds,
         local_steps=cfg.local_steps,
