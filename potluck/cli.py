@@ -101,6 +101,26 @@ def keygen(
 
 
 @app.command()
+def whoami(
+    identity: Annotated[Path, typer.Option("--identity", "-i", help="The private key file to read.")] = (
+        DEFAULT_IDENTITY
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="Print {path, fingerprint, public_key} as JSON.")] = False,
+) -> None:
+    """Show the fingerprint and public key of an existing identity (checks the key file as a node would)."""
+    from potluck.protocol.identity import load_identity
+
+    path = identity.expanduser()
+    loaded = load_identity(path)
+    if as_json:
+        print(
+            json.dumps({"path": str(path), "fingerprint": loaded.fingerprint, "public_key": loaded.public_key.hex()})
+        )
+    else:
+        stdout.print(f"{path}\nfingerprint {loaded.fingerprint}\npublic key  {loaded.public_key.hex()}")
+
+
+@app.command()
 def simulate(
     peers: Annotated[int, typer.Option(help="Simulated peers (run one after another).", min=1)] = 4,
     rounds: Annotated[int | None, typer.Option(help="Outer rounds. [default: 8, or the config's]", min=1)] = None,

@@ -39,6 +39,40 @@ def test_keygen_refuses_to_overwrite_with_one_line(tmp_path: Path) -> None:
     assert key.read_bytes() == before
 
 
+def test_whoami_reads_back_what_keygen_wrote(tmp_path: Path) -> None:
+    key = tmp_path / "id.key"
+    made = json.loads(run("keygen", "--out", str(key), "--json").stdout)
+    result = run("whoami", "--identity", str(key), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == made
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "expected"),
+    [
+        (None, 0o600, "does not exist"),
+        (b"not a key", 0o600, "not a valid potluck key"),
+        (b"", 0o600, "empty"),
+        ("valid", 0o644, "chmod 600"),
+    ],
+)
+def test_bad_key_is_one_line_naming_the_file_and_the_fix(
+    tmp_path: Path, content: bytes | str | None, mode: int, expected: str
+) -> None:
+    key = tmp_path / "id.key"
+    if content == "valid":
+        assert run("keygen", "--out", str(key)).returncode == 0
+    elif content is not None:
+        key.write_bytes(content)
+    if key.exists():
+        key.chmod(mode)
+    result = run("whoami", "--identity", str(key))
+    assert result.returncode == 2
+    assert str(key) in result.stderr
+    assert expected in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
 def test_plan_reproduces_the_distro_worked_example() -> None:
     result = run(
         "plan", "--upload-bytes", "2.8e6", "--up", "10e6", "--download-bytes", "86.8e6", "--down", "100e6", "--json"
