@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from potluck.protocol.config import RunConfig
-from potluck.simulate import simulate
+from potluck.simulate import parse_arm, simulate
 from potluck.training.device import pick_device
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--inner-steps", type=int, default=480, help="inner steps per peer, the same in every cell")
     parser.add_argument("--local-steps", default="15,30,60", help="comma-separated H values")
-    parser.add_argument("--outer", default="nesterov,average")
+    parser.add_argument("--outer", default="nesterov,average", help="kind[:lr=X:momentum=Y], comma-separated")
     parser.add_argument("--codecs", default="none,int8,topk,dct-topk")
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -59,13 +59,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for local_steps in (int(h) for h in _csv(args.local_steps)):
         rounds = max(1, args.inner_steps // local_steps)
-        for outer in _csv(args.outer):
+        for outer_text in _csv(args.outer):
+            # "nesterov", "average", or "nesterov:lr=0.4:momentum=0.5"
+            outer, kind, outer_params = parse_arm(outer_text)
             inner = {"batch_size": args.batch_size} | ({"lr": args.lr} if args.lr else {})
             cfg = RunConfig.model_validate(
                 {
                     "model": {"size": args.model},
                     "inner": inner,
-                    "outer": {"kind": outer, "lr": 0.7 if outer == "nesterov" else 1.0},
+                    "outer": {"kind": kind} | outer_params,
                     "local_steps": local_steps,
                     "rounds": rounds,
                     "seed": args.seed,

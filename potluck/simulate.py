@@ -304,9 +304,12 @@ def simulate(
     arms_to_run = []
     for text in codecs:
         label, name, params = parse_arm(text)
-        # A bare codec name that the config names too takes the config's parameters, in both directions.
-        upload = params or (cfg.codec.params if name == cfg.codec.name else {})
-        download = params or (cfg.aggregate_codec.params if name == cfg.aggregate_codec.name else {})
+        # "down.X=v" sets X for the aggregate (download) only; plain params set both directions. A bare
+        # codec name that the config names too takes the config's parameters.
+        both = {k: v for k, v in params.items() if not k.startswith("down.")}
+        down = {k.removeprefix("down."): v for k, v in params.items() if k.startswith("down.")}
+        upload = both or (cfg.codec.params if name == cfg.codec.name and not down else {})
+        download = (both | down) or (cfg.aggregate_codec.params if name == cfg.aggregate_codec.name else {})
         arms_to_run.append((label, make_codec(name, upload), make_codec(name, download)))
     corpus = load_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction, max_bytes=cfg.data.max_bytes)
     eval_set = [

@@ -44,6 +44,14 @@ def test_compressed_arms_report_their_real_wire_bytes() -> None:
     assert result.tokens_per_arm == cfg.rounds * cfg.local_steps * 2 * cfg.inner.batch_size * 32
 
 
+def test_download_only_params_change_only_the_download() -> None:
+    cfg = _small_config(rounds=2)
+    arms = ["dct-topk", "dct-topk:down.density=0.25"]
+    _, sparse, denser_down = simulate(cfg, peers=2, codecs=arms, device=torch.device("cpu"), eval_batches=1).arms
+    assert denser_down.upload_bytes_per_peer_per_step == pytest.approx(sparse.upload_bytes_per_peer_per_step, rel=0.02)
+    assert denser_down.download_bytes_per_param_per_round > 4 * sparse.download_bytes_per_param_per_round
+
+
 def test_ring_allreduce_bytes() -> None:
     assert ddp_bytes_per_step(num_params=1000, peers=4) == 2 * 3 / 4 * 4 * 1000
     assert ddp_bytes_per_step(num_params=1000, peers=1) == 0
