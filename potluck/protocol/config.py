@@ -163,8 +163,10 @@ class OuterOptimizerSpec(BaseModel):
 
     # "nesterov": SGD with Nesterov momentum (DiLoCo); "average": plain parameter averaging (lr 1, no momentum).
     kind: Literal["nesterov", "average"] = "nesterov"
-    lr: float = Field(0.7, gt=0, le=10)  # 0.7 and 0.9 are DiLoCo's and He et al.'s tuned values
-    momentum: float = Field(0.9, ge=0, lt=1)
+    lr: float = Field(0.7, gt=0, le=10)  # DiLoCo's and He et al.'s tuned value
+    # DiLoCo uses 0.9; with few inner steps and compressed updates 0.5 measured better than both 0.9 and
+    # plain averaging (BENCHMARKS.md sections 2-3): error feedback already carries momentum of its own.
+    momentum: float = Field(0.5, ge=0, lt=1)
 
 
 class CodecSpec(BaseModel):
@@ -191,8 +193,10 @@ class RunConfig(BaseModel):
     local_steps: int = Field(30, ge=1, le=100_000)  # H: inner steps per round
     rounds: int = Field(50, ge=1, le=10_000_000)  # planned rounds; the inner LR schedule spans rounds * local_steps
     codec: CodecSpec = Field(default_factory=CodecSpec)  # upload codec (peer -> aggregator)
-    # Download codec (the aggregator re-encodes the mean); when left out it is the same as `codec`.
-    aggregate_codec: CodecSpec = Field(default_factory=CodecSpec)
+    # Download codec (the aggregator re-encodes the mean); when left out it is the same as `codec`, or, when
+    # both are left out, dct-topk at 4x the upload density: the mean of several peers' sparse updates has
+    # up to that many coefficients, and 1/16 measured better than 1/64 for 0.07 B/param per round.
+    aggregate_codec: CodecSpec = Field(default_factory=lambda: CodecSpec(params={"density": 1 / 16}))
     round_deadline_s: float = Field(120.0, gt=0)  # a round closes at this deadline or at the token target
     # Close the round once accepted updates carry this many tokens; None: at the deadline or when every
     # known peer has reported.

@@ -8,6 +8,7 @@ import pytest
 
 from potluck.protocol.config import (
     MODEL_SIZES,
+    CodecSpec,
     ConfigError,
     RunConfig,
     config_hash,
@@ -23,14 +24,14 @@ KEY_B = "0123456789abcdef" * 4
 
 # sha256 of the default config's canonical JSON. If this changes, every default run gets a new identity:
 # change it only on purpose (a new field, a new default) and say so in the commit.
-DEFAULT_HASH = "283a36e988ae7d5b291cb9e00605f8ee8b21ce71b90b2c9cc4aaf9930be5affd"
+DEFAULT_HASH = "2d87ea40a11b90b1b095102fd515004adc67cd77086325df4d2db054c6acf68c"
 
 
 def test_defaults_are_valid_and_hash_is_golden() -> None:
     cfg = RunConfig()
     assert cfg.config_hash == config_hash(cfg) == DEFAULT_HASH
     assert run_config_from_mapping({}).config_hash == DEFAULT_HASH
-    assert cfg.aggregate_codec == cfg.codec
+    assert cfg.aggregate_codec == CodecSpec(name=cfg.codec.name, params={"density": 1 / 16})
     assert MODEL_SIZES == ("tiny", "small", "10m", "124m", "350m", "1b")
 
 

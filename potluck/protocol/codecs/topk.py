@@ -6,8 +6,9 @@ coefficients, DeMo arXiv 2411.19870); ``topk`` uses the raw values, to measure w
 Per chunk the ``k = max(1, round(chunk * density))`` largest-magnitude entries are kept, their
 values quantized to ``bits`` bits with one bf16 scale per chunk (see `quantize`), their sorted
 positions Rice-coded as within-chunk gaps (see `bitpack`). Defaults: chunk 256, density 1/64
-(k = 4, SparseLoCo's 1.56%), 2 bits. Error feedback (``ef_decay``, default 1.0) sends later what
-a round drops.
+(k = 4, SparseLoCo's 1.56%), 2 bits. Error feedback sends later what a round drops; ``ef_decay``
+(default 0.9) forgets a tenth of the unsent residual each round, so stale directions from early
+training stop crowding out fresh ones (0.9 beat 1.0 and 0.7 in BENCHMARKS.md section 3).
 
 Body arrays, for ``n_chunks`` chunks and ``n = n_chunks * k`` kept entries:
 
@@ -153,7 +154,7 @@ class TopKCodec(Codec):
     PARAMS = ("chunk", "density", "bits", "ef_decay")
     transform: ClassVar[bool] = False  # DCT-II each chunk before selecting
 
-    def __init__(self, *, chunk: int = 256, density: float = 1 / 64, bits: int = 2, ef_decay: float = 1.0) -> None:
+    def __init__(self, *, chunk: int = 256, density: float = 1 / 64, bits: int = 2, ef_decay: float = 0.9) -> None:
         # chunk <= 4096: the cached DCT matrix is chunk**2 floats (64 MiB at 4096), the transform
         # chunk multiply-adds per element.
         self.chunk = int_param(self.name, "chunk", chunk, lo=4, hi=4096, power_of_two=True)

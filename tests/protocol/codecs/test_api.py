@@ -57,7 +57,7 @@ def test_bad_names_and_params_are_named(name: str, params: dict | None, message:
 
 def test_params_and_defaults() -> None:
     codec = make_codec("dct-topk")
-    assert codec.params == {"chunk": 256, "density": 1 / 64, "bits": 2, "ef_decay": 1.0}
+    assert codec.params == {"chunk": 256, "density": 1 / 64, "bits": 2, "ef_decay": 0.9}
     assert codec.decode_params == {"chunk": 256, "density": 1 / 64, "bits": 2}
     assert codec.k == 4
     assert make_codec("int8").params == {"block": 256, "scale_dtype": "fp16"}
