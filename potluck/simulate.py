@@ -6,6 +6,9 @@ equal tokens? Simulated peers run one after another; the "aggregator" is a funct
 bytes counted are the real signed wire messages (envelope header + codec payload) a peer would
 send, so the reduction factors are the ones the swarm would see.
 
+Both arms train in bf16 autocast on a CUDA GPU that supports it (fp32 on CPU) and evaluate in
+fp32, so their losses compare exactly.
+
 Equal tokens: DDP step t trains on the concatenation of the P peers' batches at their step t, so
 both arms see exactly the same tokens in the same order per peer, with the same inner optimizer
 and learning-rate schedule.
@@ -167,7 +170,7 @@ def run_ddp(
     for step in range(total):
         parts = [s.next_batch() for s in samplers]
         batch = _to((torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])), device)
-        inner_step(model, optimizer, batch, lr=_lr(cfg, step), grad_clip=cfg.inner.grad_clip)
+        inner_step(model, optimizer, batch, lr=_lr(cfg, step), grad_clip=cfg.inner.grad_clip, autocast=True)
         if on_progress:
             on_progress("ddp", step + 1, total)
         if (step + 1) % cfg.local_steps == 0:
@@ -246,7 +249,9 @@ def run_diloco(
             for local in range(cfg.local_steps):
                 step = round_index * cfg.local_steps + local
                 batch = _to(samplers[p].next_batch(), device)
-                inner_step(worker, optimizers[p], batch, lr=_lr(cfg, step), grad_clip=cfg.inner.grad_clip)
+                inner_step(
+                    worker, optimizers[p], batch, lr=_lr(cfg, step), grad_clip=cfg.inner.grad_clip, autocast=True
+                )
                 done += 1
                 if on_progress:
                     on_progress(label, done, total)
