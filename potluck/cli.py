@@ -280,9 +280,10 @@ def plan(
     if as_json:
         print(json.dumps(out))
         return
-    for key, value in out.items():
-        if value is not None:
-            stdout.print(f"{key:>24}  {value:.4g}" if isinstance(value, float) else f"{key:>24}  {value}")
+    shown = {key: value for key, value in out.items() if value is not None}
+    width = max(map(len, shown))
+    for key, value in shown.items():
+        stdout.print(f"{key:>{width}}  {value:.4g}" if isinstance(value, float) else f"{key:>{width}}  {value}")
 
 
 def main() -> None:
