@@ -1,0 +1,199 @@
+"""Framing for messages carried over hivemind's libp2p binary streams: magic, version, kind, bounded length.
+
+A frame is a 13-byte header, then the body:
+
+    b"PLK" | u8 protocol version | u8 MessageKind | u64 big-endian body length | body
+
+Why not hivemind's `P2P.send_raw_data` / `receive_raw_data`: the latter does
+`reader.readexactly(<peer-supplied 8-byte length>)`, so one hostile header makes the node allocate
+whatever the peer declares. Here the reader checks magic, version, kind and the declared length
+against the caller's `max_body_bytes` *before* it reads or allocates any body byte.
+
+How hivemind hands out streams (`hivemind/p2p/p2p_daemon.py`, 1.1.12): a handler registered with
+`await p2p.add_binary_stream_handler(name, handler)` is called as
+`handler(stream_info, reader, writer)` with an `asyncio.StreamReader` / `asyncio.StreamWriter` pair
+(a Unix socket to the local p2pd, which pipes one libp2p stream); the caller gets the same pair from
+`await p2p.call_binary_stream_handler(peer_id, name) -> (stream_info, reader, writer)`. So the
+natural API is `read_frame_from_stream(reader, ...)` and `write_frame(writer, ...)`. `read_frame`
+does the same over any async iterator of byte chunks, so the format is testable without a network.
+
+Each message is exactly one frame; a conversation is request frame, then reply frame (or an ERROR
+frame) on the same stream. `read_frame_from_stream` never reads past its frame. `read_frame` over
+chunks treats bytes after the frame in the same chunk as a protocol violation (a peer that sends
+more than one frame where one is expected is broken or hostile), and it never pulls another chunk
+once the frame is complete, so it does not block on a live stream. Neither function has a timeout:
+wrap calls in `asyncio.wait_for` so a silent peer cannot hold a handler open forever.
+"""
+
+import asyncio
+import struct
+from collections.abc import AsyncIterator, Collection, Iterator
+from enum import IntEnum
+
+from potluck.protocol import PROTOCOL_VERSION
+
+MAGIC = b"PLK"
+_HEADER = struct.Struct(">3sBBQ")  # magic, protocol version, message kind, body length
+HEADER_BYTES = _HEADER.size  # 13
+# 256 KiB per write: large enough that per-chunk overhead is negligible, small enough that drain()
+# applies backpressure long before a multi-GB state download sits in the socket buffer.
+DEFAULT_CHUNK_BYTES = 256 * 1024
+MAX_ERROR_BODY_BYTES = 1024  # an ERROR frame carries one line of text, never more
+
+
+class WireError(Exception):
+    """A frame is malformed, truncated, oversize, of the wrong kind or from another protocol version (one line)."""
+
+
+class PeerRefusedError(WireError):
+    """The peer answered with an ERROR frame; the message is its (sanitised) reason."""
+
+
+class MessageKind(IntEnum):
+    """What a frame's body is. Values are wire bytes: never renumber, only append."""
+
+    STATE_REQUEST = 1  # peer -> aggregator: send me the run config, model and optimizer state
+    STATE = 2  # aggregator -> peer: the signed full state (reply to STATE_REQUEST)
+    SUBMIT = 3  # peer -> aggregator: one SignedUpdate envelope + codec payload
+    SUBMIT_REPLY = 4  # aggregator -> peer: accepted (with a signed receipt) or rejected with a reason
+    AGGREGATE_REQUEST = 5  # peer -> aggregator: send me the aggregate of round N
+    AGGREGATE = 6  # aggregator -> peer: a SignedAggregate envelope + encoded aggregate
+    ERROR = 7  # either side: the request was refused; the body is one line of UTF-8 text
+    PROBE = 8  # doctor -> aggregator: timing probe; the body is uploaded bytes, msgpack {"reply_bytes": n} first
+    PROBE_REPLY = 9  # aggregator -> doctor: reply_bytes bytes, for a download-rate measurement
+
+
+def _version_message(theirs: int) -> str:
+    fix = "upgrade potluck (pip install -U potluck)" if theirs > PROTOCOL_VERSION else "the peer must upgrade potluck"
+    return f"peer speaks protocol v{theirs}, this node speaks v{PROTOCOL_VERSION}; {fix}"
+
+
+def encode_header(kind: MessageKind, body_bytes: int) -> bytes:
+    """The 13 header bytes of a frame whose body is `body_bytes` long."""
+    return _HEADER.pack(MAGIC, PROTOCOL_VERSION, MessageKind(kind), body_bytes)
+
+
+def encode_frame(kind: MessageKind, body: bytes) -> bytes:
+    """One whole frame as bytes (copies the body; use `frame_chunks` to stream large bodies)."""
+    return encode_header(kind, len(body)) + bytes(body)
+
+
+def frame_chunks(kind: MessageKind, body: bytes, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """The frame as the header, then body slices of at most `chunk_bytes` (memoryviews: no copy)."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    yield encode_header(kind, len(body))
+    view = memoryview(body)
+    for offset in range(0, len(view), chunk_bytes):
+        yield view[offset : offset + chunk_bytes]
+
+
+def error_body(message: str) -> bytes:
+    """The body of an ERROR frame: the message's first line, UTF-8, cut to MAX_ERROR_BODY_BYTES."""
+    first_line = message.splitlines()[0] if message else ""
+    return first_line.encode("utf-8")[:MAX_ERROR_BODY_BYTES]
+
+
+def _peer_error(body: bytes) -> PeerRefusedError:
+    text = body.decode("utf-8", errors="replace")
+    printable = "".join(ch if ch.isprintable() else "?" for ch in text)  # untrusted text: keep it one line
+    return PeerRefusedError(f"peer refused the request: {printable}")
+
+
+def decode_header(
+    header: bytes | bytearray, *, max_body_bytes: int, expected_kinds: Collection[MessageKind]
+) -> tuple[MessageKind, int]:
+    """Check a 13-byte header and return (kind, body length); raises WireError before any body is read.
+
+    An ERROR frame is always accepted (its body capped at MAX_ERROR_BODY_BYTES), so a refusal reaches
+    the caller whatever it expected; the frame readers raise it as PeerRefusedError unless ERROR is
+    in `expected_kinds`.
+    """
+    if len(header) != HEADER_BYTES:
+        raise WireError(f"frame header must be {HEADER_BYTES} bytes, got {len(header)}")
+    magic, version, kind_byte, body_bytes = _HEADER.unpack(header)
+    if magic != MAGIC:
+        raise WireError(f"not a potluck frame (magic {magic!r}, expected {MAGIC!r}); is the peer a potluck node?")
+    if version != PROTOCOL_VERSION:
+        raise WireError(_version_message(version))
+    try:
+        kind = MessageKind(kind_byte)
+    except ValueError:
+        raise WireError(f"unknown message kind {kind_byte} from a v{version} peer") from None
+    limit = min(max_body_bytes, MAX_ERROR_BODY_BYTES) if kind is MessageKind.ERROR else max_body_bytes
+    if kind is not MessageKind.ERROR and kind not in expected_kinds:
+        expected = ", ".join(sorted(k.name for k in expected_kinds)) or "nothing"
+        raise WireError(f"unexpected message kind {kind.name} (expected {expected})")
+    if body_bytes > limit:
+        raise WireError(f"peer declares a {body_bytes}-byte {kind.name} body, over this node's limit of {limit} bytes")
+    return kind, body_bytes
+
+
+def _finish(kind: MessageKind, body: bytes, expected_kinds: Collection[MessageKind]) -> tuple[MessageKind, bytes]:
+    if kind is MessageKind.ERROR and MessageKind.ERROR not in expected_kinds:
+        raise _peer_error(body)
+    return kind, body
+
+
+async def read_frame(
+    chunks: AsyncIterator[bytes], *, max_body_bytes: int, expected_kinds: Collection[MessageKind]
+) -> tuple[MessageKind, bytes]:
+    """Read one frame from an async iterator of byte chunks (any split, down to 1-byte chunks).
+
+    The magic is checked as soon as its bytes arrive, the header before any body byte is pulled, and
+    the body buffer never grows past the declared length. Raises WireError on a bad header, on a
+    stream that ends early, and on bytes after the frame within its last chunk.
+    """
+    header = bytearray()
+    body = bytearray()
+    body_bytes = None
+    kind = MessageKind.ERROR
+    async for chunk in chunks:
+        if body_bytes is None:
+            take = HEADER_BYTES - len(header)
+            header += chunk[:take]
+            chunk = chunk[take:]
+            if header[: len(MAGIC)] != MAGIC[: len(header)]:
+                raise WireError(f"not a potluck frame (starts {bytes(header[:3])!r}); is the peer a potluck node?")
+            if len(header) < HEADER_BYTES:
+                continue
+            kind, body_bytes = decode_header(header, max_body_bytes=max_body_bytes, expected_kinds=expected_kinds)
+        extra = len(body) + len(chunk) - body_bytes
+        if extra > 0:
+            raise WireError(f"{extra} bytes after the {kind.name} frame; one frame per message expected")
+        body += chunk
+        if len(body) == body_bytes:
+            return _finish(kind, bytes(body), expected_kinds)
+    if body_bytes is None:
+        raise WireError(f"stream ended inside the frame header ({len(header)} of {HEADER_BYTES} bytes)")
+    raise WireError(f"stream ended after {len(body)} of {body_bytes} {kind.name} body bytes")
+
+
+async def read_frame_from_stream(
+    reader: asyncio.StreamReader, *, max_body_bytes: int, expected_kinds: Collection[MessageKind]
+) -> tuple[MessageKind, bytes]:
+    """Read one frame from a hivemind stream reader, never past its end; same checks as `read_frame`."""
+    magic = b""
+    try:
+        magic = await reader.readexactly(len(MAGIC))  # checked first, so a stray protocol fails fast
+        if magic != MAGIC:
+            raise WireError(f"not a potluck frame (starts {magic!r}); is the peer a potluck node?")
+        rest = await reader.readexactly(HEADER_BYTES - len(MAGIC))
+    except asyncio.IncompleteReadError as e:
+        got = len(magic) + len(e.partial)
+        raise WireError(f"stream ended inside the frame header ({got} of {HEADER_BYTES} bytes)") from None
+    kind, body_bytes = decode_header(magic + rest, max_body_bytes=max_body_bytes, expected_kinds=expected_kinds)
+    try:
+        body = await reader.readexactly(body_bytes)  # bounded: body_bytes <= max_body_bytes
+    except asyncio.IncompleteReadError as e:
+        raise WireError(f"stream ended after {len(e.partial)} of {body_bytes} {kind.name} body bytes") from None
+    return _finish(kind, body, expected_kinds)
+
+
+async def write_frame(
+    writer: asyncio.StreamWriter, *, kind: MessageKind, body: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> None:
+    """Send one frame on a hivemind stream writer, draining after each chunk (backpressure, bounded buffers)."""
+    for chunk in frame_chunks(kind, body, chunk_bytes=chunk_bytes):
+        writer.write(chunk)
+        await writer.drain()
