@@ -253,6 +253,8 @@ def test_message_kind_values_are_stable() -> None:
         "AGGREGATE_REQUEST": 5,
         "AGGREGATE": 6,
         "ERROR": 7,
+        "PROBE": 8,
+        "PROBE_REPLY": 9,
     }
     assert encode_header(MessageKind.SUBMIT, 258) == b"PLK" + bytes([PROTOCOL_VERSION, 3]) + (258).to_bytes(8, "big")
 
