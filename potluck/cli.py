@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +20,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from potluck import __version__
+from potluck import __version__, cli_nodes
 from potluck.protocol import PROTOCOL_VERSION
 
 app = typer.Typer(
@@ -42,16 +43,18 @@ class UsageError(Exception):
 
 def _known_errors() -> tuple[type[Exception], ...]:
     """The library's one-line error types: printed as they are, never as a traceback."""
+    from potluck.cli_nodes import known_errors
     from potluck.protocol.codecs import CodecError
     from potluck.protocol.config import ConfigError
     from potluck.protocol.envelope import EnvelopeError
     from potluck.protocol.identity import IdentityError
     from potluck.training.data import DataError
 
-    return (UsageError, IdentityError, ConfigError, CodecError, EnvelopeError, DataError)
+    return (UsageError, IdentityError, ConfigError, CodecError, EnvelopeError, DataError, *known_errors())
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
+    """Logs to stderr through rich; INFO with --verbose, else WARNING. Only entry points call this."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
@@ -73,7 +76,7 @@ def _root(
     ] = False,
 ) -> None:
     """Train one model together on volunteers' GPUs over ordinary internet links."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
 
 
 @app.command()
@@ -286,13 +289,22 @@ def plan(
         stdout.print(f"{key:>{width}}  {value:.4g}" if isinstance(value, float) else f"{key:>{width}}  {value}")
 
 
-def main() -> None:
-    """Console-script entry point: run the app, turning known errors into one line and exit status 2."""
+def handle_errors(run: Callable[[], object]) -> None:
+    """Run an app, turning known errors into one line and exit status 2, Ctrl-C into exit status 130."""
     try:
-        app()
+        run()
     except KeyboardInterrupt:
         stderr.print("interrupted")
         sys.exit(130)
     except _known_errors() as err:
         stderr.print(f"potluck: error: {err}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
+
+
+def main() -> None:
+    """The `potluck` console script."""
+    handle_errors(app)
+
+
+app.command("aggregator")(cli_nodes.aggregator)
+app.command("peer")(cli_nodes.peer)

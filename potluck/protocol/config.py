@@ -313,6 +313,11 @@ def run_config_from_mapping(
         raise ConfigError(source, [_describe(error) for error in exc.errors()]) from None
 
 
+def run_config_from_toml(text: str, *, source: str) -> RunConfig:
+    """Validate TOML text (e.g. a config carried inside a state payload) into a RunConfig; ConfigError if not."""
+    return run_config_from_mapping(_parse_toml(text, source), source=source)
+
+
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """Turn CLI flags like ``inner.lr=1e-3`` or ``aggregator_keys=["ab..."]`` into ``{"inner.lr": 0.001}``.
 

@@ -1,4 +1,5 @@
-"""Signed messages of a round: a peer's update, the aggregator's aggregate, and the receipt for a contribution.
+"""Signed messages of a round: a peer's update, the aggregator's aggregate, the receipt for a contribution,
+and the full state a joining peer downloads.
 
 Each message is a header (a frozen dataclass, validated on construction) plus an Ed25519 signature
 kept outside it. The payload (codec bytes) travels beside the header; the header binds it by length
@@ -41,6 +42,7 @@ _MAX_ARRAY_LEN = 16  # longest msgpack array in any message (the UpdateHeader's 
 # Default wire size limits: real headers are ~300 bytes; an aggregate lists up to 10k contributors at 40 bytes each.
 MAX_UPDATE_ENVELOPE_BYTES = 4096
 MAX_RECEIPT_ENVELOPE_BYTES = 4096
+MAX_STATE_ENVELOPE_BYTES = 4096
 MAX_AGGREGATE_ENVELOPE_BYTES = MAX_CONTRIBUTORS * _CONTRIBUTOR_BYTES + 4096
 
 
@@ -258,6 +260,30 @@ class Receipt(_SignedBody):
     timestamp_s: float
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StateHeader(_SignedBody):
+    """An aggregator's statement about the full run state it serves to joiners and drifted peers.
+
+    The payload is a safetensors file (master parameters, outer-optimizer state, the RunConfig in
+    its metadata); peers check the payload against this header and the parameters against
+    state_sha256 before training on them.
+    """
+
+    DOMAIN: ClassVar[bytes] = b"potluck/state/v1\0"
+    KIND: ClassVar[str] = "potluck/state"
+
+    protocol_version: int = PROTOCOL_VERSION
+    run_id: str
+    config_hash: str  # sha256 hex of the RunConfig carried in the payload
+    round: int  # the round now open: the peer contributes to it next
+    new_version: int  # master state version of the parameters in the payload
+    aggregator_public_key: bytes  # who serves and signs this state
+    payload_bytes: int
+    payload_sha256: bytes
+    state_sha256: bytes  # diloco.state_sha256 of the master parameters in the payload
+    timestamp_s: float
+
+
 _CONTRIBUTORS_INDEX = [f.name for f in fields(AggregateHeader)].index("contributors")
 
 
@@ -303,7 +329,7 @@ def _verify(body: Any, signature: bytes, public_key: bytes, signer: str) -> None
         )
 
 
-def _verify_payload(header: UpdateHeader | AggregateHeader, payload: bytes) -> None:
+def _verify_payload(header: UpdateHeader | AggregateHeader | StateHeader, payload: bytes) -> None:
     if len(payload) != header.payload_bytes:
         raise EnvelopeError(
             f"{header.KIND} payload is {len(payload)} bytes, the signed header says {header.payload_bytes}"
@@ -394,6 +420,31 @@ class SignedAggregate(_Signed):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class SignedState(_Signed):
+    """An aggregator's StateHeader with its signature over it."""
+
+    BODY: ClassVar[type[_SignedBody]] = StateHeader
+    MAX_BYTES: ClassVar[int] = MAX_STATE_ENVELOPE_BYTES
+
+    header: StateHeader
+    signature: bytes  # Ed25519 over header.signed_bytes() by header.aggregator_public_key
+
+    def verify(self, allowed_keys: Collection[bytes]) -> None:
+        """Raise EnvelopeError unless signed by one of `allowed_keys` (the run config's trusted aggregators)."""
+        key = self.header.aggregator_public_key
+        if key not in allowed_keys:
+            raise EnvelopeError(
+                f"state for round {self.header.round} is signed by {fingerprint(key)}, which is not one of the "
+                f"run's {len(allowed_keys)} trusted aggregator keys"
+            )
+        _verify(self.header, self.signature, key, "aggregator")
+
+    def verify_payload(self, payload: bytes) -> None:
+        """Raise EnvelopeError unless `payload` has the signed length and sha256."""
+        _verify_payload(self.header, payload)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SignedReceipt(_Signed):
     """An aggregator's Receipt with its signature over it."""
 
@@ -436,3 +487,9 @@ def sign_receipt(receipt: Receipt, identity: Identity) -> SignedReceipt:
     """Sign a receipt; `identity` must hold receipt.aggregator_public_key."""
     signature = _sign(receipt, identity, receipt.aggregator_public_key, "aggregator")
     return SignedReceipt(receipt=receipt, signature=signature)
+
+
+def sign_state(header: StateHeader, identity: Identity) -> SignedState:
+    """Sign a state header; `identity` must hold header.aggregator_public_key."""
+    signature = _sign(header, identity, header.aggregator_public_key, "aggregator")
+    return SignedState(header=header, signature=signature)

@@ -207,3 +207,14 @@ def build_model(size_or_config: str | GPTConfig, *, seed: int, device: torch.dev
     model.to_empty(device="cpu")
     model.reset_parameters(generator=torch.Generator(device="cpu").manual_seed(seed))
     return model.to(device)
+
+
+def parameter_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes in the model's own order, without building any weights.
+
+    State that travels as safetensors comes back sorted by name; reordering it by this mapping
+    gives every node the same tensor order, which the codecs' payloads depend on.
+    """
+    with torch.device("meta"):
+        model = GPT(config)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}

@@ -19,12 +19,15 @@ from potluck.protocol.envelope import (
     Receipt,
     SignedAggregate,
     SignedReceipt,
+    SignedState,
     SignedUpdate,
+    StateHeader,
     UpdateHeader,
     new_nonce,
     payload_digest,
     sign_aggregate,
     sign_receipt,
+    sign_state,
     sign_update,
 )
 from potluck.protocol.identity import generate_identity, verify_signature
@@ -85,6 +88,21 @@ def _receipt(**changes: Any) -> Receipt:
         timestamp_s=1_700_000_061.0,
     )
     return Receipt(**(values | changes))
+
+
+def _state_header(**changes: Any) -> StateHeader:
+    values: dict[str, Any] = dict(
+        run_id="tiny-stdlib",
+        config_hash=CONFIG_HASH,
+        round=7,
+        new_version=7,
+        aggregator_public_key=AGGREGATOR.public_key,
+        payload_bytes=len(PAYLOAD),
+        payload_sha256=payload_digest(PAYLOAD),
+        state_sha256=hashlib.sha256(b"master state").digest(),
+        timestamp_s=1_700_000_062.0,
+    )
+    return StateHeader(**(values | changes))
 
 
 def _tampered(value: Any) -> Any:
@@ -162,6 +180,31 @@ def test_tampering_with_any_aggregate_field_fails_verification(name: str) -> Non
         header = dataclasses.replace(signed.header, **{name: _tampered(getattr(signed.header, name))})
         # Trust the tampered key too, so it is the signature check that must catch it.
         SignedAggregate(header=header, signature=signed.signature).verify(
+            {AGGREGATOR.public_key, header.aggregator_public_key}
+        )
+
+    _assert_one_line(error.value)
+
+
+def test_signed_state_verifies_and_round_trips() -> None:
+    signed = sign_state(_state_header(), AGGREGATOR)
+
+    decoded = SignedState.from_bytes(signed.to_bytes())
+
+    decoded.verify({AGGREGATOR.public_key})
+    decoded.verify_payload(PAYLOAD)
+    assert decoded == signed
+    with pytest.raises(EnvelopeError, match="not one of the run's 1 trusted aggregator keys"):
+        decoded.verify({PEER.public_key})
+
+
+@pytest.mark.parametrize("name", _names(StateHeader))
+def test_tampering_with_any_state_field_fails_verification(name: str) -> None:
+    signed = sign_state(_state_header(), AGGREGATOR)
+
+    with pytest.raises(EnvelopeError) as error:
+        header = dataclasses.replace(signed.header, **{name: _tampered(getattr(signed.header, name))})
+        SignedState(header=header, signature=signed.signature).verify(
             {AGGREGATOR.public_key, header.aggregator_public_key}
         )
 
@@ -403,7 +446,7 @@ def test_digest_names_the_signed_bytes() -> None:
     assert header.digest() != _update_header(nonce=new_nonce()).digest()
 
 
-SIGNED_KINDS = [SignedUpdate, SignedAggregate, SignedReceipt]
+SIGNED_KINDS = [SignedUpdate, SignedAggregate, SignedReceipt, SignedState]
 
 
 @HYPOTHESIS
@@ -433,6 +476,8 @@ def _valid_wire(kind: Any) -> bytes:
         return sign_update(_update_header(), PEER).to_bytes()
     if kind is SignedAggregate:
         return sign_aggregate(_aggregate_header(), AGGREGATOR).to_bytes()
+    if kind is SignedState:
+        return sign_state(_state_header(), AGGREGATOR).to_bytes()
     return sign_receipt(_receipt(), AGGREGATOR).to_bytes()
 
 

@@ -1,0 +1,101 @@
+"""The master state an aggregator owns, and the step that closes a round on it.
+
+`close_round` is the arithmetic of DESIGN.md's steps 6-7 without any I/O: token-weighted mean of
+the accepted updates (weights capped), re-encoded with the aggregator's error feedback, decoded
+again exactly as peers will decode it, the outer optimizer step, and the signed aggregate. It
+returns a new state and leaves the old one untouched, so the server can checkpoint the result and
+only then make it current: a failed checkpoint loses nothing.
+"""
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from potluck.protocol.codecs import Codec, encode_aggregate, weighted_mean
+from potluck.protocol.config import RunConfig
+from potluck.protocol.envelope import AggregateHeader, SignedAggregate, payload_digest, sign_aggregate
+from potluck.protocol.identity import Identity
+from potluck.training.diloco import OuterOptimizer, snapshot, state_sha256
+from potluck.training.models import build_model, model_config
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MasterState:
+    """Everything needed to close the next round; never mutated in place once built."""
+
+    round: int  # the open round
+    version: int  # aggregates applied so far
+    params: dict[str, torch.Tensor]  # fp32, CPU
+    outer_state: dict[str, torch.Tensor]  # outer momentum buffers
+    residual: dict[str, torch.Tensor]  # the aggregator's error feedback for the download codec
+
+    @property
+    def spec(self) -> dict[str, tuple[int, ...]]:
+        """Parameter names and shapes: what every update must decode to."""
+        return {name: tuple(t.shape) for name, t in self.params.items()}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Contribution:
+    """One accepted update as the aggregation sees it."""
+
+    public_key: bytes
+    decoded: dict[str, torch.Tensor]
+    tokens: int  # tokens credited (already capped)
+
+
+def initial_master(cfg: RunConfig) -> MasterState:
+    """Round 0: the run's model at its seed, no momentum, no residual."""
+    model = build_model(model_config(cfg.model.size, block_size=cfg.model.block_size), seed=cfg.seed)
+    return MasterState(round=0, version=0, params=snapshot(model, device="cpu"), outer_state={}, residual={})
+
+
+def token_cap(cfg: RunConfig) -> int:
+    """Most tokens one peer can train in a round under the run's config: the cap on its weight and credit."""
+    block = model_config(cfg.model.size, block_size=cfg.model.block_size).block_size
+    return cfg.local_steps * cfg.inner.batch_size * block
+
+
+def close_round(
+    master: MasterState,
+    contributions: Sequence[Contribution],
+    *,
+    cfg: RunConfig,
+    identity: Identity,
+    aggregate_codec: Codec,
+) -> tuple[MasterState, SignedAggregate, bytes]:
+    """(next state, signed aggregate, aggregate payload) for the open round; `master` is left as it was."""
+    if not contributions:
+        raise ValueError(f"round {master.round} has no contribution to aggregate")
+    ordered = sorted(contributions, key=lambda c: c.public_key)  # a fixed order: the mean is reproducible
+    mean = weighted_mean([c.decoded for c in ordered], [float(c.tokens) for c in ordered])
+    residual = {name: t.clone() for name, t in master.residual.items()}
+    payload = encode_aggregate(mean, codec=aggregate_codec, state=residual)
+    applied = aggregate_codec.decode(payload, master.spec)  # what every peer applies, bit for bit
+    params = {name: t.clone() for name, t in master.params.items()}
+    outer = OuterOptimizer(kind=cfg.outer.kind, lr=cfg.outer.lr, momentum=cfg.outer.momentum)
+    outer.load_state_dict(master.outer_state)
+    outer.step(params, applied)
+    header = AggregateHeader(
+        run_id=cfg.run_name,
+        config_hash=cfg.config_hash,
+        round=master.round,
+        new_version=master.version + 1,
+        aggregator_public_key=identity.public_key,
+        codec=aggregate_codec.name,
+        payload_bytes=len(payload),
+        payload_sha256=payload_digest(payload),
+        state_sha256=state_sha256(params),
+        contributors=tuple((c.public_key, c.tokens) for c in ordered),
+        timestamp_s=time.time(),
+    )
+    following = MasterState(
+        round=master.round + 1,
+        version=master.version + 1,
+        params=params,
+        outer_state=outer.state_dict(),
+        residual=residual,
+    )
+    return following, sign_aggregate(header, identity), payload

@@ -1,0 +1,80 @@
+"""The open round: which updates it has, whom it still waits for, and when it closes.
+
+A round closes at the first of: its deadline; the accepted updates carrying the run's target number
+of tokens; every peer it expects having reported. It expects the peers that took part in the previous
+round (accepted or late) and those that downloaded the state while it was open (joiners). A peer that
+dies is expected for one round at most, so it costs at most one deadline, never a stall. A round with
+no update at its deadline stays open for another deadline: there is nothing to aggregate.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from potluck.protocol.envelope import SignedUpdate
+
+
+@dataclass(kw_only=True, slots=True)
+class Accepted:
+    """One accepted update, decoded, with the bytes that were spooled for it."""
+
+    update: SignedUpdate
+    envelope: bytes
+    payload: bytes
+    decoded: dict[str, torch.Tensor]
+    weight: float  # tokens, capped
+
+
+@dataclass(kw_only=True, slots=True)
+class OpenRound:
+    """Mutable state of the round being collected; owned by the server's event loop."""
+
+    index: int
+    deadline_s: float  # the round's length in seconds
+    target_tokens: int | None
+    expected: set[bytes] = field(default_factory=set)  # public keys the round waits for
+    accepted: dict[bytes, Accepted] = field(default_factory=dict)  # by public key
+    late: set[bytes] = field(default_factory=set)  # keys that sent an update for an earlier round meanwhile
+    joined: set[bytes] = field(default_factory=set)  # keys that downloaded the state while this round was open
+    rejected: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens claimed by the accepted updates."""
+        return sum(a.update.header.tokens for a in self.accepted.values())
+
+    def seconds_left(self, now: float | None = None) -> float:
+        """Time until the deadline (negative when past it)."""
+        return self.opened_at + self.deadline_s - (time.monotonic() if now is None else now)
+
+    def close_reason(self, now: float | None = None) -> str | None:
+        """Why the round should close now ("tokens", "all-reported", "deadline"), or None to keep waiting."""
+        if not self.accepted:
+            return None
+        if self.target_tokens is not None and self.tokens >= self.target_tokens:
+            return "tokens"
+        if self.expected and self.expected <= self.accepted.keys():
+            return "all-reported"
+        if self.seconds_left(now) <= 0:
+            return "deadline"
+        return None
+
+    def extend(self) -> None:
+        """Give a round that got no update another full deadline."""
+        self.opened_at = time.monotonic()
+
+    def successor(self) -> "OpenRound":
+        """The next round, expecting this round's contributors, late senders and joiners."""
+        return OpenRound(
+            index=self.index + 1,
+            deadline_s=self.deadline_s,
+            target_tokens=self.target_tokens,
+            expected=set(self.accepted) | self.late | self.joined,
+        )
+
+    def expect(self, public_key: bytes, *, late: bool) -> None:
+        """Wait for `public_key` in this round (it joined, or its update for an earlier round came late)."""
+        self.expected.add(public_key)
+        (self.late if late else self.joined).add(public_key)

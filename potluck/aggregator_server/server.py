@@ -1,0 +1,544 @@
+"""The aggregator server: a DHT bootstrap node that collects signed updates, closes rounds and serves state.
+
+One asyncio loop runs everything: hivemind's DHT node (whose libp2p daemon carries the streams),
+three stream handlers (`potluck.state`, `potluck.submit`, `potluck.aggregate`; see
+protocol/messages.py), the DHT announcement, and the round loop. Heavy arithmetic (decoding,
+aggregating, checkpointing, evaluating) runs in worker threads so the handlers stay responsive.
+
+Aggregates are delivered by long-poll: a peer asks for round r's aggregate and the reply comes when
+round r closes. The last few aggregates stay in memory (the last one also in the checkpoint), so a
+peer that asks a little late still gets it; one that asks too late downloads the state again.
+
+Durability: an accepted update is spooled to `--state-dir` before its receipt goes out; a closed
+round is checkpointed before its aggregate is published; a restart on the same directory resumes
+at the checkpointed round with its spooled updates.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from potluck.aggregator_server.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    load_spool,
+    prune_spool,
+    save_checkpoint,
+    spool_update,
+)
+from potluck.aggregator_server.master import (
+    Contribution,
+    MasterState,
+    close_round,
+    initial_master,
+    token_cap,
+)
+from potluck.aggregator_server.probe import PROBE_HANDLER, handle_probe
+from potluck.aggregator_server.rounds import Accepted, OpenRound
+from potluck.aggregator_server.validation import Rejection, RoundContext, check_envelope, decode_update
+from potluck.protocol.codecs import make_codec
+from potluck.protocol.config import RunConfig
+from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, sign_announcement
+from potluck.protocol.envelope import (
+    MAX_UPDATE_ENVELOPE_BYTES,
+    EnvelopeError,
+    Receipt,
+    SignedUpdate,
+    StateHeader,
+    payload_digest,
+    sign_receipt,
+    sign_state,
+)
+from potluck.protocol.identity import Identity, fingerprint
+from potluck.protocol.messages import (
+    AGGREGATE_HANDLER,
+    MAX_REQUEST_BYTES,
+    STATE_HANDLER,
+    SUBMIT_HANDLER,
+    MessageError,
+    encode_state_payload,
+    pack_envelope,
+    parse_aggregate_request,
+    parse_state_request,
+    unpack_envelope,
+)
+from potluck.protocol.node import Node, start_node
+from potluck.protocol.wire import MessageKind, WireError, error_body, read_frame_from_stream, write_frame
+from potluck.training.data import load_corpus, val_batches
+from potluck.training.diloco import load_params, state_sha256
+from potluck.training.evaluate import evaluate
+from potluck.training.models import build_model, model_config, parameter_shapes
+
+logger = logging.getLogger(__name__)
+
+Event = dict[str, object]
+KEPT_AGGREGATES = 8  # rounds whose aggregate a late peer can still fetch
+READ_TIMEOUT_S = 60.0  # a peer that goes silent mid-request loses its stream after this
+ANNOUNCE_TTL_S = 60.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerOptions:
+    """How this aggregator process runs (the run itself is the RunConfig)."""
+
+    state_dir: Path
+    host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
+    announce_maddrs: tuple[str, ...] = ()
+    initial_peers: tuple[str, ...] = ()
+    multiaddr_file: Path | None = None
+    max_rounds: int | None = None  # leave after closing this many rounds (None: until the run's last round)
+    eval_batches: int = 8
+    linger_s: float = 20.0  # after the last round, keep serving its aggregate this long for slow peers
+    announce_every_s: float = 10.0
+
+
+class AggregatorServer:
+    """One aggregator process; `await serve()` runs it until the run or `max_rounds` is done."""
+
+    def __init__(
+        self, cfg: RunConfig, identity: Identity, options: ServerOptions, *, on_event: Callable[[Event], None]
+    ) -> None:
+        self.cfg = cfg
+        self.identity = identity
+        self.options = options
+        self.on_event = on_event
+        self.codec = make_codec(cfg.codec.name, cfg.codec.params)
+        self.aggregate_codec = make_codec(cfg.aggregate_codec.name, cfg.aggregate_codec.params)
+        self.cap = token_cap(cfg)
+        checkpoint = load_checkpoint(options.state_dir, config_hash=cfg.config_hash)
+        self.aggregates: dict[int, bytes] = {}  # round -> AGGREGATE frame body
+        if checkpoint is None:
+            self.master = initial_master(cfg)
+        else:
+            shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
+            if {n: tuple(t.shape) for n, t in checkpoint.params.items()} != shapes:
+                raise CheckpointError(
+                    f"the checkpoint in {options.state_dir} does not fit the run's model; use another --state-dir"
+                )
+            self.master = MasterState(
+                round=checkpoint.round,
+                version=checkpoint.version,
+                params={name: checkpoint.params[name] for name in shapes},  # the model's order, not sorted
+                outer_state=checkpoint.outer_state,
+                residual=checkpoint.residual,
+            )
+            if checkpoint.last_aggregate is not None:
+                self.aggregates[checkpoint.round - 1] = checkpoint.last_aggregate
+        self.resumed = checkpoint is not None
+        self.current = OpenRound(
+            index=self.master.round, deadline_s=cfg.round_deadline_s, target_tokens=cfg.target_tokens_per_round
+        )
+        self.rounds_closed = 0
+        self.finished = False
+        self.fetches: dict[int, int] = {}  # round -> aggregate downloads served
+        self.maddrs: list[str] = []
+        self._lock = asyncio.Lock()
+        self._published = asyncio.Condition()
+        self._wake = asyncio.Event()
+        self._state_body: tuple[int, bytes] | None = None  # (version, STATE frame body), built on demand
+        model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
+        corpus = load_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction, max_bytes=cfg.data.max_bytes)
+        self.val_set = val_batches(
+            corpus.val,
+            batch_size=cfg.inner.batch_size,
+            block_size=model_cfg.block_size,
+            num_batches=options.eval_batches,
+        )
+        self.eval_model = build_model(model_cfg, seed=cfg.seed)
+        self._restore_spool()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def serve(self) -> None:
+        """Start the node, serve rounds until done, linger for late downloads, shut everything down."""
+        node = await start_node(
+            initial_peers=self.options.initial_peers,
+            host_maddrs=self.options.host_maddrs,
+            announce_maddrs=self.options.announce_maddrs,
+            identity_path=self.options.state_dir / "libp2p.key",
+            signer=self.identity,
+        )
+        announcer: asyncio.Task[None] | None = None
+        try:
+            p2p = node.p2p
+            for name, handler in (
+                (STATE_HANDLER, self._handle_state),
+                (SUBMIT_HANDLER, self._handle_submit),
+                (AGGREGATE_HANDLER, self._handle_aggregate),
+                (PROBE_HANDLER, handle_probe),
+            ):
+                await p2p.add_binary_stream_handler(name, _closing(name, handler))
+            self.maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
+            self.peer_id = p2p.peer_id
+            self._write_multiaddr_file()
+            val_loss = await asyncio.to_thread(self._evaluate, self.master.params)
+            self.on_event(
+                {
+                    "event": "ready",
+                    "maddrs": self.maddrs,
+                    "fingerprint": self.identity.fingerprint,
+                    "run": self.cfg.run_name,
+                    "config_hash": self.cfg.config_hash,
+                    "round": self.master.round,
+                    "resumed": self.resumed,
+                    "spooled_updates": len(self.current.accepted),
+                    "val_loss": val_loss,
+                }
+            )
+            announcer = asyncio.create_task(self._announce_forever(node))
+            await self._round_loop()
+            await self._linger()
+        finally:
+            if announcer is not None:
+                announcer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await announcer
+            await node.shutdown()
+        self.on_event({"event": "done", "round": self.master.round, "rounds_closed": self.rounds_closed})
+
+    def _write_multiaddr_file(self) -> None:
+        path = self.options.multiaddr_file
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(m + "\n" for m in self.maddrs))
+        os.replace(tmp, path)  # readers never see a half-written list
+
+    async def _announce_forever(self, node: Node) -> None:
+        from hivemind.utils import get_dht_time
+
+        while True:
+            announcement = AggregatorAnnouncement(
+                run_id=self.cfg.run_name,
+                config_hash=self.cfg.config_hash,
+                public_key=self.identity.public_key,
+                libp2p_peer_id=self.peer_id.to_bytes(),
+                maddrs=tuple(self.maddrs[:16]),
+                round=self.master.round,
+                timestamp_s=time.time(),
+            )
+            subkey, value = sign_announcement(announcement, self.identity)
+            try:
+                await node.dht.store(AGGREGATORS_KEY, value, get_dht_time() + ANNOUNCE_TTL_S, subkey=subkey)
+            except Exception as e:  # the DHT may be alone (no other node yet): log, try again later
+                logger.debug("DHT announcement failed: %s", e)
+            await asyncio.sleep(self.options.announce_every_s)
+
+    def _done(self) -> bool:
+        limit = self.options.max_rounds
+        return self.master.round >= self.cfg.rounds or (limit is not None and self.rounds_closed >= limit)
+
+    async def _round_loop(self) -> None:
+        while not self._done():
+            reason = self.current.close_reason()
+            if reason is None:
+                if self.current.seconds_left() <= 0 and not self.current.accepted:
+                    logger.info(
+                        "round %d: no update by the deadline; waiting another %.0f s",
+                        self.current.index,
+                        self.cfg.round_deadline_s,
+                    )
+                    self.current.extend()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, min(self.current.seconds_left(), 1.0)))
+                continue
+            await self._close(reason)
+        self.finished = True
+
+    async def _close(self, reason: str) -> None:
+        async with self._lock:
+            started = time.perf_counter()
+            closing = self.current
+            contributions = [
+                Contribution(public_key=key, decoded=a.decoded, tokens=int(a.weight))
+                for key, a in closing.accepted.items()
+            ]
+            try:
+                following, signed, payload = await asyncio.to_thread(
+                    close_round,
+                    self.master,
+                    contributions,
+                    cfg=self.cfg,
+                    identity=self.identity,
+                    aggregate_codec=self.aggregate_codec,
+                )
+                body = pack_envelope(signed.to_bytes(), payload)
+                await asyncio.to_thread(self._checkpoint, following, body)
+            except CheckpointError as e:
+                logger.error("round %d not closed: %s; retrying in 5 s", closing.index, e)
+                self.on_event({"event": "error", "round": closing.index, "detail": str(e)})
+                await asyncio.sleep(5)
+                return
+            aggregation_s = time.perf_counter() - started
+            # Checkpointed: only now does the new state become visible to anyone.
+            self.master = following
+            self.aggregates[closing.index] = body
+            for old in [r for r in self.aggregates if r <= closing.index - KEPT_AGGREGATES]:
+                del self.aggregates[old]
+            self.current = closing.successor()
+            self.rounds_closed += 1
+            with contextlib.suppress(OSError):
+                prune_spool(self.options.state_dir, before_round=following.round)
+        async with self._published:
+            self._published.notify_all()
+        val_loss = await asyncio.to_thread(self._evaluate, following.params)
+        self.on_event(
+            {
+                "event": "round",
+                "round": closing.index,
+                "closed_by": reason,
+                "val_loss": val_loss,
+                "accepted": [
+                    {"fingerprint": fingerprint(key), "tokens": a.update.header.tokens, "bytes": len(a.payload)}
+                    for key, a in sorted(closing.accepted.items())
+                ],
+                "rejected": closing.rejected,
+                "round_s": time.monotonic() - closing.opened_at,
+                "aggregation_s": aggregation_s,
+                "aggregate_bytes": len(body),
+                "tokens": closing.tokens,
+            }
+        )
+
+    def _checkpoint(self, state: MasterState, aggregate_body: bytes) -> None:
+        save_checkpoint(
+            self.options.state_dir,
+            Checkpoint(
+                round=state.round,
+                version=state.version,
+                params=state.params,
+                outer_state=state.outer_state,
+                residual=state.residual,
+                last_aggregate=aggregate_body,
+                config_hash=self.cfg.config_hash,
+            ),
+        )
+
+    async def _linger(self) -> None:
+        """Serve the final aggregate until its contributors have fetched it, or for linger_s."""
+        last = self.master.round - 1
+        contributors = len(self.current.expected)
+        deadline = time.monotonic() + self.options.linger_s
+        while time.monotonic() < deadline and self.fetches.get(last, 0) < contributors:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+
+    def _evaluate(self, params: dict[str, torch.Tensor]) -> float:
+        load_params(self.eval_model, params)
+        return evaluate(self.eval_model, self.val_set, device="cpu")
+
+    # ----------------------------------------------------------------- restart
+
+    def _restore_spool(self) -> None:
+        max_bytes = MAX_UPDATE_ENVELOPE_BYTES + self.cfg.max_update_bytes
+        restored = 0
+        for envelope, payload in load_spool(self.options.state_dir, round=self.master.round, max_bytes=max_bytes):
+            try:
+                update = SignedUpdate.from_bytes(envelope)
+            except EnvelopeError as e:
+                logger.warning("skipping a spooled update: %s", e)
+                continue
+            rejection = check_envelope(update, payload, self._context())
+            decoded = None
+            if rejection is None:
+                decoded, rejection = decode_update(payload, codec=self.codec, spec=self.master.spec)
+            if rejection is not None or decoded is None:
+                logger.warning("skipping a spooled update: %s", rejection)
+                continue
+            self._accept(update, envelope, payload, decoded)
+            restored += 1
+        if restored:
+            logger.info("round %d: restored %d accepted update(s) from the spool", self.master.round, restored)
+
+    # ----------------------------------------------------------------- handlers
+
+    def _context(self) -> RoundContext:
+        return RoundContext(
+            run_id=self.cfg.run_name,
+            config_hash=self.cfg.config_hash,
+            round=self.current.index,
+            version=self.master.version,
+            codec=self.codec.name,
+            max_update_bytes=self.cfg.max_update_bytes,
+            accepted_digests={k: a.update.header.digest() for k, a in self.current.accepted.items()},
+        )
+
+    def _accept(self, update: SignedUpdate, envelope: bytes, payload: bytes, decoded: dict[str, torch.Tensor]) -> int:
+        key = update.header.peer_public_key
+        weight = min(update.header.tokens, self.cap)
+        self.current.accepted[key] = Accepted(
+            update=update, envelope=envelope, payload=payload, decoded=decoded, weight=float(weight)
+        )
+        self.current.expected.add(key)
+        return weight
+
+    async def _handle_state(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, body = await _read(reader, MessageKind.STATE_REQUEST, MAX_REQUEST_BYTES)
+        key = parse_state_request(body)
+        if self.finished:
+            raise _Refusal(f"run {self.cfg.run_name!r} has finished at round {self.master.round}")
+        if key not in self.current.accepted:
+            self.current.expect(key, late=False)
+        await write_frame(writer, kind=MessageKind.STATE, body=await self._state_frame())
+
+    async def _state_frame(self) -> bytes:
+        master = self.master
+        if self._state_body is None or self._state_body[0] != master.version:
+            payload = await asyncio.to_thread(
+                encode_state_payload, self.cfg, params=master.params, outer_state=master.outer_state
+            )
+            header = StateHeader(
+                run_id=self.cfg.run_name,
+                config_hash=self.cfg.config_hash,
+                round=master.round,
+                new_version=master.version,
+                aggregator_public_key=self.identity.public_key,
+                payload_bytes=len(payload),
+                payload_sha256=payload_digest(payload),
+                state_sha256=state_sha256(master.params),
+                timestamp_s=time.time(),
+            )
+            body = pack_envelope(sign_state(header, self.identity).to_bytes(), payload)
+            self._state_body = (master.version, body)
+        return self._state_body[1]
+
+    async def _handle_submit(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        limit = 4 + MAX_UPDATE_ENVELOPE_BYTES + self.cfg.max_update_bytes
+        _, body = await _read(reader, MessageKind.SUBMIT, limit)
+        envelope, payload = unpack_envelope(body, max_envelope_bytes=MAX_UPDATE_ENVELOPE_BYTES)
+        try:
+            update = SignedUpdate.from_bytes(envelope)
+        except EnvelopeError as e:
+            raise _Refusal(f"envelope: {e}") from e
+        h = update.header
+        async with self._lock:
+            rejection: Rejection | None = None
+            if self.finished:
+                rejection = Rejection(check="finished", detail=f"the run has finished at round {self.master.round}")
+            else:
+                rejection = check_envelope(update, payload, self._context())
+            credited = 0
+            if rejection is None:
+                existing = self.current.accepted.get(h.peer_public_key)
+                if existing is not None:  # the same update again: a retry after a lost reply
+                    credited = int(existing.weight)
+                else:
+                    decoded, rejection = await asyncio.to_thread(
+                        decode_update, payload, codec=self.codec, spec=self.master.spec
+                    )
+                    if decoded is not None:
+                        await asyncio.to_thread(
+                            spool_update,
+                            self.options.state_dir,
+                            round=h.round,
+                            public_key=h.peer_public_key,
+                            envelope=envelope,
+                            payload=payload,
+                        )
+                        credited = self._accept(update, envelope, payload, decoded)
+                        self._wake.set()
+            if rejection is not None:
+                self.current.rejected += 1
+                if rejection.check == "round" and h.round < self.current.index:
+                    self.current.expect(h.peer_public_key, late=True)  # alive, just slow: wait for it next time
+                logger.warning(
+                    "rejected update from %s for round %d: %s", fingerprint(h.peer_public_key), h.round, rejection
+                )
+                self.on_event(
+                    {
+                        "event": "rejected",
+                        "fingerprint": fingerprint(h.peer_public_key),
+                        "round": h.round,
+                        "check": rejection.check,
+                        "reason": str(rejection),
+                    }
+                )
+        receipt = Receipt(
+            run_id=self.cfg.run_name,
+            config_hash=self.cfg.config_hash,
+            round=h.round,
+            peer_public_key=h.peer_public_key,
+            aggregator_public_key=self.identity.public_key,
+            update_sha256=h.digest(),
+            tokens_credited=credited,
+            accepted=rejection is None,
+            reason="" if rejection is None else _printable(str(rejection))[:500],
+            timestamp_s=time.time(),
+        )
+        await write_frame(writer, kind=MessageKind.SUBMIT_REPLY, body=sign_receipt(receipt, self.identity).to_bytes())
+
+    async def _handle_aggregate(
+        self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        _, body = await _read(reader, MessageKind.AGGREGATE_REQUEST, MAX_REQUEST_BYTES)
+        wanted = parse_aggregate_request(body)
+        if wanted > self.current.index:
+            raise _Refusal(f"round {wanted} has not started; the open round is {self.current.index}")
+        if wanted == self.current.index and not self.finished:
+            timeout_s = max(self.current.seconds_left(), 0) + self.cfg.round_deadline_s + 30
+            async with self._published:
+                try:
+                    await asyncio.wait_for(self._published.wait_for(lambda: self.master.round > wanted), timeout_s)
+                except (TimeoutError, asyncio.TimeoutError):
+                    raise _Refusal(f"round {wanted} is still open; ask again") from None
+        aggregate = self.aggregates.get(wanted)
+        if aggregate is None:
+            raise _Refusal(
+                f"the aggregate of round {wanted} is no longer held (open round: {self.current.index}); "
+                "download the state again"
+            )
+        await write_frame(writer, kind=MessageKind.AGGREGATE, body=aggregate)
+        self.fetches[wanted] = self.fetches.get(wanted, 0) + 1
+        self._wake.set()
+
+
+class _Refusal(Exception):
+    """A request this server refuses; the message goes back to the caller in an ERROR frame."""
+
+
+async def _read(reader: asyncio.StreamReader, kind: MessageKind, max_body_bytes: int) -> tuple[MessageKind, bytes]:
+    return await asyncio.wait_for(
+        read_frame_from_stream(reader, max_body_bytes=max_body_bytes, expected_kinds={kind}), READ_TIMEOUT_S
+    )
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+Handler = Callable[[object, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def _closing(name: str, handler: Handler) -> Handler:
+    """Run a handler; answer refusals and malformed input with one ERROR line; always close the stream."""
+
+    async def wrapped(info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handler(info, reader, writer)
+        except (_Refusal, WireError, MessageError, CheckpointError) as e:
+            logger.info("%s from %s refused: %s", name, getattr(info, "peer_id", "?"), e)
+            with contextlib.suppress(Exception):
+                await write_frame(writer, kind=MessageKind.ERROR, body=error_body(str(e)))
+        except (TimeoutError, asyncio.TimeoutError):
+            logger.info("%s from %s timed out", name, getattr(info, "peer_id", "?"))
+        except (ConnectionError, asyncio.IncompleteReadError) as e:
+            logger.debug("%s: connection lost: %s", name, e)
+        except Exception:
+            logger.exception("%s handler failed", name)
+            with contextlib.suppress(Exception):
+                await write_frame(writer, kind=MessageKind.ERROR, body=b"internal error on the aggregator")
+        finally:
+            writer.close()
+
+    return wrapped

@@ -1,0 +1,285 @@
+"""The long-running node commands: `potluck aggregator` / `aggregator-server` and `potluck peer` / `peer`.
+
+Each runs one asyncio loop until its work is done, Ctrl-C or SIGTERM; on any of these the DHT node
+and its libp2p daemon are shut down before the process exits. Status goes to stdout, one line per
+event (or one JSON object per line with `--json`, which is what `potluck swarm` reads); logs go to
+stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = Path("~/.potluck/aggregator")
+
+
+def run_until_stopped(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main`; SIGTERM cancels it like Ctrl-C does, so its cleanup runs either way."""
+
+    async def guarded() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        assert task is not None
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # no signal handlers off the main thread
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        await main
+
+    try:
+        asyncio.run(guarded())
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
+
+
+def _kb(n: float) -> str:
+    return f"{n / 1000:,.1f} kB" if n < 10**6 else f"{n / 10**6:,.2f} MB"
+
+
+def _printer(
+    as_json: bool, describe: Callable[[dict[str, object]], str | None]
+) -> Callable[[dict[str, object]], None]:
+    def emit(event: dict[str, object]) -> None:
+        if as_json:
+            print(json.dumps(event), flush=True)
+            return
+        line = describe(event)
+        if line:
+            print(line, flush=True)
+
+    return emit
+
+
+def describe_aggregator_event(e: dict[str, Any]) -> str | None:
+    """One human line for an aggregator event."""
+    kind = e.get("event")
+    if kind == "ready":
+        resumed = (
+            f", resumed at round {e['round']} with {e['spooled_updates']} spooled update(s)" if e["resumed"] else ""
+        )
+        lines = [
+            f"aggregator {e['fingerprint']} serving run {e['run']!r} (config {str(e['config_hash'])[:12]}){resumed}"
+        ]
+        lines += [f"  join with: peer --join {m}" for m in e["maddrs"]]  # type: ignore[union-attr]
+        lines.append(f"round {e['round']} open, held-out loss {e['val_loss']:.4f}")
+        return "\n".join(lines)
+    if kind == "round":
+        peers = len(e["accepted"])
+        return (
+            f"round {e['round']} closed ({e['closed_by']}): held-out loss {e['val_loss']:.4f}, {peers} update(s) "
+            f"accepted, {e['rejected']} rejected, {e['tokens']:,} tokens, aggregate {_kb(e['aggregate_bytes'])}, "
+            f"{e['round_s']:.1f} s (aggregation {e['aggregation_s']:.2f} s)"
+        )
+    if kind == "rejected":
+        return f"rejected an update from {e['fingerprint']} for round {e['round']}: {e['reason']}"
+    if kind == "error":
+        return f"error in round {e['round']}: {e['detail']}"
+    if kind == "done":
+        return f"aggregator stopped after {e['rounds_closed']} round(s); next round would be {e['round']}"
+    return None
+
+
+def describe_peer_event(e: dict[str, Any]) -> str | None:
+    """One human line for a peer event (one per round)."""
+    kind = e.get("event")
+    if kind == "synced":
+        return f"peer {e['fingerprint']} joined run {e['run']!r} at round {e['round']} (state {_kb(e['state_bytes'])})"
+    if kind == "round":
+        verdict = "accepted" if e["accepted"] else f"rejected ({e['reason']})"
+        network = e["upload_s"] + e["wait_s"] + e["download_s"]
+        return (
+            f"round {e['round']:>4} | loss {e['loss']:.3f} | {e['tokens_per_s']:,.0f} tok/s | up {_kb(e['bytes_up'])} "
+            f"down {_kb(e['bytes_down'])} | compute {e['compute_s']:.1f} s, network {network:.1f} s | {verdict}"
+        )
+    if kind == "finished":
+        return str(e["detail"])
+    if kind == "done":
+        return (
+            f"left after {e['rounds']} round(s): {e['accepted']} accepted, {e['rejected']} rejected, "
+            f"up {_kb(e['bytes_up'])}, down {_kb(e['bytes_down'])}"
+        )
+    return None
+
+
+def _set_threads(threads: int | None) -> None:
+    from potluck.training.device import set_cpu_threads
+
+    set_cpu_threads(threads)
+
+
+def aggregator(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Run config (TOML/YAML). [default: the embedded tiny run]")
+    ] = None,
+    state_dir: Annotated[
+        Path, typer.Option("--state-dir", help="Durable state: keys, run.toml, checkpoints, spool.")
+    ] = DEFAULT_STATE_DIR,
+    identity: Annotated[
+        Path | None,
+        typer.Option("--identity", "-i", help="Ed25519 key, created on first run. [default: STATE_DIR/identity.key]"),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "0.0.0.0",
+    port: Annotated[
+        int,
+        typer.Option(
+            help="TCP port to listen on; fix it so peers can rejoin after a restart (0: any).", min=0, max=65535
+        ),
+    ] = 0,
+    announce: Annotated[
+        list[str] | None,
+        typer.Option("--announce", help="Multiaddr peers should dial (e.g. your public IP); repeatable."),
+    ] = None,
+    join: Annotated[
+        list[str] | None,
+        typer.Option("--join", help="Another node's multiaddr to bootstrap the DHT from; repeatable."),
+    ] = None,
+    multiaddr_file: Annotated[
+        Path | None, typer.Option("--multiaddr-file", help="Write the full multiaddrs here, one a line, once ready.")
+    ] = None,
+    max_rounds: Annotated[
+        int | None, typer.Option("--max-rounds", help="Leave after closing this many rounds.", min=1)
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override one config field, e.g. --set local_steps=20; repeatable."),
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch. [default: torch's]", min=1)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per event on stdout.")] = False,
+) -> None:
+    """Serve a run: DHT bootstrap node, update collection, aggregation, checkpoints (aggregator-server)."""
+    from potluck.aggregator_server.server import AggregatorServer, ServerOptions
+    from potluck.aggregator_server.setup import prepare_run
+    from potluck.protocol.config import load_run_config, parse_overrides, run_config_from_mapping
+    from potluck.protocol.identity import load_or_create_identity
+
+    _set_threads(threads)
+    state = state_dir.expanduser()
+    key_path = (identity or state / "identity.key").expanduser()
+    node_identity, created = load_or_create_identity(key_path)
+    if created:
+        logger.warning("created identity %s at %s", node_identity.fingerprint, key_path)
+    overrides = parse_overrides(set_ or [])
+    cfg = None
+    if config is not None:
+        cfg = load_run_config(config, overrides=overrides)
+    elif overrides:
+        cfg = run_config_from_mapping({}, overrides=overrides)
+    run_cfg = prepare_run(state_dir=state, config=cfg, identity=node_identity)
+    options = ServerOptions(
+        state_dir=state,
+        host_maddrs=(f"/ip4/{host}/tcp/{port}",),
+        announce_maddrs=tuple(announce or ()),
+        initial_peers=tuple(join or ()),
+        multiaddr_file=multiaddr_file,
+        max_rounds=max_rounds,
+    )
+    server = AggregatorServer(run_cfg, node_identity, options, on_event=_printer(as_json, describe_aggregator_event))
+    run_until_stopped(server.serve())
+
+
+def peer(
+    join: Annotated[
+        list[str], typer.Option("--join", "-j", help="The aggregator's multiaddr (as it printed it); repeatable.")
+    ],
+    identity: Annotated[Path, typer.Option("--identity", "-i", help="Ed25519 key, created on first run.")] = Path(
+        "~/.potluck/identity.key"
+    ),
+    data: Annotated[
+        str | None,
+        typer.Option(help="Train on your own text: a file, a directory or hf:<dir>. [default: the run's data]"),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Sequences per inner step. [default: the run's]", min=1)
+    ] = None,
+    max_rounds: Annotated[
+        int | None, typer.Option("--max-rounds", help="Leave cleanly after this many rounds.", min=1)
+    ] = None,
+    client_mode: Annotated[
+        bool, typer.Option("--client-mode", help="Behind NAT: dial out only, accept no connections.")
+    ] = False,
+    run: Annotated[str | None, typer.Option(help="Which run to join when the DHT carries several.")] = None,
+    port: Annotated[int, typer.Option(help="TCP port to listen on (0: any).", min=0, max=65535)] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch. [default: torch's]", min=1)] = None,
+    reconnect_timeout: Annotated[
+        float,
+        typer.Option("--reconnect-timeout", help="Give up after this many seconds without the aggregator.", min=1),
+    ] = 300.0,
+    join_timeout: Annotated[
+        float, typer.Option("--join-timeout", help="Seconds to wait for the --join address to answer.", min=1)
+    ] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per event on stdout.")] = False,
+) -> None:
+    """Volunteer: join a run, train locally, send compressed signed updates, apply the aggregates (peer)."""
+    from potluck.peer.runner import PeerOptions, PeerRunner, join_addresses
+    from potluck.protocol.identity import load_or_create_identity
+    from potluck.training.device import pick_device
+
+    addresses = join_addresses(join)
+    _set_threads(threads)
+    node_identity, created = load_or_create_identity(identity.expanduser())
+    if created:
+        logger.warning("created identity %s at %s", node_identity.fingerprint, identity)
+    options = PeerOptions(
+        join=addresses,
+        host_maddrs=(f"/ip4/{'127.0.0.1' if _all_loopback(addresses) else '0.0.0.0'}/tcp/{port}",),
+        client_mode=client_mode,
+        run=run,
+        data=data,
+        device=pick_device(device),
+        batch_size=batch_size,
+        max_rounds=max_rounds,
+        reconnect_timeout_s=reconnect_timeout,
+        join_timeout_s=join_timeout,
+    )
+    runner = PeerRunner(node_identity, options, on_event=_printer(as_json, describe_peer_event))
+    run_until_stopped(runner.run())
+
+
+def _all_loopback(addresses: tuple[str, ...]) -> bool:
+    return all(a.startswith(("/ip4/127.", "/ip6/::1/")) for a in addresses)
+
+
+def known_errors() -> tuple[type[Exception], ...]:
+    """The node commands' one-line error types."""
+    from potluck.aggregator_server.checkpoint import CheckpointError
+    from potluck.aggregator_server.setup import SetupError
+    from potluck.peer.client import AggregatorRefused
+    from potluck.peer.runner import PeerError
+    from potluck.protocol.dht_schema import DHTSchemaError
+    from potluck.protocol.node import JoinError
+
+    return (CheckpointError, SetupError, AggregatorRefused, PeerError, DHTSchemaError, JoinError)
+
+
+def single_command_main(command: Callable[..., None], name: str) -> Callable[[], None]:
+    """A console-script entry point running one command (`peer`, `aggregator-server`) with potluck's error handling."""
+
+    def main() -> None:
+        from potluck.cli import handle_errors, setup_logging
+
+        setup_logging(False)
+        single = typer.Typer(name=name, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
+        single.command(name=name)(command)
+        handle_errors(lambda: single(prog_name=name))
+
+    return main
+
+
+def peer_main() -> None:
+    """The `peer` console script."""
+    single_command_main(peer, "peer")()
+
+
+def aggregator_main() -> None:
+    """The `aggregator-server` console script."""
+    single_command_main(aggregator, "aggregator-server")()

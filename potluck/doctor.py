@@ -1,0 +1,474 @@
+"""`potluck doctor`: the volunteer's pre-flight check, one line per check, each with what to do about it.
+
+Before a volunteer lends a GPU for hours, they should learn in seconds whether it will work: the versions
+match, the bundled p2pd daemon starts, the aggregator addresses they were given parse and answer, their
+link's upload and download rates to that aggregator, whether others can dial them, what they will train
+on, and whether ~/.potluck has room for checkpoints. Each check is ok, a warning (works, but know this)
+or a problem (will not work until fixed); the exit status is 1 when any check is a problem.
+
+Every network step is bounded by `timeout_s`, and every p2pd started here is shut down on every path,
+including Ctrl-C in the middle of its start. This module is top level, so it may use both sides of the
+wire: the probe handler's layout from `aggregator_server.probe`, and the client side in `measure_rates`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from enum import Enum
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from potluck import __version__
+from potluck.aggregator_server.probe import MAX_PROBE_BYTES, PROBE_HANDLER, encode_probe_request
+from potluck.protocol import PROTOCOL_VERSION
+from potluck.protocol.wire import HEADER_BYTES, MessageKind, PeerRefusedError, WireError, decode_header, write_frame
+
+if TYPE_CHECKING:
+    from hivemind.p2p import P2P, PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+__all__ = [
+    "Check",
+    "ProbeUnavailableError",
+    "Status",
+    "check_device",
+    "check_disk",
+    "check_versions",
+    "measure_rates",
+    "parse_join_address",
+    "run_doctor",
+]
+
+logger = logging.getLogger(__name__)
+
+POTLUCK_HOME = Path("~/.potluck")
+LOW_DISK_WARNING_BYTES = 2 * 10**9  # a few checkpoints of a ~100M-parameter model with optimizer state
+LOW_DISK_PROBLEM_BYTES = 200 * 10**6  # not even one such checkpoint fits
+# 2 MiB each way: takes about 16 s at 1 Mbit/s, inside the default 30 s step timeout, and is still long
+# enough on a fast link for the one-RTT correction to matter less than the transfer itself.
+DOCTOR_PROBE_BYTES = 2 * 1024 * 1024
+_MIN_TRANSFER_S = 1e-6  # a floor so a sub-microsecond localhost transfer does not divide by zero
+_LISTEN_ALL = ["/ip4/0.0.0.0/tcp/0"]  # every interface, so the visible addresses show a public IP if there is one
+_JOIN_FORMAT = "expected /ip4/<ip>/tcp/<port>/p2p/<peer id>, as printed by aggregator-server"
+
+
+class Status(str, Enum):
+    """How a check came out. A problem makes `potluck doctor` exit 1; a warning does not."""
+
+    OK = "ok"
+    WARNING = "warning"
+    PROBLEM = "problem"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Check:
+    """One line of the report."""
+
+    name: str  # short and stable, e.g. "p2pd" or "join /ip4/.../p2p/Qm..."; JSON consumers key on it
+    status: Status
+    detail: str  # what was found, one line
+    fix: str = ""  # what to do about it, one line; empty when there is nothing to do
+
+
+class ProbeUnavailableError(Exception):
+    """The peer answers but does not serve potluck's probe handler (not an aggregator, or an older one)."""
+
+
+def _import_p2p() -> tuple[type[P2P], type[PeerID]]:
+    """hivemind's P2P and PeerID, imported on first use so `potluck doctor --help` stays fast."""
+    with warnings.catch_warnings():
+        # `import hivemind` runs torch.jit.script, which recent torch deprecates with a warning that says
+        # nothing about us (and that pytest's filterwarnings=error would turn into a failure).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from hivemind.p2p import P2P, PeerID
+    return P2P, PeerID
+
+
+# --- checks that need no network ---------------------------------------------------------------
+
+
+def _version_of(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def check_versions() -> Check:
+    """potluck, wire protocol, hivemind, torch and Python versions: what a bug report needs first."""
+    detail = (
+        f"potluck {__version__}, protocol v{PROTOCOL_VERSION}, hivemind {_version_of('hivemind')}, "
+        f"torch {_version_of('torch')}, python {platform.python_version()}"
+    )
+    return Check(name="versions", status=Status.OK, detail=detail)
+
+
+def check_device() -> Check:
+    """What training would run on: the first CUDA GPU with its free memory, or the CPU with its core count."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return Check(
+            name="device",
+            status=Status.OK,
+            detail=f"CPU only ({os.cpu_count() or 1} cores); training works but will be slow",
+        )
+    try:
+        free_bytes, total_bytes = torch.cuda.mem_get_info(0)
+        name = torch.cuda.get_device_name(0)
+    except RuntimeError as e:
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return Check(
+            name="device",
+            status=Status.PROBLEM,
+            detail=f"CUDA is present but the GPU cannot be queried: {first_line}",
+            fix="check nvidia-smi; another process may hold the GPU, or the driver needs a restart",
+        )
+    more = torch.cuda.device_count() - 1
+    detail = f"{name}, {free_bytes / 2**30:.1f} of {total_bytes / 2**30:.1f} GiB free" + (
+        f" (+{more} more GPU{'s' if more > 1 else ''})" if more else ""
+    )
+    return Check(name="device", status=Status.OK, detail=detail)
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else its closest existing parent (~/.potluck before its first use)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor or ".")
+
+
+def check_disk(*, path: Path = POTLUCK_HOME) -> Check:
+    """Free space where potluck keeps checkpoints: a warning under 2 GB, a problem under 200 MB."""
+    path = path.expanduser()
+    where = _nearest_existing(path)
+    free_bytes = shutil.disk_usage(where).free
+    detail = f"{free_bytes / 1e9:.1f} GB free in {where}"
+    if free_bytes < LOW_DISK_PROBLEM_BYTES:
+        fix = f"free at least {LOW_DISK_WARNING_BYTES // 10**9} GB on that disk, or point HOME at a larger one"
+        return Check(name="disk", status=Status.PROBLEM, detail=detail, fix=fix)
+    if free_bytes < LOW_DISK_WARNING_BYTES:
+        fix = f"checkpoints need a few GB; free up to {LOW_DISK_WARNING_BYTES // 10**9} GB to be safe"
+        return Check(name="disk", status=Status.WARNING, detail=detail, fix=fix)
+    return Check(name="disk", status=Status.OK, detail=detail)
+
+
+def parse_join_address(address: str) -> tuple[Multiaddr, PeerID]:
+    """An aggregator address and its peer id; raises ValueError (one line, with the expected form) otherwise."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    _, PeerID = _import_p2p()
+    try:
+        maddr = Multiaddr(address)
+    except ValueError as e:
+        reason = str(e).removeprefix(f"Invalid MultiAddr {address!r}").lstrip(": ") or "cannot parse"
+        raise ValueError(f"{address!r} is not a valid multiaddr: {reason}; {_JOIN_FORMAT}") from None
+    try:
+        peer_id = PeerID.from_base58(maddr.value_for_protocol("p2p"))
+    except LookupError:
+        raise ValueError(f"{address!r} has no /p2p/<peer id> part; {_JOIN_FORMAT}") from None
+    return maddr, peer_id
+
+
+def _public_ips(maddrs: Iterable[Multiaddr]) -> list[str]:
+    """The globally routable IPs among some multiaddrs (not private, loopback, link-local or documentation)."""
+    found = []
+    for maddr in maddrs:
+        for proto in ("ip4", "ip6"):
+            try:
+                ip = maddr.value_for_protocol(proto)
+            except LookupError:
+                continue
+            if ipaddress.ip_address(ip).is_global and ip not in found:
+                found.append(ip)
+    return found
+
+
+def _reachability(maddrs: Iterable[Multiaddr]) -> Check:
+    public = _public_ips(maddrs)
+    if public:
+        detail = f"public address {', '.join(public)} (dialable unless a firewall blocks potluck's port)"
+        return Check(name="reachability", status=Status.OK, detail=detail)
+    return Check(
+        name="reachability",
+        status=Status.WARNING,
+        detail="no public address: peers cannot dial you",
+        fix="run peer with --client-mode (fine for volunteers: you dial out, nobody dials in)",
+    )
+
+
+# --- network --------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _running_p2p(*, timeout_s: float, **p2p_kwargs: Any) -> AsyncIterator[P2P]:
+    """A hivemind P2P (one p2pd child process) that is shut down on every way out, a failed start included.
+
+    Two holes in `P2P.create` are closed here. When p2pd exits during its start (e.g. "failed to connect to
+    bootstrap peers"), `create` raises without shutting the half-made P2P down, so its child process and
+    pipes are left for the garbage collector: a subclass records every instance `create` makes, and each is
+    shut down. And `create` is shielded: if we are cancelled (Ctrl-C, an outer timeout) while p2pd starts,
+    the start is allowed to finish (it is bounded by `startup_timeout`) and what it started is shut down.
+    """
+    P2P, _ = _import_p2p()
+    made: list[P2P] = []
+
+    class _RecordedP2P(P2P):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    starting = asyncio.ensure_future(_RecordedP2P.create(startup_timeout=timeout_s, **p2p_kwargs))
+    try:
+        await asyncio.shield(starting)
+    except BaseException:
+        if not starting.done():
+            await asyncio.wait([starting])
+        if not starting.cancelled():
+            starting.exception()  # retrieved, so asyncio does not log it a second time
+        for half_made in made:
+            await half_made.shutdown()
+        raise
+    try:
+        yield starting.result()
+    finally:
+        for p2p in made:
+            await p2p.shutdown()
+
+
+def _daemon_reason(error: Exception) -> str:
+    """p2pd's last log line without its timestamp, e.g. 'failed to connect to bootstrap peers'."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = text.removeprefix("Daemon failed to start: ")
+    return re.sub(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", "", text)
+
+
+def _close_writers_left_open(error: BaseException) -> None:
+    """Close the daemon connection hivemind's `stream_open` leaves open when it fails (hivemind 1.1.12).
+
+    `ControlClient.stream_open` opens a connection to the local p2pd, asks for the stream, and raises on a
+    refusal (a peer without the handler) or a cancellation without closing that connection; the caller
+    never sees it, so it lingers until the garbage collector finds it. It is still a local in the
+    failing frames of the traceback, which is where this finds it.
+    """
+    traceback = error.__traceback__
+    while traceback is not None:
+        writer = traceback.tb_frame.f_locals.get("writer")
+        if isinstance(writer, asyncio.StreamWriter):
+            writer.close()
+        traceback = traceback.tb_next
+
+
+async def _probe_once(p2p: P2P, peer_id: PeerID, *, upload_bytes: int, reply_bytes: int) -> tuple[float, float]:
+    """One probe: seconds from the request's first byte to the reply's header, and for the reply's body."""
+    from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
+
+    try:
+        _, reader, writer = await p2p.call_binary_stream_handler(peer_id, PROBE_HANDLER)
+    except BaseException as e:
+        _close_writers_left_open(e)
+        if not isinstance(e, ControlFailure):
+            raise
+        if "protocols not supported" in str(e):
+            raise ProbeUnavailableError(f"peer {peer_id} does not serve {PROBE_HANDLER}") from None
+        raise ConnectionError(f"cannot open a probe stream to {peer_id}: {_daemon_reason(e)}") from None
+    try:
+        body = encode_probe_request(upload_bytes=upload_bytes, reply_bytes=reply_bytes)
+        started = time.perf_counter()
+        await write_frame(writer, kind=MessageKind.PROBE, body=body)
+        try:
+            # Read the header and body ourselves, not with read_frame_from_stream: the header's arrival
+            # time is the boundary between the upload and the download measurement.
+            header = await reader.readexactly(HEADER_BYTES)
+            header_at = time.perf_counter()
+            kind, body_bytes = decode_header(
+                header, max_body_bytes=MAX_PROBE_BYTES, expected_kinds={MessageKind.PROBE_REPLY}
+            )
+            reply = await reader.readexactly(body_bytes)
+        except asyncio.IncompleteReadError as e:
+            raise WireError(f"probe reply ended after {len(e.partial)} bytes") from None
+        finished = time.perf_counter()
+    finally:
+        writer.close()
+    if kind is MessageKind.ERROR:
+        text = "".join(ch if ch.isprintable() else "?" for ch in reply.decode("utf-8", errors="replace"))
+        raise PeerRefusedError(f"peer refused the probe: {text}")
+    if body_bytes != reply_bytes:
+        raise WireError(f"asked for {reply_bytes} probe bytes, got {body_bytes}")
+    return header_at - started, finished - header_at
+
+
+async def measure_rates(
+    p2p: P2P, peer_id: PeerID, *, upload_bytes: int, download_bytes: int, timeout_s: float
+) -> tuple[float, float]:
+    """(upload, download) in bytes/s between this node and `peer_id`, measured with its probe handler.
+
+    An empty probe first measures the round trip, which is taken off the upload time (the reply header
+    cannot arrive sooner than one round trip after the last uploaded byte left); the download time is
+    from the reply's header to its last byte. Each probe is bounded by `timeout_s`. Raises
+    ProbeUnavailableError when the peer does not serve the probe, WireError / PeerRefusedError on a bad
+    reply, ConnectionError when no stream opens, asyncio.TimeoutError when a probe takes too long.
+    """
+    for name, value in (("upload_bytes", upload_bytes), ("download_bytes", download_bytes)):
+        if not 1 <= value <= MAX_PROBE_BYTES:
+            raise ValueError(f"{name} must be between 1 and {MAX_PROBE_BYTES}, got {value}")
+    round_trip_s, _ = await asyncio.wait_for(_probe_once(p2p, peer_id, upload_bytes=0, reply_bytes=0), timeout_s)
+    upload_s, download_s = await asyncio.wait_for(
+        _probe_once(p2p, peer_id, upload_bytes=upload_bytes, reply_bytes=download_bytes), timeout_s
+    )
+    upload_s = max(upload_s - round_trip_s, _MIN_TRANSFER_S)
+    return upload_bytes / upload_s, download_bytes / max(download_s, _MIN_TRANSFER_S)
+
+
+def _mbit(bytes_per_s: float) -> str:
+    return f"{bytes_per_s * 8 / 1e6:.1f} Mbit/s"
+
+
+async def _check_join(
+    address: str, *, maddr: Multiaddr, peer_id: PeerID, timeout_s: float
+) -> tuple[list[Check], list[Multiaddr]]:
+    """Dial one aggregator (as a bootstrap peer) and probe its rates; also returns our visible addresses."""
+    from hivemind.p2p import P2PDaemonError
+
+    name = f"join {address}"
+    try:
+        async with _running_p2p(timeout_s=timeout_s, host_maddrs=_LISTEN_ALL, initial_peers=[maddr]) as p2p:
+            # p2pd dials its bootstrap peers before it reports ready, so a started node is a connected one.
+            reached = Check(name=name, status=Status.OK, detail=f"reached peer {peer_id}")
+            seen = await asyncio.wait_for(p2p.get_visible_maddrs(latest=True), timeout_s)
+            try:
+                up, down = await measure_rates(
+                    p2p,
+                    peer_id,
+                    upload_bytes=DOCTOR_PROBE_BYTES,
+                    download_bytes=DOCTOR_PROBE_BYTES,
+                    timeout_s=timeout_s,
+                )
+            except ProbeUnavailableError:
+                probe = Check(
+                    name=f"rates {address}",
+                    status=Status.WARNING,
+                    detail="the peer answers but serves no probe: not a potluck aggregator, or an older version",
+                    fix="check the address with the aggregator's operator",
+                )
+            except asyncio.TimeoutError:
+                probe = Check(
+                    name=f"rates {address}",
+                    status=Status.WARNING,
+                    detail=f"a {DOCTOR_PROBE_BYTES // 2**20} MiB probe took over {timeout_s:g} s each way or both",
+                    fix="your link is very slow or congested; training will lag (try --timeout 120 to measure)",
+                )
+            except (WireError, ConnectionError) as e:
+                probe = Check(name=f"rates {address}", status=Status.WARNING, detail=str(e), fix="")
+            else:
+                probe = Check(
+                    name=f"rates {address}", status=Status.OK, detail=f"upload {_mbit(up)}, download {_mbit(down)}"
+                )
+            return [reached, probe], seen
+    except (P2PDaemonError, asyncio.TimeoutError) as e:
+        reason = _daemon_reason(e) if isinstance(e, P2PDaemonError) else f"no answer within {timeout_s:g} s"
+        unreachable = Check(
+            name=name,
+            status=Status.PROBLEM,
+            detail=f"cannot reach the aggregator: {reason}",
+            fix="check the address, that aggregator-server is running there, and that a firewall lets its port in",
+        )
+        return [unreachable], []
+
+
+async def _network_checks(*, join: list[str], timeout_s: float) -> list[Check]:
+    """p2pd starts, each --join address parses and answers (with rates), and whether we have a public address."""
+    from hivemind.p2p import P2PDaemonError
+
+    checks: list[Check] = []
+    seen: list[Multiaddr] = []
+    try:
+        async with _running_p2p(timeout_s=timeout_s, host_maddrs=_LISTEN_ALL) as p2p:
+            seen += await asyncio.wait_for(p2p.get_visible_maddrs(latest=True), timeout_s)
+        p2pd_works = True
+        checks.append(Check(name="p2pd", status=Status.OK, detail="the bundled libp2p daemon starts and stops"))
+    except (P2PDaemonError, OSError, asyncio.TimeoutError) as e:
+        p2pd_works = False
+        reason = _daemon_reason(e) if str(e) else f"no answer within {timeout_s:g} s"
+        fix = (
+            "reinstall hivemind (pip install --force-reinstall hivemind) and check that "
+            "hivemind/hivemind_cli/p2pd is executable"
+        )
+        checks.append(Check(name="p2pd", status=Status.PROBLEM, detail=f"p2pd does not start: {reason}", fix=fix))
+    for address in join:
+        try:
+            maddr, peer_id = parse_join_address(address)
+        except ValueError as e:
+            fix = "pass --join exactly as aggregator-server printed it"
+            checks.append(Check(name=f"join {address}", status=Status.PROBLEM, detail=str(e), fix=fix))
+            continue
+        if not p2pd_works:
+            detail = "not tried: p2pd does not start"
+            checks.append(Check(name=f"join {address}", status=Status.PROBLEM, detail=detail, fix="fix p2pd first"))
+            continue
+        join_checks, join_seen = await _check_join(address, maddr=maddr, peer_id=peer_id, timeout_s=timeout_s)
+        checks += join_checks
+        seen += join_seen
+    if p2pd_works:
+        checks.append(_reachability(seen))
+    return checks
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+_STYLE = {Status.OK: "green", Status.WARNING: "yellow", Status.PROBLEM: "bold red"}
+
+
+def _print_report(checks: list[Check], *, as_json: bool) -> None:
+    """The report on stdout: one line per check (colour on a terminal), or one JSON object."""
+    ok = all(check.status is not Status.PROBLEM for check in checks)
+    if as_json:
+        report = {"checks": [{**asdict(check), "status": check.status.value} for check in checks], "ok": ok}
+        sys.stdout.write(json.dumps(report) + "\n")
+        sys.stdout.flush()
+        return
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(file=sys.stdout, highlight=False, soft_wrap=True)  # no colour when stdout is not a TTY
+    for check in checks:
+        line = Text()
+        line.append(f"{check.status.value:<8}", style=_STYLE[check.status])
+        line.append(f"{check.name}: {check.detail}")
+        if check.fix:
+            line.append(f"; fix: {check.fix}")
+        console.print(line)
+    problems = sum(check.status is Status.PROBLEM for check in checks)
+    warnings_ = sum(check.status is Status.WARNING for check in checks)
+    console.print(f"{problems} problem(s), {warnings_} warning(s)" if problems or warnings_ else "all checks ok")
+
+
+def run_doctor(*, join: list[str], as_json: bool, timeout_s: float = 30.0) -> int:
+    """Run every check, print the report on stdout, and return 0 when nothing is a problem, 1 otherwise.
+
+    `join` holds the aggregator addresses to try (`--join`, may be empty); `timeout_s` bounds each network
+    step (a p2pd start, a dial, one probe), not the whole run.
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    checks = [check_versions()]
+    checks += asyncio.run(_network_checks(join=join, timeout_s=timeout_s))
+    checks += [check_device(), check_disk()]
+    _print_report(checks, as_json=as_json)
+    return 0 if all(check.status is not Status.PROBLEM for check in checks) else 1

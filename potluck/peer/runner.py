@@ -1,0 +1,339 @@
+"""The volunteer's main loop: join, find the run's aggregator, sync, then train / submit / apply, round after round.
+
+DESIGN.md's "One round, as data" from the peer's side. The peer keeps the master state (parameters
+and outer momentum) exactly as the aggregator does: it applies each signed aggregate with the same
+outer step and compares the result's checksum with the one the aggregator signed; any difference
+(or a gap it cannot fill) and it downloads the state again. It never trusts an aggregator key the
+run's config does not list.
+
+Network trouble is expected, not fatal: a call that gets no answer is retried with exponential
+backoff (the aggregator may be restarting), the aggregator is looked up again on the DHT, and after
+`reconnect_timeout_s` without success the peer gives up with one line.
+"""
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from potluck.peer.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable
+from potluck.peer.trainer import LocalTrainer
+from potluck.protocol import PROTOCOL_VERSION
+from potluck.protocol.codecs import CodecError, make_codec
+from potluck.protocol.config import RunConfig
+from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, parse_announcements
+from potluck.protocol.envelope import EnvelopeError, UpdateHeader, new_nonce, payload_digest, sign_update
+from potluck.protocol.identity import Identity, fingerprint, public_key_from_hex
+from potluck.protocol.messages import MessageError, decode_state_payload
+from potluck.protocol.node import JoinError, parse_join_address, peer_id_of, start_node
+from potluck.training.diloco import OuterOptimizer, state_sha256
+from potluck.training.models import model_config, parameter_shapes
+
+logger = logging.getLogger(__name__)
+
+Event = dict[str, object]
+T = TypeVar("T")
+
+
+class PeerError(Exception):
+    """The peer cannot go on (one line, with the fix)."""
+
+
+class RunFinished(Exception):
+    """The aggregator says the run is over: leave cleanly."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeerOptions:
+    """How this volunteer runs (the run itself comes from the aggregator's state)."""
+
+    join: tuple[str, ...]
+    host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
+    client_mode: bool = False
+    run: str | None = None  # which run to join when the DHT carries several
+    data: str | None = None  # this peer's own text (None: the run's data)
+    device: torch.device = torch.device("cpu")
+    batch_size: int | None = None
+    max_rounds: int | None = None
+    reconnect_timeout_s: float = 300.0
+    join_timeout_s: float = 30.0
+
+
+@dataclass(kw_only=True, slots=True)
+class _Master:
+    cfg: RunConfig
+    round: int
+    version: int
+    params: dict[str, torch.Tensor]
+    outer: OuterOptimizer
+    aggregator_keys: frozenset[bytes]
+
+
+class PeerRunner:
+    """One volunteer process; `await run()` returns when max_rounds are done or the run has finished."""
+
+    def __init__(self, identity: Identity, options: PeerOptions, *, on_event: Callable[[Event], None]) -> None:
+        self.identity = identity
+        self.options = options
+        self.on_event = on_event
+        self.accepted = 0
+        self.rejected = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.rounds_done = 0
+        self.join_addrs = [parse_join_address(a) for a in options.join]  # JoinError before anything starts
+
+    async def run(self) -> None:
+        """Join, sync and train until done; the DHT node and its daemon are shut down on every exit path."""
+        node = await start_node(
+            initial_peers=self.join_addrs,
+            host_maddrs=self.options.host_maddrs,
+            client_mode=self.options.client_mode,
+            bootstrap_timeout_s=self.options.join_timeout_s,
+        )
+        try:
+            self.node = node
+            self.link = await self._retrying("finding the aggregator", self._find_aggregator)
+            master = await self._retrying("downloading the state", self._sync)
+            trainer = await asyncio.to_thread(
+                LocalTrainer,
+                master.cfg,
+                public_key=self.identity.public_key,
+                device=self.options.device,
+                data_source=self.options.data,
+                batch_size=self.options.batch_size,
+            )
+            try:
+                await self._loop(master, trainer)
+            except RunFinished as e:
+                self.on_event({"event": "finished", "detail": str(e)})
+        finally:
+            await node.shutdown()
+        self.on_event(self.summary())
+
+    def summary(self) -> Event:
+        """What this peer did, for the last status line and `potluck swarm`."""
+        return {
+            "event": "done",
+            "fingerprint": self.identity.fingerprint,
+            "rounds": self.rounds_done,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+        }
+
+    # ----------------------------------------------------------------- discovery and sync
+
+    async def _find_aggregator(self) -> AggregatorLink:
+        result = await self.node.dht.get(AGGREGATORS_KEY, latest=True)
+        announcements = parse_announcements(result)
+        for a in announcements:
+            if a.protocol_version != PROTOCOL_VERSION:
+                raise PeerError(
+                    f"aggregator {fingerprint(a.public_key)} speaks protocol v{a.protocol_version}, this peer speaks "
+                    f"v{PROTOCOL_VERSION}; "
+                    + (
+                        "upgrade potluck: pip install -U potluck"
+                        if a.protocol_version > PROTOCOL_VERSION
+                        else "the aggregator must upgrade potluck"
+                    )
+                )
+        if self.options.run is not None:
+            announcements = [a for a in announcements if a.run_id == self.options.run]
+        runs = sorted({a.run_id for a in announcements})
+        if len(runs) > 1:
+            raise PeerError(f"the DHT carries several runs ({', '.join(runs)}); choose one with --run NAME")
+        if not announcements:
+            raise AggregatorUnreachable("no aggregator announcement on the DHT yet")
+        # Prefer the aggregator the user named with --join: anyone can announce a run on an open DHT.
+        joined = {peer_id_of(a).to_bytes() for a in self.join_addrs}
+        named = [a for a in announcements if a.libp2p_peer_id in joined]
+        chosen = max(named or announcements, key=lambda a: a.timestamp_s)
+        self.announcement = chosen
+        peer_id = await self._connect(chosen)
+        return AggregatorLink(self.node.p2p, peer_id)
+
+    async def _connect(self, announcement: AggregatorAnnouncement) -> object:
+        from hivemind.p2p import PeerID
+        from hivemind.utils.multiaddr import Multiaddr
+
+        peer_id = PeerID(announcement.libp2p_peer_id)
+        if any(peer_id_of(a) == peer_id for a in self.join_addrs):
+            maddrs = [a for a in self.join_addrs if peer_id_of(a) == peer_id]
+        else:
+            maddrs = [Multiaddr(m) for m in announcement.maddrs]
+        try:
+            await asyncio.wait_for(self.node.p2p._client.connect(peer_id, maddrs), timeout=15)
+        except Exception as e:  # the daemon may already hold a connection, or the aggregator is restarting
+            logger.debug("connect to %s: %s", peer_id, e)
+        return peer_id
+
+    async def _sync(self) -> _Master:
+        signed, payload, t = await self.link.fetch_state(self.identity.public_key)
+        self.bytes_down += len(payload) + t.sent_bytes
+        trusted = self.announcement.public_key
+        try:
+            signed.verify({trusted})
+            signed.verify_payload(payload)
+            cfg, params, outer_state = await asyncio.to_thread(decode_state_payload, payload)
+        except (EnvelopeError, MessageError) as e:
+            raise PeerError(f"the aggregator's state does not check out: {e}") from e
+        keys = frozenset(public_key_from_hex(k) for k in cfg.aggregator_keys)
+        h = signed.header
+        if trusted not in keys or h.config_hash != cfg.config_hash:
+            raise PeerError(
+                f"aggregator {fingerprint(trusted)} serves a config that does not trust it or does not match its "
+                "signed hash; refusing to train on it"
+            )
+        shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
+        if {n: tuple(t.shape) for n, t in params.items()} != shapes or state_sha256(params) != h.state_sha256:
+            raise PeerError("the aggregator's state does not match its model or its signed checksum; refusing it")
+        params = {name: params[name] for name in shapes}  # the model's order: payloads depend on it
+        outer = OuterOptimizer(kind=cfg.outer.kind, lr=cfg.outer.lr, momentum=cfg.outer.momentum)
+        outer.load_state_dict(outer_state)
+        logger.info("synced run %r at round %d from %s", cfg.run_name, h.round, fingerprint(trusted))
+        self.on_event(
+            {
+                "event": "synced",
+                "run": cfg.run_name,
+                "round": h.round,
+                "aggregator": fingerprint(trusted),
+                "fingerprint": self.identity.fingerprint,
+                "state_bytes": len(payload),
+            }
+        )
+        return _Master(cfg=cfg, round=h.round, version=h.new_version, params=params, outer=outer, aggregator_keys=keys)
+
+    # ----------------------------------------------------------------- rounds
+
+    async def _loop(self, master: _Master, trainer: LocalTrainer) -> None:
+        cfg = master.cfg
+        aggregate_codec = make_codec(cfg.aggregate_codec.name, cfg.aggregate_codec.params)
+        spec = {n: tuple(t.shape) for n, t in master.params.items()}
+        while master.round < cfg.rounds and (
+            self.options.max_rounds is None or self.rounds_done < self.options.max_rounds
+        ):
+            r = master.round
+            work = await asyncio.to_thread(
+                trainer.train_round, master.params, round_index=r, time_budget_s=0.8 * cfg.round_deadline_s
+            )
+            header = UpdateHeader(
+                run_id=cfg.run_name,
+                config_hash=cfg.config_hash,
+                round=r,
+                base_version=master.version,
+                peer_public_key=self.identity.public_key,
+                tokens=work.tokens,
+                inner_steps=work.inner_steps,
+                codec=trainer.codec.name,
+                payload_bytes=len(work.payload),
+                payload_sha256=payload_digest(work.payload),
+                nonce=new_nonce(),
+                timestamp_s=time.time(),
+            )
+            update = sign_update(header, self.identity)
+            receipt, up = await self._retrying("submitting", functools.partial(self.link.submit, update, work.payload))
+            self.bytes_up += up.sent_bytes
+            self.bytes_down += len(up.body)
+            try:
+                receipt.verify(self.link_key)
+            except EnvelopeError as e:
+                raise PeerError(f"the aggregator's receipt does not verify: {e}") from e
+            accepted = receipt.receipt.accepted
+            self.accepted += accepted
+            self.rejected += not accepted
+            if not accepted:
+                logger.warning("round %d: update rejected: %s", r, receipt.receipt.reason)
+            try:
+                signed, payload, down = await self._retrying(
+                    "fetching the aggregate",
+                    functools.partial(self.link.fetch_aggregate, r, timeout_s=2 * cfg.round_deadline_s + 60),
+                )
+            except AggregatorRefused as e:
+                logger.warning("round %d: %s; downloading the state again", r, e)
+                master = await self._retrying("downloading the state", self._sync)
+                continue
+            self.bytes_down += down.sent_bytes + len(down.body)
+            if not self._apply(master, signed, payload, aggregate_codec=aggregate_codec, spec=spec):
+                master = await self._retrying("downloading the state", self._sync)
+            self.rounds_done += 1
+            self.on_event(
+                {
+                    "event": "round",
+                    "round": r,
+                    "loss": work.mean_loss,
+                    "tokens": work.tokens,
+                    "tokens_per_s": work.tokens / work.compute_s if work.compute_s > 0 else 0.0,
+                    "accepted": accepted,
+                    "reason": receipt.receipt.reason,
+                    "bytes_up": up.sent_bytes,
+                    "bytes_down": down.sent_bytes + len(down.body) + len(up.body),
+                    "compute_s": work.compute_s,
+                    "upload_s": up.wait_s + up.transfer_s,
+                    "wait_s": down.wait_s,
+                    "download_s": down.transfer_s,
+                }
+            )
+        if master.round >= cfg.rounds:
+            raise RunFinished(f"run {cfg.run_name!r} is complete ({cfg.rounds} rounds)")
+
+    @property
+    def link_key(self) -> bytes:
+        return self.announcement.public_key
+
+    def _apply(self, master: _Master, signed, payload: bytes, *, aggregate_codec, spec) -> bool:  # type: ignore[no-untyped-def]
+        """Verify and apply one aggregate to the peer's master copy; False when it must resync instead."""
+        h = signed.header
+        try:
+            signed.verify(master.aggregator_keys)
+            signed.verify_payload(payload)
+            if h.round != master.round or h.codec != aggregate_codec.name:
+                raise EnvelopeError(f"aggregate is for round {h.round} with codec {h.codec}, expected {master.round}")
+            applied = aggregate_codec.decode(payload, spec)
+        except (EnvelopeError, CodecError) as e:
+            logger.warning("round %d: aggregate refused (%s); downloading the state again", master.round, e)
+            return False
+        master.outer.step(master.params, applied)
+        master.round = h.round + 1
+        master.version = h.new_version
+        if state_sha256(master.params) != h.state_sha256:
+            logger.warning("round %d: state checksum differs from the aggregator's; downloading the state", h.round)
+            return False
+        return True
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, retried with backoff while the aggregator is unreachable, up to reconnect_timeout_s."""
+        deadline = time.monotonic() + self.options.reconnect_timeout_s
+        delay_s = 0.5
+        while True:
+            try:
+                return await call()
+            except AggregatorUnreachable as e:
+                if time.monotonic() + delay_s > deadline:
+                    raise PeerError(
+                        f"gave up {what} after {self.options.reconnect_timeout_s:.0f} s: {e}; is the aggregator up?"
+                    ) from e
+                logger.info("%s: %s; retrying in %.1f s", what, e, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 10.0)
+                if hasattr(self, "announcement"):
+                    await self._connect(self.announcement)
+            except AggregatorRefused as e:
+                if "has finished" in str(e):
+                    raise RunFinished(str(e)) from e
+                raise
+
+
+def join_addresses(values: Sequence[str]) -> tuple[str, ...]:
+    """Validate `--join` values early, so a typo fails in milliseconds with the expected form."""
+    if not values:
+        raise JoinError("no --join address given; pass the multiaddr aggregator-server printed")
+    for value in values:
+        parse_join_address(value)
+    return tuple(values)

@@ -1,0 +1,148 @@
+"""What the frames of each stream carry: handler names, request bodies, and signed-envelope + payload bodies.
+
+Every conversation is one request frame and one reply frame on a fresh libp2p stream (see wire.py):
+
+    handler            request frame                         reply frame
+    potluck.state      STATE_REQUEST  {"public_key": b32}    STATE      envelope+payload (SignedState, safetensors)
+    potluck.submit     SUBMIT         envelope+payload       SUBMIT_REPLY SignedReceipt bytes
+    potluck.aggregate  AGGREGATE_REQUEST {"round": n}        AGGREGATE  envelope+payload (SignedAggregate, codec)
+
+Either side may answer with an ERROR frame instead. "envelope+payload" is a 4-byte big-endian envelope
+length, the signed envelope's wire bytes, then the payload, so one frame carries both and the envelope
+is bounded before it is parsed. Handler names carry no version: the frame header does, so a peer of
+another version gets a message naming both versions instead of "no such handler".
+
+The state payload is a safetensors file: master parameters under ``param/``, outer-optimizer buffers
+under ``outer/``, and the RunConfig as TOML in the metadata, so a joiner needs nothing but the stream.
+"""
+
+import json
+import struct
+from collections.abc import Mapping
+
+import msgpack
+import safetensors.torch
+import torch
+
+from potluck.protocol.config import ConfigError, RunConfig, dump_run_config, run_config_from_toml
+
+STATE_HANDLER = "potluck.state"
+SUBMIT_HANDLER = "potluck.submit"
+AGGREGATE_HANDLER = "potluck.aggregate"
+
+_LENGTH = struct.Struct(">I")
+MAX_REQUEST_BYTES = 256  # the msgpack request bodies are a few dozen bytes
+_PARAM = "param/"
+_OUTER = "outer/"
+
+
+class MessageError(Exception):
+    """A message body is malformed (one line)."""
+
+
+def pack_envelope(envelope: bytes, payload: bytes) -> bytes:
+    """One frame body holding a signed envelope's bytes and the payload it signs."""
+    return _LENGTH.pack(len(envelope)) + envelope + payload
+
+
+def unpack_envelope(body: bytes, *, max_envelope_bytes: int) -> tuple[bytes, bytes]:
+    """Split a body from `pack_envelope` into (envelope, payload); the envelope length is checked first."""
+    if len(body) < _LENGTH.size:
+        raise MessageError(f"message body is {len(body)} bytes, too short for its envelope length")
+    (length,) = _LENGTH.unpack_from(body)
+    if length > max_envelope_bytes or length > len(body) - _LENGTH.size:
+        raise MessageError(
+            f"message declares a {length}-byte envelope; the limit is {max_envelope_bytes} and the body holds "
+            f"{len(body) - _LENGTH.size}"
+        )
+    end = _LENGTH.size + length
+    return body[_LENGTH.size : end], body[end:]
+
+
+def _unpack_request(body: bytes, key: str, what: str) -> object:
+    if len(body) > MAX_REQUEST_BYTES:
+        raise MessageError(f"{what} request is {len(body)} bytes, over the {MAX_REQUEST_BYTES}-byte limit")
+    try:
+        request = msgpack.unpackb(body, raw=False, max_array_len=4, max_map_len=4, max_str_len=64, max_bin_len=64)
+    except Exception as e:  # msgpack raises many types on garbage
+        raise MessageError(f"{what} request is not valid msgpack ({type(e).__name__})") from e
+    if not isinstance(request, dict) or key not in request:
+        raise MessageError(f"{what} request must be a map with {key!r}")
+    return request[key]
+
+
+def state_request(public_key: bytes) -> bytes:
+    """The STATE_REQUEST body: who asks, so the aggregator expects an update from it in the open round."""
+    return msgpack.packb({"public_key": public_key}, use_bin_type=True)
+
+
+def parse_state_request(body: bytes) -> bytes:
+    """The requester's claimed public key (unauthenticated: used only to wait for its update)."""
+    key = _unpack_request(body, "public_key", "state")
+    if not isinstance(key, bytes) or len(key) != 32:
+        raise MessageError("state request's public_key must be 32 bytes")
+    return key
+
+
+def aggregate_request(round_index: int) -> bytes:
+    """The AGGREGATE_REQUEST body for round `round_index`."""
+    return msgpack.packb({"round": round_index}, use_bin_type=True)
+
+
+def parse_aggregate_request(body: bytes) -> int:
+    """The round a peer asks the aggregate of."""
+    round_index = _unpack_request(body, "round", "aggregate")
+    if type(round_index) is not int or not 0 <= round_index < 2**63:
+        raise MessageError("aggregate request's round must be a non-negative integer")
+    return round_index
+
+
+def encode_state_payload(
+    cfg: RunConfig, *, params: Mapping[str, torch.Tensor], outer_state: Mapping[str, torch.Tensor]
+) -> bytes:
+    """The state payload: parameters and outer buffers as safetensors, the config as TOML metadata."""
+    tensors = {_PARAM + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in params.items()}
+    tensors |= {_OUTER + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in outer_state.items()}
+    return safetensors.torch.save(tensors, metadata={"config": dump_run_config(cfg, "toml")})
+
+
+def decode_state_payload(payload: bytes) -> tuple[RunConfig, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(config, params, outer_state) from a state payload; MessageError if it is not one.
+
+    Only the format is checked here; the caller checks names and shapes against the model the
+    config describes, and the parameters against the signed state_sha256.
+    """
+    try:
+        tensors = safetensors.torch.load(payload)
+        metadata = _metadata(payload)
+    except MessageError:
+        raise
+    except Exception as e:  # safetensors raises SafetensorError, ValueError, ...
+        raise MessageError(f"state payload is not a valid safetensors file ({type(e).__name__})") from e
+    try:
+        cfg = run_config_from_toml(metadata["config"], source="state payload")
+    except (KeyError, ConfigError) as e:
+        raise MessageError(f"state payload carries no valid run config: {e}") from e
+    params, outer = {}, {}
+    for name, tensor in tensors.items():
+        if tensor.dtype != torch.float32:
+            raise MessageError(f"state tensor {name!r} is {tensor.dtype}, expected float32")
+        if name.startswith(_PARAM):
+            params[name[len(_PARAM) :]] = tensor
+        elif name.startswith(_OUTER):
+            outer[name[len(_OUTER) :]] = tensor
+        else:
+            raise MessageError(f"state payload has an unexpected tensor {name!r:.80}")
+    return cfg, params, outer
+
+
+def _metadata(payload: bytes) -> dict[str, str]:
+    """The safetensors header's __metadata__ map (the header is already known valid: safetensors parsed it)."""
+    (header_len,) = struct.unpack_from("<Q", payload)
+    if header_len > len(payload) - 8:
+        raise MessageError("state payload's safetensors header is longer than the payload")
+    header = json.loads(payload[8 : 8 + header_len])
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise MessageError("state payload has no string metadata")
+    return metadata

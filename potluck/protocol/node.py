@@ -1,0 +1,169 @@
+"""Starting a potluck node on hivemind: a DHT node with its libp2p daemon, in this process's event loop.
+
+Peers and aggregators both run hivemind's `DHTNode` inside their own asyncio loop rather than
+`hivemind.DHT`, which forks a process of its own: one process per node is easier on a 2-core
+machine running a whole local swarm, and shutting the loop down shuts the daemon down with it.
+The node's `P2P` (the same daemon) carries the bulk streams (see wire.py and messages.py).
+
+Join addresses are parsed here so that every command gives the same one-line error for a bad one.
+"""
+
+import asyncio
+import logging
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+with warnings.catch_warnings():
+    # `import hivemind` runs torch.jit.script, which recent torch deprecates with a warning of its own.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from hivemind.dht.node import DHTNode
+    from hivemind.p2p import P2P, PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+from potluck.protocol.dht_schema import Ed25519RecordValidator
+from potluck.protocol.identity import Identity
+
+logger = logging.getLogger(__name__)
+
+JOIN_FORMAT = "/ip4/<ip>/tcp/<port>/p2p/<peer id>, as printed by aggregator-server"
+
+
+class JoinError(Exception):
+    """A join address is malformed or does not answer (one line, with the fix)."""
+
+
+def parse_join_address(text: str) -> Multiaddr:
+    """A bootstrap multiaddr that names its peer (`/p2p/<id>`); JoinError with the expected form otherwise."""
+    text = text.strip()
+    try:
+        maddr = Multiaddr(text)
+    except Exception as e:  # multiaddr raises several types (ValueError, StringParseError, BinaryParseError, ...)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise JoinError(f"{text!r} is not a valid multiaddr ({reason}); expected {JOIN_FORMAT}") from None
+    protocols = [p.name for p in maddr.protocols()]
+    if "p2p" not in protocols:
+        raise JoinError(f"{text!r} has no /p2p/<peer id> part; expected {JOIN_FORMAT}")
+    if not {"ip4", "ip6", "dns", "dns4", "dns6"} & set(protocols) or "tcp" not in protocols and "udp" not in protocols:
+        raise JoinError(f"{text!r} names no host and port; expected {JOIN_FORMAT}")
+    return maddr
+
+
+def peer_id_of(maddr: Multiaddr) -> PeerID:
+    """The libp2p peer id in a multiaddr's /p2p/ part."""
+    return PeerID.from_base58(maddr.value_for_protocol("p2p"))
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A running potluck node: its DHT node and the P2P (one p2pd) both run on."""
+
+    dht: DHTNode
+    p2p: P2P
+
+    async def shutdown(self) -> None:
+        """Stop the DHT node, then the daemon; safe to call on any exit path."""
+        try:
+            await self.dht.shutdown()
+        finally:
+            await self.p2p.shutdown()
+
+
+async def create_p2p(**p2p_kwargs: Any) -> P2P:
+    """`P2P.create`, but a failed or cancelled start leaves no p2pd behind.
+
+    hivemind 1.1.12's `P2P.create` raises without shutting down the half-made node when p2pd exits
+    during start-up (e.g. "failed to connect to bootstrap peers"), so every instance it makes is
+    recorded and shut down on failure; the start is shielded from cancellation so that what it
+    started can be stopped (it is bounded by `startup_timeout`).
+    """
+    made: list[P2P] = []
+
+    class _RecordedP2P(P2P):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    starting = asyncio.ensure_future(_RecordedP2P.create(**p2p_kwargs))
+    try:
+        return await asyncio.shield(starting)
+    except BaseException:
+        if not starting.done():
+            await asyncio.wait([starting])
+        if not starting.cancelled() and starting.exception() is None:
+            made.append(starting.result())
+        for half_made in made:
+            await half_made.shutdown()
+        raise
+
+
+async def start_node(
+    *,
+    initial_peers: Sequence[str | Multiaddr] = (),
+    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+    announce_maddrs: Sequence[str] = (),
+    identity_path: Path | None = None,
+    client_mode: bool = False,
+    signer: Identity | None = None,
+    bootstrap_timeout_s: float = 30.0,
+) -> Node:
+    """A DHT node (and its p2pd) with potluck's signed-record validator, bootstrapped from `initial_peers`.
+
+    `identity_path` keeps the libp2p peer id stable across restarts (the aggregator's multiaddr must
+    not change); it is created on first use. `signer` signs the DHT records this node stores under its
+    Ed25519 key (aggregators); nodes that only read leave it out. JoinError when no initial peer
+    answers in time; nothing is left running then.
+    """
+    kwargs: dict[str, Any] = {"host_maddrs": list(host_maddrs), "startup_timeout": bootstrap_timeout_s}
+    if initial_peers:
+        kwargs["initial_peers"] = [str(p) for p in initial_peers]
+    if announce_maddrs:
+        kwargs["announce_maddrs"] = list(announce_maddrs)
+    if identity_path is not None:
+        identity_path.parent.mkdir(parents=True, exist_ok=True)
+        kwargs["identity_path"] = str(identity_path)
+    if client_mode:
+        kwargs["dht_mode"] = "client"
+    try:
+        p2p = await create_p2p(**kwargs)
+    except Exception as e:  # hivemind raises P2PDaemonError and others when p2pd cannot start or bootstrap
+        if initial_peers:
+            raise JoinError(_unreachable(initial_peers, _reason(e))) from e
+        raise
+    try:
+        dht = await asyncio.wait_for(
+            DHTNode.create(
+                p2p=p2p,
+                initial_peers=[str(p) for p in initial_peers] or None,
+                client_mode=client_mode,
+                record_validator=Ed25519RecordValidator(signer),
+                bootstrap_timeout=bootstrap_timeout_s,
+                ensure_bootstrap_success=bool(initial_peers),
+            ),
+            timeout=bootstrap_timeout_s + 15,
+        )
+    except BaseException as e:
+        await p2p.shutdown()
+        if isinstance(e, Exception) and initial_peers:
+            raise JoinError(_unreachable(initial_peers, _reason(e))) from e
+        raise
+    return Node(dht=dht, p2p=p2p)
+
+
+def _reason(e: BaseException) -> str:
+    """p2pd's or hivemind's first line, without p2pd's timestamps."""
+    if isinstance(e, TimeoutError | asyncio.TimeoutError):
+        return "no answer in time"
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return re.sub(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", "", text.removeprefix("Daemon failed to start: "))
+
+
+def _unreachable(initial_peers: Sequence[str | Multiaddr], reason: str) -> str:
+    addresses = ", ".join(str(p) for p in initial_peers)
+    return (
+        f"could not join through {addresses}: {reason}; check that aggregator-server is running there and that "
+        "its port is open (try: potluck doctor --join ADDR)"
+    )
