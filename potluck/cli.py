@@ -1,4 +1,4 @@
-"""The `potluck` command: keygen, simulate, plan (the swarm commands arrive with the swarm).
+"""The `potluck` command: swarm, peer, aggregator, doctor, keygen, whoami, simulate, plan.
 
 This is the only module that talks to the terminal: it sets up logging, draws progress bars on
 stderr, prints tables or `--json` on stdout, and turns the library's one-line errors into a
@@ -20,7 +20,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from potluck import __version__, cli_nodes
+from potluck import __version__, cli_nodes, cli_swarm
 from potluck.protocol import PROTOCOL_VERSION
 
 app = typer.Typer(
@@ -308,3 +308,5 @@ def main() -> None:
 
 app.command("aggregator")(cli_nodes.aggregator)
 app.command("peer")(cli_nodes.peer)
+app.command("swarm")(cli_swarm.swarm)
+app.command("doctor")(cli_swarm.doctor)

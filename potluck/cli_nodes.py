@@ -257,8 +257,9 @@ def known_errors() -> tuple[type[Exception], ...]:
     from potluck.peer.runner import PeerError
     from potluck.protocol.dht_schema import DHTSchemaError
     from potluck.protocol.node import JoinError
+    from potluck.swarm import SwarmError
 
-    return (CheckpointError, SetupError, AggregatorRefused, PeerError, DHTSchemaError, JoinError)
+    return (CheckpointError, SetupError, AggregatorRefused, PeerError, DHTSchemaError, JoinError, SwarmError)
 
 
 def single_command_main(command: Callable[..., None], name: str) -> Callable[[], None]:

@@ -191,6 +191,7 @@ class AggregatorServer:
                     "resumed": self.resumed,
                     "spooled_updates": len(self.current.accepted),
                     "val_loss": val_loss,
+                    "num_params": sum(t.numel() for t in self.master.params.values()),
                 }
             )
             announcer = asyncio.create_task(self._announce_forever(node))

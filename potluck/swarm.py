@@ -1,0 +1,297 @@
+"""`potluck swarm`: one aggregator and N peers as real OS processes on 127.0.0.1, trained to the end of a run.
+
+The same commands a volunteer runs (`python -m potluck aggregator ...`, `python -m potluck peer ...`)
+are started as children, each in a session of its own so that it and its libp2p daemon form one
+process group: stopping the swarm (done, failed, Ctrl-C or SIGTERM) signals every group, waits, and
+kills what is left, so no `p2pd` outlives the swarm. Children report through JSON lines on stdout;
+their logs go to files in the swarm's work directory, whose tail is shown when a child fails.
+
+On a machine with few cores the children share them: each gets `cores // (N + 1)` torch threads
+(at least one), set through OMP_NUM_THREADS before torch starts, so N+1 processes do not fight
+over the same cores.
+"""
+
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from potluck.protocol.config import RunConfig, dump_run_config
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 180.0  # the aggregator imports torch and hivemind, loads the corpus, starts p2pd
+STOP_GRACE_S = 15.0  # after SIGTERM, how long a child may take to shut its node down cleanly
+
+
+class SwarmError(Exception):
+    """The swarm could not run to the end (one line, with the failing child's last log line)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SwarmOptions:
+    """What `potluck swarm` was asked for."""
+
+    peers: int
+    cfg: RunConfig
+    data: str | None = None  # the peers' own text (the run's data.source already says what to evaluate on)
+    state_dir: Path | None = None  # the aggregator's; a temporary one when None
+    timeout_s: float = 1800.0
+    threads_per_process: int | None = None  # None: cores // (peers + 1)
+
+
+@dataclass(kw_only=True, slots=True)
+class _Child:
+    name: str
+    process: subprocess.Popen[str]
+    log_path: Path
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(kw_only=True, slots=True)
+class SwarmResult:
+    """What `--json` prints; see `to_dict`."""
+
+    initial_val_loss: float
+    final_val_loss: float
+    rounds_completed: int
+    aggregator_multiaddrs: list[str]
+    num_params: int
+    peers: list[dict[str, Any]]
+    rounds: list[dict[str, Any]]
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `--json` object: the keys the issue names, plus per-round detail and timing."""
+        return {
+            "initial_val_loss": self.initial_val_loss,
+            "final_val_loss": self.final_val_loss,
+            "rounds_completed": self.rounds_completed,
+            "aggregator_multiaddrs": self.aggregator_multiaddrs,
+            "num_params": self.num_params,
+            "peers": self.peers,
+            "rounds": self.rounds,
+            "wall_s": self.wall_s,
+        }
+
+
+def threads_per_process(peers: int, cores: int | None = None) -> int:
+    """Torch threads each of the swarm's N+1 processes gets: an equal share of the cores, at least one."""
+    return max(1, (cores or os.cpu_count() or 1) // (peers + 1))
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "potluck", *args]
+
+
+def _start(name: str, args: list[str], *, work_dir: Path, threads: int) -> _Child:
+    env = dict(os.environ)
+    env.update(
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS=str(threads),  # before torch starts: OpenMP sizes its pool once
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    log_path = work_dir / f"{name}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+            _command(*args),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            start_new_session=True,  # its own process group: it and its p2pd are stopped together
+        )
+    return _Child(name=name, process=process, log_path=log_path)
+
+
+def _pump(child: _Child, events: "queue.Queue[tuple[_Child, dict[str, Any] | None]]") -> None:
+    """Forward a child's JSON lines to the queue; None when its stdout closes."""
+    assert child.process.stdout is not None
+    for line in child.process.stdout:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict):
+            events.put((child, event))
+    events.put((child, None))
+
+
+def _last_log_line(child: _Child) -> str:
+    try:
+        lines = [line.strip() for line in child.log_path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1] if lines else "(empty log)"
+
+
+def stop_children(children: list[_Child], *, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM every child's process group, wait up to `grace_s`, then SIGKILL the groups (p2pd included)."""
+    for child in children:
+        if child.process.poll() is None:
+            _signal_group(child, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        try:
+            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for child in children:
+        _signal_group(child, signal.SIGKILL)  # also reaps a p2pd its parent failed to stop
+        if child.process.poll() is None:
+            child.process.wait(timeout=10)
+
+
+def _signal_group(child: _Child, sig: signal.Signals) -> None:
+    try:
+        os.killpg(child.process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]], None]) -> SwarmResult:
+    """Start the aggregator, then the peers; follow their events until the run ends; stop every child.
+
+    `on_event(child_name, event)` sees every event (for live progress). SwarmError when a child
+    fails, the aggregator does not get ready, or the run outlasts `timeout_s`.
+    """
+    started = time.monotonic()
+    threads = options.threads_per_process or threads_per_process(options.peers)
+    children: list[_Child] = []
+    events: queue.Queue[tuple[_Child, dict[str, Any] | None]] = queue.Queue()
+    with tempfile.TemporaryDirectory(prefix="potluck-swarm-") as tmp:
+        work_dir = Path(tmp)
+        config_path = work_dir / "run.toml"
+        config_path.write_text(dump_run_config(options.cfg, "toml"))
+        state_dir = options.state_dir or work_dir / "aggregator"
+        try:
+            aggregator = _start(
+                "aggregator",
+                [
+                    "aggregator",
+                    "--config",
+                    str(config_path),
+                    "--state-dir",
+                    str(state_dir),
+                    "--host",
+                    "127.0.0.1",
+                    "--threads",
+                    str(threads),
+                    "--json",
+                ],
+                work_dir=work_dir,
+                threads=threads,
+            )
+            children.append(aggregator)
+            threading.Thread(target=_pump, args=(aggregator, events), daemon=True).start()
+            ready = _wait_ready(aggregator, events, on_event)
+            join = ready["maddrs"][0]
+            for i in range(options.peers):
+                args = [
+                    "peer",
+                    "--join",
+                    join,
+                    "--identity",
+                    str(work_dir / f"peer-{i}.key"),
+                    "--threads",
+                    str(threads),
+                    "--json",
+                ]
+                if options.data is not None:
+                    args += ["--data", options.data]
+                child = _start(f"peer-{i}", args, work_dir=work_dir, threads=threads)
+                children.append(child)
+                threading.Thread(target=_pump, args=(child, events), daemon=True).start()
+            _follow(children, events, on_event, deadline=started + options.timeout_s)
+        finally:
+            stop_children(children)
+        return _result(ready, aggregator, children[1:], wall_s=time.monotonic() - started)
+
+
+def _wait_ready(
+    aggregator: _Child,
+    events: "queue.Queue[tuple[_Child, dict[str, Any] | None]]",
+    on_event: Callable[[str, dict[str, Any]], None],
+) -> dict[str, Any]:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            child, event = events.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if event is None:
+            raise SwarmError(f"the aggregator exited before it was ready: {_last_log_line(aggregator)}")
+        child.events.append(event)
+        on_event(child.name, event)
+        if event.get("event") == "ready":
+            return event
+    raise SwarmError(f"the aggregator was not ready within {READY_TIMEOUT_S:.0f} s: {_last_log_line(aggregator)}")
+
+
+def _follow(
+    children: list[_Child],
+    events: "queue.Queue[tuple[_Child, dict[str, Any] | None]]",
+    on_event: Callable[[str, dict[str, Any]], None],
+    *,
+    deadline: float,
+) -> None:
+    """Consume events until every child's stdout has closed; fail fast when one exits with an error."""
+    open_streams = {child.name for child in children}
+    while open_streams:
+        if time.monotonic() > deadline:
+            raise SwarmError("the swarm ran past its --timeout; stopping every process")
+        try:
+            child, event = events.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if event is not None:
+            child.events.append(event)
+            on_event(child.name, event)
+            continue
+        open_streams.discard(child.name)
+        code = child.process.wait()
+        if code != 0:
+            raise SwarmError(f"{child.name} exited with status {code}: {_last_log_line(child)}")
+
+
+def _result(ready: dict[str, Any], aggregator: _Child, peers: list[_Child], *, wall_s: float) -> SwarmResult:
+    rounds = [e for e in aggregator.events if e.get("event") == "round"]
+    peer_rows = []
+    for child in peers:
+        done = next((e for e in reversed(child.events) if e.get("event") == "done"), {})
+        synced = next((e for e in child.events if e.get("event") == "synced"), {})
+        per_round = [e for e in child.events if e.get("event") == "round"]
+        peer_rows.append(
+            {
+                "name": child.name,
+                "fingerprint": done.get("fingerprint") or synced.get("fingerprint"),
+                "accepted": done.get("accepted", sum(bool(e["accepted"]) for e in per_round)),
+                "rejected": done.get("rejected", sum(not e["accepted"] for e in per_round)),
+                "bytes_up": done.get("bytes_up", 0),
+                "bytes_down": done.get("bytes_down", 0),
+                "joined_round": synced.get("round"),
+                "rounds": per_round,
+            }
+        )
+    return SwarmResult(
+        initial_val_loss=float(ready["val_loss"]),
+        final_val_loss=float(rounds[-1]["val_loss"]) if rounds else float(ready["val_loss"]),
+        rounds_completed=len(rounds),
+        aggregator_multiaddrs=list(ready["maddrs"]),
+        num_params=int(ready.get("num_params", 0)),
+        peers=peer_rows,
+        rounds=rounds,
+        wall_s=wall_s,
+    )
