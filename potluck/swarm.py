@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,9 @@ class SwarmOptions:
 
 
 @dataclass(kw_only=True, slots=True)
-class _Child:
+class Child:
+    """A started child process, its log file and the events it reported."""
+
     name: str
     process: subprocess.Popen[str]
     log_path: Path
@@ -94,7 +96,8 @@ def _command(*args: str) -> list[str]:
     return [sys.executable, "-m", "potluck", *args]
 
 
-def _start(name: str, args: list[str], *, work_dir: Path, threads: int) -> _Child:
+def start_child(name: str, args: list[str], *, work_dir: Path, threads: int) -> Child:
+    """`python -m potluck ARGS` in a new session, stdout piped (JSON lines), stderr to WORK_DIR/NAME.log."""
     env = dict(os.environ)
     env.update(
         PYTHONUNBUFFERED="1",
@@ -113,23 +116,35 @@ def _start(name: str, args: list[str], *, work_dir: Path, threads: int) -> _Chil
             env=env,
             start_new_session=True,  # its own process group: it and its p2pd are stopped together
         )
-    return _Child(name=name, process=process, log_path=log_path)
+    return Child(name=name, process=process, log_path=log_path)
 
 
-def _pump(child: _Child, events: "queue.Queue[tuple[_Child, dict[str, Any] | None]]") -> None:
+def _pump(child: Child, events: "queue.Queue[tuple[Child, dict[str, Any] | None]]") -> None:
     """Forward a child's JSON lines to the queue; None when its stdout closes."""
-    assert child.process.stdout is not None
-    for line in child.process.stdout:
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(event, dict):
-            events.put((child, event))
+    for event in read_events(child):
+        events.put((child, event))
     events.put((child, None))
 
 
-def _last_log_line(child: _Child) -> str:
+def read_events(child: Child) -> Iterator[dict[str, Any]]:
+    """The JSON objects a child prints, one a line, until its stdout closes (then closed here too)."""
+    stream = child.process.stdout
+    assert stream is not None
+    try:
+        for line in stream:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event, dict):
+                yield event
+    except (ValueError, OSError):  # closed under us by stop_children
+        return
+    finally:
+        stream.close()
+
+
+def _last_log_line(child: Child) -> str:
     try:
         lines = [line.strip() for line in child.log_path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
@@ -137,7 +152,7 @@ def _last_log_line(child: _Child) -> str:
     return lines[-1] if lines else "(empty log)"
 
 
-def stop_children(children: list[_Child], *, grace_s: float = STOP_GRACE_S) -> None:
+def stop_children(children: list[Child], *, grace_s: float = STOP_GRACE_S) -> None:
     """SIGTERM every child's process group, wait up to `grace_s`, then SIGKILL the groups (p2pd included)."""
     for child in children:
         if child.process.poll() is None:
@@ -152,9 +167,11 @@ def stop_children(children: list[_Child], *, grace_s: float = STOP_GRACE_S) -> N
         _signal_group(child, signal.SIGKILL)  # also reaps a p2pd its parent failed to stop
         if child.process.poll() is None:
             child.process.wait(timeout=10)
+        if child.process.stdout is not None:
+            child.process.stdout.close()
 
 
-def _signal_group(child: _Child, sig: signal.Signals) -> None:
+def _signal_group(child: Child, sig: signal.Signals) -> None:
     try:
         os.killpg(child.process.pid, sig)
     except (ProcessLookupError, PermissionError):
@@ -169,15 +186,15 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
     """
     started = time.monotonic()
     threads = options.threads_per_process or threads_per_process(options.peers)
-    children: list[_Child] = []
-    events: queue.Queue[tuple[_Child, dict[str, Any] | None]] = queue.Queue()
+    children: list[Child] = []
+    events: queue.Queue[tuple[Child, dict[str, Any] | None]] = queue.Queue()
     with tempfile.TemporaryDirectory(prefix="potluck-swarm-") as tmp:
         work_dir = Path(tmp)
         config_path = work_dir / "run.toml"
         config_path.write_text(dump_run_config(options.cfg, "toml"))
         state_dir = options.state_dir or work_dir / "aggregator"
         try:
-            aggregator = _start(
+            aggregator = start_child(
                 "aggregator",
                 [
                     "aggregator",
@@ -211,7 +228,7 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
                 ]
                 if options.data is not None:
                     args += ["--data", options.data]
-                child = _start(f"peer-{i}", args, work_dir=work_dir, threads=threads)
+                child = start_child(f"peer-{i}", args, work_dir=work_dir, threads=threads)
                 children.append(child)
                 threading.Thread(target=_pump, args=(child, events), daemon=True).start()
             _follow(children, events, on_event, deadline=started + options.timeout_s)
@@ -221,8 +238,8 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
 
 
 def _wait_ready(
-    aggregator: _Child,
-    events: "queue.Queue[tuple[_Child, dict[str, Any] | None]]",
+    aggregator: Child,
+    events: "queue.Queue[tuple[Child, dict[str, Any] | None]]",
     on_event: Callable[[str, dict[str, Any]], None],
 ) -> dict[str, Any]:
     deadline = time.monotonic() + READY_TIMEOUT_S
@@ -241,8 +258,8 @@ def _wait_ready(
 
 
 def _follow(
-    children: list[_Child],
-    events: "queue.Queue[tuple[_Child, dict[str, Any] | None]]",
+    children: list[Child],
+    events: "queue.Queue[tuple[Child, dict[str, Any] | None]]",
     on_event: Callable[[str, dict[str, Any]], None],
     *,
     deadline: float,
@@ -266,7 +283,7 @@ def _follow(
             raise SwarmError(f"{child.name} exited with status {code}: {_last_log_line(child)}")
 
 
-def _result(ready: dict[str, Any], aggregator: _Child, peers: list[_Child], *, wall_s: float) -> SwarmResult:
+def _result(ready: dict[str, Any], aggregator: Child, peers: list[Child], *, wall_s: float) -> SwarmResult:
     rounds = [e for e in aggregator.events if e.get("event") == "round"]
     peer_rows = []
     for child in peers:

@@ -61,9 +61,9 @@ class OpenRound:
             return "deadline"
         return None
 
-    def extend(self) -> None:
+    def extend(self, now: float | None = None) -> None:
         """Give a round that got no update another full deadline."""
-        self.opened_at = time.monotonic()
+        self.opened_at = time.monotonic() if now is None else now
 
     def successor(self) -> "OpenRound":
         """The next round, expecting this round's contributors, late senders and joiners."""

@@ -192,6 +192,7 @@ class AggregatorServer:
                     "spooled_updates": len(self.current.accepted),
                     "val_loss": val_loss,
                     "num_params": sum(t.numel() for t in self.master.params.values()),
+                    "state_sha256": state_sha256(self.master.params).hex(),
                 }
             )
             announcer = asyncio.create_task(self._announce_forever(node))
@@ -307,6 +308,7 @@ class AggregatorServer:
                 "round_s": time.monotonic() - closing.opened_at,
                 "aggregation_s": aggregation_s,
                 "aggregate_bytes": len(body),
+                "state_sha256": signed.header.state_sha256.hex(),
                 "tokens": closing.tokens,
             }
         )

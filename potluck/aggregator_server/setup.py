@@ -45,6 +45,11 @@ def prepare_run(*, state_dir: Path, config: RunConfig | None, identity: Identity
             raise SetupError(f"{e}; fix or delete {stored_path} (it names the run this directory serves)") from e
     if config is None:
         if stored is not None:
+            if public_key_to_hex(identity.public_key) not in stored.aggregator_keys:
+                raise SetupError(
+                    f"{stored_path} names a run that does not trust this aggregator's key {identity.fingerprint}; "
+                    "start with the identity this run was made for (--identity), or use another --state-dir"
+                )
             return stored
         config = RunConfig()
     wanted = with_own_key(config, identity)

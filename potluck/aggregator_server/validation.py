@@ -75,7 +75,7 @@ def check_round(update: SignedUpdate, payload: bytes, ctx: RoundContext) -> Reje
     if h.round != ctx.round:
         return Rejection(check="round", detail=f"update is for round {h.round}, the open round is {ctx.round}")
     if h.base_version != ctx.version:
-        return Rejection(check="version", detail=f"trained from state v{h.base_version}, current is v{ctx.version}")
+        return Rejection(check="stale", detail=f"trained from state v{h.base_version}, current is v{ctx.version}")
     return None
 
 

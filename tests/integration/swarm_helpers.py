@@ -1,0 +1,161 @@
+"""Shared tools for the multi-process tests: start potluck nodes as real processes, read their events, clean up.
+
+Children run `python -m potluck ...` in sessions of their own (see potluck.swarm.start_child), so a
+test can SIGKILL a node together with its p2pd, and the `nodes` fixture kills every group it
+started, whatever the test did. `p2pd_pids()` scans /proc so tests can assert that nothing is left.
+"""
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from potluck.swarm import Child, read_events, start_child, stop_children
+
+Event = dict[str, Any]
+
+
+def p2pd_pids() -> set[int]:
+    """Every running p2pd on this machine (compare before/after: other tests' daemons are gone by then)."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if b"p2pd" in cmdline.split(b"\0")[0] and state != "Z":
+            found.add(int(proc.name))
+    return found
+
+
+def wait_until(condition: Callable[[], bool], *, timeout_s: float, what: str) -> None:
+    """Poll `condition` until it holds; fail the test with `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for an aggregator that must come back on the same port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(kw_only=True)
+class Node:
+    """A started node and the events it has printed so far."""
+
+    child: Child
+    events: "queue.Queue[Event | None]" = field(default_factory=queue.Queue)
+    seen: list[Event] = field(default_factory=list)
+
+    def next_event(self, predicate: Callable[[Event], bool], *, timeout_s: float) -> Event:
+        """The first event (already seen or still to come) matching `predicate`."""
+        for event in self.seen:
+            if predicate(event):
+                return event
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{self.child.name}: no matching event in {timeout_s:.0f} s; log:\n{self.log()}")
+            try:
+                event = self.events.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if event is None:
+                self.events.put(None)  # stdout closed: every later wait fails fast too
+                raise AssertionError(f"{self.child.name} exited ({self.child.process.poll()}); log:\n{self.log()}")
+            self.seen.append(event)
+            if predicate(event):
+                return event
+
+    def wait_exit(self, *, timeout_s: float) -> int:
+        """The exit status; fails the test if the process is still running after `timeout_s`."""
+        try:
+            return self.child.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{self.child.name} still running after {timeout_s:.0f} s; log:\n{self.log()}"
+            ) from None
+
+    def kill(self) -> None:
+        """SIGKILL the node and its p2pd at once: a crash, not a shutdown."""
+        os.killpg(self.child.process.pid, signal.SIGKILL)
+        self.child.process.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.child.log_path.read_text(errors="replace")[-3000:]
+
+
+class Nodes:
+    """Starts nodes for one test and stops them all at teardown."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+        self.started: list[Node] = []
+
+    def start(self, name: str, *args: str) -> Node:
+        """`python -m potluck ARGS --json` as a new process (one torch thread: tests share 2 cores)."""
+        child = start_child(name, [*args, "--threads", "1", "--json"], work_dir=self.work_dir, threads=1)
+        node = Node(child=child)
+        threading.Thread(target=_pump, args=(child, node.events), daemon=True).start()
+        self.started.append(node)
+        return node
+
+    def aggregator(
+        self, name: str = "aggregator", *, state_dir: Path | None = None, port: int = 0, **settings: object
+    ) -> Node:
+        """An aggregator on 127.0.0.1 with `--set key=value` for each setting."""
+        args = [
+            "aggregator",
+            "--state-dir",
+            str(state_dir or self.work_dir / name),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        for key, value in settings.items():
+            args += ["--set", f"{key.replace('__', '.')}={value}"]
+        return self.start(name, *args)
+
+    def peer(self, name: str, join: str, *args: str) -> Node:
+        """A peer joining `join`, with its own key in the work directory."""
+        return self.start(name, "peer", "--join", join, "--identity", str(self.work_dir / f"{name}.key"), *args)
+
+    def stop(self) -> None:
+        stop_children([n.child for n in self.started], grace_s=10)
+
+
+def _pump(child: Child, events: "queue.Queue[Event | None]") -> None:
+    for event in read_events(child):
+        events.put(event)
+    events.put(None)
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[Nodes]:
+    """Start nodes in a test; every one of them (and its p2pd) is gone after it, and the test fails if not."""
+    before = p2pd_pids()
+    started = Nodes(tmp_path)
+    try:
+        yield started
+    finally:
+        started.stop()
+    wait_until(lambda: not (p2pd_pids() - before), timeout_s=10, what="every p2pd of the test to exit")

@@ -1,0 +1,203 @@
+"""The swarm as users run it: real aggregator and peer processes on 127.0.0.1 talking through hivemind.
+
+Every test uses the tiny model with few inner steps, has a hard timeout, synchronises on the events
+the nodes print (never on sleeps), and leaves no p2pd behind (the `nodes` fixture checks).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from potluck.protocol.identity import generate_identity, save_identity
+from tests.integration.swarm_helpers import Nodes, free_port, p2pd_pids, wait_until
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+FAST = {"local_steps": 8, "inner__warmup_steps": 4, "inner__batch_size": 8, "data__max_bytes": 400_000}
+
+
+def _is(kind: str, **fields: object):  # noqa: ANN202 - a predicate factory
+    return lambda e: e.get("event") == kind and all(e.get(k) == v for k, v in fields.items())
+
+
+@pytest.mark.timeout(240)
+def test_swarm_of_three_trains_and_leaves_nothing_running(tmp_path: Path) -> None:
+    # Prepare
+    before = p2pd_pids()
+    command = [
+        sys.executable,
+        "-m",
+        "potluck",
+        "swarm",
+        "--peers",
+        "3",
+        "--rounds",
+        "4",
+        "--local-steps",
+        "10",
+        "--set",
+        "data.max_bytes=400000",
+        "--json",
+    ]
+    # Execute
+    done = subprocess.run(command, capture_output=True, text=True, timeout=200, cwd=tmp_path)
+    # Assert
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["rounds_completed"] == 4
+    assert len(result["peers"]) == 3
+    assert all(p["accepted"] >= 1 and p["bytes_up"] > 0 and p["bytes_down"] > 0 for p in result["peers"])
+    assert result["final_val_loss"] < result["initial_val_loss"] - 0.5
+    assert result["aggregator_multiaddrs"][0].startswith("/ip4/127.0.0.1/tcp/")
+    wait_until(lambda: not (p2pd_pids() - before), timeout_s=10, what="the swarm's daemons to exit")
+
+
+@pytest.mark.timeout(180)
+def test_a_peer_killed_mid_round_costs_one_deadline_not_a_stall(nodes: Nodes) -> None:
+    # Prepare: two peers; once both have contributed, one dies without a word.
+    aggregator = nodes.aggregator(rounds=5, round_deadline_s=12, **FAST)
+    join = aggregator.next_event(_is("ready"), timeout_s=90)["maddrs"][0]
+    survivor = nodes.peer("survivor", join)
+    victim = nodes.peer("victim", join)
+    first = aggregator.next_event(lambda e: e.get("event") == "round" and len(e["accepted"]) == 2, timeout_s=90)
+    # Execute
+    victim.kill()
+    # Assert: the next round closes at its deadline with the survivor's update, and the run goes on.
+    stalled = aggregator.next_event(
+        lambda e: e.get("event") == "round" and e["round"] > first["round"] and len(e["accepted"]) == 1,
+        timeout_s=60,
+    )
+    assert stalled["closed_by"] in ("deadline", "all-reported")
+    assert stalled["round_s"] < 12 + 8
+    following = aggregator.next_event(_is("round", round=stalled["round"] + 1), timeout_s=30)
+    assert following["closed_by"] == "all-reported"  # the dead peer is no longer waited for
+    assert survivor.wait_exit(timeout_s=60) == 0
+
+
+@pytest.mark.timeout(180)
+def test_a_late_joiner_is_accepted_from_its_first_round(nodes: Nodes) -> None:
+    # Prepare
+    aggregator = nodes.aggregator(rounds=40, **FAST)  # enough rounds to outlast the joiner's start-up
+    join = aggregator.next_event(_is("ready"), timeout_s=90)["maddrs"][0]
+    nodes.peer("early", join)
+    aggregator.next_event(_is("round", round=1), timeout_s=90)
+    # Execute
+    late = nodes.peer("late", join)
+    # Assert
+    synced = late.next_event(_is("synced"), timeout_s=90)
+    assert synced["round"] >= 2
+    first_round = late.next_event(_is("round"), timeout_s=90)
+    assert first_round["round"] == synced["round"]
+    assert first_round["accepted"], first_round["reason"]
+    closed = aggregator.next_event(_is("round", round=synced["round"]), timeout_s=60)
+    assert synced["fingerprint"] in {a["fingerprint"] for a in closed["accepted"]}
+    assert late.wait_exit(timeout_s=90) == 0
+
+
+@pytest.mark.timeout(240)
+def test_a_restarted_aggregator_resumes_at_the_same_round_and_state(nodes: Nodes, tmp_path: Path) -> None:
+    # Prepare: a fixed port and state directory, so the restarted aggregator has the same multiaddr.
+    port = free_port()
+    state_dir = tmp_path / "durable"
+    settings = dict(rounds=5, round_deadline_s=20, **FAST)
+    first = nodes.aggregator("first", state_dir=state_dir, port=port, **settings)
+    join = first.next_event(_is("ready"), timeout_s=90)["maddrs"][0]
+    peer = nodes.peer("peer", join, "--reconnect-timeout", "120")
+    closed = first.next_event(_is("round", round=1), timeout_s=90)
+    # Execute: crash it (SIGKILL, p2pd included), then start it again on the same directory.
+    first.kill()
+    second = nodes.aggregator("second", state_dir=state_dir, port=port, **settings)
+    ready = second.next_event(_is("ready"), timeout_s=90)
+    # Assert
+    assert ready["resumed"] is True
+    assert ready["round"] >= 2
+    if ready["round"] == 2:
+        assert ready["state_sha256"] == closed["state_sha256"]
+    assert ready["maddrs"][0] == join
+    second.next_event(_is("round", round=4), timeout_s=120)  # the peer came back and the run finished
+    assert peer.wait_exit(timeout_s=60) == 0
+    assert peer.next_event(_is("done"), timeout_s=5)["accepted"] >= 4
+
+
+@pytest.mark.timeout(60)
+def test_a_malformed_join_address_fails_in_one_line(tmp_path: Path) -> None:
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "potluck", "peer", "--join", "/ip4/1.2.3/tcp/x", "--identity", str(tmp_path / "k")],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a valid multiaddr" in lines[0] and "/p2p/" in lines[0], done.stderr
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.timeout(90)
+def test_an_unreachable_join_address_fails_in_one_line_within_its_timeout(tmp_path: Path) -> None:
+    before = p2pd_pids()
+    save_identity(generate_identity(), tmp_path / "k")  # no "created identity" notice: only the error is printed
+    unreachable = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/QmXJLDq74mBg7WNSh2E6wcmcjvDjFCRNQxoTnxJdaGmcRi"
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "potluck",
+            "peer",
+            "--join",
+            unreachable,
+            "--join-timeout",
+            "5",
+            "--identity",
+            str(tmp_path / "k"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=80,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not join" in lines[0], done.stderr
+    assert time.monotonic() - started < 60
+    wait_until(lambda: not (p2pd_pids() - before), timeout_s=10, what="the peer's daemon to exit")
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_the_whole_swarm(tmp_path: Path) -> None:
+    # Prepare
+    before = p2pd_pids()
+    swarm = subprocess.Popen(
+        [sys.executable, "-m", "potluck", "swarm", "--peers", "2", "--rounds", "200", "--local-steps", "10"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        assert swarm.stderr is not None
+        for line in swarm.stderr:  # the join line comes once the aggregator is serving
+            if "peer --join" in line or "/p2p/" in line:
+                break
+        wait_until(lambda: len(p2pd_pids() - before) >= 3, timeout_s=60, what="both peers' daemons")
+        # Execute
+        os.kill(swarm.pid, signal.SIGINT)
+        code = swarm.wait(timeout=60)
+    finally:
+        if swarm.poll() is None:
+            os.killpg(swarm.pid, signal.SIGKILL)
+            swarm.wait()
+        for stream in (swarm.stdout, swarm.stderr):
+            if stream is not None:
+                stream.close()
+    # Assert
+    assert code == 130
+    wait_until(lambda: not (p2pd_pids() - before), timeout_s=15, what="every daemon of the swarm to exit")
