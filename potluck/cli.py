@@ -54,12 +54,17 @@ def _known_errors() -> tuple[type[Exception], ...]:
 
 
 def setup_logging(verbose: bool) -> None:
-    """Logs to stderr through rich; INFO with --verbose, else WARNING. Only entry points call this."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=stderr, show_path=False, rich_tracebacks=False)],
-    )
+    """Logs to stderr: rich on a terminal, one plain line per record otherwise (log files, docker logs, tests).
+
+    INFO with --verbose, else WARNING. Only entry points call this.
+    """
+    if stderr.is_terminal:
+        handler: logging.Handler = RichHandler(console=stderr, show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler], force=True)
 
 
 def _version(value: bool) -> None:

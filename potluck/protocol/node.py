@@ -29,6 +29,21 @@ from potluck.protocol.identity import Identity
 
 logger = logging.getLogger(__name__)
 
+
+class _DropReapedDaemonWarning(logging.Filter):
+    """Hide asyncio's "Unknown child process pid N" warning for a p2pd that died during start-up.
+
+    When p2pd exits before it is ready (an unreachable bootstrap peer), hivemind has already reaped it
+    by the time we shut the half-made node down, and asyncio's child watcher logs a warning about a
+    pid it can no longer find: noise on top of the one-line JoinError the user gets.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unknown child process pid")
+
+
+logging.getLogger("asyncio").addFilter(_DropReapedDaemonWarning())
+
 JOIN_FORMAT = "/ip4/<ip>/tcp/<port>/p2p/<peer id>, as printed by aggregator-server"
 
 

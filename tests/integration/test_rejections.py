@@ -1,0 +1,87 @@
+"""Bad updates sent to a real aggregator process are refused, with the reason in the receipt and in its log."""
+
+import asyncio
+import dataclasses
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from potluck.peer.client import AggregatorLink
+from potluck.protocol.codecs import make_codec
+from potluck.protocol.envelope import SignedUpdate, UpdateHeader, new_nonce, payload_digest, sign_update
+from potluck.protocol.identity import generate_identity
+from potluck.protocol.messages import decode_state_payload
+from potluck.protocol.node import parse_join_address, peer_id_of, start_node
+from potluck.training.models import model_config, parameter_shapes
+from tests.integration.swarm_helpers import Nodes
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+
+async def _submit_bad_updates(join: str) -> dict[str, Any]:
+    """Fetch the state like a peer, then send three bad updates; return the receipts by case."""
+    honest, forger = generate_identity(), generate_identity()
+    node = await start_node(initial_peers=[join])
+    try:
+        link = AggregatorLink(node.p2p, peer_id_of(parse_join_address(join)))
+        state, state_payload, _ = await link.fetch_state(honest.public_key)
+        cfg, params, _ = decode_state_payload(state_payload)
+        codec = make_codec(cfg.codec.name, cfg.codec.params)
+        shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
+        generator = torch.Generator().manual_seed(0)
+        payload = codec.encode({n: torch.randn(s, generator=generator) * 1e-3 for n, s in shapes.items()}, {})
+        header = UpdateHeader(
+            run_id=cfg.run_name,
+            config_hash=cfg.config_hash,
+            round=state.header.round,
+            base_version=state.header.new_version,
+            peer_public_key=honest.public_key,
+            tokens=1024,
+            inner_steps=8,
+            codec=codec.name,
+            payload_bytes=len(payload),
+            payload_sha256=payload_digest(payload),
+            nonce=new_nonce(),
+            timestamp_s=time.time(),
+        )
+        cases = {
+            # names the honest key, signed by another one
+            "wrong key": (SignedUpdate(header=header, signature=forger.sign(header.signed_bytes())), payload),
+            # properly signed, for a round that is not open
+            "wrong round": (sign_update(dataclasses.replace(header, round=header.round + 3), honest), payload),
+            # properly signed header, one payload byte changed in transit
+            "tampered payload": (sign_update(header, honest), payload[:-1] + bytes([payload[-1] ^ 1])),
+        }
+        receipts = {}
+        for name, (update, body) in cases.items():
+            receipt, _ = await link.submit(update, body)
+            receipt.verify(state.header.aggregator_public_key)
+            receipts[name] = receipt.receipt
+        return receipts
+    finally:
+        await node.shutdown()
+
+
+@pytest.mark.timeout(150)
+def test_wrong_key_wrong_round_and_tampered_payload_are_rejected_and_logged(nodes: Nodes) -> None:
+    # Prepare
+    aggregator = nodes.aggregator(rounds=3, local_steps=8, inner__warmup_steps=4, data__max_bytes=400_000)
+    join = aggregator.next_event(lambda e: e.get("event") == "ready", timeout_s=90)["maddrs"][0]
+    # Execute
+    receipts = asyncio.run(asyncio.wait_for(_submit_bad_updates(join), 60))
+    # Assert: each receipt refuses, naming the check that caught it
+    assert not any(r.accepted for r in receipts.values())
+    assert receipts["wrong key"].reason.startswith("signature: ")
+    assert receipts["wrong round"].reason.startswith("round: update is for round 3, the open round is 0")
+    assert (
+        receipts["tampered payload"].reason.startswith("signature: ")
+        and "sha256" in receipts["tampered payload"].reason
+    )
+    for reason in (r.reason for r in receipts.values()):
+        aggregator.next_event(
+            lambda e, reason=reason: e.get("event") == "rejected" and e["reason"] == reason, timeout_s=10
+        )
+    log = aggregator.log()
+    assert log.count("rejected update from") == 3
