@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import json
 import logging
 import signal
+import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,10 +37,16 @@ def run_until_stopped(main: Coroutine[Any, Any, None]) -> None:
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
         await main
 
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
+    signal.signal(signal.SIGTERM, interrupt)  # until the loop takes over: a SIGTERM during start-up still cleans up
     try:
         asyncio.run(guarded())
-    except asyncio.CancelledError:
-        raise KeyboardInterrupt from None
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        print("interrupted: the node and its p2pd have stopped", file=sys.stderr, flush=True)
+        raise typer.Exit(130) from None
 
 
 def _kb(n: float) -> str:

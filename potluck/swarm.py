@@ -153,10 +153,10 @@ def _last_log_line(child: Child) -> str:
 
 
 def stop_children(children: list[Child], *, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM every child's process group, wait up to `grace_s`, then SIGKILL the groups (p2pd included)."""
+    """SIGTERM every child, wait up to `grace_s`, then SIGKILL their process groups (any p2pd left included)."""
     for child in children:
         if child.process.poll() is None:
-            _signal_group(child, signal.SIGTERM)
+            child.process.send_signal(signal.SIGTERM)  # the node stops its own p2pd; the group kill follows
     deadline = time.monotonic() + grace_s
     for child in children:
         try:

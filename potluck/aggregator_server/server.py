@@ -43,7 +43,13 @@ from potluck.aggregator_server.master import (
 )
 from potluck.aggregator_server.probe import PROBE_HANDLER, handle_probe
 from potluck.aggregator_server.rounds import Accepted, OpenRound
-from potluck.aggregator_server.validation import Rejection, RoundContext, check_envelope, decode_update
+from potluck.aggregator_server.validation import (
+    Rejection,
+    RoundContext,
+    check_envelope,
+    check_signature,
+    decode_update,
+)
 from potluck.protocol.codecs import make_codec
 from potluck.protocol.config import RunConfig
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, sign_announcement
@@ -139,6 +145,9 @@ class AggregatorServer:
         self.rounds_closed = 0
         self.finished = False
         self.fetches: dict[int, int] = {}  # round -> aggregate downloads served
+        # round -> {update digest: tokens credited} of recently closed rounds: a retried upload whose first
+        # reply was lost gets its receipt again instead of a "round closed" rejection
+        self.closed_digests: dict[int, dict[bytes, int]] = {}
         self.maddrs: list[str] = []
         self._lock = asyncio.Lock()
         self._published = asyncio.Condition()
@@ -287,6 +296,11 @@ class AggregatorServer:
             self.aggregates[closing.index] = body
             for old in [r for r in self.aggregates if r <= closing.index - KEPT_AGGREGATES]:
                 del self.aggregates[old]
+            self.closed_digests[closing.index] = {
+                a.update.header.digest(): int(a.weight) for a in closing.accepted.values()
+            }
+            for old in [r for r in self.closed_digests if r <= closing.index - KEPT_AGGREGATES]:
+                del self.closed_digests[old]
             self.current = closing.successor()
             self.rounds_closed += 1
             with contextlib.suppress(OSError):
@@ -427,12 +441,17 @@ class AggregatorServer:
         h = update.header
         async with self._lock:
             rejection: Rejection | None = None
-            if self.finished:
+            credited = 0
+            earlier = self.closed_digests.get(h.round, {}).get(h.digest())
+            if earlier is not None and check_signature(update, payload, self._context()) is not None:
+                earlier = None  # not the update we accepted: judge it like any other
+            if earlier is not None:  # accepted before its round closed; the peer never saw the receipt
+                credited = earlier
+            elif self.finished:
                 rejection = Rejection(check="finished", detail=f"the run has finished at round {self.master.round}")
             else:
                 rejection = check_envelope(update, payload, self._context())
-            credited = 0
-            if rejection is None:
+            if earlier is None and rejection is None:
                 existing = self.current.accepted.get(h.peer_public_key)
                 if existing is not None:  # the same update again: a retry after a lost reply
                     credited = int(existing.weight)

@@ -319,7 +319,7 @@ class PeerRunner:
                     raise PeerError(
                         f"gave up {what} after {self.options.reconnect_timeout_s:.0f} s: {e}; is the aggregator up?"
                     ) from e
-                logger.info("%s: %s; retrying in %.1f s", what, e, delay_s)
+                logger.warning("%s: %s; retrying in %.1f s", what, e, delay_s)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 10.0)
                 if hasattr(self, "announcement"):

@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 
 
 class _DropReapedDaemonWarning(logging.Filter):
-    """Hide asyncio's "Unknown child process pid N" warning for a p2pd that died during start-up.
+    """Hide two asyncio messages about a p2pd that is already gone; what the user needs is said elsewhere.
+
+    First, the "Unknown child process pid N" warning for a p2pd that died during start-up.
 
     When p2pd exits before it is ready (an unreachable bootstrap peer), hivemind has already reaped it
     by the time we shut the half-made node down, and asyncio's child watcher logs a warning about a
@@ -39,7 +41,17 @@ class _DropReapedDaemonWarning(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Unknown child process pid")
+        message = str(record.msg)
+        if message.startswith("Unknown child process pid"):
+            return False
+        # On Ctrl-C the terminal stops p2pd too, and hivemind's reader of its control connection ends with
+        # a reset nobody awaits; asyncio would print that traceback after our clean shutdown.
+        error = record.exc_info[1] if record.exc_info else None
+        return not (
+            message.startswith("Task exception was never retrieved")
+            and "_read_from_persistent_conn" in message
+            and isinstance(error, ConnectionError | asyncio.IncompleteReadError)
+        )
 
 
 logging.getLogger("asyncio").addFilter(_DropReapedDaemonWarning())
@@ -79,12 +91,23 @@ class Node:
     dht: DHTNode
     p2p: P2P
 
-    async def shutdown(self) -> None:
-        """Stop the DHT node, then the daemon; safe to call on any exit path."""
+    async def shutdown(self, *, timeout_s: float = 3.0) -> None:
+        """Stop the DHT node, then the daemon; safe to call on any exit path, bounded in time.
+
+        The bound matters on Ctrl-C: the terminal sends SIGINT to p2pd too, and hivemind's DHT shutdown
+        can wait forever on a daemon that is already gone.
+        """
+        child = getattr(self.p2p, "_child", None)  # hivemind's handle on its p2pd process
         try:
-            await self.dht.shutdown()
+            if child is None or child.returncode is None:  # a dead daemon cannot take the DHT's goodbyes
+                await asyncio.wait_for(self.dht.shutdown(), timeout_s)
+        except (TimeoutError, asyncio.TimeoutError):
+            logger.debug("DHT node did not stop within %.0f s; stopping its daemon anyway", timeout_s)
         finally:
-            await self.p2p.shutdown()
+            try:
+                await asyncio.wait_for(self.p2p.shutdown(), timeout_s)
+            except (TimeoutError, asyncio.TimeoutError):
+                logger.warning("p2pd did not exit within %.0f s of being told to", timeout_s)
 
 
 async def create_p2p(**p2p_kwargs: Any) -> P2P:

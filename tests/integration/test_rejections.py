@@ -54,6 +54,9 @@ async def _submit_bad_updates(join: str) -> dict[str, Any]:
             # properly signed header, one payload byte changed in transit
             "tampered payload": (sign_update(header, honest), payload[:-1] + bytes([payload[-1] ^ 1])),
         }
+        # the honest update last, twice: the second is a retry whose first reply was "lost"
+        good = sign_update(header, honest)
+        cases |= {"honest": (good, payload), "honest again": (good, payload)}
         receipts = {}
         for name, (update, body) in cases.items():
             receipt, _ = await link.submit(update, body)
@@ -65,13 +68,15 @@ async def _submit_bad_updates(join: str) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(150)
-def test_wrong_key_wrong_round_and_tampered_payload_are_rejected_and_logged(nodes: Nodes) -> None:
+def test_bad_updates_are_rejected_and_logged_and_a_retried_good_one_is_accepted_once(nodes: Nodes) -> None:
     # Prepare
     aggregator = nodes.aggregator(rounds=3, local_steps=8, inner__warmup_steps=4, data__max_bytes=400_000)
     join = aggregator.next_event(lambda e: e.get("event") == "ready", timeout_s=90)["maddrs"][0]
     # Execute
     receipts = asyncio.run(asyncio.wait_for(_submit_bad_updates(join), 60))
-    # Assert: each receipt refuses, naming the check that caught it
+    # Assert: each bad one is refused, naming the check that caught it; the honest one and its retry are accepted
+    honest, again = receipts.pop("honest"), receipts.pop("honest again")
+    assert honest.accepted and again.accepted and again.tokens_credited == honest.tokens_credited == 1024
     assert not any(r.accepted for r in receipts.values())
     assert receipts["wrong key"].reason.startswith("signature: ")
     assert receipts["wrong round"].reason.startswith("round: update is for round 3, the open round is 0")

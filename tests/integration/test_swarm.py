@@ -201,3 +201,22 @@ def test_ctrl_c_stops_the_whole_swarm(tmp_path: Path) -> None:
     # Assert
     assert code == 130
     wait_until(lambda: not (p2pd_pids() - before), timeout_s=15, what="every daemon of the swarm to exit")
+
+
+@pytest.mark.timeout(150)
+def test_ctrl_c_on_a_peer_leaves_cleanly_without_a_traceback(nodes: Nodes) -> None:
+    # Prepare
+    aggregator = nodes.aggregator(rounds=200, **FAST)
+    join = aggregator.next_event(_is("ready"), timeout_s=90)["maddrs"][0]
+    peer = nodes.peer("peer", join)
+    peer.next_event(_is("round"), timeout_s=90)
+    before = p2pd_pids()
+    # Execute: what a terminal does on Ctrl-C: SIGINT to the whole foreground group, p2pd included
+    os.killpg(peer.child.process.pid, signal.SIGINT)
+    code = peer.wait_exit(timeout_s=20)
+    # Assert
+    assert code == 130
+    log = peer.log()
+    assert "Traceback" not in log, log
+    assert "interrupted: the node and its p2pd have stopped" in log
+    wait_until(lambda: len(before - p2pd_pids()) == 1, timeout_s=10, what="the peer's p2pd to exit")
