@@ -77,7 +77,14 @@ from potluck.protocol.messages import (
     unpack_envelope,
 )
 from potluck.protocol.node import Node, start_node
-from potluck.protocol.wire import MessageKind, WireError, error_body, read_frame_from_stream, write_frame
+from potluck.protocol.wire import (
+    MessageKind,
+    VersionMismatchError,
+    WireError,
+    error_body,
+    read_frame_from_stream,
+    write_frame,
+)
 from potluck.training.data import load_corpus, val_batches
 from potluck.training.diloco import load_params, state_sha256
 from potluck.training.evaluate import evaluate
@@ -89,6 +96,7 @@ Event = dict[str, object]
 KEPT_AGGREGATES = 8  # rounds whose aggregate a late peer can still fetch
 READ_TIMEOUT_S = 60.0  # a peer that goes silent mid-request loses its stream after this
 ANNOUNCE_TTL_S = 60.0
+MAX_PROBES = 2  # concurrent doctor probes; more would let anyone eat the aggregator's bandwidth
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -150,6 +158,7 @@ class AggregatorServer:
         self.closed_digests: dict[int, dict[bytes, int]] = {}
         self.maddrs: list[str] = []
         self._lock = asyncio.Lock()
+        self._probes = asyncio.Semaphore(MAX_PROBES)
         self._published = asyncio.Condition()
         self._wake = asyncio.Event()
         self._state_body: tuple[int, bytes] | None = None  # (version, STATE frame body), built on demand
@@ -182,7 +191,7 @@ class AggregatorServer:
                 (STATE_HANDLER, self._handle_state),
                 (SUBMIT_HANDLER, self._handle_submit),
                 (AGGREGATE_HANDLER, self._handle_aggregate),
-                (PROBE_HANDLER, handle_probe),
+                (PROBE_HANDLER, self._handle_probe),
             ):
                 await p2p.add_binary_stream_handler(name, _closing(name, handler))
             self.maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
@@ -400,6 +409,13 @@ class AggregatorServer:
         self.current.expected.add(key)
         return weight
 
+    async def _handle_probe(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The doctor's rate probe, at most MAX_PROBES at a time: each may cost 8 MiB each way."""
+        if self._probes.locked():
+            raise _Refusal("busy measuring other peers' links; try potluck doctor again in a minute")
+        async with self._probes:
+            await handle_probe(info, reader, writer)
+
     async def _handle_state(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         _, body = await _read(reader, MessageKind.STATE_REQUEST, MAX_REQUEST_BYTES)
         key = parse_state_request(body)
@@ -550,8 +566,9 @@ def _closing(name: str, handler: Handler) -> Handler:
             await handler(info, reader, writer)
         except (_Refusal, WireError, MessageError, CheckpointError) as e:
             logger.info("%s from %s refused: %s", name, getattr(info, "peer_id", "?"), e)
+            reply = e.reply() if isinstance(e, VersionMismatchError) else str(e)
             with contextlib.suppress(Exception):
-                await write_frame(writer, kind=MessageKind.ERROR, body=error_body(str(e)))
+                await write_frame(writer, kind=MessageKind.ERROR, body=error_body(reply))
         except (TimeoutError, asyncio.TimeoutError):
             logger.info("%s from %s timed out", name, getattr(info, "peer_id", "?"))
         except (ConnectionError, asyncio.IncompleteReadError) as e:

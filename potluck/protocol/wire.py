@@ -45,6 +45,23 @@ class WireError(Exception):
     """A frame is malformed, truncated, oversize, of the wrong kind or from another protocol version (one line)."""
 
 
+class VersionMismatchError(WireError):
+    """The peer's frame is from another protocol version; `theirs` is its version."""
+
+    def __init__(self, theirs: int) -> None:
+        super().__init__(_version_message(theirs))
+        self.theirs = theirs
+
+    def reply(self) -> str:
+        """The refusal to send back, phrased for the other side: both versions and who must upgrade."""
+        fix = (
+            "upgrade potluck (pip install -U potluck)"
+            if self.theirs < PROTOCOL_VERSION
+            else "this node must upgrade potluck before you can use it"
+        )
+        return f"this node speaks protocol v{PROTOCOL_VERSION}, you sent v{self.theirs}; {fix}"
+
+
 class PeerRefusedError(WireError):
     """The peer answered with an ERROR frame; the message is its (sanitised) reason."""
 
@@ -115,7 +132,7 @@ def decode_header(
     if magic != MAGIC:
         raise WireError(f"not a potluck frame (magic {magic!r}, expected {MAGIC!r}); is the peer a potluck node?")
     if version != PROTOCOL_VERSION:
-        raise WireError(_version_message(version))
+        raise VersionMismatchError(version)
     try:
         kind = MessageKind(kind_byte)
     except ValueError:

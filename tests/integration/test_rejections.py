@@ -1,4 +1,4 @@
-"""Bad updates sent to a real aggregator process are refused, with the reason in the receipt and in its log."""
+"""Bad updates and other protocol versions sent to a real aggregator are refused, with the reason said and logged."""
 
 import asyncio
 import dataclasses
@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from potluck.peer.client import AggregatorLink
+from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.codecs import make_codec
 from potluck.protocol.envelope import SignedUpdate, UpdateHeader, new_nonce, payload_digest, sign_update
 from potluck.protocol.identity import generate_identity
-from potluck.protocol.messages import decode_state_payload
+from potluck.protocol.messages import SUBMIT_HANDLER, decode_state_payload
 from potluck.protocol.node import parse_join_address, peer_id_of, start_node
+from potluck.protocol.wire import MessageKind, PeerRefusedError, read_frame_from_stream
 from potluck.training.models import model_config, parameter_shapes
 from tests.integration.swarm_helpers import Nodes
 
@@ -90,3 +92,35 @@ def test_bad_updates_are_rejected_and_logged_and_a_retried_good_one_is_accepted_
         )
     log = aggregator.log()
     assert log.count("rejected update from") == 3
+
+
+async def _speak_another_version(join: str, version: int) -> str:
+    """Open a submit stream and send a frame header of protocol `version`; return the aggregator's refusal."""
+    node = await start_node(initial_peers=[join])
+    try:
+        _, reader, writer = await node.p2p.call_binary_stream_handler(
+            peer_id_of(parse_join_address(join)), SUBMIT_HANDLER
+        )
+        try:
+            writer.write(b"PLK" + bytes([version, MessageKind.SUBMIT]) + (100).to_bytes(8, "big"))
+            await writer.drain()
+            with pytest.raises(PeerRefusedError) as refusal:
+                await read_frame_from_stream(reader, max_body_bytes=4096, expected_kinds={MessageKind.SUBMIT_REPLY})
+            return str(refusal.value)
+        finally:
+            writer.close()
+    finally:
+        await node.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_of_another_protocol_version_is_refused_naming_both_versions(nodes: Nodes) -> None:
+    aggregator = nodes.aggregator(rounds=3, local_steps=8, inner__warmup_steps=4, data__max_bytes=400_000)
+    join = aggregator.next_event(lambda e: e.get("event") == "ready", timeout_s=90)["maddrs"][0]
+
+    newer = asyncio.run(asyncio.wait_for(_speak_another_version(join, PROTOCOL_VERSION + 1), 60))
+    older = asyncio.run(asyncio.wait_for(_speak_another_version(join, PROTOCOL_VERSION - 1), 60))
+
+    assert f"speaks protocol v{PROTOCOL_VERSION}, you sent v{PROTOCOL_VERSION + 1}" in newer
+    assert "this node must upgrade" in newer
+    assert f"you sent v{PROTOCOL_VERSION - 1}; upgrade potluck (pip install -U potluck)" in older
