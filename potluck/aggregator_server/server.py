@@ -421,9 +421,11 @@ class AggregatorServer:
         key = parse_state_request(body)
         if self.finished:
             raise _Refusal(f"run {self.cfg.run_name!r} has finished at round {self.master.round}")
-        if key not in self.current.accepted:
-            self.current.expect(key, late=False)
-        await write_frame(writer, kind=MessageKind.STATE, body=await self._state_frame())
+        async with self._lock:  # not mid-close: a joiner gets the state of the round it will be waited for in
+            if key not in self.current.accepted:
+                self.current.expect(key, late=False)
+            body = await self._state_frame()
+        await write_frame(writer, kind=MessageKind.STATE, body=body)
 
     async def _state_frame(self) -> bytes:
         master = self.master

@@ -250,6 +250,7 @@ class PeerRunner:
             self.rejected += not accepted
             if not accepted:
                 logger.warning("round %d: update rejected: %s", r, receipt.receipt.reason)
+                await asyncio.to_thread(trainer.take_back, work.payload)
             try:
                 signed, payload, down = await self._retrying(
                     "fetching the aggregate",

@@ -119,3 +119,17 @@ class LocalTrainer:
             mean_loss=math.fsum(losses) / len(losses),
             compute_s=time.perf_counter() - started,
         )
+
+    def take_back(self, payload: bytes) -> None:
+        """An update the aggregator refused: fold what it carried back into the residual, so it is sent later.
+
+        The codec's error feedback already keeps what an update dropped; this keeps what it sent, which
+        the run never received. A late update's direction is still a descent direction for the next round.
+        """
+        spec = {name: tuple(t.shape) for name, t in self.model.named_parameters()}
+        sent = self.codec.decode(payload, spec)
+        for name, tensor in sent.items():
+            if name in self.residual:
+                self.residual[name].add_(tensor)
+            else:
+                self.residual[name] = tensor.clone()

@@ -1,0 +1,60 @@
+"""The peer's local round: inner steps from the master state, an encoded delta, and taking back a refused one."""
+
+import pytest
+import torch
+
+from potluck.peer.trainer import LocalTrainer, sampler_seed
+from potluck.protocol.config import RunConfig
+from potluck.training.diloco import snapshot
+
+CFG = RunConfig(local_steps=3, rounds=4, inner={"warmup_steps": 1, "batch_size": 4}, data={"max_bytes": 300_000})
+
+
+@pytest.fixture(scope="module")
+def trainer() -> LocalTrainer:
+    return LocalTrainer(CFG, public_key=b"\x01" * 32, device=torch.device("cpu"))
+
+
+def _spec(trainer: LocalTrainer) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in trainer.model.named_parameters()}
+
+
+def test_a_round_trains_the_local_steps_and_encodes_the_delta(trainer: LocalTrainer) -> None:
+    # Prepare
+    master = snapshot(trainer.model, device="cpu")
+    # Execute
+    work = trainer.train_round(master, round_index=0, time_budget_s=1e9)
+    # Assert
+    assert work.inner_steps == 3
+    assert work.tokens == 3 * 4 * trainer.block_size
+    delta = trainer.codec.decode(work.payload, _spec(trainer))
+    assert any(float(t.abs().sum()) > 0 for t in delta.values())
+    assert work.mean_loss > 0 and work.compute_s > 0
+
+
+def test_an_exhausted_time_budget_sends_what_it_has(trainer: LocalTrainer) -> None:
+    master = snapshot(trainer.model, device="cpu")
+
+    work = trainer.train_round(master, round_index=1, time_budget_s=0.0)
+
+    assert work.inner_steps == 1
+    assert work.tokens == 4 * trainer.block_size
+
+
+def test_a_refused_update_goes_back_into_the_residual(trainer: LocalTrainer) -> None:
+    master = snapshot(trainer.model, device="cpu")
+    work = trainer.train_round(master, round_index=2, time_budget_s=1e9)
+    before = {name: t.clone() for name, t in trainer.residual.items()}
+
+    trainer.take_back(work.payload)
+
+    sent = trainer.codec.decode(work.payload, _spec(trainer))
+    for name, tensor in sent.items():
+        assert torch.equal(trainer.residual[name], before[name] + tensor)
+
+
+def test_each_peer_draws_its_own_batches() -> None:
+    seeds = {sampler_seed(0, bytes([i]) * 32) for i in range(50)}
+    assert len(seeds) == 50
+    assert all(0 <= s < 2**62 for s in seeds)
+    assert sampler_seed(0, b"\x01" * 32) == sampler_seed(0, b"\x01" * 32) != sampler_seed(1, b"\x01" * 32)
