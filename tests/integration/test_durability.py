@@ -1,0 +1,87 @@
+"""An update accepted in an open round survives the aggregator crashing before the round closes."""
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from potluck.peer.client import AggregatorLink
+from potluck.protocol.codecs import make_codec
+from potluck.protocol.envelope import UpdateHeader, new_nonce, payload_digest, sign_update
+from potluck.protocol.identity import Identity, generate_identity
+from potluck.protocol.messages import decode_state_payload
+from potluck.protocol.node import parse_join_address, peer_id_of, start_node
+from potluck.training.models import model_config, parameter_shapes
+from tests.integration.swarm_helpers import Nodes, free_port
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+SETTINGS = dict(rounds=3, round_deadline_s=300, local_steps=8, inner__warmup_steps=4, data__max_bytes=400_000)
+
+
+async def _submit(join: str, *, watcher: Identity, sender: Identity, update_bytes: bytes | None = None):  # noqa: ANN202
+    """Register `watcher` as expected (so the round stays open), then submit one update signed by `sender`.
+
+    Returns (receipt, the update's wire bytes, payload) so the very same update can be sent again.
+    """
+    node = await start_node(initial_peers=[join])
+    try:
+        link = AggregatorLink(node.p2p, peer_id_of(parse_join_address(join)))
+        state, state_payload, _ = await link.fetch_state(watcher.public_key)
+        cfg, _, _ = decode_state_payload(state_payload)
+        codec = make_codec(cfg.codec.name, cfg.codec.params)
+        shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
+        generator = torch.Generator().manual_seed(1)
+        payload = codec.encode({n: torch.randn(s, generator=generator) * 1e-3 for n, s in shapes.items()}, {})
+        header = UpdateHeader(
+            run_id=cfg.run_name,
+            config_hash=cfg.config_hash,
+            round=state.header.round,
+            base_version=state.header.new_version,
+            peer_public_key=sender.public_key,
+            tokens=2048,
+            inner_steps=8,
+            codec=codec.name,
+            payload_bytes=len(payload),
+            payload_sha256=payload_digest(payload),
+            nonce=new_nonce(),
+            timestamp_s=time.time(),
+        )
+        update = sign_update(header, sender)
+        receipt, _ = await link.submit(update, payload)
+        return receipt.receipt, update, payload
+    finally:
+        await node.shutdown()
+
+
+async def _resubmit(join: str, update, payload: bytes):  # noqa: ANN001, ANN202
+    node = await start_node(initial_peers=[join])
+    try:
+        link = AggregatorLink(node.p2p, peer_id_of(parse_join_address(join)))
+        receipt, _ = await link.submit(update, payload)
+        return receipt.receipt
+    finally:
+        await node.shutdown()
+
+
+@pytest.mark.timeout(200)
+def test_an_accepted_update_survives_a_crash_of_the_aggregator(nodes: Nodes, tmp_path: Path) -> None:
+    # Prepare: an update is accepted while the round still waits for another peer
+    port, state_dir = free_port(), tmp_path / "durable"
+    first = nodes.aggregator("first", state_dir=state_dir, port=port, **SETTINGS)
+    join = first.next_event(lambda e: e.get("event") == "ready", timeout_s=90)["maddrs"][0]
+    sender = generate_identity()
+    accepted, update, payload = asyncio.run(
+        asyncio.wait_for(_submit(join, watcher=generate_identity(), sender=sender), 60)
+    )
+    assert accepted.accepted
+    # Execute: crash before the round closes, restart on the same directory
+    first.kill()
+    second = nodes.aggregator("second", state_dir=state_dir, port=port, **SETTINGS)
+    ready = second.next_event(lambda e: e.get("event") == "ready", timeout_s=90)
+    # Assert: the round resumes with the update in it; sending it again is recognised, not counted twice
+    assert (ready["round"], ready["spooled_updates"]) == (0, 1)
+    again = asyncio.run(asyncio.wait_for(_resubmit(join, update, payload), 60))
+    assert again.accepted and again.tokens_credited == accepted.tokens_credited == 2048
