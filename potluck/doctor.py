@@ -23,7 +23,6 @@ import re
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -63,7 +62,6 @@ LOW_DISK_PROBLEM_BYTES = 200 * 10**6  # not even one such checkpoint fits
 DOCTOR_PROBE_BYTES = 2 * 1024 * 1024
 _MIN_TRANSFER_S = 1e-6  # a floor so a sub-microsecond localhost transfer does not divide by zero
 _LISTEN_ALL = ["/ip4/0.0.0.0/tcp/0"]  # every interface, so the visible addresses show a public IP if there is one
-_JOIN_FORMAT = "expected /ip4/<ip>/tcp/<port>/p2p/<peer id>, as printed by aggregator-server"
 
 
 class Status(str, Enum):
@@ -86,16 +84,6 @@ class Check:
 
 class ProbeUnavailableError(Exception):
     """The peer answers but does not serve potluck's probe handler (not an aggregator, or an older one)."""
-
-
-def _import_p2p() -> tuple[type[P2P], type[PeerID]]:
-    """hivemind's P2P and PeerID, imported on first use so `potluck doctor --help` stays fast."""
-    with warnings.catch_warnings():
-        # `import hivemind` runs torch.jit.script, which recent torch deprecates with a warning that says
-        # nothing about us (and that pytest's filterwarnings=error would turn into a failure).
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from hivemind.p2p import P2P, PeerID
-    return P2P, PeerID
 
 
 # --- checks that need no network ---------------------------------------------------------------
@@ -170,19 +158,14 @@ def check_disk(*, path: Path = POTLUCK_HOME) -> Check:
 
 def parse_join_address(address: str) -> tuple[Multiaddr, PeerID]:
     """An aggregator address and its peer id; raises ValueError (one line, with the expected form) otherwise."""
-    from hivemind.utils.multiaddr import Multiaddr
+    from potluck.protocol.node import JoinError, peer_id_of
+    from potluck.protocol.node import parse_join_address as parse
 
-    _, PeerID = _import_p2p()
     try:
-        maddr = Multiaddr(address)
-    except ValueError as e:
-        reason = str(e).removeprefix(f"Invalid MultiAddr {address!r}").lstrip(": ") or "cannot parse"
-        raise ValueError(f"{address!r} is not a valid multiaddr: {reason}; {_JOIN_FORMAT}") from None
-    try:
-        peer_id = PeerID.from_base58(maddr.value_for_protocol("p2p"))
-    except LookupError:
-        raise ValueError(f"{address!r} has no /p2p/<peer id> part; {_JOIN_FORMAT}") from None
-    return maddr, peer_id
+        maddr = parse(address)
+        return maddr, peer_id_of(maddr)
+    except (JoinError, ValueError) as e:
+        raise ValueError(str(e)) from None
 
 
 def _public_ips(maddrs: Iterable[Multiaddr]) -> list[str]:
@@ -217,38 +200,14 @@ def _reachability(maddrs: Iterable[Multiaddr]) -> Check:
 
 @asynccontextmanager
 async def _running_p2p(*, timeout_s: float, **p2p_kwargs: Any) -> AsyncIterator[P2P]:
-    """A hivemind P2P (one p2pd child process) that is shut down on every way out, a failed start included.
+    """A hivemind P2P (one p2pd child process) shut down on every way out, a failed start included."""
+    from potluck.protocol.node import create_p2p
 
-    Two holes in `P2P.create` are closed here. When p2pd exits during its start (e.g. "failed to connect to
-    bootstrap peers"), `create` raises without shutting the half-made P2P down, so its child process and
-    pipes are left for the garbage collector: a subclass records every instance `create` makes, and each is
-    shut down. And `create` is shielded: if we are cancelled (Ctrl-C, an outer timeout) while p2pd starts,
-    the start is allowed to finish (it is bounded by `startup_timeout`) and what it started is shut down.
-    """
-    P2P, _ = _import_p2p()
-    made: list[P2P] = []
-
-    class _RecordedP2P(P2P):
-        def __init__(self) -> None:
-            super().__init__()
-            made.append(self)
-
-    starting = asyncio.ensure_future(_RecordedP2P.create(startup_timeout=timeout_s, **p2p_kwargs))
+    p2p = await create_p2p(startup_timeout=timeout_s, **p2p_kwargs)
     try:
-        await asyncio.shield(starting)
-    except BaseException:
-        if not starting.done():
-            await asyncio.wait([starting])
-        if not starting.cancelled():
-            starting.exception()  # retrieved, so asyncio does not log it a second time
-        for half_made in made:
-            await half_made.shutdown()
-        raise
-    try:
-        yield starting.result()
+        yield p2p
     finally:
-        for p2p in made:
-            await p2p.shutdown()
+        await p2p.shutdown()
 
 
 def _daemon_reason(error: Exception) -> str:

@@ -69,8 +69,9 @@ def parse_join_address(text: str) -> Multiaddr:
     try:
         maddr = Multiaddr(text)
     except Exception as e:  # multiaddr raises several types (ValueError, StringParseError, BinaryParseError, ...)
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise JoinError(f"{text!r} is not a valid multiaddr ({reason}); expected {JOIN_FORMAT}") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        reason = first.removeprefix(f"Invalid MultiAddr {text!r}").lstrip(": ") or "cannot parse"
+        raise JoinError(f"{text!r} is not a valid multiaddr: {reason}; expected {JOIN_FORMAT}") from None
     protocols = [p.name for p in maddr.protocols()]
     if "p2p" not in protocols:
         raise JoinError(f"{text!r} has no /p2p/<peer id> part; expected {JOIN_FORMAT}")

@@ -18,8 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from potluck.protocol.codecs import make_codec
+from potluck.protocol.envelope import SignedState, SignedUpdate, UpdateHeader, new_nonce, payload_digest, sign_update
+from potluck.protocol.identity import Identity
+from potluck.protocol.messages import decode_state_payload
 from potluck.swarm import Child, read_events, start_child, stop_children
+from potluck.training.models import model_config, parameter_shapes
 
 Event = dict[str, Any]
 
@@ -38,6 +44,48 @@ def p2pd_pids() -> set[int]:
         if b"p2pd" in cmdline.split(b"\0")[0] and state != "Z":
             found.add(int(proc.name))
     return found
+
+
+def p2pd_children() -> list[int]:
+    """PIDs of this process's own p2pd children (for tests that start P2P nodes in-process)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        if ppid == os.getpid() and b"p2pd" in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def signed_test_update(
+    state: SignedState, state_payload: bytes, *, sender: Identity, tokens: int, seed: int = 0
+) -> tuple[SignedUpdate, bytes]:
+    """A well-formed update for the state's open round, signed by `sender` (a small random delta)."""
+    cfg, _, _ = decode_state_payload(state_payload)
+    codec = make_codec(cfg.codec.name, cfg.codec.params)
+    shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
+    generator = torch.Generator().manual_seed(seed)
+    payload = codec.encode({n: torch.randn(s, generator=generator) * 1e-3 for n, s in shapes.items()}, {})
+    header = UpdateHeader(
+        run_id=cfg.run_name,
+        config_hash=cfg.config_hash,
+        round=state.header.round,
+        base_version=state.header.new_version,
+        peer_public_key=sender.public_key,
+        tokens=tokens,
+        inner_steps=8,
+        codec=codec.name,
+        payload_bytes=len(payload),
+        payload_sha256=payload_digest(payload),
+        nonce=new_nonce(),
+        timestamp_s=time.time(),
+    )
+    return sign_update(header, sender), payload
 
 
 def wait_until(condition: Callable[[], bool], *, timeout_s: float, what: str) -> None:
@@ -158,4 +206,4 @@ def nodes(tmp_path: Path) -> Iterator[Nodes]:
         yield started
     finally:
         started.stop()
-    wait_until(lambda: not (p2pd_pids() - before), timeout_s=10, what="every p2pd of the test to exit")
+    wait_until(lambda: not (p2pd_pids() - before), timeout_s=20, what="every p2pd of the test to exit")

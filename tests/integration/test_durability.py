@@ -1,20 +1,14 @@
 """An update accepted in an open round survives the aggregator crashing before the round closes."""
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from potluck.peer.client import AggregatorLink
-from potluck.protocol.codecs import make_codec
-from potluck.protocol.envelope import UpdateHeader, new_nonce, payload_digest, sign_update
 from potluck.protocol.identity import Identity, generate_identity
-from potluck.protocol.messages import decode_state_payload
 from potluck.protocol.node import parse_join_address, peer_id_of, start_node
-from potluck.training.models import model_config, parameter_shapes
-from tests.integration.swarm_helpers import Nodes, free_port
+from tests.integration.swarm_helpers import Nodes, free_port, signed_test_update
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -30,26 +24,7 @@ async def _submit(join: str, *, watcher: Identity, sender: Identity, update_byte
     try:
         link = AggregatorLink(node.p2p, peer_id_of(parse_join_address(join)))
         state, state_payload, _ = await link.fetch_state(watcher.public_key)
-        cfg, _, _ = decode_state_payload(state_payload)
-        codec = make_codec(cfg.codec.name, cfg.codec.params)
-        shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
-        generator = torch.Generator().manual_seed(1)
-        payload = codec.encode({n: torch.randn(s, generator=generator) * 1e-3 for n, s in shapes.items()}, {})
-        header = UpdateHeader(
-            run_id=cfg.run_name,
-            config_hash=cfg.config_hash,
-            round=state.header.round,
-            base_version=state.header.new_version,
-            peer_public_key=sender.public_key,
-            tokens=2048,
-            inner_steps=8,
-            codec=codec.name,
-            payload_bytes=len(payload),
-            payload_sha256=payload_digest(payload),
-            nonce=new_nonce(),
-            timestamp_s=time.time(),
-        )
-        update = sign_update(header, sender)
+        update, payload = signed_test_update(state, state_payload, sender=sender, tokens=2048, seed=1)
         receipt, _ = await link.submit(update, payload)
         return receipt.receipt, update, payload
     finally:

@@ -9,7 +9,6 @@ import os
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -29,6 +28,7 @@ from potluck.protocol.wire import (
     read_frame_from_stream,
     write_frame,
 )
+from tests.integration.swarm_helpers import p2pd_children
 
 pytestmark = pytest.mark.network
 
@@ -43,22 +43,6 @@ def _run(coro: Awaitable[T], *, timeout_s: float = 45) -> T:
         return await asyncio.wait_for(coro, timeout_s)
 
     return asyncio.run(bounded())
-
-
-def _p2pd_children() -> list[int]:
-    """PIDs of this process's children whose command line mentions p2pd (a /proc scan; psutil is optional)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (proc / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue  # the process ended while we looked
-        if ppid == os.getpid() and b"p2pd" in cmdline:
-            found.append(int(proc.name))
-    return found
 
 
 @asynccontextmanager
@@ -124,7 +108,7 @@ def test_multi_megabyte_frame_round_trips_over_a_real_stream() -> None:
             assert await outcome == (client.peer_id, MessageKind.SUBMIT)  # the server sees who called
 
     _run(scenario())
-    assert _p2pd_children() == []
+    assert p2pd_children() == []
 
 
 @pytest.mark.timeout(60)
@@ -157,4 +141,4 @@ def test_over_limit_declaration_is_refused_with_an_error_frame_before_the_body()
             assert "1073741824-byte SUBMIT body" in await outcome
 
     _run(scenario())
-    assert _p2pd_children() == []
+    assert p2pd_children() == []

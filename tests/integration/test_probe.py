@@ -12,7 +12,6 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -25,6 +24,7 @@ with warnings.catch_warnings():
 from potluck.aggregator_server.probe import PROBE_HANDLER, handle_probe
 from potluck.doctor import ProbeUnavailableError, measure_rates, run_doctor
 from potluck.protocol.wire import MessageKind, PeerRefusedError, read_frame_from_stream, write_frame
+from tests.integration.swarm_helpers import p2pd_children
 
 pytestmark = pytest.mark.network
 
@@ -38,22 +38,6 @@ def _run(coro: Awaitable[T], *, timeout_s: float = 50) -> T:
         return await asyncio.wait_for(coro, timeout_s)
 
     return asyncio.run(bounded())
-
-
-def _p2pd_children() -> list[int]:
-    """PIDs of this process's children whose command line mentions p2pd (same scan as test_p2p_streams)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (proc / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue  # the process ended while we looked
-        if ppid == os.getpid() and b"p2pd" in cmdline:
-            found.append(int(proc.name))
-    return found
 
 
 def _random_peer_id() -> PeerID:
@@ -93,7 +77,7 @@ def test_measure_rates_against_a_real_probe_handler() -> None:
 
     upload_bytes_per_s, download_bytes_per_s = _run(scenario())
     assert upload_bytes_per_s > 0 and download_bytes_per_s > 0
-    assert _p2pd_children() == []
+    assert p2pd_children() == []
 
 
 @pytest.mark.timeout(60)
@@ -112,7 +96,7 @@ def test_a_malformed_probe_gets_an_error_frame() -> None:
                 writer.close()
 
     _run(scenario())
-    assert _p2pd_children() == []
+    assert p2pd_children() == []
 
 
 @pytest.mark.timeout(60)
@@ -123,7 +107,7 @@ def test_a_peer_without_the_probe_handler_is_reported_as_such() -> None:
                 await measure_rates(client, server.peer_id, upload_bytes=1, download_bytes=1, timeout_s=20)
 
     _run(scenario())
-    assert _p2pd_children() == []
+    assert p2pd_children() == []
 
 
 def _doctor(join: list[str], *, serve_probe: bool, timeout_s: float, capsys: pytest.CaptureFixture[str]):
@@ -152,7 +136,7 @@ def test_doctor_against_a_live_aggregator_passes(capsys: pytest.CaptureFixture[s
     assert checks["p2pd"]["status"] == checks["join"]["status"] == checks["rates"]["status"] == "ok"
     assert "Mbit/s" in checks["rates"]["detail"]
     assert checks["reachability"]["status"] in {"ok", "warning"}  # no public address on CI is fine
-    assert _p2pd_children() == []
+    assert p2pd_children() == []
 
 
 @pytest.mark.timeout(60)
@@ -160,7 +144,7 @@ def test_doctor_warns_when_the_peer_serves_no_probe(capsys: pytest.CaptureFixtur
     code, checks, _ = _doctor(["{server}"], serve_probe=False, timeout_s=20, capsys=capsys)
     assert (checks["join"]["status"], checks["rates"]["status"]) == ("ok", "warning")
     assert "not a potluck aggregator" in checks["rates"]["detail"]
-    assert _p2pd_children() == []
+    assert p2pd_children() == []
 
 
 @pytest.mark.timeout(60)
@@ -174,4 +158,4 @@ def test_doctor_reports_an_unreachable_aggregator_as_a_problem_within_the_timeou
     assert "cannot reach the aggregator" in checks["join"]["detail"] and "aggregator-server" in checks["join"]["fix"]
     assert "rates" not in checks
     assert elapsed_s < 2 * 10  # the p2pd check and the dial, each bounded by timeout_s
-    assert _p2pd_children() == []
+    assert p2pd_children() == []

@@ -2,22 +2,18 @@
 
 import asyncio
 import dataclasses
-import time
 from typing import Any
 
 import pytest
-import torch
 
 from potluck.peer.client import AggregatorLink
 from potluck.protocol import PROTOCOL_VERSION
-from potluck.protocol.codecs import make_codec
-from potluck.protocol.envelope import SignedUpdate, UpdateHeader, new_nonce, payload_digest, sign_update
+from potluck.protocol.envelope import SignedUpdate, sign_update
 from potluck.protocol.identity import generate_identity
-from potluck.protocol.messages import SUBMIT_HANDLER, decode_state_payload
+from potluck.protocol.messages import SUBMIT_HANDLER
 from potluck.protocol.node import parse_join_address, peer_id_of, start_node
 from potluck.protocol.wire import MessageKind, PeerRefusedError, read_frame_from_stream
-from potluck.training.models import model_config, parameter_shapes
-from tests.integration.swarm_helpers import Nodes
+from tests.integration.swarm_helpers import Nodes, signed_test_update
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -29,25 +25,8 @@ async def _submit_bad_updates(join: str) -> dict[str, Any]:
     try:
         link = AggregatorLink(node.p2p, peer_id_of(parse_join_address(join)))
         state, state_payload, _ = await link.fetch_state(honest.public_key)
-        cfg, params, _ = decode_state_payload(state_payload)
-        codec = make_codec(cfg.codec.name, cfg.codec.params)
-        shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
-        generator = torch.Generator().manual_seed(0)
-        payload = codec.encode({n: torch.randn(s, generator=generator) * 1e-3 for n, s in shapes.items()}, {})
-        header = UpdateHeader(
-            run_id=cfg.run_name,
-            config_hash=cfg.config_hash,
-            round=state.header.round,
-            base_version=state.header.new_version,
-            peer_public_key=honest.public_key,
-            tokens=1024,
-            inner_steps=8,
-            codec=codec.name,
-            payload_bytes=len(payload),
-            payload_sha256=payload_digest(payload),
-            nonce=new_nonce(),
-            timestamp_s=time.time(),
-        )
+        good, payload = signed_test_update(state, state_payload, sender=honest, tokens=1024)
+        header = good.header
         cases = {
             # names the honest key, signed by another one
             "wrong key": (SignedUpdate(header=header, signature=forger.sign(header.signed_bytes())), payload),
@@ -57,7 +36,6 @@ async def _submit_bad_updates(join: str) -> dict[str, Any]:
             "tampered payload": (sign_update(header, honest), payload[:-1] + bytes([payload[-1] ^ 1])),
         }
         # the honest update last, twice: the second is a retry whose first reply was "lost"
-        good = sign_update(header, honest)
         cases |= {"honest": (good, payload), "honest again": (good, payload)}
         receipts = {}
         for name, (update, body) in cases.items():
