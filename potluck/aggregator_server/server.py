@@ -66,6 +66,7 @@ from potluck.protocol.envelope import (
 from potluck.protocol.identity import Identity, fingerprint
 from potluck.protocol.messages import (
     AGGREGATE_HANDLER,
+    BUSY_PREFIX,
     MAX_REQUEST_BYTES,
     STATE_HANDLER,
     SUBMIT_HANDLER,
@@ -96,6 +97,7 @@ Event = dict[str, object]
 KEPT_AGGREGATES = 8  # rounds whose aggregate a late peer can still fetch
 READ_TIMEOUT_S = 60.0  # a peer that goes silent mid-request loses its stream after this
 ANNOUNCE_TTL_S = 60.0
+MAX_UPLOADS = 32  # uploads read at once: bounds the memory hostile peers can pin (32 x max_update_bytes)
 MAX_PROBES = 2  # concurrent doctor probes; more would let anyone eat the aggregator's bandwidth
 
 
@@ -159,6 +161,7 @@ class AggregatorServer:
         self.maddrs: list[str] = []
         self._lock = asyncio.Lock()
         self._probes = asyncio.Semaphore(MAX_PROBES)
+        self._uploads = asyncio.Semaphore(MAX_UPLOADS)
         self._published = asyncio.Condition()
         self._wake = asyncio.Event()
         self._state_body: tuple[int, bytes] | None = None  # (version, STATE frame body), built on demand
@@ -412,7 +415,7 @@ class AggregatorServer:
     async def _handle_probe(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The doctor's rate probe, at most MAX_PROBES at a time: each may cost 8 MiB each way."""
         if self._probes.locked():
-            raise _Refusal("busy measuring other peers' links; try potluck doctor again in a minute")
+            raise _Refusal(f"{BUSY_PREFIX}measuring other peers' links; try potluck doctor again in a minute")
         async with self._probes:
             await handle_probe(info, reader, writer)
 
@@ -450,7 +453,10 @@ class AggregatorServer:
 
     async def _handle_submit(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         limit = 4 + MAX_UPDATE_ENVELOPE_BYTES + self.cfg.max_update_bytes
-        _, body = await _read(reader, MessageKind.SUBMIT, limit)
+        if self._uploads.locked():
+            raise _Refusal(f"{BUSY_PREFIX}{MAX_UPLOADS} uploads are already in progress; retry in a few seconds")
+        async with self._uploads:  # each upload may hold max_update_bytes in memory until it is judged
+            _, body = await _read(reader, MessageKind.SUBMIT, limit)
         envelope, payload = unpack_envelope(body, max_envelope_bytes=MAX_UPDATE_ENVELOPE_BYTES)
         try:
             update = SignedUpdate.from_bytes(envelope)

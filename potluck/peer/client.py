@@ -3,7 +3,8 @@
 Each call opens a fresh libp2p stream, sends one frame, reads one bounded reply frame and closes the
 stream. Every failure is one of two kinds, because the peer's loop treats them differently:
 `AggregatorRefused` (the aggregator answered, and said no: the message is its reason) and
-`AggregatorUnreachable` (no answer: the stream would not open, broke, or timed out; retry later).
+`AggregatorUnreachable` (no answer: the stream would not open, broke, or timed out; or the aggregator
+said it is busy; retry later).
 """
 
 import asyncio
@@ -22,6 +23,7 @@ from potluck.protocol.envelope import (
 )
 from potluck.protocol.messages import (
     AGGREGATE_HANDLER,
+    BUSY_PREFIX,
     STATE_HANDLER,
     SUBMIT_HANDLER,
     MessageError,
@@ -112,7 +114,10 @@ class AggregatorLink:
                 timeout=timeout_s,
             )
         except PeerRefusedError as e:
-            raise AggregatorRefused(str(e).removeprefix("peer refused the request: ")) from e
+            reason = str(e).removeprefix("peer refused the request: ")
+            if reason.startswith(BUSY_PREFIX):
+                raise AggregatorUnreachable(f"{handler}: {reason}") from e
+            raise AggregatorRefused(reason) from e
         except WireError as e:
             raise AggregatorUnreachable(f"{handler}: {e}") from e
         except (TimeoutError, asyncio.TimeoutError) as e:

@@ -30,6 +30,9 @@ STATE_HANDLER = "potluck.state"
 SUBMIT_HANDLER = "potluck.submit"
 AGGREGATE_HANDLER = "potluck.aggregate"
 
+# An ERROR frame whose text starts with this is "try again shortly", not "no": callers retry it.
+BUSY_PREFIX = "busy: "
+
 _LENGTH = struct.Struct(">I")
 MAX_REQUEST_BYTES = 256  # the msgpack request bodies are a few dozen bytes
 _PARAM = "param/"

@@ -1,0 +1,56 @@
+"""How the peer's aggregator client sorts replies: a refusal is final, a busy answer or silence is retried."""
+
+import asyncio
+
+import pytest
+
+from potluck.peer.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable
+from potluck.protocol.messages import BUSY_PREFIX
+from potluck.protocol.wire import MessageKind, encode_frame, error_body
+
+
+class _Writer:
+    def write(self, data: bytes) -> None:
+        pass
+
+    async def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _FakeP2P:
+    """Answers every stream with the given bytes (or never opens one)."""
+
+    def __init__(self, reply: bytes | None) -> None:
+        self.reply = reply
+
+    async def call_binary_stream_handler(self, peer_id: object, handler: str):  # noqa: ANN201
+        if self.reply is None:
+            raise ConnectionError("failed to dial: connection refused")
+        reader = asyncio.StreamReader()
+        reader.feed_data(self.reply)
+        reader.feed_eof()
+        return object(), reader, _Writer()
+
+
+def _fetch(reply: bytes | None) -> None:
+    link = AggregatorLink(_FakeP2P(reply), peer_id="aggregator")
+    asyncio.run(link.fetch_aggregate(3, timeout_s=5))
+
+
+def test_a_refusal_is_final_and_carries_the_reason() -> None:
+    with pytest.raises(AggregatorRefused, match="^the aggregate of round 3 is no longer held"):
+        _fetch(encode_frame(MessageKind.ERROR, error_body("the aggregate of round 3 is no longer held")))
+
+
+def test_a_busy_aggregator_is_worth_retrying() -> None:
+    with pytest.raises(AggregatorUnreachable, match="uploads are already in progress"):
+        _fetch(encode_frame(MessageKind.ERROR, error_body(f"{BUSY_PREFIX}32 uploads are already in progress")))
+
+
+@pytest.mark.parametrize("reply", [None, b"", b"PLK\x01\x06" + (100).to_bytes(8, "big") + b"short"])
+def test_no_stream_or_a_broken_reply_is_worth_retrying(reply: bytes | None) -> None:
+    with pytest.raises(AggregatorUnreachable):
+        _fetch(reply)
