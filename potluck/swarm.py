@@ -149,7 +149,7 @@ def _last_log_line(child: Child) -> str:
         lines = [line.strip() for line in child.log_path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return "(no log)"
-    return lines[-1] if lines else "(empty log)"
+    return lines[-1].removeprefix("potluck: error: ") if lines else "(empty log)"
 
 
 def stop_children(children: list[Child], *, grace_s: float = STOP_GRACE_S) -> None:

@@ -43,6 +43,7 @@ from potluck.aggregator_server.master import (
 )
 from potluck.aggregator_server.probe import PROBE_HANDLER, handle_probe
 from potluck.aggregator_server.rounds import Accepted, OpenRound
+from potluck.aggregator_server.setup import SetupError
 from potluck.aggregator_server.validation import (
     Rejection,
     RoundContext,
@@ -148,6 +149,11 @@ class AggregatorServer:
             )
             if checkpoint.last_aggregate is not None:
                 self.aggregates[checkpoint.round - 1] = checkpoint.last_aggregate
+        if self.master.round >= cfg.rounds:
+            raise SetupError(
+                f"run {cfg.run_name!r} in {options.state_dir} already finished ({cfg.rounds} rounds); "
+                "use another --state-dir to start a new run"
+            )
         self.resumed = checkpoint is not None
         self.current = OpenRound(
             index=self.master.round, deadline_s=cfg.round_deadline_s, target_tokens=cfg.target_tokens_per_round

@@ -108,10 +108,9 @@ class PeerRunner:
                 data_source=self.options.data,
                 batch_size=self.options.batch_size,
             )
-            try:
-                await self._loop(master, trainer)
-            except RunFinished as e:
-                self.on_event({"event": "finished", "detail": str(e)})
+            await self._loop(master, trainer)
+        except RunFinished as e:
+            self.on_event({"event": "finished", "detail": str(e)})
         finally:
             await node.shutdown()
         self.on_event(self.summary())
