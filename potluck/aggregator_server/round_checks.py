@@ -1,0 +1,210 @@
+"""Statistical checks that compare each update of a closed round with the others.
+
+The per-update checks in ``validation`` can refuse a forged, stale or malformed update on arrival, but
+not one that is well formed and merely wrong: scaled up to dominate the average, a near-empty update
+from a free rider, or one pointing away from everyone else's. Those need the whole round, so they run
+at round close over the decoded updates, and return one ``Rejection | None`` per update, in input order:
+
+- ``norm_check``: an update's L2 norm far above the round's median (robust z-score on the median
+  absolute deviation), or a tiny fraction of it;
+- ``direction_check``: an update's cosine with the coordinate-wise median of the *other* updates.
+
+Both use medians, not means, so that a minority of attackers cannot move the reference they are judged
+against. Everything is a pure, deterministic function of plain tensors; inputs are never modified.
+"""
+
+import logging
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from potluck.aggregator_server.validation import Rejection
+
+logger = logging.getLogger(__name__)
+
+# 1.4826 * MAD estimates the standard deviation of normally distributed values (1 / Phi^-1(3/4)).
+MAD_TO_SIGMA = 1.4826
+# The robust scale never goes below 1% of the median norm: when half the round or more has the same
+# norm (MAD == 0) or nearly so, a z-score on the MAD alone would call an update 0.1% larger an
+# outlier; with this floor and max_z=6 an update within 6% of the median is never "too large".
+MIN_RELATIVE_SCALE = 0.01
+
+Update = Mapping[str, torch.Tensor]
+
+
+def _check_round(updates: Sequence[Update]) -> None:
+    """Refuse an empty round and updates whose tensor names or shapes differ from the first's."""
+    if not updates:
+        raise ValueError("no updates to check; the round-close checks need at least one decoded update")
+    first = updates[0]
+    if not first:
+        raise ValueError("update 0 has no tensors")
+    shapes = {name: tuple(t.shape) for name, t in first.items()}
+    for index, update in enumerate(updates):
+        if set(update) != set(shapes):
+            missing, extra = sorted(set(shapes) - set(update)), sorted(set(update) - set(shapes))
+            raise ValueError(f"update {index} has other tensors than update 0: missing {missing}, extra {extra}")
+        for name, tensor in update.items():
+            if tuple(tensor.shape) != shapes[name]:
+                raise ValueError(
+                    f"update {index} tensor {name!r} has shape {tuple(tensor.shape)}, update 0 has {shapes[name]}"
+                )
+            if not tensor.is_floating_point():
+                raise ValueError(f"update {index} tensor {name!r} is {tensor.dtype}; decode updates to float32 first")
+
+
+def _check_min_updates(min_updates: int) -> None:
+    if min_updates < 3:
+        raise ValueError(f"min_updates={min_updates}: a median needs at least 3 updates to mean anything")
+
+
+def _check_min_cosine(min_cosine: float) -> None:
+    if not (math.isfinite(min_cosine) and -1 <= min_cosine <= 1):
+        raise ValueError(f"min_cosine={min_cosine} must be in [-1, 1], e.g. 0.0 (reject updates pointing away)")
+
+
+def update_norms(updates: Sequence[Update]) -> list[float]:
+    """The L2 norm of each whole update, over all its tensors, summed in float64."""
+    _check_round(updates)
+    return [math.sqrt(math.fsum(float(t.double().square().sum()) for t in update.values())) for update in updates]
+
+
+def norm_check(
+    norms: Sequence[float], *, max_z: float = 6.0, min_ratio: float = 0.05, min_updates: int = 4
+) -> list[Rejection | None]:
+    """Reject norms far above the round's median, or a tiny fraction of it; one result per norm.
+
+    The z-score is robust: z_i = (norm_i - median) / scale with scale = 1.4826 * MAD (the median
+    absolute deviation), floored at MIN_RELATIVE_SCALE * median so that a round where most norms are
+    equal (MAD == 0) still tolerates small differences. Only large norms are judged by z (a large
+    update dominates the average; a small one barely counts), and a norm below min_ratio * median is
+    rejected as carrying almost nothing. With fewer than min_updates norms, or a median of 0 (no
+    scale), nothing is rejected: two or three points are no statistics.
+    """
+    if not norms:
+        raise ValueError("no norms to check; the round-close checks need at least one update")
+    if not all(math.isfinite(n) and n >= 0 for n in norms):
+        raise ValueError("norms must be finite and non-negative; check updates for NaN with decode_update first")
+    if not (math.isfinite(max_z) and max_z > 0):
+        raise ValueError(f"max_z={max_z} must be a positive number of robust deviations, e.g. 6.0")
+    if not 0 <= min_ratio < 1:
+        raise ValueError(f"min_ratio={min_ratio} must be in [0, 1), e.g. 0.05 (5% of the median norm)")
+    _check_min_updates(min_updates)
+    if len(norms) < min_updates:
+        return [None] * len(norms)
+    median = statistics.median(norms)
+    if median == 0:
+        return [None] * len(norms)
+    mad = statistics.median(abs(n - median) for n in norms)
+    scale = max(MAD_TO_SIGMA * mad, MIN_RELATIVE_SCALE * median)
+    results: list[Rejection | None] = []
+    for norm in norms:
+        z = (norm - median) / scale
+        if z > max_z:
+            detail = f"norm {norm:.4g} is {z:.1f} robust deviations above the round's median {median:.4g}"
+            results.append(Rejection(check="norm", detail=detail))
+        elif norm < min_ratio * median:
+            detail = f"norm {norm:.4g} is below {min_ratio:g} x the round's median {median:.4g}: it carries ~nothing"
+            results.append(Rejection(check="norm", detail=detail))
+        else:
+            results.append(None)
+    return results
+
+
+def _leave_one_out_median(ordered: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise median of the n rows of ``ordered`` (sorted along dim 0) without ``row``, one of them.
+
+    Removing a value whose last position in the sorted column is r leaves the column t with
+    t[j] = s[j] if r > j else s[j + 1], and r > j exactly when s[j + 1] <= value. So each leave-one-out
+    order statistic is one ``where`` over the sorted stack: exact, ties included, in O(numel) per row
+    after a single sort, instead of a fresh median over n - 1 rows for every update.
+    """
+    others = ordered.shape[0] - 1
+
+    def order_statistic(j: int) -> torch.Tensor:
+        return torch.where(row >= ordered[j + 1], ordered[j], ordered[j + 1])
+
+    if others % 2 == 1:
+        return order_statistic(others // 2)
+    # an even count of others: the mean of the two middle values, so no lower/upper convention leaks in
+    return (order_statistic(others // 2 - 1) + order_statistic(others // 2)) / 2
+
+
+def direction_check(
+    updates: Sequence[Update], *, min_cosine: float = 0.0, min_updates: int = 4
+) -> list[Rejection | None]:
+    """Reject updates whose cosine with the median of the others is below min_cosine; one result per update.
+
+    The reference for update i is the coordinate-wise median of the other n - 1 updates: a median, not a
+    mean, because one attacker sending a huge update would drag a mean towards itself (and a mean that
+    included i would let i vote for its own reference). Two identical attackers out of eight still face
+    an honest median. The median is computed exactly from one sort per tensor (see
+    _leave_one_out_median), tensor by tensor: memory is a few (n x numel) stacks of the largest tensor
+    beyond the inputs, never n copies of the model; dot products and squared norms accumulate in float64.
+
+    An update of norm 0 has no direction and gets cosine 0 (whether it is too small is norm_check's
+    question); when the others' median is 0 everywhere there is no reference direction and it passes.
+    With fewer than min_updates updates nothing is rejected.
+    """
+    _check_round(updates)
+    _check_min_cosine(min_cosine)
+    _check_min_updates(min_updates)
+    n = len(updates)
+    if n < min_updates:
+        return [None] * n
+    dots = [0.0] * n
+    norms_sq = [0.0] * n
+    reference_sq = [0.0] * n
+    for name in updates[0]:
+        stacked = torch.stack([update[name].detach().reshape(-1).float() for update in updates])
+        ordered = torch.sort(stacked, dim=0).values
+        for i in range(n):
+            row = stacked[i]
+            reference = _leave_one_out_median(ordered, row).double()
+            row64 = row.double()
+            dots[i] += float(torch.dot(row64, reference))
+            norms_sq[i] += float(torch.dot(row64, row64))
+            reference_sq[i] += float(torch.dot(reference, reference))
+    results: list[Rejection | None] = []
+    for i in range(n):
+        if reference_sq[i] == 0:
+            results.append(None)
+            continue
+        cosine = 0.0 if norms_sq[i] == 0 else dots[i] / math.sqrt(norms_sq[i] * reference_sq[i])
+        if cosine < min_cosine:
+            detail = f"cosine {cosine:.3f} with the median of the other {n - 1} updates, below {min_cosine:g}"
+            results.append(Rejection(check="direction", detail=detail))
+        else:
+            results.append(None)
+    return results
+
+
+def round_checks(
+    updates: Sequence[Update],
+    *,
+    max_z: float = 6.0,
+    min_ratio: float = 0.05,
+    min_cosine: float = 0.0,
+    min_updates: int = 4,
+) -> list[Rejection | None]:
+    """Run the round-close checks in order, norm then direction; one result per update, in input order.
+
+    Updates the norm check rejects are left out of the direction check altogether, also from the
+    references of the others: a x100 update would otherwise still vote in every median. If fewer than
+    min_updates survive the norm check, the direction check rejects nothing.
+    """
+    _check_min_cosine(min_cosine)
+    norm_results = norm_check(update_norms(updates), max_z=max_z, min_ratio=min_ratio, min_updates=min_updates)
+    kept = [i for i, rejection in enumerate(norm_results) if rejection is None]
+    if not kept:  # only with extreme thresholds (max_z below 1); nothing left to compare
+        return norm_results
+    direction_results = direction_check([updates[i] for i in kept], min_cosine=min_cosine, min_updates=min_updates)
+    results = list(norm_results)
+    for i, rejection in zip(kept, direction_results, strict=True):
+        results[i] = rejection
+    rejected = sum(r is not None for r in results)
+    if rejected:
+        logger.debug("round checks rejected %d of %d updates", rejected, len(updates))
+    return results
