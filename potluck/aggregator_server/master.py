@@ -1,8 +1,9 @@
 """The master state an aggregator owns, and the step that closes a round on it.
 
-`close_round` is the arithmetic of DESIGN.md's steps 6-7 without any I/O: token-weighted mean of
-the accepted updates (weights capped), re-encoded with the aggregator's error feedback, decoded
-again exactly as peers will decode it, the outer optimizer step, and the signed aggregate. It
+`close_round` is the arithmetic of DESIGN.md's steps 6-7 without any I/O: the run's aggregation
+rule (token-weighted mean, trimmed mean or CenteredClip; see judge.py) over the judged updates,
+re-encoded with the aggregator's error feedback, decoded again exactly as peers will decode it,
+the outer optimizer step, and the signed aggregate. It
 returns a new state and leaves the old one untouched, so the server can checkpoint the result and
 only then make it current: a failed checkpoint loses nothing.
 """
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from potluck.protocol.codecs import Codec, encode_aggregate, weighted_mean
+from potluck.aggregator_server.judge import combine
+from potluck.protocol.codecs import Codec, encode_aggregate
 from potluck.protocol.config import RunConfig
 from potluck.protocol.envelope import AggregateHeader, SignedAggregate, payload_digest, sign_aggregate
 from potluck.protocol.identity import Identity
@@ -70,7 +72,7 @@ def close_round(
     if not contributions:
         raise ValueError(f"round {master.round} has no contribution to aggregate")
     ordered = sorted(contributions, key=lambda c: c.public_key)  # a fixed order: the mean is reproducible
-    mean = weighted_mean([c.decoded for c in ordered], [float(c.tokens) for c in ordered])
+    mean = combine([c.decoded for c in ordered], [float(c.tokens) for c in ordered], cfg=cfg)
     residual = {name: t.clone() for name, t in master.residual.items()}
     payload = encode_aggregate(mean, codec=aggregate_codec, state=residual)
     applied = aggregate_codec.decode(payload, master.spec)  # what every peer applies, bit for bit

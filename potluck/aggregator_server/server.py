@@ -34,6 +34,7 @@ from potluck.aggregator_server.checkpoint import (
     save_checkpoint,
     spool_update,
 )
+from potluck.aggregator_server.judge import judge_round
 from potluck.aggregator_server.master import (
     Contribution,
     MasterState,
@@ -164,6 +165,7 @@ class AggregatorServer:
         # round -> {update digest: tokens credited} of recently closed rounds: a retried upload whose first
         # reply was lost gets its receipt again instead of a "round closed" rejection
         self.closed_digests: dict[int, dict[bytes, int]] = {}
+        self.closed_nonces: dict[int, dict[bytes, bytes]] = {}  # round -> {nonce: digest} of its contributors
         self.maddrs: list[str] = []
         self._lock = asyncio.Lock()
         self._probes = asyncio.Semaphore(MAX_PROBES)
@@ -288,9 +290,27 @@ class AggregatorServer:
         async with self._lock:
             started = time.perf_counter()
             closing = self.current
+            entries = sorted(closing.accepted.items())
+            verdict = await asyncio.to_thread(
+                judge_round,
+                [a.decoded for _, a in entries],
+                [a.update.header.tokens for _, a in entries],
+                cfg=self.cfg,
+                token_cap=self.cap,
+            )
+            for i, rejection in sorted(verdict.rejections.items()):
+                key, _ = entries[i]
+                del closing.accepted[key]  # it does not count; the aggregate's contributor list says so
+                closing.rejected += 1
+                closing.expect(key, late=True)  # alive: the next round still waits for it
+                self._record_rejection(key, closing.index, rejection)
+            if not verdict.kept:
+                logger.warning("round %d: every update was dropped at close; waiting another deadline", closing.index)
+                closing.extend()
+                return
             contributions = [
-                Contribution(public_key=key, decoded=a.decoded, tokens=int(a.weight))
-                for key, a in closing.accepted.items()
+                Contribution(public_key=entries[i][0], decoded=entries[i][1].decoded, tokens=int(weight))
+                for i, weight in zip(verdict.kept, verdict.weights, strict=True)
             ]
             try:
                 following, signed, payload = await asyncio.to_thread(
@@ -314,11 +334,16 @@ class AggregatorServer:
             self.aggregates[closing.index] = body
             for old in [r for r in self.aggregates if r <= closing.index - KEPT_AGGREGATES]:
                 del self.aggregates[old]
+            credited = dict(signed.header.contributors)
             self.closed_digests[closing.index] = {
-                a.update.header.digest(): int(a.weight) for a in closing.accepted.values()
+                a.update.header.digest(): credited[key] for key, a in closing.accepted.items()
+            }
+            self.closed_nonces[closing.index] = {
+                a.update.header.nonce: a.update.header.digest() for a in closing.accepted.values()
             }
             for old in [r for r in self.closed_digests if r <= closing.index - KEPT_AGGREGATES]:
                 del self.closed_digests[old]
+                self.closed_nonces.pop(old, None)
             self.current = closing.successor()
             self.rounds_closed += 1
             with contextlib.suppress(OSError):
@@ -384,7 +409,8 @@ class AggregatorServer:
             except EnvelopeError as e:
                 logger.warning("skipping a spooled update: %s", e)
                 continue
-            rejection = check_envelope(update, payload, self._context())
+            # accepted before the crash: however long the aggregator was down, they were fresh then
+            rejection = check_envelope(update, payload, self._context(check_clock=False))
             decoded = None
             if rejection is None:
                 decoded, rejection = decode_update(payload, codec=self.codec, spec=self.master.spec)
@@ -398,7 +424,7 @@ class AggregatorServer:
 
     # ----------------------------------------------------------------- handlers
 
-    def _context(self) -> RoundContext:
+    def _context(self, *, check_clock: bool = True) -> RoundContext:
         return RoundContext(
             run_id=self.cfg.run_name,
             config_hash=self.cfg.config_hash,
@@ -407,6 +433,13 @@ class AggregatorServer:
             codec=self.codec.name,
             max_update_bytes=self.cfg.max_update_bytes,
             accepted_digests={k: a.update.header.digest() for k, a in self.current.accepted.items()},
+            now_s=time.time(),
+            timestamp_window_s=self.cfg.validation.timestamp_window_s if check_clock else float("inf"),
+            seen_nonces={
+                **{n: d for nonces in self.closed_nonces.values() for n, d in nonces.items()},
+                **{a.update.header.nonce: a.update.header.digest() for a in self.current.accepted.values()},
+            },
+            round_payloads={a.update.header.payload_sha256: k for k, a in self.current.accepted.items()},
         )
 
     def _accept(self, update: SignedUpdate, envelope: bytes, payload: bytes, decoded: dict[str, torch.Tensor]) -> int:
@@ -417,6 +450,20 @@ class AggregatorServer:
         )
         self.current.expected.add(key)
         return weight
+
+    def _record_rejection(self, public_key: bytes, round_index: int, rejection: Rejection) -> None:
+        """Log a rejection and report it (status line, swarm, and later the ledger)."""
+        who = fingerprint(public_key)
+        logger.warning("rejected update from %s for round %d: %s", who, round_index, rejection)
+        self.on_event(
+            {
+                "event": "rejected",
+                "fingerprint": who,
+                "round": round_index,
+                "check": rejection.check,
+                "reason": str(rejection),
+            }
+        )
 
     async def _handle_probe(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The doctor's rate probe, at most MAX_PROBES at a time: each may cost 8 MiB each way."""
@@ -504,18 +551,7 @@ class AggregatorServer:
                 self.current.rejected += 1
                 if rejection.check == "round" and h.round < self.current.index:
                     self.current.expect(h.peer_public_key, late=True)  # alive, just slow: wait for it next time
-                logger.warning(
-                    "rejected update from %s for round %d: %s", fingerprint(h.peer_public_key), h.round, rejection
-                )
-                self.on_event(
-                    {
-                        "event": "rejected",
-                        "fingerprint": fingerprint(h.peer_public_key),
-                        "round": h.round,
-                        "check": rejection.check,
-                        "reason": str(rejection),
-                    }
-                )
+                self._record_rejection(h.peer_public_key, h.round, rejection)
         receipt = Receipt(
             run_id=self.cfg.run_name,
             config_hash=self.cfg.config_hash,

@@ -8,7 +8,7 @@ does it decode, is it finite); the statistical checks (norm, direction, held-out
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +41,12 @@ class RoundContext:
     max_update_bytes: int
     # public key -> UpdateHeader digest of the update already accepted from it this round
     accepted_digests: Mapping[bytes, bytes]
+    now_s: float = 0.0  # the aggregator's clock (Unix seconds)
+    timestamp_window_s: float = float("inf")  # how far an update's timestamp may be from now_s
+    # nonce -> digest of the accepted update that used it (this round and recent ones)
+    seen_nonces: Mapping[bytes, bytes] = field(default_factory=dict)
+    # payload sha256 -> public key of the accepted update that carried it, this round
+    round_payloads: Mapping[bytes, bytes] = field(default_factory=dict)
 
 
 Check = Callable[[SignedUpdate, bytes, RoundContext], Rejection | None]
@@ -79,6 +85,33 @@ def check_round(update: SignedUpdate, payload: bytes, ctx: RoundContext) -> Reje
     return None
 
 
+def check_freshness(update: SignedUpdate, payload: bytes, ctx: RoundContext) -> Rejection | None:
+    """The update was made recently: an old signed update replayed much later is refused outright."""
+    skew = update.header.timestamp_s - ctx.now_s
+    if abs(skew) > ctx.timestamp_window_s:
+        when = "ahead of" if skew > 0 else "behind"
+        return Rejection(
+            check="freshness",
+            detail=f"timestamp is {abs(skew):.0f} s {when} the aggregator's clock "
+            f"(window {ctx.timestamp_window_s:.0f} s)",
+        )
+    return None
+
+
+def check_replay(update: SignedUpdate, payload: bytes, ctx: RoundContext) -> Rejection | None:
+    """A nonce used by another update, or a payload another key already sent this round (copycat, sybil)."""
+    h = update.header
+    digest = h.digest()
+    if ctx.seen_nonces.get(h.nonce, digest) != digest:
+        return Rejection(check="replay", detail="nonce already used by another update")
+    sender = ctx.round_payloads.get(h.payload_sha256)
+    if sender is not None and sender != h.peer_public_key:
+        return Rejection(
+            check="replay", detail=f"the same payload was already sent this round by {fingerprint(sender)}"
+        )
+    return None
+
+
 def check_duplicate(update: SignedUpdate, payload: bytes, ctx: RoundContext) -> Rejection | None:
     """One update per key per round; the identical update sent again is a retry, handled by the caller."""
     previous = ctx.accepted_digests.get(update.header.peer_public_key)
@@ -99,7 +132,15 @@ def check_size(update: SignedUpdate, payload: bytes, ctx: RoundContext) -> Rejec
     return None
 
 
-ENVELOPE_CHECKS: tuple[Check, ...] = (check_signature, check_run, check_round, check_duplicate, check_size)
+ENVELOPE_CHECKS: tuple[Check, ...] = (
+    check_signature,
+    check_run,
+    check_round,
+    check_freshness,
+    check_replay,
+    check_duplicate,
+    check_size,
+)
 
 
 def check_envelope(update: SignedUpdate, payload: bytes, ctx: RoundContext) -> Rejection | None:

@@ -244,11 +244,10 @@ class PeerRunner:
                 receipt.verify(self.link_key)
             except EnvelopeError as e:
                 raise PeerError(f"the aggregator's receipt does not verify: {e}") from e
-            accepted = receipt.receipt.accepted
-            self.accepted += accepted
-            self.rejected += not accepted
-            if not accepted:
-                logger.warning("round %d: update rejected: %s", r, receipt.receipt.reason)
+            received = receipt.receipt.accepted  # passed the arrival checks; the round-close checks come later
+            reason = receipt.receipt.reason
+            if not received:
+                logger.warning("round %d: update rejected: %s", r, reason)
                 await asyncio.to_thread(trainer.take_back, work.payload)
             try:
                 signed, payload, down = await self._retrying(
@@ -260,6 +259,14 @@ class PeerRunner:
                 master = await self._retrying("downloading the state", self._sync)
                 continue
             self.bytes_down += down.sent_bytes + len(down.body)
+            # The signed contributor list is the final word: an update can pass on arrival and still be
+            # dropped by the round's statistical checks.
+            accepted = received and self.identity.public_key in dict(signed.header.contributors)
+            if received and not accepted:
+                reason = "dropped at round close by the round's checks (see the aggregator's log)"
+                logger.warning("round %d: update %s", r, reason)
+            self.accepted += accepted
+            self.rejected += not accepted
             if not self._apply(master, signed, payload, aggregate_codec=aggregate_codec, spec=spec):
                 master = await self._retrying("downloading the state", self._sync)
             self.rounds_done += 1
@@ -271,7 +278,7 @@ class PeerRunner:
                     "tokens": work.tokens,
                     "tokens_per_s": work.tokens / work.compute_s if work.compute_s > 0 else 0.0,
                     "accepted": accepted,
-                    "reason": receipt.receipt.reason,
+                    "reason": reason,
                     "bytes_up": up.sent_bytes,
                     "bytes_down": down.sent_bytes + len(down.body) + len(up.body),
                     "compute_s": work.compute_s,

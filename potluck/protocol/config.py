@@ -180,6 +180,40 @@ class CodecSpec(BaseModel):
     )
 
 
+class ValidationSpec(BaseModel):
+    """Thresholds of the aggregator's checks (aggregator_server/validation.py and round_checks.py)."""
+
+    model_config = _FROZEN
+
+    # An update's timestamp may differ from the aggregator's clock by this much: volunteers' clocks drift,
+    # so this only stops replays of long-gone updates; rounds and nonces do the fine work.
+    timestamp_window_s: float = Field(900.0, gt=0)
+    # Round-level checks, at round close: robust z-score of an update's norm against the round's median
+    # (6 robust deviations is far outside honest spread), a norm under this fraction of the median (a free
+    # rider), and the cosine with the median of the other updates (an update pointing away from the rest).
+    max_norm_z: float = Field(6.0, gt=0)
+    min_norm_ratio: float = Field(0.05, ge=0, lt=1)
+    min_cosine: float = Field(0.0, ge=-1, le=1)
+    min_updates: int = Field(4, ge=3)  # fewer updates in a round: no statistics, nothing rejected by them
+
+
+class AggregationSpec(BaseModel):
+    """How the accepted updates of a round are combined (aggregator_server/robust.py)."""
+
+    model_config = _FROZEN
+
+    # "mean": token-weighted mean; "trimmed-mean": coordinate-wise, trim_fraction cut at each end;
+    # "centered-clip": CenteredClip (Karimireddy et al. 2021) with radius clip_tau_ratio x the round's
+    # median update norm.
+    kind: Literal["mean", "trimmed-mean", "centered-clip"] = "mean"
+    trim_fraction: float = Field(0.25, ge=0, lt=0.5)
+    clip_tau_ratio: float = Field(1.0, gt=0)
+    clip_iterations: int = Field(3, ge=1, le=100)
+    # A peer's weight is its tokens, capped at this multiple of the round's median claim (and at what the
+    # config allows one peer to train in a round), so claiming 100x the tokens does not buy 100x the say.
+    max_weight_ratio: float = Field(2.0, ge=1)
+
+
 class RunConfig(BaseModel):
     """Every hyperparameter of one run. The canonical hash of this object is the run's identity."""
 
@@ -198,6 +232,8 @@ class RunConfig(BaseModel):
     # up to that many coefficients, and 1/16 measured better than 1/64 for 0.07 B/param per round.
     aggregate_codec: CodecSpec = Field(default_factory=lambda: CodecSpec(params={"density": 1 / 16}))
     round_deadline_s: float = Field(120.0, gt=0)  # a round closes at this deadline or at the token target
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     # Close the round once accepted updates carry this many tokens; None: at the deadline or when every
     # known peer has reported.
     target_tokens_per_round: Annotated[Annotated[int, Field(gt=0)] | None, _Optional] = None

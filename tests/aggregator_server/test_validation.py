@@ -107,6 +107,30 @@ def test_a_good_update_passes_every_check_and_decodes() -> None:
         (lambda: (_signed(codec="topk"), PAYLOAD), {}, "codec", "codec 'topk', the run uses 'dct-topk'"),
         (lambda: (_signed(tokens=0), PAYLOAD), {}, "empty", "no tokens"),
         (lambda: (_signed(inner_steps=0), PAYLOAD), {}, "empty", "no inner steps"),
+        (
+            lambda: (_signed(), PAYLOAD),
+            {"now_s": 1_700_001_000.0, "timestamp_window_s": 900.0},
+            "freshness",
+            "1000 s behind the aggregator's clock",
+        ),
+        (
+            lambda: (_signed(timestamp_s=1_700_000_950.0), PAYLOAD),
+            {"now_s": 1_700_000_000.0, "timestamp_window_s": 900.0},
+            "freshness",
+            "950 s ahead of",
+        ),
+        (
+            lambda: (_signed(nonce=bytes(16)), PAYLOAD),
+            {"seen_nonces": {bytes(16): b"another update's digest"}},
+            "replay",
+            "nonce already used",
+        ),
+        (
+            lambda: (_signed(), PAYLOAD),
+            {"round_payloads": {payload_digest(PAYLOAD): OTHER.public_key}},
+            "replay",
+            f"already sent this round by {OTHER.fingerprint}",
+        ),
     ],
 )
 def test_each_envelope_check_refuses_with_its_name(
@@ -243,3 +267,16 @@ def test_random_payload_bytes_are_refused_or_decode_finite(data: bytes) -> None:
     else:
         assert decoded is not None
         assert all(torch.isfinite(t).all() for t in decoded.values())
+
+
+def test_the_same_update_resent_is_not_a_replay_of_itself() -> None:
+    update = _signed()
+    ctx = _context(
+        seen_nonces={update.header.nonce: update.header.digest()},
+        round_payloads={payload_digest(PAYLOAD): PEER.public_key},
+        accepted_digests={PEER.public_key: update.header.digest()},
+        now_s=update.header.timestamp_s + 10,
+        timestamp_window_s=900.0,
+    )
+
+    assert check_envelope(update, PAYLOAD, ctx) is None

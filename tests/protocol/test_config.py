@@ -24,7 +24,7 @@ KEY_B = "0123456789abcdef" * 4
 
 # sha256 of the default config's canonical JSON. If this changes, every default run gets a new identity:
 # change it only on purpose (a new field, a new default) and say so in the commit.
-DEFAULT_HASH = "2d87ea40a11b90b1b095102fd515004adc67cd77086325df4d2db054c6acf68c"
+DEFAULT_HASH = "28ec1b9fd54e1da472211e7a2f77545797a3b3498c5a07bfc2bad2efc3dd1543"
 
 
 def test_defaults_are_valid_and_hash_is_golden() -> None:
@@ -258,3 +258,19 @@ def test_bad_flags_are_refused() -> None:
         RunConfig().with_overrides({"seed.x": 1})
     with pytest.raises(ConfigError, match="unknown field 'inner.lrr'"):
         RunConfig().with_overrides({"inner.lrr": 1})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"validation.max_norm_z": 0}, "validation.max_norm_z"),
+        ({"validation.min_cosine": 1.5}, "validation.min_cosine"),
+        ({"validation.min_updates": 2}, "validation.min_updates"),
+        ({"aggregation.kind": "krum"}, "aggregation.kind"),
+        ({"aggregation.trim_fraction": 0.5}, "aggregation.trim_fraction"),
+        ({"aggregation.max_weight_ratio": 0.5}, "aggregation.max_weight_ratio"),
+    ],
+)
+def test_bad_validation_and_aggregation_settings_name_the_field(overrides: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        run_config_from_mapping({}, overrides=overrides)

@@ -1,0 +1,64 @@
+"""Judging a closed round: which accepted updates count, with what weight, combined how.
+
+Arrival checks (validation.py) see one update at a time; at round close the aggregator sees them
+all. `judge_round` runs the round-level checks of round_checks.py with the run's thresholds, caps
+the token weights of the updates that remain, and names the combination rule; `combine` applies
+it. The run config decides everything (``validation`` and ``aggregation``), so every replica of
+the decision is reproducible from the config and the updates.
+"""
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from potluck.aggregator_server.robust import aggregate, cap_weights
+from potluck.aggregator_server.round_checks import round_checks, update_norms
+from potluck.aggregator_server.validation import Rejection
+from potluck.protocol.config import RunConfig
+
+Update = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Verdict:
+    """The round's decision: kept updates (by index) with their weights, and why the others were dropped."""
+
+    kept: tuple[int, ...]
+    weights: tuple[float, ...]  # capped token weights, aligned with `kept`
+    rejections: dict[int, Rejection]  # index -> why it does not count
+
+
+def judge_round(updates: Sequence[Update], tokens: Sequence[int], *, cfg: RunConfig, token_cap: int) -> Verdict:
+    """Drop the round's statistical outliers and cap the rest's weights (see the module docstring)."""
+    v = cfg.validation
+    verdicts = round_checks(
+        updates,
+        max_z=v.max_norm_z,
+        min_ratio=v.min_norm_ratio,
+        min_cosine=v.min_cosine,
+        min_updates=v.min_updates,
+    )
+    kept = tuple(i for i, rejection in enumerate(verdicts) if rejection is None)
+    rejections = {i: rejection for i, rejection in enumerate(verdicts) if rejection is not None}
+    weights: tuple[float, ...] = ()
+    if kept:
+        weights = tuple(
+            cap_weights(
+                [tokens[i] for i in kept], max_ratio_to_median=cfg.aggregation.max_weight_ratio, hard_cap=token_cap
+            )
+        )
+    return Verdict(kept=kept, weights=weights, rejections=rejections)
+
+
+def combine(updates: Sequence[Update], weights: Sequence[float], *, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The run's aggregation rule over the kept updates; CenteredClip's radius scales with their median norm."""
+    a = cfg.aggregation
+    if a.kind == "trimmed-mean":
+        return aggregate("trimmed-mean", updates, weights, trim_fraction=a.trim_fraction)
+    if a.kind == "centered-clip":
+        median_norm = statistics.median(update_norms(updates))
+        tau = a.clip_tau_ratio * median_norm if median_norm > 0 else float("inf")
+        return aggregate("centered-clip", updates, weights, tau=tau, iterations=a.clip_iterations)
+    return aggregate("mean", updates, weights)

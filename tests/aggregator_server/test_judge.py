@@ -1,0 +1,78 @@
+"""Judging a closed round with the run's settings: outliers dropped, weights capped, the chosen rule applied."""
+
+import pytest
+import torch
+
+from potluck.aggregator_server.judge import combine, judge_round
+from potluck.aggregator_server.robust import aggregate
+from potluck.protocol.codecs import weighted_mean
+from potluck.protocol.config import RunConfig
+
+CFG = RunConfig()
+
+
+def _round(n: int = 8, *, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """n honest updates: one shared direction plus a little noise each."""
+    generator = torch.Generator().manual_seed(seed)
+    direction = torch.randn(512, generator=generator)
+    return [{"w": direction + 0.3 * torch.randn(512, generator=generator)} for _ in range(n)]
+
+
+def test_an_honest_round_keeps_everyone_with_their_tokens() -> None:
+    verdict = judge_round(_round(), [1000] * 8, cfg=CFG, token_cap=10_000)
+
+    assert verdict.kept == tuple(range(8))
+    assert verdict.weights == (1000.0,) * 8
+    assert verdict.rejections == {}
+
+
+def test_outliers_are_dropped_by_name_and_a_big_token_claim_is_capped() -> None:
+    # Prepare: one update scaled x100, one sign-flipped, one claiming 100x the tokens
+    updates = _round()
+    updates[2] = {"w": updates[2]["w"] * 100}
+    updates[5] = {"w": -updates[5]["w"]}
+    tokens = [1000] * 8
+    tokens[7] = 100_000
+    # Execute
+    verdict = judge_round(updates, tokens, cfg=CFG, token_cap=1_000_000)
+    # Assert
+    assert {i: r.check for i, r in verdict.rejections.items()} == {2: "norm", 5: "direction"}
+    assert verdict.kept == (0, 1, 3, 4, 6, 7)
+    assert verdict.weights[-1] == 2 * 1000  # max_weight_ratio 2 x the median claim
+    assert verdict.weights[:-1] == (1000.0,) * 5
+
+
+def test_the_hard_cap_is_what_one_peer_can_train_in_a_round() -> None:
+    verdict = judge_round(_round(4), [5000] * 4, cfg=CFG, token_cap=3000)
+
+    assert verdict.weights == (3000.0,) * 4
+
+
+@pytest.mark.parametrize("kind", ["mean", "trimmed-mean", "centered-clip"])
+def test_combine_applies_the_configured_rule(kind: str) -> None:
+    updates, weights = _round(), [1.0] * 8
+    cfg = CFG.with_overrides({"aggregation.kind": kind})
+
+    combined = combine(updates, weights, cfg=cfg)
+
+    if kind == "mean":
+        expected = weighted_mean(updates, weights)
+    elif kind == "trimmed-mean":
+        expected = aggregate("trimmed-mean", updates, weights, trim_fraction=0.25)
+    else:
+        norms = sorted(float(u["w"].norm()) for u in updates)
+        tau = (norms[3] + norms[4]) / 2  # clip_tau_ratio 1 x the median norm
+        expected = aggregate("centered-clip", updates, weights, tau=tau, iterations=3)
+    torch.testing.assert_close(combined["w"], expected["w"])
+
+
+def test_centered_clip_resists_a_huge_update_the_mean_does_not() -> None:
+    updates, weights = _round(), [1.0] * 8
+    honest = weighted_mean(updates, weights)["w"]
+    updates[0] = {"w": updates[0]["w"] * 1e6}
+
+    clipped = combine(updates, weights, cfg=CFG.with_overrides({"aggregation.kind": "centered-clip"}))["w"]
+    mean = combine(updates, weights, cfg=CFG)["w"]
+
+    assert float((clipped - honest).norm()) < 0.5 * float(honest.norm())
+    assert float((mean - honest).norm()) > 1000 * float(honest.norm())
