@@ -43,6 +43,7 @@ from potluck.aggregator_server.master import (
     token_cap,
 )
 from potluck.aggregator_server.probe import PROBE_HANDLER, handle_probe
+from potluck.aggregator_server.reputation import BanFileError, Reputation
 from potluck.aggregator_server.rounds import Accepted, OpenRound
 from potluck.aggregator_server.setup import SetupError
 from potluck.aggregator_server.validation import (
@@ -182,6 +183,11 @@ class AggregatorServer:
             num_batches=options.eval_batches,
         )
         self.eval_model = build_model(model_cfg, seed=cfg.seed)
+        self.reputation = Reputation.open(
+            options.state_dir,
+            ban_after=cfg.validation.ban_after_rejections,
+            window_rounds=cfg.validation.ban_window_rounds,
+        )
         self._restore_spool()
 
     # ----------------------------------------------------------------- lifecycle
@@ -464,6 +470,13 @@ class AggregatorServer:
                 "reason": str(rejection),
             }
         )
+        try:
+            ban = self.reputation.strike(public_key, round_index=self.current.index, check=rejection.check)
+        except BanFileError as e:
+            logger.error("could not record a strike: %s", e)
+            return
+        if ban is not None:
+            self.on_event({"event": "banned", "fingerprint": who, "round": ban.round, "reason": ban.reason})
 
     async def _handle_probe(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The doctor's rate probe, at most MAX_PROBES at a time: each may cost 8 MiB each way."""
@@ -522,13 +535,17 @@ class AggregatorServer:
             earlier = self.closed_digests.get(h.round, {}).get(h.digest())
             if earlier is not None and check_signature(update, payload, self._context()) is not None:
                 earlier = None  # not the update we accepted: judge it like any other
-            if earlier is not None:  # accepted before its round closed; the peer never saw the receipt
+            self.reputation.reload_if_changed()
+            if self.reputation.is_banned(h.peer_public_key):  # first and cheap: no signature check, no decode
+                who = fingerprint(h.peer_public_key)
+                rejection = Rejection(check="banned", detail=f"{who} is banned from this run")
+            elif earlier is not None:  # accepted before its round closed; the peer never saw the receipt
                 credited = earlier
             elif self.finished:
                 rejection = Rejection(check="finished", detail=f"the run has finished at round {self.master.round}")
             else:
                 rejection = check_envelope(update, payload, self._context())
-            if earlier is None and rejection is None:
+            if earlier is None and rejection is None and not self.reputation.is_banned(h.peer_public_key):
                 existing = self.current.accepted.get(h.peer_public_key)
                 if existing is not None:  # the same update again: a retry after a lost reply
                     credited = int(existing.weight)

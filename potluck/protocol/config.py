@@ -195,6 +195,10 @@ class ValidationSpec(BaseModel):
     min_norm_ratio: float = Field(0.05, ge=0, lt=1)
     min_cosine: float = Field(0.0, ge=-1, le=1)
     min_updates: int = Field(4, ge=3)  # fewer updates in a round: no statistics, nothing rejected by them
+    # A key whose updates fail this many checks (that its holder must have caused) within ban_window_rounds
+    # rounds is banned for the run; one bad round is a glitch, three in ten is a pattern.
+    ban_after_rejections: int = Field(3, ge=1)
+    ban_window_rounds: int = Field(10, ge=1)
 
 
 class AggregationSpec(BaseModel):

@@ -1,11 +1,16 @@
-"""An update accepted in an open round survives the aggregator crashing before the round closes."""
+"""What an aggregator must not forget when it crashes: accepted updates of the open round, and bans."""
 
 import asyncio
+import dataclasses
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from potluck.peer.client import AggregatorLink
+from potluck.protocol.envelope import new_nonce, sign_update
 from potluck.protocol.identity import Identity, generate_identity
 from potluck.protocol.node import parse_join_address, peer_id_of, start_node
 from tests.integration.swarm_helpers import Nodes, free_port, signed_test_update
@@ -60,3 +65,48 @@ def test_an_accepted_update_survives_a_crash_of_the_aggregator(nodes: Nodes, tmp
     assert (ready["round"], ready["spooled_updates"]) == (0, 1)
     again = asyncio.run(asyncio.wait_for(_resubmit(join, update, payload), 60))
     assert again.accepted and again.tokens_credited == accepted.tokens_credited == 2048
+
+
+async def _strike_out_then_submit(join: str, *, offender: Identity, strikes: int) -> list:  # noqa: ANN401
+    """Send `strikes` updates with the wrong codec, then a good one; return all receipts."""
+    node = await start_node(initial_peers=[join])
+    try:
+        link = AggregatorLink(node.p2p, peer_id_of(parse_join_address(join)))
+        state, state_payload, _ = await link.fetch_state(generate_identity().public_key)
+        good, payload = signed_test_update(state, state_payload, sender=offender, tokens=2048)
+        updates = [
+            sign_update(dataclasses.replace(good.header, codec="int8", nonce=new_nonce()), offender)
+            for _ in range(strikes)
+        ]
+        receipts = []
+        for update in [*updates, good]:
+            receipt, _ = await link.submit(update, payload)
+            receipts.append(receipt.receipt)
+        return receipts
+    finally:
+        await node.shutdown()
+
+
+@pytest.mark.timeout(200)
+def test_a_banned_key_stays_banned_after_a_restart(nodes: Nodes, tmp_path: Path) -> None:
+    # Prepare: a key that fails three checks in a round is banned (ban_after_rejections = 3)
+    port, state_dir = free_port(), tmp_path / "durable"
+    first = nodes.aggregator("first", state_dir=state_dir, port=port, **SETTINGS)
+    join = first.next_event(lambda e: e.get("event") == "ready", timeout_s=90)["maddrs"][0]
+    offender = generate_identity()
+    before = asyncio.run(asyncio.wait_for(_strike_out_then_submit(join, offender=offender, strikes=3), 60))
+    assert [r.reason.split(":")[0] for r in before] == ["codec", "codec", "codec", "banned"]
+    first.next_event(lambda e: e.get("event") == "banned", timeout_s=10)
+    # Execute
+    first.kill()
+    second = nodes.aggregator("second", state_dir=state_dir, port=port, **SETTINGS)
+    second.next_event(lambda e: e.get("event") == "ready", timeout_s=90)
+    after = asyncio.run(asyncio.wait_for(_strike_out_then_submit(join, offender=offender, strikes=0), 60))
+    # Assert: even a good update is refused, and the operator sees why
+    assert not after[0].accepted and after[0].reason.startswith("banned: ")
+    listed = subprocess.run(
+        [sys.executable, "-m", "potluck", "bans", "list", "--state-dir", str(state_dir), "--json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    bans = json.loads(listed.stdout)["bans"]
+    assert [b["fingerprint"] for b in bans] == [offender.fingerprint]

@@ -24,7 +24,7 @@ KEY_B = "0123456789abcdef" * 4
 
 # sha256 of the default config's canonical JSON. If this changes, every default run gets a new identity:
 # change it only on purpose (a new field, a new default) and say so in the commit.
-DEFAULT_HASH = "28ec1b9fd54e1da472211e7a2f77545797a3b3498c5a07bfc2bad2efc3dd1543"
+DEFAULT_HASH = "6f13a6dcd15132c7c599072c1baaf3dd3b78ad17105ac0bbc9b47e46198d17c5"
 
 
 def test_defaults_are_valid_and_hash_is_golden() -> None:
