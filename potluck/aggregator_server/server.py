@@ -309,7 +309,7 @@ class AggregatorServer:
                 del closing.accepted[key]  # it does not count; the aggregate's contributor list says so
                 closing.rejected += 1
                 closing.expect(key, late=True)  # alive: the next round still waits for it
-                self._record_rejection(key, closing.index, rejection)
+                self._record_rejection(key, closing.index, rejection, entries[i][1].update)
             if not verdict.kept:
                 logger.warning("round %d: every update was dropped at close; waiting another deadline", closing.index)
                 closing.extend()
@@ -364,7 +364,12 @@ class AggregatorServer:
                 "closed_by": reason,
                 "val_loss": val_loss,
                 "accepted": [
-                    {"fingerprint": fingerprint(key), "tokens": a.update.header.tokens, "bytes": len(a.payload)}
+                    {
+                        "fingerprint": fingerprint(key),
+                        "tokens": a.update.header.tokens,
+                        "bytes": len(a.payload),
+                        "update": a.update.header.digest().hex()[:16],
+                    }
                     for key, a in sorted(closing.accepted.items())
                 ],
                 "rejected": closing.rejected,
@@ -457,7 +462,9 @@ class AggregatorServer:
         self.current.expected.add(key)
         return weight
 
-    def _record_rejection(self, public_key: bytes, round_index: int, rejection: Rejection) -> None:
+    def _record_rejection(
+        self, public_key: bytes, round_index: int, rejection: Rejection, update: SignedUpdate | None = None
+    ) -> None:
         """Log a rejection and report it (status line, swarm, and later the ledger)."""
         who = fingerprint(public_key)
         logger.warning("rejected update from %s for round %d: %s", who, round_index, rejection)
@@ -468,6 +475,7 @@ class AggregatorServer:
                 "round": round_index,
                 "check": rejection.check,
                 "reason": str(rejection),
+                "update": None if update is None else update.header.digest().hex()[:16],
             }
         )
         try:
@@ -568,7 +576,7 @@ class AggregatorServer:
                 self.current.rejected += 1
                 if rejection.check == "round" and h.round < self.current.index:
                     self.current.expect(h.peer_public_key, late=True)  # alive, just slow: wait for it next time
-                self._record_rejection(h.peer_public_key, h.round, rejection)
+                self._record_rejection(h.peer_public_key, h.round, rejection, update)
         receipt = Receipt(
             run_id=self.cfg.run_name,
             config_hash=self.cfg.config_hash,

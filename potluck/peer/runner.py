@@ -22,12 +22,19 @@ from typing import TypeVar
 import torch
 
 from potluck.peer.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable
-from potluck.peer.trainer import LocalTrainer
+from potluck.peer.trainer import LocalTrainer, RoundWork
 from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.codecs import CodecError, make_codec
 from potluck.protocol.config import RunConfig
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, parse_announcements
-from potluck.protocol.envelope import EnvelopeError, UpdateHeader, new_nonce, payload_digest, sign_update
+from potluck.protocol.envelope import (
+    EnvelopeError,
+    SignedUpdate,
+    UpdateHeader,
+    new_nonce,
+    payload_digest,
+    sign_update,
+)
 from potluck.protocol.identity import Identity, fingerprint, public_key_from_hex
 from potluck.protocol.messages import MessageError, decode_state_payload
 from potluck.protocol.node import JoinError, parse_join_address, peer_id_of, start_node
@@ -100,14 +107,7 @@ class PeerRunner:
             self.node = node
             self.link = await self._retrying("finding the aggregator", self._find_aggregator)
             master = await self._retrying("downloading the state", self._sync)
-            trainer = await asyncio.to_thread(
-                LocalTrainer,
-                master.cfg,
-                public_key=self.identity.public_key,
-                device=self.options.device,
-                data_source=self.options.data,
-                batch_size=self.options.batch_size,
-            )
+            trainer = await asyncio.to_thread(self.make_trainer, master.cfg)
             await self._loop(master, trainer)
         except RunFinished as e:
             self.on_event({"event": "finished", "detail": str(e)})
@@ -222,22 +222,8 @@ class PeerRunner:
             work = await asyncio.to_thread(
                 trainer.train_round, master.params, round_index=r, time_budget_s=0.8 * cfg.round_deadline_s
             )
-            header = UpdateHeader(
-                run_id=cfg.run_name,
-                config_hash=cfg.config_hash,
-                round=r,
-                base_version=master.version,
-                peer_public_key=self.identity.public_key,
-                tokens=work.tokens,
-                inner_steps=work.inner_steps,
-                codec=trainer.codec.name,
-                payload_bytes=len(work.payload),
-                payload_sha256=payload_digest(work.payload),
-                nonce=new_nonce(),
-                timestamp_s=time.time(),
-            )
-            update = sign_update(header, self.identity)
-            receipt, up = await self._retrying("submitting", functools.partial(self.link.submit, update, work.payload))
+            update, payload = await asyncio.to_thread(self.make_update, master, work, trainer)
+            receipt, up = await self._retrying("submitting", functools.partial(self.link.submit, update, payload))
             self.bytes_up += up.sent_bytes
             self.bytes_down += len(up.body)
             try:
@@ -248,7 +234,7 @@ class PeerRunner:
             reason = receipt.receipt.reason
             if not received:
                 logger.warning("round %d: update rejected: %s", r, reason)
-                await asyncio.to_thread(trainer.take_back, work.payload)
+                await asyncio.to_thread(trainer.take_back, payload)
             try:
                 signed, payload, down = await self._retrying(
                     "fetching the aggregate",
@@ -279,6 +265,7 @@ class PeerRunner:
                     "tokens_per_s": work.tokens / work.compute_s if work.compute_s > 0 else 0.0,
                     "accepted": accepted,
                     "reason": reason,
+                    "update": update.header.digest().hex()[:16],  # names this upload in the aggregator's events
                     "bytes_up": up.sent_bytes,
                     "bytes_down": down.sent_bytes + len(down.body) + len(up.body),
                     "compute_s": work.compute_s,
@@ -289,6 +276,39 @@ class PeerRunner:
             )
         if master.round >= cfg.rounds:
             raise RunFinished(f"run {cfg.run_name!r} is complete ({cfg.rounds} rounds)")
+
+    def make_update(self, master: _Master, work: RoundWork, trainer: LocalTrainer) -> tuple[SignedUpdate, bytes]:
+        """The signed update for this round's work: header binding the payload, signed by this peer.
+
+        The one place an update is made, so the red-team harness (potluck/redteam/) can replace it in a
+        subclass; a normal peer never imports that.
+        """
+        cfg = master.cfg
+        header = UpdateHeader(
+            run_id=cfg.run_name,
+            config_hash=cfg.config_hash,
+            round=master.round,
+            base_version=master.version,
+            peer_public_key=self.identity.public_key,
+            tokens=work.tokens,
+            inner_steps=work.inner_steps,
+            codec=trainer.codec.name,
+            payload_bytes=len(work.payload),
+            payload_sha256=payload_digest(work.payload),
+            nonce=new_nonce(),
+            timestamp_s=time.time(),
+        )
+        return sign_update(header, self.identity), work.payload
+
+    def make_trainer(self, cfg: RunConfig) -> LocalTrainer:
+        """This peer's local trainer (a red-team subclass may corrupt its data)."""
+        return LocalTrainer(
+            cfg,
+            public_key=self.identity.public_key,
+            device=self.options.device,
+            data_source=self.options.data,
+            batch_size=self.options.batch_size,
+        )
 
     @property
     def link_key(self) -> bytes:
