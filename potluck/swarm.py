@@ -48,6 +48,9 @@ class SwarmOptions:
     state_dir: Path | None = None  # the aggregator's; a temporary one when None
     timeout_s: float = 1800.0
     threads_per_process: int | None = None  # None: cores // (peers + 1)
+    # Red team only: the last `adversaries` peers run `python -m potluck.redteam peer ... ADVERSARY_ARGS`.
+    adversaries: int = 0
+    adversary_args: tuple[str, ...] = ()
 
 
 @dataclass(kw_only=True, slots=True)
@@ -92,12 +95,12 @@ def threads_per_process(peers: int, cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // (peers + 1))
 
 
-def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "potluck", *args]
+def _command(*args: str, module: str = "potluck") -> list[str]:
+    return [sys.executable, "-m", module, *args]
 
 
-def start_child(name: str, args: list[str], *, work_dir: Path, threads: int) -> Child:
-    """`python -m potluck ARGS` in a new session, stdout piped (JSON lines), stderr to WORK_DIR/NAME.log."""
+def start_child(name: str, args: list[str], *, work_dir: Path, threads: int, module: str = "potluck") -> Child:
+    """`python -m MODULE ARGS` in a new session, stdout piped (JSON lines), stderr to WORK_DIR/NAME.log."""
     env = dict(os.environ)
     env.update(
         PYTHONUNBUFFERED="1",
@@ -108,7 +111,7 @@ def start_child(name: str, args: list[str], *, work_dir: Path, threads: int) -> 
     log_path = work_dir / f"{name}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-            _command(*args),
+            _command(*args, module=module),
             stdout=subprocess.PIPE,
             stderr=log,
             stdin=subprocess.DEVNULL,
@@ -216,19 +219,17 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
             ready = _wait_ready(aggregator, events, on_event)
             join = ready["maddrs"][0]
             for i in range(options.peers):
-                args = [
-                    "peer",
-                    "--join",
-                    join,
-                    "--identity",
-                    str(work_dir / f"peer-{i}.key"),
-                    "--threads",
-                    str(threads),
-                    "--json",
-                ]
-                if options.data is not None:
-                    args += ["--data", options.data]
-                child = start_child(f"peer-{i}", args, work_dir=work_dir, threads=threads)
+                args = ["peer", "--join", join, "--identity", str(work_dir / f"peer-{i}.key")]
+                args += ["--threads", str(threads), "--json"]
+                if i >= options.peers - options.adversaries:
+                    args += ["--spool", str(state_dir), *options.adversary_args]
+                    child = start_child(
+                        f"adversary-{i}", args, work_dir=work_dir, threads=threads, module="potluck.redteam"
+                    )
+                else:
+                    if options.data is not None:
+                        args += ["--data", options.data]
+                    child = start_child(f"peer-{i}", args, work_dir=work_dir, threads=threads)
                 children.append(child)
                 threading.Thread(target=_pump, args=(child, events), daemon=True).start()
             _follow(children, events, on_event, deadline=started + options.timeout_s)
@@ -299,6 +300,10 @@ def _result(ready: dict[str, Any], aggregator: Child, peers: list[Child], *, wal
                 "bytes_up": done.get("bytes_up", 0),
                 "bytes_down": done.get("bytes_down", 0),
                 "joined_round": synced.get("round"),
+                "adversary": child.name.startswith("adversary-"),
+                # digests of every upload it made (an adversary may send several a round, under other keys)
+                "uploads": [e["update"] for e in child.events if e.get("event") == "adversarial"]
+                or [e["update"] for e in per_round if e.get("update")],
                 "rounds": per_round,
             }
         )

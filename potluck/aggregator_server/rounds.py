@@ -1,7 +1,8 @@
 """The open round: which updates it has, whom it still waits for, and when it closes.
 
 A round closes at the first of: its deadline; the accepted updates carrying the run's target number
-of tokens; every peer it expects having reported. It expects the peers that took part in the previous
+of tokens; every peer it expects having reported (an update signed by the peer, accepted or rejected:
+a forger cannot report for someone else). It expects the peers that took part in the previous
 round (accepted or late) and those that downloaded the state while it was open (joiners). A peer that
 dies is expected for one round at most, so it costs at most one deadline, never a stall. A round with
 no update at its deadline stays open for another deadline: there is nothing to aggregate.
@@ -37,6 +38,7 @@ class OpenRound:
     accepted: dict[bytes, Accepted] = field(default_factory=dict)  # by public key
     late: set[bytes] = field(default_factory=set)  # keys that sent an update for an earlier round meanwhile
     joined: set[bytes] = field(default_factory=set)  # keys that downloaded the state while this round was open
+    reported: set[bytes] = field(default_factory=set)  # keys whose (validly signed) update was judged, good or not
     rejected: int = 0
     opened_at: float = field(default_factory=time.monotonic)
 
@@ -55,7 +57,7 @@ class OpenRound:
             return None
         if self.target_tokens is not None and self.tokens >= self.target_tokens:
             return "tokens"
-        if self.expected and self.expected <= self.accepted.keys():
+        if self.expected and self.expected <= self.accepted.keys() | self.reported:
             return "all-reported"
         if self.seconds_left(now) <= 0:
             return "deadline"

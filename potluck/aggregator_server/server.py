@@ -308,8 +308,9 @@ class AggregatorServer:
                 key, _ = entries[i]
                 del closing.accepted[key]  # it does not count; the aggregate's contributor list says so
                 closing.rejected += 1
-                closing.expect(key, late=True)  # alive: the next round still waits for it
                 self._record_rejection(key, closing.index, rejection, entries[i][1].update)
+                if not self.reputation.is_banned(key):
+                    closing.expect(key, late=True)  # alive: the next round still waits for it
             if not verdict.kept:
                 logger.warning("round %d: every update was dropped at close; waiting another deadline", closing.index)
                 closing.extend()
@@ -576,7 +577,12 @@ class AggregatorServer:
                 self.current.rejected += 1
                 if rejection.check == "round" and h.round < self.current.index:
                     self.current.expect(h.peer_public_key, late=True)  # alive, just slow: wait for it next time
+                elif rejection.check not in ("signature", "banned") and h.round == self.current.index:
+                    self.current.reported.add(h.peer_public_key)  # it has had its say this round
                 self._record_rejection(h.peer_public_key, h.round, rejection, update)
+                if self.reputation.is_banned(h.peer_public_key):
+                    self.current.expected.discard(h.peer_public_key)  # never wait for a banned key
+                self._wake.set()
         receipt = Receipt(
             run_id=self.cfg.run_name,
             config_hash=self.cfg.config_hash,

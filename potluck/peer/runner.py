@@ -226,6 +226,7 @@ class PeerRunner:
             receipt, up = await self._retrying("submitting", functools.partial(self.link.submit, update, payload))
             self.bytes_up += up.sent_bytes
             self.bytes_down += len(up.body)
+            await self.after_submit()
             try:
                 receipt.verify(self.link_key)
             except EnvelopeError as e:
@@ -299,6 +300,9 @@ class PeerRunner:
             timestamp_s=time.time(),
         )
         return sign_update(header, self.identity), work.payload
+
+    async def after_submit(self) -> None:
+        """Called after each round's upload (a red-team subclass sends its extra uploads here)."""
 
     def make_trainer(self, cfg: RunConfig) -> LocalTrainer:
         """This peer's local trainer (a red-team subclass may corrupt its data)."""

@@ -152,3 +152,13 @@ def test_a_joiner_delays_all_reported_until_it_reports() -> None:
     assert open_round.close_reason(now=OPENED_AT) is None
     _accept(open_round, PEERS[1])
     assert open_round.close_reason(now=OPENED_AT) == "all-reported"
+
+
+def test_a_peer_whose_update_was_rejected_has_reported_too() -> None:
+    open_round = _round(expected={PEERS[0].public_key, PEERS[1].public_key})
+    _accept(open_round, PEERS[0])
+    assert open_round.close_reason(now=OPENED_AT + 1) is None
+
+    open_round.reported.add(PEERS[1].public_key)  # its signed update failed a check
+
+    assert open_round.close_reason(now=OPENED_AT + 1) == "all-reported"

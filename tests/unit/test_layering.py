@@ -15,6 +15,8 @@ ALLOWED = {
     "peer": {"protocol", "training"},
     "aggregator_server": {"protocol", "training", "incentives"},
     "web": {"protocol"},
+    # red team only: it drives a peer, but nothing imports it (see the test below)
+    "redteam": {"protocol", "training", "peer", "swarm", "cli_nodes", "cli"},
 }
 
 
@@ -52,3 +54,12 @@ def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("from potluck.training.models import GPT\nimport potluck.peer.loop\n")
     assert _potluck_imports(bad) == {"training", "peer"}
+
+
+def test_nothing_outside_the_red_team_imports_it() -> None:
+    importers = {
+        str(path.relative_to(PACKAGE.parent))
+        for path in PACKAGE.rglob("*.py")
+        if "redteam" in _potluck_imports(path) and "redteam" not in path.parts
+    }
+    assert importers <= {"potluck/cli_swarm.py"}, sorted(importers)  # only the `potluck redteam` command, lazily

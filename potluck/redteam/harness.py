@@ -1,0 +1,119 @@
+"""`potluck redteam`: a local swarm in which some peers misbehave, and how well the aggregator coped.
+
+For one attack it runs, as real processes (the same launcher as `potluck swarm`):
+1. the attacked run, defended (the run config's checks and aggregation);
+2. the same run with every peer honest (the clean baseline);
+3. for statistical attacks, the attacked run undefended: plain token-weighted mean, statistical checks
+   and bans off, to show the attack does harm when nothing stops it.
+
+Rates are counted per upload, by digest: an adversarial upload is caught when the aggregator never
+counted it in any round; an honest upload is a false positive when the aggregator never counted it.
+"""
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from potluck.protocol.config import RunConfig
+from potluck.redteam.attacks import ATTACKS
+from potluck.swarm import SwarmOptions, SwarmResult, run_swarm
+
+# Attacks that pass every per-update check and can only be caught (or absorbed) statistically.
+STATISTICAL = frozenset({"scaled", "sign-flip", "noise", "zero", "wrong-base", "alie", "ipm", "label-flip", "bitflip"})
+# Built to pass filters: judged by the final loss staying near the clean run's, not by rejections.
+FILTER_EVADING = frozenset({"alie", "ipm", "label-flip"})
+UNDEFENDED = {
+    "aggregation.kind": "mean",
+    "validation.max_norm_z": 1e9,
+    "validation.min_norm_ratio": 0.0,
+    "validation.min_cosine": -1.0,
+    "validation.ban_after_rejections": 1_000_000,
+}
+
+
+def _rates(result: SwarmResult) -> dict[str, Any]:
+    counted = {a["update"] for r in result.rounds for a in r["accepted"]}
+    adversarial = [u for p in result.peers if p["adversary"] for u in p["uploads"]]
+    honest = [u for p in result.peers if not p["adversary"] for u in p["uploads"]]
+    caught = sum(u not in counted for u in adversarial)
+    false_positives = sum(u not in counted for u in honest)
+    return {
+        "adversarial_updates": len(adversarial),
+        "adversarial_rejected": caught,
+        "honest_updates": len(honest),
+        "honest_rejected": false_positives,
+        "tpr": caught / len(adversarial) if adversarial else None,
+        "fpr": false_positives / len(honest) if honest else None,
+    }
+
+
+def run_redteam(
+    cfg: RunConfig,
+    *,
+    attack: str,
+    peers: int,
+    adversaries: int,
+    strength: float = 1.0,
+    undefended: bool | None = None,
+    timeout_s: float = 1800.0,
+    on_event: Callable[[str, str, dict[str, Any]], None] = lambda run, child, event: None,
+) -> dict[str, Any]:
+    """Run the attacked, clean (and undefended) swarms and report the issue's keys (see the module docstring)."""
+    if attack not in ATTACKS:
+        raise ValueError(f"unknown attack {attack!r}; choose one of: {', '.join(sorted(ATTACKS))}")
+    if not 0 < adversaries < peers:
+        raise ValueError(f"adversaries must be between 1 and peers - 1 ({peers - 1}), got {adversaries}")
+    with tempfile.TemporaryDirectory(prefix="potluck-redteam-") as tmp:
+
+        def swarm(name: str, run_cfg: RunConfig, bad: int) -> SwarmResult:
+            shared = Path(tmp) / name
+            shared.mkdir()
+            args = ("--attack", attack, "--shared", str(shared), "--colluders", str(bad), "--strength", str(strength))
+            options = SwarmOptions(
+                peers=peers, cfg=run_cfg, adversaries=bad, adversary_args=args, timeout_s=timeout_s
+            )
+            return run_swarm(options, on_event=lambda child, event: on_event(name, child, event))
+
+        attacked = swarm("attacked", cfg, adversaries)
+        clean = swarm("clean", cfg, 0)
+        report: dict[str, Any] = {
+            "attack": attack,
+            "peers": peers,
+            "adversaries": adversaries,
+            "rounds": attacked.rounds_completed,
+            "aggregation": cfg.aggregation.kind,
+            **_rates(attacked),
+            "final_val_loss": attacked.final_val_loss,
+            "clean_final_val_loss": clean.final_val_loss,
+            "initial_val_loss": attacked.initial_val_loss,
+            "loss_vs_clean": attacked.final_val_loss / clean.final_val_loss - 1,
+            "per_peer": [
+                {k: p[k] for k in ("name", "fingerprint", "adversary", "accepted", "rejected")} for p in attacked.peers
+            ],
+        }
+        if undefended if undefended is not None else attack in STATISTICAL:
+            plain = swarm("undefended", cfg.with_overrides(UNDEFENDED, source="redteam"), adversaries)
+            report["undefended_final_val_loss"] = plain.final_val_loss
+            report["undefended_loss_vs_clean"] = plain.final_val_loss / clean.final_val_loss - 1
+        return report
+
+
+def verdict(report: dict[str, Any]) -> dict[str, bool]:
+    """Whether a report meets the issue's bars (>= 95% caught, <= 5% honest lost, loss within 5%, harm >= 20%)."""
+    attack = report["attack"]
+    checks = {
+        "honest_kept": report["fpr"] is not None and report["fpr"] <= 0.05,
+        "loss_within_5pct": report["loss_vs_clean"] <= 0.05,
+    }
+    if attack not in FILTER_EVADING:
+        checks["adversarial_caught"] = report["tpr"] is not None and report["tpr"] >= 0.95
+    if "undefended_loss_vs_clean" in report:
+        checks["attack_is_real"] = report["undefended_loss_vs_clean"] >= 0.20
+    return checks
+
+
+def to_json(report: dict[str, Any]) -> str:
+    """The one `--json` object."""
+    return json.dumps(report | {"verdict": verdict(report)})

@@ -1,0 +1,62 @@
+"""The red-team harness end to end, kept small for CI: real processes, one adversary, few rounds."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.swarm_helpers import p2pd_pids, wait_until
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+
+def _redteam(tmp_path: Path, attack: str, *extra: str) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "potluck",
+        "redteam",
+        "--attack",
+        attack,
+        "--peers",
+        "5",
+        "--adversaries",
+        "1",
+        "--rounds",
+        "3",
+        "--local-steps",
+        "6",
+        "--json",
+        # A peer whose every update fails its signature never counts as having reported, so a round that
+        # waits for it runs to its deadline (once: it is not expected again); keep that short here.
+        "--set",
+        "round_deadline_s=15",
+        *extra,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.timeout(420)
+def test_a_scaled_attacker_is_caught_harms_an_undefended_run_and_leaves_nothing_running(tmp_path: Path) -> None:
+    before = p2pd_pids()
+
+    report = _redteam(tmp_path, "scaled")
+
+    assert report["adversarial_updates"] == 3 and report["tpr"] == 1.0
+    assert report["honest_updates"] == 12 and report["fpr"] == 0.0
+    assert abs(report["loss_vs_clean"]) < 0.05
+    assert report["undefended_loss_vs_clean"] > 0.2  # the attack is real: the plain mean suffers
+    assert all(report["verdict"].values())
+    wait_until(lambda: not (p2pd_pids() - before), timeout_s=20, what="every daemon of the three swarms to exit")
+
+
+@pytest.mark.timeout(300)
+def test_forged_signatures_are_all_refused(tmp_path: Path) -> None:
+    report = _redteam(tmp_path, "forged")
+
+    assert report["tpr"] == 1.0 and report["fpr"] == 0.0
+    assert "undefended_final_val_loss" not in report  # not a statistical attack: no undefended run
