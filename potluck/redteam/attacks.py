@@ -143,10 +143,14 @@ def forged(ctx: AttackContext) -> list[tuple[SignedUpdate, bytes]]:
 
 @attack("stale")
 def stale(ctx: AttackContext) -> list[tuple[SignedUpdate, bytes]]:
-    """Re-sends its own update of two rounds ago (honest in its day)."""
+    """Re-sends its own update of two rounds ago (honest in its day); before it has one, claims the wrong round."""
     history: list[tuple[SignedUpdate, bytes]] = ctx.memory.setdefault("history", [])
     history.append((_send(ctx, ctx.payload), ctx.payload))
-    return [history[-3]] if len(history) >= 3 else [history[-1]]
+    if len(history) >= 3:
+        return [history[-3]]
+    h = ctx.header
+    wrong = {"round": h.round - 1, "base_version": h.base_version - 1} if h.round > 0 else {"round": h.round + 1}
+    return [(_send(ctx, ctx.payload, **wrong), ctx.payload)]
 
 
 @attack("wrong-base")
@@ -161,12 +165,16 @@ def label_flip(ctx: AttackContext) -> list[tuple[SignedUpdate, bytes]]:
     return [(_send(ctx, ctx.payload), ctx.payload)]
 
 
-def _spooled(ctx: AttackContext) -> list[tuple[SignedUpdate, bytes]]:
-    """Other peers' updates of the open round, as a sniffer would have seen them."""
+def _spooled(ctx: AttackContext, *, wait_s: float = 0.0) -> list[tuple[SignedUpdate, bytes]]:
+    """Other peers' updates of the open round, as a sniffer would have seen them (waiting up to wait_s for one)."""
     if ctx.spool is None:
         return []
+    round_dir = ctx.spool / "spool" / f"round-{ctx.header.round}"
+    deadline = time.monotonic() + wait_s
+    while not list(round_dir.glob("*.update")) and time.monotonic() < deadline:
+        time.sleep(0.05)
     found = []
-    for path in sorted((ctx.spool / "spool" / f"round-{ctx.header.round}").glob("*.update")):
+    for path in sorted(round_dir.glob("*.update")):
         data = path.read_bytes()
         (length,) = struct.unpack(">Q", data[:8])
         update = SignedUpdate.from_bytes(data[8 : 8 + length])
@@ -177,18 +185,20 @@ def _spooled(ctx: AttackContext) -> list[tuple[SignedUpdate, bytes]]:
 
 @attack("replay")
 def replay(ctx: AttackContext) -> list[tuple[SignedUpdate, bytes]]:
-    """Re-sends another peer's signed update captured in an earlier round (falls back to its own honest one)."""
+    """Re-sends another peer's signed update captured in an earlier round; in the first round, this round's.
+
+    A same-round replay is the very update the aggregator already has: it must not count twice.
+    """
     captured = ctx.memory.get("captured")
-    ctx.memory["captured"] = _spooled(ctx)[:1] or ctx.memory.get("captured")
-    if captured:
-        return captured
-    return [(_send(ctx, ctx.payload), ctx.payload)]
+    now = _spooled(ctx, wait_s=10)[:1]
+    ctx.memory["captured"] = now or captured
+    return captured or now or [(_send(ctx, ctx.payload, round=ctx.header.round + 1), ctx.payload)]
 
 
 @attack("copycat")
 def copycat(ctx: AttackContext) -> list[tuple[SignedUpdate, bytes]]:
     """Re-signs another peer's payload of this round under its own key, to be paid for their work."""
-    others = _spooled(ctx)
+    others = _spooled(ctx, wait_s=10)
     if not others:
         return [(_send(ctx, ctx.payload), ctx.payload)]
     _, payload = others[0]
@@ -207,7 +217,8 @@ def _colluders_mean_std(ctx: AttackContext) -> tuple[Tensors, Tensors]:
     while len(list(round_dir.glob("*.safetensors"))) < ctx.memory.get("colluders", 1) and time.monotonic() < deadline:
         time.sleep(0.05)
     deltas = [safetensors.torch.load(p.read_bytes()) for p in sorted(round_dir.glob("*.safetensors"))]
-    stacked = {k: torch.stack([d[k] for d in deltas]) for k in deltas[0]}
+    names = list(ctx.decode(ctx.payload))  # the model's order: safetensors gives no order, payloads need it
+    stacked = {k: torch.stack([d[k] for d in deltas]) for k in names}
     mean = {k: v.mean(0) for k, v in stacked.items()}
     # One colluder alone has no spread to measure: it uses the mean magnitude as its per-coordinate scale.
     std = {

@@ -7,7 +7,8 @@ For one attack it runs, as real processes (the same launcher as `potluck swarm`)
    and bans off, to show the attack does harm when nothing stops it.
 
 Rates are counted per upload, by digest: an adversarial upload is caught when the aggregator never
-counted it in any round; an honest upload is a false positive when the aggregator never counted it.
+counted it in any round (or it is an honest peer's own upload replayed, which counts once);
+an honest upload is a false positive when the aggregator never counted it.
 """
 
 import json
@@ -37,7 +38,8 @@ def _rates(result: SwarmResult) -> dict[str, Any]:
     counted = {a["update"] for r in result.rounds for a in r["accepted"]}
     adversarial = [u for p in result.peers if p["adversary"] for u in p["uploads"]]
     honest = [u for p in result.peers if not p["adversary"] for u in p["uploads"]]
-    caught = sum(u not in counted for u in adversarial)
+    # An adversarial upload that is byte for byte an honest one (a same-round replay) adds no weight: caught.
+    caught = sum(u not in counted or u in set(honest) for u in adversarial)
     false_positives = sum(u not in counted for u in honest)
     return {
         "adversarial_updates": len(adversarial),
@@ -71,9 +73,7 @@ def run_redteam(
             shared = Path(tmp) / name
             shared.mkdir()
             args = ("--attack", attack, "--shared", str(shared), "--colluders", str(bad), "--strength", str(strength))
-            options = SwarmOptions(
-                peers=peers, cfg=run_cfg, adversaries=bad, adversary_args=args, timeout_s=timeout_s
-            )
+            options = SwarmOptions(peers=peers, cfg=run_cfg, adversaries=bad, adversary_args=args, timeout_s=timeout_s)
             return run_swarm(options, on_event=lambda child, event: on_event(name, child, event))
 
         attacked = swarm("attacked", cfg, adversaries)
