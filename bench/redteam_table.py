@@ -65,11 +65,11 @@ def main() -> None:
         if "error" in r:
             lines.append(f"| {r['attack']} | error: {r['error']} | | | | | | |")
             continue
-        undefended = (
-            f"{r['undefended_final_val_loss']:.3f} ({r['undefended_loss_vs_clean']:+.0%})"
-            if "undefended_final_val_loss" in r
-            else "-"
-        )
+        undefended = "-"
+        if r.get("undefended_diverged"):
+            undefended = "diverged"
+        elif "undefended_final_val_loss" in r:
+            undefended = f"{r['undefended_final_val_loss']:.3f} ({r['undefended_loss_vs_clean']:+.0%})"
         unmet = [name for name, ok in r["verdict"].items() if not ok]
         lines.append(
             f"| {r['attack']} | {r['adversarial_rejected']}/{r['adversarial_updates']} ({_pct(r['tpr'])}) "

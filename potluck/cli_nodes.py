@@ -108,6 +108,8 @@ def describe_peer_event(e: dict[str, Any]) -> str | None:
             f"round {e['round']:>4} | loss {e['loss']:.3f} | {e['tokens_per_s']:,.0f} tok/s | up {_kb(e['bytes_up'])} "
             f"down {_kb(e['bytes_down'])} | compute {e['compute_s']:.1f} s, network {network:.1f} s | {verdict}"
         )
+    if kind == "state-refused":
+        return f"refused the state aggregator {e['aggregator']} served ({e['detail']}); trying another source"
     if kind == "finished":
         return str(e["detail"])
     if kind == "done":

@@ -207,7 +207,9 @@ def redteam(
     )
     table.add_row("final held-out loss", f"{report['final_val_loss']:.4f} ({report['loss_vs_clean']:+.1%} vs clean)")
     table.add_row("clean run", f"{report['clean_final_val_loss']:.4f}")
-    if "undefended_final_val_loss" in report:
+    if report.get("undefended_diverged"):
+        table.add_row("undefended (plain mean)", "diverged")
+    elif "undefended_final_val_loss" in report:
         table.add_row(
             "undefended (plain mean)",
             f"{report['undefended_final_val_loss']:.4f} ({report['undefended_loss_vs_clean']:+.1%})",

@@ -8,13 +8,13 @@ the decision is reproducible from the config and the updates.
 """
 
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from potluck.aggregator_server.robust import aggregate, cap_weights
-from potluck.aggregator_server.round_checks import round_checks, update_norms
+from potluck.aggregator_server.round_checks import held_out_check, round_checks, update_norms
 from potluck.aggregator_server.validation import Rejection
 from potluck.protocol.config import RunConfig
 
@@ -30,8 +30,19 @@ class Verdict:
     rejections: dict[int, Rejection]  # index -> why it does not count
 
 
-def judge_round(updates: Sequence[Update], tokens: Sequence[int], *, cfg: RunConfig, token_cap: int) -> Verdict:
-    """Drop the round's statistical outliers and cap the rest's weights (see the module docstring)."""
+def judge_round(
+    updates: Sequence[Update],
+    tokens: Sequence[int],
+    *,
+    cfg: RunConfig,
+    token_cap: int,
+    held_out_loss: Callable[[Update | None], float] | None = None,
+) -> Verdict:
+    """Drop the round's statistical outliers and cap the rest's weights (see the module docstring).
+
+    ``held_out_loss(update)`` is the held-out loss of the round's base with that update applied alone
+    (``None``: the base itself); the held-out check runs when the config enables it and this is given.
+    """
     v = cfg.validation
     verdicts = round_checks(
         updates,
@@ -40,15 +51,23 @@ def judge_round(updates: Sequence[Update], tokens: Sequence[int], *, cfg: RunCon
         min_cosine=v.min_cosine,
         min_updates=v.min_updates,
     )
+    if v.held_out_margin is not None and held_out_loss is not None:
+        passed = [i for i, rejection in enumerate(verdicts) if rejection is None]
+        if len(passed) >= v.min_updates:
+            losses = [held_out_loss(updates[i]) for i in passed]
+            checked = held_out_check(
+                losses, base_loss=held_out_loss(None), margin=v.held_out_margin, min_updates=v.min_updates
+            )
+            for i, rejection in zip(passed, checked, strict=True):
+                verdicts[i] = rejection
     kept = tuple(i for i, rejection in enumerate(verdicts) if rejection is None)
     rejections = {i: rejection for i, rejection in enumerate(verdicts) if rejection is not None}
     weights: tuple[float, ...] = ()
     if kept:
-        weights = tuple(
-            cap_weights(
-                [tokens[i] for i in kept], max_ratio_to_median=cfg.aggregation.max_weight_ratio, hard_cap=token_cap
-            )
-        )
+        ratio = cfg.aggregation.max_weight_ratio
+        # No ratio cap (the red team's undefended baseline) means no cap at all: claims are the weights.
+        hard_cap = None if ratio is None else token_cap
+        weights = tuple(cap_weights([tokens[i] for i in kept], max_ratio_to_median=ratio, hard_cap=hard_cap))
     return Verdict(kept=kept, weights=weights, rejections=rejections)
 
 

@@ -26,7 +26,7 @@ BANS_FILE = "bans.json"
 _FORMAT = "potluck-bans/v1"
 # The checks whose failure says something about the key's holder (see the module docstring).
 STRIKE_CHECKS = frozenset(
-    {"run", "replay", "duplicate", "size", "codec", "empty", "decode", "finite", "norm", "direction", "loss"}
+    {"run", "replay", "duplicate", "size", "codec", "empty", "decode", "finite", "norm", "direction", "held-out"}
 )
 
 

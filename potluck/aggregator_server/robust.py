@@ -45,9 +45,12 @@ Updates = Sequence[Mapping[str, torch.Tensor]]
 
 
 def cap_weights(
-    tokens: Sequence[int], *, max_ratio_to_median: float = 2.0, hard_cap: int | None = None
+    tokens: Sequence[int], *, max_ratio_to_median: float | None = 2.0, hard_cap: int | None = None
 ) -> list[float]:
     """Token claims as weights, each capped at ``max_ratio_to_median`` x the median claim (and ``hard_cap``).
+
+    ``max_ratio_to_median=None`` leaves out the median cap (with no hard cap either, claims are the
+    weights: the red team's undefended baseline).
 
     Why the median: while honest peers are a strict majority of the positive claims, the median lies
     between the smallest and the largest honest claim whatever the others claim, so a minority
@@ -60,14 +63,14 @@ def cap_weights(
         raise ValueError("need at least one token claim to cap")
     if any(t < 0 for t in tokens):
         raise ValueError(f"token claims must be non-negative, got {list(tokens)[:8]}")
-    if not (math.isfinite(max_ratio_to_median) and max_ratio_to_median >= 1):
+    if max_ratio_to_median is not None and not (math.isfinite(max_ratio_to_median) and max_ratio_to_median >= 1):
         raise ValueError(f"max_ratio_to_median must be finite and at least 1, got {max_ratio_to_median}")
     if hard_cap is not None and hard_cap < 1:
         raise ValueError(f"hard_cap must be at least 1 token (or None for no hard cap), got {hard_cap}")
     positive = [t for t in tokens if t > 0]
     if not positive:
         return [0.0] * len(tokens)
-    cap = max_ratio_to_median * statistics.median(positive)
+    cap = math.inf if max_ratio_to_median is None else max_ratio_to_median * statistics.median(positive)
     if hard_cap is not None:
         cap = min(cap, hard_cap)
     return [float(min(t, cap)) for t in tokens]

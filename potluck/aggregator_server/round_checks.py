@@ -7,7 +7,9 @@ at round close over the decoded updates, and return one ``Rejection | None`` per
 
 - ``norm_check``: an update's L2 norm far above the round's median (robust z-score on the median
   absolute deviation), or a tiny fraction of it;
-- ``direction_check``: an update's cosine with the coordinate-wise median of the *other* updates.
+- ``direction_check``: an update's cosine with the coordinate-wise median of the *other* updates;
+- ``held_out_check`` (optional): the held-out loss of the round's base with this one update applied,
+  against the same for the round's median update (the losses are computed by the caller).
 
 Both use medians, not means, so that a minority of attackers cannot move the reference they are judged
 against. Everything is a pure, deterministic function of plain tensors; inputs are never modified.
@@ -178,6 +180,47 @@ def direction_check(
             results.append(Rejection(check="direction", detail=detail))
         else:
             results.append(None)
+    return results
+
+
+def held_out_check(
+    losses: Sequence[float], *, base_loss: float, margin: float = 1.0, min_updates: int = 4
+) -> list[Rejection | None]:
+    """Reject updates that, applied alone to the round's base, make the held-out loss clearly worse than most.
+
+    ``losses[i]`` is the held-out loss of the base with update i applied; ``base_loss`` that of the base
+    itself. The round's median update gains ``base_loss - median(losses)``; an update is rejected when
+    its loss exceeds the median's by more than ``margin`` times that gain (margin 1: it does worse than
+    not training at all). The yardstick is the round's own median gain, so the check tightens as the
+    run converges and a minority cannot move it. It judges nothing with fewer than min_updates losses
+    or when the median update gains nothing (nothing to compare with); a non-finite loss is rejected.
+    """
+    _check_min_updates(min_updates)
+    if not (math.isfinite(margin) and margin > 0):
+        raise ValueError(f"margin must be finite and positive, got {margin}")
+    if not math.isfinite(base_loss):
+        raise ValueError(f"base_loss must be finite, got {base_loss}")
+    results: list[Rejection | None] = [
+        None if math.isfinite(loss) else Rejection(check="held-out", detail="its held-out loss is not finite")
+        for loss in losses
+    ]
+    finite = [loss for loss in losses if math.isfinite(loss)]
+    if len(finite) < min_updates:
+        return results
+    median = statistics.median(finite)
+    gain = base_loss - median
+    if gain <= 0:
+        return results
+    limit = median + margin * gain
+    for i, loss in enumerate(losses):
+        if results[i] is None and loss > limit:
+            results[i] = Rejection(
+                check="held-out",
+                detail=(
+                    f"held-out loss {loss:.4f} with it applied, above {limit:.4f} (round median {median:.4f}, "
+                    f"base {base_loss:.4f}, margin {margin:g})"
+                ),
+            )
     return results
 
 

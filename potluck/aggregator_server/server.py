@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -303,6 +303,7 @@ class AggregatorServer:
                 [a.update.header.tokens for _, a in entries],
                 cfg=self.cfg,
                 token_cap=self.cap,
+                held_out_loss=self._held_out_loss,
             )
             for i, rejection in sorted(verdict.rejections.items()):
                 key, _ = entries[i]
@@ -406,9 +407,16 @@ class AggregatorServer:
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.5)
 
-    def _evaluate(self, params: dict[str, torch.Tensor]) -> float:
+    def _held_out_loss(self, delta: Mapping[str, torch.Tensor] | None) -> float:
+        """The held-out check's score: the base with `delta` applied alone (outer lr), on the check batches."""
+        lr = self.cfg.outer.lr
+        params = self.master.params if delta is None else {n: p - lr * delta[n] for n, p in self.master.params.items()}
+        return self._evaluate(params, batches=self.cfg.validation.held_out_batches)
+
+    def _evaluate(self, params: dict[str, torch.Tensor], *, batches: int | None = None) -> float:
+        """Held-out loss of `params` on the first `batches` held-out batches (all of them by default)."""
         load_params(self.eval_model, params)
-        return evaluate(self.eval_model, self.val_set, device="cpu")
+        return evaluate(self.eval_model, self.val_set[:batches], device="cpu")
 
     # ----------------------------------------------------------------- restart
 

@@ -22,7 +22,7 @@ from typing import TypeVar
 import torch
 
 from potluck.peer.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable
-from potluck.peer.trainer import LocalTrainer, RoundWork
+from potluck.peer.trainer import LocalTrainer, RoundWork, TrainingDiverged
 from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.codecs import CodecError, make_codec
 from potluck.protocol.config import RunConfig
@@ -49,6 +49,10 @@ T = TypeVar("T")
 
 class PeerError(Exception):
     """The peer cannot go on (one line, with the fix)."""
+
+
+class UntrustedState(Exception):
+    """An aggregator served a state that fails verification; the peer tries another source."""
 
 
 class RunFinished(Exception):
@@ -93,6 +97,7 @@ class PeerRunner:
         self.bytes_up = 0
         self.bytes_down = 0
         self.rounds_done = 0
+        self.refused_sources: set[bytes] = set()  # aggregator keys whose state did not check out
         self.join_addrs = [parse_join_address(a) for a in options.join]  # JoinError before anything starts
 
     async def run(self) -> None:
@@ -106,7 +111,7 @@ class PeerRunner:
         try:
             self.node = node
             self.link = await self._retrying("finding the aggregator", self._find_aggregator)
-            master = await self._retrying("downloading the state", self._sync)
+            master = await self._retrying("downloading the state", self._sync_from_any)
             trainer = await asyncio.to_thread(self.make_trainer, master.cfg)
             await self._loop(master, trainer)
         except RunFinished as e:
@@ -150,6 +155,12 @@ class PeerRunner:
             raise PeerError(f"the DHT carries several runs ({', '.join(runs)}); choose one with --run NAME")
         if not announcements:
             raise AggregatorUnreachable("no aggregator announcement on the DHT yet")
+        trusted = [a for a in announcements if a.public_key not in self.refused_sources]
+        if not trusted:
+            raise AggregatorUnreachable(
+                f"every aggregator on the DHT ({len(announcements)}) served a state that does not check out"
+            )
+        announcements = trusted
         # Prefer the aggregator the user named with --join: anyone can announce a run on an open DHT.
         joined = {peer_id_of(a).to_bytes() for a in self.join_addrs}
         named = [a for a in announcements if a.libp2p_peer_id in joined]
@@ -173,6 +184,24 @@ class PeerRunner:
             logger.debug("connect to %s: %s", peer_id, e)
         return peer_id
 
+    async def _sync_from_any(self) -> _Master:
+        """The run's state from the preferred aggregator; one that serves a bad state is dropped for another.
+
+        A state that fails verification is not a network hiccup: its source is never asked again, and
+        the next announced aggregator is tried. With none left this raises AggregatorUnreachable, so the
+        caller keeps looking (new aggregators may announce) until its reconnect timeout.
+        """
+        while True:
+            if self.announcement.public_key in self.refused_sources:
+                self.link = await self._find_aggregator()
+            try:
+                return await self._sync()
+            except UntrustedState as e:
+                source = fingerprint(self.announcement.public_key)
+                self.refused_sources.add(self.announcement.public_key)
+                logger.info("aggregator %s: %s; trying another source", source, e)
+                self.on_event({"event": "state-refused", "aggregator": source, "detail": str(e)})
+
     async def _sync(self) -> _Master:
         signed, payload, t = await self.link.fetch_state(self.identity.public_key)
         self.bytes_down += len(payload) + t.sent_bytes
@@ -182,17 +211,14 @@ class PeerRunner:
             signed.verify_payload(payload)
             cfg, params, outer_state = await asyncio.to_thread(decode_state_payload, payload)
         except (EnvelopeError, MessageError) as e:
-            raise PeerError(f"the aggregator's state does not check out: {e}") from e
+            raise UntrustedState(f"its state does not check out: {e}") from e
         keys = frozenset(public_key_from_hex(k) for k in cfg.aggregator_keys)
         h = signed.header
         if trusted not in keys or h.config_hash != cfg.config_hash:
-            raise PeerError(
-                f"aggregator {fingerprint(trusted)} serves a config that does not trust it or does not match its "
-                "signed hash; refusing to train on it"
-            )
+            raise UntrustedState("it serves a config that does not trust it or does not match its signed hash")
         shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
         if {n: tuple(t.shape) for n, t in params.items()} != shapes or state_sha256(params) != h.state_sha256:
-            raise PeerError("the aggregator's state does not match its model or its signed checksum; refusing it")
+            raise UntrustedState("its state does not match its model or its signed checksum")
         params = {name: params[name] for name in shapes}  # the model's order: payloads depend on it
         outer = OuterOptimizer(kind=cfg.outer.kind, lr=cfg.outer.lr, momentum=cfg.outer.momentum)
         outer.load_state_dict(outer_state)
@@ -219,9 +245,12 @@ class PeerRunner:
             self.options.max_rounds is None or self.rounds_done < self.options.max_rounds
         ):
             r = master.round
-            work = await asyncio.to_thread(
-                trainer.train_round, master.params, round_index=r, time_budget_s=0.8 * cfg.round_deadline_s
-            )
+            try:
+                work = await asyncio.to_thread(
+                    trainer.train_round, master.params, round_index=r, time_budget_s=0.8 * cfg.round_deadline_s
+                )
+            except TrainingDiverged as e:
+                raise PeerError(str(e)) from None
             update, payload = await asyncio.to_thread(self.make_update, master, work, trainer)
             receipt, up = await self._retrying("submitting", functools.partial(self.link.submit, update, payload))
             self.bytes_up += up.sent_bytes
@@ -243,7 +272,7 @@ class PeerRunner:
                 )
             except AggregatorRefused as e:
                 logger.warning("round %d: %s; downloading the state again", r, e)
-                master = await self._retrying("downloading the state", self._sync)
+                master = await self._retrying("downloading the state", self._sync_from_any)
                 continue
             self.bytes_down += down.sent_bytes + len(down.body)
             # The signed contributor list is the final word: an update can pass on arrival and still be
@@ -255,7 +284,7 @@ class PeerRunner:
             self.accepted += accepted
             self.rejected += not accepted
             if not self._apply(master, signed, payload, aggregate_codec=aggregate_codec, spec=spec):
-                master = await self._retrying("downloading the state", self._sync)
+                master = await self._retrying("downloading the state", self._sync_from_any)
             self.rounds_done += 1
             self.on_event(
                 {

@@ -15,11 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-from potluck.protocol.codecs import make_codec
+from potluck.protocol.codecs import NonFiniteError, make_codec
 from potluck.protocol.config import RunConfig
 from potluck.training.data import BatchSampler, load_corpus
 from potluck.training.diloco import inner_lr, inner_step, load_params, make_inner_optimizer, snapshot
 from potluck.training.models import build_model, model_config
+
+
+class TrainingDiverged(Exception):
+    """Local training produced non-finite values: nothing sensible can be sent (one line, for the user)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -111,7 +115,13 @@ class LocalTrainer:
                 break  # a slow peer sends what it has rather than miss the round
         current = snapshot(self.model, device="cpu")
         delta = {name: master[name] - current[name] for name in master}
-        payload = self.codec.encode(delta, self.residual)
+        try:
+            payload = self.codec.encode(delta, self.residual)
+        except NonFiniteError:
+            raise TrainingDiverged(
+                f"local training diverged in round {round_index} (mean loss {math.fsum(losses) / len(losses):.4g}): "
+                "the model's values are no longer finite; if the run's held-out loss blew up too, tell its operator"
+            ) from None
         return RoundWork(
             payload=payload,
             tokens=len(losses) * self.batch_size * self.block_size,

@@ -195,6 +195,12 @@ class ValidationSpec(BaseModel):
     min_norm_ratio: float = Field(0.05, ge=0, lt=1)
     min_cosine: float = Field(0.0, ge=-1, le=1)
     min_updates: int = Field(4, ge=3)  # fewer updates in a round: no statistics, nothing rejected by them
+    # Held-out-loss check, at round close after the others: each update is applied alone to the round's base
+    # (outer lr, no momentum) and scored on the first held_out_batches held-out batches; it is rejected when
+    # that loss is worse than the round's median update's by more than held_out_margin x the median update's
+    # gain over the base (1.0: worse than not training at all). None: off (it costs one evaluation per update).
+    held_out_margin: Annotated[Annotated[float, Field(gt=0)] | None, _Optional] = 1.0
+    held_out_batches: int = Field(2, ge=1, le=64)
     # A key whose updates fail this many checks (that its holder must have caused) within ban_window_rounds
     # rounds is banned for the run; one bad round is a glitch, three in ten is a pattern.
     ban_after_rejections: int = Field(3, ge=1)
@@ -215,7 +221,8 @@ class AggregationSpec(BaseModel):
     clip_iterations: int = Field(3, ge=1, le=100)
     # A peer's weight is its tokens, capped at this multiple of the round's median claim (and at what the
     # config allows one peer to train in a round), so claiming 100x the tokens does not buy 100x the say.
-    max_weight_ratio: float = Field(2.0, ge=1)
+    # None: no cap at all, claims are weights (the red team's undefended baseline; never for a real run).
+    max_weight_ratio: Annotated[Annotated[float, Field(ge=1)] | None, _Optional] = 2.0
 
 
 class RunConfig(BaseModel):

@@ -56,7 +56,7 @@ class AdversarialPeer(PeerRunner):
 
             def flipped() -> tuple[torch.Tensor, torch.Tensor]:
                 x, y = honest_batch()
-                return x, y.flip(-1)  # the next-byte targets, reversed
+                return x, 255 - y  # every next-byte target reversed in value: 'e' (101) is taught as 154
 
             trainer.sampler.next_batch = flipped  # type: ignore[method-assign]
         return trainer
@@ -66,7 +66,8 @@ class AdversarialPeer(PeerRunner):
         spec = {name: tuple(t.shape) for name, t in master.params.items()}
 
         def fresh_delta() -> dict[str, torch.Tensor]:
-            other = build_model(model_config(master.cfg.model.size, block_size=master.cfg.model.block_size), seed=1234)
+            shape = model_config(master.cfg.model.size, block_size=master.cfg.model.block_size)
+            other = build_model(shape, seed=int.from_bytes(self.identity.public_key[:4], "big"))
             return {n: master.params[n] - p.detach() for n, p in other.named_parameters()}
 
         ctx = AttackContext(

@@ -76,3 +76,43 @@ def test_centered_clip_resists_a_huge_update_the_mean_does_not() -> None:
 
     assert float((clipped - honest).norm()) < 0.5 * float(honest.norm())
     assert float((mean - honest).norm()) > 1000 * float(honest.norm())
+
+
+def test_with_no_weight_cap_claims_are_the_weights() -> None:
+    cfg = CFG.with_overrides({"aggregation.max_weight_ratio": None})
+
+    verdict = judge_round(_round(4), [1000, 1000, 1000, 100_000], cfg=cfg, token_cap=3000)
+
+    assert verdict.weights == (1000.0, 1000.0, 1000.0, 100_000.0)
+
+
+def _loss_of_distance_to(target: torch.Tensor, base: torch.Tensor):
+    """A stand-in held-out loss: squared distance of (base - update) to a target model."""
+
+    def loss(update: dict[str, torch.Tensor] | None) -> float:
+        params = base if update is None else base - update["w"]
+        return float((params - target).square().sum())
+
+    return loss
+
+
+def test_the_held_out_check_drops_an_update_that_makes_the_loss_worse_when_enabled() -> None:
+    # Prepare: honest updates step from base towards the target; update 3 steps away from it
+    generator = torch.Generator().manual_seed(1)
+    base, target = torch.zeros(512), torch.randn(512, generator=generator)
+    updates = [{"w": -(0.3 + 0.05 * i) * target + 0.02 * torch.randn(512, generator=generator)} for i in range(8)]
+    updates[3] = {"w": 0.3 * target.roll(1)}  # same norm, wrong direction for this loss, cosine ~0 with the rest
+    loss = _loss_of_distance_to(target, base)
+    cfg_on = CFG.with_overrides({"validation.held_out_margin": 1.0, "validation.min_cosine": -1.0})
+    # Execute
+    enabled = judge_round(updates, [1000] * 8, cfg=cfg_on, token_cap=10_000, held_out_loss=loss)
+    disabled = judge_round(
+        updates,
+        [1000] * 8,
+        cfg=cfg_on.with_overrides({"validation.held_out_margin": None}),
+        token_cap=10_000,
+        held_out_loss=loss,
+    )
+    # Assert
+    assert {i: r.check for i, r in enabled.rejections.items()} == {3: "held-out"}
+    assert disabled.rejections == {}

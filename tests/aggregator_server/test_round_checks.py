@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from potluck.aggregator_server.round_checks import (
     _leave_one_out_median,
     direction_check,
+    held_out_check,
     norm_check,
     round_checks,
     update_norms,
@@ -246,3 +247,30 @@ def test_bad_norms_are_refused() -> None:
         norm_check([])
     with pytest.raises(ValueError, match="finite and non-negative"):
         norm_check([1.0, math.nan, 1.0, 1.0])
+
+
+def test_held_out_check_rejects_what_is_worse_than_the_median_by_more_than_the_margin_x_its_gain() -> None:
+    # base 3.0, median update 2.8 (gain 0.2): margin 1 puts the limit at 3.0, margin 0.5 at 2.9
+    losses = [2.75, 2.8, 2.8, 2.85, 2.95, 3.05]
+
+    at_one = held_out_check(losses, base_loss=3.0, margin=1.0)
+    at_half = held_out_check(losses, base_loss=3.0, margin=0.5)
+
+    assert [r is not None for r in at_one] == [False, False, False, False, False, True]
+    assert [r is not None for r in at_half] == [False, False, False, False, True, True]
+    assert at_one[5] is not None and at_one[5].check == "held-out" and "3.0500" in at_one[5].detail
+
+
+def test_held_out_check_judges_nothing_without_enough_updates_or_when_the_median_gains_nothing() -> None:
+    assert held_out_check([2.0, 2.0, 9.0], base_loss=3.0, min_updates=4) == [None] * 3
+    assert held_out_check([3.1, 3.2, 3.3, 9.0], base_loss=3.0) == [None] * 4
+
+
+def test_held_out_check_rejects_a_non_finite_loss_and_refuses_bad_arguments() -> None:
+    results = held_out_check([2.8, 2.8, float("nan"), 2.9, 2.7], base_loss=3.0)
+
+    assert [r is not None for r in results] == [False, False, True, False, False]
+    with pytest.raises(ValueError, match="margin"):
+        held_out_check([2.8] * 4, base_loss=3.0, margin=0.0)
+    with pytest.raises(ValueError, match="base_loss"):
+        held_out_check([2.8] * 4, base_loss=float("inf"))

@@ -1,6 +1,7 @@
 """Tests for potluck.aggregator_server.rounds: when a round closes and whom the next one waits for."""
 
 import hashlib
+import time
 
 import pytest
 
@@ -100,8 +101,9 @@ def test_seconds_left_counts_down_from_the_opening() -> None:
 
 
 def test_extend_gives_another_full_deadline() -> None:
-    # Prepare: a round whose deadline passed with no update
+    # Prepare: a round whose deadline passed with no update (on the real clock: a fresh machine's is small)
     open_round = _round()
+    open_round.opened_at = time.monotonic() - 2 * DEADLINE_S
     assert open_round.seconds_left() < 0
     # Execute
     open_round.extend()

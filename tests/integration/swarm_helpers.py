@@ -158,9 +158,11 @@ class Nodes:
         self.work_dir = work_dir
         self.started: list[Node] = []
 
-    def start(self, name: str, *args: str) -> Node:
-        """`python -m potluck ARGS --json` as a new process (one torch thread: tests share 2 cores)."""
-        child = start_child(name, [*args, "--threads", "1", "--json"], work_dir=self.work_dir, threads=1)
+    def start(self, name: str, *args: str, module: str = "potluck") -> Node:
+        """`python -m MODULE ARGS --json` as a new process (one torch thread: tests share 2 cores)."""
+        child = start_child(
+            name, [*args, "--threads", "1", "--json"], work_dir=self.work_dir, threads=1, module=module
+        )
         node = Node(child=child)
         threading.Thread(target=_pump, args=(child, node.events), daemon=True).start()
         self.started.append(node)

@@ -106,7 +106,10 @@ def test_a_banned_key_stays_banned_after_a_restart(nodes: Nodes, tmp_path: Path)
     assert not after[0].accepted and after[0].reason.startswith("banned: ")
     listed = subprocess.run(
         [sys.executable, "-m", "potluck", "bans", "list", "--state-dir", str(state_dir), "--json"],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     bans = json.loads(listed.stdout)["bans"]
     assert [b["fingerprint"] for b in bans] == [offender.fingerprint]

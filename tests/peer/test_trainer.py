@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from potluck.peer.trainer import LocalTrainer, sampler_seed
+from potluck.peer.trainer import LocalTrainer, TrainingDiverged, sampler_seed
 from potluck.protocol.config import RunConfig
 from potluck.training.diloco import snapshot
 
@@ -58,3 +58,13 @@ def test_each_peer_draws_its_own_batches() -> None:
     assert len(seeds) == 50
     assert all(0 <= s < 2**62 for s in seeds)
     assert sampler_seed(0, b"\x01" * 32) == sampler_seed(0, b"\x01" * 32) != sampler_seed(1, b"\x01" * 32)
+
+
+def test_a_diverged_round_is_one_clear_error_not_a_codec_traceback() -> None:
+    # Prepare: a master state that has blown up (its own trainer: the optimizer state gets poisoned)
+    trainer = LocalTrainer(CFG, public_key=b"\x02" * 32, device=torch.device("cpu"))
+    master = snapshot(trainer.model, device="cpu")
+    master = {name: t * float("inf") if i == 0 else t for i, (name, t) in enumerate(master.items())}
+    # Execute / Assert
+    with pytest.raises(TrainingDiverged, match="local training diverged in round 2"):
+        trainer.train_round(master, round_index=2, time_budget_s=1e9)

@@ -228,7 +228,7 @@ def test_scaled_is_a_hundred_times_the_honest_norm_and_fails_the_norm_check(tmp_
 def test_reversed_updates_fail_the_direction_check(name: str, tmp_path: Path) -> None:
     # Prepare
     update, payload = _single(name, _attack_context(tmp_path))
-    factor = {"sign-flip": -4, "ipm": -2}[name]
+    factor = {"sign-flip": -4, "ipm": -4}[name]
     # Execute
     decoded, order = _decoded_any_order(payload)
     results = direction_check([*OTHERS_HONEST, decoded])
@@ -243,14 +243,14 @@ def test_reversed_updates_fail_the_direction_check(name: str, tmp_path: Path) ->
     assert round_checks([*OTHERS_HONEST, decoded])[7] is not None
 
 
-def test_noise_is_ten_times_the_honest_norm_in_no_direction_and_is_rejected(tmp_path: Path) -> None:
+def test_noise_is_a_hundred_times_the_honest_norm_in_no_direction_and_is_rejected(tmp_path: Path) -> None:
     # Prepare
     _, payload = _single("noise", _attack_context(tmp_path))
     # Execute
     decoded = _decoded(payload)
     results = round_checks([*OTHERS_HONEST, decoded])
     # Assert
-    assert _norm(decoded) > 2 * _norm(HONEST)  # 10x before the codec, which keeps little of white noise
+    assert _norm(decoded) > 20 * _norm(HONEST)  # 100x before the codec, which keeps little of white noise
     assert abs(_cosine(decoded, HONEST)) < 0.3
     assert results[:7] == [None] * 7
     assert isinstance(results[7], Rejection) and results[7].check in {"norm", "direction"}
@@ -264,7 +264,7 @@ def test_zero_carries_nothing_and_fails_the_norm_check(tmp_path: Path) -> None:
     decoded = _decoded(payload)
     results = norm_check(update_norms([*OTHERS_HONEST, decoded]))
     # Assert
-    assert update.header.tokens == 4_096  # still claims the full credit
+    assert update.header.tokens == 100 * 4_096  # and claims 100x the credit
     assert _norm(decoded) < 1e-6
     assert results[:7] == [None] * 7
     assert isinstance(results[7], Rejection) and results[7].check == "norm"
@@ -438,6 +438,7 @@ def test_label_flip_sends_the_honest_payload_unchanged(tmp_path: Path) -> None:
     # Assert: the corruption is in training; the upload itself is a well-formed honest one
     assert payload == HONEST_PAYLOAD
     assert update.header.payload_sha256 == ctx.header.payload_sha256
+    assert update.header.tokens == 10 * ctx.header.tokens  # the lever a plain token-weighted mean gives it
     assert check_envelope(update, payload, _round_context()) is None
 
 
@@ -446,14 +447,15 @@ def _shared_deltas(tmp_path: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize(
-    ("name", "expected"),
+    ("name", "expected", "min_cosine"),
     [
-        ("alie", lambda v: v - 1.5 * v.abs().mean() * torch.ones_like(v)),
-        ("ipm", lambda v: -2 * v),
+        # ALIE's near-constant shift spreads over every DCT coefficient, so its 1% jitter moves the top-k more
+        ("alie", lambda v: v - 30 * v.abs().mean() * torch.ones_like(v), 0.8),
+        ("ipm", lambda v: -4 * v, 0.99),
     ],
 )
 def test_colluding_attacks_share_their_honest_delta_and_send_finite_updates(
-    name: str, expected: Callable[[torch.Tensor], torch.Tensor], tmp_path: Path
+    name: str, expected: Callable[[torch.Tensor], torch.Tensor], min_cosine: float, tmp_path: Path
 ) -> None:
     # Prepare
     ctx = _attack_context(tmp_path)
@@ -470,7 +472,7 @@ def test_colluding_attacks_share_their_honest_delta_and_send_finite_updates(
     decoded, order = _decoded_any_order(payload)
     assert all(decoded[k].shape == torch.Size(SPEC[k]) for k in SPEC)
     target = _through_codec({k: expected(v) for k, v in HONEST.items()}, order)
-    assert _cosine(decoded, target) > 0.99
+    assert _cosine(decoded, target) > min_cosine
     assert _norm(decoded) == pytest.approx(_norm(target), rel=0.05)
 
 
@@ -484,11 +486,11 @@ def test_alie_with_two_colluders_uses_their_mean_and_spread(tmp_path: Path) -> N
     _, payload = _single("alie", ctx)
     # Assert
     stacked = {k: torch.stack([HONEST[k], OTHERS_HONEST[0][k]]) for k in SPEC}
-    wanted = {k: v.mean(0) - 1.5 * v.std(0, unbiased=False) for k, v in stacked.items()}
+    wanted = {k: v.mean(0) - 30 * v.std(0, unbiased=False) for k, v in stacked.items()}
     decoded, order = _decoded_any_order(payload)
     target = _through_codec(wanted, order)
     assert len(_shared_deltas(tmp_path)) == 2
-    assert _cosine(decoded, target) > 0.99
+    assert _cosine(decoded, target) > 0.95  # a 1% jitter of its own
 
 
 # What each attack's uploads meet at the aggregator, judged like it: envelope, decode, then the round.

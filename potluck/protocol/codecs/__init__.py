@@ -11,6 +11,7 @@ from potluck.protocol.codecs.aggregate import encode_aggregate, weighted_mean
 from potluck.protocol.codecs.base import (
     Codec,
     CodecError,
+    NonFiniteError,
     TensorSpec,
     available_codecs,
     codec_from_payload,
@@ -26,6 +27,7 @@ __all__ = [
     "DctTopKCodec",
     "Fp16Codec",
     "Int8Codec",
+    "NonFiniteError",
     "NoneCodec",
     "TensorSpec",
     "TopKCodec",

@@ -43,6 +43,10 @@ _HEADER_KEYS = ("codec", "codec_version", "params", "names", "shapes", "numel")
 TensorSpec = Mapping[str, tuple[int, ...]]
 
 
+class NonFiniteError(ValueError):
+    """`encode` was given NaN or infinity: the sender's training diverged; nothing may be published."""
+
+
 class CodecError(Exception):
     """Unusable codec bytes or codec parameters; the message is one line and says what is wrong."""
 
@@ -194,7 +198,8 @@ class Codec(ABC):
         ``state`` is the caller's error-feedback residual (one per sender; ``{}`` at first). The
         codec compresses ``x = tensors + ef_decay * residual`` and stores ``x - decode(payload)``
         back into ``state`` in place, so what one round drops is sent in later rounds.
-        Raises ValueError for non-float or non-finite input (never publish a diverged update).
+        Raises ValueError for non-float input, NonFiniteError for non-finite input (never publish a
+        diverged update).
         """
         names = list(tensors)
         shapes = [list(t.shape) for t in tensors.values()]
@@ -205,7 +210,7 @@ class Codec(ABC):
         if state:  # an empty state is a zero residual
             flat.add_(_flatten_state(state, tensors, like=flat), alpha=self.ef_decay)
         if not _all_finite(flat):
-            raise ValueError(f"cannot encode non-finite values (in {_first_nonfinite(tensors, flat)!r})")
+            raise NonFiniteError(f"cannot encode non-finite values (in {_first_nonfinite(tensors, flat)!r})")
         arrays = self._compress(flat)
         if state is not None:
             sent = torch.from_numpy(self._decompress(arrays, flat.numel())).to(flat.device)

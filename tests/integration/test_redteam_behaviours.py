@@ -1,0 +1,51 @@
+"""Every red-team behaviour in a real swarm of 8 peers, 2 of them misbehaving: the run completes, no round
+stalls, bad uploads are caught and honest ones kept.
+
+Only the attacked swarm runs here (the clean and undefended comparisons, and the loss bars, are the
+benchmark's: bench/redteam_table.py); tiny model, 3 rounds of 3 inner steps, so that fifteen swarms fit
+the suite's budget on 2 cores.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from potluck.protocol.config import RunConfig
+from potluck.redteam.attacks import ATTACKS
+from potluck.redteam.harness import FILTER_EVADING, rates, run_attacked
+from tests.integration.swarm_helpers import p2pd_pids, wait_until
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+ROUNDS = 3
+DEADLINE_S = 20.0
+CFG = RunConfig().with_overrides(
+    {
+        "rounds": ROUNDS,
+        "local_steps": 3,
+        "inner.warmup_steps": 2,
+        "inner.batch_size": 8,
+        "data.max_bytes": 400_000,
+        "round_deadline_s": DEADLINE_S,
+    },
+    source="test",
+)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_two_of_eight_misbehaving_peers_are_caught_and_the_run_completes(attack: str, tmp_path: Path) -> None:
+    before = p2pd_pids()
+
+    result = run_attacked(CFG, attack=attack, peers=8, adversaries=2, shared=tmp_path / "shared", timeout_s=240)
+
+    found = rates(result)
+    assert result.rounds_completed == ROUNDS
+    # No stall: once everyone has started (round 0 waits for the peers to start), a round closes by its
+    # deadline plus the aggregation, whoever misbehaves in it.
+    assert max(r["round_s"] for r in result.rounds[1:]) < DEADLINE_S + 10, [r["round_s"] for r in result.rounds]
+    assert found["honest_updates"] == 6 * ROUNDS and found["fpr"] <= 0.05, found
+    if attack not in FILTER_EVADING:
+        assert found["tpr"] >= 0.95, found
+    assert all(p["accepted"] == ROUNDS for p in result.peers if not p["adversary"])
+    wait_until(lambda: not (p2pd_pids() - before), timeout_s=20, what="every p2pd of the swarm to exit")
