@@ -20,7 +20,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from potluck import __version__, cli_nodes, cli_swarm
+from potluck import __version__, cli_ledger, cli_nodes, cli_swarm
 from potluck.protocol import PROTOCOL_VERSION
 
 app = typer.Typer(
@@ -317,3 +317,5 @@ app.command("swarm")(cli_swarm.swarm)
 app.command("doctor")(cli_swarm.doctor)
 app.add_typer(cli_nodes.bans_app, name="bans")
 app.command("redteam")(cli_swarm.redteam)
+app.add_typer(cli_ledger.ledger_app, name="ledger")
+app.command("leaderboard")(cli_ledger.leaderboard)
