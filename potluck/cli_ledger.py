@@ -1,4 +1,4 @@
-"""`potluck ledger verify|export` and `potluck leaderboard`: reading an aggregator's contribution ledger offline.
+"""`potluck ledger verify|export`, `potluck leaderboard`, `potluck receipts verify`: the incentives, offline.
 
 Nothing here writes to the ledger: every command opens it read-only, so it is safe beside a running
 aggregator.
@@ -142,3 +142,60 @@ def leaderboard(
         print("no contributions yet")
     for b in board:
         print(f"{b['rank']:>3}. {b['fingerprint']}  {b['points']:>14,.0f} points  {b['accepted_updates']} accepted")
+
+
+receipts_app = typer.Typer(help="Check the receipts your peer kept, offline.", no_args_is_help=True)
+
+
+@receipts_app.command("verify")
+def receipts_verify(
+    receipts: Annotated[Path, typer.Option("--receipts", help="Where the peer kept them (its --receipts).")] = Path(
+        "~/.potluck/receipts"
+    ),
+    key: Annotated[
+        list[str] | None,
+        typer.Option("--key", help="A trusted aggregator public key (64 hex); repeatable. [default: as signed]"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Check each receipt's signature and Merkle proof against its signed aggregate; exit 1 if any fails."""
+    from potluck.cli import UsageError
+    from potluck.incentives.receipts import verify_receipts
+    from potluck.protocol.identity import public_key_from_hex
+
+    try:
+        keys = None if not key else {public_key_from_hex(k) for k in key}
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    root = receipts.expanduser()
+    if not root.is_dir():
+        raise UsageError(f"no receipts at {root}; pass the peer's --receipts directory")
+    checks = verify_receipts(root, aggregator_keys=keys)
+    bad = [c for c in checks if c.problem is not None]
+    if as_json:
+        rows = [
+            {
+                "path": str(c.path),
+                "run": c.run_id,
+                "round": c.round,
+                "accepted": c.accepted,
+                "tokens_credited": c.tokens_credited,
+                "score": c.score,
+                "aggregator": c.aggregator,
+                "ok": c.problem is None,
+                "problem": c.problem,
+            }
+            for c in checks
+        ]
+        ok = sum(c.problem is None for c in checks)
+        points = sum(c.score for c in checks if c.problem is None)
+        print(json.dumps({"ok": not bad, "checked": len(checks), "verified": ok, "points": points, "receipts": rows}))
+    else:
+        for c in checks:
+            what = f"{c.tokens_credited:,} tokens, {c.score:,.0f} points" if c.accepted else "rejected"
+            verdict = "ok " if c.problem is None else f"BAD ({c.problem})"
+            print(f"{verdict:<4} run {c.run_id} round {c.round}: {what}, signed by {c.aggregator}")
+        trust = "" if keys else " (each against the key it names; pass --key to pin the aggregator)"
+        print(f"{len(checks) - len(bad)} of {len(checks)} receipt(s) verify{trust}")
+    if bad or not checks:
+        raise typer.Exit(1)

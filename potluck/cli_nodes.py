@@ -89,6 +89,8 @@ def describe_aggregator_event(e: dict[str, Any]) -> str | None:
         )
     if kind == "rejected":
         return f"rejected an update from {e['fingerprint']} for round {e['round']}: {e['reason']}"
+    if kind == "status-page":
+        return f"status page: {e['url']}"
     if kind == "error":
         return f"error in round {e['round']}: {e['detail']}"
     if kind == "done":
@@ -103,6 +105,8 @@ def describe_peer_event(e: dict[str, Any]) -> str | None:
         return f"peer {e['fingerprint']} joined run {e['run']!r} at round {e['round']} (state {_kb(e['state_bytes'])})"
     if kind == "round":
         verdict = "accepted" if e["accepted"] else f"rejected ({e['reason']})"
+        if e.get("points") is not None and e["accepted"]:
+            verdict += f", +{e['points']:,.0f} points"
         network = e["upload_s"] + e["wait_s"] + e["download_s"]
         return (
             f"round {e['round']:>4} | loss {e['loss']:.3f} | {e['tokens_per_s']:,.0f} tok/s | up {_kb(e['bytes_up'])} "
@@ -115,8 +119,13 @@ def describe_peer_event(e: dict[str, Any]) -> str | None:
     if kind == "done":
         return (
             f"left after {e['rounds']} round(s): {e['accepted']} accepted, {e['rejected']} rejected, "
-            f"up {_kb(e['bytes_up'])}, down {_kb(e['bytes_down'])}"
+            f"up {_kb(e['bytes_up'])}, down {_kb(e['bytes_down'])}, {e.get('score', 0):,.0f} points in "
+            f"{e.get('receipts', 0)} verified receipt(s)"
         )
+    if kind == "status-page":
+        return f"status page: {e['url']}"
+    if kind == "receipt-invalid":
+        return f"round {e['round']}: the aggregator's receipt does not verify: {e['detail']}"
     return None
 
 
@@ -163,6 +172,17 @@ def aggregator(
         typer.Option("--set", help="Override one config field, e.g. --set local_steps=20; repeatable."),
     ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch. [default: torch's]", min=1)] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option("--http-port", help="Status page, JSON API and /metrics port (0: none). [default: 8000]", min=0),
+    ] = None,
+    http_host: Annotated[
+        str, typer.Option("--http-host", help="Status page address (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
+    admin_token_file: Annotated[
+        Path | None,
+        typer.Option("--admin-token-file", help="File holding the bearer token that enables the admin endpoints."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per event on stdout.")] = False,
 ) -> None:
     """Serve a run: DHT bootstrap node, update collection, aggregation, checkpoints (aggregator-server)."""
@@ -192,8 +212,33 @@ def aggregator(
         multiaddr_file=multiaddr_file,
         max_rounds=max_rounds,
     )
-    server = AggregatorServer(run_cfg, node_identity, options, on_event=_printer(as_json, describe_aggregator_event))
-    run_until_stopped(server.serve())
+    from potluck.node_web import DEFAULT_HTTP_PORT, PageOptions, aggregator_app, aggregator_page, serve_with_page
+
+    page = PageOptions(
+        host=http_host,
+        port=DEFAULT_HTTP_PORT if http_port is None else http_port,
+        required=http_port is not None,
+        admin_token=_read_admin_token(admin_token_file),
+    )
+    printer = _printer(as_json, describe_aggregator_event)
+    status, emit = aggregator_page(page, on_event=printer)
+    server = AggregatorServer(run_cfg, node_identity, options, on_event=emit)
+    run_until_stopped(serve_with_page(server.serve(), aggregator_app(status, server, page), page, on_event=printer))
+
+
+def _read_admin_token(path: Path | None) -> str | None:
+    """The admin bearer token from its file (stripped); UsageError when unreadable or too short to be secret."""
+    from potluck.cli import UsageError
+
+    if path is None:
+        return None
+    try:
+        token = path.expanduser().read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the admin token from {path} ({e}); check the path") from None
+    if len(token) < 16:
+        raise UsageError(f"the admin token in {path} is {len(token)} characters; use at least 16 random ones")
+    return token
 
 
 def peer(
@@ -227,6 +272,13 @@ def peer(
     join_timeout: Annotated[
         float, typer.Option("--join-timeout", help="Seconds to wait for the --join address to answer.", min=1)
     ] = 30.0,
+    receipts: Annotated[
+        Path, typer.Option("--receipts", help="Keep the aggregator's signed receipts here (potluck receipts verify).")
+    ] = Path("~/.potluck/receipts"),
+    http_port: Annotated[
+        int, typer.Option("--http-port", help="Serve this peer's own status (JSON) on this port (0: none).", min=0)
+    ] = 0,
+    http_host: Annotated[str, typer.Option("--http-host", help="Address of this peer's status page.")] = "127.0.0.1",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per event on stdout.")] = False,
 ) -> None:
     """Volunteer: join a run, train locally, send compressed signed updates, apply the aggregates (peer)."""
@@ -250,9 +302,15 @@ def peer(
         max_rounds=max_rounds,
         reconnect_timeout_s=reconnect_timeout,
         join_timeout_s=join_timeout,
+        receipts_dir=receipts.expanduser(),
     )
-    runner = PeerRunner(node_identity, options, on_event=_printer(as_json, describe_peer_event))
-    run_until_stopped(runner.run())
+    from potluck.node_web import PageOptions, peer_app, peer_page, serve_with_page
+
+    page = PageOptions(host=http_host, port=http_port)
+    printer = _printer(as_json, describe_peer_event)
+    status, emit = peer_page(on_event=printer)
+    runner = PeerRunner(node_identity, options, on_event=emit)
+    run_until_stopped(serve_with_page(runner.run(), peer_app(status), page, on_event=printer))
 
 
 def _all_loopback(addresses: tuple[str, ...]) -> bool:
@@ -269,6 +327,7 @@ def known_errors() -> tuple[type[Exception], ...]:
     from potluck.protocol.dht_schema import DHTSchemaError
     from potluck.protocol.node import JoinError
     from potluck.swarm import SwarmError
+    from potluck.web import WebServerError
 
     return (
         CheckpointError,
@@ -279,6 +338,7 @@ def known_errors() -> tuple[type[Exception], ...]:
         JoinError,
         SwarmError,
         BanFileError,
+        WebServerError,
     )
 
 

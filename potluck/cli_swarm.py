@@ -19,6 +19,23 @@ def _kb(n: float) -> str:
     return f"{n / 1000:,.1f} kB" if n < 10**6 else f"{n / 10**6:,.2f} MB"
 
 
+def _status_page_port(asked: int | None) -> int:
+    """The port asked for; by default 8000 when it is free now, else none (with a warning): never a failed swarm."""
+    import socket
+
+    from potluck.node_web import DEFAULT_HTTP_PORT
+
+    if asked is not None:
+        return asked
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", DEFAULT_HTTP_PORT))
+        except OSError:
+            stderr.print(f"port {DEFAULT_HTTP_PORT} is busy: no status page (pass --http-port PORT for one)")
+            return 0
+    return DEFAULT_HTTP_PORT
+
+
 def swarm(
     peers: Annotated[int, typer.Option(help="Peer processes to start.", min=1, max=64)] = 3,
     rounds: Annotated[int, typer.Option(help="Outer rounds to train.", min=1)] = 6,
@@ -40,6 +57,12 @@ def swarm(
         list[str] | None,
         typer.Option("--set", help="Override one config field, e.g. --set round_deadline_s=60; repeatable."),
     ] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option(
+            "--http-port", help="The aggregator's status page on 127.0.0.1 (0: none). [default: 8000]", min=0
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")] = False,
 ) -> None:
     """Start an aggregator and N peers on 127.0.0.1 as separate processes and train the run to its end."""
@@ -54,7 +77,12 @@ def swarm(
     base = load_run_config(config) if config is not None else RunConfig()
     cfg = base.with_overrides(overrides, source="flags")
     options = SwarmOptions(
-        peers=peers, cfg=cfg, data=data, state_dir=state_dir.expanduser() if state_dir else None, timeout_s=timeout
+        peers=peers,
+        cfg=cfg,
+        data=data,
+        state_dir=state_dir.expanduser() if state_dir else None,
+        timeout_s=timeout,
+        http_port=_status_page_port(http_port),
     )
     status: dict[str, Any] = {"loss": None, "peers": set(), "up": 0, "down": 0, "round": 0}
     with Progress(
@@ -70,7 +98,9 @@ def swarm(
 
         def on_event(name: str, event: dict[str, Any]) -> None:
             kind = event.get("event")
-            if name == "aggregator" and kind == "ready":
+            if name == "aggregator" and kind == "status-page":
+                progress.console.print(f"status page: {event['url']}")
+            elif name == "aggregator" and kind == "ready":
                 status["loss"] = event["val_loss"]
                 status["round"] = event["round"]
                 progress.console.print(f"join this swarm from another terminal:  peer --join {event['maddrs'][0]}")

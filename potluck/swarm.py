@@ -48,6 +48,7 @@ class SwarmOptions:
     state_dir: Path | None = None  # the aggregator's; a temporary one when None
     timeout_s: float = 1800.0
     threads_per_process: int | None = None  # None: cores // (peers + 1)
+    http_port: int = 0  # the aggregator's status page on 127.0.0.1 (0: none)
     # Red team only: the last `adversaries` peers run `python -m potluck.redteam peer ... ADVERSARY_ARGS`.
     adversaries: int = 0
     adversary_args: tuple[str, ...] = ()
@@ -209,6 +210,8 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
                     "127.0.0.1",
                     "--threads",
                     str(threads),
+                    "--http-port",
+                    str(options.http_port),
                     "--json",
                 ],
                 work_dir=work_dir,
@@ -229,6 +232,7 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
                 else:
                     if options.data is not None:
                         args += ["--data", options.data]
+                    args += ["--receipts", str(work_dir / "receipts" / f"peer-{i}")]
                     child = start_child(f"peer-{i}", args, work_dir=work_dir, threads=threads)
                 children.append(child)
                 threading.Thread(target=_pump, args=(child, events), daemon=True).start()

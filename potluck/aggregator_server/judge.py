@@ -9,7 +9,7 @@ the decision is reproducible from the config and the updates.
 
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,9 @@ class Verdict:
     kept: tuple[int, ...]
     weights: tuple[float, ...]  # capped token weights, aligned with `kept`
     rejections: dict[int, Rejection]  # index -> why it does not count
+    # index -> held-out gain (base loss minus the loss with that update applied alone), where the check ran:
+    # the scoring rule's quality measure
+    gains: dict[int, float] = field(default_factory=dict)
 
 
 def judge_round(
@@ -44,6 +47,7 @@ def judge_round(
     (``None``: the base itself); the held-out check runs when the config enables it and this is given.
     """
     v = cfg.validation
+    gains: dict[int, float] = {}
     verdicts = round_checks(
         updates,
         max_z=v.max_norm_z,
@@ -55,9 +59,9 @@ def judge_round(
         passed = [i for i, rejection in enumerate(verdicts) if rejection is None]
         if len(passed) >= v.min_updates:
             losses = [held_out_loss(updates[i]) for i in passed]
-            checked = held_out_check(
-                losses, base_loss=held_out_loss(None), margin=v.held_out_margin, min_updates=v.min_updates
-            )
+            base_loss = held_out_loss(None)
+            checked = held_out_check(losses, base_loss=base_loss, margin=v.held_out_margin, min_updates=v.min_updates)
+            gains = {i: base_loss - loss for i, loss in zip(passed, losses, strict=True)}
             for i, rejection in zip(passed, checked, strict=True):
                 verdicts[i] = rejection
     kept = tuple(i for i, rejection in enumerate(verdicts) if rejection is None)
@@ -68,7 +72,7 @@ def judge_round(
         # No ratio cap (the red team's undefended baseline) means no cap at all: claims are the weights.
         hard_cap = None if ratio is None else token_cap
         weights = tuple(cap_weights([tokens[i] for i in kept], max_ratio_to_median=ratio, hard_cap=hard_cap))
-    return Verdict(kept=kept, weights=weights, rejections=rejections)
+    return Verdict(kept=kept, weights=weights, rejections=rejections, gains=gains)
 
 
 def combine(updates: Sequence[Update], weights: Sequence[float], *, cfg: RunConfig) -> dict[str, torch.Tensor]:

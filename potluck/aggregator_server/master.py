@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from potluck.aggregator_server.judge import combine
+from potluck.incentives.ledger_format import GENESIS_HASH
+from potluck.incentives.merkle import merkle_root
 from potluck.protocol.codecs import Codec, encode_aggregate
 from potluck.protocol.config import RunConfig
 from potluck.protocol.envelope import AggregateHeader, SignedAggregate, payload_digest, sign_aggregate
@@ -46,6 +48,7 @@ class Contribution:
     public_key: bytes
     decoded: dict[str, torch.Tensor]
     tokens: int  # tokens credited (already capped)
+    update_digest: bytes  # UpdateHeader.digest(): the update's leaf in the aggregate's Merkle root
 
 
 def initial_master(cfg: RunConfig) -> MasterState:
@@ -67,8 +70,13 @@ def close_round(
     cfg: RunConfig,
     identity: Identity,
     aggregate_codec: Codec,
+    ledger_head: bytes = GENESIS_HASH,
 ) -> tuple[MasterState, SignedAggregate, bytes]:
-    """(next state, signed aggregate, aggregate payload) for the open round; `master` is left as it was."""
+    """(next state, signed aggregate, aggregate payload) for the open round; `master` is left as it was.
+
+    The aggregate commits to the contributions' update digests (a Merkle root) and to `ledger_head`,
+    the ledger's chain head once this round's rows are in it (GENESIS_HASH: no ledger).
+    """
     if not contributions:
         raise ValueError(f"round {master.round} has no contribution to aggregate")
     ordered = sorted(contributions, key=lambda c: c.public_key)  # a fixed order: the mean is reproducible
@@ -92,6 +100,8 @@ def close_round(
         state_sha256=state_sha256(params),
         contributors=tuple((c.public_key, c.tokens) for c in ordered),
         timestamp_s=time.time(),
+        updates_root=merkle_root([c.update_digest for c in ordered]),
+        ledger_head=ledger_head,
     )
     following = MasterState(
         round=master.round + 1,

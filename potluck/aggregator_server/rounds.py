@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from potluck.incentives.ledger_format import LedgerEntry
 from potluck.protocol.envelope import SignedUpdate
+
+MAX_REFUSED_PER_KEY = 4  # ledger rows a round keeps for one key's refused uploads
+MAX_REFUSED_ROWS = 4096  # and for everyone's
 
 
 @dataclass(kw_only=True, slots=True)
@@ -25,6 +29,7 @@ class Accepted:
     payload: bytes
     decoded: dict[str, torch.Tensor]
     weight: float  # tokens, capped
+    received_s: float = field(default_factory=time.time)  # Unix time it arrived (its ledger row's time)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -40,6 +45,8 @@ class OpenRound:
     joined: set[bytes] = field(default_factory=set)  # keys that downloaded the state while this round was open
     reported: set[bytes] = field(default_factory=set)  # keys whose (validly signed) update was judged, good or not
     rejected: int = 0
+    # ledger rows of updates refused on arrival, written when the round closes (bounded: see refuse())
+    refused: list[LedgerEntry] = field(default_factory=list)
     opened_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -75,6 +82,17 @@ class OpenRound:
             target_tokens=self.target_tokens,
             expected=set(self.accepted) | self.late | self.joined,
         )
+
+    def refuse(self, entry: LedgerEntry) -> bool:
+        """Keep the ledger row of an update refused on arrival; False (not kept) past the per-key or total bound.
+
+        A peer that floods rejected uploads gets MAX_REFUSED_PER_KEY rows a round, not one per upload.
+        """
+        per_key = sum(e.peer_public_key == entry.peer_public_key for e in self.refused)
+        if per_key >= MAX_REFUSED_PER_KEY or len(self.refused) >= MAX_REFUSED_ROWS:
+            return False
+        self.refused.append(entry)
+        return True
 
     def expect(self, public_key: bytes, *, late: bool) -> None:
         """Wait for `public_key` in this round (it joined, or its update for an earlier round came late)."""

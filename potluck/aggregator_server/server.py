@@ -10,8 +10,10 @@ round r closes. The last few aggregates stay in memory (the last one also in the
 peer that asks a little late still gets it; one that asks too late downloads the state again.
 
 Durability: an accepted update is spooled to `--state-dir` before its receipt goes out; a closed
-round is checkpointed before its aggregate is published; a restart on the same directory resumes
-at the checkpointed round with its spooled updates.
+round's ledger rows (incentives/ledger.py) are committed, then its state is checkpointed, and only
+then is its aggregate published. A restart on the same directory resumes at the checkpointed round
+with its spooled updates; if the ledger already holds that round (the process died between the two
+writes), the round is closed again exactly as the ledger recorded it, not judged anew.
 """
 
 import asyncio
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from potluck.aggregator_server.accounting import HISTORY_ROUNDS, final_receipt, refused_entry, round_entries
 from potluck.aggregator_server.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -53,6 +56,8 @@ from potluck.aggregator_server.validation import (
     check_signature,
     decode_update,
 )
+from potluck.incentives.ledger import Ledger, LedgerError
+from potluck.incentives.ledger_format import LedgerRow, SignedHead
 from potluck.protocol.codecs import make_codec
 from potluck.protocol.config import RunConfig
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, sign_announcement
@@ -71,12 +76,14 @@ from potluck.protocol.messages import (
     AGGREGATE_HANDLER,
     BUSY_PREFIX,
     MAX_REQUEST_BYTES,
+    RECEIPT_HANDLER,
     STATE_HANDLER,
     SUBMIT_HANDLER,
     MessageError,
     encode_state_payload,
     pack_envelope,
     parse_aggregate_request,
+    parse_receipt_request,
     parse_state_request,
     unpack_envelope,
 )
@@ -102,6 +109,8 @@ READ_TIMEOUT_S = 60.0  # a peer that goes silent mid-request loses its stream af
 ANNOUNCE_TTL_S = 60.0
 MAX_UPLOADS = 32  # uploads read at once: bounds the memory hostile peers can pin (32 x max_update_bytes)
 MAX_PROBES = 2  # concurrent doctor probes; more would let anyone eat the aggregator's bandwidth
+LEADERBOARD_SIZE = 100  # peers listed in the ready event's leaderboard
+LEDGER_FILE = "ledger.sqlite"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -157,6 +166,7 @@ class AggregatorServer:
                 "use another --state-dir to start a new run"
             )
         self.resumed = checkpoint is not None
+        self.ledger = _open_ledger(options.state_dir / LEDGER_FILE, identity=identity, round_index=self.master.round)
         self.current = OpenRound(
             index=self.master.round, deadline_s=cfg.round_deadline_s, target_tokens=cfg.target_tokens_per_round
         )
@@ -167,7 +177,11 @@ class AggregatorServer:
         # reply was lost gets its receipt again instead of a "round closed" rejection
         self.closed_digests: dict[int, dict[bytes, int]] = {}
         self.closed_nonces: dict[int, dict[bytes, bytes]] = {}  # round -> {nonce: digest} of its contributors
+        self.closed_rows: dict[int, list[LedgerRow]] = {}  # ledger rows of recently closed rounds, for receipts
+        self.bytes_in = 0  # request bodies received (uploads, mostly)
+        self.bytes_out = 0  # reply bodies sent (state, aggregates, receipts)
         self.maddrs: list[str] = []
+        self._close_requested = False  # an admin asked to close the open round now
         self._lock = asyncio.Lock()
         self._probes = asyncio.Semaphore(MAX_PROBES)
         self._uploads = asyncio.Semaphore(MAX_UPLOADS)
@@ -209,6 +223,7 @@ class AggregatorServer:
                 (SUBMIT_HANDLER, self._handle_submit),
                 (AGGREGATE_HANDLER, self._handle_aggregate),
                 (PROBE_HANDLER, self._handle_probe),
+                (RECEIPT_HANDLER, self._handle_receipt),
             ):
                 await p2p.add_binary_stream_handler(name, _closing(name, handler))
             self.maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
@@ -228,8 +243,16 @@ class AggregatorServer:
                     "val_loss": val_loss,
                     "num_params": sum(t.numel() for t in self.master.params.values()),
                     "state_sha256": state_sha256(self.master.params).hex(),
+                    "rounds_total": self.cfg.rounds,
+                    "round_deadline_s": self.cfg.round_deadline_s,
+                    "model": self.cfg.model.size,
+                    "codec": self.codec.name,
+                    "aggregate_codec": self.aggregate_codec.name,
+                    "leaderboard": await asyncio.to_thread(self._leaderboard),
+                    "ledger_head": _head_event(self.ledger.head()),
                 }
             )
+            self._round_opened()
             announcer = asyncio.create_task(self._announce_forever(node))
             await self._round_loop()
             await self._linger()
@@ -239,6 +262,7 @@ class AggregatorServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await announcer
             await node.shutdown()
+            self.ledger.close()
         self.on_event({"event": "done", "round": self.master.round, "rounds_closed": self.rounds_closed})
 
     def _write_multiaddr_file(self) -> None:
@@ -277,6 +301,8 @@ class AggregatorServer:
     async def _round_loop(self) -> None:
         while not self._done():
             reason = self.current.close_reason()
+            if self._close_requested and self.current.accepted:
+                reason = "admin"
             if reason is None:
                 if self.current.seconds_left() <= 0 and not self.current.accepted:
                     logger.info(
@@ -296,30 +322,32 @@ class AggregatorServer:
         async with self._lock:
             started = time.perf_counter()
             closing = self.current
-            entries = sorted(closing.accepted.items())
-            verdict = await asyncio.to_thread(
-                judge_round,
-                [a.decoded for _, a in entries],
-                [a.update.header.tokens for _, a in entries],
-                cfg=self.cfg,
-                token_cap=self.cap,
-                held_out_loss=self._held_out_loss,
-            )
-            for i, rejection in sorted(verdict.rejections.items()):
-                key, _ = entries[i]
-                del closing.accepted[key]  # it does not count; the aggregate's contributor list says so
-                closing.rejected += 1
-                self._record_rejection(key, closing.index, rejection, entries[i][1].update)
-                if not self.reputation.is_banned(key):
-                    closing.expect(key, late=True)  # alive: the next round still waits for it
-            if not verdict.kept:
-                logger.warning("round %d: every update was dropped at close; waiting another deadline", closing.index)
-                closing.extend()
-                return
+            head = self.ledger.head()
+            if head is None or head.round != closing.index:
+                head = await self._judge_and_record(closing)
+                if head is None:
+                    return
+            else:
+                logger.info("round %d: already in the ledger; closing it as recorded", closing.index)
+            rows = await asyncio.to_thread(self.ledger.rows, round_index=closing.index)
+            kept = {r.entry.update_digest: r for r in rows if r.entry.accepted}
+            for key, a in list(closing.accepted.items()):
+                if a.update.header.digest() not in kept:  # dropped by the round's checks (before a restart)
+                    del closing.accepted[key]
             contributions = [
-                Contribution(public_key=entries[i][0], decoded=entries[i][1].decoded, tokens=int(weight))
-                for i, weight in zip(verdict.kept, verdict.weights, strict=True)
+                Contribution(
+                    public_key=key,
+                    decoded=a.decoded,
+                    tokens=int(kept[a.update.header.digest()].entry.weight),
+                    update_digest=a.update.header.digest(),
+                )
+                for key, a in sorted(closing.accepted.items())
             ]
+            if len(contributions) != len(kept):
+                raise SetupError(
+                    f"round {closing.index} is in the ledger with {len(kept)} accepted update(s) but only "
+                    f"{len(contributions)} are spooled in {self.options.state_dir}; the state dir is damaged"
+                )
             try:
                 following, signed, payload = await asyncio.to_thread(
                     close_round,
@@ -328,18 +356,20 @@ class AggregatorServer:
                     cfg=self.cfg,
                     identity=self.identity,
                     aggregate_codec=self.aggregate_codec,
+                    ledger_head=head.head_hash,
                 )
                 body = pack_envelope(signed.to_bytes(), payload)
                 await asyncio.to_thread(self._checkpoint, following, body)
-            except CheckpointError as e:
+            except CheckpointError as e:  # the ledger has the round: the retry closes it as recorded
                 logger.error("round %d not closed: %s; retrying in 5 s", closing.index, e)
                 self.on_event({"event": "error", "round": closing.index, "detail": str(e)})
                 await asyncio.sleep(5)
                 return
             aggregation_s = time.perf_counter() - started
-            # Checkpointed: only now does the new state become visible to anyone.
+            # Recorded and checkpointed: only now does the new state become visible to anyone.
             self.master = following
             self.aggregates[closing.index] = body
+            self.closed_rows[closing.index] = rows
             for old in [r for r in self.aggregates if r <= closing.index - KEPT_AGGREGATES]:
                 del self.aggregates[old]
             credited = dict(signed.header.contributors)
@@ -352,12 +382,16 @@ class AggregatorServer:
             for old in [r for r in self.closed_digests if r <= closing.index - KEPT_AGGREGATES]:
                 del self.closed_digests[old]
                 self.closed_nonces.pop(old, None)
+                self.closed_rows.pop(old, None)
             self.current = closing.successor()
+            self._close_requested = False
             self.rounds_closed += 1
             with contextlib.suppress(OSError):
                 prune_spool(self.options.state_dir, before_round=following.round)
         async with self._published:
             self._published.notify_all()
+        if not self._done():
+            self._round_opened()
         val_loss = await asyncio.to_thread(self._evaluate, following.params)
         self.on_event(
             {
@@ -371,6 +405,7 @@ class AggregatorServer:
                         "tokens": a.update.header.tokens,
                         "bytes": len(a.payload),
                         "update": a.update.header.digest().hex()[:16],
+                        "credit": kept[a.update.header.digest()].entry.credit,
                     }
                     for key, a in sorted(closing.accepted.items())
                 ],
@@ -380,8 +415,89 @@ class AggregatorServer:
                 "aggregate_bytes": len(body),
                 "state_sha256": signed.header.state_sha256.hex(),
                 "tokens": closing.tokens,
+                "time_s": time.time(),
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "ledger_head": _head_event(head),
+                "credits": [
+                    {
+                        "fingerprint": fingerprint(r.entry.peer_public_key),
+                        "public_key": r.entry.peer_public_key.hex(),
+                        "credit": r.entry.credit,
+                    }
+                    for r in kept.values()
+                ],
             }
         )
+
+    async def _judge_and_record(self, closing: OpenRound) -> SignedHead | None:
+        """Judge the closing round and commit its ledger rows; None if it cannot close yet (nothing kept, or
+        the ledger write failed: nothing of the round changed then, the next attempt starts over)."""
+        entries = sorted(closing.accepted.items())
+        verdict = await asyncio.to_thread(
+            judge_round,
+            [a.decoded for _, a in entries],
+            [a.update.header.tokens for _, a in entries],
+            cfg=self.cfg,
+            token_cap=self.cap,
+            held_out_loss=self._held_out_loss,
+        )
+        head = None
+        if verdict.kept:
+            judged = round_entries(
+                [a for _, a in entries],
+                verdict,
+                token_cap=self.cap,
+                history=lambda key: self.ledger.recent_weights(key, limit=HISTORY_ROUNDS),
+            )
+            rows = sorted([*closing.refused, *judged], key=lambda e: e.time_s)  # in the order they arrived
+            try:
+                head = await asyncio.to_thread(
+                    self.ledger.append_round, round_index=closing.index, entries=rows, identity=self.identity
+                )
+            except LedgerError as e:
+                logger.error("round %d not closed: %s; retrying in 5 s", closing.index, e)
+                self.on_event({"event": "error", "round": closing.index, "detail": str(e)})
+                await asyncio.sleep(5)
+                return None
+        for i, rejection in sorted(verdict.rejections.items()):
+            key, a = entries[i]
+            del closing.accepted[key]  # it does not count; the aggregate's contributor list says so
+            closing.rejected += 1
+            self._record_rejection(key, closing.index, rejection, a.update)
+            if head is None:  # the round stays open: its row waits with the arrival refusals
+                closing.refuse(
+                    refused_entry(a.update, payload_bytes=len(a.payload), rejection=rejection, received_s=a.received_s)
+                )
+            if not self.reputation.is_banned(key):
+                closing.expect(key, late=True)  # alive: the next round still waits for it
+        if head is None and not verdict.kept:
+            logger.warning("round %d: every update was dropped at close; waiting another deadline", closing.index)
+            closing.extend()
+        return head
+
+    def _round_opened(self) -> None:
+        self.on_event(
+            {
+                "event": "round-open",
+                "round": self.current.index,
+                "deadline_s": max(0.0, self.current.seconds_left()),
+                "time_s": time.time(),
+            }
+        )
+
+    def _leaderboard(self) -> list[dict[str, object]]:
+        """The ledger's top peers by points, for the ready event (the status page goes on from there)."""
+        points, accepted = self.ledger.points(), self.ledger.accepted_counts()
+        return [
+            {
+                "fingerprint": fingerprint(key),
+                "public_key": key.hex(),
+                "points": total,
+                "accepted": accepted.get(key, 0),
+            }
+            for key, total in list(points.items())[:LEADERBOARD_SIZE]
+        ]
 
     def _checkpoint(self, state: MasterState, aggregate_body: bytes) -> None:
         save_checkpoint(
@@ -511,6 +627,7 @@ class AggregatorServer:
             if key not in self.current.accepted:
                 self.current.expect(key, late=False)
             body = await self._state_frame()
+        self.bytes_out += len(body)
         await write_frame(writer, kind=MessageKind.STATE, body=body)
 
     async def _state_frame(self) -> bytes:
@@ -540,6 +657,8 @@ class AggregatorServer:
             raise _Refusal(f"{BUSY_PREFIX}{MAX_UPLOADS} uploads are already in progress; retry in a few seconds")
         async with self._uploads:  # each upload may hold max_update_bytes in memory until it is judged
             _, body = await _read(reader, MessageKind.SUBMIT, limit)
+        self.bytes_in += len(body)
+        received_s = time.time()
         envelope, payload = unpack_envelope(body, max_envelope_bytes=MAX_UPDATE_ENVELOPE_BYTES)
         try:
             update = SignedUpdate.from_bytes(envelope)
@@ -581,8 +700,25 @@ class AggregatorServer:
                         )
                         credited = self._accept(update, envelope, payload, decoded)
                         self._wake.set()
+            self.on_event(
+                {
+                    "event": "received",
+                    "fingerprint": fingerprint(h.peer_public_key),
+                    "round": h.round,
+                    "tokens": h.tokens,
+                    "bytes": len(payload),
+                    "accepted": rejection is None,
+                    "check": None if rejection is None else rejection.check,
+                    "time_s": received_s,
+                }
+            )
             if rejection is not None:
                 self.current.rejected += 1
+                if rejection.check not in _UNATTRIBUTED:  # signed by its key: the ledger records it
+                    entry = refused_entry(
+                        update, payload_bytes=len(payload), rejection=rejection, received_s=received_s
+                    )
+                    self.current.refuse(entry)
                 if rejection.check == "round" and h.round < self.current.index:
                     self.current.expect(h.peer_public_key, late=True)  # alive, just slow: wait for it next time
                 elif rejection.check not in ("signature", "banned") and h.round == self.current.index:
@@ -603,7 +739,9 @@ class AggregatorServer:
             reason="" if rejection is None else _printable(str(rejection))[:500],
             timestamp_s=time.time(),
         )
-        await write_frame(writer, kind=MessageKind.SUBMIT_REPLY, body=sign_receipt(receipt, self.identity).to_bytes())
+        reply = sign_receipt(receipt, self.identity).to_bytes()
+        self.bytes_out += len(reply)
+        await write_frame(writer, kind=MessageKind.SUBMIT_REPLY, body=reply)
 
     async def _handle_aggregate(
         self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -625,9 +763,103 @@ class AggregatorServer:
                 f"the aggregate of round {wanted} is no longer held (open round: {self.current.index}); "
                 "download the state again"
             )
+        self.bytes_out += len(aggregate)
         await write_frame(writer, kind=MessageKind.AGGREGATE, body=aggregate)
         self.fetches[wanted] = self.fetches.get(wanted, 0) + 1
         self._wake.set()
+
+    async def _handle_receipt(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A closed round's final receipt for one update, built from its ledger rows (with the Merkle proof)."""
+        _, body = await _read(reader, MessageKind.RECEIPT_REQUEST, MAX_REQUEST_BYTES)
+        round_index, digest = parse_receipt_request(body)
+        if round_index >= self.master.round:
+            raise _Refusal(f"round {round_index} has not closed yet (the open round is {self.current.index})")
+        rows = self.closed_rows.get(round_index)
+        if rows is None:
+            rows = await asyncio.to_thread(self.ledger.rows, round_index=round_index)
+        signed = final_receipt(
+            rows, digest, run_id=self.cfg.run_name, config_hash=self.cfg.config_hash, identity=self.identity
+        )
+        if signed is None:
+            raise _Refusal(f"round {round_index}'s ledger has no update {digest.hex()[:16]}")
+        reply = signed.to_bytes()
+        self.bytes_out += len(reply)
+        await write_frame(writer, kind=MessageKind.RECEIPT, body=reply)
+
+    # ----------------------------------------------------------------- admin (the status page's, with a token)
+
+    async def ban(self, public_key: bytes, *, reason: str) -> None:
+        """Ban a key now (persisted with the strikes); its updates are refused from the next upload on."""
+        async with self._lock:
+            ban = self.reputation.ban(public_key, reason=reason)
+            self.current.expected.discard(public_key)
+        self.on_event(
+            {"event": "banned", "fingerprint": fingerprint(public_key), "round": ban.round, "reason": reason}
+        )
+        self._wake.set()
+
+    async def unban(self, public_key: bytes) -> bool:
+        """Lift a key's ban; False if it was not banned."""
+        async with self._lock:
+            lifted = self.reputation.lift(public_key)
+        if lifted:
+            self.on_event({"event": "unbanned", "fingerprint": fingerprint(public_key)})
+        return lifted
+
+    def known_keys(self) -> set[bytes]:
+        """Every peer key this run has seen: banned, struck, waited for, contributing, or in the ledger."""
+        keys = set(self.reputation.bans) | set(self.reputation.strikes)
+        keys |= self.current.expected | set(self.current.accepted) | set(self.ledger.points())
+        return keys
+
+    async def close_round_now(self) -> int:
+        """Close the open round as soon as it has an accepted update; ValueError while it has none."""
+        if not self.current.accepted or self.finished:
+            raise ValueError(f"round {self.current.index} has no accepted update yet; there is nothing to close")
+        self._close_requested = True
+        self._wake.set()
+        return self.current.index
+
+
+# Rejections raised before the signature is known good: the ledger cannot say whose upload it was.
+_UNATTRIBUTED = frozenset({"signature", "banned", "finished"})
+
+
+def _open_ledger(path: Path, *, identity: Identity, round_index: int) -> Ledger:
+    """The state dir's ledger, checked to belong to this aggregator and to be at most the open round."""
+    try:
+        ledger = Ledger.open(path)
+        head = ledger.head()
+    except LedgerError as e:
+        raise SetupError(str(e)) from e
+    if head is not None and head.aggregator_public_key != identity.public_key:
+        ledger.close()
+        raise SetupError(
+            f"{path} is signed by aggregator {fingerprint(head.aggregator_public_key)}, not this one "
+            f"({identity.fingerprint}); use that aggregator's --identity or another --state-dir"
+        )
+    if head is not None and head.round > round_index:
+        ledger.close()
+        raise SetupError(
+            f"{path} records round {head.round} but the checkpoint is at round {round_index}; "
+            "the state dir's checkpoint is missing or older than its ledger: use another --state-dir"
+        )
+    return ledger
+
+
+def _head_event(head: SignedHead | None) -> dict[str, object] | None:
+    """A signed ledger head as JSON-able values (hex for bytes), for events and the status page."""
+    if head is None:
+        return None
+    return {
+        "round": head.round,
+        "last_row_id": head.last_row_id,
+        "head_hash": head.head_hash.hex(),
+        "row_count": head.row_count,
+        "timestamp_s": head.timestamp_s,
+        "aggregator_public_key": head.aggregator_public_key.hex(),
+        "signature": head.signature.hex(),
+    }
 
 
 class _Refusal(Exception):

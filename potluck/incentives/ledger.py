@@ -245,6 +245,11 @@ class Ledger:
         sql = "SELECT peer_public_key, sum(credit) FROM updates GROUP BY peer_public_key ORDER BY 2 DESC, 1"
         return {key: float(total) for key, total in self._query(sql)}
 
+    def recent_weights(self, peer_public_key: bytes, *, limit: int = 16) -> list[float]:
+        """The aggregation weights of the peer's last `limit` accepted updates, newest first: its claim history."""
+        sql = "SELECT weight FROM updates WHERE peer_public_key = ? AND accepted ORDER BY id DESC LIMIT ?"
+        return [float(weight) for (weight,) in self._query(sql, (peer_public_key, limit))]
+
     def accepted_counts(self) -> dict[bytes, int]:
         """How many accepted updates each peer key has (keys with none are left out)."""
         sql = "SELECT peer_public_key, count(*) FROM updates WHERE accepted GROUP BY peer_public_key"

@@ -24,11 +24,13 @@ from potluck.protocol.envelope import (
 from potluck.protocol.messages import (
     AGGREGATE_HANDLER,
     BUSY_PREFIX,
+    RECEIPT_HANDLER,
     STATE_HANDLER,
     SUBMIT_HANDLER,
     MessageError,
     aggregate_request,
     pack_envelope,
+    receipt_request,
     state_request,
     unpack_envelope,
 )
@@ -171,6 +173,20 @@ class AggregatorLink:
         )
         envelope, payload = _unpack(t.body, MAX_AGGREGATE_ENVELOPE_BYTES)
         return _parse(SignedAggregate, envelope), payload, t
+
+    async def fetch_receipt(
+        self, round_index: int, update_digest: bytes, *, timeout_s: float = 30
+    ) -> tuple[SignedReceipt, Transfer]:
+        """The final receipt of one update in a closed round (unverified: the caller checks it)."""
+        t = await self._call(
+            RECEIPT_HANDLER,
+            kind=MessageKind.RECEIPT_REQUEST,
+            body=receipt_request(round_index, update_digest),
+            reply=MessageKind.RECEIPT,
+            max_reply_bytes=MAX_RECEIPT_ENVELOPE_BYTES,
+            timeout_s=timeout_s,
+        )
+        return _parse(SignedReceipt, t.body), t
 
 
 def _unpack(body: bytes, max_envelope_bytes: int) -> tuple[bytes, bytes]:

@@ -17,10 +17,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 
+from potluck.incentives.receipts import ReceiptError, check_receipt, store_receipt
 from potluck.peer.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable
 from potluck.peer.trainer import LocalTrainer, RoundWork, TrainingDiverged
 from potluck.protocol import PROTOCOL_VERSION
@@ -29,6 +31,7 @@ from potluck.protocol.config import RunConfig
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, parse_announcements
 from potluck.protocol.envelope import (
     EnvelopeError,
+    SignedAggregate,
     SignedUpdate,
     UpdateHeader,
     new_nonce,
@@ -73,6 +76,7 @@ class PeerOptions:
     max_rounds: int | None = None
     reconnect_timeout_s: float = 300.0
     join_timeout_s: float = 30.0
+    receipts_dir: Path | None = None  # where final receipts are kept (None: checked, not kept)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -97,6 +101,8 @@ class PeerRunner:
         self.bytes_up = 0
         self.bytes_down = 0
         self.rounds_done = 0
+        self.receipts = 0  # final receipts of accepted updates that verified
+        self.score = 0.0  # points they credit
         self.refused_sources: set[bytes] = set()  # aggregator keys whose state did not check out
         self.join_addrs = [parse_join_address(a) for a in options.join]  # JoinError before anything starts
 
@@ -130,6 +136,8 @@ class PeerRunner:
             "rejected": self.rejected,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
+            "receipts": self.receipts,
+            "score": self.score,
         }
 
     # ----------------------------------------------------------------- discovery and sync
@@ -285,6 +293,7 @@ class PeerRunner:
             self.rejected += not accepted
             if not self._apply(master, signed, payload, aggregate_codec=aggregate_codec, spec=spec):
                 master = await self._retrying("downloading the state", self._sync_from_any)
+            points = await self._collect_receipt(r, update.header.digest(), signed) if received else None
             self.rounds_done += 1
             self.on_event(
                 {
@@ -302,6 +311,7 @@ class PeerRunner:
                     "upload_s": up.wait_s + up.transfer_s,
                     "wait_s": down.wait_s,
                     "download_s": down.transfer_s,
+                    "points": points,  # credited by the final receipt (None: no receipt checked out)
                 }
             )
         if master.round >= cfg.rounds:
@@ -342,6 +352,45 @@ class PeerRunner:
             data_source=self.options.data,
             batch_size=self.options.batch_size,
         )
+
+    async def _collect_receipt(self, round_index: int, digest: bytes, aggregate: SignedAggregate) -> float | None:
+        """Fetch this round's final receipt, check it (signature, Merkle proof) and keep it; its points, or None.
+
+        Never fatal: a missing or bad receipt is logged and reported as an event.
+        """
+        try:
+            signed, t = await self.link.fetch_receipt(round_index, digest)
+        except (AggregatorUnreachable, AggregatorRefused) as e:
+            logger.warning("round %d: no final receipt: %s", round_index, e)
+            return None
+        self.bytes_down += len(t.body)
+        r = signed.receipt
+        problem = check_receipt(signed, aggregate, aggregator_key=self.link_key)
+        if problem is None and (r.update_sha256, r.round) != (digest, round_index):
+            problem = "it answers another update"
+        if problem is not None:
+            logger.warning("round %d: the aggregator's final receipt does not verify: %s", round_index, problem)
+            self.on_event({"event": "receipt-invalid", "round": round_index, "detail": problem})
+            return None
+        if self.options.receipts_dir is not None:
+            try:
+                await asyncio.to_thread(store_receipt, self.options.receipts_dir, signed, aggregate)
+            except ReceiptError as e:
+                logger.warning("round %d: %s", round_index, e)
+        self.receipts += r.accepted
+        self.score += r.score
+        self.on_event(
+            {
+                "event": "receipt",
+                "round": round_index,
+                "accepted": r.accepted,
+                "tokens_credited": r.tokens_credited,
+                "score": r.score,
+                "reason": r.reason,
+                "update": digest.hex()[:16],
+            }
+        )
+        return r.score
 
     @property
     def link_key(self) -> bytes:

@@ -44,6 +44,8 @@ MAX_UPDATE_ENVELOPE_BYTES = 4096
 MAX_RECEIPT_ENVELOPE_BYTES = 4096
 MAX_STATE_ENVELOPE_BYTES = 4096
 MAX_AGGREGATE_ENVELOPE_BYTES = MAX_CONTRIBUTORS * _CONTRIBUTOR_BYTES + 4096
+# A Merkle inclusion proof (incentives/merkle.py): version, leaf index, leaf count, then at most 64 hashes.
+MAX_MERKLE_PROOF_BYTES = 1 + 8 + 8 + 64 * SHA256_BYTES
 
 
 class EnvelopeError(Exception):
@@ -125,6 +127,17 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "timestamp_s": (
         lambda v: type(v) is float and math.isfinite(v) and v >= 0,
         "a finite float >= 0 (seconds since the Unix epoch)",
+    ),
+    "updates_root": _SHA256,
+    "ledger_head": _SHA256,
+    "score": (lambda v: type(v) is float and math.isfinite(v) and v >= 0, "a finite float >= 0"),
+    "ledger_row_hash": (
+        lambda v: isinstance(v, bytes) and len(v) in (0, SHA256_BYTES),
+        f"empty (not yet in the ledger) or a raw sha256 ({SHA256_BYTES} bytes)",
+    ),
+    "merkle_proof": (
+        lambda v: isinstance(v, bytes) and len(v) <= MAX_MERKLE_PROOF_BYTES,
+        f"at most {MAX_MERKLE_PROOF_BYTES} bytes",
     ),
     "contributors": (
         _is_contributors,
@@ -214,6 +227,10 @@ class AggregateHeader(_SignedBody):
     # On the wire: one bin of 40-byte records (key + uint64 big-endian), so no msgpack array is ever long.
     contributors: tuple[tuple[bytes, int], ...] = ()
     timestamp_s: float
+    # Merkle root (incentives/merkle.py) of the UpdateHeader digests this aggregate combined: a receipt's
+    # inclusion proof checks against it, so crediting one set of updates and applying another is evident.
+    updates_root: bytes
+    ledger_head: bytes  # the ledger's chain head after this round's rows: the aggregate commits to the ledger
 
     def __post_init__(self) -> None:
         _SignedBody.__post_init__(self)  # not super(): see _from_wire_fields
@@ -258,6 +275,16 @@ class Receipt(_SignedBody):
     accepted: bool
     reason: str = ""  # why the update was rejected, or a note; "" when there is nothing to say
     timestamp_s: float
+    # Final receipts (issued once the round closed and its ledger rows are durable) fill these; the receipt
+    # that answers an upload on arrival leaves them empty: it only says the update passed the arrival checks.
+    score: float = 0.0  # points credited in the ledger (incentives/scoring.py)
+    ledger_row_hash: bytes = b""  # the update's ledger row hash
+    merkle_proof: bytes = b""  # inclusion proof of update_sha256 under the round's AggregateHeader.updates_root
+
+    @property
+    def is_final(self) -> bool:
+        """Whether this is the round-close receipt (in the ledger) rather than the arrival acknowledgement."""
+        return bool(self.ledger_row_hash)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -6,6 +6,7 @@ Every conversation is one request frame and one reply frame on a fresh libp2p st
     potluck.state      STATE_REQUEST  {"public_key": b32}    STATE      envelope+payload (SignedState, safetensors)
     potluck.submit     SUBMIT         envelope+payload       SUBMIT_REPLY SignedReceipt bytes
     potluck.aggregate  AGGREGATE_REQUEST {"round": n}        AGGREGATE  envelope+payload (SignedAggregate, codec)
+    potluck.receipt    RECEIPT_REQUEST {"round": n, "update": b32}  RECEIPT  SignedReceipt bytes (final)
 
 Either side may answer with an ERROR frame instead. "envelope+payload" is a 4-byte big-endian envelope
 length, the signed envelope's wire bytes, then the payload, so one frame carries both and the envelope
@@ -29,6 +30,7 @@ from potluck.protocol.config import ConfigError, RunConfig, dump_run_config, run
 STATE_HANDLER = "potluck.state"
 SUBMIT_HANDLER = "potluck.submit"
 AGGREGATE_HANDLER = "potluck.aggregate"
+RECEIPT_HANDLER = "potluck.receipt"
 
 # An ERROR frame whose text starts with this is "try again shortly", not "no": callers retry it.
 BUSY_PREFIX = "busy: "
@@ -63,15 +65,19 @@ def unpack_envelope(body: bytes, *, max_envelope_bytes: int) -> tuple[bytes, byt
 
 
 def _unpack_request(body: bytes, key: str, what: str) -> object:
+    return _unpack_request_map(body, (key,), what)[0]
+
+
+def _unpack_request_map(body: bytes, keys: tuple[str, ...], what: str) -> list[object]:
     if len(body) > MAX_REQUEST_BYTES:
         raise MessageError(f"{what} request is {len(body)} bytes, over the {MAX_REQUEST_BYTES}-byte limit")
     try:
         request = msgpack.unpackb(body, raw=False, max_array_len=4, max_map_len=4, max_str_len=64, max_bin_len=64)
     except Exception as e:  # msgpack raises many types on garbage
         raise MessageError(f"{what} request is not valid msgpack ({type(e).__name__})") from e
-    if not isinstance(request, dict) or key not in request:
-        raise MessageError(f"{what} request must be a map with {key!r}")
-    return request[key]
+    if not isinstance(request, dict) or not all(key in request for key in keys):
+        raise MessageError(f"{what} request must be a map with {', '.join(map(repr, keys))}")
+    return [request[key] for key in keys]
 
 
 def state_request(public_key: bytes) -> bytes:
@@ -98,6 +104,21 @@ def parse_aggregate_request(body: bytes) -> int:
     if type(round_index) is not int or not 0 <= round_index < 2**63:
         raise MessageError("aggregate request's round must be a non-negative integer")
     return round_index
+
+
+def receipt_request(round_index: int, update_digest: bytes) -> bytes:
+    """The RECEIPT_REQUEST body: the final receipt of the update named by `update_digest` in round `round_index`."""
+    return msgpack.packb({"round": round_index, "update": update_digest}, use_bin_type=True)
+
+
+def parse_receipt_request(body: bytes) -> tuple[int, bytes]:
+    """(round, UpdateHeader digest) a peer asks the final receipt of."""
+    round_index, digest = _unpack_request_map(body, ("round", "update"), "receipt")
+    if type(round_index) is not int or not 0 <= round_index < 2**63:
+        raise MessageError("receipt request's round must be a non-negative integer")
+    if not isinstance(digest, bytes) or len(digest) != 32:
+        raise MessageError("receipt request's update must be a 32-byte digest")
+    return round_index, digest
 
 
 def encode_state_payload(

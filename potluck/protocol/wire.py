@@ -78,6 +78,8 @@ class MessageKind(IntEnum):
     ERROR = 7  # either side: the request was refused; the body is one line of UTF-8 text
     PROBE = 8  # doctor -> aggregator: timing probe; the body is uploaded bytes, msgpack {"reply_bytes": n} first
     PROBE_REPLY = 9  # aggregator -> doctor: reply_bytes bytes, for a download-rate measurement
+    RECEIPT_REQUEST = 10  # peer -> aggregator: the final receipt of my update in round N
+    RECEIPT = 11  # aggregator -> peer: a SignedReceipt from the ledger, with its Merkle inclusion proof
 
 
 def _version_message(theirs: int) -> str:

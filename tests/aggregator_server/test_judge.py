@@ -116,3 +116,6 @@ def test_the_held_out_check_drops_an_update_that_makes_the_loss_worse_when_enabl
     # Assert
     assert {i: r.check for i, r in enabled.rejections.items()} == {3: "held-out"}
     assert disabled.rejections == {}
+    # the gains the scoring rule weighs credit by: measured for every update checked, none when off
+    assert set(enabled.gains) == set(range(8)) and disabled.gains == {}
+    assert enabled.gains[3] < 0 < min(g for i, g in enabled.gains.items() if i != 3)

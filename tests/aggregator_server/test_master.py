@@ -1,9 +1,12 @@
 """Tests for potluck.aggregator_server.master: closing a round on the master state, as peers will replay it."""
 
+import hashlib
+
 import pytest
 import torch
 
 from potluck.aggregator_server.master import Contribution, MasterState, close_round, initial_master, token_cap
+from potluck.incentives.merkle import merkle_root
 from potluck.protocol.codecs import Codec, make_codec
 from potluck.protocol.config import RunConfig
 from potluck.protocol.identity import generate_identity
@@ -24,9 +27,15 @@ def _delta(seed: int, master: MasterState = MASTER) -> dict[str, torch.Tensor]:
     return {name: 0.01 * torch.randn(shape, generator=generator) for name, shape in master.spec.items()}
 
 
+def _digest(i: int) -> bytes:
+    return hashlib.sha256(b"update %d" % i).digest()
+
+
 def _contributions(master: MasterState = MASTER) -> list[Contribution]:
     return [
-        Contribution(public_key=peer.public_key, decoded=_delta(i, master), tokens=1_000 * (i + 1))
+        Contribution(
+            public_key=peer.public_key, decoded=_delta(i, master), tokens=1_000 * (i + 1), update_digest=_digest(i)
+        )
         for i, peer in enumerate(PEERS)
     ]
 
@@ -112,8 +121,8 @@ def test_updates_are_weighted_by_tokens() -> None:
     ones = {name: torch.ones(shape) for name, shape in MASTER.spec.items()}
     fives = {name: torch.full(shape, 5.0) for name, shape in MASTER.spec.items()}
     contributions = [
-        Contribution(public_key=PEERS[0].public_key, decoded=ones, tokens=3_000),
-        Contribution(public_key=PEERS[1].public_key, decoded=fives, tokens=1_000),
+        Contribution(public_key=PEERS[0].public_key, decoded=ones, tokens=3_000, update_digest=_digest(0)),
+        Contribution(public_key=PEERS[1].public_key, decoded=fives, tokens=1_000, update_digest=_digest(1)),
     ]
     # Execute
     following, _, _ = close_round(MASTER, contributions, cfg=cfg, identity=AGGREGATOR, aggregate_codec=_codec(cfg))
@@ -146,3 +155,15 @@ def test_token_cap_is_one_peers_tokens_per_round(block_size: int | None, expecte
     cfg = RunConfig(model={"size": "tiny", "block_size": block_size}, local_steps=7, inner={"batch_size": 3})
 
     assert token_cap(cfg) == 7 * 3 * expected_block
+
+
+def test_the_aggregate_commits_to_its_updates_and_the_ledger_head() -> None:
+    # Prepare
+    head = hashlib.sha256(b"ledger head").digest()
+    # Execute
+    _, signed, _ = close_round(
+        MASTER, _contributions(), cfg=CFG, identity=AGGREGATOR, aggregate_codec=_codec(), ledger_head=head
+    )
+    # Assert
+    assert signed.header.updates_root == merkle_root([_digest(i) for i in range(len(PEERS))])
+    assert signed.header.ledger_head == head

@@ -71,6 +71,19 @@ def test_points_sum_the_credit_per_peer_and_rejected_updates_earn_nothing(tmp_pa
     assert list(points) == [bytes([2]) * 32, bytes([1]) * 32, bytes([3]) * 32]
 
 
+def test_recent_weights_are_a_peers_accepted_weights_newest_first(tmp_path: Path) -> None:
+    # Prepare: updates 1, 4 and 7 are peer 2's; 4 is rejected
+    peer = bytes([2]) * 32
+    with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
+        ledger.append_round(round_index=0, entries=[entry(1, weight=10.0), entry(2)], identity=AGGREGATOR)
+        ledger.append_round(round_index=1, entries=[entry(4, accepted=False)], identity=AGGREGATOR)
+        ledger.append_round(round_index=2, entries=[entry(7, weight=30.0)], identity=AGGREGATOR)
+        # Execute / Assert
+        assert ledger.recent_weights(peer) == [30.0, 10.0]
+        assert ledger.recent_weights(peer, limit=1) == [30.0]
+        assert ledger.recent_weights(bytes([9]) * 32) == []
+
+
 def test_each_round_is_appended_once_and_in_order(tmp_path: Path) -> None:
     path = fill_ledger(tmp_path)
     with Ledger.open(path) as ledger:

@@ -180,6 +180,8 @@ class Nodes:
             "127.0.0.1",
             "--port",
             str(port),
+            "--http-port",
+            "0",
         ]
         for key, value in settings.items():
             args += ["--set", f"{key.replace('__', '.')}={value}"]
@@ -187,6 +189,8 @@ class Nodes:
 
     def peer(self, name: str, join: str, *args: str) -> Node:
         """A peer joining `join`, with its own key in the work directory."""
+        if "--receipts" not in args:  # never the user's ~/.potluck
+            args = (*args, "--receipts", str(self.work_dir / f"{name}-receipts"))
         return self.start(name, "peer", "--join", join, "--identity", str(self.work_dir / f"{name}.key"), *args)
 
     def stop(self) -> None:

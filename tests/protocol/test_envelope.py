@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.envelope import (
     MAX_CONTRIBUTORS,
+    MAX_MERKLE_PROOF_BYTES,
     AggregateHeader,
     EnvelopeError,
     Receipt,
@@ -70,6 +71,8 @@ def _aggregate_header(**changes: Any) -> AggregateHeader:
         state_sha256=hashlib.sha256(b"master state").digest(),
         contributors=((PEER.public_key, 65_536), (b"\x07" * 32, 1_000)),
         timestamp_s=1_700_000_060.5,
+        updates_root=hashlib.sha256(b"updates root").digest(),
+        ledger_head=hashlib.sha256(b"ledger head").digest(),
     )
     return AggregateHeader(**(values | changes))
 
@@ -86,6 +89,9 @@ def _receipt(**changes: Any) -> Receipt:
         accepted=True,
         reason="",
         timestamp_s=1_700_000_061.0,
+        score=65_536.0,
+        ledger_row_hash=hashlib.sha256(b"ledger row").digest(),
+        merkle_proof=bytes([1]) + bytes(8) + (2).to_bytes(8, "big") + hashlib.sha256(b"sibling").digest(),
     )
     return Receipt(**(values | changes))
 
@@ -286,7 +292,7 @@ def test_signed_bytes_are_spelled_exactly_as_documented() -> None:
     # Prepare: the wire format spelled by hand, msgpack byte by byte. If this test fails, every node's
     # signatures change: bump PROTOCOL_VERSION rather than editing the expected bytes.
     config_hash = "0" * 64
-    common = b"\x01" + b"\xa1r" + b"\xd9\x40" + b"0" * 64 + b"\x01"  # version 1, run "r", str8 hash, round 1
+    common = b"\x02" + b"\xa1r" + b"\xd9\x40" + b"0" * 64 + b"\x01"  # version 2, run "r", str8 hash, round 1
     key, zeros = b"\xc4\x20" + bytes(range(32)), b"\xc4\x20" + bytes(32)  # bin8 of 32 bytes
     timestamp = b"\xcb" + struct.pack(">d", 1.5)  # always float64
     update = UpdateHeader(
@@ -315,6 +321,8 @@ def test_signed_bytes_are_spelled_exactly_as_documented() -> None:
         state_sha256=bytes(32),
         contributors=((bytes(32), 5),),
         timestamp_s=1.5,
+        updates_root=bytes(32),
+        ledger_head=bytes(32),
     )
     receipt = Receipt(
         run_id="r",
@@ -334,14 +342,15 @@ def test_signed_bytes_are_spelled_exactly_as_documented() -> None:
         + b"\x01" + key + b"\x02\x03" + b"\xa4none" + b"\x04" + zeros + b"\xc4\x10" + bytes(16) + timestamp
     )  # fmt: skip
     assert aggregate.signed_bytes() == (
-        b"potluck/aggregate/v1\0" + b"\x9c" + common  # array of 12
+        b"potluck/aggregate/v1\0" + b"\x9e" + common  # array of 14
         + b"\x02" + key + b"\xa4none" + b"\x04" + zeros + zeros
         + b"\xc4\x28" + bytes(32) + (5).to_bytes(8, "big")  # contributors: one 40-byte record
-        + timestamp
+        + timestamp + zeros + zeros  # updates_root, ledger_head
     )  # fmt: skip
     assert receipt.signed_bytes() == (
-        b"potluck/receipt/v1\0" + b"\x9b" + common  # array of 11
+        b"potluck/receipt/v1\0" + b"\x9e" + common  # array of 14
         + zeros + key + zeros + b"\x02" + b"\xc2" + b"\xa4late" + timestamp
+        + b"\xcb" + struct.pack(">d", 0.0) + b"\xc4\x00" + b"\xc4\x00"  # score, no ledger row, no proof yet
     )  # fmt: skip
 
 
@@ -383,6 +392,8 @@ _AGGREGATE_FIELDS = st.fixed_dictionaries(
         "state_sha256": _SHA256,
         "contributors": st.dictionaries(_KEYS, _COUNTS, max_size=20).map(lambda d: list(d.items())),
         "timestamp_s": _TIMES,
+        "updates_root": _SHA256,
+        "ledger_head": _SHA256,
     }
 )
 _RECEIPT_FIELDS = st.fixed_dictionaries(
@@ -397,6 +408,9 @@ _RECEIPT_FIELDS = st.fixed_dictionaries(
         "accepted": st.booleans(),
         "reason": _text(512, min_size=0),
         "timestamp_s": _TIMES,
+        "score": st.floats(min_value=0, max_value=1e18, allow_nan=False, allow_infinity=False),
+        "ledger_row_hash": st.one_of(st.just(b""), _SHA256),
+        "merkle_proof": st.binary(max_size=MAX_MERKLE_PROOF_BYTES),
     }
 )
 

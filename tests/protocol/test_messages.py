@@ -19,7 +19,9 @@ from potluck.protocol.messages import (
     encode_state_payload,
     pack_envelope,
     parse_aggregate_request,
+    parse_receipt_request,
     parse_state_request,
+    receipt_request,
     state_request,
     unpack_envelope,
 )
@@ -114,8 +116,29 @@ def test_aggregate_request_round_trips(round_index: int) -> None:
 
 
 @HYPOTHESIS
+@given(round_index=st.integers(min_value=0, max_value=2**63 - 1), digest=st.binary(min_size=32, max_size=32))
+def test_receipt_request_round_trips(round_index: int, digest: bytes) -> None:
+    assert parse_receipt_request(receipt_request(round_index, digest)) == (round_index, digest)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        msgpack.packb({"round": 1}),  # no update
+        msgpack.packb({"round": -1, "update": bytes(32)}),
+        msgpack.packb({"round": 1, "update": bytes(31)}),
+        msgpack.packb({"round": 1, "update": "x" * 32}),
+    ],
+)
+def test_a_malformed_receipt_request_is_one_line_message_error(body: bytes) -> None:
+    with pytest.raises(MessageError) as error:
+        parse_receipt_request(body)
+    _assert_one_line(error.value)
+
+
+@HYPOTHESIS
 @given(data=st.binary(max_size=2 * MAX_REQUEST_BYTES))
-@pytest.mark.parametrize("parse", [parse_state_request, parse_aggregate_request])
+@pytest.mark.parametrize("parse", [parse_state_request, parse_aggregate_request, parse_receipt_request])
 def test_random_request_bytes_raise_only_message_error(parse: object, data: bytes) -> None:
     try:
         parse(data)  # type: ignore[operator]

@@ -255,6 +255,8 @@ def test_message_kind_values_are_stable() -> None:
         "ERROR": 7,
         "PROBE": 8,
         "PROBE_REPLY": 9,
+        "RECEIPT_REQUEST": 10,
+        "RECEIPT": 11,
     }
     assert encode_header(MessageKind.SUBMIT, 258) == b"PLK" + bytes([PROTOCOL_VERSION, 3]) + (258).to_bytes(8, "big")
 

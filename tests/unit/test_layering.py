@@ -12,7 +12,7 @@ ALLOWED = {
     "protocol": set(),
     "training": {"protocol"},
     "incentives": {"protocol"},
-    "peer": {"protocol", "training"},
+    "peer": {"protocol", "training", "incentives"},  # a volunteer checks its own receipts
     "aggregator_server": {"protocol", "training", "incentives"},
     "web": {"protocol"},
     # red team only: it drives a peer, but nothing imports it (see the test below)

@@ -1,0 +1,136 @@
+"""What a round writes to the ledger, and the final receipts read back from it.
+
+At round close the aggregator turns its decision into one `LedgerEntry` per received update: the
+updates refused on arrival (whose signature verified: an unsigned upload is nobody's), the ones the
+round's checks dropped, and the kept ones with their weight and credit (incentives/scoring.py).
+After the rows are durable, a peer's final receipt is built from them: its row hash, its score, and
+the Merkle proof that its update is under the aggregate's `updates_root`.
+"""
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+from potluck.aggregator_server.judge import Verdict
+from potluck.aggregator_server.rounds import Accepted
+from potluck.aggregator_server.validation import Rejection
+from potluck.incentives.ledger_format import LedgerEntry, LedgerRow
+from potluck.incentives.merkle import merkle_proof, proof_to_bytes
+from potluck.incentives.scoring import ScoringRule, credit
+from potluck.protocol.envelope import MAX_REASON_CHARS, Receipt, SignedReceipt, SignedUpdate, sign_receipt
+from potluck.protocol.identity import Identity
+
+HISTORY_ROUNDS = 16  # a peer's own past claims the scoring rule looks at
+RUN_RULE = ScoringRule()  # the scoring rule's knobs (documented defaults; not part of the run config yet)
+
+
+def _printable(text: str, max_chars: int = MAX_REASON_CHARS) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in text)[:max_chars]
+
+
+def refused_entry(update: SignedUpdate, *, payload_bytes: int, rejection: Rejection, received_s: float) -> LedgerEntry:
+    """The row of an update refused on arrival (its signature verified): no weight, no credit."""
+    h = update.header
+    return LedgerEntry(
+        peer_public_key=h.peer_public_key,
+        tokens_claimed=h.tokens,
+        weight=0.0,
+        credit=0.0,
+        accepted=False,
+        check=_printable(rejection.check, 64) or "refused",
+        detail=_printable(rejection.detail),
+        payload_sha256=h.payload_sha256,
+        update_digest=h.digest(),
+        payload_bytes=payload_bytes,
+        time_s=received_s,
+    )
+
+
+def round_entries(
+    accepted: Sequence[Accepted],
+    verdict: Verdict,
+    *,
+    token_cap: int,
+    history: Callable[[bytes], Sequence[float]],
+    rule: ScoringRule = RUN_RULE,
+) -> list[LedgerEntry]:
+    """One row per update the round judged (`accepted` in the order `verdict` indexes), credits included.
+
+    `history(key)` is the peer's recent accepted weights (its claim history for the scoring rule).
+    """
+    kept = dict(zip(verdict.kept, verdict.weights, strict=True))
+    claims = [accepted[i].update.header.tokens for i in verdict.kept]
+    kept_gains = [verdict.gains[i] for i in verdict.kept if i in verdict.gains]
+    median_gain = statistics.median(kept_gains) if kept_gains else None
+    entries = []
+    for i, a in enumerate(accepted):
+        h = a.update.header
+        rejection = verdict.rejections.get(i)
+        if rejection is not None:
+            entries.append(
+                refused_entry(a.update, payload_bytes=len(a.payload), rejection=rejection, received_s=a.received_s)
+            )
+            continue
+        points = credit(
+            h.tokens,
+            accepted=True,
+            round_claims=claims,
+            history=[int(w) for w in history(h.peer_public_key)],
+            token_cap=token_cap,
+            gain=verdict.gains.get(i),
+            median_gain=median_gain,
+            rule=rule,
+        )
+        entries.append(
+            LedgerEntry(
+                peer_public_key=h.peer_public_key,
+                tokens_claimed=h.tokens,
+                weight=float(int(kept[i])),  # the tokens the aggregate's contributor list credits
+                credit=points,
+                accepted=True,
+                payload_sha256=h.payload_sha256,
+                update_digest=h.digest(),
+                payload_bytes=len(a.payload),
+                time_s=a.received_s,
+            )
+        )
+    return entries
+
+
+def final_receipt(
+    rows: Sequence[LedgerRow],
+    update_digest: bytes,
+    *,
+    run_id: str,
+    config_hash: str,
+    identity: Identity,
+) -> SignedReceipt | None:
+    """The signed final receipt of the update named `update_digest` among one round's ledger `rows`, or None.
+
+    An accepted update's receipt carries the Merkle proof of its digest among the round's accepted
+    digests: the leaves of the aggregate's `updates_root`.
+    """
+    row = next((r for r in rows if r.entry.update_digest == update_digest), None)
+    if row is None:
+        return None
+    e = row.entry
+    proof = b""
+    if e.accepted:
+        leaves = [r.entry.update_digest for r in rows if r.entry.accepted]
+        proof = proof_to_bytes(merkle_proof(leaves, update_digest))
+    receipt = Receipt(
+        run_id=run_id,
+        config_hash=config_hash,
+        round=row.round,
+        peer_public_key=e.peer_public_key,
+        aggregator_public_key=identity.public_key,
+        update_sha256=update_digest,
+        tokens_credited=int(e.weight) if e.accepted else 0,
+        accepted=e.accepted,
+        reason="" if e.accepted else f"{e.check}: {e.detail}"[:MAX_REASON_CHARS],
+        timestamp_s=time.time(),
+        score=float(e.credit),
+        ledger_row_hash=row.row_hash,
+        merkle_proof=proof,
+    )
+    return sign_receipt(receipt, identity)
