@@ -71,11 +71,13 @@ def main() -> None:
                 "wait_s": _mean([e["wait_s"] for e in per_peer]),
                 "aggregation_s": closed["aggregation_s"],
                 "download_s": _mean([e["download_s"] for e in per_peer]),
+                "receipt_s": _mean([e.get("receipt_s", 0.0) for e in per_peer]),
                 "bytes_up": _mean([e["bytes_up"] for e in per_peer]),
                 "bytes_down": _mean([e["bytes_down"] for e in per_peer]),
             }
         )
-    keys = ["wall_s", "compute_s", "upload_s", "wait_s", "aggregation_s", "download_s", "bytes_up", "bytes_down"]
+    keys = ["wall_s", "compute_s", "upload_s", "wait_s", "aggregation_s", "download_s", "receipt_s"]
+    keys += ["bytes_up", "bytes_down"]
     means = {k: _mean([row[k] for row in rows]) for k in keys}
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
@@ -85,11 +87,12 @@ def main() -> None:
         f"held-out loss {result['initial_val_loss']:.3f} -> {result['final_val_loss']:.3f}, "
         f"{result['num_params']:,} parameters; means over rounds 1-{args.rounds - 1} (round 0 includes start-up).",
         "",
-        "| round wall | compute | upload | wait | aggregation | download | bytes up/peer | bytes down/peer |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| round wall | compute | upload | wait | aggregation | download | receipt | bytes up/peer "
+        "| bytes down/peer |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {means['wall_s']:.3f} s | {means['compute_s']:.3f} s | {means['upload_s'] * 1000:.1f} ms "
         f"| {means['wait_s']:.3f} s | {means['aggregation_s'] * 1000:.1f} ms | {means['download_s'] * 1000:.2f} ms "
-        f"| {means['bytes_up']:,.0f} | {means['bytes_down']:,.0f} |",
+        f"| {means['receipt_s'] * 1000:.1f} ms | {means['bytes_up']:,.0f} | {means['bytes_down']:,.0f} |",
     ]
     text = "\n".join(lines)
     print(text)

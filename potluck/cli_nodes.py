@@ -167,6 +167,12 @@ def aggregator(
     max_rounds: Annotated[
         int | None, typer.Option("--max-rounds", help="Leave after closing this many rounds.", min=1)
     ] = None,
+    wait_for_peers: Annotated[
+        int,
+        typer.Option(
+            "--wait-for-peers", help="Keep the first round open (up to its deadline) until N peers joined.", min=0
+        ),
+    ] = 0,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override one config field, e.g. --set local_steps=20; repeatable."),
@@ -211,6 +217,7 @@ def aggregator(
         initial_peers=tuple(join or ()),
         multiaddr_file=multiaddr_file,
         max_rounds=max_rounds,
+        wait_for_peers=wait_for_peers,
     )
     from potluck.node_web import DEFAULT_HTTP_PORT, PageOptions, aggregator_app, aggregator_page, serve_with_page
 

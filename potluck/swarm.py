@@ -212,6 +212,8 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
                     str(threads),
                     "--http-port",
                     str(options.http_port),
+                    "--wait-for-peers",
+                    str(options.peers),
                     "--json",
                 ],
                 work_dir=work_dir,

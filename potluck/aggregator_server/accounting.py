@@ -4,21 +4,25 @@ At round close the aggregator turns its decision into one `LedgerEntry` per rece
 updates refused on arrival (whose signature verified: an unsigned upload is nobody's), the ones the
 round's checks dropped, and the kept ones with their weight and credit (incentives/scoring.py).
 After the rows are durable, a peer's final receipt is built from them: its row hash, its score, and
-the Merkle proof that its update is under the aggregate's `updates_root`.
+the Merkle proof that its update is under the aggregate's `updates_root`. At start the state dir's
+ledger is checked to be this aggregator's and no further than its checkpoint.
 """
 
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from potluck.aggregator_server.judge import Verdict
 from potluck.aggregator_server.rounds import Accepted
+from potluck.aggregator_server.setup import SetupError
 from potluck.aggregator_server.validation import Rejection
-from potluck.incentives.ledger_format import LedgerEntry, LedgerRow
+from potluck.incentives.ledger import Ledger, LedgerError
+from potluck.incentives.ledger_format import LedgerEntry, LedgerRow, SignedHead
 from potluck.incentives.merkle import merkle_proof, proof_to_bytes
 from potluck.incentives.scoring import ScoringRule, credit
 from potluck.protocol.envelope import MAX_REASON_CHARS, Receipt, SignedReceipt, SignedUpdate, sign_receipt
-from potluck.protocol.identity import Identity
+from potluck.protocol.identity import Identity, fingerprint
 
 HISTORY_ROUNDS = 16  # a peer's own past claims the scoring rule looks at
 RUN_RULE = ScoringRule()  # the scoring rule's knobs (documented defaults; not part of the run config yet)
@@ -134,3 +138,40 @@ def final_receipt(
         merkle_proof=proof,
     )
     return sign_receipt(receipt, identity)
+
+
+def open_ledger(path: Path, *, identity: Identity, round_index: int) -> Ledger:
+    """The state dir's ledger, checked to belong to this aggregator and to be at most the open round."""
+    try:
+        ledger = Ledger.open(path)
+        head = ledger.head()
+    except LedgerError as e:
+        raise SetupError(str(e)) from e
+    if head is not None and head.aggregator_public_key != identity.public_key:
+        ledger.close()
+        raise SetupError(
+            f"{path} is signed by aggregator {fingerprint(head.aggregator_public_key)}, not this one "
+            f"({identity.fingerprint}); use that aggregator's --identity or another --state-dir"
+        )
+    if head is not None and head.round > round_index:
+        ledger.close()
+        raise SetupError(
+            f"{path} records round {head.round} but the checkpoint is at round {round_index}; "
+            "the state dir's checkpoint is missing or older than its ledger: use another --state-dir"
+        )
+    return ledger
+
+
+def head_event(head: SignedHead | None) -> dict[str, object] | None:
+    """A signed ledger head as JSON-able values (hex for bytes), for events and the status page."""
+    if head is None:
+        return None
+    return {
+        "round": head.round,
+        "last_row_id": head.last_row_id,
+        "head_hash": head.head_hash.hex(),
+        "row_count": head.row_count,
+        "timestamp_s": head.timestamp_s,
+        "aggregator_public_key": head.aggregator_public_key.hex(),
+        "signature": head.signature.hex(),
+    }

@@ -27,7 +27,14 @@ from pathlib import Path
 
 import torch
 
-from potluck.aggregator_server.accounting import HISTORY_ROUNDS, final_receipt, refused_entry, round_entries
+from potluck.aggregator_server.accounting import (
+    HISTORY_ROUNDS,
+    final_receipt,
+    head_event,
+    open_ledger,
+    refused_entry,
+    round_entries,
+)
 from potluck.aggregator_server.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -56,7 +63,7 @@ from potluck.aggregator_server.validation import (
     check_signature,
     decode_update,
 )
-from potluck.incentives.ledger import Ledger, LedgerError
+from potluck.incentives.ledger import LedgerError
 from potluck.incentives.ledger_format import LedgerRow, SignedHead
 from potluck.protocol.codecs import make_codec
 from potluck.protocol.config import RunConfig
@@ -84,7 +91,7 @@ from potluck.protocol.messages import (
     pack_envelope,
     parse_aggregate_request,
     parse_receipt_request,
-    parse_state_request,
+    parse_state_request_mode,
     unpack_envelope,
 )
 from potluck.protocol.node import Node, start_node
@@ -126,6 +133,9 @@ class ServerOptions:
     eval_batches: int = 8
     linger_s: float = 20.0  # after the last round, keep serving its aggregate this long for slow peers
     announce_every_s: float = 10.0
+    # Keep the first round open (up to its deadline) until this many peers have downloaded the state: a
+    # local swarm's peers start together, and a round closed before most have joined is judged on too few.
+    wait_for_peers: int = 0
 
 
 class AggregatorServer:
@@ -166,7 +176,7 @@ class AggregatorServer:
                 "use another --state-dir to start a new run"
             )
         self.resumed = checkpoint is not None
-        self.ledger = _open_ledger(options.state_dir / LEDGER_FILE, identity=identity, round_index=self.master.round)
+        self.ledger = open_ledger(options.state_dir / LEDGER_FILE, identity=identity, round_index=self.master.round)
         self.current = OpenRound(
             index=self.master.round, deadline_s=cfg.round_deadline_s, target_tokens=cfg.target_tokens_per_round
         )
@@ -249,9 +259,10 @@ class AggregatorServer:
                     "codec": self.codec.name,
                     "aggregate_codec": self.aggregate_codec.name,
                     "leaderboard": await asyncio.to_thread(self._leaderboard),
-                    "ledger_head": _head_event(self.ledger.head()),
+                    "ledger_head": head_event(self.ledger.head()),
                 }
             )
+            self.current.extend()  # the first deadline counts from now, not from loading the checkpoint
             self._round_opened()
             announcer = asyncio.create_task(self._announce_forever(node))
             await self._round_loop()
@@ -301,6 +312,8 @@ class AggregatorServer:
     async def _round_loop(self) -> None:
         while not self._done():
             reason = self.current.close_reason()
+            if reason in ("tokens", "all-reported") and self._waiting_for_peers():
+                reason = None
             if self._close_requested and self.current.accepted:
                 reason = "admin"
             if reason is None:
@@ -418,7 +431,7 @@ class AggregatorServer:
                 "time_s": time.time(),
                 "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out,
-                "ledger_head": _head_event(head),
+                "ledger_head": head_event(head),
                 "credits": [
                     {
                         "fingerprint": fingerprint(r.entry.peer_public_key),
@@ -429,6 +442,10 @@ class AggregatorServer:
                 ],
             }
         )
+
+    def _waiting_for_peers(self) -> bool:
+        """Whether the first round still waits for `wait_for_peers` peers to join (see ServerOptions)."""
+        return self.rounds_closed == 0 and len(self.current.expected) < self.options.wait_for_peers
 
     async def _judge_and_record(self, closing: OpenRound) -> SignedHead | None:
         """Judge the closing round and commit its ledger rows; None if it cannot close yet (nothing kept, or
@@ -620,14 +637,26 @@ class AggregatorServer:
 
     async def _handle_state(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         _, body = await _read(reader, MessageKind.STATE_REQUEST, MAX_REQUEST_BYTES)
-        key = parse_state_request(body)
+        key, client_mode = parse_state_request_mode(body)
         if self.finished:
             raise _Refusal(f"run {self.cfg.run_name!r} has finished at round {self.master.round}")
         async with self._lock:  # not mid-close: a joiner gets the state of the round it will be waited for in
             if key not in self.current.accepted:
                 self.current.expect(key, late=False)
+                wanted = self.options.wait_for_peers
+                if wanted and self.rounds_closed == 0 and len(self.current.expected) == wanted:
+                    self.current.extend()  # everyone the first round waited for is here: give them a full deadline
             body = await self._state_frame()
         self.bytes_out += len(body)
+        self.on_event(
+            {
+                "event": "joined",
+                "fingerprint": fingerprint(key),
+                "round": self.current.index,
+                "client_mode": client_mode,  # as the peer says: unauthenticated, shown on the status page only
+                "time_s": time.time(),
+            }
+        )
         await write_frame(writer, kind=MessageKind.STATE, body=body)
 
     async def _state_frame(self) -> bytes:
@@ -823,43 +852,6 @@ class AggregatorServer:
 
 # Rejections raised before the signature is known good: the ledger cannot say whose upload it was.
 _UNATTRIBUTED = frozenset({"signature", "banned", "finished"})
-
-
-def _open_ledger(path: Path, *, identity: Identity, round_index: int) -> Ledger:
-    """The state dir's ledger, checked to belong to this aggregator and to be at most the open round."""
-    try:
-        ledger = Ledger.open(path)
-        head = ledger.head()
-    except LedgerError as e:
-        raise SetupError(str(e)) from e
-    if head is not None and head.aggregator_public_key != identity.public_key:
-        ledger.close()
-        raise SetupError(
-            f"{path} is signed by aggregator {fingerprint(head.aggregator_public_key)}, not this one "
-            f"({identity.fingerprint}); use that aggregator's --identity or another --state-dir"
-        )
-    if head is not None and head.round > round_index:
-        ledger.close()
-        raise SetupError(
-            f"{path} records round {head.round} but the checkpoint is at round {round_index}; "
-            "the state dir's checkpoint is missing or older than its ledger: use another --state-dir"
-        )
-    return ledger
-
-
-def _head_event(head: SignedHead | None) -> dict[str, object] | None:
-    """A signed ledger head as JSON-able values (hex for bytes), for events and the status page."""
-    if head is None:
-        return None
-    return {
-        "round": head.round,
-        "last_row_id": head.last_row_id,
-        "head_hash": head.head_hash.hex(),
-        "row_count": head.row_count,
-        "timestamp_s": head.timestamp_s,
-        "aggregator_public_key": head.aggregator_public_key.hex(),
-        "signature": head.signature.hex(),
-    }
 
 
 class _Refusal(Exception):

@@ -134,12 +134,14 @@ class AggregatorLink:
             body=reply_body, sent_bytes=HEADER_BYTES + len(body), wait_s=first - started, transfer_s=done - first
         )
 
-    async def fetch_state(self, public_key: bytes, *, timeout_s: float = 300) -> tuple[SignedState, bytes, Transfer]:
+    async def fetch_state(
+        self, public_key: bytes, *, timeout_s: float = 300, client_mode: bool | None = None
+    ) -> tuple[SignedState, bytes, Transfer]:
         """The aggregator's signed state (unverified: the caller checks it against the run's keys)."""
         t = await self._call(
             STATE_HANDLER,
             kind=MessageKind.STATE_REQUEST,
-            body=state_request(public_key),
+            body=state_request(public_key, client_mode=client_mode),
             reply=MessageKind.STATE,
             max_reply_bytes=self.max_state_bytes,
             timeout_s=timeout_s,

@@ -211,7 +211,9 @@ class PeerRunner:
                 self.on_event({"event": "state-refused", "aggregator": source, "detail": str(e)})
 
     async def _sync(self) -> _Master:
-        signed, payload, t = await self.link.fetch_state(self.identity.public_key)
+        signed, payload, t = await self.link.fetch_state(
+            self.identity.public_key, client_mode=self.options.client_mode
+        )
         self.bytes_down += len(payload) + t.sent_bytes
         trusted = self.announcement.public_key
         try:
@@ -293,7 +295,9 @@ class PeerRunner:
             self.rejected += not accepted
             if not self._apply(master, signed, payload, aggregate_codec=aggregate_codec, spec=spec):
                 master = await self._retrying("downloading the state", self._sync_from_any)
-            points = await self._collect_receipt(r, update.header.digest(), signed) if received else None
+            points, receipt_bytes, receipt_s = None, 0, 0.0
+            if received:
+                points, receipt_bytes, receipt_s = await self._collect_receipt(r, update.header.digest(), signed)
             self.rounds_done += 1
             self.on_event(
                 {
@@ -306,12 +310,13 @@ class PeerRunner:
                     "reason": reason,
                     "update": update.header.digest().hex()[:16],  # names this upload in the aggregator's events
                     "bytes_up": up.sent_bytes,
-                    "bytes_down": down.sent_bytes + len(down.body) + len(up.body),
+                    "bytes_down": down.sent_bytes + len(down.body) + len(up.body) + receipt_bytes,
                     "compute_s": work.compute_s,
                     "upload_s": up.wait_s + up.transfer_s,
                     "wait_s": down.wait_s,
                     "download_s": down.transfer_s,
                     "points": points,  # credited by the final receipt (None: no receipt checked out)
+                    "receipt_s": receipt_s,  # fetching and checking it
                 }
             )
         if master.round >= cfg.rounds:
@@ -353,17 +358,22 @@ class PeerRunner:
             batch_size=self.options.batch_size,
         )
 
-    async def _collect_receipt(self, round_index: int, digest: bytes, aggregate: SignedAggregate) -> float | None:
-        """Fetch this round's final receipt, check it (signature, Merkle proof) and keep it; its points, or None.
+    async def _collect_receipt(
+        self, round_index: int, digest: bytes, aggregate: SignedAggregate
+    ) -> tuple[float | None, int, float]:
+        """Fetch this round's final receipt, check it (signature, Merkle proof) and keep it.
 
-        Never fatal: a missing or bad receipt is logged and reported as an event.
+        Returns (its points or None, bytes received, seconds taken). Never fatal: a missing or bad
+        receipt is logged and reported as an event.
         """
+        started = time.perf_counter()
         try:
             signed, t = await self.link.fetch_receipt(round_index, digest)
         except (AggregatorUnreachable, AggregatorRefused) as e:
             logger.warning("round %d: no final receipt: %s", round_index, e)
-            return None
+            return None, 0, time.perf_counter() - started
         self.bytes_down += len(t.body)
+        self.bytes_up += t.sent_bytes
         r = signed.receipt
         problem = check_receipt(signed, aggregate, aggregator_key=self.link_key)
         if problem is None and (r.update_sha256, r.round) != (digest, round_index):
@@ -371,7 +381,7 @@ class PeerRunner:
         if problem is not None:
             logger.warning("round %d: the aggregator's final receipt does not verify: %s", round_index, problem)
             self.on_event({"event": "receipt-invalid", "round": round_index, "detail": problem})
-            return None
+            return None, len(t.body), time.perf_counter() - started
         if self.options.receipts_dir is not None:
             try:
                 await asyncio.to_thread(store_receipt, self.options.receipts_dir, signed, aggregate)
@@ -390,7 +400,7 @@ class PeerRunner:
                 "update": digest.hex()[:16],
             }
         )
-        return r.score
+        return r.score, len(t.body), time.perf_counter() - started
 
     @property
     def link_key(self) -> bytes:

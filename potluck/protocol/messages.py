@@ -80,17 +80,29 @@ def _unpack_request_map(body: bytes, keys: tuple[str, ...], what: str) -> list[o
     return [request[key] for key in keys]
 
 
-def state_request(public_key: bytes) -> bytes:
-    """The STATE_REQUEST body: who asks, so the aggregator expects an update from it in the open round."""
-    return msgpack.packb({"public_key": public_key}, use_bin_type=True)
+def state_request(public_key: bytes, *, client_mode: bool | None = None) -> bytes:
+    """The STATE_REQUEST body: who asks, so the aggregator expects an update from it in the open round.
+
+    `client_mode`: whether the peer dials out only (behind a NAT), for the status page; None: unsaid.
+    """
+    request: dict[str, object] = {"public_key": public_key}
+    if client_mode is not None:
+        request["client_mode"] = client_mode
+    return msgpack.packb(request, use_bin_type=True)
 
 
 def parse_state_request(body: bytes) -> bytes:
     """The requester's claimed public key (unauthenticated: used only to wait for its update)."""
+    return parse_state_request_mode(body)[0]
+
+
+def parse_state_request_mode(body: bytes) -> tuple[bytes, bool | None]:
+    """(claimed public key, claimed client mode or None); both unauthenticated, for waiting and display only."""
     key = _unpack_request(body, "public_key", "state")
     if not isinstance(key, bytes) or len(key) != 32:
         raise MessageError("state request's public_key must be 32 bytes")
-    return key
+    mode = msgpack.unpackb(body, raw=False, max_map_len=4, max_str_len=64, max_bin_len=64).get("client_mode")
+    return key, mode if type(mode) is bool else None
 
 
 def aggregate_request(round_index: int) -> bytes:

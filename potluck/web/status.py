@@ -75,6 +75,7 @@ class RunStatus:
             "ready": self._on_ready,
             "round-open": self._on_round_open,
             "received": self._on_received,
+            "joined": self._on_joined,
             "rejected": self._on_rejected,
             "banned": self._on_banned,
             "unbanned": self._on_unbanned,
@@ -83,6 +84,7 @@ class RunStatus:
             "done": self._on_done,
         }
         self._run: dict[str, Any] = {}  # the ready event's description of the run
+        self._client_modes: OrderedDict[str, str] = OrderedDict()  # fingerprint -> as it said when it joined
         self._maddrs: list[str] = []
         self._phase: Phase = "starting"
         self._round: int | None = None  # the round being collected
@@ -165,6 +167,16 @@ class RunStatus:
         round_index = integer(e, "round")
         if round_index is not None:
             peer.saw_round(round_index)
+
+    def _on_joined(self, e: Mapping[str, Any]) -> None:
+        # A state download names a key without proving it: keep the mode aside (bounded), not as a peer.
+        who, mode = text(e, "fingerprint"), e.get("client_mode")
+        if who is None or type(mode) is not bool:
+            return
+        self._client_modes[who] = "client" if mode else "listening"  # dials out only, or accepts connections
+        self._client_modes.move_to_end(who)
+        if len(self._client_modes) > MAX_PEERS:
+            self._client_modes.popitem(last=False)
 
     def _on_rejected(self, e: Mapping[str, Any]) -> None:
         check = text(e, "check", default="unknown", max_chars=64)
@@ -369,7 +381,7 @@ class RunStatus:
                     "banned": p.banned,
                     "ban_reason": p.ban_reason,
                     "points": self._standings[who].points if who in self._standings else None,
-                    "client_mode": None,  # the aggregator does not learn a peer's client mode (yet)
+                    "client_mode": self._client_modes.get(who),
                 }
                 for who, p in newest_first
             ]

@@ -21,6 +21,7 @@ from potluck.protocol.messages import (
     parse_aggregate_request,
     parse_receipt_request,
     parse_state_request,
+    parse_state_request_mode,
     receipt_request,
     state_request,
     unpack_envelope,
@@ -107,6 +108,22 @@ def test_random_bodies_unpack_within_limits_or_raise_message_error(body: bytes, 
 @given(key=st.binary(min_size=32, max_size=32))
 def test_state_request_round_trips(key: bytes) -> None:
     assert parse_state_request(state_request(key)) == key
+
+
+@pytest.mark.parametrize("client_mode", [True, False, None])
+def test_a_state_request_may_say_the_peers_client_mode(client_mode: bool | None) -> None:
+    key = bytes(range(32))
+
+    body = state_request(key, client_mode=client_mode)
+
+    assert parse_state_request_mode(body) == (key, client_mode)
+    assert parse_state_request(body) == key
+
+
+def test_a_non_bool_client_mode_is_ignored() -> None:
+    body = msgpack.packb({"public_key": bytes(32), "client_mode": "yes"})
+
+    assert parse_state_request_mode(body) == (bytes(32), None)
 
 
 @HYPOTHESIS

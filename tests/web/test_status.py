@@ -133,6 +133,17 @@ def test_peers_show_activity_verdicts_last_rejection_and_bans(run_status: RunSta
     assert [p["fingerprint"] for p in run_status.peers(limit=1)] == [ALICE]  # most recently seen first
 
 
+def test_a_peers_client_mode_is_what_it_said_when_it_joined(run_status: RunStatus) -> None:
+    # Execute: ALICE downloads the state again, saying she dials out only; a stranger joins and never uploads
+    run_status.handle({"event": "joined", "fingerprint": ALICE, "client_mode": True, "round": 2, "time_s": T0_S})
+    run_status.handle({"event": "joined", "fingerprint": "pl-stranger", "client_mode": False, "round": 2})
+    run_status.handle({"event": "joined", "fingerprint": BOB, "client_mode": "yes"})  # not a bool: ignored
+    # Assert
+    peers = {p["fingerprint"]: p for p in run_status.peers()}
+    assert peers[ALICE]["client_mode"] == "client" and peers[BOB]["client_mode"] is None
+    assert "pl-stranger" not in peers  # an unproven key is not a peer until it uploads
+
+
 def test_an_unbanned_peer_is_no_longer_shown_banned(run_status: RunStatus) -> None:
     # Execute
     run_status.handle({"event": "unbanned", "fingerprint": MALLORY})

@@ -137,6 +137,7 @@ function renderPeers(peers) {
       row([
         p.fingerprint,
         badge(p.status),
+        p.client_mode || "",
         p.rounds_contributed,
         p.accepted,
         p.rejected,
