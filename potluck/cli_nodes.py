@@ -170,7 +170,7 @@ def aggregator(
     wait_for_peers: Annotated[
         int,
         typer.Option(
-            "--wait-for-peers", help="Keep the first round open (up to its deadline) until N peers joined.", min=0
+            "--wait-for-peers", help="Keep the first round open (up to 3 deadlines) until N peers joined.", min=0
         ),
     ] = 0,
     set_: Annotated[

@@ -116,6 +116,7 @@ READ_TIMEOUT_S = 60.0  # a peer that goes silent mid-request loses its stream af
 ANNOUNCE_TTL_S = 60.0
 MAX_UPLOADS = 32  # uploads read at once: bounds the memory hostile peers can pin (32 x max_update_bytes)
 MAX_PROBES = 2  # concurrent doctor probes; more would let anyone eat the aggregator's bandwidth
+FIRST_ROUND_WAIT = 3  # deadlines the first round may wait for --wait-for-peers before it closes anyway
 LEADERBOARD_SIZE = 100  # peers listed in the ready event's leaderboard
 LEDGER_FILE = "ledger.sqlite"
 
@@ -133,8 +134,8 @@ class ServerOptions:
     eval_batches: int = 8
     linger_s: float = 20.0  # after the last round, keep serving its aggregate this long for slow peers
     announce_every_s: float = 10.0
-    # Keep the first round open (up to its deadline) until this many peers have downloaded the state: a
-    # local swarm's peers start together, and a round closed before most have joined is judged on too few.
+    # Keep the first round open (up to FIRST_ROUND_WAIT deadlines) until this many peers have downloaded the
+    # state: a local swarm's peers start together, and a round closed before most joined is judged on too few.
     wait_for_peers: int = 0
 
 
@@ -312,8 +313,12 @@ class AggregatorServer:
     async def _round_loop(self) -> None:
         while not self._done():
             reason = self.current.close_reason()
-            if reason in ("tokens", "all-reported") and self._waiting_for_peers():
-                reason = None
+            if reason is not None and self._waiting_for_peers():
+                # up to FIRST_ROUND_WAIT deadlines: peers starting on a loaded machine may take longer than
+                # one, but one that never comes must not stall the run
+                patience_s = (FIRST_ROUND_WAIT - 1) * self.cfg.round_deadline_s
+                if reason != "deadline" or self.current.seconds_left() > -patience_s:
+                    reason = None
             if self._close_requested and self.current.accepted:
                 reason = "admin"
             if reason is None:

@@ -22,13 +22,18 @@ import dataclasses
 import logging
 import math
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import msgpack
-from hivemind.dht.routing import DHTID
-from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+
+with warnings.catch_warnings():
+    # `import hivemind` runs torch.jit.script, which recent torch deprecates with a warning of its own.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 
 from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.identity import (
