@@ -212,8 +212,8 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
                     str(threads),
                     "--http-port",
                     str(options.http_port),
-                    "--wait-for-peers",
-                    str(options.peers),
+                    "--wait-for-peers",  # the honest ones: an adversary may never show up under its own key
+                    str(options.peers - options.adversaries),
                     "--json",
                 ],
                 work_dir=work_dir,
