@@ -228,7 +228,7 @@ def aggregator(
         admin_token=_read_admin_token(admin_token_file),
     )
     printer = _printer(as_json, describe_aggregator_event)
-    status, emit = aggregator_page(page, on_event=printer)
+    status, emit = aggregator_page(on_event=printer)
     server = AggregatorServer(run_cfg, node_identity, options, on_event=emit)
     run_until_stopped(serve_with_page(server.serve(), aggregator_app(status, server, page), page, on_event=printer))
 

@@ -63,9 +63,7 @@ class AggregatorAdmin:
         return {"closing_round": await self.server.close_round_now()}
 
 
-def aggregator_page(
-    options: PageOptions, *, on_event: Callable[[Event], None]
-) -> tuple[RunStatus, Callable[[Event], None]]:
+def aggregator_page(*, on_event: Callable[[Event], None]) -> tuple[RunStatus, Callable[[Event], None]]:
     """The aggregator's status object and an event callback that feeds it and then `on_event`."""
     status = RunStatus()
 

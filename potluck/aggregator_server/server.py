@@ -466,7 +466,8 @@ class AggregatorServer:
         )
         head = None
         if verdict.kept:
-            judged = round_entries(
+            judged = await asyncio.to_thread(  # reads each kept peer's history from the ledger
+                round_entries,
                 [a for _, a in entries],
                 verdict,
                 token_cap=self.cap,

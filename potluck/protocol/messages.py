@@ -68,7 +68,10 @@ def _unpack_request(body: bytes, key: str, what: str) -> object:
     return _unpack_request_map(body, (key,), what)[0]
 
 
-def _unpack_request_map(body: bytes, keys: tuple[str, ...], what: str) -> list[object]:
+def _unpack_request_map(
+    body: bytes, keys: tuple[str, ...], what: str, *, optional: tuple[str, ...] = ()
+) -> list[object]:
+    """The values of `keys` (required) then `optional` (None when absent) of a small msgpack request map."""
     if len(body) > MAX_REQUEST_BYTES:
         raise MessageError(f"{what} request is {len(body)} bytes, over the {MAX_REQUEST_BYTES}-byte limit")
     try:
@@ -77,7 +80,7 @@ def _unpack_request_map(body: bytes, keys: tuple[str, ...], what: str) -> list[o
         raise MessageError(f"{what} request is not valid msgpack ({type(e).__name__})") from e
     if not isinstance(request, dict) or not all(key in request for key in keys):
         raise MessageError(f"{what} request must be a map with {', '.join(map(repr, keys))}")
-    return [request[key] for key in keys]
+    return [request[key] for key in keys] + [request.get(key) for key in optional]
 
 
 def state_request(public_key: bytes, *, client_mode: bool | None = None) -> bytes:
@@ -98,10 +101,9 @@ def parse_state_request(body: bytes) -> bytes:
 
 def parse_state_request_mode(body: bytes) -> tuple[bytes, bool | None]:
     """(claimed public key, claimed client mode or None); both unauthenticated, for waiting and display only."""
-    key = _unpack_request(body, "public_key", "state")
+    key, mode = _unpack_request_map(body, ("public_key",), "state", optional=("client_mode",))
     if not isinstance(key, bytes) or len(key) != 32:
         raise MessageError("state request's public_key must be 32 bytes")
-    mode = msgpack.unpackb(body, raw=False, max_map_len=4, max_str_len=64, max_bin_len=64).get("client_mode")
     return key, mode if type(mode) is bool else None
 
 

@@ -4,9 +4,13 @@ A status page must never crash the process that feeds it, nor keep a hostile pee
 reason in memory, so every read checks the type, bounds the size and falls back to a default.
 """
 
+import logging
 import math
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 # Long enough for a 64-hex key, a multiaddr or a validation check's explanation, short enough that
 # thousands of kept rejections stay a few megabytes.
@@ -60,3 +64,23 @@ def texts(event: Mapping[str, Any], key: str, *, max_items: int) -> list[str]:
     if not isinstance(value, list):
         return []
     return [item[:MAX_TEXT_CHARS] for item in value[:max_items] if isinstance(item, str)]
+
+
+def fold_event(
+    event: Mapping[str, Any],
+    handlers: Mapping[str, Callable[[Mapping[str, Any]], None]],
+    lock: threading.Lock,
+    *,
+    what: str,
+) -> None:
+    """Run the handler of the event's kind under `lock`: unknown kinds are ignored, and a malformed event is
+    logged and skipped, never raised (the node feeding `what` must keep running whatever an event holds)."""
+    kind = event.get("event") if isinstance(event, Mapping) else None
+    handler = handlers.get(kind) if isinstance(kind, str) else None
+    if handler is None:
+        return
+    with lock:
+        try:
+            handler(event)
+        except Exception:
+            logger.warning("%s skipped a malformed %r event", what, kind, exc_info=True)

@@ -1,14 +1,11 @@
 """A peer's own view of its work, folded from the peer's events: what it trained, sent and earned."""
 
-import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from potluck.web.fields import flag, integer, number, text
-
-logger = logging.getLogger(__name__)
+from potluck.web.fields import flag, fold_event, integer, number, text
 
 MAX_LOSS_POINTS = 1000  # one local training loss per round
 
@@ -50,15 +47,7 @@ class PeerStatus:
 
     def handle(self, event: Mapping[str, Any]) -> None:
         """Fold one peer event in; unknown kinds are ignored and a malformed event never raises."""
-        kind = event.get("event") if isinstance(event, Mapping) else None
-        handler = self._handlers.get(kind) if isinstance(kind, str) else None
-        if handler is None:
-            return
-        with self._lock:
-            try:
-                handler(event)
-            except Exception:  # the peer must keep training whatever an event holds
-                logger.warning("peer status skipped a malformed %r event", kind, exc_info=True)
+        fold_event(event, self._handlers, self._lock, what="peer status")
 
     def _on_synced(self, e: Mapping[str, Any]) -> None:
         for key in ("fingerprint", "run", "aggregator"):

@@ -6,7 +6,6 @@ bounded, because peers' activity (new keys, rejections with their reasons) drive
 """
 
 import itertools
-import logging
 import threading
 import time
 from collections import OrderedDict, deque
@@ -14,9 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from potluck.web.fields import flag, integer, number, records, text, texts
-
-logger = logging.getLogger(__name__)
+from potluck.web.fields import flag, fold_event, integer, number, records, text, texts
 
 MAX_LOSS_POINTS = 1000  # one held-out loss per closed round, enough for the chart of a long run
 MAX_ROUNDS = 1000  # closed-round summaries kept for /api/rounds
@@ -108,15 +105,7 @@ class RunStatus:
 
     def handle(self, event: Mapping[str, Any]) -> None:
         """Fold one aggregator event in; unknown kinds are ignored and a malformed event never raises."""
-        kind = event.get("event") if isinstance(event, Mapping) else None
-        handler = self._handlers.get(kind) if isinstance(kind, str) else None
-        if handler is None:
-            return
-        with self._lock:
-            try:
-                handler(event)
-            except Exception:  # the aggregator must keep running whatever an event holds
-                logger.warning("status page skipped a malformed %r event", kind, exc_info=True)
+        fold_event(event, self._handlers, self._lock, what="status page")
 
     def _on_ready(self, e: Mapping[str, Any]) -> None:
         self._run = {
