@@ -294,6 +294,26 @@ async def measure_rates(
     return upload_bytes / upload_s, download_bytes / max(download_s, _MIN_TRANSFER_S)
 
 
+async def _measure_rates_twice(p2p: P2P, peer_id: PeerID, *, timeout_s: float) -> tuple[float, float]:
+    """`measure_rates` with the doctor's probe size, tried again once after a dropped stream or a short reply.
+
+    One stream that fails to open or ends early says little about a link; two in a row do. A refusal
+    (PeerRefusedError), a missing handler or a timeout is an answer, and is not retried.
+    """
+    for attempt in range(2):
+        try:
+            return await measure_rates(
+                p2p, peer_id, upload_bytes=DOCTOR_PROBE_BYTES, download_bytes=DOCTOR_PROBE_BYTES, timeout_s=timeout_s
+            )
+        except PeerRefusedError:
+            raise
+        except (WireError, ConnectionError) as e:
+            if attempt:
+                raise
+            logger.info("probe to %s failed (%s); trying once more", peer_id, e)
+    raise AssertionError("unreachable")
+
+
 def _mbit(bytes_per_s: float) -> str:
     return f"{bytes_per_s * 8 / 1e6:.1f} Mbit/s"
 
@@ -311,13 +331,7 @@ async def _check_join(
             reached = Check(name=name, status=Status.OK, detail=f"reached peer {peer_id}")
             seen = await asyncio.wait_for(p2p.get_visible_maddrs(latest=True), timeout_s)
             try:
-                up, down = await measure_rates(
-                    p2p,
-                    peer_id,
-                    upload_bytes=DOCTOR_PROBE_BYTES,
-                    download_bytes=DOCTOR_PROBE_BYTES,
-                    timeout_s=timeout_s,
-                )
+                up, down = await _measure_rates_twice(p2p, peer_id, timeout_s=timeout_s)
             except ProbeUnavailableError:
                 probe = Check(
                     name=f"rates {address}",

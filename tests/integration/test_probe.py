@@ -10,7 +10,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -47,12 +47,12 @@ def _random_peer_id() -> PeerID:
 
 
 @asynccontextmanager
-async def _server(*, serve_probe: bool) -> AsyncIterator[tuple[P2P, str]]:
+async def _server(*, serve_probe: bool, handler: Callable = handle_probe) -> AsyncIterator[tuple[P2P, str]]:
     """A P2P that serves the probe (or not), with its /p2p/ address; shut down on exit, whatever happens."""
     server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
         if serve_probe:
-            await server.add_binary_stream_handler(PROBE_HANDLER, handle_probe)
+            await server.add_binary_stream_handler(PROBE_HANDLER, handler)
         yield server, str((await server.get_visible_maddrs())[0])
     finally:
         await server.shutdown()
@@ -110,14 +110,21 @@ def test_a_peer_without_the_probe_handler_is_reported_as_such() -> None:
     assert p2pd_children() == []
 
 
-def _doctor(join: list[str], *, serve_probe: bool, timeout_s: float, capsys: pytest.CaptureFixture[str]):
+def _doctor(
+    join: list[str],
+    *,
+    serve_probe: bool,
+    timeout_s: float,
+    capsys: pytest.CaptureFixture[str],
+    handler: Callable = handle_probe,
+):
     """`run_doctor(as_json=True)` with "{server}" in `join` replaced by a live local server's address.
 
     Returns (exit status, the JSON report by check name, seconds run_doctor took).
     """
 
     async def scenario() -> tuple[int, float]:
-        async with _server(serve_probe=serve_probe) as (_, address):
+        async with _server(serve_probe=serve_probe, handler=handler) as (_, address):
             started = time.monotonic()
             addresses = [entry.replace("{server}", address) for entry in join]
             code = await asyncio.to_thread(run_doctor, join=addresses, as_json=True, timeout_s=timeout_s)
@@ -133,9 +140,36 @@ def _doctor(join: list[str], *, serve_probe: bool, timeout_s: float, capsys: pyt
 def test_doctor_against_a_live_aggregator_passes(capsys: pytest.CaptureFixture[str]) -> None:
     code, checks, _ = _doctor(["{server}"], serve_probe=True, timeout_s=20, capsys=capsys)
     assert code == 0
-    assert checks["p2pd"]["status"] == checks["join"]["status"] == checks["rates"]["status"] == "ok"
+    assert checks["p2pd"]["status"] == checks["join"]["status"] == checks["rates"]["status"] == "ok", checks
     assert "Mbit/s" in checks["rates"]["detail"]
     assert checks["reachability"]["status"] in {"ok", "warning"}  # no public address on CI is fine
+    assert p2pd_children() == []
+
+
+def _dropping_probes(how_many: int) -> Callable:
+    """A probe handler that closes its first `how_many` streams unanswered, then serves like the real one."""
+    dropped = 0
+
+    async def handler(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal dropped
+        if dropped < how_many:
+            dropped += 1
+            writer.close()
+            return
+        await handle_probe(stream_info, reader, writer)
+
+    return handler
+
+
+@pytest.mark.timeout(60)
+def test_doctor_tries_a_dropped_probe_once_more_and_warns_only_when_it_drops_again(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, checks, _ = _doctor(["{server}"], serve_probe=True, timeout_s=20, capsys=capsys, handler=_dropping_probes(1))
+    assert (code, checks["rates"]["status"]) == (0, "ok"), checks
+    code, checks, _ = _doctor(["{server}"], serve_probe=True, timeout_s=20, capsys=capsys, handler=_dropping_probes(2))
+    assert (code, checks["rates"]["status"]) == (0, "warning"), checks
+    assert "probe reply ended" in checks["rates"]["detail"]
     assert p2pd_children() == []
 
 
