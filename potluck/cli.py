@@ -298,6 +298,10 @@ def handle_errors(run: Callable[[], object]) -> None:
     """Run an app, turning known errors into one line and exit status 2, Ctrl-C into exit status 130."""
     try:
         run()
+    except SystemExit:
+        # --help, usage errors and every normal exit: nothing to translate. Caught first because the
+        # clause below imports every command's error types (torch with them) just to compare.
+        raise
     except KeyboardInterrupt:
         stderr.print("interrupted")
         sys.exit(130)

@@ -256,7 +256,12 @@ def _read_admin_token(path: Path | None) -> str | None:
 
 def peer(
     join: Annotated[
-        list[str], typer.Option("--join", "-j", help="The aggregator's multiaddr (as it printed it); repeatable.")
+        list[str],
+        typer.Option(
+            "--join",
+            "-j",
+            help="The aggregator's status page (http://HOST:8000) or multiaddr (as it printed it); repeatable.",
+        ),
     ],
     identity: Annotated[Path, typer.Option("--identity", "-i", help="Ed25519 key, created on first run.")] = Path(
         "~/.potluck/identity.key"
@@ -295,11 +300,12 @@ def peer(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per event on stdout.")] = False,
 ) -> None:
     """Volunteer: join a run, train locally, send compressed signed updates, apply the aggregates (peer)."""
+    from potluck.peer.join_url import resolve_joins
     from potluck.peer.runner import PeerOptions, PeerRunner, join_addresses
     from potluck.protocol.identity import load_or_create_identity
     from potluck.training.device import pick_device
 
-    addresses = join_addresses(join)
+    addresses = join_addresses(resolve_joins(join, timeout_s=join_timeout))
     _set_threads(threads)
     node_identity, created = load_or_create_identity(identity.expanduser())
     if created:

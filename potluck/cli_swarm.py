@@ -155,7 +155,8 @@ def _print_summary(result: Any) -> None:
 
 def doctor(
     join: Annotated[
-        list[str] | None, typer.Option("--join", "-j", help="An aggregator's multiaddr to test; repeatable.")
+        list[str] | None,
+        typer.Option("--join", "-j", help="An aggregator's status page URL or multiaddr to test; repeatable."),
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds allowed for each network step.", min=1)] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,

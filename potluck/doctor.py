@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from potluck import __version__
 from potluck.aggregator_server.probe import MAX_PROBE_BYTES, PROBE_HANDLER, encode_probe_request
+from potluck.peer.join_url import is_join_url
 from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.wire import HEADER_BYTES, MessageKind, PeerRefusedError, WireError, decode_header, write_frame
 
@@ -364,6 +365,20 @@ async def _check_join(
         return [unreachable], []
 
 
+async def _check_page(url: str, *, timeout_s: float) -> tuple[Check, str | None]:
+    """`--join http://...`: the status page answers with the aggregator's multiaddrs; the first one to try."""
+    from potluck.peer.join_url import fetch_join_addresses
+    from potluck.protocol.node import JoinError
+
+    try:
+        addresses = await asyncio.to_thread(fetch_join_addresses, url, timeout_s=timeout_s)
+    except JoinError as e:
+        fix = "check the URL (the aggregator's --http-port, and --http-host 0.0.0.0 for a public page)"
+        return Check(name=f"page {url}", status=Status.PROBLEM, detail=str(e), fix=fix), None
+    detail = f"the status page names the aggregator; trying {addresses[0]}"
+    return Check(name=f"page {url}", status=Status.OK, detail=detail), addresses[0]
+
+
 async def _network_checks(*, join: list[str], timeout_s: float) -> list[Check]:
     """p2pd starts, each --join address parses and answers (with rates), and whether we have a public address."""
     from hivemind.p2p import P2PDaemonError
@@ -384,6 +399,11 @@ async def _network_checks(*, join: list[str], timeout_s: float) -> list[Check]:
         )
         checks.append(Check(name="p2pd", status=Status.PROBLEM, detail=f"p2pd does not start: {reason}", fix=fix))
     for address in join:
+        if is_join_url(address):
+            page_check, address = await _check_page(address, timeout_s=timeout_s)
+            checks.append(page_check)
+            if address is None:
+                continue
         try:
             maddr, peer_id = parse_join_address(address)
         except ValueError as e:

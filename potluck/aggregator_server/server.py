@@ -116,6 +116,7 @@ READ_TIMEOUT_S = 60.0  # a peer that goes silent mid-request loses its stream af
 ANNOUNCE_TTL_S = 60.0
 MAX_UPLOADS = 32  # uploads read at once: bounds the memory hostile peers can pin (32 x max_update_bytes)
 MAX_PROBES = 2  # concurrent doctor probes; more would let anyone eat the aggregator's bandwidth
+LINGER_DRAIN_S = 1.0  # after the last reply is written, before p2pd stops: time for it to leave
 FIRST_ROUND_WAIT = 3  # deadlines the first round may wait for --wait-for-peers before it closes anyway
 LEADERBOARD_SIZE = 100  # peers listed in the ready event's leaderboard
 LEDGER_FILE = "ledger.sqlite"
@@ -184,6 +185,7 @@ class AggregatorServer:
         self.rounds_closed = 0
         self.finished = False
         self.fetches: dict[int, int] = {}  # round -> aggregate downloads served
+        self.receipts_served: dict[int, int] = {}  # round -> final receipts served
         # round -> {update digest: tokens credited} of recently closed rounds: a retried upload whose first
         # reply was lost gets its receipt again instead of a "round closed" rejection
         self.closed_digests: dict[int, dict[bytes, int]] = {}
@@ -537,14 +539,23 @@ class AggregatorServer:
         )
 
     async def _linger(self) -> None:
-        """Serve the final aggregate until its contributors have fetched it, or for linger_s."""
+        """Serve the last round until its contributors have fetched the aggregate and their receipts, or for linger_s.
+
+        A peer asks for its receipt only once the aggregate has reached it, so the receipts are what tell
+        that the aggregate arrived: a finished write only means p2pd has the bytes, and stopping p2pd then
+        can cut them off. The last receipt gets LINGER_DRAIN_S to leave the same way.
+        """
         last = self.master.round - 1
-        contributors = len(self.current.expected)
+        waited_for = len(self.current.expected)
+        credited = len(self.closed_digests.get(last, {}))  # each asks for its receipt
         deadline = time.monotonic() + self.options.linger_s
-        while time.monotonic() < deadline and self.fetches.get(last, 0) < contributors:
+        while time.monotonic() < deadline and (
+            self.fetches.get(last, 0) < waited_for or self.receipts_served.get(last, 0) < credited
+        ):
             self._wake.clear()
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+        await asyncio.sleep(min(LINGER_DRAIN_S, max(deadline - time.monotonic(), 0)))
 
     def _held_out_loss(self, delta: Mapping[str, torch.Tensor] | None) -> float:
         """The held-out check's score: the base with `delta` applied alone (outer lr), on the check batches."""
@@ -820,6 +831,8 @@ class AggregatorServer:
         reply = signed.to_bytes()
         self.bytes_out += len(reply)
         await write_frame(writer, kind=MessageKind.RECEIPT, body=reply)
+        self.receipts_served[round_index] = self.receipts_served.get(round_index, 0) + 1
+        self._wake.set()
 
     # ----------------------------------------------------------------- admin (the status page's, with a token)
 

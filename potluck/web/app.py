@@ -13,6 +13,7 @@ from potluck.web.limits import BodyLimit
 from potluck.web.metrics import CONTENT_TYPE_LATEST, make_registry, render
 from potluck.web.schemas import (
     Health,
+    JoinReply,
     LedgerHead,
     PeerReply,
     RejectionReply,
@@ -66,6 +67,19 @@ def create_app(status: RunStatus, *, admin: AdminActions | None = None, admin_to
         """Whether the page is up, with the run's phase and round."""
         s = status.status()
         return {"ok": True, "phase": s["phase"], "round": s["round"]}
+
+    @app.get(
+        "/api/join",
+        summary="How to join: the aggregator's multiaddrs",
+        response_model=JoinReply,
+        responses={503: {"description": "The aggregator is not serving yet."}},
+    )
+    def join() -> dict[str, Any]:
+        """What `peer --join http://HOST:PORT` reads, so that nobody has to copy a multiaddr by hand."""
+        reply = status.join()
+        if reply is None:
+            raise HTTPException(503, detail="the aggregator is starting; its multiaddrs are not known yet")
+        return reply
 
     @app.get("/api/status", summary="The run at a glance", response_model=RunStatusReply)
     def run_status() -> dict[str, Any]:

@@ -15,6 +15,12 @@ class Health(_Reply):
     round: int | None
 
 
+class JoinReply(_Reply):
+    run: str | None
+    fingerprint: str | None = Field(description="The aggregator's fingerprint.")
+    maddrs: list[str] = Field(description="The aggregator's multiaddrs, each ending in /p2p/<peer id>.")
+
+
 class LossPoint(_Reply):
     round: int = Field(description="The closed round; the starting state is the round before the first one (-1).")
     val_loss: float

@@ -350,6 +350,17 @@ class RunStatus:
                 "last_error": dict(self._last_error) if self._last_error else None,
             }
 
+    def join(self) -> dict[str, Any] | None:
+        """What `peer --join URL` asks for: the run and the aggregator's multiaddrs; None before it is ready."""
+        with self._lock:
+            if not self._maddrs:
+                return None
+            return {
+                "run": self._run.get("run"),
+                "fingerprint": self._run.get("fingerprint"),
+                "maddrs": list(self._maddrs),
+            }
+
     def peers(self, limit: int = MAX_PEERS) -> list[dict[str, Any]]:
         """Every known peer, most recently seen first: activity, verdict counts, last rejection, ban."""
         with self._lock:

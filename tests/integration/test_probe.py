@@ -11,7 +11,7 @@ import os
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from typing import TypeVar
 
 import pytest
@@ -25,6 +25,7 @@ from potluck.aggregator_server.probe import PROBE_HANDLER, handle_probe
 from potluck.doctor import ProbeUnavailableError, measure_rates, run_doctor
 from potluck.protocol.wire import MessageKind, PeerRefusedError, read_frame_from_stream, write_frame
 from tests.integration.swarm_helpers import p2pd_children
+from tests.local_http import local_page
 
 pytestmark = pytest.mark.network
 
@@ -171,6 +172,36 @@ def test_doctor_tries_a_dropped_probe_once_more_and_warns_only_when_it_drops_aga
     assert (code, checks["rates"]["status"]) == (0, "warning"), checks
     assert "probe reply ended" in checks["rates"]["detail"]
     assert p2pd_children() == []
+
+
+def _join_page(maddr: str) -> AbstractContextManager[str]:
+    """A local page serving `/api/join` the way the aggregator's status page does (404 elsewhere)."""
+    body = json.dumps({"run": "t", "fingerprint": None, "maddrs": [maddr]}).encode()
+    return local_page(lambda path, n: (200, body) if path == "/api/join" else (404, b"{}"))
+
+
+@pytest.mark.timeout(60)
+def test_doctor_given_a_status_page_url_finds_the_aggregator_through_it(capsys: pytest.CaptureFixture[str]) -> None:
+    async def scenario() -> int:
+        async with _server(serve_probe=True) as (_, address):
+            with _join_page(address) as url:
+                return await asyncio.to_thread(run_doctor, join=[url], as_json=True, timeout_s=20)
+
+    code = _run(scenario())
+    checks = {check["name"].split()[0]: check for check in json.loads(capsys.readouterr().out)["checks"]}
+    assert code == 0, checks
+    assert checks["page"]["status"] == checks["join"]["status"] == checks["rates"]["status"] == "ok", checks
+    assert p2pd_children() == []
+
+
+@pytest.mark.timeout(60)
+def test_doctor_reports_a_page_that_is_not_an_aggregators_as_a_problem(capsys: pytest.CaptureFixture[str]) -> None:
+    with _join_page("unused") as url:
+        code = run_doctor(join=[url + "/elsewhere"], as_json=True, timeout_s=5)
+    checks = {check["name"].split()[0]: check for check in json.loads(capsys.readouterr().out)["checks"]}
+    assert code == 1
+    assert checks["page"]["status"] == "problem" and "HTTP 404" in checks["page"]["detail"], checks
+    assert "join" not in checks
 
 
 @pytest.mark.timeout(60)

@@ -29,6 +29,27 @@ def test_status_serves_the_run_at_a_glance(client: TestClient, run_status: RunSt
     assert body["join_command"] == f"peer --join {MADDR}"
 
 
+def test_join_serves_the_aggregators_multiaddrs(client: TestClient) -> None:
+    # Execute
+    body = client.get("/api/join").json()
+    # Assert
+    assert body == {
+        "run": "tiny-stdlib",
+        "fingerprint": ready()["fingerprint"],
+        "maddrs": [MADDR, "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWExample"],
+    }
+
+
+def test_join_is_unavailable_until_the_aggregator_is_ready() -> None:
+    # Setup
+    client = TestClient(create_app(RunStatus()))
+    # Execute
+    response = client.get("/api/join")
+    # Assert
+    assert response.status_code == 503
+    assert "starting" in response.json()["detail"]
+
+
 def test_peers_lists_each_peer_with_its_verdicts(client: TestClient) -> None:
     # Execute
     body = client.get("/api/peers").json()
