@@ -1,9 +1,11 @@
-"""Every red-team behaviour in a real swarm of 8 peers, 2 of them misbehaving: the run completes, no round
+"""Every red-team behaviour in a real swarm of 6 peers, 2 of them misbehaving: the run completes, no round
 stalls, bad uploads are caught and honest ones kept.
 
-Only the attacked swarm runs here (the clean and undefended comparisons, and the loss bars, are the
-benchmark's: bench/redteam_table.py); tiny model, 3 rounds of 3 inner steps, so that fifteen swarms fit
-the suite's budget on 2 cores.
+Only the attacked swarm runs here (the clean and undefended comparisons, the loss bars and the 8-peer
+swarms of issue 4 are the benchmark's: bench/redteam_table.py); tiny model, 3 rounds of 3 inner steps,
+6 processes rather than 8 (a third of them adversarial, a harsher ratio than the benchmark's quarter),
+so that fifteen swarms fit the suite's budget on 2 cores: each process's start-up (torch, hivemind,
+p2pd) is most of a swarm's time there.
 """
 
 from pathlib import Path
@@ -18,7 +20,8 @@ from tests.integration.swarm_helpers import p2pd_pids, wait_until
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 ROUNDS = 3
-DEADLINE_S = 20.0
+PEERS, ADVERSARIES = 6, 2
+DEADLINE_S = 12.0  # the behaviours that never report (forged, stale, ...) cost a deadline a round
 CFG = RunConfig().with_overrides(
     {
         "rounds": ROUNDS,
@@ -34,17 +37,19 @@ CFG = RunConfig().with_overrides(
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
-def test_two_of_eight_misbehaving_peers_are_caught_and_the_run_completes(attack: str, tmp_path: Path) -> None:
+def test_two_of_six_misbehaving_peers_are_caught_and_the_run_completes(attack: str, tmp_path: Path) -> None:
     before = p2pd_pids()
 
-    result = run_attacked(CFG, attack=attack, peers=8, adversaries=2, shared=tmp_path / "shared", timeout_s=240)
+    result = run_attacked(
+        CFG, attack=attack, peers=PEERS, adversaries=ADVERSARIES, shared=tmp_path / "shared", timeout_s=240
+    )
 
     found = rates(result)
     assert result.rounds_completed == ROUNDS
     # No stall: once everyone has started (round 0 waits for the peers to start), a round closes by its
     # deadline plus the aggregation, whoever misbehaves in it.
     assert max(r["round_s"] for r in result.rounds[1:]) < DEADLINE_S + 10, [r["round_s"] for r in result.rounds]
-    assert found["honest_updates"] == 6 * ROUNDS and found["fpr"] <= 0.05, found
+    assert found["honest_updates"] == (PEERS - ADVERSARIES) * ROUNDS and found["fpr"] <= 0.05, found
     if attack not in FILTER_EVADING:
         assert found["tpr"] >= 0.95, found
     assert all(p["accepted"] == ROUNDS for p in result.peers if not p["adversary"])

@@ -55,6 +55,7 @@ def test_the_wheel_installs_into_an_empty_venv_and_its_console_scripts_answer_he
             "-m",
             "pip",
             "install",
+            "--no-compile",  # no .pyc for torch's thousands of files: not what this test checks, and slow
             "--quiet",
             "--disable-pip-version-check",
             TORCH,
