@@ -21,7 +21,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 from potluck.protocol.node import JoinError, parse_join_address
 
-__all__ = ["JOIN_PATH", "MAX_REPLY_BYTES", "is_join_url", "join_endpoint", "addresses_from_reply", "resolve_joins"]
+__all__ = [
+    "JOIN_PATH",
+    "MAX_REPLY_BYTES",
+    "addresses_from_reply",
+    "fetch_join_addresses",
+    "is_join_url",
+    "join_endpoint",
+    "resolve_joins",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,7 @@ def _redteam(tmp_path: Path, attack: str, *extra: str) -> dict:
         "--local-steps",
         "6",
         "--json",
-        # A peer whose every update fails its signature never counts as having reported, so a round that
-        # waits for it runs to its deadline (once: it is not expected again); keep that short here.
+        # Rounds close once every peer has reported; the deadline only bounds a stall, so keep it short.
         "--set",
         "round_deadline_s=15",
         *extra,
@@ -55,11 +54,3 @@ def test_a_scaled_attacker_is_caught_harms_an_undefended_run_and_leaves_nothing_
     assert report["undefended_adversarial_counted"] >= 2
     assert all(ok for check, ok in report["verdict"].items() if check != "attack_is_real")
     wait_until(lambda: not (p2pd_pids() - before), timeout_s=20, what="every daemon of the three swarms to exit")
-
-
-@pytest.mark.timeout(300)
-def test_forged_signatures_are_all_refused(tmp_path: Path) -> None:
-    report = _redteam(tmp_path, "forged")
-
-    assert report["tpr"] == 1.0 and report["fpr"] == 0.0
-    assert "undefended_final_val_loss" not in report  # not a statistical attack: no undefended run

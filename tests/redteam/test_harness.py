@@ -2,8 +2,14 @@
 
 import json
 import math
+from pathlib import Path
 
+import pytest
+
+from potluck.protocol.config import RunConfig
+from potluck.redteam import harness
 from potluck.redteam.harness import to_json, verdict
+from potluck.swarm import SwarmResult
 
 
 def _report(**changes: object) -> dict:
@@ -49,3 +55,47 @@ def test_a_diverged_undefended_run_is_real_harm_and_its_json_has_no_nan() -> Non
     assert verdict(report)["attack_is_real"]
     parsed = json.loads(to_json(report), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
     assert parsed["undefended_final_val_loss"] is None and parsed["verdict"]["attack_is_real"] is True
+
+
+def _swarm_result(adversaries: int) -> SwarmResult:
+    peers = [
+        {"name": f"p{i}", "fingerprint": f"pl-{i}", "adversary": i < adversaries, "accepted": 1, "rejected": 0}
+        | {"uploads": [f"u{i}"]}
+        for i in range(4)
+    ]
+    counted = [{"update": f"u{i}"} for i in range(adversaries, 4)]  # every honest upload, no adversarial one
+    return SwarmResult(
+        initial_val_loss=5.0,
+        final_val_loss=3.0,
+        rounds_completed=1,
+        aggregator_multiaddrs=[],
+        num_params=1,
+        peers=peers,
+        rounds=[{"accepted": counted}],
+        wall_s=1.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("attack", "swarms"), [("forged", ["attacked", "clean"]), ("scaled", ["attacked", "clean", "undefended"])]
+)
+def test_only_a_statistical_attack_gets_an_undefended_swarm(
+    attack: str, swarms: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[tuple[str, RunConfig, int]] = []
+
+    def fake_run_attacked(cfg: RunConfig, *, adversaries: int, shared: Path, **_: object) -> SwarmResult:
+        ran.append((shared.name, cfg, adversaries))
+        return _swarm_result(adversaries)
+
+    monkeypatch.setattr(harness, "run_attacked", fake_run_attacked)
+
+    report = harness.run_redteam(RunConfig(), attack=attack, peers=4, adversaries=1)
+
+    assert [name for name, _, _ in ran] == swarms
+    assert [bad for _, _, bad in ran] == [1, 0, 1][: len(swarms)]
+    assert report["tpr"] == 1.0 and report["fpr"] == 0.0
+    assert ("undefended_final_val_loss" in report) is (attack in harness.STATISTICAL)
+    if len(ran) == 3:
+        undefended_cfg = ran[2][1]
+        assert undefended_cfg.aggregation.kind == "mean" and undefended_cfg.validation.held_out_margin is None
