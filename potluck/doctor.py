@@ -14,6 +14,7 @@ wire: the probe handler's layout from `aggregator_server.probe`, and the client 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -33,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 
 from potluck import __version__
 from potluck.aggregator_server.probe import MAX_PROBE_BYTES, PROBE_HANDLER, encode_probe_request
-from potluck.peer.join_url import is_join_url
 from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.wire import HEADER_BYTES, MessageKind, PeerRefusedError, WireError, decode_header, write_frame
 
@@ -301,18 +301,21 @@ async def _measure_rates_twice(p2p: P2P, peer_id: PeerID, *, timeout_s: float) -
     One stream that fails to open or ends early says little about a link; two in a row do. A refusal
     (PeerRefusedError), a missing handler or a timeout is an answer, and is not retried.
     """
-    for attempt in range(2):
-        try:
-            return await measure_rates(
-                p2p, peer_id, upload_bytes=DOCTOR_PROBE_BYTES, download_bytes=DOCTOR_PROBE_BYTES, timeout_s=timeout_s
-            )
-        except PeerRefusedError:
-            raise
-        except (WireError, ConnectionError) as e:
-            if attempt:
-                raise
-            logger.info("probe to %s failed (%s); trying once more", peer_id, e)
-    raise AssertionError("unreachable")
+    probe = functools.partial(
+        measure_rates,
+        p2p,
+        peer_id,
+        upload_bytes=DOCTOR_PROBE_BYTES,
+        download_bytes=DOCTOR_PROBE_BYTES,
+        timeout_s=timeout_s,
+    )
+    try:
+        return await probe()
+    except PeerRefusedError:
+        raise
+    except (WireError, ConnectionError) as e:
+        logger.info("probe to %s failed (%s); trying once more", peer_id, e)
+    return await probe()
 
 
 def _mbit(bytes_per_s: float) -> str:
@@ -382,6 +385,8 @@ async def _check_page(url: str, *, timeout_s: float) -> tuple[Check, str | None]
 async def _network_checks(*, join: list[str], timeout_s: float) -> list[Check]:
     """p2pd starts, each --join address parses and answers (with rates), and whether we have a public address."""
     from hivemind.p2p import P2PDaemonError
+
+    from potluck.peer.join_url import is_join_url
 
     checks: list[Check] = []
     seen: list[Multiaddr] = []

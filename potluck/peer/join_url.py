@@ -125,14 +125,11 @@ def fetch_join_addresses(url: str, *, timeout_s: float) -> list[str]:
 
 
 def resolve_joins(values: Sequence[str], *, timeout_s: float) -> tuple[str, ...]:
-    """Every --join value as multiaddrs: a multiaddr as it is, a status page URL by asking it."""
-    if not values:
-        raise JoinError("no --join address given; pass the status page URL or the multiaddr the aggregator printed")
+    """Every --join value with each status page URL replaced by the multiaddrs it serves (the rest as given).
+
+    Validating the multiaddrs is `potluck.peer.runner.join_addresses`'s job, after this.
+    """
     resolved: list[str] = []
     for value in values:
-        if is_join_url(value):
-            resolved += fetch_join_addresses(value, timeout_s=timeout_s)
-        else:
-            parse_join_address(value)
-            resolved.append(value.strip())
+        resolved += fetch_join_addresses(value, timeout_s=timeout_s) if is_join_url(value) else [value.strip()]
     return tuple(dict.fromkeys(resolved))

@@ -452,7 +452,7 @@ class PeerRunner:
 def join_addresses(values: Sequence[str]) -> tuple[str, ...]:
     """Validate `--join` values early, so a typo fails in milliseconds with the expected form."""
     if not values:
-        raise JoinError("no --join address given; pass the multiaddr aggregator-server printed")
+        raise JoinError("no --join address given; pass the status page URL or the multiaddr the aggregator printed")
     for value in values:
         parse_join_address(value)
     return tuple(values)

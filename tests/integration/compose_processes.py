@@ -11,15 +11,15 @@ container gets a home of its own, `potluck` and `python` are this interpreter. S
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from potluck.swarm import Child, stop_children
 
 _VARIABLE = re.compile(
     r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
@@ -63,32 +63,9 @@ def dockerfile_entrypoint(path: Path) -> list[str]:
     return json.loads(entrypoints[-1].removeprefix("ENTRYPOINT "))
 
 
-@dataclass
-class Container:
-    """One started service replica: its process (in a session of its own) and its log."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, *, grace_s: float = 10) -> None:
-        """SIGTERM its process group (its p2pd included), then SIGKILL what is left."""
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.process.wait(timeout=wait_s)
-            except subprocess.TimeoutExpired:
-                continue
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)  # the daemon may outlive a leader that exited
-        except ProcessLookupError:
-            pass
+def log_of(container: Child) -> str:
+    """What a started replica has printed so far (stdout and stderr)."""
+    return container.log_path.read_text(errors="replace")
 
 
 class ComposeProcesses:
@@ -100,7 +77,7 @@ class ComposeProcesses:
         self.work_dir = work_dir
         self.services: dict[str, Any] = compose["services"]
         self.volumes = {name: work_dir / "volumes" / name for name in compose.get("volumes") or {}}
-        self.containers: list[Container] = []
+        self.containers: list[Child] = []
 
     def default_services(self) -> list[str]:
         """What `docker compose up` starts: every service outside a profile, dependencies first."""
@@ -160,7 +137,7 @@ class ComposeProcesses:
             return ["sh", "-c", self.rewrite(test[1])]
         return self.argv(service, test[1:])
 
-    def start(self, name: str, *, replica: int = 1) -> Container:
+    def start(self, name: str, *, replica: int = 1) -> Child:
         """Start one replica of service `name` (its command after the image's entrypoint)."""
         service = self.services[name]
         command = service.get("command") or []
@@ -175,37 +152,38 @@ class ComposeProcesses:
             environment = dict(item.split("=", 1) for item in environment)
         env.update({k: str(v) for k, v in environment.items()})
         log_path = self.work_dir / f"{name}-{replica}.log"
-        with open(log_path, "wb") as log:
+        with open(log_path, "w") as log:
             process = subprocess.Popen(  # noqa: S603 - the compose file's own command
                 self.argv(service, words),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                text=True,
                 cwd=home,
                 env=env,
                 start_new_session=True,
             )
-        container = Container(name=f"{name}-{replica}", process=process, log_path=log_path)
+        container = Child(name=f"{name}-{replica}", process=process, log_path=log_path)
         self.containers.append(container)
         return container
 
-    def wait_healthy(self, name: str, container: Container, *, timeout_s: float, interval_s: float = 0.5) -> None:
+    def wait_healthy(self, name: str, container: Child, *, timeout_s: float, interval_s: float = 0.5) -> None:
         """Run the service's health check until it passes; AssertionError with the log if it never does."""
         check = self.healthcheck_argv(name)
         assert check is not None, f"service {name} declares no health check"
         deadline = time.monotonic() + timeout_s
         while True:
             if container.process.poll() is not None:
-                raise AssertionError(f"{container.name} exited ({container.process.returncode}):\n{container.log()}")
+                raise AssertionError(f"{container.name} exited ({container.process.returncode}):\n{log_of(container)}")
             if subprocess.run(check, capture_output=True, timeout=30).returncode == 0:  # noqa: S603
                 return
             if time.monotonic() > deadline:
-                raise AssertionError(f"{name}'s health check did not pass in {timeout_s:.0f} s:\n{container.log()}")
+                raise AssertionError(f"{name}'s health check did not pass in {timeout_s:.0f} s:\n{log_of(container)}")
             time.sleep(interval_s)  # the health check's own interval, as Docker polls it
 
-    def up(self, *, scale: dict[str, int], health_timeout_s: float) -> dict[str, list[Container]]:
+    def up(self, *, scale: dict[str, int], health_timeout_s: float) -> dict[str, list[Child]]:
         """`docker compose up --scale ...`: start the default services, honouring depends_on conditions."""
-        started: dict[str, list[Container]] = {}
+        started: dict[str, list[Child]] = {}
         for name in self.default_services():
             for dependency, how in self.depends_on(name).items():
                 if how.get("condition") == "service_healthy":
@@ -218,9 +196,8 @@ class ComposeProcesses:
         for container in self.containers:
             code = container.process.poll()
             if code not in (None, 0):
-                raise AssertionError(f"{container.name} exited with status {code}:\n{container.log()[-3000:]}")
+                raise AssertionError(f"{container.name} exited with status {code}:\n{log_of(container)[-3000:]}")
 
     def down(self) -> None:
-        """Stop every started replica and its daemon."""
-        for container in self.containers:
-            container.stop()
+        """Stop every started replica and its daemon (SIGTERM, then SIGKILL of each process group)."""
+        stop_children(self.containers)

@@ -18,7 +18,13 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.integration.compose_processes import ComposeProcesses, dockerfile_entrypoint, interpolate, load_compose
+from tests.integration.compose_processes import (
+    ComposeProcesses,
+    dockerfile_entrypoint,
+    interpolate,
+    load_compose,
+    log_of,
+)
 from tests.integration.swarm_helpers import free_port, p2pd_pids, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,14 +114,14 @@ def test_the_compose_services_run_as_processes_join_and_complete_the_run(tmp_pat
         wait_until(a_round_closed, timeout_s=120, what="a round to close")
         first = _get_json(f"http://127.0.0.1:{http_port}/api/rounds")[-1]  # newest first
         for peer in started["peer"]:
-            assert peer.process.wait(timeout=120) == 0, peer.log()[-3000:]
+            assert peer.process.wait(timeout=120) == 0, log_of(peer)[-3000:]
         aggregator = started["aggregator"][0]
-        assert aggregator.process.wait(timeout=60) == 0, aggregator.log()[-3000:]
+        assert aggregator.process.wait(timeout=60) == 0, log_of(aggregator)[-3000:]
     finally:
         project.down()
     assert first["round"] == 0 and first["accepted"] >= 1, first
-    assert f"/tcp/{p2p_port}/p2p/" in aggregator.log()  # it listened where the compose file published it
+    assert f"/tcp/{p2p_port}/p2p/" in log_of(aggregator)  # it listened where the compose file published it
     for peer in started["peer"]:  # each trained to the end of the run, its updates accepted
-        assert peer.log().count("accepted") >= 1, peer.log()[-3000:]
+        assert log_of(peer).count("accepted") >= 1, log_of(peer)[-3000:]
     assert (tmp_path / "volumes" / "aggregator-state" / "ledger.sqlite").exists()  # its state is in the volume
     wait_until(lambda: not (p2pd_pids() - before), timeout_s=20, what="every p2pd of the compose swarm to exit")
