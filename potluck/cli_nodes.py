@@ -114,9 +114,11 @@ def describe_peer_event(e: dict[str, Any]) -> str | None:
         if e.get("points") is not None and e["accepted"]:
             verdict += f", +{e['points']:,.0f} points"
         network = e["upload_s"] + e["wait_s"] + e["download_s"]
+        hidden = " (overlapped)" if e.get("overlap") else ""
         return (
             f"round {e['round']:>4} | loss {e['loss']:.3f} | {e['tokens_per_s']:,.0f} tok/s | up {_kb(e['bytes_up'])} "
-            f"down {_kb(e['bytes_down'])} | compute {e['compute_s']:.1f} s, network {network:.1f} s | {verdict}"
+            f"down {_kb(e['bytes_down'])} | {e.get('inner_steps', '?')} steps in {e['compute_s']:.1f} s, "
+            f"network {network:.1f} s{hidden} | {verdict}"
         )
     if kind == "state-refused":
         return f"refused the state aggregator {e['aggregator']} served ({e['detail']}); trying another source"
@@ -127,6 +129,11 @@ def describe_peer_event(e: dict[str, Any]) -> str | None:
             f"left after {e['rounds']} round(s): {e['accepted']} accepted, {e['rejected']} rejected, "
             f"up {_kb(e['bytes_up'])}, down {_kb(e['bytes_down'])}, {e.get('score', 0):,.0f} points in "
             f"{e.get('receipts', 0)} verified receipt(s)"
+            + (
+                f", {e['inner_steps']} inner steps, busy {e['compute_utilization']:.0%} of the time"
+                if e.get("compute_utilization") is not None
+                else ""
+            )
         )
     if kind == "status-page":
         return f"status page: {e['url']}"
@@ -176,7 +183,10 @@ def aggregator(
     wait_for_peers: Annotated[
         int,
         typer.Option(
-            "--wait-for-peers", help="Keep the first round open (up to 3 deadlines) until N peers joined.", min=0
+            "--wait-for-peers",
+            help="Start together: hold the state (up to 60 s) and the first round (up to 3 deadlines) "
+            "until N peers have joined.",
+            min=0,
         ),
     ] = 0,
     set_: Annotated[
@@ -297,6 +307,21 @@ def peer(
         int, typer.Option("--http-port", help="Serve this peer's own status (JSON) on this port (0: none).", min=0)
     ] = 0,
     http_host: Annotated[str, typer.Option("--http-host", help="Address of this peer's status page.")] = "127.0.0.1",
+    overlap: Annotated[
+        bool,
+        typer.Option(
+            "--overlap/--no-overlap",
+            help="Keep training while an update is in flight and merge the aggregate when it arrives.",
+        ),
+    ] = True,
+    speed: Annotated[
+        float,
+        typer.Option(
+            help="Testing aid: run each inner step at this fraction of full speed (0.25: four times as long).",
+            min=0.01,
+            max=1.0,
+        ),
+    ] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per event on stdout.")] = False,
 ) -> None:
     """Volunteer: join a run, train locally, send compressed signed updates, apply the aggregates (peer)."""
@@ -322,6 +347,8 @@ def peer(
         reconnect_timeout_s=reconnect_timeout,
         join_timeout_s=join_timeout,
         receipts_dir=receipts.expanduser(),
+        overlap=overlap,
+        speed=speed,
     )
     from potluck.node_web import PageOptions, peer_app, peer_page, serve_with_page
 
@@ -341,6 +368,7 @@ def known_errors() -> tuple[type[Exception], ...]:
     from potluck.aggregator_server.checkpoint import CheckpointError
     from potluck.aggregator_server.reputation import BanFileError
     from potluck.aggregator_server.setup import SetupError
+    from potluck.netlab import NetLabError
     from potluck.peer.client import AggregatorRefused
     from potluck.peer.runner import PeerError
     from potluck.protocol.dht_schema import DHTSchemaError
@@ -356,6 +384,7 @@ def known_errors() -> tuple[type[Exception], ...]:
         DHTSchemaError,
         JoinError,
         SwarmError,
+        NetLabError,
         BanFileError,
         WebServerError,
     )

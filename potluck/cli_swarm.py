@@ -36,6 +36,40 @@ def _status_page_port(asked: int | None) -> int:
     return DEFAULT_HTTP_PORT
 
 
+def parse_speeds(text: str | None, *, peers: int) -> tuple[float, ...]:
+    """`--peer-speeds 1,0.5,0.25` as fractions of full speed, one per peer at most; UsageError otherwise."""
+    from potluck.cli import UsageError
+
+    if not text:
+        return ()
+    try:
+        speeds = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--peer-speeds {text!r}: give comma-separated fractions, e.g. 1,0.5,0.25") from None
+    if len(speeds) > peers:
+        raise UsageError(f"--peer-speeds names {len(speeds)} peers but the swarm has {peers}")
+    if not all(0.01 <= v <= 1 for v in speeds):
+        raise UsageError(f"--peer-speeds {text!r}: each speed must be between 0.01 and 1 (full speed)")
+    return speeds
+
+
+def _parse_link(text: str | None) -> Any:
+    """`--link UP/DOWN` checked up front: a bad value or a machine without the lab fails in one line."""
+    from potluck.cli import UsageError
+    from potluck.netlab import parse_link, unavailable_reason
+
+    if text is None:
+        return None
+    try:
+        link = parse_link(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    reason = unavailable_reason()
+    if reason is not None:
+        raise UsageError(f"--link: {reason}")
+    return link
+
+
 def swarm(
     peers: Annotated[int, typer.Option(help="Peer processes to start.", min=1, max=64)] = 3,
     rounds: Annotated[int, typer.Option(help="Outer rounds to train.", min=1)] = 6,
@@ -63,9 +97,27 @@ def swarm(
             "--http-port", help="The aggregator's status page on 127.0.0.1 (0: none). [default: 8000]", min=0
         ),
     ] = None,
+    overlap: Annotated[
+        bool,
+        typer.Option("--overlap/--no-overlap", help="Peers train on while their updates are in flight."),
+    ] = True,
+    peer_speeds: Annotated[
+        str | None,
+        typer.Option(
+            "--peer-speeds",
+            help="Testing aid: slow chosen peers, e.g. 1,0.5,0.25 runs peer-2's steps at a quarter speed.",
+        ),
+    ] = None,
+    link: Annotated[
+        str | None,
+        typer.Option(
+            help="Put each process in its own network namespace behind a shaped link, UP/DOWN per peer, "
+            "e.g. 10mbit/100mbit (the aggregator gets 1gbit/1gbit). Needs root and iproute2.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")] = False,
 ) -> None:
-    """Start an aggregator and N peers on 127.0.0.1 as separate processes and train the run to its end."""
+    """Start an aggregator and N peers on 127.0.0.1 (or behind shaped links) and train the run to its end."""
     from potluck.protocol.config import RunConfig, load_run_config, parse_overrides
     from potluck.swarm import SwarmOptions, run_swarm
 
@@ -77,6 +129,9 @@ def swarm(
     base = load_run_config(config) if config is not None else RunConfig()
     cfg = base.with_overrides(overrides, source="flags")
     options = SwarmOptions(
+        link=_parse_link(link),
+        overlap=overlap,
+        peer_speeds=parse_speeds(peer_speeds, peers=peers),
         peers=peers,
         cfg=cfg,
         data=data,
@@ -130,7 +185,8 @@ def swarm(
 
 def _print_summary(result: Any) -> None:
     table = Table(title=f"{result.rounds_completed} rounds in {result.wall_s:.0f} s")
-    for column in ("peer", "fingerprint", "joined", "accepted", "rejected", "up", "down", "compression"):
+    columns = ("peer", "fingerprint", "joined", "accepted", "rejected", "steps", "busy", "up", "down", "compression")
+    for column in columns:
         table.add_column(column, justify="right")
     dense = 4 * result.num_params  # one fp32 pseudo-gradient
     for row in result.peers:
@@ -142,6 +198,8 @@ def _print_summary(result: Any) -> None:
             str(row["joined_round"]),
             str(row["accepted"]),
             str(row["rejected"]),
+            str(row["inner_steps"]),
+            "-" if row["compute_utilization"] is None else f"{row['compute_utilization']:.0%}",
             _kb(row["bytes_up"]),
             _kb(row["bytes_down"]),
             ratio,

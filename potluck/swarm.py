@@ -11,6 +11,8 @@ On a machine with few cores the children share them: each gets `cores // (N + 1)
 over the same cores.
 """
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from potluck.netlab import Link, NetLab
 from potluck.protocol.config import RunConfig, dump_run_config
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,13 @@ class SwarmOptions:
     # Red team only: the last `adversaries` peers run `python -m potluck.redteam peer ... ADVERSARY_ARGS`.
     adversaries: int = 0
     adversary_args: tuple[str, ...] = ()
+    overlap: bool = True  # the peers train on while their updates are in flight
+    # Each process in its own network namespace, peers behind `link` and the aggregator behind
+    # `aggregator_link` (potluck.netlab; root and iproute2). None: everything on 127.0.0.1.
+    link: Link | None = None
+    aggregator_link: Link = Link(up_bits_per_s=10**9, down_bits_per_s=10**9)
+    # Testing aid: peer i runs its inner steps at peer_speeds[i] of full speed (missing: 1.0).
+    peer_speeds: tuple[float, ...] = ()
 
 
 @dataclass(kw_only=True, slots=True)
@@ -100,8 +110,19 @@ def _command(*args: str, module: str = "potluck") -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def start_child(name: str, args: list[str], *, work_dir: Path, threads: int, module: str = "potluck") -> Child:
-    """`python -m MODULE ARGS` in a new session, stdout piped (JSON lines), stderr to WORK_DIR/NAME.log."""
+def start_child(
+    name: str,
+    args: list[str],
+    *,
+    work_dir: Path,
+    threads: int,
+    module: str = "potluck",
+    wrap: Callable[[list[str]], list[str]] = lambda argv: argv,
+) -> Child:
+    """`python -m MODULE ARGS` in a new session, stdout piped (JSON lines), stderr to WORK_DIR/NAME.log.
+
+    `wrap` turns the command into the one to run (the network lab puts it in a namespace).
+    """
     env = dict(os.environ)
     env.update(
         PYTHONUNBUFFERED="1",
@@ -112,7 +133,7 @@ def start_child(name: str, args: list[str], *, work_dir: Path, threads: int, mod
     log_path = work_dir / f"{name}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-            _command(*args, module=module),
+            wrap(_command(*args, module=module)),
             stdout=subprocess.PIPE,
             stderr=log,
             stdin=subprocess.DEVNULL,
@@ -192,55 +213,70 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
     threads = options.threads_per_process or threads_per_process(options.peers)
     children: list[Child] = []
     events: queue.Queue[tuple[Child, dict[str, Any] | None]] = queue.Queue()
-    with tempfile.TemporaryDirectory(prefix="potluck-swarm-") as tmp:
-        work_dir = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="potluck-swarm-")))
+        lab = None
+        if options.link is not None:
+            lab = stack.enter_context(NetLab([options.aggregator_link] + [options.link] * options.peers))
+        stack.callback(stop_children, children)  # before the lab goes: nothing may still run in its namespaces
+
+        def wrap(node: int) -> Callable[[list[str]], list[str]]:
+            return (lambda argv: argv) if lab is None else functools.partial(lab.command, node)
+
         config_path = work_dir / "run.toml"
         config_path.write_text(dump_run_config(options.cfg, "toml"))
         state_dir = options.state_dir or work_dir / "aggregator"
-        try:
-            aggregator = start_child(
+        aggregator = start_child(
+            "aggregator",
+            [
                 "aggregator",
-                [
-                    "aggregator",
-                    "--config",
-                    str(config_path),
-                    "--state-dir",
-                    str(state_dir),
-                    "--host",
-                    "127.0.0.1",
-                    "--threads",
-                    str(threads),
-                    "--http-port",
-                    str(options.http_port),
-                    "--wait-for-peers",  # the honest ones: an adversary may never show up under its own key
-                    str(options.peers - options.adversaries),
-                    "--json",
-                ],
-                work_dir=work_dir,
-                threads=threads,
-            )
-            children.append(aggregator)
-            threading.Thread(target=_pump, args=(aggregator, events), daemon=True).start()
-            ready = _wait_ready(aggregator, events, on_event)
-            join = ready["maddrs"][0]
-            for i in range(options.peers):
-                args = ["peer", "--join", join, "--identity", str(work_dir / f"peer-{i}.key")]
-                args += ["--threads", str(threads), "--json"]
-                if i >= options.peers - options.adversaries:
-                    args += ["--spool", str(state_dir), *options.adversary_args]
-                    child = start_child(
-                        f"adversary-{i}", args, work_dir=work_dir, threads=threads, module="potluck.redteam"
-                    )
-                else:
-                    if options.data is not None:
-                        args += ["--data", options.data]
-                    args += ["--receipts", str(work_dir / "receipts" / f"peer-{i}")]
-                    child = start_child(f"peer-{i}", args, work_dir=work_dir, threads=threads)
-                children.append(child)
-                threading.Thread(target=_pump, args=(child, events), daemon=True).start()
-            _follow(children, events, on_event, deadline=started + options.timeout_s)
-        finally:
-            stop_children(children)
+                "--config",
+                str(config_path),
+                "--state-dir",
+                str(state_dir),
+                "--host",
+                "127.0.0.1" if lab is None else lab.addresses[0],
+                "--threads",
+                str(threads),
+                "--http-port",
+                str(options.http_port if lab is None else 0),  # inside the lab nothing outside could reach it
+                "--wait-for-peers",  # the honest ones: an adversary may never show up under its own key
+                str(options.peers - options.adversaries),
+                "--json",
+            ],
+            work_dir=work_dir,
+            threads=threads,
+            wrap=wrap(0),
+        )
+        children.append(aggregator)
+        threading.Thread(target=_pump, args=(aggregator, events), daemon=True).start()
+        ready = _wait_ready(aggregator, events, on_event)
+        join = ready["maddrs"][0]
+        for i in range(options.peers):
+            args = ["peer", "--join", join, "--identity", str(work_dir / f"peer-{i}.key")]
+            args += ["--threads", str(threads), "--json"]
+            if i >= options.peers - options.adversaries:
+                args += ["--spool", str(state_dir), *options.adversary_args]
+                child = start_child(
+                    f"adversary-{i}",
+                    args,
+                    work_dir=work_dir,
+                    threads=threads,
+                    module="potluck.redteam",
+                    wrap=wrap(i + 1),
+                )
+            else:
+                if options.data is not None:
+                    args += ["--data", options.data]
+                if not options.overlap:
+                    args += ["--no-overlap"]
+                if i < len(options.peer_speeds):
+                    args += ["--speed", repr(options.peer_speeds[i])]
+                args += ["--receipts", str(work_dir / "receipts" / f"peer-{i}")]
+                child = start_child(f"peer-{i}", args, work_dir=work_dir, threads=threads, wrap=wrap(i + 1))
+            children.append(child)
+            threading.Thread(target=_pump, args=(child, events), daemon=True).start()
+        _follow(children, events, on_event, deadline=started + options.timeout_s)
         return _result(ready, aggregator, children[1:], wall_s=time.monotonic() - started)
 
 
@@ -306,6 +342,12 @@ def _result(ready: dict[str, Any], aggregator: Child, peers: list[Child], *, wal
                 "bytes_up": done.get("bytes_up", 0),
                 "bytes_down": done.get("bytes_down", 0),
                 "joined_round": synced.get("round"),
+                "tokens": done.get("tokens", sum(e.get("tokens", 0) for e in per_round)),
+                "inner_steps": done.get("inner_steps", sum(e.get("inner_steps", 0) for e in per_round)),
+                "compute_utilization": done.get("compute_utilization"),
+                "compute_s": done.get("compute_s"),
+                "active_s": done.get("active_s"),
+                "speed": done.get("speed", 1.0),
                 "adversary": child.name.startswith("adversary-"),
                 # digests of every upload it made (an adversary may send several a round, under other keys)
                 "uploads": [e["update"] for e in child.events if e.get("event") == "adversarial"]

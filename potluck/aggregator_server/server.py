@@ -117,6 +117,7 @@ ANNOUNCE_TTL_S = 60.0
 MAX_UPLOADS = 32  # uploads read at once: bounds the memory hostile peers can pin (32 x max_update_bytes)
 MAX_PROBES = 2  # concurrent doctor probes; more would let anyone eat the aggregator's bandwidth
 LINGER_DRAIN_S = 1.0  # after the last reply is written, before p2pd stops: time for it to leave
+JOIN_BARRIER_S = 60.0  # the longest a joiner of the first round waits for the others (see wait_for_peers)
 FIRST_ROUND_WAIT = 3  # deadlines the first round may wait for --wait-for-peers before it closes anyway
 LEADERBOARD_SIZE = 100  # peers listed in the ready event's leaderboard
 LEDGER_FILE = "ledger.sqlite"
@@ -137,6 +138,8 @@ class ServerOptions:
     announce_every_s: float = 10.0
     # Keep the first round open (up to FIRST_ROUND_WAIT deadlines) until this many peers have downloaded the
     # state: a local swarm's peers start together, and a round closed before most joined is judged on too few.
+    # The state is handed out when they are all here (or after JOIN_BARRIER_S), so they start training together
+    # and the first to arrive does not train alone and then idle while the others start.
     wait_for_peers: int = 0
 
 
@@ -200,6 +203,7 @@ class AggregatorServer:
         self._uploads = asyncio.Semaphore(MAX_UPLOADS)
         self._published = asyncio.Condition()
         self._wake = asyncio.Event()
+        self._all_here = asyncio.Event()  # the first round's wait_for_peers have all downloaded the state
         self._state_body: tuple[int, bytes] | None = None  # (version, STATE frame body), built on demand
         model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
         corpus = load_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction, max_bytes=cfg.data.max_bytes)
@@ -663,6 +667,11 @@ class AggregatorServer:
                 wanted = self.options.wait_for_peers
                 if wanted and self.rounds_closed == 0 and len(self.current.expected) == wanted:
                     self.current.extend()  # everyone the first round waited for is here: give them a full deadline
+                    self._all_here.set()
+        if self._waiting_for_peers():
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._all_here.wait(), timeout=max(self.cfg.round_deadline_s, JOIN_BARRIER_S))
+        async with self._lock:
             body = await self._state_frame()
         self.bytes_out += len(body)
         self.on_event(

@@ -12,8 +12,10 @@ backoff (the aggregator may be restarting), the aggregator is looked up again on
 """
 
 import asyncio
+import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +51,8 @@ logger = logging.getLogger(__name__)
 Event = dict[str, object]
 T = TypeVar("T")
 
+TIME_BOX_MARGIN = 0.1  # of the round deadline, kept free: the round opened a download before the peer saw it
+
 
 class PeerError(Exception):
     """The peer cannot go on (one line, with the fix)."""
@@ -77,6 +81,8 @@ class PeerOptions:
     reconnect_timeout_s: float = 300.0
     join_timeout_s: float = 30.0
     receipts_dir: Path | None = None  # where final receipts are kept (None: checked, not kept)
+    overlap: bool = True  # train on while an update is in flight (one-round-delayed outer updates)
+    speed: float = 1.0  # testing aid: below 1, every inner step lasts 1/speed as long
 
 
 @dataclass(kw_only=True, slots=True)
@@ -105,6 +111,11 @@ class PeerRunner:
         self.score = 0.0  # points they credit
         self.refused_sources: set[bytes] = set()  # aggregator keys whose state did not check out
         self.join_addrs = [parse_join_address(a) for a in options.join]  # JoinError before anything starts
+        self.trainer: LocalTrainer | None = None
+        self._training: asyncio.Future[None] | None = None  # the inner steps running in their thread
+        self._round_opened: float | None = None  # monotonic time the training round opened, as seen here
+        self._upload_s = 0.0  # the last upload's duration, which the time box keeps free
+        self._synced_at = time.monotonic()
 
     async def run(self) -> None:
         """Join, sync and train until done; the DHT node and its daemon are shut down on every exit path."""
@@ -138,6 +149,27 @@ class PeerRunner:
             "bytes_down": self.bytes_down,
             "receipts": self.receipts,
             "score": self.score,
+            **self.compute_figures(),
+        }
+
+    def compute_figures(self) -> Event:
+        """Tokens and inner steps processed, and the share of the training span spent in inner steps.
+
+        compute_utilization = time in inner steps / wall time from the first step's start to the last
+        step's end: start-up and the wait for the run's final aggregate are not part of it.
+        """
+        t = self.trainer
+        if t is None or t.first_step_at is None or t.last_step_at is None:
+            return {"tokens": 0, "inner_steps": 0, "compute_s": 0.0, "active_s": 0.0, "compute_utilization": None}
+        active_s = t.last_step_at - t.first_step_at
+        return {
+            "tokens": t.total_steps * t.tokens_per_step,
+            "inner_steps": t.total_steps,
+            "compute_s": t.total_compute_s,
+            "active_s": active_s,
+            "compute_utilization": min(1.0, t.total_compute_s / active_s) if active_s > 0 else 1.0,
+            "overlap": self.options.overlap,
+            "speed": self.options.speed,
         }
 
     # ----------------------------------------------------------------- discovery and sync
@@ -214,6 +246,7 @@ class PeerRunner:
         signed, payload, t = await self.link.fetch_state(
             self.identity.public_key, client_mode=self.options.client_mode
         )
+        self._synced_at = time.monotonic()  # the first round's time box counts from here
         self.bytes_down += len(payload) + t.sent_bytes
         trusted = self.announcement.public_key
         try:
@@ -248,23 +281,53 @@ class PeerRunner:
     # ----------------------------------------------------------------- rounds
 
     async def _loop(self, master: _Master, trainer: LocalTrainer) -> None:
+        """Rounds until the run or `max_rounds` is done; with overlap, training never waits on the network.
+
+        Round r: train (time-boxed), snapshot, encode, submit, fetch round r's aggregate, apply it.
+        With overlap the next round's inner steps start right after the snapshot and run in their
+        thread through the upload, the wait for the round to close and the download; the aggregate is
+        then merged with `trainer.rebase`. Without it the model is reset to the new master state.
+        """
+        self.trainer, self.cfg = trainer, master.cfg
+        cancel = threading.Event()
+        try:
+            await self._rounds(master, trainer, cancel)
+        finally:
+            cancel.set()  # a run that ends or fails mid-round stops the training thread before the node goes
+            if self._training is not None:
+                with contextlib.suppress(Exception):
+                    await self._training
+
+    async def _rounds(self, master: _Master, trainer: LocalTrainer, cancel: threading.Event) -> None:
         cfg = master.cfg
         aggregate_codec = make_codec(cfg.aggregate_codec.name, cfg.aggregate_codec.params)
         spec = {n: tuple(t.shape) for n, t in master.params.items()}
+        await asyncio.to_thread(trainer.start_round, master.params, round_index=master.round)
+        self._round_opened = self._synced_at
         while master.round < cfg.rounds and (
             self.options.max_rounds is None or self.rounds_done < self.options.max_rounds
         ):
             r = master.round
+            if self._training is None:
+                self._training = self._train(trainer, cfg, cancel)
+            await self._training
+            self._training = None
+            shot = await asyncio.to_thread(trainer.take_snapshot)
+            last = r + 1 >= cfg.rounds or (
+                self.options.max_rounds is not None and self.rounds_done + 1 >= self.options.max_rounds
+            )
+            if self.options.overlap and not last:
+                self._round_opened = None  # the next round opens when this one's aggregate arrives
+                self._training = self._train(trainer, cfg, cancel)
             try:
-                work = await asyncio.to_thread(
-                    trainer.train_round, master.params, round_index=r, time_budget_s=0.8 * cfg.round_deadline_s
-                )
+                work = await asyncio.to_thread(trainer.encode, shot, round_index=r)
             except TrainingDiverged as e:
                 raise PeerError(str(e)) from None
             update, payload = await asyncio.to_thread(self.make_update, master, work, trainer)
             receipt, up = await self._retrying("submitting", functools.partial(self.link.submit, update, payload))
             self.bytes_up += up.sent_bytes
             self.bytes_down += len(up.body)
+            self._upload_s = up.wait_s + up.transfer_s
             await self.after_submit()
             try:
                 receipt.verify(self.link_key)
@@ -282,7 +345,7 @@ class PeerRunner:
                 )
             except AggregatorRefused as e:
                 logger.warning("round %d: %s; downloading the state again", r, e)
-                master = await self._retrying("downloading the state", self._sync_from_any)
+                master = await self._resync(trainer, cancel)
                 continue
             self.bytes_down += down.sent_bytes + len(down.body)
             # The signed contributor list is the final word: an update can pass on arrival and still be
@@ -294,7 +357,15 @@ class PeerRunner:
             self.accepted += accepted
             self.rejected += not accepted
             if not self._apply(master, signed, payload, aggregate_codec=aggregate_codec, spec=spec):
-                master = await self._retrying("downloading the state", self._sync_from_any)
+                master = await self._resync(trainer, cancel)
+            elif self._training is not None:
+                await asyncio.to_thread(trainer.rebase, master.params, point=shot.current)
+            else:
+                await asyncio.to_thread(trainer.start_round, master.params, round_index=master.round)
+            # The next round opened when this one closed, which the aggregate's signed timestamp says; a peer
+            # that fetched it late is that much further into the next round's deadline.
+            late_s = min(max(time.time() - signed.header.timestamp_s, 0.0), cfg.round_deadline_s)
+            self._round_opened = time.monotonic() - late_s
             points, receipt_bytes, receipt_s = None, 0, 0.0
             if received:
                 points, receipt_bytes, receipt_s = await self._collect_receipt(r, update.header.digest(), signed)
@@ -305,6 +376,7 @@ class PeerRunner:
                     "round": r,
                     "loss": work.mean_loss,
                     "tokens": work.tokens,
+                    "inner_steps": work.inner_steps,
                     "tokens_per_s": work.tokens / work.compute_s if work.compute_s > 0 else 0.0,
                     "accepted": accepted,
                     "reason": reason,
@@ -312,15 +384,50 @@ class PeerRunner:
                     "bytes_up": up.sent_bytes,
                     "bytes_down": down.sent_bytes + len(down.body) + len(up.body) + receipt_bytes,
                     "compute_s": work.compute_s,
+                    "encode_s": work.encode_s,
                     "upload_s": up.wait_s + up.transfer_s,
                     "wait_s": down.wait_s,
                     "download_s": down.transfer_s,
                     "points": points,  # credited by the final receipt (None: no receipt checked out)
                     "receipt_s": receipt_s,  # fetching and checking it
+                    "overlap": self.options.overlap,
                 }
             )
         if master.round >= cfg.rounds:
             raise RunFinished(f"run {cfg.run_name!r} is complete ({cfg.rounds} rounds)")
+
+    def _train(self, trainer: LocalTrainer, cfg: RunConfig, cancel: threading.Event) -> asyncio.Future[None]:
+        """The round's inner steps in a worker thread, up to the local steps or until the time box is full."""
+        return asyncio.ensure_future(
+            asyncio.to_thread(trainer.train, max_steps=cfg.local_steps, stop=self._time_box_full, cancel=cancel)
+        )
+
+    def _time_box_full(self) -> bool:
+        """True when one more step would leave too little time to upload before the round's deadline.
+
+        The round opens, as this peer sees it, when the previous round's aggregate arrived; it plans
+        with its own smoothed step time and its last upload's duration, and keeps a tenth of the
+        deadline as margin (the aggregator opened the round a download earlier). Before the aggregate
+        arrives (overlap) there is no deadline yet to plan against.
+        """
+        opened = self._round_opened
+        if opened is None:
+            return False
+        step_s = self.trainer.step_s or 0.0
+        deadline_s = self.cfg.round_deadline_s
+        return time.monotonic() + step_s + self._upload_s > opened + (1 - TIME_BOX_MARGIN) * deadline_s
+
+    async def _resync(self, trainer: LocalTrainer, cancel: threading.Event) -> _Master:
+        """Stop any early training, download the state again and restart the round from it."""
+        if self._training is not None:
+            cancel.set()
+            with contextlib.suppress(Exception):
+                await self._training
+            self._training = None
+            cancel.clear()
+        master = await self._retrying("downloading the state", self._sync_from_any)
+        await asyncio.to_thread(trainer.start_round, master.params, round_index=master.round)
+        return master
 
     def make_update(self, master: _Master, work: RoundWork, trainer: LocalTrainer) -> tuple[SignedUpdate, bytes]:
         """The signed update for this round's work: header binding the payload, signed by this peer.
@@ -356,6 +463,7 @@ class PeerRunner:
             device=self.options.device,
             data_source=self.options.data,
             batch_size=self.options.batch_size,
+            speed=self.options.speed,
         )
 
     async def _collect_receipt(

@@ -1,16 +1,25 @@
-"""The volunteer's local work for one round: inner AdamW steps from the master state, then the encoded delta.
+"""The volunteer's local work: inner AdamW steps from the master state, then the encoded delta.
 
-The model and its AdamW state live across rounds (DiLoCo keeps each worker's inner optimizer); at
-the start of a round the model is reset to the master parameters. The inner learning-rate schedule
-follows the run's global step (round x local steps + step), so a late joiner picks up the schedule
-where the run is. Each peer draws its own batches: the sampler's seed mixes the run seed with the
-peer's public key, so two volunteers never train on the same sequence of windows.
+The model and its AdamW state live across rounds (DiLoCo keeps each worker's inner optimizer). A
+round's delta is measured from its *base*, the master parameters it belongs to. Without overlap the
+model is reset to the base at the start of every round. With overlap (one-step-delayed outer
+updates, as in Streaming DiLoCo) the peer keeps training while its last update is in flight; when
+that round's aggregate arrives, `rebase` moves the model onto the new master state and keeps the
+progress made since the snapshot, so no step is thrown away.
+
+Training runs in a worker thread while the peer's event loop talks to the aggregator, so every
+touch of the model (a step, a snapshot, a rebase) holds one lock: a rebase waits at most one step.
+
+The inner learning-rate schedule follows the run's global step, so a late joiner picks up the
+schedule where the run is. Each peer draws its own batches: the sampler's seed mixes the run seed
+with the peer's public key, so two volunteers never train on the same sequence of windows.
 """
 
 import hashlib
 import math
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +29,8 @@ from potluck.protocol.config import RunConfig
 from potluck.training.data import BatchSampler, load_corpus
 from potluck.training.diloco import inner_lr, inner_step, load_params, make_inner_optimizer, snapshot
 from potluck.training.models import build_model, model_config
+
+STEP_TIME_SMOOTHING = 0.3  # weight of the newest step in the step-time estimate the time box plans with
 
 
 class TrainingDiverged(Exception):
@@ -34,7 +45,18 @@ class RoundWork:
     tokens: int
     inner_steps: int
     mean_loss: float  # mean training loss over the round's inner steps
-    compute_s: float  # wall time of training and encoding
+    compute_s: float  # time spent in the round's inner steps
+    encode_s: float = 0.0  # time spent encoding the delta
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoundSnapshot:
+    """The end of a round's training: where it started from, where the model is, and what it cost."""
+
+    base: dict[str, torch.Tensor]  # the master parameters the round's delta is measured from
+    current: dict[str, torch.Tensor]  # the model's parameters at the snapshot (CPU, fp32)
+    losses: tuple[float, ...]
+    compute_s: float
 
 
 def sampler_seed(run_seed: int, public_key: bytes) -> int:
@@ -44,7 +66,11 @@ def sampler_seed(run_seed: int, public_key: bytes) -> int:
 
 
 class LocalTrainer:
-    """A peer's model, inner optimizer, data stream and error-feedback residual."""
+    """A peer's model, inner optimizer, data stream and error-feedback residual.
+
+    `speed` below 1 makes every inner step last 1/speed times as long (a sleep after the step): a
+    testing aid that shows a slow GPU's behaviour on one machine.
+    """
 
     def __init__(
         self,
@@ -54,9 +80,13 @@ class LocalTrainer:
         device: torch.device,
         data_source: str | None = None,
         batch_size: int | None = None,
+        speed: float = 1.0,
     ) -> None:
+        if not 0 < speed <= 1:
+            raise ValueError(f"speed must be in (0, 1], got {speed}")
         self.cfg = cfg
         self.device = device
+        self.speed = speed
         model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
         self.block_size = model_cfg.block_size
         self.batch_size = batch_size or cfg.inner.batch_size
@@ -77,6 +107,131 @@ class LocalTrainer:
         )
         self.codec = make_codec(cfg.codec.name, cfg.codec.params)
         self.residual: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self._base: dict[str, torch.Tensor] = {}
+        self.global_step = 0  # the inner LR schedule's position
+        self._losses: list[float] = []  # this round's, since its last snapshot
+        self._compute_s = 0.0
+        self.step_s: float | None = None  # smoothed wall time of one inner step (sleep included)
+        self.total_steps = 0
+        self.total_compute_s = 0.0
+        self.first_step_at: float | None = None  # time.monotonic() of the first step's start
+        self.last_step_at: float | None = None  # and of the latest step's end
+
+    @property
+    def round_steps(self) -> int:
+        """Inner steps taken since the last snapshot."""
+        return len(self._losses)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens one inner step processes."""
+        return self.batch_size * self.block_size
+
+    def start_round(self, master: Mapping[str, torch.Tensor], *, round_index: int) -> None:
+        """Reset the model to `master` for round `round_index` (after a sync, or every round without overlap)."""
+        with self._lock:
+            load_params(self.model, master)
+            self._base = {name: t.detach().to("cpu", torch.float32, copy=True) for name, t in master.items()}
+            self.global_step = round_index * self.cfg.local_steps
+            self._losses, self._compute_s = [], 0.0
+
+    def rebase(self, master: Mapping[str, torch.Tensor], *, point: Mapping[str, torch.Tensor]) -> None:
+        """Move the model onto the new `master`, keeping the progress made since the snapshot `point`.
+
+        model += master - point: the steps taken while the aggregate was in flight are applied on top
+        of the new state rather than thrown away, and they count towards the round that `master` opens.
+        """
+        with self._lock, torch.no_grad():
+            for name, p in self.model.named_parameters():
+                shift = master[name].to(torch.float32) - point[name]
+                p.add_(shift.to(p.device, p.dtype))
+            self._base = {name: t.detach().to("cpu", torch.float32, copy=True) for name, t in master.items()}
+
+    def train(
+        self,
+        *,
+        max_steps: int,
+        stop: Callable[[], bool] | None = None,
+        cancel: threading.Event | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Take inner steps until the round has `max_steps`, `stop()` says the time box is full, or `cancel` is set.
+
+        A round always gets at least one step: an update with none cannot be sent.
+        """
+        cfg = self.cfg
+        total_steps = cfg.rounds * cfg.local_steps
+        while self.round_steps < max_steps and not (cancel is not None and cancel.is_set()):
+            if self.round_steps > 0 and stop is not None and stop():
+                break
+            started = time.monotonic()
+            with self._lock:
+                lr = inner_lr(
+                    min(self.global_step, total_steps - 1),
+                    total_steps=total_steps,
+                    peak_lr=cfg.inner.lr,
+                    warmup_steps=cfg.inner.warmup_steps,
+                    min_lr_ratio=cfg.inner.min_lr_ratio,
+                )
+                loss = inner_step(
+                    self.model,
+                    self.optimizer,
+                    self.sampler.next_batch(),
+                    lr=lr,
+                    grad_clip=cfg.inner.grad_clip,
+                    autocast=True,
+                )
+                self.global_step += 1
+            if self.speed < 1:
+                time.sleep((time.monotonic() - started) * (1 / self.speed - 1))
+            ended = time.monotonic()
+            took = ended - started
+            with self._lock:
+                self._losses.append(loss)
+                self._compute_s += took
+            self.step_s = (
+                took if self.step_s is None else (1 - STEP_TIME_SMOOTHING) * self.step_s + (STEP_TIME_SMOOTHING * took)
+            )
+            self.total_steps += 1
+            self.total_compute_s += took
+            self.first_step_at = started if self.first_step_at is None else self.first_step_at
+            self.last_step_at = ended
+            if on_step is not None:
+                on_step(self.round_steps, max_steps)
+
+    def take_snapshot(self) -> RoundSnapshot:
+        """End the round's training: its base, the model's parameters now, its losses; the next round starts here."""
+        with self._lock:
+            shot = RoundSnapshot(
+                base=self._base,
+                current=snapshot(self.model, device="cpu"),
+                losses=tuple(self._losses),
+                compute_s=self._compute_s,
+            )
+            self._losses, self._compute_s = [], 0.0
+        return shot
+
+    def encode(self, shot: RoundSnapshot, *, round_index: int) -> RoundWork:
+        """The round's delta (base - current), compressed with error feedback; TrainingDiverged when non-finite."""
+        started = time.monotonic()
+        delta = {name: shot.base[name] - shot.current[name] for name in shot.base}
+        mean_loss = math.fsum(shot.losses) / max(1, len(shot.losses))
+        try:
+            payload = self.codec.encode(delta, self.residual)
+        except NonFiniteError:
+            raise TrainingDiverged(
+                f"local training diverged in round {round_index} (mean loss {mean_loss:.4g}): "
+                "the model's values are no longer finite; if the run's held-out loss blew up too, tell its operator"
+            ) from None
+        return RoundWork(
+            payload=payload,
+            tokens=len(shot.losses) * self.tokens_per_step,
+            inner_steps=len(shot.losses),
+            mean_loss=mean_loss,
+            compute_s=shot.compute_s,
+            encode_s=time.monotonic() - started,
+        )
 
     def train_round(
         self,
@@ -86,49 +241,13 @@ class LocalTrainer:
         time_budget_s: float,
         on_step: Callable[[int, int], None] | None = None,
     ) -> RoundWork:
-        """Train up to the run's local steps from `master` (or fewer when `time_budget_s` runs out); encode."""
-        started = time.perf_counter()
-        cfg = self.cfg
-        load_params(self.model, master)
-        losses = []
-        for local in range(cfg.local_steps):
-            step = round_index * cfg.local_steps + local
-            lr = inner_lr(
-                min(step, cfg.rounds * cfg.local_steps - 1),
-                total_steps=cfg.rounds * cfg.local_steps,
-                peak_lr=cfg.inner.lr,
-                warmup_steps=cfg.inner.warmup_steps,
-                min_lr_ratio=cfg.inner.min_lr_ratio,
-            )
-            loss = inner_step(
-                self.model,
-                self.optimizer,
-                self.sampler.next_batch(),
-                lr=lr,
-                grad_clip=cfg.inner.grad_clip,
-                autocast=True,
-            )
-            losses.append(loss)
-            if on_step is not None:
-                on_step(local + 1, cfg.local_steps)
-            if local + 1 < cfg.local_steps and time.perf_counter() - started > time_budget_s:
-                break  # a slow peer sends what it has rather than miss the round
-        current = snapshot(self.model, device="cpu")
-        delta = {name: master[name] - current[name] for name in master}
-        try:
-            payload = self.codec.encode(delta, self.residual)
-        except NonFiniteError:
-            raise TrainingDiverged(
-                f"local training diverged in round {round_index} (mean loss {math.fsum(losses) / len(losses):.4g}): "
-                "the model's values are no longer finite; if the run's held-out loss blew up too, tell its operator"
-            ) from None
-        return RoundWork(
-            payload=payload,
-            tokens=len(losses) * self.batch_size * self.block_size,
-            inner_steps=len(losses),
-            mean_loss=math.fsum(losses) / len(losses),
-            compute_s=time.perf_counter() - started,
+        """A whole round without overlap: reset to `master`, train up to the local steps within the budget, encode."""
+        self.start_round(master, round_index=round_index)
+        started = time.monotonic()
+        self.train(
+            max_steps=self.cfg.local_steps, stop=lambda: time.monotonic() - started > time_budget_s, on_step=on_step
         )
+        return self.encode(self.take_snapshot(), round_index=round_index)
 
     def take_back(self, payload: bytes) -> None:
         """An update the aggregator refused: fold what it carried back into the residual, so it is sent later.

@@ -26,9 +26,12 @@ def _is(kind: str, **fields: object):  # noqa: ANN202 - a predicate factory
     return lambda e: e.get("event") == kind and all(e.get(k) == v for k, v in fields.items())
 
 
+DEADLINE_S = 4.0
+
+
 @pytest.mark.timeout(240)
 def test_swarm_of_three_trains_and_leaves_nothing_running(tmp_path: Path) -> None:
-    # Prepare
+    # Prepare: one peer at a quarter speed, rounds time-boxed to a deadline the fast peers fit in
     before = p2pd_pids()
     command = [
         sys.executable,
@@ -41,8 +44,12 @@ def test_swarm_of_three_trains_and_leaves_nothing_running(tmp_path: Path) -> Non
         "4",
         "--local-steps",
         "10",
+        "--peer-speeds",
+        "1,1,0.25",
         "--set",
         "data.max_bytes=400000",
+        "--set",
+        f"round_deadline_s={DEADLINE_S}",
         "--json",
     ]
     # Execute
@@ -55,6 +62,19 @@ def test_swarm_of_three_trains_and_leaves_nothing_running(tmp_path: Path) -> Non
     assert all(p["accepted"] >= 1 and p["bytes_up"] > 0 and p["bytes_down"] > 0 for p in result["peers"])
     assert result["final_val_loss"] < result["initial_val_loss"] - 0.5
     assert result["aggregator_multiaddrs"][0].startswith("/ip4/127.0.0.1/tcp/")
+    # no round waited for the slow peer past its deadline (closing takes a moment more), and its tokens count
+    assert all(r["round_s"] < DEADLINE_S + 2 for r in result["rounds"]), [r["round_s"] for r in result["rounds"]]
+    slow = result["peers"][2]
+    assert slow["speed"] == 0.25 and slow["accepted"] >= 1
+    credited = {a["fingerprint"] for r in result["rounds"] for a in r["accepted"]}
+    assert slow["fingerprint"] in credited
+    for peer in result["peers"]:
+        assert (
+            peer["inner_steps"] >= 4
+            and peer["tokens"]
+            == peer["inner_steps"] * result["peers"][0]["tokens"] // result["peers"][0]["inner_steps"]
+        )
+        assert 0 < peer["compute_utilization"] <= 1
     wait_until(lambda: not (p2pd_pids() - before), timeout_s=10, what="the swarm's daemons to exit")
 
 

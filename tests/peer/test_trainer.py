@@ -1,5 +1,7 @@
 """The peer's local round: inner steps from the master state, an encoded delta, and taking back a refused one."""
 
+import threading
+
 import pytest
 import torch
 
@@ -68,3 +70,50 @@ def test_a_diverged_round_is_one_clear_error_not_a_codec_traceback() -> None:
     # Execute / Assert
     with pytest.raises(TrainingDiverged, match="local training diverged in round 2"):
         trainer.train_round(master, round_index=2, time_budget_s=1e9)
+
+
+def test_a_rebase_moves_onto_the_new_master_and_keeps_the_progress_since_the_snapshot() -> None:
+    # Prepare: one round trained and snapshotted, then two more steps taken "while it is in flight"
+    trainer = LocalTrainer(CFG, public_key=b"\x03" * 32, device=torch.device("cpu"))
+    master = snapshot(trainer.model, device="cpu")
+    trainer.start_round(master, round_index=0)
+    trainer.train(max_steps=3)
+    shot = trainer.take_snapshot()
+    trainer.train(max_steps=2)
+    progress = {n: p.detach().clone() - shot.current[n] for n, p in trainer.model.named_parameters()}
+    new_master = {n: t + 0.01 for n, t in master.items()}
+    # Execute
+    trainer.rebase(new_master, point=shot.current)
+    # Assert: model = new master + progress, and the next delta is measured from the new master
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p.detach(), new_master[name] + progress[name])
+    assert trainer.round_steps == 2  # the early steps count towards the round the new master opens
+    work = trainer.encode(trainer.take_snapshot(), round_index=1)
+    assert work.inner_steps == 2 and work.tokens == 2 * trainer.tokens_per_step
+
+
+def test_training_stops_at_the_time_box_or_on_cancel_but_always_takes_one_step() -> None:
+    trainer = LocalTrainer(CFG, public_key=b"\x04" * 32, device=torch.device("cpu"))
+    trainer.start_round(snapshot(trainer.model, device="cpu"), round_index=0)
+    calls = []
+
+    trainer.train(max_steps=3, stop=lambda: calls.append(1) or len(calls) >= 2)
+
+    assert trainer.round_steps == 2  # the stop is asked before every step but the first
+    cancel = threading.Event()
+    cancel.set()
+    trainer.train(max_steps=3, cancel=cancel)
+    assert trainer.round_steps == 2
+    assert trainer.total_steps == 2 and trainer.total_compute_s > 0 and trainer.step_s is not None
+
+
+def test_a_slowed_peer_takes_proportionally_longer_per_step() -> None:
+    fast = LocalTrainer(CFG, public_key=b"\x05" * 32, device=torch.device("cpu"))
+    slow = LocalTrainer(CFG, public_key=b"\x05" * 32, device=torch.device("cpu"), speed=0.25)
+    for t in (fast, slow):
+        t.start_round(snapshot(t.model, device="cpu"), round_index=0)
+        t.train(max_steps=3)
+
+    assert slow.total_compute_s > 2.5 * fast.total_compute_s
+    with pytest.raises(ValueError, match="speed"):
+        LocalTrainer(CFG, public_key=b"\x05" * 32, device=torch.device("cpu"), speed=0)
