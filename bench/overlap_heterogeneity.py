@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 RUNS: dict[str, list[str]] = {
-    "overlap on": ["--peers", "4", "--rounds", "6"],
+    "overlap on": ["--peers", "4", "--rounds", "6", "--overlap"],
     "overlap off": ["--peers", "4", "--rounds", "6", "--no-overlap"],
     "heterogeneous, fixed steps": ["--peers", "3", "--rounds", "6", "--peer-speeds", "1,0.5,0.25"],
     "heterogeneous, time-boxed 3 s": [

@@ -313,7 +313,7 @@ def peer(
             "--overlap/--no-overlap",
             help="Keep training while an update is in flight and merge the aggregate when it arrives.",
         ),
-    ] = True,
+    ] = False,
     speed: Annotated[
         float,
         typer.Option(

@@ -100,7 +100,7 @@ def swarm(
     overlap: Annotated[
         bool,
         typer.Option("--overlap/--no-overlap", help="Peers train on while their updates are in flight."),
-    ] = True,
+    ] = False,
     peer_speeds: Annotated[
         str | None,
         typer.Option(

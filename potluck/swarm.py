@@ -55,7 +55,7 @@ class SwarmOptions:
     # Red team only: the last `adversaries` peers run `python -m potluck.redteam peer ... ADVERSARY_ARGS`.
     adversaries: int = 0
     adversary_args: tuple[str, ...] = ()
-    overlap: bool = True  # the peers train on while their updates are in flight
+    overlap: bool = False  # the peers train on while their updates are in flight
     # Each process in its own network namespace, peers behind `link` and the aggregator behind
     # `aggregator_link` (potluck.netlab; root and iproute2). None: everything on 127.0.0.1.
     link: Link | None = None
@@ -268,8 +268,8 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
             else:
                 if options.data is not None:
                     args += ["--data", options.data]
-                if not options.overlap:
-                    args += ["--no-overlap"]
+                if options.overlap:
+                    args += ["--overlap"]
                 if i < len(options.peer_speeds):
                     args += ["--speed", repr(options.peer_speeds[i])]
                 args += ["--receipts", str(work_dir / "receipts" / f"peer-{i}")]
