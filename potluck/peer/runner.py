@@ -161,8 +161,16 @@ class PeerRunner:
         step's end: start-up and the wait for the run's final aggregate are not part of it.
         """
         t = self.trainer
+        setup = {"overlap": self.options.overlap, "speed": self.options.speed}
         if t is None or t.first_step_at is None or t.last_step_at is None:
-            return {"tokens": 0, "inner_steps": 0, "compute_s": 0.0, "active_s": 0.0, "compute_utilization": None}
+            return {
+                "tokens": 0,
+                "inner_steps": 0,
+                "compute_s": 0.0,
+                "active_s": 0.0,
+                "compute_utilization": None,
+                **setup,
+            }
         active_s = t.last_step_at - t.first_step_at
         return {
             "tokens": t.total_steps * t.tokens_per_step,
@@ -170,8 +178,7 @@ class PeerRunner:
             "compute_s": t.total_compute_s,
             "active_s": active_s,
             "compute_utilization": min(1.0, t.total_compute_s / active_s) if active_s > 0 else 1.0,
-            "overlap": self.options.overlap,
-            "speed": self.options.speed,
+            **setup,
         }
 
     # ----------------------------------------------------------------- discovery and sync
