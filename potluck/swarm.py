@@ -5,10 +5,12 @@ are started as children, each in a session of its own so that it and its libp2p 
 process group: stopping the swarm (done, failed, Ctrl-C or SIGTERM) signals every group, waits, and
 kills what is left, so no `p2pd` outlives the swarm. Children report through JSON lines on stdout;
 their logs go to files in the swarm's work directory, whose tail is shown when a child fails.
+Children are forked from a fork server that has imported torch and hivemind once (potluck.forkserver),
+except inside the network lab, where each must start in its namespace.
 
 On a machine with few cores the children share them: each gets `cores // (N + 1)` torch threads
-(at least one), set through OMP_NUM_THREADS before torch starts, so N+1 processes do not fight
-over the same cores.
+(at least one), set through OMP_NUM_THREADS (and torch.set_num_threads in a forked child), so N+1
+processes do not fight over the same cores.
 """
 
 import contextlib
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from potluck.forkserver import ForkedProcess, ForkServerError, shared_server
 from potluck.netlab import Link, NetLab
 from potluck.protocol.config import RunConfig, dump_run_config
 
@@ -69,7 +72,7 @@ class Child:
     """A started child process, its log file and the events it reported."""
 
     name: str
-    process: subprocess.Popen[str]
+    process: "subprocess.Popen[str] | ForkedProcess"
     log_path: Path
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -117,11 +120,13 @@ def start_child(
     work_dir: Path,
     threads: int,
     module: str = "potluck",
-    wrap: Callable[[list[str]], list[str]] = lambda argv: argv,
+    wrap: Callable[[list[str]], list[str]] | None = None,
 ) -> Child:
     """`python -m MODULE ARGS` in a new session, stdout piped (JSON lines), stderr to WORK_DIR/NAME.log.
 
-    `wrap` turns the command into the one to run (the network lab puts it in a namespace).
+    Forked from this process's fork server (potluck.forkserver: torch and hivemind imported once)
+    where it runs; otherwise, or when `wrap` turns the command into another one (the network lab
+    puts it in a namespace), a plain subprocess.
     """
     env = dict(os.environ)
     env.update(
@@ -131,9 +136,17 @@ def start_child(
         TOKENIZERS_PARALLELISM="false",
     )
     log_path = work_dir / f"{name}.log"
+    server = shared_server() if wrap is None else None
+    if server is not None:
+        try:
+            forked = server.start(module, args, env=env, cwd=Path.cwd(), log_path=log_path)
+        except (OSError, ForkServerError) as e:
+            logger.debug("fork server: %s; starting %s as a subprocess", e, name)
+        else:
+            return Child(name=name, process=forked, log_path=log_path)
     with open(log_path, "w") as log:
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-            wrap(_command(*args, module=module)),
+            (wrap or (lambda argv: argv))(_command(*args, module=module)),
             stdout=subprocess.PIPE,
             stderr=log,
             stdin=subprocess.DEVNULL,
@@ -220,8 +233,8 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
             lab = stack.enter_context(NetLab([options.aggregator_link] + [options.link] * options.peers))
         stack.callback(stop_children, children)  # before the lab goes: nothing may still run in its namespaces
 
-        def wrap(node: int) -> Callable[[list[str]], list[str]]:
-            return (lambda argv: argv) if lab is None else functools.partial(lab.command, node)
+        def wrap(node: int) -> Callable[[list[str]], list[str]] | None:
+            return None if lab is None else functools.partial(lab.command, node)
 
         config_path = work_dir / "run.toml"
         config_path.write_text(dump_run_config(options.cfg, "toml"))
