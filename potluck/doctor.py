@@ -7,8 +7,8 @@ on, and whether ~/.potluck has room for checkpoints. Each check is ok, a warning
 or a problem (will not work until fixed); the exit status is 1 when any check is a problem.
 
 Every network step is bounded by `timeout_s`, and every p2pd started here is shut down on every path,
-including Ctrl-C in the middle of its start. This module is top level, so it may use both sides of the
-wire: the probe handler's layout from `aggregator_server.probe`, and the client side in `measure_rates`.
+including Ctrl-C in the middle of its start. The link's rates come from the aggregator's probe handler,
+measured with `potluck.protocol.probe.measure_rates`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import sys
-import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -33,9 +31,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from potluck import __version__
-from potluck.aggregator_server.probe import MAX_PROBE_BYTES, PROBE_HANDLER, encode_probe_request
 from potluck.protocol import PROTOCOL_VERSION
-from potluck.protocol.wire import HEADER_BYTES, MessageKind, PeerRefusedError, WireError, decode_header, write_frame
+from potluck.protocol.probe import ProbeUnavailableError, daemon_reason, measure_rates
+from potluck.protocol.wire import PeerRefusedError, WireError
 
 if TYPE_CHECKING:
     from hivemind.p2p import P2P, PeerID
@@ -61,7 +59,6 @@ LOW_DISK_PROBLEM_BYTES = 200 * 10**6  # not even one such checkpoint fits
 # 2 MiB each way: takes about 16 s at 1 Mbit/s, inside the default 30 s step timeout, and is still long
 # enough on a fast link for the one-RTT correction to matter less than the transfer itself.
 DOCTOR_PROBE_BYTES = 2 * 1024 * 1024
-_MIN_TRANSFER_S = 1e-6  # a floor so a sub-microsecond localhost transfer does not divide by zero
 _LISTEN_ALL = ["/ip4/0.0.0.0/tcp/0"]  # every interface, so the visible addresses show a public IP if there is one
 
 
@@ -81,10 +78,6 @@ class Check:
     status: Status
     detail: str  # what was found, one line
     fix: str = ""  # what to do about it, one line; empty when there is nothing to do
-
-
-class ProbeUnavailableError(Exception):
-    """The peer answers but does not serve potluck's probe handler (not an aggregator, or an older one)."""
 
 
 # --- checks that need no network ---------------------------------------------------------------
@@ -211,90 +204,6 @@ async def _running_p2p(*, timeout_s: float, **p2p_kwargs: Any) -> AsyncIterator[
         await p2p.shutdown()
 
 
-def _daemon_reason(error: Exception) -> str:
-    """p2pd's last log line without its timestamp, e.g. 'failed to connect to bootstrap peers'."""
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    text = text.removeprefix("Daemon failed to start: ")
-    return re.sub(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", "", text)
-
-
-def _close_writers_left_open(error: BaseException) -> None:
-    """Close the daemon connection hivemind's `stream_open` leaves open when it fails (hivemind 1.1.12).
-
-    `ControlClient.stream_open` opens a connection to the local p2pd, asks for the stream, and raises on a
-    refusal (a peer without the handler) or a cancellation without closing that connection; the caller
-    never sees it, so it lingers until the garbage collector finds it. It is still a local in the
-    failing frames of the traceback, which is where this finds it.
-    """
-    traceback = error.__traceback__
-    while traceback is not None:
-        writer = traceback.tb_frame.f_locals.get("writer")
-        if isinstance(writer, asyncio.StreamWriter):
-            writer.close()
-        traceback = traceback.tb_next
-
-
-async def _probe_once(p2p: P2P, peer_id: PeerID, *, upload_bytes: int, reply_bytes: int) -> tuple[float, float]:
-    """One probe: seconds from the request's first byte to the reply's header, and for the reply's body."""
-    from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
-
-    try:
-        _, reader, writer = await p2p.call_binary_stream_handler(peer_id, PROBE_HANDLER)
-    except BaseException as e:
-        _close_writers_left_open(e)
-        if not isinstance(e, ControlFailure):
-            raise
-        if "protocols not supported" in str(e):
-            raise ProbeUnavailableError(f"peer {peer_id} does not serve {PROBE_HANDLER}") from None
-        raise ConnectionError(f"cannot open a probe stream to {peer_id}: {_daemon_reason(e)}") from None
-    try:
-        body = encode_probe_request(upload_bytes=upload_bytes, reply_bytes=reply_bytes)
-        started = time.perf_counter()
-        await write_frame(writer, kind=MessageKind.PROBE, body=body)
-        try:
-            # Read the header and body ourselves, not with read_frame_from_stream: the header's arrival
-            # time is the boundary between the upload and the download measurement.
-            header = await reader.readexactly(HEADER_BYTES)
-            header_at = time.perf_counter()
-            kind, body_bytes = decode_header(
-                header, max_body_bytes=MAX_PROBE_BYTES, expected_kinds={MessageKind.PROBE_REPLY}
-            )
-            reply = await reader.readexactly(body_bytes)
-        except asyncio.IncompleteReadError as e:
-            raise WireError(f"probe reply ended after {len(e.partial)} bytes") from None
-        finished = time.perf_counter()
-    finally:
-        writer.close()
-    if kind is MessageKind.ERROR:
-        text = "".join(ch if ch.isprintable() else "?" for ch in reply.decode("utf-8", errors="replace"))
-        raise PeerRefusedError(f"peer refused the probe: {text}")
-    if body_bytes != reply_bytes:
-        raise WireError(f"asked for {reply_bytes} probe bytes, got {body_bytes}")
-    return header_at - started, finished - header_at
-
-
-async def measure_rates(
-    p2p: P2P, peer_id: PeerID, *, upload_bytes: int, download_bytes: int, timeout_s: float
-) -> tuple[float, float]:
-    """(upload, download) in bytes/s between this node and `peer_id`, measured with its probe handler.
-
-    An empty probe first measures the round trip, which is taken off the upload time (the reply header
-    cannot arrive sooner than one round trip after the last uploaded byte left); the download time is
-    from the reply's header to its last byte. Each probe is bounded by `timeout_s`. Raises
-    ProbeUnavailableError when the peer does not serve the probe, WireError / PeerRefusedError on a bad
-    reply, ConnectionError when no stream opens, asyncio.TimeoutError when a probe takes too long.
-    """
-    for name, value in (("upload_bytes", upload_bytes), ("download_bytes", download_bytes)):
-        if not 1 <= value <= MAX_PROBE_BYTES:
-            raise ValueError(f"{name} must be between 1 and {MAX_PROBE_BYTES}, got {value}")
-    round_trip_s, _ = await asyncio.wait_for(_probe_once(p2p, peer_id, upload_bytes=0, reply_bytes=0), timeout_s)
-    upload_s, download_s = await asyncio.wait_for(
-        _probe_once(p2p, peer_id, upload_bytes=upload_bytes, reply_bytes=download_bytes), timeout_s
-    )
-    upload_s = max(upload_s - round_trip_s, _MIN_TRANSFER_S)
-    return upload_bytes / upload_s, download_bytes / max(download_s, _MIN_TRANSFER_S)
-
-
 async def _measure_rates_twice(p2p: P2P, peer_id: PeerID, *, timeout_s: float) -> tuple[float, float]:
     """`measure_rates` with the doctor's probe size, tried again once after a dropped stream or a short reply.
 
@@ -358,7 +267,7 @@ async def _check_join(
                 )
             return [reached, probe], seen
     except (P2PDaemonError, asyncio.TimeoutError) as e:
-        reason = _daemon_reason(e) if isinstance(e, P2PDaemonError) else f"no answer within {timeout_s:g} s"
+        reason = daemon_reason(e) if isinstance(e, P2PDaemonError) else f"no answer within {timeout_s:g} s"
         unreachable = Check(
             name=name,
             status=Status.PROBLEM,
@@ -397,7 +306,7 @@ async def _network_checks(*, join: list[str], timeout_s: float) -> list[Check]:
         checks.append(Check(name="p2pd", status=Status.OK, detail="the bundled libp2p daemon starts and stops"))
     except (P2PDaemonError, OSError, asyncio.TimeoutError) as e:
         p2pd_works = False
-        reason = _daemon_reason(e) if str(e) else f"no answer within {timeout_s:g} s"
+        reason = daemon_reason(e) if str(e) else f"no answer within {timeout_s:g} s"
         fix = (
             "reinstall hivemind (pip install --force-reinstall hivemind) and check that "
             "hivemind/hivemind_cli/p2pd is executable"

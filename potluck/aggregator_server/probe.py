@@ -11,17 +11,14 @@ The filler is what the client uploads (its length is the frame's body length min
 what it asks to download. Both are bounded by MAX_PROBE_BYTES, so a probe costs the server at most
 8 MiB in and 8 MiB out. A malformed or oversize request gets an ERROR frame with one line of text.
 
-The layout lives here, next to the handler; the client (`potluck.doctor.measure_rates`) imports it
-from here, which the layering allows because `doctor` is top level.
+The layout and the client live in `potluck.protocol.probe` (what crosses the wire); this is the server.
 """
 
 import asyncio
 import logging
-import struct
 from typing import Any
 
-import msgpack
-
+from potluck.protocol.probe import MAX_PROBE_BYTES, PROBE_HANDLER, decode_probe_request, encode_probe_request
 from potluck.protocol.wire import MessageKind, WireError, error_body, read_frame_from_stream, write_frame
 
 __all__ = [
@@ -34,41 +31,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PROBE_HANDLER = "potluck.probe"
-# 8 MiB each way: about 7 s of upload at 10 Mbit/s, enough for a stable rate on a home link while keeping
-# what one probe can cost the aggregator small.
-MAX_PROBE_BYTES = 8 * 1024 * 1024
-_LENGTH = struct.Struct(">I")  # length of the msgpack header that follows
-MAX_PROBE_HEADER_BYTES = 256  # {"reply_bytes": n} packs to under 20 bytes; anything far bigger is not ours
 # A probe stream must finish each direction within this many seconds: 8 MiB at about 1 Mbit/s, so a slow
 # volunteer still gets an answer while a silent peer cannot hold the handler open forever.
 PROBE_STEP_TIMEOUT_S = 90.0
-
-
-def encode_probe_request(*, upload_bytes: int, reply_bytes: int) -> bytes:
-    """A PROBE body that uploads `upload_bytes` filler bytes and asks for `reply_bytes` back."""
-    for name, value in (("upload_bytes", upload_bytes), ("reply_bytes", reply_bytes)):
-        if not 0 <= value <= MAX_PROBE_BYTES:
-            raise ValueError(f"{name} must be between 0 and {MAX_PROBE_BYTES}, got {value}")
-    header = msgpack.packb({"reply_bytes": reply_bytes})
-    return _LENGTH.pack(len(header)) + header + bytes(upload_bytes)
-
-
-def decode_probe_request(body: bytes) -> int:
-    """The `reply_bytes` a PROBE body asks for; raises WireError (one line) on anything malformed."""
-    if len(body) < _LENGTH.size:
-        raise WireError(f"probe request of {len(body)} bytes is shorter than its {_LENGTH.size}-byte length prefix")
-    (header_bytes,) = _LENGTH.unpack_from(body)
-    if header_bytes > MAX_PROBE_HEADER_BYTES or _LENGTH.size + header_bytes > len(body):
-        raise WireError(f"probe header length {header_bytes} is over {MAX_PROBE_HEADER_BYTES} or past the body end")
-    try:
-        header: Any = msgpack.unpackb(body[_LENGTH.size : _LENGTH.size + header_bytes], raw=False)
-    except (ValueError, msgpack.UnpackException) as e:
-        raise WireError(f"probe header is not msgpack: {e}") from None
-    reply_bytes = header.get("reply_bytes") if isinstance(header, dict) else None
-    if type(reply_bytes) is not int or not 0 <= reply_bytes <= MAX_PROBE_BYTES:
-        raise WireError(f"probe header must be {{'reply_bytes': 0..{MAX_PROBE_BYTES}}}, got {header!r:.100}")
-    return reply_bytes
 
 
 async def handle_probe(stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -1,4 +1,4 @@
-"""The probe request's layout (aggregator_server/probe.py): round trip, bounds, and hostile bodies."""
+"""The probe request's layout (protocol/probe.py): round trip, bounds, and hostile bodies."""
 
 import struct
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from potluck.aggregator_server.probe import MAX_PROBE_BYTES, decode_probe_request, encode_probe_request
+from potluck.protocol.probe import MAX_PROBE_BYTES, decode_probe_request, encode_probe_request
 from potluck.protocol.wire import WireError
 
 
