@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -31,6 +31,9 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
+if TYPE_CHECKING:
+    from potluck.planner import AutoPlan
+
 stderr = Console(stderr=True)
 stdout = Console()
 
@@ -257,10 +260,45 @@ def plan(
     download_bytes: Annotated[str | None, typer.Option(help="Payload downloaded per round, bytes.")] = None,
     up: Annotated[str | None, typer.Option(help="Upload rate, bits/s (e.g. 10M).")] = None,
     down: Annotated[str | None, typer.Option(help="Download rate, bits/s (e.g. 100M).")] = None,
+    auto: Annotated[
+        bool,
+        typer.Option(
+            "--auto",
+            help="Measure instead: time a few inner steps of the run's model here, probe the link to --join "
+            "(or take --up/--down), and report K for the run's settings and the local steps for K >= --target-k.",
+        ),
+    ] = False,
+    join: Annotated[str | None, typer.Option(help="With --auto: the aggregator multiaddr to probe.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="With --auto: the run config. [default: the embedded run]")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="With --auto: override one config field; repeatable.")
+    ] = None,
+    peers: Annotated[int, typer.Option(help="With --auto: peers in the run (He et al.'s m).", min=1)] = 8,
+    device: Annotated[str, typer.Option(help="With --auto: auto, cpu, cuda, cuda:N or mps.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Scaling efficiency K of local SGD (He et al., arXiv 2409.13198) and network time per round."""
     from potluck.planner import make_plan
+
+    if auto:
+        up_bits, down_bits = _quantity(up, "--up"), _quantity(down, "--down")
+        result = _auto_plan(
+            join=join,
+            config=config,
+            overrides=set_ or [],
+            peers=peers,
+            device=device,
+            target_k=target_k,
+            up=up_bits,
+            down=down_bits,
+        )
+        if as_json:
+            print(json.dumps(result.to_dict()))
+        else:
+            stdout.print(result.line(), highlight=False)
+        return
 
     values = {
         "params": _quantity(params, "--params"),
@@ -292,6 +330,64 @@ def plan(
     width = max(map(len, shown))
     for key, value in shown.items():
         stdout.print(f"{key:>{width}}  {value:.4g}" if isinstance(value, float) else f"{key:>{width}}  {value}")
+
+
+def _auto_plan(
+    *,
+    join: str | None,
+    config: Path | None,
+    overrides: list[str],
+    peers: int,
+    device: str,
+    target_k: float,
+    up: float | None,
+    down: float | None,
+) -> AutoPlan:
+    """`plan --auto`: the self-benchmark (step time, payload sizes, link rates) and what it predicts."""
+    import asyncio
+
+    from potluck.doctor import measure_link
+    from potluck.planner import auto_plan
+    from potluck.protocol.config import load_run_config, parse_overrides, run_config_from_mapping
+    from potluck.protocol.probe import ProbeUnavailableError
+    from potluck.protocol.wire import WireError
+    from potluck.training.benchmark import measure_step_seconds, payload_bytes
+    from potluck.training.device import pick_device
+    from potluck.training.models import count_params, model_config
+
+    if join is None and (up is None or down is None):
+        raise UsageError("--auto needs --join ADDR to measure the link, or both --up and --down")
+    parsed = parse_overrides(overrides)
+    cfg = load_run_config(config, overrides=parsed) if config else run_config_from_mapping({}, overrides=parsed)
+    if join is not None:
+        try:
+            up_bytes, down_bytes = asyncio.run(measure_link(join, timeout_s=60.0))
+        except ValueError as e:
+            raise UsageError(f"--join: {e}") from None
+        except (OSError, WireError, ProbeUnavailableError, asyncio.TimeoutError) as e:
+            raise UsageError(f"could not measure the link to {join}: {e or 'timed out'}") from None
+        up, down = up_bytes * 8, down_bytes * 8
+    assert up is not None and down is not None
+    with Progress(transient=True, console=stderr) as bar:
+        bar.add_task("timing inner steps", total=None)
+        step_s = measure_step_seconds(cfg, device=pick_device(device))
+        upload_bytes, download_bytes = payload_bytes(cfg)
+    model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
+    try:
+        return auto_plan(
+            step_s=step_s,
+            tokens_per_step=cfg.inner.batch_size * model_cfg.block_size,
+            params=count_params(model_cfg),
+            peers=peers,
+            local_steps=cfg.local_steps,
+            upload_bytes=upload_bytes,
+            download_bytes=download_bytes,
+            up_bits_per_s=up,
+            down_bits_per_s=down,
+            target_k=target_k,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def handle_errors(run: Callable[[], object]) -> None:

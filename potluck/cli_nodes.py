@@ -120,6 +120,10 @@ def describe_peer_event(e: dict[str, Any]) -> str | None:
             f"down {_kb(e['bytes_down'])} | {e.get('inner_steps', '?')} steps in {e['compute_s']:.1f} s, "
             f"network {network:.1f} s{hidden} | {verdict}"
         )
+    if kind == "plan":
+        from potluck.planner import AutoPlan
+
+        return AutoPlan(**{k: v for k, v in e.items() if k != "event"}).line()
     if kind == "state-refused":
         return f"refused the state aggregator {e['aggregator']} served ({e['detail']}); trying another source"
     if kind == "finished":
@@ -322,6 +326,17 @@ def peer(
             max=1.0,
         ),
     ] = 1.0,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan/--no-plan",
+            help="At start-up, time a few inner steps and probe the link to the aggregator (~2 s), then log the "
+            "scaling efficiency K the run's settings give here and the local steps that would give K >= 0.9.",
+        ),
+    ] = False,
+    plan_peers: Annotated[
+        int, typer.Option("--plan-peers", help="Peers the start-up plan assumes for He et al.'s formula.", min=1)
+    ] = 8,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per event on stdout.")] = False,
 ) -> None:
     """Volunteer: join a run, train locally, send compressed signed updates, apply the aggregates (peer)."""
@@ -349,6 +364,8 @@ def peer(
         receipts_dir=receipts.expanduser(),
         overlap=overlap,
         speed=speed,
+        plan=plan,
+        plan_peers=plan_peers,
     )
     from potluck.node_web import PageOptions, peer_app, peer_page, serve_with_page
 

@@ -46,6 +46,7 @@ __all__ = [
     "check_device",
     "check_disk",
     "check_versions",
+    "measure_link",
     "measure_rates",
     "parse_join_address",
     "run_doctor",
@@ -225,6 +226,22 @@ async def _measure_rates_twice(p2p: P2P, peer_id: PeerID, *, timeout_s: float) -
     except (WireError, ConnectionError) as e:
         logger.info("probe to %s failed (%s); trying once more", peer_id, e)
     return await probe()
+
+
+async def measure_link(address: str, *, timeout_s: float) -> tuple[float, float]:
+    """(upload, download) bytes/s to the aggregator at multiaddr `address`, with the doctor's probe.
+
+    Raises ValueError for a malformed address; ConnectionError, ProbeUnavailableError, WireError or
+    asyncio.TimeoutError (each with one line) when it cannot be measured.
+    """
+    from hivemind.p2p import P2PDaemonError
+
+    maddr, peer_id = parse_join_address(address)
+    try:
+        async with _running_p2p(timeout_s=timeout_s, host_maddrs=_LISTEN_ALL, initial_peers=[maddr]) as p2p:
+            return await _measure_rates_twice(p2p, peer_id, timeout_s=timeout_s)
+    except P2PDaemonError as e:
+        raise ConnectionError(f"cannot reach the aggregator: {daemon_reason(e)}") from None
 
 
 def _mbit(bytes_per_s: float) -> str:

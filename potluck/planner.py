@@ -32,7 +32,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 __all__ = [
+    "AutoPlan",
     "Plan",
+    "auto_plan",
     "local_steps_for_efficiency",
     "make_plan",
     "parse_quantity",
@@ -220,6 +222,102 @@ def make_plan(
         upload_seconds=up,
         download_seconds=down,
         round_network_seconds=up + down if up is not None and down is not None else None,
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AutoPlan:
+    """What a machine's measured step time and link predict for a run (`potluck plan --auto`).
+
+    Two views of the same round. `K` is He et al.'s formula: a dense bf16 ring all-reduce among `peers`
+    over the upload link, the paper's setting. `K_potluck` is this run's: one round's compute against
+    its upload and download through the run's codecs to an aggregator, without overlap (with overlap
+    the network time hides behind the next round's steps and K_potluck approaches 1).
+    """
+
+    peers: int
+    local_steps: int
+    target_k: float
+    step_s: float
+    device_flops: float  # effective: 6·N·tokens per step / step_s
+    up_bits_per_s: float
+    down_bits_per_s: float
+    upload_bytes: int
+    download_bytes: int
+    round_compute_s: float
+    round_network_s: float
+    K: float
+    local_steps_for_k: int
+    K_potluck: float
+    local_steps_for_k_potluck: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for ``--json`` output."""
+        return asdict(self)
+
+    def line(self) -> str:
+        """One line for a log or a terminal."""
+        return (
+            f"plan: step {self.step_s * 1000:.0f} ms ({self.device_flops / 1e12:.2g} TFLOP/s), "
+            f"up {_mbit(self.up_bits_per_s)} / down {_mbit(self.down_bits_per_s)} Mbit/s; "
+            f"a round of {self.local_steps} steps computes {self.round_compute_s:.3g} s and moves "
+            f"{self.upload_bytes / 1e3:,.0f} kB up, {self.download_bytes / 1e3:,.0f} kB down in "
+            f"{self.round_network_s:.3g} s: K {self.K_potluck:.2f} (K >= {self.target_k:g} from "
+            f"{self.local_steps_for_k_potluck} steps); He et al.'s dense all-reduce among {self.peers} peers: "
+            f"K {self.K:.2f} (K >= {self.target_k:g} from {self.local_steps_for_k} steps)"
+        )
+
+
+def _mbit(bits_per_s: float) -> str:
+    mbit = bits_per_s / 1e6
+    return f"{mbit:,.0f}" if mbit >= 100 else f"{mbit:.3g}"
+
+
+def auto_plan(
+    *,
+    step_s: float,
+    tokens_per_step: int,
+    params: int,
+    peers: int,
+    local_steps: int,
+    upload_bytes: int,
+    download_bytes: int,
+    up_bits_per_s: float,
+    down_bits_per_s: float,
+    target_k: float = 0.9,
+) -> AutoPlan:
+    """The efficiency a run's settings give on a measured machine and link, and the local steps for `target_k`."""
+    for name, value in (("step_s", step_s), ("up_bits_per_s", up_bits_per_s), ("down_bits_per_s", down_bits_per_s)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive finite number (got {value})")
+    device_flops = 6 * params * tokens_per_step / step_s
+    link = {
+        "clusters": peers,
+        "gpus_per_cluster": 1,
+        "device_flops": device_flops,
+        "bandwidth_bits_per_s": up_bits_per_s,  # the slower direction of a home link bounds the ring
+        "batch_tokens": peers * tokens_per_step,
+    }
+    network_s = transfer_seconds(upload_bytes, up_bits_per_s) + transfer_seconds(download_bytes, down_bits_per_s)
+    compute_s = local_steps * step_s
+    # s·step / (s·step + network) >= t  <=>  s >= t·network / ((1 - t)·step)
+    potluck_steps = max(1, math.ceil(target_k * network_s / ((1 - target_k) * step_s) * (1 - _K_TOLERANCE)))
+    return AutoPlan(
+        peers=peers,
+        local_steps=local_steps,
+        target_k=target_k,
+        step_s=step_s,
+        device_flops=device_flops,
+        up_bits_per_s=up_bits_per_s,
+        down_bits_per_s=down_bits_per_s,
+        upload_bytes=upload_bytes,
+        download_bytes=download_bytes,
+        round_compute_s=compute_s,
+        round_network_s=network_s,
+        K=scaling_efficiency(**link, local_steps=local_steps),
+        local_steps_for_k=local_steps_for_efficiency(target_k, **link),
+        K_potluck=compute_s / (compute_s + network_s),
+        local_steps_for_k_potluck=potluck_steps,
     )
 
 

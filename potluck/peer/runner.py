@@ -27,6 +27,7 @@ import torch
 from potluck.incentives.receipts import ReceiptError, check_receipt, store_receipt
 from potluck.peer.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable
 from potluck.peer.trainer import LocalTrainer, RoundWork, TrainingDiverged
+from potluck.planner import auto_plan
 from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.codecs import CodecError, make_codec
 from potluck.protocol.config import RunConfig
@@ -43,14 +44,19 @@ from potluck.protocol.envelope import (
 from potluck.protocol.identity import Identity, fingerprint, public_key_from_hex
 from potluck.protocol.messages import MessageError, decode_state_payload
 from potluck.protocol.node import JoinError, parse_join_address, peer_id_of, start_node
+from potluck.protocol.probe import ProbeUnavailableError, measure_rates
+from potluck.protocol.wire import PeerRefusedError, WireError
+from potluck.training.benchmark import measure_step_seconds, payload_bytes
 from potluck.training.diloco import OuterOptimizer, state_sha256
-from potluck.training.models import model_config, parameter_shapes
+from potluck.training.models import count_params, model_config, parameter_shapes
 
 logger = logging.getLogger(__name__)
 
 Event = dict[str, object]
 T = TypeVar("T")
 
+PLAN_PROBE_BYTES = 1024 * 1024  # each way: ~1 s at 10 Mbit/s, enough for a rate that means something
+PLAN_PROBE_TIMEOUT_S = 30.0
 TIME_BOX_MARGIN = 0.1  # of the round deadline, kept free: the round opened a download before the peer saw it
 
 
@@ -85,6 +91,10 @@ class PeerOptions:
     # run it measured 1.3% worse at equal wall time on localhost (BENCHMARKS.md section 10).
     overlap: bool = False
     speed: float = 1.0  # testing aid: below 1, every inner step lasts 1/speed as long
+    # At start-up, after the state: time a few inner steps, probe the link to the aggregator and log the
+    # scaling efficiency the run's settings give here (potluck.planner.auto_plan) for `plan_peers` peers.
+    plan: bool = False
+    plan_peers: int = 8
 
 
 @dataclass(kw_only=True, slots=True)
@@ -131,6 +141,8 @@ class PeerRunner:
             self.node = node
             self.link = await self._retrying("finding the aggregator", self._find_aggregator)
             master = await self._retrying("downloading the state", self._sync_from_any)
+            if self.options.plan:
+                await self._start_up_plan(master.cfg)
             trainer = await asyncio.to_thread(self.make_trainer, master.cfg)
             await self._loop(master, trainer)
         except RunFinished as e:
@@ -138,6 +150,35 @@ class PeerRunner:
         finally:
             await node.shutdown()
         self.on_event(self.summary())
+
+    async def _start_up_plan(self, cfg: RunConfig) -> None:
+        """Measure this machine and link for the run and report what they predict (an event, one log line)."""
+        try:
+            step_s = await asyncio.to_thread(measure_step_seconds, cfg, device=self.options.device)
+            upload_bytes, download_bytes = await asyncio.to_thread(payload_bytes, cfg)
+            up, down = await measure_rates(
+                self.link.p2p,
+                self.link.peer_id,
+                upload_bytes=PLAN_PROBE_BYTES,
+                download_bytes=PLAN_PROBE_BYTES,
+                timeout_s=PLAN_PROBE_TIMEOUT_S,
+            )
+        except (OSError, WireError, PeerRefusedError, ProbeUnavailableError, asyncio.TimeoutError) as e:
+            logger.warning("start-up plan skipped: %s", e or type(e).__name__)
+            return
+        model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
+        plan = auto_plan(
+            step_s=step_s,
+            tokens_per_step=(self.options.batch_size or cfg.inner.batch_size) * model_cfg.block_size,
+            params=count_params(model_cfg),
+            peers=self.options.plan_peers,
+            local_steps=cfg.local_steps,
+            upload_bytes=upload_bytes,
+            download_bytes=download_bytes,
+            up_bits_per_s=up * 8,
+            down_bits_per_s=down * 8,
+        )
+        self.on_event({"event": "plan", **plan.to_dict()})  # the CLI prints plan.line()
 
     def summary(self) -> Event:
         """What this peer did, for the last status line and `potluck swarm`."""

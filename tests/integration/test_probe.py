@@ -22,7 +22,7 @@ with warnings.catch_warnings():
     from hivemind.p2p import P2P, PeerID
 
 from potluck.aggregator_server.probe import PROBE_HANDLER, handle_probe
-from potluck.doctor import ProbeUnavailableError, measure_rates, run_doctor
+from potluck.doctor import ProbeUnavailableError, measure_link, measure_rates, run_doctor
 from potluck.protocol.wire import MessageKind, PeerRefusedError, read_frame_from_stream, write_frame
 from tests.integration.swarm_helpers import p2pd_children
 from tests.local_http import local_page
@@ -75,6 +75,17 @@ def test_measure_rates_against_a_real_probe_handler() -> None:
             return await measure_rates(
                 client, server.peer_id, upload_bytes=3 * 1024 * 1024, download_bytes=1024 * 1024, timeout_s=20
             )
+
+    upload_bytes_per_s, download_bytes_per_s = _run(scenario())
+    assert upload_bytes_per_s > 0 and download_bytes_per_s > 0
+    assert p2pd_children() == []
+
+
+@pytest.mark.timeout(60)
+def test_measure_link_dials_an_address_and_measures_both_directions() -> None:
+    async def scenario() -> tuple[float, float]:
+        async with _server(serve_probe=True) as (_, address):
+            return await measure_link(address, timeout_s=20)
 
     upload_bytes_per_s, download_bytes_per_s = _run(scenario())
     assert upload_bytes_per_s > 0 and download_bytes_per_s > 0

@@ -108,10 +108,13 @@ def test_a_late_joiner_is_accepted_from_its_first_round(nodes: Nodes) -> None:
     nodes.peer("early", join)
     aggregator.next_event(_is("round", round=1), timeout_s=90)
     # Execute
-    late = nodes.peer("late", join)
+    late = nodes.peer("late", join, "--plan")
     # Assert
     synced = late.next_event(_is("synced"), timeout_s=90)
     assert synced["round"] >= 2
+    plan = late.next_event(_is("plan"), timeout_s=60)  # its start-up self-benchmark, before its first round
+    assert plan["step_s"] > 0 and plan["up_bits_per_s"] > 0 and plan["upload_bytes"] > 0
+    assert 0 < plan["K_potluck"] <= 1 and plan["local_steps_for_k_potluck"] >= 1
     first_round = late.next_event(_is("round"), timeout_s=90)
     assert first_round["round"] == synced["round"]
     assert first_round["accepted"], first_round["reason"]

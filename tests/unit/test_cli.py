@@ -104,6 +104,22 @@ def test_plan_scenario_one_of_the_scaling_law_paper_is_above_090() -> None:
     assert json.loads(result.stdout)["K"] > 0.9
 
 
+def test_plan_auto_times_the_run_here_and_plans_it_for_the_given_link() -> None:
+    result = run("plan", "--auto", "--up", "10M", "--down", "100M", "--set", "local_steps=5", "--json")
+
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["local_steps"] == 5 and out["step_s"] > 0 and out["upload_bytes"] > 0
+    assert out["up_bits_per_s"] == 10e6 and 0 < out["K_potluck"] <= 1
+
+
+def test_plan_auto_without_a_link_says_what_it_needs() -> None:
+    result = run("plan", "--auto", "--up", "10M")
+
+    assert result.returncode == 2
+    assert "--join" in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+
+
 def test_plan_refuses_junk_with_one_line() -> None:
     result = run("plan", "--up", "fast", "--upload-bytes", "1e6")
     assert result.returncode == 2

@@ -12,7 +12,8 @@ ALLOWED = {
     "protocol": set(),
     "training": {"protocol"},
     "incentives": {"protocol"},
-    "peer": {"protocol", "training", "incentives"},  # a volunteer checks its own receipts
+    # a volunteer checks its own receipts, and plans its run with the pure arithmetic of potluck.planner
+    "peer": {"protocol", "training", "incentives", "planner"},
     "aggregator_server": {"protocol", "training", "incentives"},
     "web": {"protocol"},
     # red team only: it drives a peer, but nothing imports it (see the test below)

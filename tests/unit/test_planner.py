@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from potluck.planner import (
     Plan,
+    auto_plan,
     local_steps_for_efficiency,
     make_plan,
     parse_quantity,
@@ -185,3 +186,58 @@ def test_invalid_targets_and_steps_are_refused() -> None:
         scaling_efficiency(**SCENARIO_1, local_steps=0)
     with pytest.raises(ValueError):
         transfer_seconds(-1, 10e6)
+
+
+MEASURED = {
+    "step_s": 0.2,
+    "tokens_per_step": 4096,
+    "params": 124e6,
+    "peers": 8,
+    "local_steps": 100,
+    "upload_bytes": 3_000_000,
+    "download_bytes": 12_000_000,
+    "up_bits_per_s": 10e6,
+    "down_bits_per_s": 100e6,
+}
+
+
+def test_auto_plan_is_the_paper_formula_on_the_measured_flops_and_the_round_on_the_measured_link() -> None:
+    plan = auto_plan(**MEASURED)
+
+    flops = 6 * 124e6 * 4096 / 0.2
+    assert plan.device_flops == pytest.approx(flops)
+    link = {"clusters": 8, "gpus_per_cluster": 1, "device_flops": flops, "bandwidth_bits_per_s": 10e6}
+    assert plan.K == pytest.approx(scaling_efficiency(**link, batch_tokens=8 * 4096, local_steps=100))
+    assert plan.local_steps_for_k == local_steps_for_efficiency(0.9, **link, batch_tokens=8 * 4096)
+    assert plan.round_network_s == pytest.approx(3e6 * 8 / 10e6 + 12e6 * 8 / 100e6)  # 2.4 s up + 0.96 s down
+    assert plan.K_potluck == pytest.approx(20 / (20 + 3.36))
+
+
+@given(
+    step_s=st.floats(1e-3, 10),
+    network_bytes=st.integers(1, 10**9),
+    target=st.floats(0.5, 0.99),
+)
+def test_auto_plans_local_steps_are_the_fewest_that_reach_the_target(
+    step_s: float, network_bytes: int, target: float
+) -> None:
+    inputs = MEASURED | {"step_s": step_s, "upload_bytes": network_bytes, "target_k": target}
+
+    steps = auto_plan(**inputs).local_steps_for_k_potluck
+
+    assert auto_plan(**inputs | {"local_steps": steps}).K_potluck >= target * (1 - 1e-9)
+    if steps > 1:
+        assert auto_plan(**inputs | {"local_steps": steps - 1}).K_potluck < target
+
+
+@pytest.mark.parametrize("field", ["step_s", "up_bits_per_s", "down_bits_per_s"])
+def test_auto_plan_refuses_a_measurement_that_is_not_positive(field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        auto_plan(**MEASURED | {field: 0.0})
+
+
+def test_auto_plan_line_names_both_efficiencies() -> None:
+    line = auto_plan(**MEASURED).line()
+
+    assert line.startswith("plan: step 200 ms") and "K 0.86 (K >= 0.9 from 152 steps)" in line
+    assert "He et al.'s dense all-reduce among 8 peers: K 0.05" in line

@@ -1,0 +1,66 @@
+"""A short self-benchmark of this machine for a run: one inner step's time and one round's payload sizes.
+
+What `potluck plan --auto` and a peer's start-up plan (`potluck peer --plan`) measure before training: a
+throwaway copy of the run's model takes a few inner steps on random tokens (the first is a warm-up and
+not timed), and a random update of the model's shapes goes through the run's upload and download codecs.
+"""
+
+import time
+from collections.abc import Mapping
+
+import torch
+
+from potluck.protocol.codecs import make_codec
+from potluck.protocol.config import RunConfig
+from potluck.training.diloco import inner_step, make_inner_optimizer
+from potluck.training.models import build_model, count_params, model_config, parameter_shapes
+
+PAYLOAD_SAMPLE_PARAMS = 4_000_000  # encode at most this many parameters' worth of tensors and scale up
+
+
+def measure_step_seconds(cfg: RunConfig, *, device: torch.device, steps: int = 3) -> float:
+    """Median wall time of one inner step of the run's model and batch on `device` (after one warm-up step)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
+    model = build_model(model_cfg, seed=cfg.seed, device=device)
+    optimizer = make_inner_optimizer(model, lr=cfg.inner.lr)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    shape = (cfg.inner.batch_size, model_cfg.block_size)
+    times = []
+    for i in range(steps + 1):
+        batch = tuple(torch.randint(0, model_cfg.vocab_size, shape, generator=generator) for _ in range(2))
+        started = time.perf_counter()
+        inner_step(model, optimizer, batch, lr=cfg.inner.lr, grad_clip=cfg.inner.grad_clip)  # type: ignore[arg-type]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i > 0:
+            times.append(time.perf_counter() - started)
+    del model, optimizer
+    return sorted(times)[len(times) // 2]
+
+
+def payload_bytes(cfg: RunConfig) -> tuple[int, int]:
+    """(upload, download) bytes of one round: a random update through the run's codec and aggregate codec.
+
+    Tensors are taken in order until PAYLOAD_SAMPLE_PARAMS, and the sizes scaled to the whole model, so
+    a 1B-parameter run is estimated in seconds.
+    """
+    model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
+    total = count_params(model_cfg)
+    sample: dict[str, torch.Tensor] = {}
+    sampled = 0
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for name, shape in parameter_shapes(model_cfg).items():
+        if sample and sampled >= PAYLOAD_SAMPLE_PARAMS:
+            break
+        sample[name] = torch.randn(shape, generator=generator) * 1e-3
+        sampled += sample[name].numel()
+    scale = total / sampled
+    return round(_encoded(cfg.codec.name, cfg.codec.params, sample) * scale), round(
+        _encoded(cfg.aggregate_codec.name, cfg.aggregate_codec.params, sample) * scale
+    )
+
+
+def _encoded(name: str, params: Mapping[str, object], tensors: dict[str, torch.Tensor]) -> int:
+    return len(make_codec(name, params).encode(tensors))
