@@ -1,0 +1,297 @@
+"""The baselines' worker processes for bench/compare_systems.py: one OS process per peer.
+
+    python bench/compare_workers.py hivemind --rank 0 --peers 4 --rounds 6 --host 10.x.y.2
+    python bench/compare_workers.py ddp --rank 1 --peers 4 --rounds 6 --master-addr 10.x.y.2 --master-port 29500
+
+Both train exactly what `potluck swarm` trains: the run config's defaults (`RunConfig()` with `--rounds`), the
+same tiny GPT from the same seed, the same built-in corpus, potluck's `BatchSampler` (a per-peer seed, as a
+potluck peer draws its own windows), potluck's `inner_step` (AdamW, grad clip 1.0) at potluck's inner learning
+rate schedule over `rounds x local_steps` steps, and potluck's held-out loss: `evaluate` over the aggregator's
+8 fixed `val_batches`. Only the first peer evaluates, after every `local_steps` steps (DDP) or every averaging
+round (hivemind): the cadence of potluck's rounds.
+
+**hivemind.Optimizer** runs with `use_local_updates=True`: each peer takes a local AdamW step per batch and the
+peers average their parameters (fp16 on the wire, `Float16Compression`) each time the swarm has processed
+`target_batch_size = peers x local_steps x batch_size` samples, i.e. about every `local_steps` steps per peer.
+That is DiLoCo with plain averaging as the outer step (lr 1, no momentum), the closest thing hivemind offers to
+potluck. The other documented mode, accumulating gradients to `target_batch_size` for one global step, would
+take one optimizer step per round (6 in the whole run) with the same tokens and learn far less. Averaging is
+synchronous (`delay_state_averaging=False`) so that the loss measured after an epoch is the averaged model's, as
+potluck's rounds measure the new master state (potluck's own overlap is compared separately). `matchmaking_time`
+5 s: hivemind's guide says 3-5 s for small runs and 10-15 s over the internet; the lab has bandwidth limits but no
+latency. With `target_group_size` = the number of peers a group starts averaging as soon as every peer is in it
+rather than after the whole matchmaking time (potluck's aggregator, too, closes a round once every known peer
+has reported), so 5 s only bounds the wait for a missing peer. `averaging_timeout` 30 s: the guide says about twice an
+all-reduce; an fp16 all-reduce of this model moves ~0.4 MB per peer, 0.3 s at 10 Mbit/s, but the timeout also
+bounds a straggler's state download (~3 MB of parameters and AdamW moments, 2.5 s at 10 Mbit/s) on two
+oversubscribed cores, so it is generous rather than tight.
+
+**DDP** is plain `DistributedDataParallel` over gloo: every step all-reduces the fp32 gradients (~1 MB), then
+each rank takes the same AdamW step. Communication time is the part of a step spent waiting for the all-reduce
+after the backward pass has finished (measured by a comm hook), and compute is the rest of the step.
+
+Each worker prints JSON lines on stdout: `ready` (hivemind: its multiaddrs), `eval` (first peer only: `t`
+seconds since the process started, `time_s` epoch seconds, `val_loss`, `step`), and `done` (`compute_s`: time in
+forward, backward and optimizer steps, communication and evaluation excluded; `wall_s`; `tokens`; `active_s`,
+from its first step's start to its last step's end). hivemind workers wait for a line on stdin after `ready`, so
+that every peer starts training together (potluck's aggregator holds its first round for all peers the same way).
+"""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from potluck.peer.trainer import sampler_seed
+from potluck.protocol.config import RunConfig
+from potluck.training.data import BatchSampler, load_corpus, val_batches
+from potluck.training.diloco import inner_lr, inner_step, load_params, make_inner_optimizer, snapshot
+from potluck.training.evaluate import evaluate
+from potluck.training.models import build_model, model_config
+
+EVAL_BATCHES = 8  # the aggregator's held-out batches per evaluation (ServerOptions.eval_batches)
+RUN_ID = "potluck-compare-systems"
+SHUTDOWN_S = 20.0  # after `done`, a worker whose libraries hang on shutdown exits anyway
+STARTED = time.monotonic()
+
+
+def emit(event: str, **fields: Any) -> None:
+    """One JSON line on stdout, stamped with seconds since this process started and epoch seconds."""
+    print(json.dumps({"event": event, "t": time.monotonic() - STARTED, "time_s": time.time(), **fields}), flush=True)
+
+
+class Worker:
+    """What both baselines share: the run config, model, optimizer, data stream, held-out batches and timers."""
+
+    def __init__(self, *, system: str, rank: int, peers: int, rounds: int) -> None:
+        self.cfg = RunConfig().with_overrides({"rounds": rounds}, source="compare_workers")
+        self.rank = rank
+        model_cfg = model_config(self.cfg.model.size, block_size=self.cfg.model.block_size)
+        self.model = build_model(model_cfg, seed=self.cfg.seed)
+        inner = self.cfg.inner
+        self.optimizer = make_inner_optimizer(
+            self.model, lr=inner.lr, betas=(inner.beta1, inner.beta2), weight_decay=inner.weight_decay
+        )
+        corpus = load_corpus(
+            self.cfg.data.source, val_fraction=self.cfg.data.val_fraction, max_bytes=self.cfg.data.max_bytes
+        )
+        self.sampler = BatchSampler(
+            corpus.train,
+            batch_size=inner.batch_size,
+            block_size=model_cfg.block_size,
+            shard=0,
+            num_shards=1,
+            seed=sampler_seed(self.cfg.seed, f"{system}/peer-{rank}/of-{peers}".encode()),
+        )
+        self.val_set = val_batches(
+            corpus.val, batch_size=inner.batch_size, block_size=model_cfg.block_size, num_batches=EVAL_BATCHES
+        )
+        self.total_steps = self.cfg.rounds * self.cfg.local_steps
+        self.tokens_per_step = inner.batch_size * model_cfg.block_size
+        self.steps = 0
+        self.compute_s = 0.0
+        self.comm_s = 0.0  # filled in by the baseline: time inside a step spent communicating
+        self.eval_s = 0.0
+        self.first_step_at: float | None = None
+        self.last_step_at: float | None = None
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, comm_s: Callable[[], float]) -> float:
+        """One inner step at potluck's learning rate for this step; compute time is the step less `comm_s()`."""
+        inner = self.cfg.inner
+        lr = inner_lr(
+            min(self.steps, self.total_steps - 1),
+            total_steps=self.total_steps,
+            peak_lr=inner.lr,
+            warmup_steps=inner.warmup_steps,
+            min_lr_ratio=inner.min_lr_ratio,
+        )
+        started = time.monotonic()
+        loss = inner_step(model, optimizer, self.sampler.next_batch(), lr=lr, grad_clip=inner.grad_clip)
+        ended = time.monotonic()
+        waited = comm_s()
+        self.comm_s += waited
+        self.compute_s += max(0.0, ended - started - waited)
+        self.first_step_at = started if self.first_step_at is None else self.first_step_at
+        self.last_step_at = ended
+        self.steps += 1
+        return loss
+
+    def evaluate(self, model: nn.Module, *, step: int, **fields: Any) -> None:
+        """The held-out loss on the first peer only (an `eval` event); its time counts as neither compute nor comm."""
+        if self.rank != 0:
+            return
+        started = time.monotonic()
+        loss = evaluate(model, self.val_set, device="cpu")
+        self.eval_s += time.monotonic() - started
+        emit("eval", val_loss=loss, step=step, tokens=step * self.tokens_per_step, **fields)
+
+    def done(self, **fields: Any) -> None:
+        """The `done` event; then a watchdog makes sure the process exits even if a library's shutdown hangs."""
+        active_s = 0.0 if self.first_step_at is None else self.last_step_at - self.first_step_at
+        emit(
+            "done",
+            rank=self.rank,
+            steps=self.steps,
+            tokens=self.steps * self.tokens_per_step,
+            compute_s=self.compute_s,
+            comm_s=self.comm_s,
+            eval_s=self.eval_s,
+            active_s=active_s,
+            wall_s=time.monotonic() - STARTED,
+            **fields,
+        )
+        timer = threading.Timer(SHUTDOWN_S, os._exit, args=(0,))
+        timer.daemon = True
+        timer.start()
+
+
+def run_hivemind(args: argparse.Namespace) -> None:
+    """A hivemind.Optimizer peer with local AdamW updates and parameter averaging every `local_steps` steps."""
+    import hivemind
+    from hivemind.compression import Float16Compression
+
+    worker = Worker(system="hivemind", rank=args.rank, peers=args.peers, rounds=args.rounds)
+    cfg = worker.cfg
+    start = snapshot(worker.model)
+    dht = hivemind.DHT(
+        initial_peers=[args.initial_peer] if args.initial_peer else None,
+        host_maddrs=[f"/ip4/{args.host}/tcp/0"],
+        start=True,
+    )
+    optimizer = hivemind.Optimizer(
+        dht=dht,
+        run_id=RUN_ID,
+        target_batch_size=args.peers * cfg.local_steps * cfg.inner.batch_size,
+        batch_size_per_step=cfg.inner.batch_size,
+        optimizer=worker.optimizer,
+        use_local_updates=True,
+        delay_state_averaging=False,
+        average_state_every=1,
+        state_averaging_compression=Float16Compression(),
+        load_state_compression=Float16Compression(),
+        matchmaking_time=5.0,
+        averaging_timeout=30.0,
+        averager_opts={"target_group_size": args.peers},
+        verbose=False,
+    )
+    # hivemind fills the AdamW state with one step on zero gradients, which decays the weights once; undo it, so
+    # that training starts from the very model (and a fresh AdamW) that the other systems start from.
+    load_params(worker.model, start)
+    for state in worker.optimizer.state.values():
+        state["step"].zero_()
+    comm = _time_calls(optimizer, ("_update_global_epoch", "load_state_from_peers"))
+    emit("ready", rank=args.rank, maddrs=[str(m) for m in dht.get_visible_maddrs()])
+    sys.stdin.readline()  # the orchestrator's go: every peer is up
+    worker.evaluate(worker.model, step=0, epoch=0)
+    # Train until the swarm has averaged `rounds` times; twice the planned steps bounds a peer left alone.
+    while optimizer.local_epoch < cfg.rounds and worker.steps < 2 * worker.total_steps:
+        epoch = optimizer.local_epoch
+        worker.step(worker.model, optimizer, comm_s=comm)
+        if optimizer.local_epoch != epoch:
+            worker.evaluate(worker.model, step=worker.steps, epoch=optimizer.local_epoch)
+    worker.done(epochs=optimizer.local_epoch)
+    optimizer.shutdown()
+    dht.shutdown()
+
+
+def _time_calls(obj: object, names: tuple[str, ...]) -> Callable[[], float]:
+    """Wrap methods of `obj` with timers; the returned function gives the seconds spent in them since its last call."""
+    spent = [0.0]
+
+    def timed(method: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*a: Any, **k: Any) -> Any:
+            started = time.monotonic()
+            try:
+                return method(*a, **k)
+            finally:
+                spent[0] += time.monotonic() - started
+
+        return call
+
+    for name in names:
+        setattr(obj, name, timed(getattr(obj, name)))
+
+    def take() -> float:
+        value, spent[0] = spent[0], 0.0
+        return value
+
+    return take
+
+
+def run_ddp(args: argparse.Namespace) -> None:
+    """A DDP rank over gloo: an all-reduce of the gradients and an AdamW step per batch."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    worker = Worker(system="ddp", rank=args.rank, peers=args.peers, rounds=args.rounds)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{args.master_addr}:{args.master_port}",
+        rank=args.rank,
+        world_size=args.peers,
+        timeout=timedelta(seconds=120),
+    )
+    model = DistributedDataParallel(worker.model)
+    buckets: list[tuple[float, float]] = []  # (ready, all-reduced) per gradient bucket of the current step
+
+    def timed_allreduce(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        ready = time.monotonic()
+
+        def finished(fut: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+            buckets.append((ready, time.monotonic()))
+            return fut.value()
+
+        return default_hooks.allreduce_hook(None, bucket).then(finished)
+
+    model.register_comm_hook(None, timed_allreduce)
+
+    def waited() -> float:
+        """The backward pass is done once the last bucket is ready; what follows is waiting for the network."""
+        if not buckets:
+            return 0.0
+        wait = max(end for _, end in buckets) - max(ready for ready, _ in buckets)
+        buckets.clear()
+        return max(0.0, wait)
+
+    emit("ready", rank=args.rank)
+    worker.evaluate(worker.model, step=0)
+    local_steps = worker.cfg.local_steps
+    while worker.steps < worker.total_steps:
+        worker.step(model, worker.optimizer, comm_s=waited)
+        if worker.steps % local_steps == 0:
+            worker.evaluate(worker.model, step=worker.steps)
+    worker.done()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    """Parse the worker's flags and run one peer of one baseline."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("system", choices=("hivemind", "ddp"))
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--peers", type=int, required=True)
+    parser.add_argument("--rounds", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--host", default="127.0.0.1", help="hivemind: the address to listen on")
+    parser.add_argument("--initial-peer", default=None, help="hivemind: the first peer's multiaddr")
+    parser.add_argument("--master-addr", default="127.0.0.1", help="ddp: rank 0's address")
+    parser.add_argument("--master-port", type=int, default=29500, help="ddp: rank 0's TCP store port")
+    parser.add_argument("--timeout-s", type=int, default=1800, help="hard limit: SIGALRM ends the process")
+    args = parser.parse_args()
+    signal.alarm(args.timeout_s)  # the default action of SIGALRM terminates the process
+    torch.set_num_threads(args.threads)
+    {"hivemind": run_hivemind, "ddp": run_ddp}[args.system](args)
+
+
+if __name__ == "__main__":
+    main()
