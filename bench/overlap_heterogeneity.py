@@ -1,4 +1,4 @@
-"""Overlap on vs off, and time-boxed vs fixed local steps on a heterogeneous swarm: real local swarms, side by side.
+"""Overlap on vs off, time-boxed vs fixed local steps, late updates refused vs discounted: real local swarms.
 
 Each configuration is one `potluck swarm --json` run (real aggregator and peer processes); the runs go
 one after another in one invocation so they share the machine's state. Reported per run: wall time,
@@ -7,6 +7,8 @@ held-out loss, and per peer its speed, inner steps, tokens, accepted updates and
 
     python bench/overlap_heterogeneity.py --out bench/results/overlap-heterogeneity
     python bench/overlap_heterogeneity.py --link 10mbit/100mbit ...   # in the network lab (root, iproute2)
+    python bench/overlap_heterogeneity.py --only "late peer, late_updates=reject" \
+        --only "late peer, late_updates=discount" --out bench/results/late-updates
 """
 
 import argparse
@@ -32,6 +34,13 @@ RUNS: dict[str, list[str]] = {
         "round_deadline_s=3",
     ],
 }
+# A peer whose every update misses the 3 s deadline (one inner step takes it ~5 s): refused, or taken into
+# the next round at half weight (RunConfig.late_updates).
+for _policy in ("reject", "discount"):
+    RUNS[f"late peer, late_updates={_policy}"] = [
+        *("--peers", "3", "--rounds", "6", "--peer-speeds", "1,1,0.02"),
+        *("--set", "round_deadline_s=3", "--set", f"late_updates={_policy}"),
+    ]
 
 
 def run(name: str, args: list[str], *, link: str | None) -> dict[str, Any]:

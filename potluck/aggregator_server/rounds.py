@@ -28,7 +28,8 @@ class Accepted:
     envelope: bytes
     payload: bytes
     decoded: dict[str, torch.Tensor]
-    weight: float  # tokens, capped
+    weight: float  # tokens, capped (and discounted, for a late update)
+    discount: float = 1.0  # below 1: a late update for the previous round (RunConfig.late_updates)
     received_s: float = field(default_factory=time.time)  # Unix time it arrived (its ledger row's time)
 
 

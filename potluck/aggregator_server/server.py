@@ -465,7 +465,7 @@ class AggregatorServer:
         verdict = await asyncio.to_thread(
             judge_round,
             [a.decoded for _, a in entries],
-            [a.update.header.tokens for _, a in entries],
+            [int(a.update.header.tokens * a.discount) for _, a in entries],
             cfg=self.cfg,
             token_cap=self.cap,
             held_out_loss=self._held_out_loss,
@@ -585,25 +585,39 @@ class AggregatorServer:
                 continue
             # accepted before the crash: however long the aggregator was down, they were fresh then
             rejection = check_envelope(update, payload, self._context(check_clock=False))
+            late = rejection is not None and self._takes_late(update)
+            if late:
+                rejection = check_envelope(update, payload, self._context(check_clock=False, late=True))
             decoded = None
             if rejection is None:
                 decoded, rejection = decode_update(payload, codec=self.codec, spec=self.master.spec)
             if rejection is not None or decoded is None:
                 logger.warning("skipping a spooled update: %s", rejection)
                 continue
-            self._accept(update, envelope, payload, decoded)
+            self._accept(update, envelope, payload, decoded, late=late)
             restored += 1
         if restored:
             logger.info("round %d: restored %d accepted update(s) from the spool", self.master.round, restored)
 
     # ----------------------------------------------------------------- handlers
 
-    def _context(self, *, check_clock: bool = True) -> RoundContext:
+    def _takes_late(self, update: SignedUpdate) -> bool:
+        """Whether the run accepts this update, refused for its round, as a late one into the open round."""
+        h = update.header
+        held = self.current.accepted.get(h.peer_public_key)
+        return (
+            self.cfg.late_updates == "discount"
+            and h.round == self.current.index - 1
+            and (held is None or held.update.header.digest() == h.digest())  # free, or this one again (a retry)
+        )
+
+    def _context(self, *, check_clock: bool = True, late: bool = False) -> RoundContext:
+        """What an update for the open round is checked against; `late`: one for the round before it."""
         return RoundContext(
             run_id=self.cfg.run_name,
             config_hash=self.cfg.config_hash,
-            round=self.current.index,
-            version=self.master.version,
+            round=self.current.index - late,
+            version=self.master.version - late,
             codec=self.codec.name,
             max_update_bytes=self.cfg.max_update_bytes,
             accepted_digests={k: a.update.header.digest() for k, a in self.current.accepted.items()},
@@ -616,11 +630,20 @@ class AggregatorServer:
             round_payloads={a.update.header.payload_sha256: k for k, a in self.current.accepted.items()},
         )
 
-    def _accept(self, update: SignedUpdate, envelope: bytes, payload: bytes, decoded: dict[str, torch.Tensor]) -> int:
+    def _accept(
+        self,
+        update: SignedUpdate,
+        envelope: bytes,
+        payload: bytes,
+        decoded: dict[str, torch.Tensor],
+        *,
+        late: bool = False,
+    ) -> int:
         key = update.header.peer_public_key
-        weight = min(update.header.tokens, self.cap)
+        discount = self.cfg.late_discount if late else 1.0
+        weight = int(min(update.header.tokens, self.cap) * discount)
         self.current.accepted[key] = Accepted(
-            update=update, envelope=envelope, payload=payload, decoded=decoded, weight=float(weight)
+            update=update, envelope=envelope, payload=payload, decoded=decoded, weight=float(weight), discount=discount
         )
         self.current.expected.add(key)
         return weight
@@ -736,8 +759,24 @@ class AggregatorServer:
                 rejection = Rejection(check="finished", detail=f"the run has finished at round {self.master.round}")
             else:
                 rejection = check_envelope(update, payload, self._context())
+            existing = self.current.accepted.get(h.peer_public_key)
+            if (
+                rejection is not None
+                and rejection.check == "duplicate"
+                and existing is not None
+                and existing.discount < 1
+            ):
+                # Its late update for the round before holds its place in this one (refused, not a strike:
+                # the peer folds this one into its next update).
+                rejection = Rejection(
+                    check="round",
+                    detail=f"this key's late update for round {existing.update.header.round} counts in round "
+                    f"{self.current.index}; send this one's work with the next round's update",
+                )
+            late = rejection is not None and rejection.check == "round" and self._takes_late(update)
+            if late:
+                rejection = check_envelope(update, payload, self._context(late=True))
             if earlier is None and rejection is None and not self.reputation.is_banned(h.peer_public_key):
-                existing = self.current.accepted.get(h.peer_public_key)
                 if existing is not None:  # the same update again: a retry after a lost reply
                     credited = int(existing.weight)
                 else:
@@ -748,12 +787,12 @@ class AggregatorServer:
                         await asyncio.to_thread(
                             spool_update,
                             self.options.state_dir,
-                            round=h.round,
+                            round=self.current.index,  # a late update is restored into the round it counts in
                             public_key=h.peer_public_key,
                             envelope=envelope,
                             payload=payload,
                         )
-                        credited = self._accept(update, envelope, payload, decoded)
+                        credited = self._accept(update, envelope, payload, decoded, late=late)
                         self._wake.set()
             self.on_event(
                 {
@@ -782,10 +821,12 @@ class AggregatorServer:
                 if self.reputation.is_banned(h.peer_public_key):
                     self.current.expected.discard(h.peer_public_key)  # never wait for a banned key
                 self._wake.set()
+        counted = self.current.accepted.get(h.peer_public_key)
+        late_counted = rejection is None and counted is not None and counted.update.header.round < self.current.index
         receipt = Receipt(
             run_id=self.cfg.run_name,
             config_hash=self.cfg.config_hash,
-            round=h.round,
+            round=self.current.index if late_counted else h.round,  # the round a late update counts in
             peer_public_key=h.peer_public_key,
             aggregator_public_key=self.identity.public_key,
             update_sha256=h.digest(),

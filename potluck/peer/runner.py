@@ -127,6 +127,7 @@ class PeerRunner:
         self._training: asyncio.Future[None] | None = None  # the inner steps running in their thread
         self._round_opened: float | None = None  # monotonic time the training round opened, as seen here
         self._upload_s = 0.0  # the last upload's duration, which the time box keeps free
+        self._late: tuple[int, bytes] | None = None  # (round it counts in, digest) of an update accepted late
         self._synced_at = time.monotonic()
 
     async def run(self) -> None:
@@ -400,12 +401,19 @@ class PeerRunner:
             self.bytes_down += down.sent_bytes + len(down.body)
             # The signed contributor list is the final word: an update can pass on arrival and still be
             # dropped by the round's statistical checks.
+            late_points = await self._settle_late(r, signed)  # an earlier late update this round took in
+            counted_in = receipt.receipt.round  # a late update is accepted into the open round (late_updates)
             accepted = received and self.identity.public_key in dict(signed.header.contributors)
-            if received and not accepted:
-                reason = "dropped at round close by the round's checks (see the aggregator's log)"
+            if received and counted_in > r:
+                reason = f"late: it counts in round {counted_in} at the run's discount"
                 logger.warning("round %d: update %s", r, reason)
-            self.accepted += accepted
-            self.rejected += not accepted
+                self._late = (counted_in, update.header.digest())
+            else:
+                if received and not accepted:
+                    reason = "dropped at round close by the round's checks (see the aggregator's log)"
+                    logger.warning("round %d: update %s", r, reason)
+                self.accepted += accepted
+                self.rejected += not accepted
             if not self._apply(master, signed, payload, aggregate_codec=aggregate_codec, spec=spec):
                 master = await self._resync(trainer, cancel)
             elif self._training is not None:
@@ -416,8 +424,8 @@ class PeerRunner:
             # that fetched it late is that much further into the next round's deadline.
             late_s = min(max(time.time() - signed.header.timestamp_s, 0.0), cfg.round_deadline_s)
             self._round_opened = time.monotonic() - late_s
-            points, receipt_bytes, receipt_s = None, 0, 0.0
-            if received:
+            points, receipt_bytes, receipt_s = late_points, 0, 0.0
+            if received and counted_in == r:
                 points, receipt_bytes, receipt_s = await self._collect_receipt(r, update.header.digest(), signed)
             self.rounds_done += 1
             self.on_event(
@@ -515,6 +523,21 @@ class PeerRunner:
             batch_size=self.options.batch_size,
             speed=self.options.speed,
         )
+
+    async def _settle_late(self, r: int, aggregate: SignedAggregate) -> float | None:
+        """Count the late update that round `r` took in (if any) and keep its receipt; its points, or None."""
+        if self._late is None or self._late[0] != r:
+            return None
+        _, digest = self._late
+        self._late = None
+        counted = self.identity.public_key in dict(aggregate.header.contributors)
+        self.accepted += counted
+        self.rejected += not counted
+        if not counted:
+            logger.warning("round %d: the late update it took in was dropped at round close", r)
+            return None
+        points, _, _ = await self._collect_receipt(r, digest, aggregate)
+        return points
 
     async def _collect_receipt(
         self, round_index: int, digest: bytes, aggregate: SignedAggregate

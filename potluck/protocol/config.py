@@ -243,6 +243,11 @@ class RunConfig(BaseModel):
     # up to that many coefficients, and 1/16 measured better than 1/64 for 0.07 B/param per round.
     aggregate_codec: CodecSpec = Field(default_factory=lambda: CodecSpec(params={"density": 1 / 16}))
     round_deadline_s: float = Field(120.0, gt=0)  # a round closes at this deadline or at the token target
+    # An update for round r that arrives while round r+1 is open (its peer missed the deadline): "reject"
+    # refuses it (the peer folds it back into its next update); "discount" accepts it into round r+1 in
+    # place of that peer's own round-r+1 update, its weight and credit times `late_discount`. Never later.
+    late_updates: Literal["reject", "discount"] = "reject"
+    late_discount: float = Field(0.5, gt=0, le=1)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     # Close the round once accepted updates carry this many tokens; None: at the deadline or when every
