@@ -281,6 +281,7 @@ class Setup:
     link: str | None  # UP/DOWN per peer in the lab; None: 127.0.0.1
     timeout_s: float
     log_dir: Path
+    potluck_set: tuple[str, ...] = ()  # extra `--set KEY=VALUE` for potluck's swarms (e.g. a codec's density)
 
 
 def peer_bytes(counters: LinkCounters | None, peers: int, time_s: float | None = None) -> list[tuple[int, int]] | None:
@@ -303,8 +304,12 @@ def _mean_bytes(per_peer: list[tuple[int, int]] | None) -> tuple[float | None, f
 def run_potluck(setup: Setup, *, overlap: bool) -> dict[str, Any]:
     """One `potluck swarm --json`; its rounds as eval points, its peers with the lab's byte counts."""
     name = "potluck-overlap" if overlap else "potluck-no-overlap"
+    if setup.potluck_set:
+        name += f" ({', '.join(setup.potluck_set)})"
     argv = [sys.executable, "-m", "potluck", "swarm", "--http-port", "0", "--peers", str(setup.peers)]
     argv += ["--rounds", str(setup.rounds), "--overlap" if overlap else "--no-overlap"]
+    for override in setup.potluck_set:
+        argv += ["--set", override]
     argv += ["--timeout", str(setup.timeout_s), "--json"]
     if setup.link is not None:
         argv += ["--link", setup.link]
@@ -636,6 +641,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=None, help="target held-out loss [default: the worst final]")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="hard limit for each system's run")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md and OUT-*.png")
+    parser.add_argument(
+        "--potluck-set", action="append", default=[], help="extra --set KEY=VALUE for potluck's swarms (repeatable)"
+    )
     parser.add_argument("--log-dir", type=Path, default=None, help="keep the children's logs here [default: none]")
     args = parser.parse_args()
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -650,7 +658,14 @@ def main() -> None:
     with _signals_exit(), tempfile.TemporaryDirectory(prefix="compare-systems-") as tmp:
         log_dir = args.log_dir or Path(tmp)
         log_dir.mkdir(parents=True, exist_ok=True)
-        setup = Setup(peers=args.peers, rounds=args.rounds, link=link, timeout_s=args.timeout_s, log_dir=log_dir)
+        setup = Setup(
+            peers=args.peers,
+            rounds=args.rounds,
+            link=link,
+            timeout_s=args.timeout_s,
+            log_dir=log_dir,
+            potluck_set=tuple(args.potluck_set),
+        )
         try:
             for system in systems:
                 print(f"running {system} ...", file=sys.stderr, flush=True)
