@@ -1,17 +1,8 @@
-"""The aggregator's bandwidth probe: `potluck doctor` uploads some bytes and asks for some bytes back.
+"""The aggregator's side of the bandwidth probe: read a PROBE frame, answer with as many bytes as it asks for.
 
-A volunteer's first question is "is my link good enough?"; the honest answer is measured against the
-aggregator they will actually talk to, over the same libp2p path their updates will take. The probe is
-one request frame and one reply frame on a binary stream named PROBE_HANDLER (see `protocol/wire.py`):
-
-    PROBE body       = u32 big-endian header length | msgpack header {"reply_bytes": n} | filler bytes
-    PROBE_REPLY body = n zero bytes
-
-The filler is what the client uploads (its length is the frame's body length minus the header); `n` is
-what it asks to download. Both are bounded by MAX_PROBE_BYTES, so a probe costs the server at most
-8 MiB in and 8 MiB out. A malformed or oversize request gets an ERROR frame with one line of text.
-
-The layout and the client live in `potluck.protocol.probe` (what crosses the wire); this is the server.
+The request's layout and the client that measures a link with it are in `potluck.protocol.probe`.
+Both directions are bounded by MAX_PROBE_BYTES, so a probe costs the server at most 8 MiB in and
+8 MiB out; a malformed or oversize request gets an ERROR frame with one line of text.
 """
 
 import asyncio
