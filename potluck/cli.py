@@ -351,7 +351,7 @@ def _auto_plan(
     from potluck.protocol.config import load_run_config, parse_overrides, run_config_from_mapping
     from potluck.protocol.probe import ProbeUnavailableError
     from potluck.protocol.wire import WireError
-    from potluck.training.benchmark import measure_step_seconds, payload_bytes
+    from potluck.training.benchmark import density_options, measure_step_seconds, payload_bytes
     from potluck.training.device import pick_device
     from potluck.training.models import count_params, model_config
 
@@ -372,6 +372,7 @@ def _auto_plan(
         bar.add_task("timing inner steps", total=None)
         step_s = measure_step_seconds(cfg, device=pick_device(device))
         upload_bytes, download_bytes = payload_bytes(cfg)
+        densities = density_options(cfg)
     model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
     try:
         return auto_plan(
@@ -385,6 +386,7 @@ def _auto_plan(
             up_bits_per_s=up,
             down_bits_per_s=down,
             target_k=target_k,
+            density_options=densities,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None

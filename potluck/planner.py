@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -250,6 +251,9 @@ class AutoPlan:
     local_steps_for_k: int
     K_potluck: float
     local_steps_for_k_potluck: int
+    # The densest upload (of those measured) whose round still keeps K_potluck >= target_k at the run's
+    # local steps; None when the run's codec takes no density or none was measured.
+    density_for_k: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for ``--json`` output."""
@@ -265,6 +269,11 @@ class AutoPlan:
             f"{self.round_network_s:.3g} s: K {self.K_potluck:.2f} (K >= {self.target_k:g} from "
             f"{self.local_steps_for_k_potluck} steps); He et al.'s dense all-reduce among {self.peers} peers: "
             f"K {self.K:.2f} (K >= {self.target_k:g} from {self.local_steps_for_k} steps)"
+            + (
+                f"; this link affords density up to 1/{round(1 / self.density_for_k)} at K >= {self.target_k:g}"
+                if self.density_for_k is not None
+                else ""
+            )
         )
 
 
@@ -285,8 +294,13 @@ def auto_plan(
     up_bits_per_s: float,
     down_bits_per_s: float,
     target_k: float = 0.9,
+    density_options: Mapping[float, tuple[int, int]] | None = None,
 ) -> AutoPlan:
-    """The efficiency a run's settings give on a measured machine and link, and the local steps for `target_k`."""
+    """The efficiency a run's settings give on a measured machine and link, and the local steps for `target_k`.
+
+    `density_options` maps upload densities to their (upload, download) bytes per round; the densest
+    whose round keeps K_potluck >= `target_k` is reported, since a denser code learns more per round.
+    """
     for name, value in (("step_s", step_s), ("up_bits_per_s", up_bits_per_s), ("down_bits_per_s", down_bits_per_s)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a positive finite number (got {value})")
@@ -300,6 +314,12 @@ def auto_plan(
     }
     network_s = transfer_seconds(upload_bytes, up_bits_per_s) + transfer_seconds(download_bytes, down_bits_per_s)
     compute_s = local_steps * step_s
+
+    def round_k(up_bytes: float, down_bytes: float) -> float:
+        network = transfer_seconds(up_bytes, up_bits_per_s) + transfer_seconds(down_bytes, down_bits_per_s)
+        return compute_s / (compute_s + network)
+
+    affordable = [d for d, sizes in (density_options or {}).items() if round_k(*sizes) >= target_k]
     # s·step / (s·step + network) >= t  <=>  s >= t·network / ((1 - t)·step)
     potluck_steps = max(1, math.ceil(target_k * network_s / ((1 - target_k) * step_s) * (1 - _K_TOLERANCE)))
     return AutoPlan(
@@ -318,6 +338,7 @@ def auto_plan(
         local_steps_for_k=local_steps_for_efficiency(target_k, **link),
         K_potluck=compute_s / (compute_s + network_s),
         local_steps_for_k_potluck=potluck_steps,
+        density_for_k=max(affordable) if affordable else None,
     )
 
 

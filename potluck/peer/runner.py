@@ -46,7 +46,7 @@ from potluck.protocol.messages import MessageError, decode_state_payload
 from potluck.protocol.node import JoinError, parse_join_address, peer_id_of, start_node
 from potluck.protocol.probe import ProbeUnavailableError, measure_rates
 from potluck.protocol.wire import PeerRefusedError, WireError
-from potluck.training.benchmark import measure_step_seconds, payload_bytes
+from potluck.training.benchmark import density_options, measure_step_seconds, payload_bytes
 from potluck.training.diloco import OuterOptimizer, state_sha256
 from potluck.training.models import count_params, model_config, parameter_shapes
 
@@ -157,6 +157,7 @@ class PeerRunner:
         try:
             step_s = await asyncio.to_thread(measure_step_seconds, cfg, device=self.options.device)
             upload_bytes, download_bytes = await asyncio.to_thread(payload_bytes, cfg)
+            densities = await asyncio.to_thread(density_options, cfg)
             up, down = await measure_rates(
                 self.link.p2p,
                 self.link.peer_id,
@@ -178,6 +179,7 @@ class PeerRunner:
             download_bytes=download_bytes,
             up_bits_per_s=up * 8,
             down_bits_per_s=down * 8,
+            density_options=densities,
         )
         self.on_event({"event": "plan", **plan.to_dict()})  # the CLI prints plan.line()
 

@@ -16,6 +16,7 @@ from potluck.training.diloco import inner_step, make_inner_optimizer
 from potluck.training.models import build_model, count_params, model_config, parameter_shapes
 
 PAYLOAD_SAMPLE_PARAMS = 4_000_000  # encode at most this many parameters' worth of tensors and scale up
+DENSITIES = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # the upload densities `density_options` tries
 
 
 def measure_step_seconds(cfg: RunConfig, *, device: torch.device, steps: int = 3) -> float:
@@ -38,6 +39,25 @@ def measure_step_seconds(cfg: RunConfig, *, device: torch.device, steps: int = 3
             times.append(time.perf_counter() - started)
     del model, optimizer
     return sorted(times)[len(times) // 2]
+
+
+def density_options(cfg: RunConfig) -> dict[float, tuple[int, int]]:
+    """(upload, download) bytes of one round at each of DENSITIES, for a run whose codecs take a density.
+
+    The aggregate codec's density moves with the upload's, keeping the run's ratio between them (4x by
+    default) and at most 1. Empty when the run's codec has no density (fp16, int8, none).
+    """
+    if "density" not in make_codec(cfg.codec.name, cfg.codec.params).params:
+        return {}
+    up_density = make_codec(cfg.codec.name, cfg.codec.params).params["density"]
+    down_codec = make_codec(cfg.aggregate_codec.name, cfg.aggregate_codec.params).params
+    options = {}
+    for density in DENSITIES:
+        overrides: dict[str, object] = {"codec.params.density": density}
+        if "density" in down_codec:
+            overrides["aggregate_codec.params.density"] = min(1.0, down_codec["density"] * density / up_density)
+        options[density] = payload_bytes(cfg.with_overrides(overrides, source="plan"))
+    return options
 
 
 def payload_bytes(cfg: RunConfig) -> tuple[int, int]:

@@ -241,3 +241,16 @@ def test_auto_plan_line_names_both_efficiencies() -> None:
 
     assert line.startswith("plan: step 200 ms") and "K 0.86 (K >= 0.9 from 152 steps)" in line
     assert "He et al.'s dense all-reduce among 8 peers: K 0.05" in line
+
+
+def test_auto_plan_names_the_densest_code_the_link_affords() -> None:
+    options = {1 / 64: (100_000, 400_000), 1 / 16: (400_000, 1_600_000), 1 / 4: (1_600_000, 6_400_000)}
+
+    fast = auto_plan(**MEASURED | {"upload_bytes": 100_000, "download_bytes": 400_000}, density_options=options)
+    slow = auto_plan(**MEASURED | {"up_bits_per_s": 1e5}, density_options=options)
+
+    # 20 s of compute allows 2.2 s of network: 1/16 needs 0.32 + 0.128 s at 10/100 Mbit/s, 1/4 1.28 + 0.51 s
+    assert fast.density_for_k == 1 / 4
+    assert slow.density_for_k is None  # at 100 kbit/s not even 1/64 keeps K >= 0.9
+    assert auto_plan(**MEASURED).density_for_k is None  # nothing measured, nothing named
+    assert "density up to 1/4" in fast.line() and "density" not in slow.line()
