@@ -345,15 +345,15 @@ def _auto_plan(
 ) -> AutoPlan:
     """`plan --auto`: the self-benchmark (step time, payload sizes, link rates) and what it predicts."""
     import asyncio
+    from dataclasses import asdict
 
     from potluck.doctor import measure_link
     from potluck.planner import auto_plan
     from potluck.protocol.config import load_run_config, parse_overrides, run_config_from_mapping
     from potluck.protocol.probe import ProbeUnavailableError
     from potluck.protocol.wire import WireError
-    from potluck.training.benchmark import density_options, measure_step_seconds, payload_bytes
+    from potluck.training.benchmark import measure_for_plan
     from potluck.training.device import pick_device
-    from potluck.training.models import count_params, model_config
 
     if join is None and (up is None or down is None):
         raise UsageError("--auto needs --join ADDR to measure the link, or both --up and --down")
@@ -370,23 +370,15 @@ def _auto_plan(
     assert up is not None and down is not None
     with Progress(transient=True, console=stderr) as bar:
         bar.add_task("timing inner steps", total=None)
-        step_s = measure_step_seconds(cfg, device=pick_device(device))
-        upload_bytes, download_bytes = payload_bytes(cfg)
-        densities = density_options(cfg)
-    model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
+        figures = measure_for_plan(cfg, device=pick_device(device))
     try:
         return auto_plan(
-            step_s=step_s,
-            tokens_per_step=cfg.inner.batch_size * model_cfg.block_size,
-            params=count_params(model_cfg),
+            **asdict(figures),
             peers=peers,
             local_steps=cfg.local_steps,
-            upload_bytes=upload_bytes,
-            download_bytes=download_bytes,
             up_bits_per_s=up,
             down_bits_per_s=down,
             target_k=target_k,
-            density_options=densities,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None

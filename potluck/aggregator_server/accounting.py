@@ -63,7 +63,7 @@ def round_entries(
     `history(key)` is the peer's recent accepted weights (its claim history for the scoring rule).
     """
     kept = dict(zip(verdict.kept, verdict.weights, strict=True))
-    claims = [int(accepted[i].update.header.tokens * accepted[i].discount) for i in verdict.kept]
+    claims = [accepted[i].claim for i in verdict.kept]
     kept_gains = [verdict.gains[i] for i in verdict.kept if i in verdict.gains]
     median_gain = statistics.median(kept_gains) if kept_gains else None
     entries = []
@@ -76,7 +76,7 @@ def round_entries(
             )
             continue
         points = credit(
-            int(h.tokens * a.discount),  # a late update's claim counts at the run's discount
+            a.claim,  # a late update's claim counts at the run's discount
             accepted=True,
             round_claims=claims,
             history=[int(w) for w in history(h.peer_public_key)],

@@ -30,6 +30,12 @@ class Accepted:
     decoded: dict[str, torch.Tensor]
     weight: float  # tokens, capped (and discounted, for a late update)
     discount: float = 1.0  # below 1: a late update for the previous round (RunConfig.late_updates)
+
+    @property
+    def claim(self) -> int:
+        """The tokens its header claims, at the late discount: what the round weighs and credits it by."""
+        return int(self.update.header.tokens * self.discount)
+
     received_s: float = field(default_factory=time.time)  # Unix time it arrived (its ledger row's time)
 
 

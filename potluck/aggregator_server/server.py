@@ -465,7 +465,7 @@ class AggregatorServer:
         verdict = await asyncio.to_thread(
             judge_round,
             [a.decoded for _, a in entries],
-            [int(a.update.header.tokens * a.discount) for _, a in entries],
+            [a.claim for _, a in entries],
             cfg=self.cfg,
             token_cap=self.cap,
             held_out_loss=self._held_out_loss,
@@ -628,6 +628,7 @@ class AggregatorServer:
                 **{a.update.header.nonce: a.update.header.digest() for a in self.current.accepted.values()},
             },
             round_payloads={a.update.header.payload_sha256: k for k, a in self.current.accepted.items()},
+            late_slots={k: a.update.header.round for k, a in self.current.accepted.items() if a.discount < 1},
         )
 
     def _accept(
@@ -759,24 +760,11 @@ class AggregatorServer:
                 rejection = Rejection(check="finished", detail=f"the run has finished at round {self.master.round}")
             else:
                 rejection = check_envelope(update, payload, self._context())
-            existing = self.current.accepted.get(h.peer_public_key)
-            if (
-                rejection is not None
-                and rejection.check == "duplicate"
-                and existing is not None
-                and existing.discount < 1
-            ):
-                # Its late update for the round before holds its place in this one (refused, not a strike:
-                # the peer folds this one into its next update).
-                rejection = Rejection(
-                    check="round",
-                    detail=f"this key's late update for round {existing.update.header.round} counts in round "
-                    f"{self.current.index}; send this one's work with the next round's update",
-                )
             late = rejection is not None and rejection.check == "round" and self._takes_late(update)
             if late:
                 rejection = check_envelope(update, payload, self._context(late=True))
             if earlier is None and rejection is None and not self.reputation.is_banned(h.peer_public_key):
+                existing = self.current.accepted.get(h.peer_public_key)
                 if existing is not None:  # the same update again: a retry after a lost reply
                     credited = int(existing.weight)
                 else:
@@ -821,12 +809,10 @@ class AggregatorServer:
                 if self.reputation.is_banned(h.peer_public_key):
                     self.current.expected.discard(h.peer_public_key)  # never wait for a banned key
                 self._wake.set()
-        counted = self.current.accepted.get(h.peer_public_key)
-        late_counted = rejection is None and counted is not None and counted.update.header.round < self.current.index
         receipt = Receipt(
             run_id=self.cfg.run_name,
             config_hash=self.cfg.config_hash,
-            round=self.current.index if late_counted else h.round,  # the round a late update counts in
+            round=self.current.index if late and rejection is None else h.round,  # where a late one counts
             peer_public_key=h.peer_public_key,
             aggregator_public_key=self.identity.public_key,
             update_sha256=h.digest(),

@@ -47,6 +47,8 @@ class RoundContext:
     seen_nonces: Mapping[bytes, bytes] = field(default_factory=dict)
     # payload sha256 -> public key of the accepted update that carried it, this round
     round_payloads: Mapping[bytes, bytes] = field(default_factory=dict)
+    # public key -> the earlier round whose late update holds that key's place this round (late_updates)
+    late_slots: Mapping[bytes, int] = field(default_factory=dict)
 
 
 Check = Callable[[SignedUpdate, bytes, RoundContext], Rejection | None]
@@ -114,9 +116,16 @@ def check_replay(update: SignedUpdate, payload: bytes, ctx: RoundContext) -> Rej
 
 def check_duplicate(update: SignedUpdate, payload: bytes, ctx: RoundContext) -> Rejection | None:
     """One update per key per round; the identical update sent again is a retry, handled by the caller."""
-    previous = ctx.accepted_digests.get(update.header.peer_public_key)
+    key = update.header.peer_public_key
+    previous = ctx.accepted_digests.get(key)
     if previous is not None and previous != update.header.digest():
-        who = fingerprint(update.header.peer_public_key)
+        if key in ctx.late_slots:  # being slow is no offence: "round" is not a strike, and the peer re-sends the work
+            return Rejection(
+                check="round",
+                detail=f"this key's late update for round {ctx.late_slots[key]} counts in round {ctx.round}; "
+                "send this one's work with the next round's update",
+            )
+        who = fingerprint(key)
         return Rejection(check="duplicate", detail=f"{who} already has an update in round {ctx.round}")
     return None
 

@@ -13,6 +13,7 @@ backoff (the aggregator may be restarting), the aggregator is looked up again on
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import threading
@@ -46,9 +47,9 @@ from potluck.protocol.messages import MessageError, decode_state_payload
 from potluck.protocol.node import JoinError, parse_join_address, peer_id_of, start_node
 from potluck.protocol.probe import ProbeUnavailableError, measure_rates
 from potluck.protocol.wire import PeerRefusedError, WireError
-from potluck.training.benchmark import density_options, measure_step_seconds, payload_bytes
+from potluck.training.benchmark import measure_for_plan
 from potluck.training.diloco import OuterOptimizer, state_sha256
-from potluck.training.models import count_params, model_config, parameter_shapes
+from potluck.training.models import model_config, parameter_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +88,8 @@ class PeerOptions:
     reconnect_timeout_s: float = 300.0
     join_timeout_s: float = 30.0
     receipts_dir: Path | None = None  # where final receipts are kept (None: checked, not kept)
-    # Train on while an update is in flight (one-round-delayed outer updates). Off by default: on the tiny
-    # run it measured 1.3% worse at equal wall time on localhost (BENCHMARKS.md section 10).
+    # Train on while an update is in flight (one-round-delayed outer updates). Off by default: over three
+    # seeds at equal wall time it measured no worse on localhost, 4% worse at 10/100 Mbit/s (BENCHMARKS.md 10).
     overlap: bool = False
     speed: float = 1.0  # testing aid: below 1, every inner step lasts 1/speed as long
     # At start-up, after the state: time a few inner steps, probe the link to the aggregator and log the
@@ -155,9 +156,9 @@ class PeerRunner:
     async def _start_up_plan(self, cfg: RunConfig) -> None:
         """Measure this machine and link for the run and report what they predict (an event, one log line)."""
         try:
-            step_s = await asyncio.to_thread(measure_step_seconds, cfg, device=self.options.device)
-            upload_bytes, download_bytes = await asyncio.to_thread(payload_bytes, cfg)
-            densities = await asyncio.to_thread(density_options, cfg)
+            figures = await asyncio.to_thread(
+                measure_for_plan, cfg, device=self.options.device, batch_size=self.options.batch_size
+            )
             up, down = await measure_rates(
                 self.link.p2p,
                 self.link.peer_id,
@@ -168,18 +169,12 @@ class PeerRunner:
         except (OSError, WireError, PeerRefusedError, ProbeUnavailableError, asyncio.TimeoutError) as e:
             logger.warning("start-up plan skipped: %s", e or type(e).__name__)
             return
-        model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
         plan = auto_plan(
-            step_s=step_s,
-            tokens_per_step=(self.options.batch_size or cfg.inner.batch_size) * model_cfg.block_size,
-            params=count_params(model_cfg),
+            **dataclasses.asdict(figures),
             peers=self.options.plan_peers,
             local_steps=cfg.local_steps,
-            upload_bytes=upload_bytes,
-            download_bytes=download_bytes,
             up_bits_per_s=up * 8,
             down_bits_per_s=down * 8,
-            density_options=densities,
         )
         self.on_event({"event": "plan", **plan.to_dict()})  # the CLI prints plan.line()
 

@@ -7,6 +7,7 @@ not timed), and a random update of the model's shapes goes through the run's upl
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -19,15 +20,49 @@ PAYLOAD_SAMPLE_PARAMS = 4_000_000  # encode at most this many parameters' worth 
 DENSITIES = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # the upload densities `density_options` tries
 
 
-def measure_step_seconds(cfg: RunConfig, *, device: torch.device, steps: int = 3) -> float:
-    """Median wall time of one inner step of the run's model and batch on `device` (after one warm-up step)."""
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MachineFigures:
+    """What `measure_for_plan` found: the machine's side of `potluck.planner.auto_plan`'s inputs."""
+
+    step_s: float
+    tokens_per_step: int
+    params: int
+    upload_bytes: int
+    download_bytes: int
+    density_options: dict[float, tuple[int, int]]
+
+
+def measure_for_plan(cfg: RunConfig, *, device: torch.device, batch_size: int | None = None) -> MachineFigures:
+    """Step time, model size and one round's payloads (at the run's density and the others) for this run here."""
+    model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
+    batch_size = batch_size or cfg.inner.batch_size
+    options = density_options(cfg)
+    own = make_codec(cfg.codec.name, cfg.codec.params).params.get("density")
+    upload_bytes, download_bytes = options[own] if own in options else payload_bytes(cfg)  # encoded once
+    return MachineFigures(
+        step_s=measure_step_seconds(cfg, device=device, batch_size=batch_size),
+        tokens_per_step=batch_size * model_cfg.block_size,
+        params=count_params(model_cfg),
+        upload_bytes=upload_bytes,
+        download_bytes=download_bytes,
+        density_options=options,
+    )
+
+
+def measure_step_seconds(
+    cfg: RunConfig, *, device: torch.device, steps: int = 3, batch_size: int | None = None
+) -> float:
+    """Median wall time of one inner step of the run's model on `device` (after one warm-up step).
+
+    The batch is the run's unless `batch_size` (a peer's own --batch-size) says otherwise.
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
     model = build_model(model_cfg, seed=cfg.seed, device=device)
     optimizer = make_inner_optimizer(model, lr=cfg.inner.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
-    shape = (cfg.inner.batch_size, model_cfg.block_size)
+    shape = (batch_size or cfg.inner.batch_size, model_cfg.block_size)
     times = []
     for i in range(steps + 1):
         batch = tuple(torch.randint(0, model_cfg.vocab_size, shape, generator=generator) for _ in range(2))
@@ -47,9 +82,10 @@ def density_options(cfg: RunConfig) -> dict[float, tuple[int, int]]:
     The aggregate codec's density moves with the upload's, keeping the run's ratio between them (4x by
     default) and at most 1. Empty when the run's codec has no density (fp16, int8, none).
     """
-    if "density" not in make_codec(cfg.codec.name, cfg.codec.params).params:
+    up_params = make_codec(cfg.codec.name, cfg.codec.params).params
+    if "density" not in up_params:
         return {}
-    up_density = make_codec(cfg.codec.name, cfg.codec.params).params["density"]
+    up_density = up_params["density"]
     down_codec = make_codec(cfg.aggregate_codec.name, cfg.aggregate_codec.params).params
     options = {}
     for density in DENSITIES:

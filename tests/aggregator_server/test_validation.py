@@ -160,6 +160,17 @@ def test_a_second_different_update_from_the_same_key_is_a_duplicate() -> None:
     assert PEER.fingerprint in rejection.detail
 
 
+def test_a_keys_own_update_behind_its_late_one_is_refused_as_round_not_as_a_duplicate() -> None:
+    # Prepare: the key's place this round is held by its late update for the round before
+    late, own = _signed(round=ROUND - 1), _signed()
+    ctx = _context(accepted_digests={PEER.public_key: late.header.digest()}, late_slots={PEER.public_key: ROUND - 1})
+    # Execute
+    rejection = check_envelope(own, PAYLOAD, ctx)
+    # Assert: "round" is not a strike, "duplicate" would be
+    assert rejection is not None and rejection.check == "round"
+    assert f"late update for round {ROUND - 1} counts in round {ROUND}" in rejection.detail
+
+
 def test_the_identical_update_sent_again_is_a_retry_not_a_duplicate() -> None:
     update = _signed()
     ctx = _context(accepted_digests={PEER.public_key: update.header.digest()})
