@@ -116,8 +116,8 @@ async def _probe_once(p2p: P2P, peer_id: PeerID, *, upload_bytes: int, reply_byt
     try:
         body = encode_probe_request(upload_bytes=upload_bytes, reply_bytes=reply_bytes)
         started = time.perf_counter()
-        await write_frame(writer, kind=MessageKind.PROBE, body=body)
         try:
+            await write_frame(writer, kind=MessageKind.PROBE, body=body)
             # Read the header and body ourselves, not with read_frame_from_stream: the header's arrival
             # time is the boundary between the upload and the download measurement.
             header = await reader.readexactly(HEADER_BYTES)
@@ -128,6 +128,8 @@ async def _probe_once(p2p: P2P, peer_id: PeerID, *, upload_bytes: int, reply_byt
             reply = await reader.readexactly(body_bytes)
         except asyncio.IncompleteReadError as e:
             raise WireError(f"probe reply ended after {len(e.partial)} bytes") from None
+        except (ConnectionResetError, BrokenPipeError):  # a peer that drops the stream may reset it mid-upload
+            raise WireError("probe reply ended: the peer reset the stream before replying") from None
         finished = time.perf_counter()
     finally:
         writer.close()
