@@ -8,7 +8,8 @@ accepted update is spooled to disk before the peer hears "accepted", so a restar
 Layout::
 
     DIR/checkpoint.safetensors              tensors param/*, outer/*, residual/*, aggregate (uint8);
-                                            metadata: format, round, version, config_hash, content_sha256
+                                            metadata: format, round, version, config_hash, content_sha256,
+                                            and density (absent in checkpoints from before it existed)
     DIR/spool/round-<n>/<64-hex key>.update 8-byte big-endian envelope length + envelope + payload
 
 Every file is written atomically (temp file in the same directory, fsync, rename, fsync the
@@ -64,6 +65,7 @@ class Checkpoint:
     residual: dict[str, torch.Tensor]  # the aggregator's error-feedback residual (may be empty)
     last_aggregate: bytes | None  # the published aggregate of round - 1, as sent; None before round 1
     config_hash: str  # the run this state belongs to
+    density: float | None = None  # the open round's upload density (protocol/density.py); None: the config's
 
     def __post_init__(self) -> None:
         for name in ("round", "version"):
@@ -157,6 +159,8 @@ def save_checkpoint(state_dir: Path, checkpoint: Checkpoint) -> Path:
         "version": str(checkpoint.version),
         "config_hash": checkpoint.config_hash,
     }
+    if checkpoint.density is not None:
+        metadata["density"] = repr(checkpoint.density)
     metadata["content_sha256"] = _content_sha256(tensors, metadata)
     data = safetensors.torch.save(tensors, metadata=metadata)
     try:
@@ -198,13 +202,21 @@ def load_checkpoint(state_dir: Path, *, config_hash: str) -> Checkpoint | None:
 
     if metadata.get("format") != _FORMAT:
         raise corrupt(f"format {metadata.get('format')!r:.40}, expected {_FORMAT!r}")
-    if set(metadata) != {"format", "round", "version", "config_hash", "content_sha256"}:
+    if set(metadata) - {"density"} != {"format", "round", "version", "config_hash", "content_sha256"}:
         raise corrupt(f"metadata fields {sorted(metadata)}")
     if metadata["content_sha256"] != _content_sha256(tensors, metadata):
         raise corrupt("checksum mismatch")
     for name in ("round", "version"):
         if not _DECIMAL.fullmatch(metadata[name]):
             raise corrupt(f"{name} {metadata[name]!r:.40} is not a decimal integer")
+    density = None
+    if "density" in metadata:
+        try:
+            density = float(metadata["density"])
+        except ValueError:
+            density = -1.0
+        if not 0.0 <= density <= 1.0:
+            raise corrupt(f"density {metadata['density']!r:.40} is not a number in [0, 1]")
     if metadata["config_hash"] != config_hash:
         raise CheckpointError(
             f"checkpoint {_show(path)} belongs to run {metadata['config_hash'][:12]}, not to this run "
@@ -232,6 +244,7 @@ def load_checkpoint(state_dir: Path, *, config_hash: str) -> Checkpoint | None:
         residual=parts["residual/"],
         last_aggregate=last_aggregate,
         config_hash=metadata["config_hash"],
+        density=density,
     )
 
 

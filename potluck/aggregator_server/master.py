@@ -19,6 +19,7 @@ from potluck.incentives.ledger_format import GENESIS_HASH
 from potluck.incentives.merkle import merkle_root
 from potluck.protocol.codecs import Codec, encode_aggregate
 from potluck.protocol.config import RunConfig
+from potluck.protocol.density import start_density
 from potluck.protocol.envelope import AggregateHeader, SignedAggregate, payload_digest, sign_aggregate
 from potluck.protocol.identity import Identity
 from potluck.training.diloco import OuterOptimizer, snapshot, state_sha256
@@ -34,6 +35,7 @@ class MasterState:
     params: dict[str, torch.Tensor]  # fp32, CPU
     outer_state: dict[str, torch.Tensor]  # outer momentum buffers
     residual: dict[str, torch.Tensor]  # the aggregator's error feedback for the download codec
+    density: float = 0.0  # the open round's upload density (protocol/density.py); 0.0: the codec has none
 
     @property
     def spec(self) -> dict[str, tuple[int, ...]]:
@@ -52,9 +54,10 @@ class Contribution:
 
 
 def initial_master(cfg: RunConfig) -> MasterState:
-    """Round 0: the run's model at its seed, no momentum, no residual."""
+    """Round 0: the run's model at its seed, no momentum, no residual, the config's density."""
     model = build_model(model_config(cfg.model.size, block_size=cfg.model.block_size), seed=cfg.seed)
-    return MasterState(round=0, version=0, params=snapshot(model, device="cpu"), outer_state={}, residual={})
+    params = snapshot(model, device="cpu")
+    return MasterState(round=0, version=0, params=params, outer_state={}, residual={}, density=start_density(cfg))
 
 
 def token_cap(cfg: RunConfig) -> int:
@@ -71,12 +74,15 @@ def close_round(
     identity: Identity,
     aggregate_codec: Codec,
     ledger_head: bytes = GENESIS_HASH,
+    next_density: float | None = None,
 ) -> tuple[MasterState, SignedAggregate, bytes]:
     """(next state, signed aggregate, aggregate payload) for the open round; `master` is left as it was.
 
     The aggregate commits to the contributions' update digests (a Merkle root) and to `ledger_head`,
-    the ledger's chain head once this round's rows are in it (GENESIS_HASH: no ledger).
+    the ledger's chain head once this round's rows are in it (GENESIS_HASH: no ledger), and announces
+    the next round's upload density (None: this round's).
     """
+    next_density = master.density if next_density is None else next_density
     if not contributions:
         raise ValueError(f"round {master.round} has no contribution to aggregate")
     ordered = sorted(contributions, key=lambda c: c.public_key)  # a fixed order: the mean is reproducible
@@ -102,6 +108,7 @@ def close_round(
         timestamp_s=time.time(),
         updates_root=merkle_root([c.update_digest for c in ordered]),
         ledger_head=ledger_head,
+        next_density=next_density,
     )
     following = MasterState(
         round=master.round + 1,
@@ -109,5 +116,6 @@ def close_round(
         params=params,
         outer_state=outer.state_dict(),
         residual=residual,
+        density=next_density,
     )
     return following, sign_aggregate(header, identity), payload

@@ -44,6 +44,7 @@ from potluck.aggregator_server.checkpoint import (
     save_checkpoint,
     spool_update,
 )
+from potluck.aggregator_server.density import UploadTiming, next_density
 from potluck.aggregator_server.judge import judge_round
 from potluck.aggregator_server.master import (
     Contribution,
@@ -65,8 +66,8 @@ from potluck.aggregator_server.validation import (
 )
 from potluck.incentives.ledger import LedgerError
 from potluck.incentives.ledger_format import LedgerRow, SignedHead
-from potluck.protocol.codecs import make_codec
 from potluck.protocol.config import RunConfig
+from potluck.protocol.density import density_ladder, density_problem, round_codecs, start_density
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, sign_announcement
 from potluck.protocol.envelope import (
     MAX_UPDATE_ENVELOPE_BYTES,
@@ -153,8 +154,6 @@ class AggregatorServer:
         self.identity = identity
         self.options = options
         self.on_event = on_event
-        self.codec = make_codec(cfg.codec.name, cfg.codec.params)
-        self.aggregate_codec = make_codec(cfg.aggregate_codec.name, cfg.aggregate_codec.params)
         self.cap = token_cap(cfg)
         checkpoint = load_checkpoint(options.state_dir, config_hash=cfg.config_hash)
         self.aggregates: dict[int, bytes] = {}  # round -> AGGREGATE frame body
@@ -172,7 +171,11 @@ class AggregatorServer:
                 params={name: checkpoint.params[name] for name in shapes},  # the model's order, not sorted
                 outer_state=checkpoint.outer_state,
                 residual=checkpoint.residual,
+                density=start_density(cfg) if checkpoint.density is None else checkpoint.density,
             )
+            problem = density_problem(cfg, self.master.density)
+            if problem is not None:
+                raise CheckpointError(f"the checkpoint in {options.state_dir} is for another run: {problem}")
             if checkpoint.last_aggregate is not None:
                 self.aggregates[checkpoint.round - 1] = checkpoint.last_aggregate
         if self.master.round >= cfg.rounds:
@@ -181,6 +184,10 @@ class AggregatorServer:
                 "use another --state-dir to start a new run"
             )
         self.resumed = checkpoint is not None
+        self.codec, self.aggregate_codec = round_codecs(cfg, self.master.density)  # the open round's
+        # the round before's upload codec, for its late updates; after a restart, the open round's (a late
+        # update spooled before the restart at another density is skipped when it is restored)
+        self._late_codec = self.codec
         self.ledger = open_ledger(options.state_dir / LEDGER_FILE, identity=identity, round_index=self.master.round)
         self.current = OpenRound(
             index=self.master.round, deadline_s=cfg.round_deadline_s, target_tokens=cfg.target_tokens_per_round
@@ -265,6 +272,7 @@ class AggregatorServer:
                     "model": self.cfg.model.size,
                     "codec": self.codec.name,
                     "aggregate_codec": self.aggregate_codec.name,
+                    "density": self.master.density,
                     "leaderboard": await asyncio.to_thread(self._leaderboard),
                     "ledger_head": head_event(self.ledger.head()),
                 }
@@ -372,6 +380,12 @@ class AggregatorServer:
                     f"round {closing.index} is in the ledger with {len(kept)} accepted update(s) but only "
                     f"{len(contributions)} are spooled in {self.options.state_dir}; the state dir is damaged"
                 )
+            timings = [
+                UploadTiming(payload_bytes=len(a.payload), upload_s=a.upload_s, cycle_s=a.cycle_s)
+                for a in closing.accepted.values()
+                if a.discount == 1 and a.upload_s > 0
+            ]
+            density = next_density(self.master.density, timings, ladder=density_ladder(self.cfg))
             try:
                 following, signed, payload = await asyncio.to_thread(
                     close_round,
@@ -381,6 +395,7 @@ class AggregatorServer:
                     identity=self.identity,
                     aggregate_codec=self.aggregate_codec,
                     ledger_head=head.head_hash,
+                    next_density=density,
                 )
                 body = pack_envelope(signed.to_bytes(), payload)
                 await asyncio.to_thread(self._checkpoint, following, body)
@@ -391,7 +406,10 @@ class AggregatorServer:
                 return
             aggregation_s = time.perf_counter() - started
             # Recorded and checkpointed: only now does the new state become visible to anyone.
+            closed_density = self.master.density
             self.master = following
+            self._late_codec = self.codec
+            self.codec, self.aggregate_codec = round_codecs(self.cfg, following.density)
             self.aggregates[closing.index] = body
             self.closed_rows[closing.index] = rows
             for old in [r for r in self.aggregates if r <= closing.index - KEPT_AGGREGATES]:
@@ -434,6 +452,8 @@ class AggregatorServer:
                     for key, a in sorted(closing.accepted.items())
                 ],
                 "rejected": closing.rejected,
+                "density": closed_density,  # the round's upload density, and the next one's
+                "next_density": following.density,
                 "round_s": time.monotonic() - closing.opened_at,
                 "aggregation_s": aggregation_s,
                 "aggregate_bytes": len(body),
@@ -539,6 +559,7 @@ class AggregatorServer:
                 residual=state.residual,
                 last_aggregate=aggregate_body,
                 config_hash=self.cfg.config_hash,
+                density=state.density,
             ),
         )
 
@@ -590,7 +611,8 @@ class AggregatorServer:
                 rejection = check_envelope(update, payload, self._context(check_clock=False, late=True))
             decoded = None
             if rejection is None:
-                decoded, rejection = decode_update(payload, codec=self.codec, spec=self.master.spec)
+                codec = self._late_codec if late else self.codec
+                decoded, rejection = decode_update(payload, codec=codec, spec=self.master.spec)
             if rejection is not None or decoded is None:
                 logger.warning("skipping a spooled update: %s", rejection)
                 continue
@@ -639,12 +661,21 @@ class AggregatorServer:
         decoded: dict[str, torch.Tensor],
         *,
         late: bool = False,
+        upload_s: float = 0.0,
+        cycle_s: float = 0.0,
     ) -> int:
         key = update.header.peer_public_key
         discount = self.cfg.late_discount if late else 1.0
         weight = int(min(update.header.tokens, self.cap) * discount)
         self.current.accepted[key] = Accepted(
-            update=update, envelope=envelope, payload=payload, decoded=decoded, weight=float(weight), discount=discount
+            update=update,
+            envelope=envelope,
+            payload=payload,
+            decoded=decoded,
+            weight=float(weight),
+            discount=discount,
+            upload_s=upload_s,
+            cycle_s=cycle_s,
         )
         self.current.expected.add(key)
         return weight
@@ -725,6 +756,7 @@ class AggregatorServer:
                 payload_sha256=payload_digest(payload),
                 state_sha256=state_sha256(master.params),
                 timestamp_s=time.time(),
+                density=master.density,
             )
             body = pack_envelope(sign_state(header, self.identity).to_bytes(), payload)
             self._state_body = (master.version, body)
@@ -735,7 +767,9 @@ class AggregatorServer:
         if self._uploads.locked():
             raise _Refusal(f"{BUSY_PREFIX}{MAX_UPLOADS} uploads are already in progress; retry in a few seconds")
         async with self._uploads:  # each upload may hold max_update_bytes in memory until it is judged
+            reading = time.monotonic()
             _, body = await _read(reader, MessageKind.SUBMIT, limit)
+            arrived = time.monotonic()
         self.bytes_in += len(body)
         received_s = time.time()
         envelope, payload = unpack_envelope(body, max_envelope_bytes=MAX_UPDATE_ENVELOPE_BYTES)
@@ -769,7 +803,7 @@ class AggregatorServer:
                     credited = int(existing.weight)
                 else:
                     decoded, rejection = await asyncio.to_thread(
-                        decode_update, payload, codec=self.codec, spec=self.master.spec
+                        decode_update, payload, codec=self._late_codec if late else self.codec, spec=self.master.spec
                     )
                     if decoded is not None:
                         await asyncio.to_thread(
@@ -780,7 +814,15 @@ class AggregatorServer:
                             envelope=envelope,
                             payload=payload,
                         )
-                        credited = self._accept(update, envelope, payload, decoded, late=late)
+                        credited = self._accept(
+                            update,
+                            envelope,
+                            payload,
+                            decoded,
+                            late=late,
+                            upload_s=arrived - reading,
+                            cycle_s=arrived - self.current.opened_at,
+                        )
                         self._wake.set()
             self.on_event(
                 {

@@ -30,8 +30,9 @@ from potluck.peer.client import AggregatorLink, AggregatorRefused, AggregatorUnr
 from potluck.peer.trainer import LocalTrainer, RoundWork, TrainingDiverged
 from potluck.planner import auto_plan
 from potluck.protocol import PROTOCOL_VERSION
-from potluck.protocol.codecs import CodecError, make_codec
+from potluck.protocol.codecs import CodecError
 from potluck.protocol.config import RunConfig
+from potluck.protocol.density import density_problem, round_codecs
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, parse_announcements
 from potluck.protocol.envelope import (
     EnvelopeError,
@@ -106,6 +107,7 @@ class _Master:
     params: dict[str, torch.Tensor]
     outer: OuterOptimizer
     aggregator_keys: frozenset[bytes]
+    density: float  # the open round's upload density (protocol/density.py)
 
 
 class PeerRunner:
@@ -310,6 +312,9 @@ class PeerRunner:
         shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
         if {n: tuple(t.shape) for n, t in params.items()} != shapes or state_sha256(params) != h.state_sha256:
             raise UntrustedState("its state does not match its model or its signed checksum")
+        problem = density_problem(cfg, h.density)
+        if problem is not None:
+            raise UntrustedState(f"its state announces a {problem}")
         params = {name: params[name] for name in shapes}  # the model's order: payloads depend on it
         outer = OuterOptimizer(kind=cfg.outer.kind, lr=cfg.outer.lr, momentum=cfg.outer.momentum)
         outer.load_state_dict(outer_state)
@@ -324,7 +329,15 @@ class PeerRunner:
                 "state_bytes": len(payload),
             }
         )
-        return _Master(cfg=cfg, round=h.round, version=h.new_version, params=params, outer=outer, aggregator_keys=keys)
+        return _Master(
+            cfg=cfg,
+            round=h.round,
+            version=h.new_version,
+            params=params,
+            outer=outer,
+            aggregator_keys=keys,
+            density=h.density,
+        )
 
     # ----------------------------------------------------------------- rounds
 
@@ -348,7 +361,6 @@ class PeerRunner:
 
     async def _rounds(self, master: _Master, trainer: LocalTrainer, cancel: threading.Event) -> None:
         cfg = master.cfg
-        aggregate_codec = make_codec(cfg.aggregate_codec.name, cfg.aggregate_codec.params)
         spec = {n: tuple(t.shape) for n, t in master.params.items()}
         await asyncio.to_thread(trainer.start_round, master.params, round_index=master.round)
         self._round_opened = self._synced_at
@@ -356,6 +368,7 @@ class PeerRunner:
             self.options.max_rounds is None or self.rounds_done < self.options.max_rounds
         ):
             r = master.round
+            trainer.codec, aggregate_codec = round_codecs(cfg, master.density)  # the aggregator picks each round's
             if self._training is None:
                 self._training = self._train(trainer, cfg, cancel)
             await self._training
@@ -592,6 +605,9 @@ class PeerRunner:
             signed.verify_payload(payload)
             if h.round != master.round or h.codec != aggregate_codec.name:
                 raise EnvelopeError(f"aggregate is for round {h.round} with codec {h.codec}, expected {master.round}")
+            problem = density_problem(master.cfg, h.next_density)
+            if problem is not None:
+                raise EnvelopeError(f"aggregate announces a {problem}")
             applied = aggregate_codec.decode(payload, spec)
         except (EnvelopeError, CodecError) as e:
             logger.warning("round %d: aggregate refused (%s); downloading the state again", master.round, e)
@@ -599,6 +615,7 @@ class PeerRunner:
         master.outer.step(master.params, applied)
         master.round = h.round + 1
         master.version = h.new_version
+        master.density = h.next_density
         if state_sha256(master.params) != h.state_sha256:
             logger.warning("round %d: state checksum differs from the aggregator's; downloading the state", h.round)
             return False

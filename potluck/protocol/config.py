@@ -242,6 +242,11 @@ class RunConfig(BaseModel):
     # both are left out, dct-topk at 4x the upload density: the mean of several peers' sparse updates has
     # up to that many coefficients, and 1/16 measured better than 1/64 for 0.07 B/param per round.
     aggregate_codec: CodecSpec = Field(default_factory=lambda: CodecSpec(params={"density": 1 / 16}))
+    # Adaptive density (protocol/density.py): for a top-k upload codec the aggregator picks each round's
+    # density from the codec's doubled up to this, the densest whose upload the peers' measured links carry
+    # in a tenth of their compute (scaling efficiency K >= 0.9); the aggregate keeps its ratio to it. None,
+    # or a value at or below the codec's density, keeps the codec's density for the whole run.
+    max_density: Annotated[Annotated[float, Field(gt=0, le=1)] | None, _Optional] = 0.5
     round_deadline_s: float = Field(120.0, gt=0)  # a round closes at this deadline or at the token target
     # An update for round r that arrives while round r+1 is open (its peer missed the deadline): "reject"
     # refuses it (the peer folds it back into its next update); "discount" accepts it into round r+1 in

@@ -98,6 +98,10 @@ def _is_contributors(value: Any) -> bool:
     return len({key for key, _ in value}) == len(value)
 
 
+def _is_density(value: Any) -> bool:
+    return type(value) is float and 0.0 <= value <= 1.0
+
+
 _COUNT = (_is_count, "an integer in [0, 2^63)")
 _KEY = (_is_bytes(PUBLIC_KEY_BYTES), f"a raw Ed25519 public key ({PUBLIC_KEY_BYTES} bytes)")
 _SHA256 = (_is_bytes(SHA256_BYTES), f"a raw sha256 ({SHA256_BYTES} bytes)")
@@ -139,6 +143,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: isinstance(v, bytes) and len(v) <= MAX_MERKLE_PROOF_BYTES,
         f"at most {MAX_MERKLE_PROOF_BYTES} bytes",
     ),
+    "next_density": (_is_density, "a float in [0, 1]"),
+    "density": (_is_density, "a float in [0, 1]"),
     "contributors": (
         _is_contributors,
         f"at most {MAX_CONTRIBUTORS} (32-byte public key, tokens in [0, 2^63)) pairs with unique keys",
@@ -231,6 +237,8 @@ class AggregateHeader(_SignedBody):
     # inclusion proof checks against it, so crediting one set of updates and applying another is evident.
     updates_root: bytes
     ledger_head: bytes  # the ledger's chain head after this round's rows: the aggregate commits to the ledger
+    # The upload density of the next round (protocol/density.py); 0.0 when the upload codec has none.
+    next_density: float = 0.0
 
     def __post_init__(self) -> None:
         _SignedBody.__post_init__(self)  # not super(): see _from_wire_fields
@@ -309,6 +317,7 @@ class StateHeader(_SignedBody):
     payload_sha256: bytes
     state_sha256: bytes  # diloco.state_sha256 of the master parameters in the payload
     timestamp_s: float
+    density: float = 0.0  # the open round's upload density (protocol/density.py); 0.0 when the codec has none
 
 
 _CONTRIBUTORS_INDEX = [f.name for f in fields(AggregateHeader)].index("contributors")

@@ -1,5 +1,6 @@
 """Tests for potluck.aggregator_server.checkpoint: the aggregator's checkpoint and update spool on disk."""
 
+import dataclasses
 import errno
 import logging
 import os
@@ -64,6 +65,19 @@ def test_checkpoint_round_trips_bit_exact(tmp_path: Path, empty: bool, aggregate
     assert path == tmp_path / CHECKPOINT_NAME
     assert loaded is not None
     _assert_same(original, loaded)
+
+
+def test_the_open_rounds_density_is_kept_and_a_checkpoint_from_before_densities_loads_without_one(
+    tmp_path: Path,
+) -> None:
+    save_checkpoint(tmp_path / "new", dataclasses.replace(_checkpoint(), density=0.125))
+    save_checkpoint(tmp_path / "old", _checkpoint())  # density None: no metadata field, as before it existed
+
+    new = load_checkpoint(tmp_path / "new", config_hash=CONFIG_HASH)
+    old = load_checkpoint(tmp_path / "old", config_hash=CONFIG_HASH)
+
+    assert new is not None and new.density == 0.125
+    assert old is not None and old.density is None
 
 
 def test_missing_checkpoint_is_none(tmp_path: Path) -> None:
@@ -131,6 +145,9 @@ def _rewrite(path: Path, *, tensors: dict[str, torch.Tensor] | None = None, **me
         ({"round": "03"}, "round"),
         ({"format": "potluck-checkpoint/v0"}, "format"),
         ({"extra": "x"}, "metadata fields"),
+        ({"density": "nan"}, "density"),
+        ({"density": "2.0"}, "density"),
+        ({"density": "half"}, "density"),
     ],
 )
 def test_unparsable_metadata_raises(tmp_path: Path, edit: dict[str, str], problem: str) -> None:

@@ -4,77 +4,23 @@ through the real submit handler; no network."""
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from potluck.aggregator_server.server import AggregatorServer, ServerOptions
-from potluck.protocol.config import RunConfig
-from potluck.protocol.envelope import (
-    MAX_AGGREGATE_ENVELOPE_BYTES,
-    MAX_RECEIPT_ENVELOPE_BYTES,
-    MAX_STATE_ENVELOPE_BYTES,
-    SignedAggregate,
-    SignedReceipt,
-    SignedState,
-    SignedUpdate,
-)
+from potluck.protocol.envelope import MAX_AGGREGATE_ENVELOPE_BYTES, SignedAggregate, SignedState, SignedUpdate
 from potluck.protocol.identity import Identity, generate_identity
-from potluck.protocol.messages import pack_envelope, unpack_envelope
-from potluck.protocol.wire import MessageKind, frame_chunks, read_frame_from_stream
+from potluck.protocol.messages import unpack_envelope
+from tests.aggregator_server.in_process import make_server as _server
+from tests.aggregator_server.in_process import state as _state
+from tests.aggregator_server.in_process import submit as _submit
 from tests.integration.swarm_helpers import signed_test_update
 
-AGGREGATOR = generate_identity()
 EARLY, LATE = generate_identity(), generate_identity()
 TOKENS = 4_000
 
 
-class _Writer:
-    """What the handler writes to, kept for the test to read back."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def write(self, chunk: bytes) -> None:
-        self.data += chunk
-
-    async def drain(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-async def _submit(server: AggregatorServer, update: SignedUpdate, payload: bytes) -> SignedReceipt:
-    reader = asyncio.StreamReader()
-    for chunk in frame_chunks(MessageKind.SUBMIT, pack_envelope(update.to_bytes(), payload)):
-        reader.feed_data(bytes(chunk))
-    reader.feed_eof()
-    writer = _Writer()
-    await server._handle_submit(None, reader, writer)  # type: ignore[arg-type]
-    replies = asyncio.StreamReader()
-    replies.feed_data(bytes(writer.data))
-    replies.feed_eof()
-    _, body = await read_frame_from_stream(
-        replies, max_body_bytes=MAX_RECEIPT_ENVELOPE_BYTES, expected_kinds={MessageKind.SUBMIT_REPLY}
-    )
-    return SignedReceipt.from_bytes(body)
-
-
-async def _state(server: AggregatorServer) -> tuple[SignedState, bytes]:
-    envelope, payload = unpack_envelope(await server._state_frame(), max_envelope_bytes=MAX_STATE_ENVELOPE_BYTES)
-    return SignedState.from_bytes(envelope), payload
-
-
 def _update(state: tuple[SignedState, bytes], sender: Identity, seed: int) -> tuple[SignedUpdate, bytes]:
     return signed_test_update(*state, sender=sender, tokens=TOKENS, seed=seed)
-
-
-def _server(tmp_path: Path, **overrides: Any) -> AggregatorServer:
-    cfg = RunConfig().with_overrides({"rounds": 4, "data.max_bytes": 200_000, **overrides}, source="test")
-    return AggregatorServer(
-        cfg, AGGREGATOR, ServerOptions(state_dir=tmp_path, eval_batches=1), on_event=lambda e: None
-    )
 
 
 def test_a_late_update_counts_in_the_next_round_at_the_discount_and_holds_its_peers_place(tmp_path: Path) -> None:

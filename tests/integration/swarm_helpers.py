@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from potluck.protocol.codecs import make_codec
+from potluck.protocol.density import round_codecs
 from potluck.protocol.envelope import SignedState, SignedUpdate, UpdateHeader, new_nonce, payload_digest, sign_update
 from potluck.protocol.identity import Identity
 from potluck.protocol.messages import decode_state_payload
@@ -63,11 +63,20 @@ def p2pd_children() -> list[int]:
 
 
 def signed_test_update(
-    state: SignedState, state_payload: bytes, *, sender: Identity, tokens: int, seed: int = 0
+    state: SignedState,
+    state_payload: bytes,
+    *,
+    sender: Identity,
+    tokens: int,
+    seed: int = 0,
+    density: float | None = None,
 ) -> tuple[SignedUpdate, bytes]:
-    """A well-formed update for the state's open round, signed by `sender` (a small random delta)."""
+    """A well-formed update for the state's open round, signed by `sender` (a small random delta).
+
+    Encoded at the round's upload density, or at `density` (on the run's ladder) to send a wrong one.
+    """
     cfg, _, _ = decode_state_payload(state_payload)
-    codec = make_codec(cfg.codec.name, cfg.codec.params)
+    codec, _ = round_codecs(cfg, state.header.density if density is None else density)
     shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
     generator = torch.Generator().manual_seed(seed)
     payload = codec.encode({n: torch.randn(s, generator=generator) * 1e-3 for n, s in shapes.items()}, {})

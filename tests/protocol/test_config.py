@@ -24,7 +24,7 @@ KEY_B = "0123456789abcdef" * 4
 
 # sha256 of the default config's canonical JSON. If this changes, every default run gets a new identity:
 # change it only on purpose (a new field, a new default) and say so in the commit.
-DEFAULT_HASH = "a0b8917ef3020fd0ad562343148aad1054029539be45b515574a2a09c233f807"
+DEFAULT_HASH = "d75e9980d24a17f0c4433490e20b186a1a15d8547f6268798efafea222e6dfb8"
 
 
 def test_defaults_are_valid_and_hash_is_golden() -> None:

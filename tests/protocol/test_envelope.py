@@ -292,7 +292,7 @@ def test_signed_bytes_are_spelled_exactly_as_documented() -> None:
     # Prepare: the wire format spelled by hand, msgpack byte by byte. If this test fails, every node's
     # signatures change: bump PROTOCOL_VERSION rather than editing the expected bytes.
     config_hash = "0" * 64
-    common = b"\x02" + b"\xa1r" + b"\xd9\x40" + b"0" * 64 + b"\x01"  # version 2, run "r", str8 hash, round 1
+    common = b"\x03" + b"\xa1r" + b"\xd9\x40" + b"0" * 64 + b"\x01"  # version 3, run "r", str8 hash, round 1
     key, zeros = b"\xc4\x20" + bytes(range(32)), b"\xc4\x20" + bytes(32)  # bin8 of 32 bytes
     timestamp = b"\xcb" + struct.pack(">d", 1.5)  # always float64
     update = UpdateHeader(
@@ -323,6 +323,7 @@ def test_signed_bytes_are_spelled_exactly_as_documented() -> None:
         timestamp_s=1.5,
         updates_root=bytes(32),
         ledger_head=bytes(32),
+        next_density=0.25,
     )
     receipt = Receipt(
         run_id="r",
@@ -342,10 +343,11 @@ def test_signed_bytes_are_spelled_exactly_as_documented() -> None:
         + b"\x01" + key + b"\x02\x03" + b"\xa4none" + b"\x04" + zeros + b"\xc4\x10" + bytes(16) + timestamp
     )  # fmt: skip
     assert aggregate.signed_bytes() == (
-        b"potluck/aggregate/v1\0" + b"\x9e" + common  # array of 14
+        b"potluck/aggregate/v1\0" + b"\x9f" + common  # array of 15
         + b"\x02" + key + b"\xa4none" + b"\x04" + zeros + zeros
         + b"\xc4\x28" + bytes(32) + (5).to_bytes(8, "big")  # contributors: one 40-byte record
         + timestamp + zeros + zeros  # updates_root, ledger_head
+        + b"\xcb" + struct.pack(">d", 0.25)  # next_density
     )  # fmt: skip
     assert receipt.signed_bytes() == (
         b"potluck/receipt/v1\0" + b"\x9e" + common  # array of 14
@@ -609,6 +611,10 @@ def test_other_protocol_versions_are_refused_with_an_upgrade_hint(kind: Any, ver
         (_aggregate_header, {"contributors": {PEER.public_key: 1}}, "contributors"),
         (_aggregate_header, {"contributors": [(bytes(32), 1)] * (MAX_CONTRIBUTORS + 1)}, "contributors"),
         (_aggregate_header, {"state_sha256": None}, "state_sha256"),
+        (_aggregate_header, {"next_density": math.nan}, "next_density"),
+        (_aggregate_header, {"next_density": 2.0}, "next_density"),
+        (_aggregate_header, {"next_density": 1}, "next_density"),
+        (_state_header, {"density": -0.5}, "density"),
         (_receipt, {"accepted": 1}, "accepted"),
         (_receipt, {"reason": "x" * 513}, "reason"),
         (_receipt, {"update_sha256": b""}, "update_sha256"),

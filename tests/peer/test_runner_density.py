@@ -1,0 +1,69 @@
+"""A peer follows the density the aggregator announces, and refuses one its run config does not allow."""
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from potluck.peer.runner import PeerOptions, PeerRunner, _Master
+from potluck.protocol.density import round_codecs
+from potluck.protocol.envelope import MAX_AGGREGATE_ENVELOPE_BYTES, SignedAggregate, sign_aggregate
+from potluck.protocol.identity import generate_identity
+from potluck.protocol.messages import decode_state_payload, unpack_envelope
+from potluck.training.diloco import OuterOptimizer
+from potluck.training.models import model_config, parameter_shapes
+from tests.aggregator_server.in_process import AGGREGATOR, make_server, state, submit
+from tests.integration.swarm_helpers import signed_test_update
+
+PEERS = [generate_identity() for _ in range(3)]
+
+
+async def _round_0_aggregate(tmp_path: Path) -> tuple[_Master, SignedAggregate, bytes]:
+    """A peer's copy of round 0's master and the aggregate that closes round 0 at fast links (next: 1/2)."""
+    server = make_server(tmp_path)
+    server.current.opened_at -= 100  # 100 s of compute against uploads read in microseconds
+    signed_state, state_payload = await state(server)
+    for seed, peer in enumerate(PEERS):
+        await submit(server, *signed_test_update(signed_state, state_payload, sender=peer, tokens=4_000, seed=seed))
+    await server._close("all-reported")
+    server.ledger.close()
+    envelope, payload = unpack_envelope(server.aggregates[0], max_envelope_bytes=MAX_AGGREGATE_ENVELOPE_BYTES)
+    cfg, params, _ = decode_state_payload(state_payload)
+    outer = OuterOptimizer(kind=cfg.outer.kind, lr=cfg.outer.lr, momentum=cfg.outer.momentum)
+    master = _Master(
+        cfg=cfg,
+        round=0,
+        version=0,
+        params={name: params[name] for name in parameter_shapes(model_config(cfg.model.size))},  # the model's order
+        outer=outer,
+        aggregator_keys=frozenset({AGGREGATOR.public_key}),
+        density=signed_state.header.density,
+    )
+    return master, SignedAggregate.from_bytes(envelope), payload
+
+
+def _apply(master: _Master, signed: SignedAggregate, payload: bytes) -> bool:
+    peer = PeerRunner(PEERS[0], PeerOptions(join=()), on_event=lambda e: None)
+    _, aggregate_codec = round_codecs(master.cfg, master.density)
+    spec = {n: tuple(t.shape) for n, t in master.params.items()}
+    return peer._apply(master, signed, payload, aggregate_codec=aggregate_codec, spec=spec)
+
+
+def test_the_peer_takes_up_the_announced_density_for_the_next_round(tmp_path: Path) -> None:
+    master, signed, payload = asyncio.run(_round_0_aggregate(tmp_path))
+
+    assert _apply(master, signed, payload)
+    assert (master.round, master.density) == (1, 1 / 2)
+
+
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_an_aggregate_announcing_a_density_off_the_runs_ladder_sends_the_peer_to_resync(
+    tmp_path: Path, density: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    master, signed, payload = asyncio.run(_round_0_aggregate(tmp_path))
+    forged = sign_aggregate(dataclasses.replace(signed.header, next_density=density), AGGREGATOR)  # a trusted key
+
+    assert not _apply(master, forged, payload)
+    assert (master.round, master.density) == (0, 1 / 64)  # nothing applied
+    assert f"announces a density {density!r} is not one the run config allows" in caplog.text
