@@ -16,6 +16,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
@@ -270,13 +271,14 @@ def _read_admin_token(path: Path | None) -> str | None:
 
 def peer(
     join: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--join",
             "-j",
-            help="The aggregator's status page (http://HOST:8000) or multiaddr (as it printed it); repeatable.",
+            help="The aggregator's status page (http://HOST:8000) or multiaddr (as it printed it); repeatable. "
+            "With --serverless: another peer's multiaddr (none: this peer starts the run).",
         ),
-    ],
+    ] = None,
     identity: Annotated[Path, typer.Option("--identity", "-i", help="Ed25519 key, created on first run.")] = Path(
         "~/.potluck/identity.key"
     ),
@@ -296,6 +298,10 @@ def peer(
     ] = False,
     run: Annotated[str | None, typer.Option(help="Which run to join when the DHT carries several.")] = None,
     port: Annotated[int, typer.Option(help="TCP port to listen on (0: any).", min=0, max=65535)] = 0,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Address to listen on. [default: 127.0.0.1 when every --join is on it, else 0.0.0.0]"),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch. [default: torch's]", min=1)] = None,
     reconnect_timeout: Annotated[
         float,
@@ -337,22 +343,57 @@ def peer(
     plan_peers: Annotated[
         int, typer.Option("--plan-peers", help="Peers the start-up plan assumes for He et al.'s formula.", min=1)
     ] = 8,
+    serverless: Annotated[
+        bool,
+        typer.Option(
+            "--serverless",
+            help="No aggregator: average with the other peers through hivemind's all-reduce and step locally "
+            "(no validation of anyone's update: for peers that trust each other).",
+        ),
+    ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="With --serverless: the run config. [default: the embedded tiny run]"),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="With --serverless: override one config field; repeatable."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per event on stdout.")] = False,
 ) -> None:
     """Volunteer: join a run, train locally, send compressed signed updates, apply the aggregates (peer)."""
     from potluck.peer.join_url import resolve_joins
     from potluck.peer.runner import PeerOptions, PeerRunner, join_addresses
-    from potluck.protocol.identity import load_or_create_identity
     from potluck.training.device import pick_device
 
-    addresses = join_addresses(resolve_joins(join, timeout_s=join_timeout))
+    if serverless:
+        _serverless_peer(
+            join=tuple(join or ()),
+            identity=identity,
+            config=config,
+            set_=set_ or [],
+            data=data,
+            device=device,
+            batch_size=batch_size,
+            max_rounds=max_rounds,
+            client_mode=client_mode,
+            host=host,
+            port=port,
+            threads=threads,
+            speed=speed,
+            as_json=as_json,
+        )
+        return
+    if config is not None or set_:
+        from potluck.cli import UsageError
+
+        raise UsageError("--config and --set only apply with --serverless: a run with an aggregator uses its config")
+    addresses = join_addresses(resolve_joins(join or [], timeout_s=join_timeout))
     _set_threads(threads)
-    node_identity, created = load_or_create_identity(identity.expanduser())
-    if created:
-        logger.warning("created identity %s at %s", node_identity.fingerprint, identity)
+    node_identity = _peer_identity(identity)
     options = PeerOptions(
         join=addresses,
-        host_maddrs=(f"/ip4/{'127.0.0.1' if _all_loopback(addresses) else '0.0.0.0'}/tcp/{port}",),
+        host_maddrs=(_listen_maddr(host, port, addresses),),
         client_mode=client_mode,
         run=run,
         data=data,
@@ -376,8 +417,115 @@ def peer(
     run_until_stopped(serve_with_page(runner.run(), peer_app(status), page, on_event=printer))
 
 
-def _all_loopback(addresses: tuple[str, ...]) -> bool:
-    return all(a.startswith(("/ip4/127.", "/ip6/::1/")) for a in addresses)
+def _serverless_peer(
+    *,
+    join: tuple[str, ...],
+    identity: Path,
+    config: Path | None,
+    set_: list[str],
+    data: str | None,
+    device: str,
+    batch_size: int | None,
+    max_rounds: int | None,
+    client_mode: bool,
+    host: str | None,
+    port: int,
+    threads: int | None,
+    speed: float,
+    as_json: bool,
+) -> None:
+    """`peer --serverless`: a peer of a run with no aggregator (potluck/peer/serverless.py)."""
+    from potluck.peer.serverless import ServerlessOptions, ServerlessPeer
+    from potluck.protocol.config import load_run_config, parse_overrides, run_config_from_mapping
+    from potluck.protocol.node import parse_join_address
+    from potluck.training.device import pick_device
+
+    for address in join:
+        parse_join_address(address)  # a typo fails here, in one line, before anything starts
+    overrides = parse_overrides(set_)
+    cfg = (
+        load_run_config(config, overrides=overrides)
+        if config is not None
+        else run_config_from_mapping({}, overrides=overrides)
+    )
+    _set_threads(threads)
+    node_identity = _peer_identity(identity)
+    options = ServerlessOptions(
+        cfg=cfg,
+        join=join,
+        host_maddrs=(_listen_maddr(host, port, join),),
+        client_mode=client_mode,
+        data=data,
+        device=pick_device(device),
+        batch_size=batch_size,
+        max_rounds=max_rounds,
+        speed=speed,
+    )
+    runner = ServerlessPeer(node_identity, options, on_event=_printer(as_json, describe_serverless_event))
+    run_until_stopped(runner.run())
+
+
+def describe_serverless_event(event: dict[str, object]) -> str | None:
+    """One status line per serverless event worth a human's attention."""
+    kind = event.get("event")
+    if kind == "ready":
+        maddrs = event.get("maddrs") or ["?"]
+        return f"serverless peer up; others join with: peer --serverless --join {maddrs[0]}"  # type: ignore[index]
+    if kind == "synced":
+        return f"run {event['run']!r}: starting at round {event['round']} (state from the {event['source']})"
+    if kind == "round":
+        return (
+            f"round {event['round']}: held-out loss {event['val_loss']:.4f}, averaged in a group of {event['group']} "
+            f"({event['average_s']:.1f} s), {event['tokens']} tokens"
+        )
+    return None
+
+
+def status(
+    join: Annotated[
+        list[str], typer.Option("--join", "-j", help="A serverless peer's multiaddr (as it printed it); repeatable.")
+    ],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the DHT.", min=1)] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """A serverless run's state, read from the DHT: its peers' rounds and held-out losses (it has no status page)."""
+    from potluck.peer.serverless import serverless_status
+    from potluck.protocol.node import parse_join_address
+
+    for address in join:
+        parse_join_address(address)
+    runs = serverless_status(join, timeout_s=timeout)
+    if as_json:
+        print(json.dumps({"runs": runs}))
+        return
+    if not runs:
+        print("no serverless run on this DHT (a peer's record appears after its first round)")
+        return
+    for run, peers in sorted(runs.items()):
+        newest = peers[0]
+        print(
+            f"run {run!r}: {len(peers)} peer(s); newest record: round {newest['round']} of {newest['rounds']}, "
+            f"held-out loss {newest['val_loss']:.4f}"
+        )
+        for p in peers:
+            age = time.time() - p["time_s"]
+            print(f"  {p['peer']}  round {p['round']}  loss {p['val_loss']:.4f}  group {p['group']}  {age:.0f} s ago")
+
+
+def _peer_identity(path: Path) -> Any:
+    """The peer's Ed25519 identity at `path`, created (and said so) on its first run."""
+    from potluck.protocol.identity import load_or_create_identity
+
+    node_identity, created = load_or_create_identity(path.expanduser())
+    if created:
+        logger.warning("created identity %s at %s", node_identity.fingerprint, path)
+    return node_identity
+
+
+def _listen_maddr(host: str | None, port: int, joins: tuple[str, ...]) -> str:
+    """Where a peer listens: `host`, else loopback when it joins only loopback addresses, else every interface."""
+    loopback = bool(joins) and all(a.startswith(("/ip4/127.", "/ip6/::1/")) for a in joins)
+    return f"/ip4/{host or ('127.0.0.1' if loopback else '0.0.0.0')}/tcp/{port}"
 
 
 def known_errors() -> tuple[type[Exception], ...]:
@@ -388,6 +536,7 @@ def known_errors() -> tuple[type[Exception], ...]:
     from potluck.netlab import NetLabError
     from potluck.peer.client import AggregatorRefused
     from potluck.peer.runner import PeerError
+    from potluck.peer.serverless import ServerlessError
     from potluck.protocol.dht_schema import DHTSchemaError
     from potluck.protocol.node import JoinError
     from potluck.swarm import SwarmError
@@ -398,6 +547,7 @@ def known_errors() -> tuple[type[Exception], ...]:
         SetupError,
         AggregatorRefused,
         PeerError,
+        ServerlessError,
         DHTSchemaError,
         JoinError,
         SwarmError,

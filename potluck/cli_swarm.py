@@ -115,11 +115,21 @@ def swarm(
             "e.g. 10mbit/100mbit (the aggregator gets 1gbit/1gbit). Needs root and iproute2.",
         ),
     ] = None,
+    serverless: Annotated[
+        bool,
+        typer.Option(
+            "--serverless", help="No aggregator: the peers average among themselves (hivemind's all-reduce)."
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")] = False,
 ) -> None:
     """Start an aggregator and N peers on 127.0.0.1 (or behind shaped links) and train the run to its end."""
+    from potluck.cli import UsageError
     from potluck.protocol.config import RunConfig, load_run_config, parse_overrides
     from potluck.swarm import SwarmOptions, run_swarm
+
+    if serverless and (link is not None or overlap or state_dir is not None):
+        raise UsageError("--serverless runs peers only, on 127.0.0.1: drop --link, --overlap and --state-dir")
 
     overrides: dict[str, Any] = {"rounds": rounds, **parse_overrides(set_ or [])}
     if local_steps is not None:
@@ -137,7 +147,8 @@ def swarm(
         data=data,
         state_dir=state_dir.expanduser() if state_dir else None,
         timeout_s=timeout,
-        http_port=_status_page_port(http_port),
+        http_port=0 if serverless else _status_page_port(http_port),
+        serverless=serverless,
     )
     status: dict[str, Any] = {"loss": None, "peers": set(), "up": 0, "down": 0, "round": 0}
     with Progress(
@@ -153,7 +164,16 @@ def swarm(
 
         def on_event(name: str, event: dict[str, Any]) -> None:
             kind = event.get("event")
-            if name == "aggregator" and kind == "status-page":
+            if serverless and name == "peer-0" and kind in ("ready", "round"):
+                status["loss"] = event["val_loss"]
+                status["round"] = event["round"] + (kind == "round")
+                if kind == "ready":
+                    progress.console.print(f"join this swarm:  peer --serverless --join {event['maddrs'][0]}")
+                else:
+                    status["peers"] = set(range(event["group"]))
+            elif serverless:
+                pass
+            elif name == "aggregator" and kind == "status-page":
                 progress.console.print(f"status page: {event['url']}")
             elif name == "aggregator" and kind == "ready":
                 status["loss"] = event["val_loss"]
@@ -172,13 +192,22 @@ def swarm(
             progress.update(
                 task,
                 completed=status["round"],
-                description=f"held-out loss {loss} | {len(status['peers'])} peers | "
+                description=f"held-out loss {loss} | averaging groups of {len(status['peers'])}"
+                if serverless
+                else f"held-out loss {loss} | {len(status['peers'])} peers | "
                 f"up {_kb(status['up'])} down {_kb(status['down'])}",
             )
 
         result = run_swarm(options, on_event=on_event)
     if as_json:
         print(json.dumps(result.to_dict()))
+        return
+    if serverless:
+        groups = [row["groups"] for row in result.peers]
+        stdout.print(
+            f"{result.rounds_completed} rounds in {result.wall_s:.0f} s without an aggregator; held-out loss "
+            f"{result.initial_val_loss:.4f} -> {result.final_val_loss:.4f}; averaging group sizes per peer: {groups}"
+        )
         return
     _print_summary(result)
 

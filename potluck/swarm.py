@@ -65,6 +65,8 @@ class SwarmOptions:
     aggregator_link: Link = Link(up_bits_per_s=10**9, down_bits_per_s=10**9)
     # Testing aid: peer i runs its inner steps at peer_speeds[i] of full speed (missing: 1.0).
     peer_speeds: tuple[float, ...] = ()
+    # No aggregator: peer-0 starts the run and the others join it (`peer --serverless`).
+    serverless: bool = False
 
 
 @dataclass(kw_only=True, slots=True)
@@ -238,6 +240,8 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
 
         config_path = work_dir / "run.toml"
         config_path.write_text(dump_run_config(options.cfg, "toml"))
+        if options.serverless:
+            return _run_serverless(options, config_path, work_dir, children, events, on_event, started, threads)
         state_dir = options.state_dir or work_dir / "aggregator"
         aggregator = start_child(
             "aggregator",
@@ -293,8 +297,64 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
         return _result(ready, aggregator, children[1:], wall_s=time.monotonic() - started)
 
 
+def _run_serverless(
+    options: SwarmOptions,
+    config_path: Path,
+    work_dir: Path,
+    children: list[Child],
+    events: "queue.Queue[tuple[Child, dict[str, Any] | None]]",
+    on_event: Callable[[str, dict[str, Any]], None],
+    started: float,
+    threads: int,
+) -> SwarmResult:
+    """Peers only: peer-0 starts the run on 127.0.0.1, the others join it; its held-out losses are the run's."""
+
+    def start(i: int, join: list[str]) -> Child:
+        args = ["peer", "--serverless", "--config", str(config_path), "--identity", str(work_dir / f"peer-{i}.key")]
+        args += ["--host", "127.0.0.1", "--threads", str(threads), "--json", *join]
+        if options.data is not None:
+            args += ["--data", options.data]
+        if i < len(options.peer_speeds):
+            args += ["--speed", repr(options.peer_speeds[i])]
+        child = start_child(f"peer-{i}", args, work_dir=work_dir, threads=threads)
+        children.append(child)
+        threading.Thread(target=_pump, args=(child, events), daemon=True).start()
+        return child
+
+    ready = _wait_ready(start(0, []), events, on_event)
+    for i in range(1, options.peers):
+        start(i, ["--join", ready["maddrs"][0]])
+    _follow(children, events, on_event, deadline=started + options.timeout_s)
+    rounds = [e for e in children[0].events if e.get("event") == "round"]
+    rows = []
+    for child in children:
+        per_round = [e for e in child.events if e.get("event") == "round"]
+        synced = next((e for e in child.events if e.get("event") == "synced"), {})
+        rows.append(
+            {
+                "name": child.name,
+                "joined_round": synced.get("round"),
+                "state_from": synced.get("source"),
+                "tokens": sum(e["tokens"] for e in per_round),
+                "inner_steps": sum(e["inner_steps"] for e in per_round),
+                "groups": [e["group"] for e in per_round],  # peers in each round's all-reduce, itself included
+                "rounds": per_round,
+            }
+        )
+    return SwarmResult(
+        initial_val_loss=float(ready["val_loss"]),
+        final_val_loss=float(rounds[-1]["val_loss"]) if rounds else float(ready["val_loss"]),
+        rounds_completed=len(rounds),
+        aggregator_multiaddrs=[],
+        num_params=int(ready["num_params"]),
+        peers=rows,
+        rounds=rounds,
+        wall_s=time.monotonic() - started,
+    )
+
+
 def _wait_ready(
-    aggregator: Child,
+    first: Child,
     events: "queue.Queue[tuple[Child, dict[str, Any] | None]]",
     on_event: Callable[[str, dict[str, Any]], None],
 ) -> dict[str, Any]:
@@ -305,12 +365,12 @@ def _wait_ready(
         except queue.Empty:
             continue
         if event is None:
-            raise SwarmError(f"the aggregator exited before it was ready: {_last_log_line(aggregator)}")
+            raise SwarmError(f"the {first.name} exited before it was ready: {_last_log_line(first)}")
         child.events.append(event)
         on_event(child.name, event)
         if event.get("event") == "ready":
             return event
-    raise SwarmError(f"the aggregator was not ready within {READY_TIMEOUT_S:.0f} s: {_last_log_line(aggregator)}")
+    raise SwarmError(f"the {first.name} was not ready within {READY_TIMEOUT_S:.0f} s: {_last_log_line(first)}")
 
 
 def _follow(

@@ -127,6 +127,31 @@ def test_plan_refuses_junk_with_one_line() -> None:
     assert result.stderr.strip().count("\n") == 0, result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            (
+                "peer",
+                "--config",
+                "run.toml",
+                "--join",
+                "/ip4/127.0.0.1/tcp/1/p2p/QmW9UW5tnG2dvJ9UU5Jv5NCLz24ZtQxyLB3hFQC33jHouD",
+            ),
+            "--config and --set only apply with --serverless",
+        ),
+        (("peer", "--serverless", "--join", "/ip4/127.0.0.1/tcp/1"), "/p2p/"),
+        (("peer", "--serverless", "--set", "inner.lr=-1"), "inner.lr"),
+        (("peer",), "no --join address given"),
+    ],
+)
+def test_peer_modes_refuse_what_does_not_fit_them_in_one_line(args: tuple[str, ...], expected: str) -> None:
+    result = run(*args)
+
+    assert result.returncode == 2
+    assert expected in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+
+
 def test_bad_config_is_one_line_naming_the_field(tmp_path: Path) -> None:
     config = tmp_path / "run.toml"
     config.write_text("[inner]\nlr = -1.0\n")
