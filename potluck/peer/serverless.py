@@ -341,17 +341,24 @@ def serverless_status(join: Sequence[str], *, timeout_s: float = 30.0) -> dict[s
         raise ServerlessError(f"the DHT at {', '.join(join)} did not answer within {timeout_s:.0f} s ({e})") from e
     finally:
         dht.shutdown()
+    return parse_status_records(found.value if found is not None else None)
+
+
+def parse_status_records(records: object) -> dict[str, list[dict[str, Any]]]:
+    """The well-formed peer records under STATUS_KEY, by run, newest first; anything else is skipped.
+
+    The key is not validated (anyone can write under it), so nothing here trusts a record's shape.
+    """
     runs: dict[str, list[dict[str, Any]]] = {}
-    records = found.value if found is not None and isinstance(found.value, dict) else {}
-    for subkey, item in records.items():
+    for subkey, item in (records if isinstance(records, dict) else {}).items():
         value = getattr(item, "value", None)
         if not isinstance(subkey, str) or "/" not in subkey or not isinstance(value, dict):
-            continue  # anyone can write to an unvalidated key: skip what is not ours
+            continue
         run, peer_id = subkey.rsplit("/", 1)
         record = {k: value.get(k) for k in ("round", "rounds", "val_loss", "group", "time_s")}
         counts = all(type(record[k]) is int and record[k] >= 0 for k in ("round", "rounds", "group"))
         numbers = all(isinstance(record[k], float) and math.isfinite(record[k]) for k in ("val_loss", "time_s"))
-        if counts and numbers:
+        if run and peer_id and counts and numbers:
             runs.setdefault(run, []).append({"peer": peer_id, **record})
     for peers in runs.values():
         peers.sort(key=lambda p: p["time_s"], reverse=True)
