@@ -349,7 +349,7 @@ def _auto_plan(
 
     from potluck.doctor import measure_link
     from potluck.planner import auto_plan
-    from potluck.protocol.config import load_run_config, parse_overrides, run_config_from_mapping
+    from potluck.protocol.config import parse_overrides, run_config_or_default
     from potluck.protocol.probe import ProbeUnavailableError
     from potluck.protocol.wire import WireError
     from potluck.training.benchmark import measure_for_plan
@@ -358,7 +358,7 @@ def _auto_plan(
     if join is None and (up is None or down is None):
         raise UsageError("--auto needs --join ADDR to measure the link, or both --up and --down")
     parsed = parse_overrides(overrides)
-    cfg = load_run_config(config, overrides=parsed) if config else run_config_from_mapping({}, overrides=parsed)
+    cfg = run_config_or_default(config, overrides=parsed)
     if join is not None:
         try:
             up_bytes, down_bytes = asyncio.run(measure_link(join, timeout_s=60.0))

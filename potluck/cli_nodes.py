@@ -216,14 +216,10 @@ def aggregator(
     from potluck.aggregator_server.server import AggregatorServer, ServerOptions
     from potluck.aggregator_server.setup import prepare_run
     from potluck.protocol.config import load_run_config, parse_overrides, run_config_from_mapping
-    from potluck.protocol.identity import load_or_create_identity
 
     _set_threads(threads)
     state = state_dir.expanduser()
-    key_path = (identity or state / "identity.key").expanduser()
-    node_identity, created = load_or_create_identity(key_path)
-    if created:
-        logger.warning("created identity %s at %s", node_identity.fingerprint, key_path)
+    node_identity = _node_identity(identity or state / "identity.key")
     overrides = parse_overrides(set_ or [])
     cfg = None
     if config is not None:
@@ -390,7 +386,7 @@ def peer(
         raise UsageError("--config and --set only apply with --serverless: a run with an aggregator uses its config")
     addresses = join_addresses(resolve_joins(join or [], timeout_s=join_timeout))
     _set_threads(threads)
-    node_identity = _peer_identity(identity)
+    node_identity = _node_identity(identity)
     options = PeerOptions(
         join=addresses,
         host_maddrs=(_listen_maddr(host, port, addresses),),
@@ -436,20 +432,15 @@ def _serverless_peer(
 ) -> None:
     """`peer --serverless`: a peer of a run with no aggregator (potluck/peer/serverless.py)."""
     from potluck.peer.serverless import ServerlessOptions, ServerlessPeer
-    from potluck.protocol.config import load_run_config, parse_overrides, run_config_from_mapping
+    from potluck.protocol.config import parse_overrides, run_config_or_default
     from potluck.protocol.node import parse_join_address
     from potluck.training.device import pick_device
 
     for address in join:
         parse_join_address(address)  # a typo fails here, in one line, before anything starts
-    overrides = parse_overrides(set_)
-    cfg = (
-        load_run_config(config, overrides=overrides)
-        if config is not None
-        else run_config_from_mapping({}, overrides=overrides)
-    )
+    cfg = run_config_or_default(config, overrides=parse_overrides(set_))
     _set_threads(threads)
-    node_identity = _peer_identity(identity)
+    node_identity = _node_identity(identity)
     options = ServerlessOptions(
         cfg=cfg,
         join=join,
@@ -512,8 +503,8 @@ def status(
             print(f"  {p['peer']}  round {p['round']}  loss {p['val_loss']:.4f}  group {p['group']}  {age:.0f} s ago")
 
 
-def _peer_identity(path: Path) -> Any:
-    """The peer's Ed25519 identity at `path`, created (and said so) on its first run."""
+def _node_identity(path: Path) -> Any:
+    """The node's Ed25519 identity at `path`, created (and said so) on its first run."""
     from potluck.protocol.identity import load_or_create_identity
 
     node_identity, created = load_or_create_identity(path.expanduser())

@@ -150,7 +150,7 @@ def swarm(
         http_port=0 if serverless else _status_page_port(http_port),
         serverless=serverless,
     )
-    status: dict[str, Any] = {"loss": None, "peers": set(), "up": 0, "down": 0, "round": 0}
+    status: dict[str, Any] = {"loss": None, "peers": set(), "up": 0, "down": 0, "round": 0, "group": 0}
     with Progress(
         TextColumn("round"),
         MofNCompleteColumn(),
@@ -170,7 +170,7 @@ def swarm(
                 if kind == "ready":
                     progress.console.print(f"join this swarm:  peer --serverless --join {event['maddrs'][0]}")
                 else:
-                    status["peers"] = set(range(event["group"]))
+                    status["group"] = event["group"]
             elif serverless:
                 pass
             elif name == "aggregator" and kind == "status-page":
@@ -192,7 +192,7 @@ def swarm(
             progress.update(
                 task,
                 completed=status["round"],
-                description=f"held-out loss {loss} | averaging groups of {len(status['peers'])}"
+                description=f"held-out loss {loss} | averaging groups of {status['group']}"
                 if serverless
                 else f"held-out loss {loss} | {len(status['peers'])} peers | "
                 f"up {_kb(status['up'])} down {_kb(status['down'])}",

@@ -66,6 +66,7 @@ from potluck.aggregator_server.validation import (
 )
 from potluck.incentives.ledger import LedgerError
 from potluck.incentives.ledger_format import LedgerRow, SignedHead
+from potluck.protocol.codecs import Codec
 from potluck.protocol.config import RunConfig
 from potluck.protocol.density import density_ladder, density_problem, round_codecs, start_density
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, sign_announcement
@@ -611,8 +612,7 @@ class AggregatorServer:
                 rejection = check_envelope(update, payload, self._context(check_clock=False, late=True))
             decoded = None
             if rejection is None:
-                codec = self._late_codec if late else self.codec
-                decoded, rejection = decode_update(payload, codec=codec, spec=self.master.spec)
+                decoded, rejection = decode_update(payload, codec=self._upload_codec(late), spec=self.master.spec)
             if rejection is not None or decoded is None:
                 logger.warning("skipping a spooled update: %s", rejection)
                 continue
@@ -622,6 +622,10 @@ class AggregatorServer:
             logger.info("round %d: restored %d accepted update(s) from the spool", self.master.round, restored)
 
     # ----------------------------------------------------------------- handlers
+
+    def _upload_codec(self, late: bool) -> Codec:
+        """The codec an upload for the open round (or, `late`, for the round before) was encoded with."""
+        return self._late_codec if late else self.codec
 
     def _takes_late(self, update: SignedUpdate) -> bool:
         """Whether the run accepts this update, refused for its round, as a late one into the open round."""
@@ -803,7 +807,7 @@ class AggregatorServer:
                     credited = int(existing.weight)
                 else:
                     decoded, rejection = await asyncio.to_thread(
-                        decode_update, payload, codec=self._late_codec if late else self.codec, spec=self.master.spec
+                        decode_update, payload, codec=self._upload_codec(late), spec=self.master.spec
                     )
                     if decoded is not None:
                         await asyncio.to_thread(

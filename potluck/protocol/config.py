@@ -327,6 +327,15 @@ def config_hash(cfg: RunConfig) -> str:
 # ---------------------------------------------------------------------------------------------- loading
 
 
+def run_config_or_default(path: str | Path | None, *, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """The run config at `path`, or the embedded default when there is none, with `overrides` applied either way."""
+    return (
+        run_config_from_mapping({}, overrides=overrides)
+        if path is None
+        else load_run_config(path, overrides=overrides)
+    )
+
+
 def load_run_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Read a RunConfig from a ``.toml``, ``.yaml`` or ``.yml`` file; raises ConfigError naming the file.
 

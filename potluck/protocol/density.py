@@ -40,15 +40,24 @@ def density_problem(cfg: RunConfig, density: float) -> str | None:
     return f"density {density!r} is not one the run config allows ({shown})"
 
 
+def aggregate_density(cfg: RunConfig, upload_density: float) -> float | None:
+    """The aggregate's density for uploads at `upload_density`: the config's ratio between the two, at most 1.
+
+    None when either codec takes no density (the aggregate codec's params then stay as configured).
+    """
+    start = start_density(cfg)
+    down_density = make_codec(cfg.aggregate_codec.name, cfg.aggregate_codec.params).params.get("density")
+    if not start or down_density is None:
+        return None
+    return min(1.0, float(down_density) * upload_density / start)
+
+
 def round_codecs(cfg: RunConfig, density: float) -> tuple[Codec, Codec]:
     """(upload codec, aggregate codec) for a round at upload `density`; ValueError if the run does not allow it."""
     problem = density_problem(cfg, density)
     if problem is not None:
         raise ValueError(problem)
-    start = start_density(cfg)
-    upload = make_codec(cfg.codec.name, cfg.codec.params | ({"density": density} if start else {}))
-    down = make_codec(cfg.aggregate_codec.name, cfg.aggregate_codec.params)
-    down_density = down.params.get("density")
-    if start and down_density is not None:
-        down = make_codec(down.name, down.params | {"density": min(1.0, float(down_density) * density / start)})
-    return upload, down
+    upload = make_codec(cfg.codec.name, cfg.codec.params | ({"density": density} if start_density(cfg) else {}))
+    down_density = aggregate_density(cfg, density)
+    down_params = cfg.aggregate_codec.params | ({} if down_density is None else {"density": down_density})
+    return upload, make_codec(cfg.aggregate_codec.name, down_params)

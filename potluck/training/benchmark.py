@@ -13,6 +13,7 @@ import torch
 
 from potluck.protocol.codecs import make_codec
 from potluck.protocol.config import RunConfig
+from potluck.protocol.density import aggregate_density, start_density
 from potluck.training.diloco import inner_step, make_inner_optimizer
 from potluck.training.models import build_model, count_params, model_config, parameter_shapes
 
@@ -82,16 +83,14 @@ def density_options(cfg: RunConfig) -> dict[float, tuple[int, int]]:
     The aggregate codec's density moves with the upload's, keeping the run's ratio between them (4x by
     default) and at most 1. Empty when the run's codec has no density (fp16, int8, none).
     """
-    up_params = make_codec(cfg.codec.name, cfg.codec.params).params
-    if "density" not in up_params:
+    if not start_density(cfg):
         return {}
-    up_density = up_params["density"]
-    down_codec = make_codec(cfg.aggregate_codec.name, cfg.aggregate_codec.params).params
     options = {}
     for density in DENSITIES:
         overrides: dict[str, object] = {"codec.params.density": density}
-        if "density" in down_codec:
-            overrides["aggregate_codec.params.density"] = min(1.0, down_codec["density"] * density / up_density)
+        down_density = aggregate_density(cfg, density)
+        if down_density is not None:
+            overrides["aggregate_codec.params.density"] = down_density
         options[density] = payload_bytes(cfg.with_overrides(overrides, source="plan"))
     return options
 
