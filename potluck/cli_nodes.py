@@ -56,6 +56,11 @@ def run_until_stopped(main: Coroutine[Any, Any, None]) -> None:
         gc.freeze()
 
 
+def _loss(value: object) -> str:
+    """A held-out loss for a status line; a shard's aggregator has none (its peers score the model)."""
+    return "n/a (sharded)" if value is None else f"{value:.4f}"
+
+
 def _kb(n: float) -> str:
     return f"{n / 1000:,.1f} kB" if n < 10**6 else f"{n / 10**6:,.2f} MB"
 
@@ -85,12 +90,15 @@ def describe_aggregator_event(e: dict[str, Any]) -> str | None:
             f"aggregator {e['fingerprint']} serving run {e['run']!r} (config {str(e['config_hash'])[:12]}){resumed}"
         ]
         lines += [f"  join with: peer --join {m}" for m in e["maddrs"]]  # type: ignore[union-attr]
-        lines.append(f"round {e['round']} open, held-out loss {e['val_loss']:.4f}")
+        shard = ""
+        if e.get("shards", 1) > 1:
+            shard = f", shard {e['shard'] + 1} of {e['shards']} ({e['num_params']:,} parameters)"
+        lines.append(f"round {e['round']} open, held-out loss {_loss(e['val_loss'])}{shard}")
         return "\n".join(lines)
     if kind == "round":
         peers = len(e["accepted"])
         return (
-            f"round {e['round']} closed ({e['closed_by']}): held-out loss {e['val_loss']:.4f}, {peers} update(s) "
+            f"round {e['round']} closed ({e['closed_by']}): held-out loss {_loss(e['val_loss'])}, {peers} update(s) "
             f"accepted, {e['rejected']} rejected, {e['tokens']:,} tokens, aggregate {_kb(e['aggregate_bytes'])}, "
             f"{e['round_s']:.1f} s (aggregation {e['aggregation_s']:.2f} s)"
         )
@@ -116,8 +124,10 @@ def describe_peer_event(e: dict[str, Any]) -> str | None:
             verdict += f", +{e['points']:,.0f} points"
         network = e["upload_s"] + e["wait_s"] + e["download_s"]
         hidden = " (overlapped)" if e.get("overlap") else ""
+        held_out = "" if e.get("val_loss") is None else f" | held-out {e['val_loss']:.3f}"
         return (
-            f"round {e['round']:>4} | loss {e['loss']:.3f} | {e['tokens_per_s']:,.0f} tok/s | up {_kb(e['bytes_up'])} "
+            f"round {e['round']:>4} | loss {e['loss']:.3f}{held_out} | {e['tokens_per_s']:,.0f} tok/s | "
+            f"up {_kb(e['bytes_up'])} "
             f"down {_kb(e['bytes_down'])} | {e.get('inner_steps', '?')} steps in {e['compute_s']:.1f} s, "
             f"network {network:.1f} s{hidden} | {verdict}"
         )
@@ -339,6 +349,15 @@ def peer(
     plan_peers: Annotated[
         int, typer.Option("--plan-peers", help="Peers the start-up plan assumes for He et al.'s formula.", min=1)
     ] = 8,
+    eval_batches: Annotated[
+        int,
+        typer.Option(
+            "--eval-batches",
+            help="After each round, score the model on this many of the run's held-out batches and print the "
+            "loss (0: never). In a sharded run no aggregator holds the whole model, so a peer is where it is scored.",
+            min=0,
+        ),
+    ] = 0,
     serverless: Annotated[
         bool,
         typer.Option(
@@ -403,6 +422,7 @@ def peer(
         speed=speed,
         plan=plan,
         plan_peers=plan_peers,
+        eval_batches=eval_batches,
     )
     from potluck.node_web import PageOptions, peer_app, peer_page, serve_with_page
 

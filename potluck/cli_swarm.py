@@ -121,6 +121,16 @@ def swarm(
             "--serverless", help="No aggregator: the peers average among themselves (hivemind's all-reduce)."
         ),
     ] = False,
+    aggregators: Annotated[
+        int,
+        typer.Option(
+            "--aggregators",
+            help="Cut the model into this many shards, each with an aggregator of its own (peer-0 then scores the "
+            "held-out loss, which no shard's aggregator can).",
+            min=1,
+            max=8,
+        ),
+    ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")] = False,
 ) -> None:
     """Start an aggregator and N peers on 127.0.0.1 (or behind shaped links) and train the run to its end."""
@@ -128,8 +138,10 @@ def swarm(
     from potluck.protocol.config import RunConfig, load_run_config, parse_overrides
     from potluck.swarm import SwarmOptions, run_swarm
 
-    if serverless and (link is not None or overlap or state_dir is not None):
-        raise UsageError("--serverless runs peers only, on 127.0.0.1: drop --link, --overlap and --state-dir")
+    if serverless and (link is not None or overlap or state_dir is not None or aggregators > 1):
+        raise UsageError(
+            "--serverless runs peers only, on 127.0.0.1: drop --link, --overlap, --state-dir and --aggregators"
+        )
 
     overrides: dict[str, Any] = {"rounds": rounds, **parse_overrides(set_ or [])}
     if local_steps is not None:
@@ -149,6 +161,7 @@ def swarm(
         timeout_s=timeout,
         http_port=0 if serverless else _status_page_port(http_port),
         serverless=serverless,
+        aggregators=aggregators,
     )
     status: dict[str, Any] = {"loss": None, "peers": set(), "up": 0, "down": 0, "round": 0, "group": 0}
     with Progress(
@@ -173,19 +186,21 @@ def swarm(
                     status["group"] = event["group"]
             elif serverless:
                 pass
-            elif name == "aggregator" and kind == "status-page":
+            elif name in FIRST_AGGREGATOR and kind == "status-page":
                 progress.console.print(f"status page: {event['url']}")
-            elif name == "aggregator" and kind == "ready":
-                status["loss"] = event["val_loss"]
+            elif name in FIRST_AGGREGATOR and kind == "ready":
+                status["loss"] = event["val_loss"]  # None from a shard's aggregator: peer-0 scores the model
                 status["round"] = event["round"]
                 progress.console.print(f"join this swarm from another terminal:  peer --join {event['maddrs'][0]}")
-            elif name == "aggregator" and kind == "round":
-                status["loss"] = event["val_loss"]
+            elif name in FIRST_AGGREGATOR and kind == "round":
+                status["loss"] = event["val_loss"] if event["val_loss"] is not None else status["loss"]
                 status["round"] = event["round"] + 1
                 status["peers"] = {a["fingerprint"] for a in event["accepted"]}
-            elif name != "aggregator" and kind == "round":
-                status["up"] += event["bytes_up"]
-                status["down"] += event["bytes_down"]
+            elif not name.startswith("aggregator") and kind in ("round", "synced"):
+                if event.get("val_loss") is not None:
+                    status["loss"] = event["val_loss"]
+                status["up"] += event.get("bytes_up", 0)
+                status["down"] += event.get("bytes_down", 0)
             elif kind == "rejected":
                 progress.console.print(f"rejected {event['fingerprint']} round {event['round']}: {event['reason']}")
             loss = "-" if status["loss"] is None else f"{status['loss']:.4f}"
@@ -212,6 +227,9 @@ def swarm(
     _print_summary(result)
 
 
+FIRST_AGGREGATOR = ("aggregator", "aggregator-0")  # the child whose rounds the progress bar follows
+
+
 def _print_summary(result: Any) -> None:
     table = Table(title=f"{result.rounds_completed} rounds in {result.wall_s:.0f} s")
     columns = ("peer", "fingerprint", "joined", "accepted", "rejected", "steps", "busy", "up", "down", "compression")
@@ -234,6 +252,13 @@ def _print_summary(result: Any) -> None:
             ratio,
         )
     stdout.print(table)
+    if len(result.aggregators) > 1:
+        for hub in result.aggregators:
+            stdout.print(
+                f"{hub['name']}: shard {hub['shard'] + 1} of {len(result.aggregators)}, {hub['num_params']:,} "
+                f"parameters, {hub['updates_accepted']} updates in {hub['rounds_closed']} rounds, "
+                f"ingest {_kb(hub['bytes_in'])}"
+            )
     stdout.print(
         f"held-out loss {result.initial_val_loss:.4f} -> {result.final_val_loss:.4f}; "
         f"compression: upload per round vs one dense fp32 update of {result.num_params:,} parameters"

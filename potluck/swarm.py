@@ -33,9 +33,11 @@ from typing import Any
 from potluck.forkserver import ForkedProcess, ForkServerError, shared_server
 from potluck.netlab import Link, NetLab
 from potluck.protocol.config import RunConfig, dump_run_config
+from potluck.protocol.identity import load_or_create_identity, public_key_to_hex
 
 logger = logging.getLogger(__name__)
 
+SHARDED_EVAL_BATCHES = 8  # held-out batches peer-0 scores in a sharded swarm (an aggregator's default)
 READY_TIMEOUT_S = 180.0  # the aggregator imports torch and hivemind, loads the corpus, starts p2pd
 STOP_GRACE_S = 15.0  # after SIGTERM, how long a child may take to shut its node down cleanly
 
@@ -67,6 +69,9 @@ class SwarmOptions:
     peer_speeds: tuple[float, ...] = ()
     # No aggregator: peer-0 starts the run and the others join it (`peer --serverless`).
     serverless: bool = False
+    # Above 1: the run's parameters are cut into this many shards, each with an aggregator of its own
+    # (protocol/shards.py); peer-0 scores the held-out loss, which no shard's aggregator can.
+    aggregators: int = 1
 
 
 @dataclass(kw_only=True, slots=True)
@@ -91,6 +96,7 @@ class SwarmResult:
     peers: list[dict[str, Any]]
     rounds: list[dict[str, Any]]
     wall_s: float
+    aggregators: list[dict[str, Any]] = field(default_factory=list)  # each one's shard and ingest
 
     def to_dict(self) -> dict[str, Any]:
         """The `--json` object: the keys the issue names, plus per-round detail and timing."""
@@ -103,6 +109,7 @@ class SwarmResult:
             "peers": self.peers,
             "rounds": self.rounds,
             "wall_s": self.wall_s,
+            "aggregators": self.aggregators,
         }
 
 
@@ -231,47 +238,50 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
     with contextlib.ExitStack() as stack:
         work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="potluck-swarm-")))
         lab = None
+        hubs = 0 if options.serverless else options.aggregators  # the lab's first nodes are the aggregators
         if options.link is not None:
-            lab = stack.enter_context(NetLab([options.aggregator_link] + [options.link] * options.peers))
+            lab = stack.enter_context(NetLab([options.aggregator_link] * hubs + [options.link] * options.peers))
         stack.callback(stop_children, children)  # before the lab goes: nothing may still run in its namespaces
 
         def wrap(node: int) -> Callable[[list[str]], list[str]] | None:
             return None if lab is None else functools.partial(lab.command, node)
 
+        cfg = options.cfg
+        identity_paths = [work_dir / f"aggregator-{i}.key" for i in range(hubs)]
+        if hubs > 1 and not cfg.aggregator_keys:
+            keys = [public_key_to_hex(load_or_create_identity(path)[0].public_key) for path in identity_paths]
+            cfg = cfg.with_overrides({"shards": hubs, "aggregator_keys": keys})
         config_path = work_dir / "run.toml"
-        config_path.write_text(dump_run_config(options.cfg, "toml"))
+        config_path.write_text(dump_run_config(cfg, "toml"))
         if options.serverless:
             return _run_serverless(options, config_path, work_dir, children, events, on_event, started, threads)
         state_dir = options.state_dir or work_dir / "aggregator"
-        aggregator = start_child(
-            "aggregator",
-            [
-                "aggregator",
-                "--config",
-                str(config_path),
-                "--state-dir",
-                str(state_dir),
-                "--host",
-                "127.0.0.1" if lab is None else lab.addresses[0],
-                "--threads",
-                str(threads),
-                "--http-port",
-                str(options.http_port if lab is None else 0),  # inside the lab nothing outside could reach it
-                "--wait-for-peers",  # the honest ones: an adversary may never show up under its own key
-                str(options.peers - options.adversaries),
-                "--json",
-            ],
-            work_dir=work_dir,
-            threads=threads,
-            wrap=wrap(0),
-        )
-        children.append(aggregator)
-        threading.Thread(target=_pump, args=(aggregator, events), daemon=True).start()
-        ready = _wait_ready(aggregator, events, on_event)
-        join = ready["maddrs"][0]
+        aggregators: list[Child] = []
+        readies: list[dict[str, Any]] = []
+        for a in range(hubs):
+            args = ["aggregator", "--config", str(config_path)]
+            args += ["--state-dir", str(state_dir if hubs == 1 else state_dir / f"shard-{a}")]
+            if hubs > 1:
+                args += ["--identity", str(identity_paths[a])]
+            if readies:
+                args += ["--join", readies[0]["maddrs"][0]]
+            http_port = options.http_port if lab is None and a == 0 else 0  # nothing outside the lab reaches it
+            args += ["--host", "127.0.0.1" if lab is None else lab.addresses[a], "--threads", str(threads)]
+            args += ["--http-port", str(http_port), "--json"]
+            # the honest ones: an adversary may never show up under its own key
+            args += ["--wait-for-peers", str(options.peers - options.adversaries)]
+            name = "aggregator" if hubs == 1 else f"aggregator-{a}"
+            aggregator = start_child(name, args, work_dir=work_dir, threads=threads, wrap=wrap(a))
+            children.append(aggregator)
+            aggregators.append(aggregator)
+            threading.Thread(target=_pump, args=(aggregator, events), daemon=True).start()
+            readies.append(_wait_ready(aggregator, events, on_event))
+        join = readies[0]["maddrs"][0]
         for i in range(options.peers):
             args = ["peer", "--join", join, "--identity", str(work_dir / f"peer-{i}.key")]
             args += ["--threads", str(threads), "--json"]
+            if hubs > 1 and i == 0:
+                args += ["--eval-batches", str(SHARDED_EVAL_BATCHES)]  # no shard's aggregator holds the model
             if i >= options.peers - options.adversaries:
                 args += ["--spool", str(state_dir), *options.adversary_args]
                 child = start_child(
@@ -280,7 +290,7 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
                     work_dir=work_dir,
                     threads=threads,
                     module="potluck.redteam",
-                    wrap=wrap(i + 1),
+                    wrap=wrap(hubs + i),
                 )
             else:
                 if options.data is not None:
@@ -290,11 +300,11 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
                 if i < len(options.peer_speeds):
                     args += ["--speed", repr(options.peer_speeds[i])]
                 args += ["--receipts", str(work_dir / "receipts" / f"peer-{i}")]
-                child = start_child(f"peer-{i}", args, work_dir=work_dir, threads=threads, wrap=wrap(i + 1))
+                child = start_child(f"peer-{i}", args, work_dir=work_dir, threads=threads, wrap=wrap(hubs + i))
             children.append(child)
             threading.Thread(target=_pump, args=(child, events), daemon=True).start()
         _follow(children, events, on_event, deadline=started + options.timeout_s)
-        return _result(ready, aggregator, children[1:], wall_s=time.monotonic() - started)
+        return _result(readies, aggregators, children[hubs:], wall_s=time.monotonic() - started)
 
 
 def _run_serverless(
@@ -399,8 +409,34 @@ def _follow(
             raise SwarmError(f"{child.name} exited with status {code}: {_last_log_line(child)}")
 
 
-def _result(ready: dict[str, Any], aggregator: Child, peers: list[Child], *, wall_s: float) -> SwarmResult:
+def _result(
+    readies: list[dict[str, Any]], aggregators: list[Child], peers: list[Child], *, wall_s: float
+) -> SwarmResult:
+    """The swarm's outcome: the first aggregator's rounds, each aggregator's ingest, each peer's work.
+
+    The held-out losses are the aggregator's, or, in a sharded run, peer-0's (it scores its copy of the model).
+    """
+    ready, aggregator = readies[0], aggregators[0]
     rounds = [e for e in aggregator.events if e.get("event") == "round"]
+    initial, final = ready["val_loss"], rounds[-1]["val_loss"] if rounds else ready["val_loss"]
+    if len(aggregators) > 1:
+        synced = next(e for e in peers[0].events if e.get("event") == "synced")
+        scored = [e["val_loss"] for e in peers[0].events if e.get("event") == "round"]
+        initial, final = synced["val_loss"], scored[-1] if scored else synced["val_loss"]
+    hub_rows = []
+    for child, hub_ready in zip(aggregators, readies, strict=True):
+        closed = [e for e in child.events if e.get("event") == "round"]
+        hub_rows.append(
+            {
+                "name": child.name,
+                "shard": hub_ready.get("shard", 0),
+                "num_params": hub_ready.get("num_params", 0),
+                "rounds_closed": len(closed),
+                "updates_accepted": sum(len(e["accepted"]) for e in closed),
+                "bytes_in": closed[-1]["bytes_in"] if closed else 0,  # uploads, mostly
+                "bytes_out": closed[-1]["bytes_out"] if closed else 0,
+            }
+        )
     peer_rows = []
     for child in peers:
         done = next((e for e in reversed(child.events) if e.get("event") == "done"), {})
@@ -429,12 +465,13 @@ def _result(ready: dict[str, Any], aggregator: Child, peers: list[Child], *, wal
             }
         )
     return SwarmResult(
-        initial_val_loss=float(ready["val_loss"]),
-        final_val_loss=float(rounds[-1]["val_loss"]) if rounds else float(ready["val_loss"]),
+        initial_val_loss=float(initial),
+        final_val_loss=float(final),
         rounds_completed=len(rounds),
         aggregator_multiaddrs=list(ready["maddrs"]),
-        num_params=int(ready.get("num_params", 0)),
+        num_params=sum(int(r.get("num_params", 0)) for r in readies),
         peers=peer_rows,
         rounds=rounds,
         wall_s=wall_s,
+        aggregators=hub_rows,
     )

@@ -53,10 +53,12 @@ class Contribution:
     update_digest: bytes  # UpdateHeader.digest(): the update's leaf in the aggregate's Merkle root
 
 
-def initial_master(cfg: RunConfig) -> MasterState:
-    """Round 0: the run's model at its seed, no momentum, no residual, the config's density."""
+def initial_master(cfg: RunConfig, *, names: Sequence[str] | None = None) -> MasterState:
+    """Round 0: the run's model at its seed (only the tensors in `names`: a shard), no momentum, no residual."""
     model = build_model(model_config(cfg.model.size, block_size=cfg.model.block_size), seed=cfg.seed)
     params = snapshot(model, device="cpu")
+    if names is not None:
+        params = {name: params[name] for name in names}
     return MasterState(round=0, version=0, params=params, outer_state={}, residual={}, density=start_density(cfg))
 
 

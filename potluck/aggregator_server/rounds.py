@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from potluck.aggregator_server.validation import Rejection
 from potluck.incentives.ledger_format import LedgerEntry
 from potluck.protocol.envelope import SignedUpdate
 
@@ -56,6 +57,9 @@ class OpenRound:
     rejected: int = 0
     # ledger rows of updates refused on arrival, written when the round closes (bounded: see refuse())
     refused: list[LedgerEntry] = field(default_factory=list)
+    # update digest -> the refusal its validly signed update got: the same update again (a retry after a lost
+    # reply) gets the same answer, not a second strike (bounded: see remember_refusal())
+    answered: dict[bytes, Rejection] = field(default_factory=dict)
     opened_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -102,6 +106,11 @@ class OpenRound:
             return False
         self.refused.append(entry)
         return True
+
+    def remember_refusal(self, digest: bytes, rejection: Rejection) -> None:
+        """Keep the refusal an update got, so a retry of it is answered the same; at most MAX_REFUSED_ROWS a round."""
+        if len(self.answered) < MAX_REFUSED_ROWS:
+            self.answered[digest] = rejection
 
     def expect(self, public_key: bytes, *, late: bool) -> None:
         """Wait for `public_key` in this round (it joined, or its update for an earlier round came late)."""

@@ -80,7 +80,7 @@ from potluck.protocol.envelope import (
     sign_receipt,
     sign_state,
 )
-from potluck.protocol.identity import Identity, fingerprint
+from potluck.protocol.identity import Identity, fingerprint, public_key_to_hex
 from potluck.protocol.messages import (
     AGGREGATE_HANDLER,
     BUSY_PREFIX,
@@ -97,6 +97,7 @@ from potluck.protocol.messages import (
     unpack_envelope,
 )
 from potluck.protocol.node import Node, start_node
+from potluck.protocol.shards import ShardError, shard_names, shard_of_key
 from potluck.protocol.wire import (
     MessageKind,
     VersionMismatchError,
@@ -156,12 +157,19 @@ class AggregatorServer:
         self.options = options
         self.on_event = on_event
         self.cap = token_cap(cfg)
+        model_shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
+        try:  # the parameters this aggregator owns: all of them, or its shard's (protocol/shards.py)
+            own = public_key_to_hex(identity.public_key)
+            self.shard = 0 if cfg.shards == 1 else shard_of_key(cfg.aggregator_keys, own, cfg.shards)
+            names = shard_names(model_shapes, cfg.shards)[self.shard]
+        except ShardError as e:
+            raise SetupError(f"run {cfg.run_name!r}: {e}") from e
+        shapes = {name: model_shapes[name] for name in names}
         checkpoint = load_checkpoint(options.state_dir, config_hash=cfg.config_hash)
         self.aggregates: dict[int, bytes] = {}  # round -> AGGREGATE frame body
         if checkpoint is None:
-            self.master = initial_master(cfg)
+            self.master = initial_master(cfg, names=names)
         else:
-            shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
             if {n: tuple(t.shape) for n, t in checkpoint.params.items()} != shapes:
                 raise CheckpointError(
                     f"the checkpoint in {options.state_dir} does not fit the run's model; use another --state-dir"
@@ -222,6 +230,9 @@ class AggregatorServer:
             num_batches=options.eval_batches,
         )
         self.eval_model = build_model(model_cfg, seed=cfg.seed)
+        # A shard's aggregator holds part of the model: it cannot score the held-out loss (peers can, see
+        # PeerOptions.eval_batches), so its rounds skip the held-out check and report no loss.
+        self.scores = cfg.shards == 1
         self.reputation = Reputation.open(
             options.state_dir,
             ban_after=cfg.validation.ban_after_rejections,
@@ -266,7 +277,9 @@ class AggregatorServer:
                     "resumed": self.resumed,
                     "spooled_updates": len(self.current.accepted),
                     "val_loss": val_loss,
-                    "num_params": sum(t.numel() for t in self.master.params.values()),
+                    "num_params": sum(t.numel() for t in self.master.params.values()),  # this shard's
+                    "shard": self.shard,
+                    "shards": self.cfg.shards,
                     "state_sha256": state_sha256(self.master.params).hex(),
                     "rounds_total": self.cfg.rounds,
                     "round_deadline_s": self.cfg.round_deadline_s,
@@ -489,7 +502,7 @@ class AggregatorServer:
             [a.claim for _, a in entries],
             cfg=self.cfg,
             token_cap=self.cap,
-            held_out_loss=self._held_out_loss,
+            held_out_loss=self._held_out_loss if self.scores else None,
         )
         head = None
         if verdict.kept:
@@ -587,10 +600,17 @@ class AggregatorServer:
         """The held-out check's score: the base with `delta` applied alone (outer lr), on the check batches."""
         lr = self.cfg.outer.lr
         params = self.master.params if delta is None else {n: p - lr * delta[n] for n, p in self.master.params.items()}
-        return self._evaluate(params, batches=self.cfg.validation.held_out_batches)
+        loss = self._evaluate(params, batches=self.cfg.validation.held_out_batches)
+        assert loss is not None  # only called when this aggregator scores (self.scores)
+        return loss
 
-    def _evaluate(self, params: dict[str, torch.Tensor], *, batches: int | None = None) -> float:
-        """Held-out loss of `params` on the first `batches` held-out batches (all of them by default)."""
+    def _evaluate(self, params: dict[str, torch.Tensor], *, batches: int | None = None) -> float | None:
+        """Held-out loss of `params` on the first `batches` held-out batches (all of them by default).
+
+        None for a shard's aggregator, which holds part of the model only.
+        """
+        if not self.scores:
+            return None
         load_params(self.eval_model, params)
         return evaluate(self.eval_model, self.val_set[:batches], device="cpu")
 
@@ -789,7 +809,12 @@ class AggregatorServer:
             if earlier is not None and check_signature(update, payload, self._context()) is not None:
                 earlier = None  # not the update we accepted: judge it like any other
             self.reputation.reload_if_changed()
-            if self.reputation.is_banned(h.peer_public_key):  # first and cheap: no signature check, no decode
+            repeated = self.current.answered.get(h.digest())
+            if repeated is not None and check_signature(update, payload, self._context()) is not None:
+                repeated = None  # not the update that was refused: judge it like any other
+            if repeated is not None:  # refused before; the peer never saw the reply: the same answer, no new strike
+                rejection = repeated
+            elif self.reputation.is_banned(h.peer_public_key):  # first and cheap: no signature check, no decode
                 who = fingerprint(h.peer_public_key)
                 rejection = Rejection(check="banned", detail=f"{who} is banned from this run")
             elif earlier is not None:  # accepted before its round closed; the peer never saw the receipt
@@ -798,7 +823,8 @@ class AggregatorServer:
                 rejection = Rejection(check="finished", detail=f"the run has finished at round {self.master.round}")
             else:
                 rejection = check_envelope(update, payload, self._context())
-            late = rejection is not None and rejection.check == "round" and self._takes_late(update)
+            late = rejection is not None and rejection.check == "round" and repeated is None
+            late = late and self._takes_late(update)
             if late:
                 rejection = check_envelope(update, payload, self._context(late=True))
             if earlier is None and rejection is None and not self.reputation.is_banned(h.peer_public_key):
@@ -840,7 +866,7 @@ class AggregatorServer:
                     "time_s": received_s,
                 }
             )
-            if rejection is not None:
+            if rejection is not None and repeated is None:
                 self.current.rejected += 1
                 if rejection.check not in _UNATTRIBUTED:  # signed by its key: the ledger records it
                     entry = refused_entry(
@@ -852,6 +878,8 @@ class AggregatorServer:
                 elif rejection.check not in ("signature", "banned") and h.round == self.current.index:
                     self.current.reported.add(h.peer_public_key)  # it has had its say this round
                 self._record_rejection(h.peer_public_key, h.round, rejection, update)
+                if rejection.check not in _UNATTRIBUTED:
+                    self.current.remember_refusal(h.digest(), rejection)
                 if self.reputation.is_banned(h.peer_public_key):
                     self.current.expected.discard(h.peer_public_key)  # never wait for a banned key
                 self._wake.set()

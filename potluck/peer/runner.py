@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,18 +39,21 @@ from potluck.protocol.envelope import (
     EnvelopeError,
     SignedAggregate,
     SignedUpdate,
+    StateHeader,
     UpdateHeader,
     new_nonce,
     payload_digest,
     sign_update,
 )
-from potluck.protocol.identity import Identity, fingerprint, public_key_from_hex
+from potluck.protocol.identity import Identity, fingerprint, public_key_from_hex, public_key_to_hex
 from potluck.protocol.messages import MessageError, decode_state_payload
 from potluck.protocol.node import JoinError, parse_join_address, peer_id_of, start_node
 from potluck.protocol.probe import ProbeUnavailableError, measure_rates
+from potluck.protocol.shards import ShardError, keys_of_shard, shard_names, shard_of_key
 from potluck.protocol.wire import PeerRefusedError, WireError
 from potluck.training.benchmark import measure_for_plan
 from potluck.training.diloco import OuterOptimizer, state_sha256
+from potluck.training.held_out import HeldOutLoss
 from potluck.training.models import model_config, parameter_shapes
 
 logger = logging.getLogger(__name__)
@@ -68,6 +72,10 @@ class PeerError(Exception):
 
 class UntrustedState(Exception):
     """An aggregator served a state that fails verification; the peer tries another source."""
+
+    def __init__(self, source: bytes, detail: str) -> None:
+        super().__init__(detail)
+        self.source = source  # the aggregator's key: never asked again
 
 
 class RunFinished(Exception):
@@ -97,17 +105,35 @@ class PeerOptions:
     # scaling efficiency the run's settings give here (potluck.planner.auto_plan) for `plan_peers` peers.
     plan: bool = False
     plan_peers: int = 8
+    # Score the master state on this many of the run's held-out batches after each round (0: never). An
+    # aggregator scores the rounds it closes; in a sharded run none holds the whole model, so a peer may.
+    eval_batches: int = 0
+
+
+@dataclass(kw_only=True, slots=True)
+class _Shard:
+    """One shard of the run as this peer follows it: its aggregator, its tensors, its outer step and density."""
+
+    index: int
+    names: tuple[str, ...]
+    announcement: AggregatorAnnouncement
+    link: AggregatorLink
+    version: int  # aggregates of this shard applied so far
+    outer: OuterOptimizer
+    density: float  # the open round's upload density (protocol/density.py)
+
+    @property
+    def key(self) -> bytes:
+        return self.announcement.public_key
 
 
 @dataclass(kw_only=True, slots=True)
 class _Master:
     cfg: RunConfig
     round: int
-    version: int
-    params: dict[str, torch.Tensor]
-    outer: OuterOptimizer
+    params: dict[str, torch.Tensor]  # the whole model, every shard's tensors
     aggregator_keys: frozenset[bytes]
-    density: float  # the open round's upload density (protocol/density.py)
+    shards: list[_Shard]  # one in a run that is not sharded
 
 
 class PeerRunner:
@@ -130,7 +156,9 @@ class PeerRunner:
         self._training: asyncio.Future[None] | None = None  # the inner steps running in their thread
         self._round_opened: float | None = None  # monotonic time the training round opened, as seen here
         self._upload_s = 0.0  # the last upload's duration, which the time box keeps free
-        self._late: tuple[int, bytes] | None = None  # (round it counts in, digest) of an update accepted late
+        # shard -> (round it counts in, digest) of an update accepted late
+        self._late: dict[int, tuple[int, bytes]] = {}
+        self._held_out: HeldOutLoss | None = None  # scores the master state (PeerOptions.eval_batches)
         self._synced_at = time.monotonic()
 
     async def run(self) -> None:
@@ -224,7 +252,8 @@ class PeerRunner:
 
     # ----------------------------------------------------------------- discovery and sync
 
-    async def _find_aggregator(self) -> AggregatorLink:
+    async def _announcements(self) -> list[AggregatorAnnouncement]:
+        """This run's aggregator announcements on the DHT, from sources that have not served a bad state."""
         result = await self.node.dht.get(AGGREGATORS_KEY, latest=True)
         announcements = parse_announcements(result)
         for a in announcements:
@@ -250,7 +279,11 @@ class PeerRunner:
             raise AggregatorUnreachable(
                 f"every aggregator on the DHT ({len(announcements)}) served a state that does not check out"
             )
-        announcements = trusted
+        return trusted
+
+    async def _find_aggregator(self) -> AggregatorLink:
+        """The aggregator to sync from first: the one named with --join when it is announced, else the newest."""
+        announcements = await self._announcements()
         # Prefer the aggregator the user named with --join: anyone can announce a run on an open DHT.
         joined = {peer_id_of(a).to_bytes() for a in self.join_addrs}
         named = [a for a in announcements if a.libp2p_peer_id in joined]
@@ -287,57 +320,108 @@ class PeerRunner:
             try:
                 return await self._sync()
             except UntrustedState as e:
-                source = fingerprint(self.announcement.public_key)
-                self.refused_sources.add(self.announcement.public_key)
+                source = fingerprint(e.source)
+                self.refused_sources.add(e.source)
                 logger.info("aggregator %s: %s; trying another source", source, e)
                 self.on_event({"event": "state-refused", "aggregator": source, "detail": str(e)})
 
     async def _sync(self) -> _Master:
-        signed, payload, t = await self.link.fetch_state(
-            self.identity.public_key, client_mode=self.options.client_mode
-        )
-        self._synced_at = time.monotonic()  # the first round's time box counts from here
-        self.bytes_down += len(payload) + t.sent_bytes
-        trusted = self.announcement.public_key
-        try:
-            signed.verify({trusted})
-            signed.verify_payload(payload)
-            cfg, params, outer_state = await asyncio.to_thread(decode_state_payload, payload)
-        except (EnvelopeError, MessageError) as e:
-            raise UntrustedState(f"its state does not check out: {e}") from e
-        keys = frozenset(public_key_from_hex(k) for k in cfg.aggregator_keys)
-        h = signed.header
-        if trusted not in keys or h.config_hash != cfg.config_hash:
-            raise UntrustedState("it serves a config that does not trust it or does not match its signed hash")
+        """The whole master state: from the preferred aggregator, then from each other shard's (sharded runs)."""
+        before = self.bytes_down
+        cfg, h, first, params = await self._fetch_shard(self.announcement, self.link)
+        shards = {first.index: first}
+        if cfg.shards > 1:
+            announced = await self._announcements()
+            for index in range(cfg.shards):
+                if index in shards:
+                    continue
+                owners = set(keys_of_shard(cfg.aggregator_keys, index, cfg.shards))
+                candidates = [a for a in announced if public_key_to_hex(a.public_key) in owners]
+                if not candidates:
+                    raise AggregatorUnreachable(f"no aggregator of shard {index + 1} of {cfg.shards} is announced yet")
+                chosen = max(candidates, key=lambda a: a.timestamp_s)
+                link = AggregatorLink(self.node.p2p, await self._connect(chosen))
+                _, other, shard, part = await self._fetch_shard(chosen, link, cfg=cfg)
+                if other.round != h.round:  # one shard closed its round a moment before the other
+                    raise AggregatorUnreachable(
+                        f"shard {index + 1} is at round {other.round}, shard {first.index + 1} at round {h.round}"
+                    )
+                shards[index] = shard
+                params |= part
         shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
-        if {n: tuple(t.shape) for n, t in params.items()} != shapes or state_sha256(params) != h.state_sha256:
-            raise UntrustedState("its state does not match its model or its signed checksum")
-        problem = density_problem(cfg, h.density)
-        if problem is not None:
-            raise UntrustedState(f"its state announces a {problem}")
         params = {name: params[name] for name in shapes}  # the model's order: payloads depend on it
-        outer = OuterOptimizer(kind=cfg.outer.kind, lr=cfg.outer.lr, momentum=cfg.outer.momentum)
-        outer.load_state_dict(outer_state)
-        logger.info("synced run %r at round %d from %s", cfg.run_name, h.round, fingerprint(trusted))
+        keys = frozenset(public_key_from_hex(k) for k in cfg.aggregator_keys)
+        val_loss = None
+        if self.options.eval_batches > 0:
+            if self._held_out is None:
+                self._held_out = HeldOutLoss(cfg, batches=self.options.eval_batches)
+            val_loss = await asyncio.to_thread(self._held_out, params)
+        self._synced_at = time.monotonic()  # the first round's time box counts from here
+        logger.info("synced run %r at round %d from %s", cfg.run_name, h.round, fingerprint(first.key))
         self.on_event(
             {
                 "event": "synced",
                 "run": cfg.run_name,
                 "round": h.round,
-                "aggregator": fingerprint(trusted),
+                "aggregator": fingerprint(first.key),
                 "fingerprint": self.identity.fingerprint,
-                "state_bytes": len(payload),
+                "state_bytes": self.bytes_down - before,
+                "shards": cfg.shards,
+                "val_loss": val_loss,  # the state's held-out loss (PeerOptions.eval_batches)
             }
         )
         return _Master(
             cfg=cfg,
             round=h.round,
-            version=h.new_version,
             params=params,
-            outer=outer,
             aggregator_keys=keys,
+            shards=[shards[i] for i in range(cfg.shards)],
+        )
+
+    async def _fetch_shard(
+        self, announcement: AggregatorAnnouncement, link: AggregatorLink, *, cfg: RunConfig | None = None
+    ) -> tuple[RunConfig, StateHeader, _Shard, dict[str, torch.Tensor]]:
+        """One aggregator's state, checked: its signature, its config (`cfg`'s, when given), its shard's shapes."""
+        signed, payload, t = await link.fetch_state(self.identity.public_key, client_mode=self.options.client_mode)
+        self.bytes_down += len(payload) + t.sent_bytes
+        trusted = announcement.public_key
+        try:
+            signed.verify({trusted})
+            signed.verify_payload(payload)
+            served, params, outer_state = await asyncio.to_thread(decode_state_payload, payload)
+        except (EnvelopeError, MessageError) as e:
+            raise UntrustedState(trusted, f"its state does not check out: {e}") from e
+        h = signed.header
+        if public_key_to_hex(trusted) not in served.aggregator_keys or h.config_hash != served.config_hash:
+            raise UntrustedState(
+                trusted, "it serves a config that does not trust it or does not match its signed hash"
+            )
+        if cfg is not None and served.config_hash != cfg.config_hash:
+            raise UntrustedState(trusted, "it serves another run config than the run's other shards")
+        shapes = parameter_shapes(model_config(served.model.size, block_size=served.model.block_size))
+        try:
+            index = shard_of_key(served.aggregator_keys, public_key_to_hex(trusted), served.shards)
+            names = shard_names(shapes, served.shards)[index]
+        except ShardError as e:
+            raise UntrustedState(trusted, f"its run config cannot be sharded as it says: {e}") from e
+        expected = {name: shapes[name] for name in names}
+        if {n: tuple(t.shape) for n, t in params.items()} != expected or state_sha256(params) != h.state_sha256:
+            raise UntrustedState(trusted, "its state does not match its shard of the model or its signed checksum")
+        problem = density_problem(served, h.density)
+        if problem is not None:
+            raise UntrustedState(trusted, f"its state announces a {problem}")
+        outer = OuterOptimizer(kind=served.outer.kind, lr=served.outer.lr, momentum=served.outer.momentum)
+        outer.load_state_dict(outer_state)
+        shard = _Shard(
+            index=index,
+            names=names,
+            announcement=announcement,
+            link=link,
+            version=h.new_version,
+            outer=outer,
             density=h.density,
         )
+        return served, h, shard, {name: params[name] for name in names}
 
     # ----------------------------------------------------------------- rounds
 
@@ -348,6 +432,7 @@ class PeerRunner:
         With overlap the next round's inner steps start right after the snapshot and run in their
         thread through the upload, the wait for the round to close and the download; the aggregate is
         then merged with `trainer.rebase`. Without it the model is reset to the new master state.
+        In a sharded run each step but training happens once per shard, with the shard's aggregator.
         """
         self.trainer, self.cfg = trainer, master.cfg
         cancel = threading.Event()
@@ -368,7 +453,8 @@ class PeerRunner:
             self.options.max_rounds is None or self.rounds_done < self.options.max_rounds
         ):
             r = master.round
-            trainer.codec, aggregate_codec = round_codecs(cfg, master.density)  # the aggregator picks each round's
+            codecs = [round_codecs(cfg, s.density) for s in master.shards]  # the aggregators pick each round's
+            trainer.codec = codecs[0][0]
             if self._training is None:
                 self._training = self._train(trainer, cfg, cancel)
             await self._training
@@ -381,84 +467,138 @@ class PeerRunner:
                 self._round_opened = None  # the next round opens when this one's aggregate arrives
                 self._training = self._train(trainer, cfg, cancel)
             try:
-                work = await asyncio.to_thread(trainer.encode, shot, round_index=r)
+                works = await asyncio.to_thread(
+                    trainer.encode_shards,
+                    shot,
+                    round_index=r,
+                    shards=[(s.names, upload) for s, (upload, _) in zip(master.shards, codecs, strict=True)],
+                )
             except TrainingDiverged as e:
                 raise PeerError(str(e)) from None
-            update, payload = await asyncio.to_thread(self.make_update, master, work, trainer)
-            receipt, up = await self._retrying("submitting", functools.partial(self.link.submit, update, payload))
-            self.bytes_up += up.sent_bytes
-            self.bytes_down += len(up.body)
-            self._upload_s = up.wait_s + up.transfer_s
+            work = works[0]  # the round's tokens, steps and losses, the same in every shard's
+            signed_updates = [await asyncio.to_thread(self.make_update, master, w, trainer) for w in works]
+            submitted = await asyncio.gather(
+                *(
+                    self._retrying("submitting", functools.partial(s.link.submit, u, p), via=s.announcement)
+                    for s, (u, p) in zip(master.shards, signed_updates, strict=True)
+                )
+            )
+            self._upload_s = max(up.wait_s + up.transfer_s for _, up in submitted)
+            for _, up in submitted:
+                self.bytes_up += up.sent_bytes
+                self.bytes_down += len(up.body)
             await self.after_submit()
+            reasons = []
+            for s, (_, payload), (receipt, _) in zip(master.shards, signed_updates, submitted, strict=True):
+                try:
+                    receipt.verify(s.key)
+                except EnvelopeError as e:
+                    raise PeerError(f"the aggregator's receipt does not verify: {e}") from e
+                if not receipt.receipt.accepted:  # the arrival checks; the round-close checks come later
+                    reasons.append(receipt.receipt.reason)
+                    logger.warning("round %d: update rejected: %s", r, receipt.receipt.reason)
+                    await asyncio.to_thread(trainer.take_back, payload, codec=codecs[s.index][0], names=s.names)
             try:
-                receipt.verify(self.link_key)
-            except EnvelopeError as e:
-                raise PeerError(f"the aggregator's receipt does not verify: {e}") from e
-            received = receipt.receipt.accepted  # passed the arrival checks; the round-close checks come later
-            reason = receipt.receipt.reason
-            if not received:
-                logger.warning("round %d: update rejected: %s", r, reason)
-                await asyncio.to_thread(trainer.take_back, payload)
-            try:
-                signed, payload, down = await self._retrying(
-                    "fetching the aggregate",
-                    functools.partial(self.link.fetch_aggregate, r, timeout_s=2 * cfg.round_deadline_s + 60),
+                fetched = await asyncio.gather(
+                    *(
+                        self._retrying(
+                            "fetching the aggregate",
+                            functools.partial(s.link.fetch_aggregate, r, timeout_s=2 * cfg.round_deadline_s + 60),
+                            via=s.announcement,
+                        )
+                        for s in master.shards
+                    )
                 )
             except AggregatorRefused as e:
                 logger.warning("round %d: %s; downloading the state again", r, e)
                 master = await self._resync(trainer, cancel)
                 continue
-            self.bytes_down += down.sent_bytes + len(down.body)
+            for _, _, down in fetched:
+                self.bytes_down += down.sent_bytes + len(down.body)
             # The signed contributor list is the final word: an update can pass on arrival and still be
             # dropped by the round's statistical checks.
-            late_points = await self._settle_late(r, signed)  # an earlier late update this round took in
-            counted_in = receipt.receipt.round  # a late update is accepted into the open round (late_updates)
-            accepted = received and self.identity.public_key in dict(signed.header.contributors)
-            if received and counted_in > r:
-                reason = f"late: it counts in round {counted_in} at the run's discount"
+            late_points: list[float | None] = []
+            counted = []
+            for s, (update, _), (receipt, _), (signed, _, _) in zip(
+                master.shards, signed_updates, submitted, fetched, strict=True
+            ):
+                late_points.append(await self._settle_late(r, s, signed))  # an earlier late update it took in
+                received = receipt.receipt.accepted
+                counted_in = receipt.receipt.round  # a late update is accepted into the open round (late_updates)
+                if received and counted_in > r:
+                    self._late[s.index] = (counted_in, update.header.digest())
+                counted.append((received, counted_in, self.identity.public_key in dict(signed.header.contributors)))
+            accepted = all(received and in_list and counted_in == r for received, counted_in, in_list in counted)
+            late = any(received and counted_in > r for received, counted_in, _ in counted)
+            reason = "; ".join(dict.fromkeys(reasons))
+            if late:
+                reason = f"late: it counts in round {r + 1} at the run's discount"
                 logger.warning("round %d: update %s", r, reason)
-                self._late = (counted_in, update.header.digest())
             else:
-                if received and not accepted:
+                if not reasons and not accepted:
                     reason = "dropped at round close by the round's checks (see the aggregator's log)"
                     logger.warning("round %d: update %s", r, reason)
                 self.accepted += accepted
                 self.rejected += not accepted
-            if not self._apply(master, signed, payload, aggregate_codec=aggregate_codec, spec=spec):
+            if not all(
+                self._apply(master, s, signed, payload, aggregate_codec=aggregate, spec=spec)
+                for s, (signed, payload, _), (_, aggregate) in zip(master.shards, fetched, codecs, strict=True)
+            ):
                 master = await self._resync(trainer, cancel)
-            elif self._training is not None:
-                await asyncio.to_thread(trainer.rebase, master.params, point=shot.current)
             else:
-                await asyncio.to_thread(trainer.start_round, master.params, round_index=master.round)
+                master.round = r + 1
+                if self._training is not None:
+                    await asyncio.to_thread(trainer.rebase, master.params, point=shot.current)
+                else:
+                    await asyncio.to_thread(trainer.start_round, master.params, round_index=master.round)
             # The next round opened when this one closed, which the aggregate's signed timestamp says; a peer
             # that fetched it late is that much further into the next round's deadline.
-            late_s = min(max(time.time() - signed.header.timestamp_s, 0.0), cfg.round_deadline_s)
+            closed_s = max(signed.header.timestamp_s for signed, _, _ in fetched)
+            late_s = min(max(time.time() - closed_s, 0.0), cfg.round_deadline_s)
             self._round_opened = time.monotonic() - late_s
-            points, receipt_bytes, receipt_s = late_points, 0, 0.0
-            if received and counted_in == r:
-                points, receipt_bytes, receipt_s = await self._collect_receipt(r, update.header.digest(), signed)
+            points: float | None = _total(late_points)
+            receipt_bytes, receipt_s = 0, 0.0
+            collected: list[float | None] = []
+            for s, (update, _), (received, counted_in, _), (signed, _, _) in zip(
+                master.shards, signed_updates, counted, fetched, strict=True
+            ):
+                if received and counted_in == r:
+                    got, nbytes, took = await self._collect_receipt(s, r, update.header.digest(), signed)
+                    collected.append(got)
+                    receipt_bytes, receipt_s = receipt_bytes + nbytes, receipt_s + took
+            if collected:
+                points = _total([points, *collected]) if None not in collected else None
+            val_loss = None
+            if self.options.eval_batches > 0:
+                if self._held_out is None:
+                    self._held_out = HeldOutLoss(cfg, batches=self.options.eval_batches)
+                val_loss = await asyncio.to_thread(self._held_out, master.params)
             self.rounds_done += 1
             self.on_event(
                 {
                     "event": "round",
                     "round": r,
                     "loss": work.mean_loss,
+                    "val_loss": val_loss,  # the master state's held-out loss after the round (eval_batches)
                     "tokens": work.tokens,
                     "inner_steps": work.inner_steps,
                     "tokens_per_s": work.tokens / work.compute_s if work.compute_s > 0 else 0.0,
                     "accepted": accepted,
                     "reason": reason,
-                    "update": update.header.digest().hex()[:16],  # names this upload in the aggregator's events
-                    "bytes_up": up.sent_bytes,
-                    "bytes_down": down.sent_bytes + len(down.body) + len(up.body) + receipt_bytes,
+                    "update": signed_updates[0][0].header.digest().hex()[:16],  # names it in the aggregator's events
+                    "bytes_up": sum(up.sent_bytes for _, up in submitted),
+                    "bytes_down": sum(down.sent_bytes + len(down.body) for _, _, down in fetched)
+                    + sum(len(up.body) for _, up in submitted)
+                    + receipt_bytes,
                     "compute_s": work.compute_s,
-                    "encode_s": work.encode_s,
-                    "upload_s": up.wait_s + up.transfer_s,
-                    "wait_s": down.wait_s,
-                    "download_s": down.transfer_s,
-                    "points": points,  # credited by the final receipt (None: no receipt checked out)
-                    "receipt_s": receipt_s,  # fetching and checking it
+                    "encode_s": sum(w.encode_s for w in works),
+                    "upload_s": self._upload_s,
+                    "wait_s": max(down.wait_s for _, _, down in fetched),
+                    "download_s": max(down.transfer_s for _, _, down in fetched),
+                    "points": points,  # credited by the final receipts (None: one did not check out)
+                    "receipt_s": receipt_s,  # fetching and checking them
                     "overlap": self.options.overlap,
+                    "shards": len(master.shards),
                 }
             )
         if master.round >= cfg.rounds:
@@ -498,7 +638,7 @@ class PeerRunner:
         return master
 
     def make_update(self, master: _Master, work: RoundWork, trainer: LocalTrainer) -> tuple[SignedUpdate, bytes]:
-        """The signed update for this round's work: header binding the payload, signed by this peer.
+        """The signed update for this round's work (one shard's, in a sharded run), signed by this peer.
 
         The one place an update is made, so the red-team harness (potluck/redteam/) can replace it in a
         subclass; a normal peer never imports that.
@@ -508,11 +648,11 @@ class PeerRunner:
             run_id=cfg.run_name,
             config_hash=cfg.config_hash,
             round=master.round,
-            base_version=master.version,
+            base_version=master.shards[work.shard].version,
             peer_public_key=self.identity.public_key,
             tokens=work.tokens,
             inner_steps=work.inner_steps,
-            codec=trainer.codec.name,
+            codec=work.codec or trainer.codec.name,
             payload_bytes=len(work.payload),
             payload_sha256=payload_digest(work.payload),
             nonce=new_nonce(),
@@ -534,39 +674,40 @@ class PeerRunner:
             speed=self.options.speed,
         )
 
-    async def _settle_late(self, r: int, aggregate: SignedAggregate) -> float | None:
-        """Count the late update that round `r` took in (if any) and keep its receipt; its points, or None."""
-        if self._late is None or self._late[0] != r:
+    async def _settle_late(self, r: int, shard: _Shard, aggregate: SignedAggregate) -> float | None:
+        """Count the late update that `shard`'s round `r` took in (if any) and keep its receipt; its points."""
+        late = self._late.get(shard.index)
+        if late is None or late[0] != r:
             return None
-        _, digest = self._late
-        self._late = None
+        _, digest = self._late.pop(shard.index)
         counted = self.identity.public_key in dict(aggregate.header.contributors)
-        self.accepted += counted
-        self.rejected += not counted
+        if shard.index == 0:  # one late round, however many shards it was cut into
+            self.accepted += counted
+            self.rejected += not counted
         if not counted:
             logger.warning("round %d: the late update it took in was dropped at round close", r)
             return None
-        points, _, _ = await self._collect_receipt(r, digest, aggregate)
+        points, _, _ = await self._collect_receipt(shard, r, digest, aggregate)
         return points
 
     async def _collect_receipt(
-        self, round_index: int, digest: bytes, aggregate: SignedAggregate
+        self, shard: _Shard, round_index: int, digest: bytes, aggregate: SignedAggregate
     ) -> tuple[float | None, int, float]:
-        """Fetch this round's final receipt, check it (signature, Merkle proof) and keep it.
+        """Fetch this round's final receipt from the shard's aggregator, check it (signature, Merkle proof), keep it.
 
         Returns (its points or None, bytes received, seconds taken). Never fatal: a missing or bad
         receipt is logged and reported as an event.
         """
         started = time.perf_counter()
         try:
-            signed, t = await self.link.fetch_receipt(round_index, digest)
+            signed, t = await shard.link.fetch_receipt(round_index, digest)
         except (AggregatorUnreachable, AggregatorRefused) as e:
             logger.warning("round %d: no final receipt: %s", round_index, e)
             return None, 0, time.perf_counter() - started
         self.bytes_down += len(t.body)
         self.bytes_up += t.sent_bytes
         r = signed.receipt
-        problem = check_receipt(signed, aggregate, aggregator_key=self.link_key)
+        problem = check_receipt(signed, aggregate, aggregator_key=shard.key)
         if problem is None and (r.update_sha256, r.round) != (digest, round_index):
             problem = "it answers another update"
         if problem is not None:
@@ -589,40 +730,47 @@ class PeerRunner:
                 "score": r.score,
                 "reason": r.reason,
                 "update": digest.hex()[:16],
+                "shard": shard.index,
             }
         )
         return r.score, len(t.body), time.perf_counter() - started
 
     @property
     def link_key(self) -> bytes:
+        """The key of the aggregator this peer synced from first (in a sharded run, one shard's)."""
         return self.announcement.public_key
 
-    def _apply(self, master: _Master, signed, payload: bytes, *, aggregate_codec, spec) -> bool:  # type: ignore[no-untyped-def]
-        """Verify and apply one aggregate to the peer's master copy; False when it must resync instead."""
+    def _apply(self, master: _Master, shard: _Shard, signed, payload: bytes, *, aggregate_codec, spec) -> bool:  # type: ignore[no-untyped-def]
+        """Verify and apply one shard's aggregate to the peer's master copy; False when it must resync instead.
+
+        The master's round moves on once every shard's aggregate is applied (the caller's job).
+        """
         h = signed.header
         try:
-            signed.verify(master.aggregator_keys)
+            signed.verify({shard.key} & master.aggregator_keys)
             signed.verify_payload(payload)
             if h.round != master.round or h.codec != aggregate_codec.name:
                 raise EnvelopeError(f"aggregate is for round {h.round} with codec {h.codec}, expected {master.round}")
             problem = density_problem(master.cfg, h.next_density)
             if problem is not None:
                 raise EnvelopeError(f"aggregate announces a {problem}")
-            applied = aggregate_codec.decode(payload, spec)
+            applied = aggregate_codec.decode(payload, {name: spec[name] for name in shard.names})
         except (EnvelopeError, CodecError) as e:
             logger.warning("round %d: aggregate refused (%s); downloading the state again", master.round, e)
             return False
-        master.outer.step(master.params, applied)
-        master.round = h.round + 1
-        master.version = h.new_version
-        master.density = h.next_density
-        if state_sha256(master.params) != h.state_sha256:
+        params = {name: master.params[name] for name in shard.names}  # the same tensors: stepped in place
+        shard.outer.step(params, applied)
+        shard.version = h.new_version
+        shard.density = h.next_density
+        if state_sha256(params) != h.state_sha256:
             logger.warning("round %d: state checksum differs from the aggregator's; downloading the state", h.round)
             return False
         return True
 
-    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """`call()`, retried with backoff while the aggregator is unreachable, up to reconnect_timeout_s."""
+    async def _retrying(
+        self, what: str, call: Callable[[], Awaitable[T]], *, via: AggregatorAnnouncement | None = None
+    ) -> T:
+        """`call()`, retried with backoff while the aggregator (`via`'s) is unreachable, up to reconnect_timeout_s."""
         deadline = time.monotonic() + self.options.reconnect_timeout_s
         delay_s = 0.5
         while True:
@@ -636,12 +784,19 @@ class PeerRunner:
                 logger.warning("%s: %s; retrying in %.1f s", what, e, delay_s)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 10.0)
-                if hasattr(self, "announcement"):
-                    await self._connect(self.announcement)
+                target = via or getattr(self, "announcement", None)
+                if target is not None:
+                    await self._connect(target)
             except AggregatorRefused as e:
                 if "has finished" in str(e):
                     raise RunFinished(str(e)) from e
                 raise
+
+
+def _total(points: Sequence[float | None]) -> float | None:
+    """The sum of the points given, None when none was credited."""
+    credited = [p for p in points if p is not None]
+    return math.fsum(credited) if credited else None
 
 
 def join_addresses(values: Sequence[str]) -> tuple[str, ...]:

@@ -38,9 +38,8 @@ import torch
 from potluck.peer.trainer import LocalTrainer
 from potluck.protocol.config import RunConfig
 from potluck.protocol.identity import Identity
-from potluck.training.data import load_corpus, val_batches
-from potluck.training.diloco import OuterOptimizer, load_params, snapshot
-from potluck.training.evaluate import evaluate
+from potluck.training.diloco import OuterOptimizer, snapshot
+from potluck.training.held_out import HeldOutLoss
 from potluck.training.models import build_model, model_config
 
 with warnings.catch_warnings():
@@ -115,8 +114,7 @@ class ServerlessPeer:
         self.on_event = on_event
         self.rounds_done = 0
         self.groups: list[int] = []  # the size of each round's averaging group (1: averaged alone)
-        self._held_out: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._eval_model: torch.nn.Module | None = None
+        self._evaluate = HeldOutLoss(options.cfg, batches=EVAL_BATCHES)  # no aggregator scores the rounds here
         self._dht: hivemind.DHT | None = None
 
     async def run(self) -> None:
@@ -172,19 +170,6 @@ class ServerlessPeer:
             self._dht.store(STATUS_KEY, value, get_dht_time() + STATUS_TTL_S, subkey=subkey)
         except Exception as e:  # noqa: BLE001 - a status record is best effort; training goes on without it
             logger.warning("could not publish this peer's status for `potluck status`: %s", e)
-
-    def _evaluate(self, params: dict[str, torch.Tensor]) -> float:
-        """Held-out loss of `params` on the run's first EVAL_BATCHES held-out batches (no aggregator does it here)."""
-        if self._held_out is None:
-            cfg = self.options.cfg
-            model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
-            corpus = load_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction, max_bytes=cfg.data.max_bytes)
-            self._held_out = val_batches(
-                corpus.val, batch_size=cfg.inner.batch_size, block_size=model_cfg.block_size, num_batches=EVAL_BATCHES
-            )
-            self._eval_model = build_model(model_cfg, seed=cfg.seed)
-        load_params(self._eval_model, params)
-        return evaluate(self._eval_model, self._held_out, device="cpu")
 
     def _setup(
         self, dht: hivemind.DHT

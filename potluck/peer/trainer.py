@@ -19,12 +19,12 @@ import hashlib
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from potluck.protocol.codecs import NonFiniteError, make_codec
+from potluck.protocol.codecs import Codec, NonFiniteError, make_codec
 from potluck.protocol.config import RunConfig
 from potluck.training.data import BatchSampler, load_corpus
 from potluck.training.diloco import inner_lr, inner_step, load_params, make_inner_optimizer, snapshot
@@ -41,12 +41,14 @@ class TrainingDiverged(Exception):
 class RoundWork:
     """What one round of local training produced."""
 
-    payload: bytes  # the encoded pseudo-gradient
+    payload: bytes  # the encoded pseudo-gradient (of one shard's tensors in a sharded run)
     tokens: int
     inner_steps: int
     mean_loss: float  # mean training loss over the round's inner steps
     compute_s: float  # time spent in the round's inner steps
     encode_s: float = 0.0  # time spent encoding the delta
+    codec: str = ""  # the codec the payload is in
+    shard: int = 0  # the shard the payload is for (protocol/shards.py; 0 in a run of one shard)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -214,24 +216,42 @@ class LocalTrainer:
 
     def encode(self, shot: RoundSnapshot, *, round_index: int) -> RoundWork:
         """The round's delta (base - current), compressed with error feedback; TrainingDiverged when non-finite."""
-        started = time.monotonic()
+        return self.encode_shards(shot, round_index=round_index, shards=[(tuple(shot.base), self.codec)])[0]
+
+    def encode_shards(
+        self, shot: RoundSnapshot, *, round_index: int, shards: Sequence[tuple[Sequence[str], Codec]]
+    ) -> list[RoundWork]:
+        """The round's delta cut into shards, each compressed with its codec and its part of the error feedback.
+
+        One RoundWork per shard, in order; the tokens, steps and losses are the whole round's in each.
+        """
         delta = {name: shot.base[name] - shot.current[name] for name in shot.base}
         mean_loss = math.fsum(shot.losses) / max(1, len(shot.losses))
-        try:
-            payload = self.codec.encode(delta, self.residual)
-        except NonFiniteError:
-            raise TrainingDiverged(
-                f"local training diverged in round {round_index} (mean loss {mean_loss:.4g}): "
-                "the model's values are no longer finite; if the run's held-out loss blew up too, tell its operator"
-            ) from None
-        return RoundWork(
-            payload=payload,
-            tokens=len(shot.losses) * self.tokens_per_step,
-            inner_steps=len(shot.losses),
-            mean_loss=mean_loss,
-            compute_s=shot.compute_s,
-            encode_s=time.monotonic() - started,
-        )
+        works = []
+        for index, (names, codec) in enumerate(shards):
+            started = time.monotonic()
+            residual = {name: self.residual[name] for name in names if name in self.residual}  # this shard's
+            try:
+                payload = codec.encode({name: delta[name] for name in names}, residual)
+            except NonFiniteError:
+                raise TrainingDiverged(
+                    f"local training diverged in round {round_index} (mean loss {mean_loss:.4g}): the model's "
+                    "values are no longer finite; if the run's held-out loss blew up too, tell its operator"
+                ) from None
+            self.residual.update(residual)
+            works.append(
+                RoundWork(
+                    payload=payload,
+                    tokens=len(shot.losses) * self.tokens_per_step,
+                    inner_steps=len(shot.losses),
+                    mean_loss=mean_loss,
+                    compute_s=shot.compute_s,
+                    encode_s=time.monotonic() - started,
+                    codec=codec.name,
+                    shard=index,
+                )
+            )
+        return works
 
     def train_round(
         self,
@@ -249,14 +269,16 @@ class LocalTrainer:
         )
         return self.encode(self.take_snapshot(), round_index=round_index)
 
-    def take_back(self, payload: bytes) -> None:
+    def take_back(self, payload: bytes, *, codec: Codec | None = None, names: Sequence[str] | None = None) -> None:
         """An update the aggregator refused: fold what it carried back into the residual, so it is sent later.
 
         The codec's error feedback already keeps what an update dropped; this keeps what it sent, which
         the run never received. A late update's direction is still a descent direction for the next round.
         """
         spec = {name: tuple(t.shape) for name, t in self.model.named_parameters()}
-        sent = self.codec.decode(payload, spec)
+        if names is not None:  # one shard's update
+            spec = {name: spec[name] for name in names}
+        sent = (codec or self.codec).decode(payload, spec)
         for name, tensor in sent.items():
             if name in self.residual:
                 self.residual[name].add_(tensor)

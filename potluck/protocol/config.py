@@ -25,6 +25,8 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from potluck.protocol.shards import check_shard_keys
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -264,6 +266,9 @@ class RunConfig(BaseModel):
     aggregator_keys: Annotated[
         tuple[Annotated[str, AfterValidator(_check_aggregator_key)], ...], AfterValidator(_check_distinct)
     ] = ()
+    # Cut the parameters into this many contiguous shards, each aggregated by its own aggregator
+    # (protocol/shards.py): the k-th key in aggregator_keys owns shard k % shards, later keys are standbys.
+    shards: int = Field(1, ge=1, le=64)
     seed: int = Field(0, ge=0, le=2**63 - 1)  # TOML integers are signed 64-bit
 
     @model_validator(mode="before")
@@ -287,6 +292,12 @@ class RunConfig(BaseModel):
                 f"inner.warmup_steps ({self.inner.warmup_steps}) is longer than the whole run "
                 f"(rounds x local_steps = {total}); lower it or plan more rounds"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _every_shard_has_a_key(self) -> RunConfig:
+        """A sharded run lists at least one aggregator key per shard (none at all: no aggregator)."""
+        check_shard_keys(self.aggregator_keys, self.shards)
         return self
 
     @property

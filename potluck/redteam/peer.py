@@ -50,7 +50,7 @@ class AdversarialPeer(PeerRunner):
 
     def make_trainer(self, cfg: RunConfig) -> LocalTrainer:
         trainer = super().make_trainer(cfg)
-        trainer.take_back = lambda payload: None  # type: ignore[method-assign]  # its uploads are meant to fail
+        trainer.take_back = lambda payload, **_: None  # type: ignore[method-assign]  # its uploads are meant to fail
         if self.attack_name == "label-flip":
             honest_batch = trainer.sampler.next_batch
 

@@ -41,7 +41,9 @@ def test_serverless_refuses_what_it_cannot_do_in_one_line(tmp_path: Path) -> Non
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
 
     assert done.returncode == 2 and done.stdout == ""
-    assert "--serverless runs peers only, on 127.0.0.1: drop --link, --overlap and --state-dir" in done.stderr
+    assert "--serverless runs peers only, on 127.0.0.1: drop --link, --overlap, --state-dir and --aggregators" in (
+        done.stderr
+    )
     assert len(done.stderr.strip().splitlines()) == 1
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from potluck.peer.runner import PeerOptions, PeerRunner, _Master
+from potluck.peer.runner import PeerOptions, PeerRunner, _Master, _Shard
 from potluck.protocol.density import round_codecs
+from potluck.protocol.dht_schema import AggregatorAnnouncement
 from potluck.protocol.envelope import MAX_AGGREGATE_ENVELOPE_BYTES, SignedAggregate, sign_aggregate
 from potluck.protocol.identity import generate_identity
 from potluck.protocol.messages import decode_state_payload, unpack_envelope
@@ -31,30 +32,48 @@ async def _round_0_aggregate(tmp_path: Path) -> tuple[_Master, SignedAggregate, 
     envelope, payload = unpack_envelope(server.aggregates[0], max_envelope_bytes=MAX_AGGREGATE_ENVELOPE_BYTES)
     cfg, params, _ = decode_state_payload(state_payload)
     outer = OuterOptimizer(kind=cfg.outer.kind, lr=cfg.outer.lr, momentum=cfg.outer.momentum)
+    names = tuple(parameter_shapes(model_config(cfg.model.size)))  # the model's order
+    announced = AggregatorAnnouncement(
+        run_id=cfg.run_name,
+        config_hash=cfg.config_hash,
+        public_key=AGGREGATOR.public_key,
+        libp2p_peer_id=b"\x00\x24" + bytes(36),
+        maddrs=(),
+        round=0,
+        timestamp_s=0.0,
+    )
+    shard = _Shard(
+        index=0,
+        names=names,
+        announcement=announced,
+        link=None,  # type: ignore[arg-type]  # applying an aggregate does not talk to the aggregator
+        version=0,
+        outer=outer,
+        density=signed_state.header.density,
+    )
     master = _Master(
         cfg=cfg,
         round=0,
-        version=0,
-        params={name: params[name] for name in parameter_shapes(model_config(cfg.model.size))},  # the model's order
-        outer=outer,
+        params={name: params[name] for name in names},
         aggregator_keys=frozenset({AGGREGATOR.public_key}),
-        density=signed_state.header.density,
+        shards=[shard],
     )
     return master, SignedAggregate.from_bytes(envelope), payload
 
 
 def _apply(master: _Master, signed: SignedAggregate, payload: bytes) -> bool:
     peer = PeerRunner(PEERS[0], PeerOptions(join=()), on_event=lambda e: None)
-    _, aggregate_codec = round_codecs(master.cfg, master.density)
+    (shard,) = master.shards
+    _, aggregate_codec = round_codecs(master.cfg, shard.density)
     spec = {n: tuple(t.shape) for n, t in master.params.items()}
-    return peer._apply(master, signed, payload, aggregate_codec=aggregate_codec, spec=spec)
+    return peer._apply(master, shard, signed, payload, aggregate_codec=aggregate_codec, spec=spec)
 
 
 def test_the_peer_takes_up_the_announced_density_for_the_next_round(tmp_path: Path) -> None:
     master, signed, payload = asyncio.run(_round_0_aggregate(tmp_path))
 
     assert _apply(master, signed, payload)
-    assert (master.round, master.density) == (1, 1 / 2)
+    assert (master.shards[0].version, master.shards[0].density) == (1, 1 / 2)
 
 
 @pytest.mark.parametrize("density", [0.3, 1.0])
@@ -65,5 +84,5 @@ def test_an_aggregate_announcing_a_density_off_the_runs_ladder_sends_the_peer_to
     forged = sign_aggregate(dataclasses.replace(signed.header, next_density=density), AGGREGATOR)  # a trusted key
 
     assert not _apply(master, forged, payload)
-    assert (master.round, master.density) == (0, 1 / 64)  # nothing applied
+    assert (master.shards[0].version, master.shards[0].density) == (0, 1 / 64)  # nothing applied
     assert f"announces a density {density!r} is not one the run config allows" in caplog.text
