@@ -93,7 +93,10 @@ def describe_aggregator_event(e: dict[str, Any]) -> str | None:
         shard = ""
         if e.get("shards", 1) > 1:
             shard = f", shard {e['shard'] + 1} of {e['shards']} ({e['num_params']:,} parameters)"
-        lines.append(f"round {e['round']} open, held-out loss {_loss(e['val_loss'])}{shard}")
+        if e.get("standby_of"):
+            lines.append(f"standby for aggregator {e['standby_of']}{shard}: serves nothing until that one goes")
+        else:
+            lines.append(f"round {e['round']} open, held-out loss {_loss(e['val_loss'])}{shard}")
         return "\n".join(lines)
     if kind == "round":
         peers = len(e["accepted"])
@@ -108,6 +111,15 @@ def describe_aggregator_event(e: dict[str, Any]) -> str | None:
         return f"status page: {e['url']}"
     if kind == "error":
         return f"error in round {e['round']}: {e['detail']}"
+    if kind == "following":
+        return f"standing by for aggregator {e['primary']}: a copy of its shard at round {e['round']}"
+    if kind == "followed":
+        return f"standby: applied round {e['round']}'s aggregate (state {str(e['state_sha256'])[:12]})"
+    if kind == "takeover":
+        return (
+            f"aggregator {e['primary']} is gone: taking its shard over at round {e['round']}, "
+            f"waiting for the {e['expected']} peer(s) it last heard from"
+        )
     if kind == "done":
         return f"aggregator stopped after {e['rounds_closed']} round(s); next round would be {e['round']}"
     return None
@@ -135,6 +147,8 @@ def describe_peer_event(e: dict[str, Any]) -> str | None:
         from potluck.planner import AutoPlan
 
         return AutoPlan(**{k: v for k, v in e.items() if k != "event"}).line()
+    if kind == "failover":
+        return f"shard {e['shard']}: aggregator {e['from']} is gone; switched to its standby {e['to']}"
     if kind == "state-refused":
         return f"refused the state aggregator {e['aggregator']} served ({e['detail']}); trying another source"
     if kind == "finished":
@@ -204,6 +218,15 @@ def aggregator(
             min=0,
         ),
     ] = 0,
+    failover_after: Annotated[
+        float,
+        typer.Option(
+            "--failover-after",
+            help="For a standby (a key listed after its shard's owner in aggregator_keys): take the shard over "
+            "once the owner has not answered, nor re-announced itself on the DHT, for this many seconds.",
+            min=1,
+        ),
+    ] = 20.0,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override one config field, e.g. --set local_steps=20; repeatable."),
@@ -245,6 +268,7 @@ def aggregator(
         multiaddr_file=multiaddr_file,
         max_rounds=max_rounds,
         wait_for_peers=wait_for_peers,
+        failover_after_s=failover_after,
     )
     from potluck.node_web import DEFAULT_HTTP_PORT, PageOptions, aggregator_app, aggregator_page, serve_with_page
 
@@ -545,9 +569,9 @@ def known_errors() -> tuple[type[Exception], ...]:
     from potluck.aggregator_server.reputation import BanFileError
     from potluck.aggregator_server.setup import SetupError
     from potluck.netlab import NetLabError
-    from potluck.peer.client import AggregatorRefused
     from potluck.peer.runner import PeerError
     from potluck.peer.serverless import ServerlessError
+    from potluck.protocol.client import AggregatorRefused
     from potluck.protocol.dht_schema import DHTSchemaError
     from potluck.protocol.node import JoinError
     from potluck.swarm import SwarmError

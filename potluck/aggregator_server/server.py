@@ -18,12 +18,14 @@ writes), the round is closed again exactly as the ledger recorded it, not judged
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,6 +59,7 @@ from potluck.aggregator_server.probe import PROBE_HANDLER, handle_probe
 from potluck.aggregator_server.reputation import BanFileError, Reputation
 from potluck.aggregator_server.rounds import Accepted, OpenRound
 from potluck.aggregator_server.setup import SetupError
+from potluck.aggregator_server.standby import Standby
 from potluck.aggregator_server.validation import (
     Rejection,
     RoundContext,
@@ -80,7 +83,7 @@ from potluck.protocol.envelope import (
     sign_receipt,
     sign_state,
 )
-from potluck.protocol.identity import Identity, fingerprint, public_key_to_hex
+from potluck.protocol.identity import Identity, fingerprint, public_key_from_hex, public_key_to_hex
 from potluck.protocol.messages import (
     AGGREGATE_HANDLER,
     BUSY_PREFIX,
@@ -97,7 +100,7 @@ from potluck.protocol.messages import (
     unpack_envelope,
 )
 from potluck.protocol.node import Node, start_node
-from potluck.protocol.shards import ShardError, shard_names, shard_of_key
+from potluck.protocol.shards import ShardError, keys_of_shard, shard_names, shard_of_key
 from potluck.protocol.wire import (
     MessageKind,
     VersionMismatchError,
@@ -144,6 +147,9 @@ class ServerOptions:
     # The state is handed out when they are all here (or after JOIN_BARRIER_S), so they start training together
     # and the first to arrive does not train alone and then idle while the others start.
     wait_for_peers: int = 0
+    # A standby (a key listed after its shard's owner) takes the shard over once its primary has not
+    # answered for this long and has not re-announced itself on the DHT for as long (standby.py).
+    failover_after_s: float = 20.0
 
 
 class AggregatorServer:
@@ -164,6 +170,10 @@ class AggregatorServer:
             names = shard_names(model_shapes, cfg.shards)[self.shard]
         except ShardError as e:
             raise SetupError(f"run {cfg.run_name!r}: {e}") from e
+        owners = keys_of_shard(cfg.aggregator_keys, self.shard, cfg.shards)
+        # the key listed before this one for the same shard: the aggregator this one stands by for (None: owner)
+        place = owners.index(own) if own in owners else 0
+        self.primary = public_key_from_hex(owners[place - 1]) if place > 0 else None
         shapes = {name: model_shapes[name] for name in names}
         checkpoint = load_checkpoint(options.state_dir, config_hash=cfg.config_hash)
         self.aggregates: dict[int, bytes] = {}  # round -> AGGREGATE frame body
@@ -254,14 +264,8 @@ class AggregatorServer:
         announcer: asyncio.Task[None] | None = None
         try:
             p2p = node.p2p
-            for name, handler in (
-                (STATE_HANDLER, self._handle_state),
-                (SUBMIT_HANDLER, self._handle_submit),
-                (AGGREGATE_HANDLER, self._handle_aggregate),
-                (PROBE_HANDLER, self._handle_probe),
-                (RECEIPT_HANDLER, self._handle_receipt),
-            ):
-                await p2p.add_binary_stream_handler(name, _closing(name, handler))
+            if self.primary is None:
+                await self._add_handlers(p2p)
             self.maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
             self.peer_id = p2p.peer_id
             self._write_multiaddr_file()
@@ -289,8 +293,13 @@ class AggregatorServer:
                     "density": self.master.density,
                     "leaderboard": await asyncio.to_thread(self._leaderboard),
                     "ledger_head": head_event(self.ledger.head()),
+                    "standby_of": None if self.primary is None else fingerprint(self.primary),
                 }
             )
+            if self.primary is not None:  # a standby serves nothing until it takes over
+                if not await self._stand_by(node):
+                    return  # the run ended under the primary
+                await self._add_handlers(p2p)
             self.current.extend()  # the first deadline counts from now, not from loading the checkpoint
             self._round_opened()
             announcer = asyncio.create_task(self._announce_forever(node))
@@ -304,6 +313,66 @@ class AggregatorServer:
             await node.shutdown()
             self.ledger.close()
         self.on_event({"event": "done", "round": self.master.round, "rounds_closed": self.rounds_closed})
+
+    async def _add_handlers(self, p2p: Any) -> None:
+        """Serve the protocol's requests (each through _closing: one ERROR line for what it refuses)."""
+        for name, handler in (
+            (STATE_HANDLER, self._handle_state),
+            (SUBMIT_HANDLER, self._handle_submit),
+            (AGGREGATE_HANDLER, self._handle_aggregate),
+            (PROBE_HANDLER, self._handle_probe),
+            (RECEIPT_HANDLER, self._handle_receipt),
+        ):
+            await p2p.add_binary_stream_handler(name, _closing(name, handler))
+
+    async def _stand_by(self, node: Node) -> bool:
+        """Follow the primary (standby.py) until it goes, then take the shard over: True; False when the run ended."""
+        assert self.primary is not None
+        standby = Standby(
+            self.cfg,
+            node=node,
+            own_key=self.identity.public_key,
+            primary=self.primary,
+            master=self.master,
+            failover_after_s=self.options.failover_after_s,
+            on_state=self._followed,
+            on_event=self.on_event,
+        )
+        taken = await standby.follow()
+        if taken is None:
+            self.finished = True
+            return False
+        self.master = taken.master
+        self.codec, self.aggregate_codec = round_codecs(self.cfg, self.master.density)
+        self._late_codec = self.codec
+        self.current = OpenRound(
+            index=self.master.round,
+            deadline_s=self.cfg.round_deadline_s,
+            target_tokens=self.cfg.target_tokens_per_round,
+            expected=set(taken.contributors),  # alive a round ago: wait for them, not for the first to arrive
+        )
+        self.options = dataclasses.replace(self.options, wait_for_peers=0)  # the run is under way
+        self._all_here.set()
+        logger.warning("primary %s is gone; taking over at round %d", fingerprint(self.primary), self.master.round)
+        self.on_event(
+            {
+                "event": "takeover",
+                "round": self.master.round,
+                "primary": fingerprint(self.primary),
+                "state_sha256": state_sha256(self.master.params).hex(),
+                "expected": len(taken.contributors),
+            }
+        )
+        return True
+
+    async def _followed(self, master: MasterState, aggregate: bytes | None) -> None:
+        """A standby's new copy of the shard: checkpointed first, then current, with the aggregate that made it."""
+        await asyncio.to_thread(self._checkpoint, master, aggregate)
+        self.master = master
+        if aggregate is not None:
+            self.aggregates[master.round - 1] = aggregate
+            for old in [r for r in self.aggregates if r <= master.round - 1 - KEPT_AGGREGATES]:
+                del self.aggregates[old]
 
     def _write_multiaddr_file(self) -> None:
         path = self.options.multiaddr_file
@@ -562,7 +631,7 @@ class AggregatorServer:
             for key, total in list(points.items())[:LEADERBOARD_SIZE]
         ]
 
-    def _checkpoint(self, state: MasterState, aggregate_body: bytes) -> None:
+    def _checkpoint(self, state: MasterState, aggregate_body: bytes | None) -> None:
         save_checkpoint(
             self.options.state_dir,
             Checkpoint(
@@ -740,14 +809,15 @@ class AggregatorServer:
         key, client_mode = parse_state_request_mode(body)
         if self.finished:
             raise _Refusal(f"run {self.cfg.run_name!r} has finished at round {self.master.round}")
+        standby = public_key_to_hex(key) in self.cfg.aggregator_keys  # follows the run: not a peer to wait for
         async with self._lock:  # not mid-close: a joiner gets the state of the round it will be waited for in
-            if key not in self.current.accepted:
+            if key not in self.current.accepted and not standby:
                 self.current.expect(key, late=False)
                 wanted = self.options.wait_for_peers
                 if wanted and self.rounds_closed == 0 and len(self.current.expected) == wanted:
                     self.current.extend()  # everyone the first round waited for is here: give them a full deadline
                     self._all_here.set()
-        if self._waiting_for_peers():
+        if self._waiting_for_peers() and not standby:
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._all_here.wait(), timeout=max(self.cfg.round_deadline_s, JOIN_BARRIER_S))
         async with self._lock:

@@ -27,13 +27,12 @@ from typing import TypeVar
 import torch
 
 from potluck.incentives.receipts import ReceiptError, check_receipt, store_receipt
-from potluck.peer.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable
 from potluck.peer.trainer import LocalTrainer, RoundWork, TrainingDiverged
 from potluck.planner import auto_plan
 from potluck.protocol import PROTOCOL_VERSION
-from potluck.protocol.codecs import CodecError
+from potluck.protocol.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable, Transfer
 from potluck.protocol.config import RunConfig
-from potluck.protocol.density import density_problem, round_codecs
+from potluck.protocol.density import round_codecs
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, parse_announcements
 from potluck.protocol.envelope import (
     EnvelopeError,
@@ -46,15 +45,15 @@ from potluck.protocol.envelope import (
     sign_update,
 )
 from potluck.protocol.identity import Identity, fingerprint, public_key_from_hex, public_key_to_hex
-from potluck.protocol.messages import MessageError, decode_state_payload
 from potluck.protocol.node import JoinError, parse_join_address, peer_id_of, start_node
 from potluck.protocol.probe import ProbeUnavailableError, measure_rates
-from potluck.protocol.shards import ShardError, keys_of_shard, shard_names, shard_of_key
+from potluck.protocol.shards import keys_of_shard
 from potluck.protocol.wire import PeerRefusedError, WireError
 from potluck.training.benchmark import measure_for_plan
-from potluck.training.diloco import OuterOptimizer, state_sha256
+from potluck.training.diloco import OuterOptimizer
 from potluck.training.held_out import HeldOutLoss
 from potluck.training.models import model_config, parameter_shapes
+from potluck.training.replica import ReplicaError, apply_aggregate, check_state
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +62,7 @@ T = TypeVar("T")
 
 PLAN_PROBE_BYTES = 1024 * 1024  # each way: ~1 s at 10 Mbit/s, enough for a rate that means something
 PLAN_PROBE_TIMEOUT_S = 30.0
+FAILOVER_AFTER_S = 10.0  # a shard's aggregator silent this long: switch to its standby once one is announced
 TIME_BOX_MARGIN = 0.1  # of the round deadline, kept free: the round opened a download before the peer saw it
 
 
@@ -151,6 +151,7 @@ class PeerRunner:
         self.receipts = 0  # final receipts of accepted updates that verified
         self.score = 0.0  # points they credit
         self.refused_sources: set[bytes] = set()  # aggregator keys whose state did not check out
+        self.abandoned: set[bytes] = set()  # aggregator keys that stopped answering and were failed over from
         self.join_addrs = [parse_join_address(a) for a in options.join]  # JoinError before anything starts
         self.trainer: LocalTrainer | None = None
         self._training: asyncio.Future[None] | None = None  # the inner steps running in their thread
@@ -279,7 +280,8 @@ class PeerRunner:
             raise AggregatorUnreachable(
                 f"every aggregator on the DHT ({len(announcements)}) served a state that does not check out"
             )
-        return trusted
+        alive = [a for a in trusted if a.public_key not in self.abandoned]  # a gone one's record lingers a while
+        return alive or trusted
 
     async def _find_aggregator(self) -> AggregatorLink:
         """The aggregator to sync from first: the one named with --join when it is announced, else the newest."""
@@ -384,44 +386,23 @@ class PeerRunner:
         """One aggregator's state, checked: its signature, its config (`cfg`'s, when given), its shard's shapes."""
         signed, payload, t = await link.fetch_state(self.identity.public_key, client_mode=self.options.client_mode)
         self.bytes_down += len(payload) + t.sent_bytes
-        trusted = announcement.public_key
+        source = announcement.public_key
         try:
-            signed.verify({trusted})
-            signed.verify_payload(payload)
-            served, params, outer_state = await asyncio.to_thread(decode_state_payload, payload)
-        except (EnvelopeError, MessageError) as e:
-            raise UntrustedState(trusted, f"its state does not check out: {e}") from e
-        h = signed.header
-        if public_key_to_hex(trusted) not in served.aggregator_keys or h.config_hash != served.config_hash:
-            raise UntrustedState(
-                trusted, "it serves a config that does not trust it or does not match its signed hash"
-            )
-        if cfg is not None and served.config_hash != cfg.config_hash:
-            raise UntrustedState(trusted, "it serves another run config than the run's other shards")
-        shapes = parameter_shapes(model_config(served.model.size, block_size=served.model.block_size))
-        try:
-            index = shard_of_key(served.aggregator_keys, public_key_to_hex(trusted), served.shards)
-            names = shard_names(shapes, served.shards)[index]
-        except ShardError as e:
-            raise UntrustedState(trusted, f"its run config cannot be sharded as it says: {e}") from e
-        expected = {name: shapes[name] for name in names}
-        if {n: tuple(t.shape) for n, t in params.items()} != expected or state_sha256(params) != h.state_sha256:
-            raise UntrustedState(trusted, "its state does not match its shard of the model or its signed checksum")
-        problem = density_problem(served, h.density)
-        if problem is not None:
-            raise UntrustedState(trusted, f"its state announces a {problem}")
-        outer = OuterOptimizer(kind=served.outer.kind, lr=served.outer.lr, momentum=served.outer.momentum)
-        outer.load_state_dict(outer_state)
+            state = await asyncio.to_thread(check_state, signed, payload, source=source)
+        except ReplicaError as e:
+            raise UntrustedState(source, str(e)) from e
+        if cfg is not None and state.cfg.config_hash != cfg.config_hash:
+            raise UntrustedState(source, "it serves another run config than the run's other shards")
         shard = _Shard(
-            index=index,
-            names=names,
+            index=state.shard,
+            names=tuple(state.params),
             announcement=announcement,
             link=link,
-            version=h.new_version,
-            outer=outer,
-            density=h.density,
+            version=state.header.new_version,
+            outer=state.outer,
+            density=state.header.density,
         )
-        return served, h, shard, {name: params[name] for name in names}
+        return state.cfg, state.header, shard, state.params
 
     # ----------------------------------------------------------------- rounds
 
@@ -446,7 +427,6 @@ class PeerRunner:
 
     async def _rounds(self, master: _Master, trainer: LocalTrainer, cancel: threading.Event) -> None:
         cfg = master.cfg
-        spec = {n: tuple(t.shape) for n, t in master.params.items()}
         await asyncio.to_thread(trainer.start_round, master.params, round_index=master.round)
         self._round_opened = self._synced_at
         while master.round < cfg.rounds and (
@@ -479,7 +459,7 @@ class PeerRunner:
             signed_updates = [await asyncio.to_thread(self.make_update, master, w, trainer) for w in works]
             submitted = await asyncio.gather(
                 *(
-                    self._retrying("submitting", functools.partial(s.link.submit, u, p), via=s.announcement)
+                    self._retrying("submitting", functools.partial(_on_link, s, AggregatorLink.submit, u, p), shard=s)
                     for s, (u, p) in zip(master.shards, signed_updates, strict=True)
                 )
             )
@@ -501,12 +481,8 @@ class PeerRunner:
             try:
                 fetched = await asyncio.gather(
                     *(
-                        self._retrying(
-                            "fetching the aggregate",
-                            functools.partial(s.link.fetch_aggregate, r, timeout_s=2 * cfg.round_deadline_s + 60),
-                            via=s.announcement,
-                        )
-                        for s in master.shards
+                        self._aggregate_of(s, r, u, p, timeout_s=2 * cfg.round_deadline_s + 60)
+                        for s, (u, p) in zip(master.shards, signed_updates, strict=True)
                     )
                 )
             except AggregatorRefused as e:
@@ -540,10 +516,8 @@ class PeerRunner:
                     logger.warning("round %d: update %s", r, reason)
                 self.accepted += accepted
                 self.rejected += not accepted
-            if not all(
-                self._apply(master, s, signed, payload, aggregate_codec=aggregate, spec=spec)
-                for s, (signed, payload, _), (_, aggregate) in zip(master.shards, fetched, codecs, strict=True)
-            ):
+            pairs = zip(master.shards, fetched, strict=True)
+            if not all(self._apply(master, s, signed, body) for s, (signed, body, _) in pairs):
                 master = await self._resync(trainer, cancel)
             else:
                 master.round = r + 1
@@ -740,43 +714,95 @@ class PeerRunner:
         """The key of the aggregator this peer synced from first (in a sharded run, one shard's)."""
         return self.announcement.public_key
 
-    def _apply(self, master: _Master, shard: _Shard, signed, payload: bytes, *, aggregate_codec, spec) -> bool:  # type: ignore[no-untyped-def]
+    def _apply(self, master: _Master, shard: _Shard, signed: SignedAggregate, payload: bytes) -> bool:
         """Verify and apply one shard's aggregate to the peer's master copy; False when it must resync instead.
 
         The master's round moves on once every shard's aggregate is applied (the caller's job).
         """
-        h = signed.header
         try:
-            signed.verify({shard.key} & master.aggregator_keys)
-            signed.verify_payload(payload)
-            if h.round != master.round or h.codec != aggregate_codec.name:
-                raise EnvelopeError(f"aggregate is for round {h.round} with codec {h.codec}, expected {master.round}")
-            problem = density_problem(master.cfg, h.next_density)
-            if problem is not None:
-                raise EnvelopeError(f"aggregate announces a {problem}")
-            applied = aggregate_codec.decode(payload, {name: spec[name] for name in shard.names})
-        except (EnvelopeError, CodecError) as e:
-            logger.warning("round %d: aggregate refused (%s); downloading the state again", master.round, e)
+            apply_aggregate(
+                signed,
+                payload,
+                cfg=master.cfg,
+                source=shard.key,
+                round_index=master.round,
+                density=shard.density,
+                params={name: master.params[name] for name in shard.names},  # the same tensors: stepped in place
+                outer=shard.outer,
+            )
+        except ReplicaError as e:
+            logger.warning("round %d: %s; downloading the state again", master.round, e)
             return False
-        params = {name: master.params[name] for name in shard.names}  # the same tensors: stepped in place
-        shard.outer.step(params, applied)
-        shard.version = h.new_version
-        shard.density = h.next_density
-        if state_sha256(params) != h.state_sha256:
-            logger.warning("round %d: state checksum differs from the aggregator's; downloading the state", h.round)
-            return False
+        shard.version = signed.header.new_version
+        shard.density = signed.header.next_density
         return True
 
-    async def _retrying(
-        self, what: str, call: Callable[[], Awaitable[T]], *, via: AggregatorAnnouncement | None = None
-    ) -> T:
-        """`call()`, retried with backoff while the aggregator (`via`'s) is unreachable, up to reconnect_timeout_s."""
+    async def _aggregate_of(
+        self, shard: _Shard, r: int, update: SignedUpdate, payload: bytes, *, timeout_s: float
+    ) -> tuple[SignedAggregate, bytes, Transfer]:
+        """Round `r`'s aggregate of `shard`; after a fail-over the update first goes to the new aggregator.
+
+        The standby that took the shard over never saw an update sent to the primary before it went, and
+        its round waits for the peers the primary last heard from.
+        """
+        sent_to = shard.key
+
+        async def attempt() -> tuple[SignedAggregate, bytes, Transfer]:
+            nonlocal sent_to
+            if shard.key != sent_to:
+                await shard.link.submit(update, payload)
+                sent_to = shard.key
+            return await shard.link.fetch_aggregate(r, timeout_s=timeout_s)
+
+        return await self._retrying("fetching the aggregate", attempt, shard=shard)
+
+    async def _failover(self, shard: _Shard) -> bool:
+        """Move `shard` to another aggregator the run's config lists for it and the DHT announces (its standby).
+
+        False when there is none yet (a standby announces itself only once it has taken the shard over).
+        """
+        try:
+            announced = await self._announcements()
+        except AggregatorUnreachable:
+            return False
+        cfg = self.cfg
+        owners = set(keys_of_shard(cfg.aggregator_keys, shard.index, cfg.shards))
+        others = [
+            a
+            for a in announced
+            if public_key_to_hex(a.public_key) in owners and a.public_key not in (shard.key, *self.abandoned)
+        ]
+        if not others:
+            return False
+        gone, chosen = shard.key, max(others, key=lambda a: a.timestamp_s)
+        self.abandoned.add(gone)
+        shard.announcement = chosen
+        shard.link = AggregatorLink(self.node.p2p, await self._connect(chosen))
+        if self.announcement.public_key == gone:
+            self.announcement, self.link = chosen, shard.link
+        moved = {"shard": shard.index, "from": fingerprint(gone), "to": fingerprint(chosen.public_key)}
+        logger.warning("shard %(shard)d: aggregator %(from)s is gone; switching to %(to)s", moved)
+        self.on_event({"event": "failover", **moved})
+        return True
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], *, shard: _Shard | None = None) -> T:
+        """`call()`, retried with backoff while the aggregator (`shard`'s) is unreachable, up to reconnect_timeout_s.
+
+        A shard whose aggregator has not answered for FAILOVER_AFTER_S moves to its standby once the DHT
+        announces one, with a fresh reconnect budget.
+        """
         deadline = time.monotonic() + self.options.reconnect_timeout_s
+        failing_since = time.monotonic()
         delay_s = 0.5
         while True:
             try:
                 return await call()
             except AggregatorUnreachable as e:
+                now = time.monotonic()
+                if shard is not None and now - failing_since >= FAILOVER_AFTER_S and await self._failover(shard):
+                    failing_since, delay_s = now, 0.5
+                    deadline = now + self.options.reconnect_timeout_s
+                    continue
                 if time.monotonic() + delay_s > deadline:
                     raise PeerError(
                         f"gave up {what} after {self.options.reconnect_timeout_s:.0f} s: {e}; is the aggregator up?"
@@ -784,13 +810,18 @@ class PeerRunner:
                 logger.warning("%s: %s; retrying in %.1f s", what, e, delay_s)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 10.0)
-                target = via or getattr(self, "announcement", None)
+                target = shard.announcement if shard is not None else getattr(self, "announcement", None)
                 if target is not None:
                     await self._connect(target)
             except AggregatorRefused as e:
                 if "has finished" in str(e):
                     raise RunFinished(str(e)) from e
                 raise
+
+
+def _on_link(shard: _Shard, method: Callable[..., Awaitable[T]], *args: object, **kwargs: object) -> Awaitable[T]:
+    """`method` called on the shard's link as it is when called (a fail-over may have replaced it since)."""
+    return method(shard.link, *args, **kwargs)
 
 
 def _total(points: Sequence[float | None]) -> float | None:

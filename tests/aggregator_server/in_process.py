@@ -7,15 +7,18 @@ from typing import Any
 from potluck.aggregator_server.server import AggregatorServer, ServerOptions
 from potluck.protocol.config import RunConfig
 from potluck.protocol.envelope import (
+    MAX_AGGREGATE_ENVELOPE_BYTES,
     MAX_RECEIPT_ENVELOPE_BYTES,
     MAX_STATE_ENVELOPE_BYTES,
+    SignedAggregate,
     SignedReceipt,
     SignedState,
     SignedUpdate,
 )
-from potluck.protocol.identity import generate_identity
+from potluck.protocol.identity import Identity, generate_identity
 from potluck.protocol.messages import pack_envelope, unpack_envelope
 from potluck.protocol.wire import MessageKind, frame_chunks, read_frame_from_stream
+from tests.integration.swarm_helpers import signed_test_update
 
 AGGREGATOR = generate_identity()
 
@@ -65,3 +68,16 @@ async def state(server: AggregatorServer) -> tuple[SignedState, bytes]:
     """The signed state the server hands a joiner now, and its payload."""
     envelope, payload = unpack_envelope(await server._state_frame(), max_envelope_bytes=MAX_STATE_ENVELOPE_BYTES)
     return SignedState.from_bytes(envelope), payload
+
+
+async def closed_round_0(
+    server: AggregatorServer, peers: list[Identity]
+) -> tuple[SignedState, bytes, SignedAggregate, bytes]:
+    """Round 0 closed with one update from each of `peers`: its state, payload, signed aggregate and payload."""
+    signed_state, state_payload = await state(server)
+    for seed, peer in enumerate(peers):
+        await submit(server, *signed_test_update(signed_state, state_payload, sender=peer, tokens=4_000, seed=seed))
+    await server._close("all-reported")
+    server.ledger.close()
+    envelope, payload = unpack_envelope(server.aggregates[0], max_envelope_bytes=MAX_AGGREGATE_ENVELOPE_BYTES)
+    return signed_state, state_payload, SignedAggregate.from_bytes(envelope), payload

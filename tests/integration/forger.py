@@ -15,7 +15,7 @@ import time
 
 from hivemind.utils import get_dht_time
 
-from potluck.peer.client import AggregatorLink
+from potluck.protocol.client import AggregatorLink
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, sign_announcement
 from potluck.protocol.envelope import payload_digest, sign_state
 from potluck.protocol.identity import generate_identity

@@ -142,6 +142,22 @@ class Node:
             if predicate(event):
                 return event
 
+    def all_events(self, *, timeout_s: float) -> list[Event]:
+        """Every event the node reported, once its stdout has closed (it exited, or was killed)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{self.child.name}: stdout still open after {timeout_s:.0f} s")
+            try:
+                event = self.events.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if event is None:
+                self.events.put(None)
+                return list(self.seen)
+            self.seen.append(event)
+
     def wait_exit(self, *, timeout_s: float) -> int:
         """The exit status; fails the test if the process is still running after `timeout_s`."""
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from potluck.peer.client import AggregatorLink, AggregatorUnreachable
+from potluck.protocol.client import AggregatorLink, AggregatorUnreachable
 from potluck.protocol.envelope import new_nonce, sign_update
 from potluck.protocol.identity import Identity, generate_identity
 from potluck.protocol.node import parse_join_address, peer_id_of, start_node

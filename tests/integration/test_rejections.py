@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from potluck.peer.client import AggregatorLink
 from potluck.protocol import PROTOCOL_VERSION
+from potluck.protocol.client import AggregatorLink
 from potluck.protocol.envelope import SignedUpdate, sign_update
 from potluck.protocol.identity import generate_identity
 from potluck.protocol.messages import SUBMIT_HANDLER

@@ -7,15 +7,13 @@ from pathlib import Path
 import pytest
 
 from potluck.peer.runner import PeerOptions, PeerRunner, _Master, _Shard
-from potluck.protocol.density import round_codecs
 from potluck.protocol.dht_schema import AggregatorAnnouncement
-from potluck.protocol.envelope import MAX_AGGREGATE_ENVELOPE_BYTES, SignedAggregate, sign_aggregate
+from potluck.protocol.envelope import SignedAggregate, sign_aggregate
 from potluck.protocol.identity import generate_identity
-from potluck.protocol.messages import decode_state_payload, unpack_envelope
+from potluck.protocol.messages import decode_state_payload
 from potluck.training.diloco import OuterOptimizer
 from potluck.training.models import model_config, parameter_shapes
-from tests.aggregator_server.in_process import AGGREGATOR, make_server, state, submit
-from tests.integration.swarm_helpers import signed_test_update
+from tests.aggregator_server.in_process import AGGREGATOR, closed_round_0, make_server
 
 PEERS = [generate_identity() for _ in range(3)]
 
@@ -24,12 +22,7 @@ async def _round_0_aggregate(tmp_path: Path) -> tuple[_Master, SignedAggregate, 
     """A peer's copy of round 0's master and the aggregate that closes round 0 at fast links (next: 1/2)."""
     server = make_server(tmp_path)
     server.current.opened_at -= 100  # 100 s of compute against uploads read in microseconds
-    signed_state, state_payload = await state(server)
-    for seed, peer in enumerate(PEERS):
-        await submit(server, *signed_test_update(signed_state, state_payload, sender=peer, tokens=4_000, seed=seed))
-    await server._close("all-reported")
-    server.ledger.close()
-    envelope, payload = unpack_envelope(server.aggregates[0], max_envelope_bytes=MAX_AGGREGATE_ENVELOPE_BYTES)
+    signed_state, state_payload, aggregate, payload = await closed_round_0(server, PEERS)
     cfg, params, _ = decode_state_payload(state_payload)
     outer = OuterOptimizer(kind=cfg.outer.kind, lr=cfg.outer.lr, momentum=cfg.outer.momentum)
     names = tuple(parameter_shapes(model_config(cfg.model.size)))  # the model's order
@@ -58,15 +51,13 @@ async def _round_0_aggregate(tmp_path: Path) -> tuple[_Master, SignedAggregate, 
         aggregator_keys=frozenset({AGGREGATOR.public_key}),
         shards=[shard],
     )
-    return master, SignedAggregate.from_bytes(envelope), payload
+    return master, aggregate, payload
 
 
 def _apply(master: _Master, signed: SignedAggregate, payload: bytes) -> bool:
     peer = PeerRunner(PEERS[0], PeerOptions(join=()), on_event=lambda e: None)
     (shard,) = master.shards
-    _, aggregate_codec = round_codecs(master.cfg, shard.density)
-    spec = {n: tuple(t.shape) for n, t in master.params.items()}
-    return peer._apply(master, shard, signed, payload, aggregate_codec=aggregate_codec, spec=spec)
+    return peer._apply(master, shard, signed, payload)
 
 
 def test_the_peer_takes_up_the_announced_density_for_the_next_round(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from potluck.peer.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable
+from potluck.protocol.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable
 from potluck.protocol.messages import BUSY_PREFIX
 from potluck.protocol.wire import MessageKind, encode_frame, error_body
 
