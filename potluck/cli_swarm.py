@@ -131,6 +131,18 @@ def swarm(
             max=8,
         ),
     ] = 1,
+    standby: Annotated[
+        bool,
+        typer.Option("--standby", help="Give each shard a standby aggregator that takes over when its owner goes."),
+    ] = False,
+    kill_aggregator_at: Annotated[
+        int | None,
+        typer.Option(
+            "--kill-aggregator-at",
+            help="Testing aid (with --standby): SIGKILL aggregator-0 once its standby holds round N's result.",
+            min=0,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")] = False,
 ) -> None:
     """Start an aggregator and N peers on 127.0.0.1 (or behind shaped links) and train the run to its end."""
@@ -143,6 +155,8 @@ def swarm(
             "--serverless runs peers only, on 127.0.0.1: drop --link, --overlap, --state-dir and --aggregators"
         )
 
+    if kill_aggregator_at is not None and not standby:
+        raise UsageError("--kill-aggregator-at needs --standby: without one, killing the aggregator ends the run")
     overrides: dict[str, Any] = {"rounds": rounds, **parse_overrides(set_ or [])}
     if local_steps is not None:
         overrides["local_steps"] = local_steps
@@ -162,6 +176,8 @@ def swarm(
         http_port=0 if serverless else _status_page_port(http_port),
         serverless=serverless,
         aggregators=aggregators,
+        standby=standby,
+        kill_aggregator_at=kill_aggregator_at,
     )
     status: dict[str, Any] = {"loss": None, "peers": set(), "up": 0, "down": 0, "round": 0, "group": 0}
     with Progress(
@@ -188,7 +204,7 @@ def swarm(
                 pass
             elif name in FIRST_AGGREGATOR and kind == "status-page":
                 progress.console.print(f"status page: {event['url']}")
-            elif name in FIRST_AGGREGATOR and kind == "ready":
+            elif name in FIRST_AGGREGATOR and kind == "ready" and not event.get("standby_of"):
                 status["loss"] = event["val_loss"]  # None from a shard's aggregator: peer-0 scores the model
                 status["round"] = event["round"]
                 progress.console.print(f"join this swarm from another terminal:  peer --join {event['maddrs'][0]}")
@@ -196,7 +212,13 @@ def swarm(
                 status["loss"] = event["val_loss"] if event["val_loss"] is not None else status["loss"]
                 status["round"] = event["round"] + 1
                 status["peers"] = {a["fingerprint"] for a in event["accepted"]}
-            elif not name.startswith("aggregator") and kind in ("round", "synced"):
+            elif name == "swarm" and kind == "killed":
+                progress.console.print(
+                    f"killed {event['child']} after round {event['after_round']} (--kill-aggregator-at)"
+                )
+            elif name == "standby-0" and kind == "takeover":
+                progress.console.print(f"standby-0 took shard 0 over at round {event['round']}")
+            elif name.startswith("peer-") and kind in ("round", "synced"):
                 if event.get("val_loss") is not None:
                     status["loss"] = event["val_loss"]
                 status["up"] += event.get("bytes_up", 0)
@@ -227,7 +249,7 @@ def swarm(
     _print_summary(result)
 
 
-FIRST_AGGREGATOR = ("aggregator", "aggregator-0")  # the child whose rounds the progress bar follows
+FIRST_AGGREGATOR = ("aggregator", "aggregator-0", "standby-0")  # the child whose rounds the progress bar follows
 
 
 def _print_summary(result: Any) -> None:

@@ -38,6 +38,7 @@ from potluck.protocol.identity import load_or_create_identity, public_key_to_hex
 logger = logging.getLogger(__name__)
 
 SHARDED_EVAL_BATCHES = 8  # held-out batches peer-0 scores in a sharded swarm (an aggregator's default)
+SWARM_FAILOVER_S = 5.0  # a local standby takes over this soon: on 127.0.0.1 silence means the primary is gone
 READY_TIMEOUT_S = 180.0  # the aggregator imports torch and hivemind, loads the corpus, starts p2pd
 STOP_GRACE_S = 15.0  # after SIGTERM, how long a child may take to shut its node down cleanly
 
@@ -72,6 +73,10 @@ class SwarmOptions:
     # Above 1: the run's parameters are cut into this many shards, each with an aggregator of its own
     # (protocol/shards.py); peer-0 scores the held-out loss, which no shard's aggregator can.
     aggregators: int = 1
+    # Each shard also gets a standby aggregator that follows its owner and takes over when it goes.
+    standby: bool = False
+    # Testing aid (with standby): SIGKILL aggregator-0 once its standby holds round N's result.
+    kill_aggregator_at: int | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -238,7 +243,9 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
     with contextlib.ExitStack() as stack:
         work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="potluck-swarm-")))
         lab = None
-        hubs = 0 if options.serverless else options.aggregators  # the lab's first nodes are the aggregators
+        shards = options.aggregators
+        # the lab's first nodes are the aggregators: each shard's owner, then each shard's standby
+        hubs = 0 if options.serverless else shards * (2 if options.standby else 1)
         if options.link is not None:
             lab = stack.enter_context(NetLab([options.aggregator_link] * hubs + [options.link] * options.peers))
         stack.callback(stop_children, children)  # before the lab goes: nothing may still run in its namespaces
@@ -247,10 +254,11 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
             return None if lab is None else functools.partial(lab.command, node)
 
         cfg = options.cfg
-        identity_paths = [work_dir / f"aggregator-{i}.key" for i in range(hubs)]
+        names = [f"aggregator-{a}" if a < shards else f"standby-{a - shards}" for a in range(hubs)]
+        identity_paths = [work_dir / f"{name}.key" for name in names]
         if hubs > 1 and not cfg.aggregator_keys:
             keys = [public_key_to_hex(load_or_create_identity(path)[0].public_key) for path in identity_paths]
-            cfg = cfg.with_overrides({"shards": hubs, "aggregator_keys": keys})
+            cfg = cfg.with_overrides({"shards": shards, "aggregator_keys": keys})
         config_path = work_dir / "run.toml"
         config_path.write_text(dump_run_config(cfg, "toml"))
         if options.serverless:
@@ -260,7 +268,7 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
         readies: list[dict[str, Any]] = []
         for a in range(hubs):
             args = ["aggregator", "--config", str(config_path)]
-            args += ["--state-dir", str(state_dir if hubs == 1 else state_dir / f"shard-{a}")]
+            args += ["--state-dir", str(state_dir if hubs == 1 else state_dir / names[a])]
             if hubs > 1:
                 args += ["--identity", str(identity_paths[a])]
             if readies:
@@ -268,9 +276,11 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
             http_port = options.http_port if lab is None and a == 0 else 0  # nothing outside the lab reaches it
             args += ["--host", "127.0.0.1" if lab is None else lab.addresses[a], "--threads", str(threads)]
             args += ["--http-port", str(http_port), "--json"]
-            # the honest ones: an adversary may never show up under its own key
-            args += ["--wait-for-peers", str(options.peers - options.adversaries)]
-            name = "aggregator" if hubs == 1 else f"aggregator-{a}"
+            if a < shards:  # the honest ones: an adversary may never show up under its own key
+                args += ["--wait-for-peers", str(options.peers - options.adversaries)]
+            else:
+                args += ["--failover-after", str(SWARM_FAILOVER_S)]
+            name = "aggregator" if hubs == 1 else names[a]
             aggregator = start_child(name, args, work_dir=work_dir, threads=threads, wrap=wrap(a))
             children.append(aggregator)
             aggregators.append(aggregator)
@@ -280,7 +290,7 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
         for i in range(options.peers):
             args = ["peer", "--join", join, "--identity", str(work_dir / f"peer-{i}.key")]
             args += ["--threads", str(threads), "--json"]
-            if hubs > 1 and i == 0:
+            if shards > 1 and i == 0:
                 args += ["--eval-batches", str(SHARDED_EVAL_BATCHES)]  # no shard's aggregator holds the model
             if i >= options.peers - options.adversaries:
                 args += ["--spool", str(state_dir), *options.adversary_args]
@@ -303,8 +313,18 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
                 child = start_child(f"peer-{i}", args, work_dir=work_dir, threads=threads, wrap=wrap(hubs + i))
             children.append(child)
             threading.Thread(target=_pump, args=(child, events), daemon=True).start()
-        _follow(children, events, on_event, deadline=started + options.timeout_s)
-        return _result(readies, aggregators, children[hubs:], wall_s=time.monotonic() - started)
+        killed: set[str] = set()
+
+        def watch(name: str, event: dict[str, Any]) -> None:
+            at = options.kill_aggregator_at
+            if name == "standby-0" and event.get("event") == "followed" and event.get("round") == at:
+                _signal_group(aggregators[0], signal.SIGKILL)  # a crash: no goodbye, no last announcement
+                killed.add(aggregators[0].name)
+                on_event("swarm", {"event": "killed", "child": aggregators[0].name, "after_round": at})
+            on_event(name, event)
+
+        _follow(children, events, watch, deadline=started + options.timeout_s, killed=killed)
+        return _result(readies, aggregators, children[hubs:], wall_s=time.monotonic() - started, shards=shards)
 
 
 def _run_serverless(
@@ -389,8 +409,12 @@ def _follow(
     on_event: Callable[[str, dict[str, Any]], None],
     *,
     deadline: float,
+    killed: set[str] | frozenset[str] = frozenset(),
 ) -> None:
-    """Consume events until every child's stdout has closed; fail fast when one exits with an error."""
+    """Consume events until every child's stdout has closed; fail fast when one exits with an error.
+
+    The children named in `killed` were killed on purpose: their exit status is not an error.
+    """
     open_streams = {child.name for child in children}
     while open_streams:
         if time.monotonic() > deadline:
@@ -405,21 +429,29 @@ def _follow(
             continue
         open_streams.discard(child.name)
         code = child.process.wait()
-        if code != 0:
+        if code != 0 and child.name not in killed:
             raise SwarmError(f"{child.name} exited with status {code}: {_last_log_line(child)}")
 
 
 def _result(
-    readies: list[dict[str, Any]], aggregators: list[Child], peers: list[Child], *, wall_s: float
+    readies: list[dict[str, Any]], aggregators: list[Child], peers: list[Child], *, wall_s: float, shards: int = 1
 ) -> SwarmResult:
-    """The swarm's outcome: the first aggregator's rounds, each aggregator's ingest, each peer's work.
+    """The swarm's outcome: shard 0's rounds, each aggregator's ingest, each peer's work.
 
-    The held-out losses are the aggregator's, or, in a sharded run, peer-0's (it scores its copy of the model).
+    Shard 0's rounds are its owner's, then its standby's once that took over. The held-out losses are
+    theirs, or, in a sharded run, peer-0's (it scores its copy of the whole model).
     """
-    ready, aggregator = readies[0], aggregators[0]
-    rounds = [e for e in aggregator.events if e.get("event") == "round"]
-    initial, final = ready["val_loss"], rounds[-1]["val_loss"] if rounds else ready["val_loss"]
-    if len(aggregators) > 1:
+    ready = readies[0]
+    first_shard = [child for child, r in zip(aggregators, readies, strict=True) if r.get("shard", 0) == 0]
+    rounds = [e for c in first_shard for e in c.events if e.get("event") == "round"]
+    reported = {e["round"] for e in rounds}
+    for e in (e for c in first_shard for e in c.events if e.get("event") == "followed"):
+        if e["round"] not in reported:  # its owner was killed between publishing the round and reporting it
+            rounds.append({**e, "event": "round", "closed_by": "owner (killed)", "val_loss": None, "accepted": []})
+    rounds.sort(key=lambda e: e["round"])
+    losses = [e["val_loss"] for e in rounds if e["val_loss"] is not None]
+    initial, final = ready["val_loss"], losses[-1] if losses else ready["val_loss"]
+    if shards > 1:
         synced = next(e for e in peers[0].events if e.get("event") == "synced")
         scored = [e["val_loss"] for e in peers[0].events if e.get("event") == "round"]
         initial, final = synced["val_loss"], scored[-1] if scored else synced["val_loss"]
@@ -435,6 +467,8 @@ def _result(
                 "updates_accepted": sum(len(e["accepted"]) for e in closed),
                 "bytes_in": closed[-1]["bytes_in"] if closed else 0,  # uploads, mostly
                 "bytes_out": closed[-1]["bytes_out"] if closed else 0,
+                "standby_of": hub_ready.get("standby_of"),
+                "took_over_at": next((e["round"] for e in child.events if e.get("event") == "takeover"), None),
             }
         )
     peer_rows = []
@@ -469,7 +503,7 @@ def _result(
         final_val_loss=float(final),
         rounds_completed=len(rounds),
         aggregator_multiaddrs=list(ready["maddrs"]),
-        num_params=sum(int(r.get("num_params", 0)) for r in readies),
+        num_params=sum(int(r.get("num_params", 0)) for r in readies if not r.get("standby_of")),
         peers=peer_rows,
         rounds=rounds,
         wall_s=wall_s,

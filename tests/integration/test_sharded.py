@@ -45,3 +45,13 @@ def test_two_shard_aggregators_train_the_model_and_split_the_ingest(tmp_path: Pa
     assert all(0.3 < b / sum(ingest) < 0.7 for b in ingest), ingest
     assert all(p["accepted"] == 3 and p["rejected"] == 0 for p in result["peers"])
     wait_until(lambda: not (p2pd_pids() - before), timeout_s=15, what="the swarm's daemons to exit")
+
+
+def test_killing_an_aggregator_without_a_standby_is_refused_in_one_line(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "potluck", "swarm", "--kill-aggregator-at", "2", "--json"]
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+    assert done.returncode == 2 and done.stdout == ""
+    assert "--kill-aggregator-at needs --standby" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
