@@ -40,10 +40,9 @@ from potluck.aggregator_server.server import AggregatorServer, ServerOptions
 from potluck.protocol.config import RunConfig
 from potluck.protocol.density import round_codecs
 from potluck.protocol.envelope import UpdateHeader, new_nonce, payload_digest, sign_update
-from potluck.protocol.identity import generate_identity
+from potluck.protocol.identity import generate_identity, public_key_to_hex
 from potluck.protocol.messages import pack_envelope
 from potluck.protocol.wire import MessageKind, frame_chunks
-from potluck.training.models import model_config, parameter_shapes
 
 
 class _Sink:
@@ -59,20 +58,23 @@ class _Sink:
         pass
 
 
-def _server(size: str, density: float, state_dir: Path, *, held_out: bool = True) -> AggregatorServer:
+def _server(size: str, density: float, state_dir: Path, *, held_out: bool = True, shards: int = 1) -> AggregatorServer:
+    """An aggregator of the run; with `shards` > 1, the one that owns shard 0 (the largest or about so)."""
+    identity = generate_identity()
     overrides: dict[str, object] = {"model.size": size, "rounds": 4, "data.max_bytes": 2_000_000}
     overrides |= {"codec.params.density": density} | ({} if held_out else {"validation.held_out_margin": "none"})
+    if shards > 1:
+        keys = [identity.public_key, *(generate_identity().public_key for _ in range(shards - 1))]
+        overrides |= {"shards": shards, "aggregator_keys": [public_key_to_hex(k) for k in keys]}
     cfg = RunConfig().with_overrides(overrides, source="bench")
-    return AggregatorServer(
-        cfg, generate_identity(), ServerOptions(state_dir=state_dir, eval_batches=1), on_event=lambda e: None
-    )
+    return AggregatorServer(cfg, identity, ServerOptions(state_dir=state_dir, eval_batches=1), on_event=lambda e: None)
 
 
 def _updates(server: AggregatorServer, count: int) -> list[tuple[Any, bytes]]:
     """`count` distinct signed updates for the server's open round, each from its own key."""
     cfg = server.cfg
     codec, _ = round_codecs(cfg, server.master.density)
-    shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
+    shapes = server.master.spec  # the tensors this aggregator owns (its shard's)
     shared = torch.Generator().manual_seed(0)
     common = {name: torch.randn(shape, generator=shared) for name, shape in shapes.items()}
     made = []
@@ -109,13 +111,18 @@ async def _submit(server: AggregatorServer, update: Any, payload: bytes) -> None
 
 
 async def measure(
-    size: str, density: float, distinct: int, peers: list[int], *, held_out: bool = True
+    size: str, density: float, distinct: int, peers: list[int], *, held_out: bool = True, shards: int = 1
 ) -> dict[str, Any]:
-    """Arrival rate over `distinct` updates, then the close of a round of each size in `peers`."""
+    """Arrival rate over `distinct` updates, then the close of a round of each size in `peers`.
+
+    With `shards` > 1 this is shard 0's aggregator, which cannot run the held-out check (it holds part of
+    the model): compare it with one shard's run with the check off.
+    """
+    held_out = held_out and shards == 1
     result: dict[str, Any] = {"size": size, "density": density, "distinct": distinct, "held_out": held_out}
-    result["closes"] = []
+    result |= {"shards": shards, "closes": []}
     with tempfile.TemporaryDirectory(prefix="potluck-ingest-") as tmp:
-        server = _server(size, density, Path(tmp) / "arrival")
+        server = _server(size, density, Path(tmp) / "arrival", shards=shards)
         result["num_params"] = sum(t.numel() for t in server.master.params.values())
         updates = _updates(server, distinct)
         started = time.perf_counter()
@@ -132,7 +139,7 @@ async def measure(
         }
         server.ledger.close()
         for n in peers:
-            server = _server(size, density, Path(tmp) / f"close-{n}", held_out=held_out)
+            server = _server(size, density, Path(tmp) / f"close-{n}", held_out=held_out, shards=shards)
             for i in range(n):
                 template = accepted[i % distinct]
                 peer = generate_identity()
@@ -167,27 +174,31 @@ def main() -> None:
     parser.add_argument(
         "--no-held-out", action="store_true", help="Close rounds without the held-out check (held_out_margin none)."
     )
+    parser.add_argument("--shards", default="1", help="Shard counts, comma-separated: time shard 0's aggregator.")
     parser.add_argument("--out", type=Path, help="Write PREFIX.json and PREFIX.md.")
     args = parser.parse_args()
     runs = []
     for size in args.sizes.split(","):
         for density in (float(d) for d in args.densities.split(",")):
-            peers = [int(n) for n in args.peers.split(",")]
-            run = asyncio.run(measure(size, density, args.distinct, peers, held_out=not args.no_held_out))
-            print(json.dumps(run), flush=True)
-            runs.append(run)
+            for shards in (int(s) for s in args.shards.split(",")):
+                peers = [int(n) for n in args.peers.split(",")]
+                run = asyncio.run(
+                    measure(size, density, args.distinct, peers, held_out=not args.no_held_out, shards=shards)
+                )
+                print(json.dumps(run), flush=True)
+                runs.append(run)
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}"
     lines = [
         f"Machine: {machine}.",
         "",
-        "| model | params | density | held-out check | payload | arrival updates/s | payload MB/s | peers | close s "
-        "| round s |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| model | shards | params (shard 0) | density | held-out check | payload | arrival updates/s | payload MB/s "
+        "| peers | close s | round s |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         for c in r["closes"]:
             lines.append(
-                f"| {r['size']} | {r['num_params'] / 1e6:.1f}M | 1/{round(1 / r['density'])} | "
+                f"| {r['size']} | {r.get('shards', 1)} | {r['num_params'] / 1e6:.1f}M | 1/{round(1 / r['density'])} | "
                 f"{'on' if r['held_out'] else 'off'} | "
                 f"{r['payload_bytes'] / 1e3:,.0f} kB | {r['updates_per_s']:.1f} | {r['payload_mb_per_s']:.1f} | "
                 f"{c['peers']} | {c['close_s']:.1f} | {c['round_s']:.1f} |"
