@@ -69,6 +69,7 @@ from potluck.aggregator_server.validation import (
 )
 from potluck.incentives.ledger import LedgerError
 from potluck.incentives.ledger_format import LedgerRow, SignedHead
+from potluck.protocol.ban_records import BANS_KEY, BanList, BanRecordError, parse_ban_lists, sign_ban_list
 from potluck.protocol.codecs import Codec
 from potluck.protocol.config import RunConfig
 from potluck.protocol.density import density_ladder, density_problem, round_codecs, start_density
@@ -120,6 +121,7 @@ Event = dict[str, object]
 KEPT_AGGREGATES = 8  # rounds whose aggregate a late peer can still fetch
 READ_TIMEOUT_S = 60.0  # a peer that goes silent mid-request loses its stream after this
 ANNOUNCE_TTL_S = 60.0
+RUN_WIDE = "run-wide, "  # the reason's prefix of a ban learned from another aggregator of the run
 MAX_UPLOADS = 32  # uploads read at once: bounds the memory hostile peers can pin (32 x max_update_bytes)
 MAX_PROBES = 2  # concurrent doctor probes; more would let anyone eat the aggregator's bandwidth
 LINGER_DRAIN_S = 1.0  # after the last reply is written, before p2pd stops: time for it to leave
@@ -399,9 +401,38 @@ class AggregatorServer:
             subkey, value = sign_announcement(announcement, self.identity)
             try:
                 await node.dht.store(AGGREGATORS_KEY, value, get_dht_time() + ANNOUNCE_TTL_S, subkey=subkey)
+                await self._share_bans(node)
+            except (BanFileError, BanRecordError) as e:
+                logger.error("run-wide bans not shared: %s", e)
             except Exception as e:  # the DHT may be alone (no other node yet): log, try again later
                 logger.debug("DHT announcement failed: %s", e)
             await asyncio.sleep(self.options.announce_every_s)
+
+    async def _share_bans(self, node: Node) -> None:
+        """Publish the keys this aggregator banned (ban_records.py); ban the keys the run's other aggregators did.
+
+        A ban learned this way says so in its reason, is not published again, and comes back while its
+        issuer still lists it: lift it on the aggregator that banned it.
+        """
+        from hivemind.utils import get_dht_time
+
+        own = tuple(
+            (b.public_key, b.reason) for b in self.reputation.bans.values() if not b.reason.startswith(RUN_WIDE)
+        )
+        if own:
+            ban_list = BanList(
+                issuer=self.identity.public_key, config_hash=self.cfg.config_hash, bans=own, timestamp_s=time.time()
+            )
+            subkey, value = sign_ban_list(ban_list, self.identity)
+            await node.dht.store(BANS_KEY, value, get_dht_time() + ANNOUNCE_TTL_S, subkey=subkey)
+        others = frozenset(public_key_from_hex(k) for k in self.cfg.aggregator_keys) - {self.identity.public_key}
+        if not others:
+            return
+        found = await node.dht.get(BANS_KEY, latest=True)
+        for ban_list in parse_ban_lists(found, config_hash=self.cfg.config_hash, trusted=others):
+            for key, reason in ban_list.bans:
+                if not self.reputation.is_banned(key):
+                    await self.ban(key, reason=f"{RUN_WIDE}by aggregator {fingerprint(ban_list.issuer)}: {reason}")
 
     def _done(self) -> bool:
         limit = self.options.max_rounds
