@@ -434,7 +434,7 @@ class PeerRunner:
         ):
             r = master.round
             codecs = [round_codecs(cfg, s.density) for s in master.shards]  # the aggregators pick each round's
-            trainer.codec = codecs[0][0]
+            trainer.codec = codecs[0][0]  # a run of one shard's codec, for whoever reads it (the red team)
             if self._training is None:
                 self._training = self._train(trainer, cfg, cancel)
             await self._training
@@ -708,11 +708,6 @@ class PeerRunner:
             }
         )
         return r.score, len(t.body), time.perf_counter() - started
-
-    @property
-    def link_key(self) -> bytes:
-        """The key of the aggregator this peer synced from first (in a sharded run, one shard's)."""
-        return self.announcement.public_key
 
     def _apply(self, master: _Master, shard: _Shard, signed: SignedAggregate, payload: bytes) -> bool:
         """Verify and apply one shard's aggregate to the peer's master copy; False when it must resync instead.
