@@ -321,6 +321,12 @@ class PeerRunner:
                 self.link = await self._find_aggregator()
             try:
                 return await self._sync()
+            except AggregatorUnreachable:
+                # look again before the retry: a standby may have taken the shard over from a dead aggregator
+                # whose announcement lingers until it expires
+                with contextlib.suppress(AggregatorUnreachable):
+                    self.link = await self._find_aggregator()
+                raise
             except UntrustedState as e:
                 source = fingerprint(e.source)
                 self.refused_sources.add(e.source)

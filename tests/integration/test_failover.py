@@ -75,3 +75,23 @@ def test_a_killed_primary_hands_its_shard_to_the_standby_and_the_run_goes_on(nod
         rounds = [e for e in peer.all_events(timeout_s=30) if e.get("event") == "round"]
         assert [e["round"] for e in rounds] == list(range(6))  # every round trained once, none skipped
     assert standby.next_event(_is("done"), timeout_s=60)["round"] == 6
+
+
+@pytest.mark.timeout(300)
+def test_a_peer_that_joins_while_the_primary_is_dead_syncs_from_its_standby(nodes: Nodes, tmp_path: Path) -> None:
+    # Prepare: the primary dies before any peer joins; its announcement lingers on the DHT for a minute
+    config, primary_key, standby_key = _run(tmp_path)
+    primary = _aggregator(nodes, "primary", config, primary_key)
+    join = primary.next_event(_is("ready"), timeout_s=90)["maddrs"][0]
+    standby = _aggregator(nodes, "standby", config, standby_key, "--join", join, "--failover-after", "5")
+    ready = standby.next_event(_is("ready"), timeout_s=90)
+    standby.next_event(_is("following"), timeout_s=60)
+    primary.kill()
+    # Execute: a peer joins the DHT through the standby's node before the standby has taken over
+    peer = nodes.peer("late", ready["maddrs"][0], "--max-rounds", "1")
+    # Assert: it finds the dead primary first, then syncs from the standby once that announces itself
+    assert standby.next_event(_is("takeover"), timeout_s=120)["round"] == 0
+    synced = peer.next_event(_is("synced"), timeout_s=120)
+    assert synced["aggregator"] == ready["fingerprint"]
+    assert peer.next_event(_is("round"), timeout_s=120)["accepted"]
+    assert peer.wait_exit(timeout_s=60) == 0
