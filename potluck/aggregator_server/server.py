@@ -233,18 +233,22 @@ class AggregatorServer:
         self._wake = asyncio.Event()
         self._all_here = asyncio.Event()  # the first round's wait_for_peers have all downloaded the state
         self._state_body: tuple[int, bytes] | None = None  # (version, STATE frame body), built on demand
-        model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
-        corpus = load_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction, max_bytes=cfg.data.max_bytes)
-        self.val_set = val_batches(
-            corpus.val,
-            batch_size=cfg.inner.batch_size,
-            block_size=model_cfg.block_size,
-            num_batches=options.eval_batches,
-        )
-        self.eval_model = build_model(model_cfg, seed=cfg.seed)
         # A shard's aggregator holds part of the model: it cannot score the held-out loss (peers can, see
-        # PeerOptions.eval_batches), so its rounds skip the held-out check and report no loss.
+        # PeerOptions.eval_batches), so its rounds skip the held-out check and report no loss, and it loads
+        # neither the held-out batches nor a model to score them with.
         self.scores = cfg.shards == 1
+        self.val_set: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.eval_model: torch.nn.Module | None = None
+        if self.scores:
+            model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
+            corpus = load_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction, max_bytes=cfg.data.max_bytes)
+            self.val_set = val_batches(
+                corpus.val,
+                batch_size=cfg.inner.batch_size,
+                block_size=model_cfg.block_size,
+                num_batches=options.eval_batches,
+            )
+            self.eval_model = build_model(model_cfg, seed=cfg.seed)
         self.reputation = Reputation.open(
             options.state_dir,
             ban_after=cfg.validation.ban_after_rejections,
@@ -709,7 +713,7 @@ class AggregatorServer:
 
         None for a shard's aggregator, which holds part of the model only.
         """
-        if not self.scores:
+        if self.eval_model is None:
             return None
         load_params(self.eval_model, params)
         return evaluate(self.eval_model, self.val_set[:batches], device="cpu")

@@ -25,7 +25,7 @@ from potluck.protocol.config import RunConfig
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, parse_announcements
 from potluck.protocol.envelope import EnvelopeError, SignedAggregate
 from potluck.protocol.identity import fingerprint
-from potluck.protocol.node import Node
+from potluck.protocol.node import Node, dial
 from potluck.training.diloco import OuterOptimizer
 from potluck.training.replica import ReplicaError, apply_aggregate, check_state
 
@@ -107,11 +107,7 @@ class Standby:
         from hivemind.utils.multiaddr import Multiaddr
 
         peer_id = PeerID(announcement.libp2p_peer_id)
-        try:
-            maddrs = [Multiaddr(m) for m in announcement.maddrs]
-            await asyncio.wait_for(self.node.p2p._client.connect(peer_id, maddrs), timeout=15)
-        except Exception as e:  # noqa: BLE001 - already connected, or restarting: the call itself will tell
-            logger.debug("standby: connect to the primary: %s", e)
+        await dial(self.node.p2p, peer_id, [Multiaddr(m) for m in announcement.maddrs])
         self._link = AggregatorLink(self.node.p2p, peer_id)
         return self._link
 

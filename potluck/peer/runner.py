@@ -44,8 +44,8 @@ from potluck.protocol.envelope import (
     payload_digest,
     sign_update,
 )
-from potluck.protocol.identity import Identity, fingerprint, public_key_from_hex, public_key_to_hex
-from potluck.protocol.node import JoinError, parse_join_address, peer_id_of, start_node
+from potluck.protocol.identity import Identity, fingerprint, public_key_to_hex
+from potluck.protocol.node import JoinError, dial, parse_join_address, peer_id_of, start_node
 from potluck.protocol.probe import ProbeUnavailableError, measure_rates
 from potluck.protocol.shards import keys_of_shard
 from potluck.protocol.wire import PeerRefusedError, WireError
@@ -132,7 +132,6 @@ class _Master:
     cfg: RunConfig
     round: int
     params: dict[str, torch.Tensor]  # the whole model, every shard's tensors
-    aggregator_keys: frozenset[bytes]
     shards: list[_Shard]  # one in a run that is not sharded
 
 
@@ -303,10 +302,7 @@ class PeerRunner:
             maddrs = [a for a in self.join_addrs if peer_id_of(a) == peer_id]
         else:
             maddrs = [Multiaddr(m) for m in announcement.maddrs]
-        try:
-            await asyncio.wait_for(self.node.p2p._client.connect(peer_id, maddrs), timeout=15)
-        except Exception as e:  # the daemon may already hold a connection, or the aggregator is restarting
-            logger.debug("connect to %s: %s", peer_id, e)
+        await dial(self.node.p2p, peer_id, maddrs)
         return peer_id
 
     async def _sync_from_any(self) -> _Master:
@@ -358,7 +354,6 @@ class PeerRunner:
                 params |= part
         shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
         params = {name: params[name] for name in shapes}  # the model's order: payloads depend on it
-        keys = frozenset(public_key_from_hex(k) for k in cfg.aggregator_keys)
         val_loss = None
         if self.options.eval_batches > 0:
             if self._held_out is None:
@@ -382,7 +377,6 @@ class PeerRunner:
             cfg=cfg,
             round=h.round,
             params=params,
-            aggregator_keys=keys,
             shards=[shards[i] for i in range(cfg.shards)],
         )
 

@@ -111,6 +111,15 @@ class Node:
                 logger.warning("p2pd did not exit within %.0f s of being told to", timeout_s)
 
 
+async def dial(p2p: P2P, peer_id: PeerID, maddrs: Sequence[Multiaddr], *, timeout_s: float = 15.0) -> None:
+    """Open a connection to `peer_id` at `maddrs`, best effort: the daemon may already hold one, or the node is
+    restarting; the request that follows says whether it can be reached."""
+    try:
+        await asyncio.wait_for(p2p._client.connect(peer_id, list(maddrs)), timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - p2pd raises its own error types; the next call reports
+        logger.debug("connect to %s: %s", peer_id, e)
+
+
 async def create_p2p(**p2p_kwargs: Any) -> P2P:
     """`P2P.create`, but a failed or cancelled start leaves no p2pd behind.
 

@@ -48,7 +48,6 @@ async def _round_0_aggregate(tmp_path: Path) -> tuple[_Master, SignedAggregate, 
         cfg=cfg,
         round=0,
         params={name: params[name] for name in names},
-        aggregator_keys=frozenset({AGGREGATOR.public_key}),
         shards=[shard],
     )
     return master, aggregate, payload
