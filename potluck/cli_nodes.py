@@ -129,7 +129,15 @@ def describe_peer_event(e: dict[str, Any]) -> str | None:
     """One human line for a peer event (one per round)."""
     kind = e.get("event")
     if kind == "synced":
-        return f"peer {e['fingerprint']} joined run {e['run']!r} at round {e['round']} (state {_kb(e['state_bytes'])})"
+        sources = e.get("state_sources") or {}
+        given = [n for n, b in sources.items() if b]
+        spread = f" from {len(given)} sources" if len(given) > 1 else ""
+        return (
+            f"peer {e['fingerprint']} joined run {e['run']!r} at round {e['round']} "
+            f"(state {_kb(e['state_bytes'])}{spread})"
+        )
+    if kind == "donor-dropped":
+        return f"stopped fetching state chunks from {e['donor']} ({e['reason']}); the others give the rest"
     if kind == "round":
         verdict = "accepted" if e["accepted"] else f"rejected ({e['reason']})"
         if e.get("points") is not None and e["accepted"]:
@@ -382,6 +390,14 @@ def peer(
             min=0,
         ),
     ] = 0,
+    serve_state: Annotated[
+        bool,
+        typer.Option(
+            "--serve-state/--no-serve-state",
+            help="Serve chunks of the model state this peer holds to peers that join later, so no one source "
+            "uploads the whole model to every joiner (never in --client-mode: nobody can dial in).",
+        ),
+    ] = True,
     serverless: Annotated[
         bool,
         typer.Option(
@@ -447,6 +463,7 @@ def peer(
         plan=plan,
         plan_peers=plan_peers,
         eval_batches=eval_batches,
+        serve_state=serve_state,
     )
     from potluck.node_web import PageOptions, peer_app, peer_page, serve_with_page
 

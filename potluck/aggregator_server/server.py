@@ -58,6 +58,7 @@ from potluck.aggregator_server.master import (
 from potluck.aggregator_server.probe import PROBE_HANDLER, handle_probe
 from potluck.aggregator_server.reputation import BanFileError, Reputation
 from potluck.aggregator_server.rounds import Accepted, OpenRound
+from potluck.aggregator_server.served_state import KEPT_STATES, ServedState, serve_state
 from potluck.aggregator_server.setup import SetupError
 from potluck.aggregator_server.standby import Standby
 from potluck.aggregator_server.validation import (
@@ -70,6 +71,7 @@ from potluck.aggregator_server.validation import (
 from potluck.incentives.ledger import LedgerError
 from potluck.incentives.ledger_format import LedgerRow, SignedHead
 from potluck.protocol.ban_records import BANS_KEY, BanList, BanRecordError, parse_ban_lists, sign_ban_list
+from potluck.protocol.chunk_server import ChunkUnavailable, chunk_handler
 from potluck.protocol.codecs import Codec
 from potluck.protocol.config import RunConfig
 from potluck.protocol.density import density_ladder, density_problem, round_codecs, start_density
@@ -79,21 +81,19 @@ from potluck.protocol.envelope import (
     EnvelopeError,
     Receipt,
     SignedUpdate,
-    StateHeader,
-    payload_digest,
     sign_receipt,
-    sign_state,
 )
 from potluck.protocol.identity import Identity, fingerprint, public_key_from_hex, public_key_to_hex
 from potluck.protocol.messages import (
     AGGREGATE_HANDLER,
     BUSY_PREFIX,
+    CHUNK_HANDLER,
+    MANIFEST_HANDLER,
     MAX_REQUEST_BYTES,
     RECEIPT_HANDLER,
     STATE_HANDLER,
     SUBMIT_HANDLER,
     MessageError,
-    encode_state_payload,
     pack_envelope,
     parse_aggregate_request,
     parse_receipt_request,
@@ -102,6 +102,7 @@ from potluck.protocol.messages import (
 )
 from potluck.protocol.node import Node, start_node
 from potluck.protocol.shards import ShardError, keys_of_shard, shard_names, shard_of_key
+from potluck.protocol.state_chunks import ChunkRequest
 from potluck.protocol.wire import (
     MessageKind,
     VersionMismatchError,
@@ -232,7 +233,7 @@ class AggregatorServer:
         self._published = asyncio.Condition()
         self._wake = asyncio.Event()
         self._all_here = asyncio.Event()  # the first round's wait_for_peers have all downloaded the state
-        self._state_body: tuple[int, bytes] | None = None  # (version, STATE frame body), built on demand
+        self._served: dict[bytes, ServedState] = {}  # payload sha256 -> a recent version, built on demand
         # A shard's aggregator holds part of the model: it cannot score the held-out loss (peers can, see
         # PeerOptions.eval_batches), so its rounds skip the held-out check and report no loss, and it loads
         # neither the held-out batches nor a model to score them with.
@@ -324,12 +325,16 @@ class AggregatorServer:
         """Serve the protocol's requests (each through _closing: one ERROR line for what it refuses)."""
         for name, handler in (
             (STATE_HANDLER, self._handle_state),
+            (MANIFEST_HANDLER, self._handle_manifest),
             (SUBMIT_HANDLER, self._handle_submit),
             (AGGREGATE_HANDLER, self._handle_aggregate),
             (PROBE_HANDLER, self._handle_probe),
             (RECEIPT_HANDLER, self._handle_receipt),
         ):
             await p2p.add_binary_stream_handler(name, _closing(name, handler))
+        await p2p.add_binary_stream_handler(
+            CHUNK_HANDLER, chunk_handler(self._find_chunk_payload, on_served=self._chunk_sent)
+        )
 
     async def _stand_by(self, node: Node) -> bool:
         """Follow the primary (standby.py) until it goes, then take the shard over: True; False when the run ended."""
@@ -839,8 +844,8 @@ class AggregatorServer:
         async with self._probes:
             await handle_probe(info, reader, writer)
 
-    async def _handle_state(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _, body = await _read(reader, MessageKind.STATE_REQUEST, MAX_REQUEST_BYTES)
+    async def _admit(self, body: bytes) -> bytes:
+        """A state or manifest request's asker, expected in the open round; it may first wait for the others."""
         key, client_mode = parse_state_request_mode(body)
         if self.finished:
             raise _Refusal(f"run {self.cfg.run_name!r} has finished at round {self.master.round}")
@@ -855,9 +860,6 @@ class AggregatorServer:
         if self._waiting_for_peers() and not standby:
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._all_here.wait(), timeout=max(self.cfg.round_deadline_s, JOIN_BARRIER_S))
-        async with self._lock:
-            body = await self._state_frame()
-        self.bytes_out += len(body)
         self.on_event(
             {
                 "event": "joined",
@@ -867,29 +869,47 @@ class AggregatorServer:
                 "time_s": time.time(),
             }
         )
-        await write_frame(writer, kind=MessageKind.STATE, body=body)
+        return key
 
-    async def _state_frame(self) -> bytes:
+    async def _handle_state(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The whole state in one reply (standbys follow this way; joiners use the manifest and chunks)."""
+        _, body = await _read(reader, MessageKind.STATE_REQUEST, MAX_REQUEST_BYTES)
+        await self._admit(body)
+        async with self._lock:
+            reply = (await self._served_state()).state_body()
+        self.bytes_out += len(reply)
+        await write_frame(writer, kind=MessageKind.STATE, body=reply)
+
+    async def _handle_manifest(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The signed state header and its chunk digests: a joiner then fetches the chunks from every holder."""
+        _, body = await _read(reader, MessageKind.MANIFEST_REQUEST, MAX_REQUEST_BYTES)
+        await self._admit(body)
+        async with self._lock:
+            reply = (await self._served_state()).manifest_body()
+        self.bytes_out += len(reply)
+        await write_frame(writer, kind=MessageKind.MANIFEST, body=reply)
+
+    async def _find_chunk_payload(self, request: ChunkRequest) -> bytes:
+        """The payload a chunk request names, if it is one of the KEPT_STATES last versions served."""
+        served = self._served.get(request.payload_sha256)
+        if served is None or request.shard != self.shard or served.version != request.version:
+            raise ChunkUnavailable(f"this aggregator does not serve shard {request.shard} v{request.version} now")
+        return served.payload
+
+    def _chunk_sent(self, n: int) -> None:
+        self.bytes_out += n
+
+    async def _served_state(self) -> ServedState:
+        """The current master version ready to serve, built once per version; the last KEPT_STATES are kept."""
         master = self.master
-        if self._state_body is None or self._state_body[0] != master.version:
-            payload = await asyncio.to_thread(
-                encode_state_payload, self.cfg, params=master.params, outer_state=master.outer_state
-            )
-            header = StateHeader(
-                run_id=self.cfg.run_name,
-                config_hash=self.cfg.config_hash,
-                round=master.round,
-                new_version=master.version,
-                aggregator_public_key=self.identity.public_key,
-                payload_bytes=len(payload),
-                payload_sha256=payload_digest(payload),
-                state_sha256=state_sha256(master.params),
-                timestamp_s=time.time(),
-                density=master.density,
-            )
-            body = pack_envelope(sign_state(header, self.identity).to_bytes(), payload)
-            self._state_body = (master.version, body)
-        return self._state_body[1]
+        newest = next(reversed(self._served.values()), None)
+        if newest is not None and newest.version == master.version:
+            return newest
+        served = await asyncio.to_thread(serve_state, self.cfg, master, self.identity, shard=self.shard)
+        self._served[served.payload_sha256] = served
+        while len(self._served) > KEPT_STATES:
+            del self._served[next(iter(self._served))]
+        return served
 
     async def _handle_submit(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         limit = 4 + MAX_UPDATE_ENVELOPE_BYTES + self.cfg.max_update_bytes

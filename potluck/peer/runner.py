@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,13 +28,15 @@ from typing import TypeVar
 import torch
 
 from potluck.incentives.receipts import ReceiptError, check_receipt, store_receipt
+from potluck.peer.state_download import Donor, DownloadFailed, Fetched, fetch_chunks
 from potluck.peer.trainer import LocalTrainer, RoundWork, TrainingDiverged
 from potluck.planner import auto_plan
 from potluck.protocol import PROTOCOL_VERSION
+from potluck.protocol.chunk_server import ChunkUnavailable, chunk_handler
 from potluck.protocol.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable, Transfer
 from potluck.protocol.config import RunConfig
 from potluck.protocol.density import round_codecs
-from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, parse_announcements
+from potluck.protocol.dht_schema import AGGREGATORS_KEY, MAX_MADDRS, AggregatorAnnouncement, parse_announcements
 from potluck.protocol.envelope import (
     EnvelopeError,
     SignedAggregate,
@@ -44,10 +47,13 @@ from potluck.protocol.envelope import (
     payload_digest,
     sign_update,
 )
+from potluck.protocol.holder_records import HOLDERS_KEY, HolderRecord, parse_holder_records, sign_holder_record
 from potluck.protocol.identity import Identity, fingerprint, public_key_to_hex
+from potluck.protocol.messages import CHUNK_HANDLER, encode_state_payload
 from potluck.protocol.node import JoinError, dial, parse_join_address, peer_id_of, start_node
 from potluck.protocol.probe import ProbeUnavailableError, measure_rates
 from potluck.protocol.shards import keys_of_shard
+from potluck.protocol.state_chunks import ChunkError, ChunkRequest, check_manifest
 from potluck.protocol.wire import PeerRefusedError, WireError
 from potluck.training.benchmark import measure_for_plan
 from potluck.training.diloco import OuterOptimizer
@@ -63,6 +69,7 @@ T = TypeVar("T")
 PLAN_PROBE_BYTES = 1024 * 1024  # each way: ~1 s at 10 Mbit/s, enough for a rate that means something
 PLAN_PROBE_TIMEOUT_S = 30.0
 FAILOVER_AFTER_S = 10.0  # a shard's aggregator silent this long: switch to its standby once one is announced
+MAX_DONORS = 8  # holding peers one state download asks besides the aggregator
 TIME_BOX_MARGIN = 0.1  # of the round deadline, kept free: the round opened a download before the peer saw it
 
 
@@ -108,6 +115,9 @@ class PeerOptions:
     # Score the master state on this many of the run's held-out batches after each round (0: never). An
     # aggregator scores the rounds it closes; in a sharded run none holds the whole model, so a peer may.
     eval_batches: int = 0
+    # Serve chunks of the state this peer holds to joiners (state from many sources), and say so on the DHT.
+    # A peer in client mode cannot be dialled, so it never serves.
+    serve_state: bool = True
 
 
 @dataclass(kw_only=True, slots=True)
@@ -160,6 +170,11 @@ class PeerRunner:
         self._late: dict[int, tuple[int, bytes]] = {}
         self._held_out: HeldOutLoss | None = None  # scores the master state (PeerOptions.eval_batches)
         self._synced_at = time.monotonic()
+        self._holding: _Master | None = None  # the master state this peer serves chunks of (serve_state)
+        self._held: dict[int, tuple[int, bytes, bytes]] = {}  # shard -> (version, payload, its sha256), built lazily
+        self._building = asyncio.Lock()
+        self.bad_donors: set[bytes] = set()  # holder keys that sent a chunk the manifest refutes
+        self.chunks_served_bytes = 0
 
     async def run(self) -> None:
         """Join, sync and train until done; the DHT node and its daemon are shut down on every exit path."""
@@ -167,10 +182,15 @@ class PeerRunner:
             initial_peers=self.join_addrs,
             host_maddrs=self.options.host_maddrs,
             client_mode=self.options.client_mode,
+            signer=self.identity,  # signs its holder record (serve_state)
             bootstrap_timeout_s=self.options.join_timeout_s,
         )
         try:
             self.node = node
+            if self.serves_state:
+                await node.p2p.add_binary_stream_handler(
+                    CHUNK_HANDLER, chunk_handler(self._held_payload, on_served=self._chunk_served)
+                )
             self.link = await self._retrying("finding the aggregator", self._find_aggregator)
             master = await self._retrying("downloading the state", self._sync_from_any)
             if self.options.plan:
@@ -332,6 +352,7 @@ class PeerRunner:
     async def _sync(self) -> _Master:
         """The whole master state: from the preferred aggregator, then from each other shard's (sharded runs)."""
         before = self.bytes_down
+        self._sources: list[Fetched] = []
         cfg, h, first, params = await self._fetch_shard(self.announcement, self.link)
         shards = {first.index: first}
         if cfg.shards > 1:
@@ -369,6 +390,8 @@ class PeerRunner:
                 "aggregator": fingerprint(first.key),
                 "fingerprint": self.identity.fingerprint,
                 "state_bytes": self.bytes_down - before,
+                # who gave the state's chunks (bytes per donor, the aggregator's and peers' alike)
+                "state_sources": _merged([f.bytes_by_donor for f in self._sources]),
                 "shards": cfg.shards,
                 "val_loss": val_loss,  # the state's held-out loss (PeerOptions.eval_batches)
             }
@@ -383,16 +406,29 @@ class PeerRunner:
     async def _fetch_shard(
         self, announcement: AggregatorAnnouncement, link: AggregatorLink, *, cfg: RunConfig | None = None
     ) -> tuple[RunConfig, StateHeader, _Shard, dict[str, torch.Tensor]]:
-        """One aggregator's state, checked: its signature, its config (`cfg`'s, when given), its shard's shapes."""
-        signed, payload, t = await link.fetch_state(self.identity.public_key, client_mode=self.options.client_mode)
-        self.bytes_down += len(payload) + t.sent_bytes
+        """One aggregator's state, checked: its signature, its config (`cfg`'s, when given), its shard's shapes.
+
+        The aggregator sends the signed manifest; the chunks come from it and every peer that holds the
+        same shard at the same version (state_download.py).
+        """
+        signed, digest_bytes, t = await link.fetch_manifest(
+            self.identity.public_key, client_mode=self.options.client_mode
+        )
+        self.bytes_down += len(t.body) + t.sent_bytes
         source = announcement.public_key
         try:
-            state = await asyncio.to_thread(check_state, signed, payload, source=source)
+            signed.verify({source})
+            digests = check_manifest(signed.header, digest_bytes)
+        except (EnvelopeError, ChunkError) as e:
+            raise UntrustedState(source, f"its state does not check out: {e}") from e
+        fetched = await self._fetch_chunks(signed.header, digests, link)
+        try:
+            state = await asyncio.to_thread(check_state, signed, fetched.payload, source=source)
         except ReplicaError as e:
             raise UntrustedState(source, str(e)) from e
         if cfg is not None and state.cfg.config_hash != cfg.config_hash:
             raise UntrustedState(source, "it serves another run config than the run's other shards")
+        self._sources.append(fetched)
         shard = _Shard(
             index=state.shard,
             names=tuple(state.params),
@@ -403,6 +439,134 @@ class PeerRunner:
             density=state.header.density,
         )
         return state.cfg, state.header, shard, state.params
+
+    async def _fetch_chunks(self, h: StateHeader, digests: list[bytes], link: AggregatorLink) -> Fetched:
+        """The payload `h` signs, in chunks from its aggregator and from the peers the DHT says hold it."""
+
+        def request(index: int) -> ChunkRequest:
+            return ChunkRequest(
+                shard=h.shard,
+                version=h.new_version,
+                payload_sha256=h.payload_sha256,
+                chunk_bytes=h.chunk_bytes,
+                index=index,
+            )
+
+        def donor(name: str, to: AggregatorLink, *, streams: int) -> Donor:
+            async def fetch(index: int) -> bytes:
+                chunk, t = await to.fetch_chunk(request(index))
+                self.bytes_down += len(chunk) + t.sent_bytes
+                return chunk
+
+            return Donor(name=name, fetch=fetch, streams=streams)
+
+        # The aggregator gets one stream, each holder two: where peers hold the state they carry most of it.
+        donors = [donor(fingerprint(h.aggregator_public_key), link, streams=1)]
+        names = {donors[0].name: h.aggregator_public_key}
+        for record in await self._holders(h):
+            holder_link = await self._holder_link(record)
+            if holder_link is not None:
+                donors.append(donor(fingerprint(record.holder), holder_link, streams=2))
+                names[donors[-1].name] = record.holder
+        try:
+            fetched = await fetch_chunks(
+                digests, payload_bytes=h.payload_bytes, chunk_bytes=h.chunk_bytes, donors=donors
+            )
+        except DownloadFailed as e:
+            raise AggregatorUnreachable(str(e)) from e
+        for name, reason in fetched.dropped.items():
+            key = names[name]
+            if key != h.aggregator_public_key and "manifest" in reason:
+                self.bad_donors.add(key)  # it sent a chunk the signed manifest refutes: never asked again
+            self.on_event({"event": "donor-dropped", "donor": name, "reason": reason, "shard": h.shard})
+        return fetched
+
+    async def _holders(self, h: StateHeader) -> list[HolderRecord]:
+        """Peers whose DHT record says they hold shard `h.shard` at `h.new_version`, at most MAX_DONORS, shuffled."""
+        try:
+            result = await asyncio.wait_for(self.node.dht.get(HOLDERS_KEY, latest=True), timeout=10)
+        except (TimeoutError, asyncio.TimeoutError):
+            return []
+        records = [
+            r
+            for r in parse_holder_records(result, config_hash=h.config_hash)
+            if r.version_of(h.shard) == h.new_version
+            and r.holder != self.identity.public_key
+            and r.holder not in self.bad_donors
+        ]
+        random.shuffle(records)  # joiners arriving together spread over the holders
+        return records[:MAX_DONORS]
+
+    async def _holder_link(self, record: HolderRecord) -> AggregatorLink | None:
+        """A link to a holding peer, dialled; None when its record's addresses do not parse."""
+        from hivemind.p2p import PeerID
+        from hivemind.utils.multiaddr import Multiaddr
+
+        try:
+            peer_id = PeerID(record.libp2p_peer_id)
+            maddrs = [Multiaddr(m) for m in record.maddrs]
+        except Exception:  # a record's contents are untrusted; hivemind raises several types on garbage
+            return None
+        await dial(self.node.p2p, peer_id, maddrs, timeout_s=5)
+        return AggregatorLink(self.node.p2p, peer_id)
+
+    # ----------------------------------------------------------------- serving the state to joiners
+
+    @property
+    def serves_state(self) -> bool:
+        """Whether this peer serves chunks of the state it holds (PeerOptions.serve_state, not in client mode)."""
+        return self.options.serve_state and not self.options.client_mode
+
+    async def _announce_holding(self, master: _Master) -> None:
+        """Say on the DHT which version of each shard this peer holds, so joiners can fetch chunks here."""
+        self._holding = master
+        if not self.serves_state:
+            return
+        record = HolderRecord(
+            holder=self.identity.public_key,
+            libp2p_peer_id=self.node.p2p.peer_id.to_bytes(),
+            maddrs=tuple(str(m) for m in (await self.node.p2p.get_visible_maddrs())[:MAX_MADDRS]),
+            config_hash=master.cfg.config_hash,
+            shards=tuple((s.index, s.version) for s in master.shards),
+            timestamp_s=time.time(),
+        )
+        from hivemind.utils import get_dht_time
+
+        subkey, value = sign_holder_record(record, self.identity)
+        expires = get_dht_time() + 2 * master.cfg.round_deadline_s + 60
+        with contextlib.suppress(Exception):  # a hint for joiners: a failed store costs nothing but that
+            await asyncio.wait_for(self.node.dht.store(HOLDERS_KEY, value, expires, subkey=subkey), timeout=10)
+
+    async def _held_payload(self, request: ChunkRequest) -> bytes:
+        """The payload of the shard and version a chunk request names, if this peer holds exactly that state.
+
+        The payload is built on the first request for a version; a round that closes meanwhile (the
+        aggregate applied while it was built) makes it stale, and the asker goes to another holder.
+        """
+        master = self._holding
+        shard = master.shards[request.shard] if master is not None and request.shard < len(master.shards) else None
+        if shard is None or shard.version != request.version:
+            raise ChunkUnavailable(f"this peer does not hold shard {request.shard} at version {request.version}")
+        held = self._held.get(shard.index)
+        if held is None or held[0] != request.version:
+            async with self._building:
+                held = self._held.get(shard.index)
+                if held is None or held[0] != request.version:
+                    params = {name: master.params[name] for name in shard.names}
+                    payload = await asyncio.to_thread(
+                        encode_state_payload, master.cfg, params=params, outer_state=shard.outer.state_dict()
+                    )
+                    if shard.version != request.version or self._holding is not master:
+                        raise ChunkUnavailable("this peer's state moved on while it was being prepared")
+                    held = (request.version, payload, payload_digest(payload))
+                    self._held[shard.index] = held
+        if held[2] != request.payload_sha256:
+            raise ChunkUnavailable(f"this peer holds another state of shard {request.shard} at that version")
+        return held[1]
+
+    def _chunk_served(self, n: int) -> None:
+        self.chunks_served_bytes += n
+        self.bytes_up += n
 
     # ----------------------------------------------------------------- rounds
 
@@ -432,6 +596,7 @@ class PeerRunner:
         while master.round < cfg.rounds and (
             self.options.max_rounds is None or self.rounds_done < self.options.max_rounds
         ):
+            await self._announce_holding(master)
             r = master.round
             codecs = [round_codecs(cfg, s.density) for s in master.shards]  # the aggregators pick each round's
             trainer.codec = codecs[0][0]  # a run of one shard's codec, for whoever reads it (the red team)
@@ -823,6 +988,15 @@ def _total(points: Sequence[float | None]) -> float | None:
     """The sum of the points given, None when none was credited."""
     credited = [p for p in points if p is not None]
     return math.fsum(credited) if credited else None
+
+
+def _merged(counts: Sequence[dict[str, int]]) -> dict[str, int]:
+    """Bytes per donor over several downloads (one per shard)."""
+    merged: dict[str, int] = {}
+    for c in counts:
+        for name, n in c.items():
+            merged[name] = merged.get(name, 0) + n
+    return merged
 
 
 def join_addresses(values: Sequence[str]) -> tuple[str, ...]:

@@ -1,4 +1,7 @@
-"""The peer's side of the three aggregator streams: download the state, submit an update, fetch an aggregate.
+"""The peer's side of the aggregator streams: download the state, submit an update, fetch an aggregate.
+
+The state comes as a manifest from an aggregator and chunks from any holder of it (`fetch_chunk` works
+on a link to a peer as well as to an aggregator: both serve potluck.chunk).
 
 Each call opens a fresh libp2p stream, sends one frame, reads one bounded reply frame and closes the
 stream. Every failure is one of two kinds, because the peer's loop treats them differently:
@@ -24,6 +27,8 @@ from potluck.protocol.envelope import (
 from potluck.protocol.messages import (
     AGGREGATE_HANDLER,
     BUSY_PREFIX,
+    CHUNK_HANDLER,
+    MANIFEST_HANDLER,
     RECEIPT_HANDLER,
     STATE_HANDLER,
     SUBMIT_HANDLER,
@@ -34,6 +39,7 @@ from potluck.protocol.messages import (
     state_request,
     unpack_envelope,
 )
+from potluck.protocol.state_chunks import MAX_CHUNK_BYTES, ChunkRequest, max_digest_bytes
 from potluck.protocol.wire import (
     HEADER_BYTES,
     MessageKind,
@@ -148,6 +154,38 @@ class AggregatorLink:
         )
         envelope, payload = _unpack(t.body, MAX_STATE_ENVELOPE_BYTES)
         return _parse(SignedState, envelope), payload, t
+
+    async def fetch_manifest(
+        self, public_key: bytes, *, timeout_s: float = 300, client_mode: bool | None = None
+    ) -> tuple[SignedState, bytes, Transfer]:
+        """The aggregator's signed state header and the chunk digests, both unchecked (state_chunks.check_manifest)."""
+        t = await self._call(
+            MANIFEST_HANDLER,
+            kind=MessageKind.MANIFEST_REQUEST,
+            body=state_request(public_key, client_mode=client_mode),
+            reply=MessageKind.MANIFEST,
+            max_reply_bytes=4 + MAX_STATE_ENVELOPE_BYTES + max_digest_bytes(self.max_state_bytes),
+            timeout_s=timeout_s,
+        )
+        envelope, digest_bytes = _unpack(t.body, MAX_STATE_ENVELOPE_BYTES)
+        signed = _parse(SignedState, envelope)
+        if signed.header.payload_bytes > self.max_state_bytes:
+            raise AggregatorRefused(
+                f"its state is {signed.header.payload_bytes} bytes, over this peer's {self.max_state_bytes}-byte limit"
+            )
+        return signed, digest_bytes, t
+
+    async def fetch_chunk(self, request: ChunkRequest, *, timeout_s: float = 60) -> tuple[bytes, Transfer]:
+        """One chunk of a state from whoever this link reaches (unchecked: the caller checks its digest)."""
+        t = await self._call(
+            CHUNK_HANDLER,
+            kind=MessageKind.CHUNK_REQUEST,
+            body=request.to_bytes(),
+            reply=MessageKind.CHUNK,
+            max_reply_bytes=min(request.chunk_bytes, MAX_CHUNK_BYTES),
+            timeout_s=timeout_s,
+        )
+        return t.body, t
 
     async def submit(
         self, update: SignedUpdate, payload: bytes, *, timeout_s: float = 120

@@ -118,6 +118,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tokens": _COUNT,
     "inner_steps": _COUNT,
     "payload_bytes": _COUNT,
+    "chunk_bytes": _COUNT,
+    "shard": _COUNT,
+    "chunks_sha256": _SHA256,
     "tokens_credited": _COUNT,
     "peer_public_key": _KEY,
     "aggregator_public_key": _KEY,
@@ -313,8 +316,11 @@ class StateHeader(_SignedBody):
     round: int  # the round now open: the peer contributes to it next
     new_version: int  # master state version of the parameters in the payload
     aggregator_public_key: bytes  # who serves and signs this state
+    shard: int  # which shard of the model (protocol/shards.py) the payload holds; 0 in a run of one
     payload_bytes: int
     payload_sha256: bytes
+    chunk_bytes: int  # the payload is fetched in chunks of this size (protocol/state_chunks.py)
+    chunks_sha256: bytes  # state_chunks.digests_sha256 of the chunks' sha256s: the signed chunk manifest
     state_sha256: bytes  # diloco.state_sha256 of the master parameters in the payload
     timestamp_s: float
     density: float = 0.0  # the open round's upload density (protocol/density.py); 0.0 when the codec has none

@@ -7,14 +7,18 @@ Every conversation is one request frame and one reply frame on a fresh libp2p st
     potluck.submit     SUBMIT         envelope+payload       SUBMIT_REPLY SignedReceipt bytes
     potluck.aggregate  AGGREGATE_REQUEST {"round": n}        AGGREGATE  envelope+payload (SignedAggregate, codec)
     potluck.receipt    RECEIPT_REQUEST {"round": n, "update": b32}  RECEIPT  SignedReceipt bytes (final)
+    potluck.manifest   MANIFEST_REQUEST (as STATE_REQUEST)    MANIFEST   envelope+chunk digests (SignedState)
+    potluck.chunk      CHUNK_REQUEST  state_chunks.ChunkRequest  CHUNK  one chunk of a state payload
 
 Either side may answer with an ERROR frame instead. "envelope+payload" is a 4-byte big-endian envelope
 length, the signed envelope's wire bytes, then the payload, so one frame carries both and the envelope
 is bounded before it is parsed. Handler names carry no version: the frame header does, so a peer of
 another version gets a message naming both versions instead of "no such handler".
 
-The state payload is a safetensors file: master parameters under ``param/``, outer-optimizer buffers
-under ``outer/``, and the RunConfig as TOML in the metadata, so a joiner needs nothing but the stream.
+Joiners fetch the state as a manifest from an aggregator and chunks from any holder (state_chunks.py);
+peers serve potluck.chunk too. The state payload is a safetensors file: master parameters under
+``param/``, outer-optimizer buffers under ``outer/``, and the RunConfig as TOML in the metadata, so a
+joiner needs nothing but the stream.
 """
 
 import json
@@ -31,6 +35,8 @@ STATE_HANDLER = "potluck.state"
 SUBMIT_HANDLER = "potluck.submit"
 AGGREGATE_HANDLER = "potluck.aggregate"
 RECEIPT_HANDLER = "potluck.receipt"
+MANIFEST_HANDLER = "potluck.manifest"
+CHUNK_HANDLER = "potluck.chunk"
 
 # An ERROR frame whose text starts with this is "try again shortly", not "no": callers retry it.
 BUSY_PREFIX = "busy: "

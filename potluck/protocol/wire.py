@@ -80,6 +80,10 @@ class MessageKind(IntEnum):
     PROBE_REPLY = 9  # aggregator -> doctor: reply_bytes bytes, for a download-rate measurement
     RECEIPT_REQUEST = 10  # peer -> aggregator: the final receipt of my update in round N
     RECEIPT = 11  # aggregator -> peer: a SignedReceipt from the ledger, with its Merkle inclusion proof
+    MANIFEST_REQUEST = 12  # joiner -> aggregator: the signed state header and its chunk digests (STATE_REQUEST body)
+    MANIFEST = 13  # aggregator -> joiner: SignedState envelope + the chunk digests it commits to
+    CHUNK_REQUEST = 14  # joiner -> any holder: one chunk of one state (state_chunks.ChunkRequest)
+    CHUNK = 15  # holder -> joiner: the chunk's bytes, checked by the joiner against the manifest
 
 
 def _version_message(theirs: int) -> str:

@@ -53,6 +53,8 @@ def check_state(signed: SignedState, payload: bytes, *, source: bytes) -> ShardS
         names = shard_names(shapes, cfg.shards)[shard]
     except ShardError as e:
         raise ReplicaError(f"its run config cannot be sharded as it says: {e}") from e
+    if h.shard != shard:
+        raise ReplicaError(f"its state says it is shard {h.shard}, but its key owns shard {shard}")
     if {n: tuple(t.shape) for n, t in params.items()} != {n: shapes[n] for n in names}:
         raise ReplicaError("its state does not match its shard of the model")
     if state_sha256(params) != h.state_sha256:

@@ -66,7 +66,9 @@ async def submit(server: AggregatorServer, update: SignedUpdate, payload: bytes)
 
 async def state(server: AggregatorServer) -> tuple[SignedState, bytes]:
     """The signed state the server hands a joiner now, and its payload."""
-    envelope, payload = unpack_envelope(await server._state_frame(), max_envelope_bytes=MAX_STATE_ENVELOPE_BYTES)
+    envelope, payload = unpack_envelope(
+        (await server._served_state()).state_body(), max_envelope_bytes=MAX_STATE_ENVELOPE_BYTES
+    )
     return SignedState.from_bytes(envelope), payload
 
 

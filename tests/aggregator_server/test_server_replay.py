@@ -33,7 +33,9 @@ def _server(state_dir: Path) -> AggregatorServer:
 
 async def _accept_three_then_commit_without_checkpoint(state_dir: Path):  # noqa: ANN202 - the SignedHead
     first = _server(state_dir)
-    envelope, payload = unpack_envelope(await first._state_frame(), max_envelope_bytes=MAX_STATE_ENVELOPE_BYTES)
+    envelope, payload = unpack_envelope(
+        (await first._served_state()).state_body(), max_envelope_bytes=MAX_STATE_ENVELOPE_BYTES
+    )
     state = SignedState.from_bytes(envelope)
     for i, sender in enumerate(SENDERS):
         update, update_payload = signed_test_update(state, payload, sender=sender, tokens=1_000 * (i + 1), seed=i)

@@ -36,3 +36,30 @@ def test_a_joiner_refuses_a_forged_state_and_trains_from_the_real_aggregator(nod
     first_round = joiner.next_event(_is("round"), timeout_s=120)
     assert first_round["accepted"], first_round["reason"]
     assert joiner.wait_exit(timeout_s=60) == 0
+
+
+@pytest.mark.timeout(240)
+def test_a_joiner_takes_the_state_from_several_holders_and_refuses_a_bad_donors_chunks(nodes: Nodes) -> None:
+    # Prepare: one honest peer that holds the state, slowed so that each round lasts most of its 10 s deadline
+    # (the joiner arrives mid-round), and a forger that claims the same version and serves garbage chunks
+    aggregator = nodes.aggregator(rounds=40, round_deadline_s=10, **FAST)
+    ready = aggregator.next_event(_is("ready"), timeout_s=90)
+    real = ready["maddrs"][0]
+    holder = nodes.peer("holder", real, "--speed", "0.01")
+    holder_fp = holder.next_event(_is("synced"), timeout_s=90)["fingerprint"]
+    forger = nodes.start("forger", "--join", real, "--tamper", "chunks", module="tests.integration.forger")
+    forger.next_event(_is("ready"), timeout_s=90)
+    held = holder.next_event(_is("round"), timeout_s=120)["round"] + 1  # the version it holds from now on
+    forger.next_event(lambda e: e.get("event") == "claimed" and e["version"] == held, timeout_s=30)
+    # Execute: a joiner arrives while round `held` is open
+    joiner = nodes.peer("joiner", real, "--max-rounds", "1")
+    # Assert
+    dropped = joiner.next_event(_is("donor-dropped"), timeout_s=90)
+    synced = joiner.next_event(_is("synced"), timeout_s=90)
+    assert "does not match the signed manifest" in dropped["reason"]
+    sources = synced["state_sources"]
+    assert sources[dropped["donor"]] == 0  # nothing of the forger's was kept
+    assert sources[holder_fp] > 0 and sources[ready["fingerprint"]] > 0, sources  # two sources gave chunks
+    first_round = joiner.next_event(_is("round"), timeout_s=120)
+    assert first_round["accepted"], first_round["reason"]
+    assert joiner.wait_exit(timeout_s=60) == 0

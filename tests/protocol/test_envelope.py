@@ -105,6 +105,9 @@ def _state_header(**changes: Any) -> StateHeader:
         aggregator_public_key=AGGREGATOR.public_key,
         payload_bytes=len(PAYLOAD),
         payload_sha256=payload_digest(PAYLOAD),
+        shard=0,
+        chunk_bytes=65536,
+        chunks_sha256=hashlib.sha256(b"chunk digests").digest(),
         state_sha256=hashlib.sha256(b"master state").digest(),
         timestamp_s=1_700_000_062.0,
     )

@@ -257,6 +257,10 @@ def test_message_kind_values_are_stable() -> None:
         "PROBE_REPLY": 9,
         "RECEIPT_REQUEST": 10,
         "RECEIPT": 11,
+        "MANIFEST_REQUEST": 12,
+        "MANIFEST": 13,
+        "CHUNK_REQUEST": 14,
+        "CHUNK": 15,
     }
     assert encode_header(MessageKind.SUBMIT, 258) == b"PLK" + bytes([PROTOCOL_VERSION, 3]) + (258).to_bytes(8, "big")
 

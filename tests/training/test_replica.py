@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from potluck.protocol.envelope import SignedAggregate
 from potluck.protocol.identity import generate_identity, public_key_to_hex
+from potluck.protocol.messages import encode_state_payload
 from potluck.training.diloco import state_sha256
-from potluck.training.replica import ReplicaError, apply_aggregate, check_state
+from potluck.training.replica import ReplicaError, ShardState, apply_aggregate, check_state
 from tests.aggregator_server.in_process import AGGREGATOR, closed_round_0, make_server
 
 PEERS = [generate_identity() for _ in range(3)]
@@ -20,10 +22,7 @@ async def _round_0(tmp_path: Path):  # noqa: ANN202
     return *await closed_round_0(server, PEERS), server.master
 
 
-def test_a_copy_follows_the_aggregate_to_the_aggregators_exact_state(tmp_path: Path) -> None:
-    signed_state, state_payload, aggregate, payload, after = asyncio.run(_round_0(tmp_path))
-    copy = check_state(signed_state, state_payload, source=AGGREGATOR.public_key)
-
+def _apply(copy: ShardState, aggregate: SignedAggregate, payload: bytes) -> None:
     apply_aggregate(
         aggregate,
         payload,
@@ -35,8 +34,32 @@ def test_a_copy_follows_the_aggregate_to_the_aggregators_exact_state(tmp_path: P
         outer=copy.outer,
     )
 
+
+def test_a_copy_follows_the_aggregate_to_the_aggregators_exact_state(tmp_path: Path) -> None:
+    signed_state, state_payload, aggregate, payload, after = asyncio.run(_round_0(tmp_path))
+    copy = check_state(signed_state, state_payload, source=AGGREGATOR.public_key)
+
+    _apply(copy, aggregate, payload)
+
     assert (copy.shard, copy.header.round) == (0, 0)
     assert state_sha256(copy.params) == state_sha256(after.params) == aggregate.header.state_sha256
+
+
+def test_a_copy_rebuilds_the_aggregators_state_payload_byte_for_byte(tmp_path: Path) -> None:
+    # Peers serve chunks of the state they hold: only a byte-exact rebuild matches the aggregator's manifest.
+    async def scenario():  # noqa: ANN202
+        server = make_server(tmp_path, aggregator_keys=[public_key_to_hex(AGGREGATOR.public_key)])
+        signed_state, state_payload, aggregate, payload = await closed_round_0(server, PEERS)
+        return signed_state, state_payload, aggregate, payload, await server._served_state()
+
+    signed_state, state_payload, aggregate, payload, served = asyncio.run(scenario())
+    copy = check_state(signed_state, state_payload, source=AGGREGATOR.public_key)
+    _apply(copy, aggregate, payload)
+
+    rebuilt = encode_state_payload(copy.cfg, params=copy.params, outer_state=copy.outer.state_dict())
+
+    assert served.version == 1 and copy.outer.state_dict()  # after a step: momentum is part of the payload
+    assert rebuilt == served.payload
 
 
 def test_a_state_from_another_key_or_with_a_flipped_byte_is_refused(tmp_path: Path) -> None:

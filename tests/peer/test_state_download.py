@@ -1,0 +1,86 @@
+"""One state from several donors: the chunks spread over them, and a bad or silent donor costs nothing."""
+
+import asyncio
+import hashlib
+
+import pytest
+
+from potluck.peer.state_download import Donor, DownloadFailed, fetch_chunks
+from potluck.protocol.messages import BUSY_PREFIX
+
+CHUNK = 1024
+PAYLOAD = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(10 * CHUNK // 32 + 3))  # 10 chunks+
+DIGESTS = [hashlib.sha256(PAYLOAD[i : i + CHUNK]).digest() for i in range(0, len(PAYLOAD), CHUNK)]
+
+
+def _honest(name: str, asked: list[int] | None = None, *, streams: int = 2) -> Donor:
+    async def fetch(index: int) -> bytes:
+        if asked is not None:
+            asked.append(index)
+        await asyncio.sleep(0)  # let the other donors' workers run in between
+        return PAYLOAD[index * CHUNK : (index + 1) * CHUNK]
+
+    return Donor(name=name, fetch=fetch, streams=streams)
+
+
+def _failing(name: str, error: Exception, asked: list[int]) -> Donor:
+    async def fetch(index: int) -> bytes:
+        asked.append(index)
+        raise error
+
+    return Donor(name=name, fetch=fetch)
+
+
+def _run(*donors: Donor):  # noqa: ANN202
+    return asyncio.run(fetch_chunks(DIGESTS, payload_bytes=len(PAYLOAD), chunk_bytes=CHUNK, donors=donors))
+
+
+def test_every_donor_gives_a_share_and_the_payload_is_whole() -> None:
+    a, b, c = [], [], []
+
+    got = _run(_honest("a", a), _honest("b", b), _honest("c", c))
+
+    assert got.payload == PAYLOAD and got.dropped == {}
+    assert sorted(a + b + c) == list(range(len(DIGESTS)))  # each chunk asked once
+    assert all(got.bytes_by_donor[name] > 0 for name in "abc")
+    assert sum(got.bytes_by_donor.values()) == len(PAYLOAD)
+
+
+def test_a_donor_whose_chunk_refutes_the_manifest_is_dropped_and_its_chunk_fetched_elsewhere() -> None:
+    asked: list[int] = []
+
+    async def lie(index: int) -> bytes:
+        asked.append(index)
+        return b"\x00" * CHUNK
+
+    got = _run(Donor(name="liar", fetch=lie), _honest("honest"))
+
+    assert got.payload == PAYLOAD
+    assert got.bytes_by_donor["liar"] == 0 and "does not match the signed manifest" in got.dropped["liar"]
+    assert len(asked) <= 2  # one refused chunk per stream, then it is never asked again
+
+
+def test_a_silent_donor_is_dropped_after_its_tries_and_a_busy_one_is_given_more() -> None:
+    silent, busy = [], []
+
+    got = _run(
+        _failing("silent", ConnectionError("stream reset"), silent),
+        _failing("busy", ConnectionError(f"{BUSY_PREFIX}serving 4 chunks already"), busy),
+        _honest("honest"),
+    )
+
+    assert got.payload == PAYLOAD and got.bytes_by_donor["honest"] == len(PAYLOAD)
+    assert len(silent) <= 3 and got.dropped.get("silent", "stream reset") == "stream reset"
+    assert "busy" not in got.dropped  # busy costs a fifth of a try: it is asked again later
+
+
+def test_without_an_honest_donor_the_download_fails_in_one_line_naming_each() -> None:
+    async def lie(index: int) -> bytes:
+        return b"\x00" * CHUNK
+
+    silent: list[int] = []
+
+    with pytest.raises(DownloadFailed, match=r"could not be fetched \(liar: chunk \d+ does not match.*silent: gone"):
+        _run(Donor(name="liar", fetch=lie), _failing("silent", ConnectionError("gone"), silent))
+
+    assert len(silent) == 3  # MAX_FAILURES tries, then dropped
