@@ -485,6 +485,8 @@ def _result(
                 "bytes_up": done.get("bytes_up", 0),
                 "bytes_down": done.get("bytes_down", 0),
                 "joined_round": synced.get("round"),
+                "state_sources": synced.get("state_sources", {}),  # bytes of the state each donor gave it
+                "state_bytes_served": done.get("state_bytes_served", 0),  # chunks it gave joiners
                 "tokens": done.get("tokens", sum(e.get("tokens", 0) for e in per_round)),
                 "inner_steps": done.get("inner_steps", sum(e.get("inner_steps", 0) for e in per_round)),
                 "compute_utilization": done.get("compute_utilization"),

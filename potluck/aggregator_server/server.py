@@ -71,11 +71,11 @@ from potluck.aggregator_server.validation import (
 from potluck.incentives.ledger import LedgerError
 from potluck.incentives.ledger_format import LedgerRow, SignedHead
 from potluck.protocol.ban_records import BANS_KEY, BanList, BanRecordError, parse_ban_lists, sign_ban_list
-from potluck.protocol.chunk_server import ChunkUnavailable, chunk_handler
+from potluck.protocol.chunk_server import AGGREGATOR_CHUNK_STREAMS, ChunkUnavailable, chunk_handler
 from potluck.protocol.codecs import Codec
 from potluck.protocol.config import RunConfig
 from potluck.protocol.density import density_ladder, density_problem, round_codecs, start_density
-from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, sign_announcement
+from potluck.protocol.dht_schema import AGGREGATORS_KEY, MAX_MADDRS, AggregatorAnnouncement, sign_announcement
 from potluck.protocol.envelope import (
     MAX_UPDATE_ENVELOPE_BYTES,
     EnvelopeError,
@@ -83,6 +83,7 @@ from potluck.protocol.envelope import (
     SignedUpdate,
     sign_receipt,
 )
+from potluck.protocol.holder_records import HolderRecord, store_holder_record
 from potluck.protocol.identity import Identity, fingerprint, public_key_from_hex, public_key_to_hex
 from potluck.protocol.messages import (
     AGGREGATE_HANDLER,
@@ -271,6 +272,14 @@ class AggregatorServer:
         announcer: asyncio.Task[None] | None = None
         try:
             p2p = node.p2p
+            self.node = node
+            # a standby serves chunks of the copy it follows from the start: it holds the shard's state too
+            await p2p.add_binary_stream_handler(
+                CHUNK_HANDLER,
+                chunk_handler(
+                    self._find_chunk_payload, on_served=self._chunk_sent, max_streams=AGGREGATOR_CHUNK_STREAMS
+                ),
+            )
             if self.primary is None:
                 await self._add_handlers(p2p)
             self.maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
@@ -332,9 +341,6 @@ class AggregatorServer:
             (RECEIPT_HANDLER, self._handle_receipt),
         ):
             await p2p.add_binary_stream_handler(name, _closing(name, handler))
-        await p2p.add_binary_stream_handler(
-            CHUNK_HANDLER, chunk_handler(self._find_chunk_payload, on_served=self._chunk_sent)
-        )
 
     async def _stand_by(self, node: Node) -> bool:
         """Follow the primary (standby.py) until it goes, then take the shard over: True; False when the run ended."""
@@ -377,13 +383,28 @@ class AggregatorServer:
         return True
 
     async def _followed(self, master: MasterState, aggregate: bytes | None) -> None:
-        """A standby's new copy of the shard: checkpointed first, then current, with the aggregate that made it."""
+        """A standby's new copy of the shard: checkpointed first, then current, with the aggregate that made it.
+
+        It then tells joiners it holds that version (holder_records.py), so they may fetch chunks here.
+        """
         await asyncio.to_thread(self._checkpoint, master, aggregate)
         self.master = master
+        await self._announce_holding()
         if aggregate is not None:
             self.aggregates[master.round - 1] = aggregate
             for old in [r for r in self.aggregates if r <= master.round - 1 - KEPT_AGGREGATES]:
                 del self.aggregates[old]
+
+    async def _announce_holding(self) -> None:
+        record = HolderRecord(
+            holder=self.identity.public_key,
+            libp2p_peer_id=self.node.p2p.peer_id.to_bytes(),
+            maddrs=tuple(self.maddrs[:MAX_MADDRS]),
+            config_hash=self.cfg.config_hash,
+            shards=((self.shard, self.master.version),),
+            timestamp_s=time.time(),
+        )
+        await store_holder_record(self.node.dht, record, self.identity, ttl_s=2 * self.cfg.round_deadline_s + 60)
 
     def _write_multiaddr_file(self) -> None:
         path = self.options.multiaddr_file
@@ -890,7 +911,13 @@ class AggregatorServer:
         await write_frame(writer, kind=MessageKind.MANIFEST, body=reply)
 
     async def _find_chunk_payload(self, request: ChunkRequest) -> bytes:
-        """The payload a chunk request names, if it is one of the KEPT_STATES last versions served."""
+        """The payload a chunk request names, if it is one of the KEPT_STATES last versions served.
+
+        A standby builds its current version on the first request: joiners find it by its holder record.
+        """
+        if self.primary is not None and request.version == self.master.version:
+            async with self._lock:
+                await self._served_state()
         served = self._served.get(request.payload_sha256)
         if served is None or request.shard != self.shard or served.version != request.version:
             raise ChunkUnavailable(f"this aggregator does not serve shard {request.shard} v{request.version} now")

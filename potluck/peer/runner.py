@@ -47,7 +47,7 @@ from potluck.protocol.envelope import (
     payload_digest,
     sign_update,
 )
-from potluck.protocol.holder_records import HOLDERS_KEY, HolderRecord, parse_holder_records, sign_holder_record
+from potluck.protocol.holder_records import HOLDERS_KEY, HolderRecord, parse_holder_records, store_holder_record
 from potluck.protocol.identity import Identity, fingerprint, public_key_to_hex
 from potluck.protocol.messages import CHUNK_HANDLER, encode_state_payload
 from potluck.protocol.node import JoinError, dial, parse_join_address, peer_id_of, start_node
@@ -238,6 +238,7 @@ class PeerRunner:
             "rejected": self.rejected,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
+            "state_bytes_served": self.chunks_served_bytes,  # chunks of the state given to joiners (in bytes_up)
             "receipts": self.receipts,
             "score": self.score,
             **self.compute_figures(),
@@ -460,17 +461,23 @@ class PeerRunner:
 
             return Donor(name=name, fetch=fetch, streams=streams)
 
-        # The aggregator gets one stream, each holder two: where peers hold the state they carry most of it.
-        donors = [donor(fingerprint(h.aggregator_public_key), link, streams=1)]
-        names = {donors[0].name: h.aggregator_public_key}
-        for record in await self._holders(h):
-            holder_link = await self._holder_link(record)
-            if holder_link is not None:
-                donors.append(donor(fingerprint(record.holder), holder_link, streams=2))
-                names[donors[-1].name] = record.holder
+        # A fast donor serves more chunks than a slow one. Two chunks in flight keep the aggregator's fat
+        # link busy across each request's round trip; one per peer leaves each peer's few chunk slots
+        # (MAX_CHUNK_STREAMS) to several joiners at once. The holders are looked up while the aggregator
+        # already gives chunks.
+        first = donor(fingerprint(h.aggregator_public_key), link, streams=2)
+        names = {first.name: h.aggregator_public_key}
+
+        async def holders() -> list[Donor]:
+            records = await self._holders(h)
+            links = await asyncio.gather(*(self._holder_link(r) for r in records))
+            found = [(r, to) for r, to in zip(records, links, strict=True) if to is not None]
+            names.update((fingerprint(r.holder), r.holder) for r, _ in found)
+            return [donor(fingerprint(r.holder), to, streams=1) for r, to in found]
+
         try:
             fetched = await fetch_chunks(
-                digests, payload_bytes=h.payload_bytes, chunk_bytes=h.chunk_bytes, donors=donors
+                digests, payload_bytes=h.payload_bytes, chunk_bytes=h.chunk_bytes, donors=[first], more=holders()
             )
         except DownloadFailed as e:
             raise AggregatorUnreachable(str(e)) from e
@@ -484,7 +491,7 @@ class PeerRunner:
     async def _holders(self, h: StateHeader) -> list[HolderRecord]:
         """Peers whose DHT record says they hold shard `h.shard` at `h.new_version`, at most MAX_DONORS, shuffled."""
         try:
-            result = await asyncio.wait_for(self.node.dht.get(HOLDERS_KEY, latest=True), timeout=10)
+            result = await asyncio.wait_for(self.node.dht.get(HOLDERS_KEY, latest=True), timeout=30)
         except (TimeoutError, asyncio.TimeoutError):
             return []
         records = [
@@ -520,6 +527,8 @@ class PeerRunner:
     async def _announce_holding(self, master: _Master) -> None:
         """Say on the DHT which version of each shard this peer holds, so joiners can fetch chunks here."""
         self._holding = master
+        current = {s.index: s.version for s in master.shards}
+        self._held = {i: held for i, held in self._held.items() if current.get(i) == held[0]}  # free stale payloads
         if not self.serves_state:
             return
         record = HolderRecord(
@@ -530,12 +539,7 @@ class PeerRunner:
             shards=tuple((s.index, s.version) for s in master.shards),
             timestamp_s=time.time(),
         )
-        from hivemind.utils import get_dht_time
-
-        subkey, value = sign_holder_record(record, self.identity)
-        expires = get_dht_time() + 2 * master.cfg.round_deadline_s + 60
-        with contextlib.suppress(Exception):  # a hint for joiners: a failed store costs nothing but that
-            await asyncio.wait_for(self.node.dht.store(HOLDERS_KEY, value, expires, subkey=subkey), timeout=10)
+        await store_holder_record(self.node.dht, record, self.identity, ttl_s=2 * master.cfg.round_deadline_s + 60)
 
     async def _held_payload(self, request: ChunkRequest) -> bytes:
         """The payload of the shard and version a chunk request names, if this peer holds exactly that state.

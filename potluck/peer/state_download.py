@@ -18,6 +18,7 @@ from potluck.protocol.messages import BUSY_PREFIX
 
 MAX_FAILURES = 3.0
 BUSY_FAILURE = 0.2
+DUPLICATES = 2  # donors that may fetch the same chunk at once, in the endgame
 RETRY_PAUSE_S = 0.25  # times the donor's failures so far: a short back-off before it is asked again
 
 
@@ -44,40 +45,62 @@ class Fetched:
 
 
 async def fetch_chunks(
-    digests: Sequence[bytes], *, payload_bytes: int, chunk_bytes: int, donors: Sequence[Donor]
+    digests: Sequence[bytes],
+    *,
+    payload_bytes: int,
+    chunk_bytes: int,
+    donors: Sequence[Donor],
+    more: Awaitable[Sequence[Donor]] | None = None,
 ) -> Fetched:
-    """The payload the manifest `digests` describes, from `donors`; DownloadFailed when they cannot give it all."""
+    """The payload the manifest `digests` describes, from `donors`; DownloadFailed when they cannot give it all.
+
+    `more`, when given, finds further donors while the first ones already give chunks (a DHT lookup
+    of the holders): the download neither waits for it nor fails when it does.
+    """
     count = len(digests)
     out = bytearray(payload_bytes)  # payload_bytes is bounded by the caller before this allocates
     pending = deque(range(count))
+    flying: dict[int, set[str]] = {}  # chunk -> donors fetching it now, oldest request first
+    done: set[int] = set()
     result = Fetched(payload=b"", bytes_by_donor={d.name: 0 for d in donors})
     failures = dict.fromkeys(result.bytes_by_donor, 0.0)
-    in_flight = 0
     changed = asyncio.Condition()
 
     def span(index: int) -> tuple[int, int]:
         return index * chunk_bytes, min((index + 1) * chunk_bytes, payload_bytes)
 
+    def spare(donor: Donor) -> int | None:
+        """Endgame: with nothing left to hand out, an idle donor also fetches the oldest chunk still in flight
+        elsewhere, so one slow donor does not hold up the end of the download (the first copy wins)."""
+        return next((i for i, by in flying.items() if donor.name not in by and len(by) < DUPLICATES), None)
+
+    def next_chunk(donor: Donor) -> int | None:
+        return pending[0] if pending else spare(donor)
+
     async def work(donor: Donor) -> None:
-        nonlocal in_flight
         while True:
             async with changed:
-                # read when woken, as meant: the chunks in flight now, not when the lambda was made
-                await changed.wait_for(lambda: bool(pending) or in_flight == 0 or donor.name in result.dropped)  # noqa: B023
-                if donor.name in result.dropped or not pending:
+                # read when woken, as meant: the state now, not when the lambda was made
+                await changed.wait_for(
+                    lambda: len(done) == count or donor.name in result.dropped or next_chunk(donor) is not None  # noqa: B023
+                )
+                if len(done) == count or donor.name in result.dropped:
                     return
-                index = pending.popleft()
-                in_flight += 1
-            done, pause = False, 0.0
+                index = pending.popleft() if pending else spare(donor)
+                assert index is not None
+                flying.setdefault(index, set()).add(donor.name)
+            ok, pause = False, 0.0
             try:
                 data = await donor.fetch(index)
                 start, end = span(index)
                 if len(data) != end - start or hashlib.sha256(data).digest() != digests[index]:
                     result.dropped.setdefault(donor.name, f"chunk {index} does not match the signed manifest")
                 else:
-                    out[start:end] = data
-                    result.bytes_by_donor[donor.name] += len(data)
-                    done = True
+                    if index not in done:  # an endgame copy may have come first
+                        out[start:end] = data
+                        result.bytes_by_donor[donor.name] += len(data)
+                        done.add(index)
+                    ok = True
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a donor's failure is its own: the chunk goes to another
@@ -88,16 +111,47 @@ async def fetch_chunks(
                 pause = RETRY_PAUSE_S * failures[donor.name]
             finally:
                 async with changed:
-                    in_flight -= 1
-                    if not done:
-                        pending.appendleft(index)
+                    flying[index].discard(donor.name)
+                    if not flying[index]:
+                        del flying[index]
+                        if not ok and index not in done:
+                            pending.appendleft(index)
                     changed.notify_all()
             if pause:
                 await asyncio.sleep(pause)  # a back-off, not a synchronization: other donors take the chunk
 
-    await asyncio.gather(*(work(d) for d in donors for _ in range(max(1, d.streams))))
-    if pending:
+    tasks = [asyncio.create_task(work(d)) for d in donors for _ in range(max(1, d.streams))]
+
+    async def recruit(found: Awaitable[Sequence[Donor]]) -> None:
+        try:
+            extra = [d for d in await found if d.name not in result.bytes_by_donor]
+        except Exception:  # noqa: BLE001 - no more donors: the first ones carry on
+            return
+        for d in extra:
+            result.bytes_by_donor[d.name] = 0
+            failures[d.name] = 0.0
+            tasks.extend(asyncio.create_task(work(d)) for _ in range(max(1, d.streams)))
+
+    recruiter = asyncio.create_task(recruit(more)) if more is not None else None
+    try:
+        while len(done) < count:
+            running = [t for t in tasks if not t.done()]
+            if recruiter is not None and not recruiter.done():
+                running.append(recruiter)
+            if not running:
+                break
+            await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        everything = [*tasks, *([recruiter] if recruiter is not None else [])]
+        for t in everything:
+            t.cancel()  # endgame copies still in flight, donors still waiting
+        outcomes = await asyncio.gather(*everything, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome  # a bug in the loop above, not a donor's failure (those are caught in work)
+    if len(done) < count:
+        missing = count - len(done)
         why = "; ".join(f"{name}: {reason}" for name, reason in result.dropped.items()) or "no donors"
-        raise DownloadFailed(f"{len(pending)} of {count} state chunks could not be fetched ({why})")
+        raise DownloadFailed(f"{missing} of {count} state chunks could not be fetched ({why})")
     result.payload = bytes(out)
     return result

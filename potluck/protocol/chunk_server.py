@@ -1,7 +1,8 @@
 """Serving state chunks (potluck.chunk): the one stream handler that aggregators and peers both run.
 
-A donor serves at most MAX_CHUNK_STREAMS chunks at once and answers "busy" beyond that, so joiners
-spread over donors instead of queueing on one; a joiner that hears "busy" tries another donor.
+A peer serves at most MAX_CHUNK_STREAMS chunks at once (an aggregator AGGREGATOR_CHUNK_STREAMS) and
+answers "busy" beyond that, so joiners spread over donors instead of queueing on one; a joiner that
+hears "busy" gives the chunk to another donor and asks this one again a little later.
 """
 
 import asyncio
@@ -15,7 +16,8 @@ from potluck.protocol.wire import MessageKind, WireError, error_body, read_frame
 
 logger = logging.getLogger(__name__)
 
-MAX_CHUNK_STREAMS = 4  # chunks one donor sends at once: joiners get a share of its link, not all of it
+MAX_CHUNK_STREAMS = 4  # chunks one peer sends at once: joiners get a share of its link, not all of it
+AGGREGATOR_CHUNK_STREAMS = 32  # an aggregator's link is the fat one, and it is every joiner's first donor
 REQUEST_TIMEOUT_S = 30.0
 _MAX_REQUEST_BYTES = 256
 

@@ -7,6 +7,7 @@ without the validator. A record is only a hint: every chunk is checked against t
 manifest, so a holder that lies wastes one request of a joiner's, never its state.
 """
 
+import asyncio
 import logging
 import math
 from dataclasses import dataclass
@@ -137,6 +138,24 @@ def parse_holder_records(result: Any, *, config_hash: str) -> list[HolderRecord]
         if record.config_hash == config_hash:
             records.append(record)
     return records
+
+
+async def store_holder_record(dht: Any, record: HolderRecord, identity: Identity, *, ttl_s: float) -> bool:
+    """Publish `record` on `dht` (a hivemind DHTNode whose validator signs as `identity`) for `ttl_s` seconds.
+
+    A record is a hint for joiners: a store that fails or times out costs nothing but that, so this
+    returns False then instead of raising.
+    """
+    from hivemind.utils import get_dht_time
+
+    subkey, value = sign_holder_record(record, identity)
+    try:
+        return bool(
+            await asyncio.wait_for(dht.store(HOLDERS_KEY, value, get_dht_time() + ttl_s, subkey=subkey), timeout=10)
+        )
+    except Exception as e:  # hivemind raises several types when no DHT peer answers
+        logger.debug("holder record not stored: %s", e or type(e).__name__)
+        return False
 
 
 def _is_maddr(value: Any) -> bool:
