@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from potluck.aggregator_server.served_state import serve_state
 from potluck.protocol.chunk_server import ChunkUnavailable
 from potluck.protocol.envelope import SignedState
 from potluck.protocol.identity import generate_identity
@@ -56,3 +57,16 @@ def test_chunks_of_the_last_two_versions_are_served_and_older_or_unknown_ones_re
     old, new, found = asyncio.run(scenario())
 
     assert (old.version, new.version) == (0, 1) and found == [old.payload, new.payload]
+
+
+def test_a_standby_serves_chunks_of_the_copy_it_follows_without_being_asked_for_a_manifest(tmp_path: Path) -> None:
+    async def scenario():  # noqa: ANN202
+        server = make_server(tmp_path)
+        expected = serve_state(server.cfg, server.master, AGGREGATOR, shard=0)
+        server.primary = generate_identity().public_key  # it follows that primary: nobody asks it for manifests
+        request = ChunkRequest(shard=0, version=0, payload_sha256=expected.payload_sha256, chunk_bytes=2**16, index=0)
+        return expected, await server._find_chunk_payload(request)
+
+    expected, found = asyncio.run(scenario())
+
+    assert found == expected.payload
