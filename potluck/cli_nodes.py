@@ -179,6 +179,17 @@ def describe_peer_event(e: dict[str, Any]) -> str | None:
     return None
 
 
+def _rate_bytes(text: str) -> float:
+    """`--state-upload-rate` in bytes per second; UsageError (one line) when it does not read as a rate."""
+    from potluck.cli import UsageError
+    from potluck.netlab import parse_rate
+
+    try:
+        return parse_rate(text) / 8
+    except ValueError as e:
+        raise UsageError(f"--state-upload-rate: {e}") from None
+
+
 def _set_threads(threads: int | None) -> None:
     from potluck.training.device import set_cpu_threads
 
@@ -235,6 +246,14 @@ def aggregator(
             min=1,
         ),
     ] = 20.0,
+    state_upload_rate: Annotated[
+        str | None,
+        typer.Option(
+            "--state-upload-rate",
+            help="Cap what this aggregator sends joiners as state chunks, e.g. 20mbit: joiners then take more "
+            "from the peers that hold the state, and rounds keep the rest of the link. [default: no cap]",
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override one config field, e.g. --set local_steps=20; repeatable."),
@@ -258,6 +277,7 @@ def aggregator(
     from potluck.aggregator_server.setup import prepare_run
     from potluck.protocol.config import load_run_config, parse_overrides, run_config_from_mapping
 
+    upload_cap = None if state_upload_rate is None else _rate_bytes(state_upload_rate)  # before anything is made
     _set_threads(threads)
     state = state_dir.expanduser()
     node_identity = _node_identity(identity or state / "identity.key")
@@ -277,6 +297,7 @@ def aggregator(
         max_rounds=max_rounds,
         wait_for_peers=wait_for_peers,
         failover_after_s=failover_after,
+        state_upload_bytes_per_s=upload_cap,
     )
     from potluck.node_web import DEFAULT_HTTP_PORT, PageOptions, aggregator_app, aggregator_page, serve_with_page
 

@@ -71,7 +71,7 @@ from potluck.aggregator_server.validation import (
 from potluck.incentives.ledger import LedgerError
 from potluck.incentives.ledger_format import LedgerRow, SignedHead
 from potluck.protocol.ban_records import BANS_KEY, BanList, BanRecordError, parse_ban_lists, sign_ban_list
-from potluck.protocol.chunk_server import AGGREGATOR_CHUNK_STREAMS, ChunkUnavailable, chunk_handler
+from potluck.protocol.chunk_server import AGGREGATOR_CHUNK_STREAMS, ChunkUnavailable, Pacer, chunk_handler
 from potluck.protocol.codecs import Codec
 from potluck.protocol.config import RunConfig
 from potluck.protocol.density import density_ladder, density_problem, round_codecs, start_density
@@ -154,6 +154,9 @@ class ServerOptions:
     # A standby (a key listed after its shard's owner) takes the shard over once its primary has not
     # answered for this long and has not re-announced itself on the DHT for as long (standby.py).
     failover_after_s: float = 20.0
+    # Cap on the bytes per second of state chunks sent to joiners (None: as fast as the link goes): an
+    # operator's way to keep rounds' traffic ahead of joiners', who then take more from holding peers.
+    state_upload_bytes_per_s: float | None = None
 
 
 class AggregatorServer:
@@ -273,11 +276,15 @@ class AggregatorServer:
         try:
             p2p = node.p2p
             self.node = node
+            cap = self.options.state_upload_bytes_per_s
             # a standby serves chunks of the copy it follows from the start: it holds the shard's state too
             await p2p.add_binary_stream_handler(
                 CHUNK_HANDLER,
                 chunk_handler(
-                    self._find_chunk_payload, on_served=self._chunk_sent, max_streams=AGGREGATOR_CHUNK_STREAMS
+                    self._find_chunk_payload,
+                    on_served=self._chunk_sent,
+                    max_streams=AGGREGATOR_CHUNK_STREAMS,
+                    pacer=None if cap is None else Pacer(cap),
                 ),
             )
             if self.primary is None:

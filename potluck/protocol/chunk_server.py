@@ -8,6 +8,7 @@ hears "busy" gives the chunk to another donor and asks this one again a little l
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from potluck.protocol.messages import BUSY_PREFIX
@@ -24,8 +25,30 @@ _MAX_REQUEST_BYTES = 256
 Handler = Callable[[object, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
+MAX_PACING_WAIT_S = 20.0  # a chunk that would wait longer for its turn under the rate cap is answered "busy"
+
+
 class ChunkUnavailable(Exception):
     """This node does not hold the state a chunk was asked of (one line, sent back to the asker)."""
+
+
+class Pacer:
+    """Spaces chunk sends so they average at most `bytes_per_s` (an operator's cap on what joiners may take)."""
+
+    def __init__(self, bytes_per_s: float) -> None:
+        if not bytes_per_s > 0:
+            raise ValueError(f"a rate cap must be positive, got {bytes_per_s}")
+        self.bytes_per_s = bytes_per_s
+        self._free_at = 0.0  # monotonic time the cap allows the next send
+
+    async def take(self, n: int) -> None:
+        """Wait for the turn of a send of `n` bytes; ChunkUnavailable ("busy") when that is over MAX_PACING_WAIT_S."""
+        now = time.monotonic()
+        start = max(now, self._free_at)
+        if start - now > MAX_PACING_WAIT_S:
+            raise ChunkUnavailable(f"{BUSY_PREFIX}this node caps what it sends joiners; ask another holder")
+        self._free_at = start + n / self.bytes_per_s
+        await asyncio.sleep(start - now)  # pacing: the wait is the rate cap itself
 
 
 def chunk_handler(
@@ -33,8 +56,12 @@ def chunk_handler(
     *,
     on_served: Callable[[int], None] = lambda n: None,
     max_streams: int = MAX_CHUNK_STREAMS,
+    pacer: Pacer | None = None,
 ) -> Handler:
-    """A potluck.chunk stream handler: `find` returns the whole payload a request names, or ChunkUnavailable."""
+    """A potluck.chunk stream handler: `find` returns the whole payload a request names, or ChunkUnavailable.
+
+    With `pacer`, chunks leave no faster than its rate on average, all streams together.
+    """
     streams = asyncio.Semaphore(max_streams)
 
     async def handle(info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -50,6 +77,8 @@ def chunk_handler(
                 )
                 request = ChunkRequest.from_bytes(body)
                 chunk = chunk_of(await find(request), request)
+                if pacer is not None:
+                    await pacer.take(len(chunk))
                 await write_frame(writer, kind=MessageKind.CHUNK, body=chunk)
                 on_served(len(chunk))
         except (ChunkUnavailable, ChunkError, WireError) as e:

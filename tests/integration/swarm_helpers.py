@@ -195,9 +195,15 @@ class Nodes:
         return node
 
     def aggregator(
-        self, name: str = "aggregator", *, state_dir: Path | None = None, port: int = 0, **settings: object
+        self,
+        name: str = "aggregator",
+        *,
+        state_dir: Path | None = None,
+        port: int = 0,
+        extra: tuple[str, ...] = (),
+        **settings: object,
     ) -> Node:
-        """An aggregator on 127.0.0.1 with `--set key=value` for each setting."""
+        """An aggregator on 127.0.0.1 with `--set key=value` for each setting, and `extra` arguments."""
         args = [
             "aggregator",
             "--state-dir",
@@ -211,7 +217,7 @@ class Nodes:
         ]
         for key, value in settings.items():
             args += ["--set", f"{key.replace('__', '.')}={value}"]
-        return self.start(name, *args)
+        return self.start(name, *args, *extra)
 
     def peer(self, name: str, join: str, *args: str) -> Node:
         """A peer joining `join`, with its own key in the work directory."""

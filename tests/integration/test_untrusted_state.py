@@ -41,8 +41,10 @@ def test_a_joiner_refuses_a_forged_state_and_trains_from_the_real_aggregator(nod
 @pytest.mark.timeout(240)
 def test_a_joiner_takes_the_state_from_several_holders_and_refuses_a_bad_donors_chunks(nodes: Nodes) -> None:
     # Prepare: one honest peer that holds the state, slowed so that each round lasts most of its 10 s deadline
-    # (the joiner arrives mid-round), and a forger that claims the same version and serves garbage chunks
-    aggregator = nodes.aggregator(rounds=40, round_deadline_s=10, **FAST)
+    # (the joiner arrives mid-round), and a forger that claims the same version and serves garbage chunks. The
+    # aggregator caps its state uploads (~16 s for the whole state) so that the holders, found on the DHT while
+    # it already sends, have chunks left to give on a link as fast as loopback.
+    aggregator = nodes.aggregator(rounds=40, round_deadline_s=10, extra=("--state-upload-rate", "1mbit"), **FAST)
     ready = aggregator.next_event(_is("ready"), timeout_s=90)
     real = ready["maddrs"][0]
     holder = nodes.peer("holder", real, "--speed", "0.01")

@@ -152,6 +152,14 @@ def test_peer_modes_refuse_what_does_not_fit_them_in_one_line(args: tuple[str, .
     assert expected in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
 
 
+def test_a_bad_state_upload_rate_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    result = run("aggregator", "--state-dir", str(tmp_path / "state"), "--state-upload-rate", "fast")
+
+    assert result.returncode == 2
+    assert "--state-upload-rate" in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+    assert not (tmp_path / "state").exists()
+
+
 def test_bad_config_is_one_line_naming_the_field(tmp_path: Path) -> None:
     config = tmp_path / "run.toml"
     config.write_text("[inner]\nlr = -1.0\n")
