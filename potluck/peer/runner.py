@@ -730,6 +730,7 @@ class PeerRunner:
                     "reason": reason,
                     "update": signed_updates[0][0].header.digest().hex()[:16],  # names it in the aggregator's events
                     "bytes_up": sum(up.sent_bytes for _, up in submitted),
+                    "state_bytes_served": self.chunks_served_bytes,  # so far: chunks of the state given to joiners
                     "bytes_down": sum(down.sent_bytes + len(down.body) for _, _, down in fetched)
                     + sum(len(up.body) for _, up in submitted)
                     + receipt_bytes,

@@ -72,7 +72,9 @@ async def fetch_chunks(
     def spare(donor: Donor) -> int | None:
         """Endgame: with nothing left to hand out, an idle donor also fetches the oldest chunk still in flight
         elsewhere, so one slow donor does not hold up the end of the download (the first copy wins)."""
-        return next((i for i, by in flying.items() if donor.name not in by and len(by) < DUPLICATES), None)
+        return next(
+            (i for i, by in flying.items() if i not in done and donor.name not in by and len(by) < DUPLICATES), None
+        )
 
     def next_chunk(donor: Donor) -> int | None:
         return pending[0] if pending else spare(donor)

@@ -44,6 +44,7 @@ class PeerStatusReply(_Reply):
     bytes_up: int
     bytes_down: int
     state_bytes: int
+    state_bytes_served: int
     rounds_done: int
     accepted: int
     rejected: int

@@ -34,6 +34,7 @@ class PeerStatus:
         self._bytes_up = 0
         self._bytes_down = 0  # per-round traffic, summed
         self._state_bytes = 0  # full states downloaded to join or resync
+        self._state_bytes_served = 0  # chunks of the state this peer gave joiners (a running total)
         self._rounds_done = 0
         self._accepted = 0
         self._rejected = 0
@@ -67,6 +68,8 @@ class PeerStatus:
         self._tokens_per_s = number(e, "tokens_per_s", default=self._tokens_per_s)
         self._bytes_up += max(0, integer(e, "bytes_up", default=0))
         self._bytes_down += max(0, integer(e, "bytes_down", default=0))
+        served = integer(e, "state_bytes_served", default=0)
+        self._state_bytes_served = max(self._state_bytes_served, served if served is not None else 0)
         self._rounds_done += 1
         if flag(e, "accepted"):
             self._accepted += 1
@@ -107,6 +110,7 @@ class PeerStatus:
                 "bytes_up": self._bytes_up,
                 "bytes_down": self._bytes_down,
                 "state_bytes": self._state_bytes,
+                "state_bytes_served": self._state_bytes_served,
                 "rounds_done": self._rounds_done,
                 "accepted": self._accepted,
                 "rejected": self._rejected,

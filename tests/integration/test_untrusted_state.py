@@ -65,3 +65,7 @@ def test_a_joiner_takes_the_state_from_several_holders_and_refuses_a_bad_donors_
     first_round = joiner.next_event(_is("round"), timeout_s=120)
     assert first_round["accepted"], first_round["reason"]
     assert joiner.wait_exit(timeout_s=60) == 0
+    # the holder counts what it gave (its status page shows it): its next round event carries the total
+    served = holder.next_event(lambda e: e.get("event") == "round" and e["round"] >= held, timeout_s=60)
+    # at least what was kept from it, at most each chunk once (an endgame copy may lose to the aggregator's)
+    assert sources[holder_fp] <= served["state_bytes_served"] <= sum(sources.values())

@@ -135,3 +135,32 @@ def test_a_slow_donors_last_chunk_is_fetched_again_by_an_idle_one_and_the_first_
     got = asyncio.run(scenario())
 
     assert got.payload == PAYLOAD and got.bytes_by_donor == {"slow": 0, "fast": len(PAYLOAD)}
+
+
+def test_a_chunk_already_fetched_is_never_asked_again_while_a_slow_copy_is_still_in_flight() -> None:
+    stuck = asyncio.Event()  # never set: each slow donor holds its first chunk until the download ends
+    fast_asked: list[int] = []
+
+    async def slow(index: int) -> bytes:
+        await stuck.wait()
+        return b""
+
+    async def scenario():  # noqa: ANN202
+        return await asyncio.wait_for(
+            fetch_chunks(
+                DIGESTS,
+                payload_bytes=len(PAYLOAD),
+                chunk_bytes=CHUNK,
+                donors=[
+                    Donor(name="slow-1", fetch=slow, streams=1),
+                    Donor(name="slow-2", fetch=slow, streams=1),
+                    _honest("fast", fast_asked, streams=1),
+                ],
+            ),
+            timeout=10,
+        )
+
+    got = asyncio.run(scenario())
+
+    assert got.payload == PAYLOAD
+    assert sorted(fast_asked) == list(range(len(DIGESTS)))  # each once, the slow ones' chunks as copies

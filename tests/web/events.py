@@ -147,6 +147,7 @@ def peer_events() -> list[dict[str, Any]]:
             "accepted": True,
             "reason": "",
             "update": "aa" * 8,
+            "state_bytes_served": 3_000_000,  # a running total: chunks given to a joiner during round 3
             **common,
             **timings,
         },
@@ -166,6 +167,7 @@ def peer_events() -> list[dict[str, Any]]:
             "accepted": False,
             "reason": "stale: built on round 2",
             "update": "bb" * 8,
+            "state_bytes_served": 3_000_000,
             **common,
             **timings,
         },

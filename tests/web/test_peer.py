@@ -34,6 +34,7 @@ def test_the_peers_rounds_and_receipts_add_up(peer_status: PeerStatus) -> None:
     assert s["loss"] == 4.0 and s["loss_history"] == [{"round": 3, "loss": 4.2}, {"round": 4, "loss": 4.0}]
     assert s["tokens_per_s"] == 800.0
     assert (s["bytes_up"], s["bytes_down"], s["state_bytes"]) == (100_000, 160_000, 9_000_000)
+    assert s["state_bytes_served"] == 3_000_000  # a running total, not summed per round
     assert (s["accepted"], s["rejected"]) == (1, 1)
     assert (s["receipts"], s["score_total"], s["tokens_credited"]) == (1, 4.0, 4096)
     assert s["last_rejection"] == {"round": 4, "reason": "stale: built on round 2"}

@@ -37,6 +37,7 @@ async function refresh() {
     show("score-total", typeof s.score_total === "number" ? s.score_total.toFixed(1) : null);
     show("bytes-up", bytes(s.bytes_up));
     show("bytes-down", bytes(s.bytes_down));
+    show("state-served", bytes(s.state_bytes_served));
     show("detail", s.detail || "");
     document.getElementById("connection").hidden = true;
   } catch (error) {
