@@ -10,6 +10,8 @@ difference with overlap, in percent (negative: overlap is better).
 
     python bench/overlap_equal_time.py --repeats 3 --out bench/results/overlap-equal-time
     python bench/overlap_equal_time.py --link 10mbit/100mbit ...   # in the network lab (root, iproute2)
+    python bench/overlap_equal_time.py --peer-speeds 0.5,0.5,0.5,0.5 ...  # half of each step off the CPU
+    python bench/overlap_equal_time.py --set model.size=10m ...     # any run setting, as `potluck swarm --set`
 """
 
 import argparse
@@ -21,10 +23,23 @@ from pathlib import Path
 from typing import Any
 
 
-def swarm(*, overlap: bool, seed: int, peers: int, rounds: int, link: str | None) -> dict[str, Any]:
+def swarm(
+    *,
+    overlap: bool,
+    seed: int,
+    peers: int,
+    rounds: int,
+    link: str | None,
+    settings: list[str],
+    peer_speeds: str | None = None,
+) -> dict[str, Any]:
     """One `potluck swarm --json` run; its result with the command that made it."""
     command = [sys.executable, "-m", "potluck", "swarm", "--http-port", "0", "--peers", str(peers)]
     command += ["--rounds", str(rounds), "--overlap" if overlap else "--no-overlap", "--set", f"seed={seed}"]
+    for setting in settings:
+        command += ["--set", setting]
+    if peer_speeds is not None:
+        command += ["--peer-speeds", peer_speeds]
     if link is not None:
         command += ["--link", link]
     command += ["--json"]
@@ -105,6 +120,12 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--link", default=None, help="UP/DOWN per peer in the network lab, e.g. 10mbit/100mbit")
+    parser.add_argument(
+        "--peer-speeds",
+        default=None,
+        help="e.g. 0.5,0.5,0.5,0.5: each step sleeps as long again, the CPU free meanwhile, as a GPU leaves it",
+    )
+    parser.add_argument("--set", dest="settings", action="append", default=[], help="a run setting, KEY=VALUE")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args()
     rows, raw = [], []
@@ -113,7 +134,15 @@ def main() -> None:
         runs = {}
         for overlap in order:
             print(f"seed {seed}, overlap {'on' if overlap else 'off'} ...", file=sys.stderr, flush=True)
-            runs[overlap] = swarm(overlap=overlap, seed=seed, peers=args.peers, rounds=args.rounds, link=args.link)
+            runs[overlap] = swarm(
+                overlap=overlap,
+                seed=seed,
+                peers=args.peers,
+                rounds=args.rounds,
+                link=args.link,
+                settings=args.settings,
+                peer_speeds=args.peer_speeds,
+            )
         rows.append({"seed": seed, **compare(runs[True], runs[False])})
         raw.append({"seed": seed, "on": runs[True], "off": runs[False]})
     text = table(rows)

@@ -380,7 +380,10 @@ def peer(
         bool,
         typer.Option(
             "--overlap/--no-overlap",
-            help="Keep training while an update is in flight and merge the aggregate when it arrives.",
+            help=(
+                "Keep training while an update is in flight (from a guess of the next state) and merge the "
+                "aggregate when it arrives: worth it where communication is a real part of a round."
+            ),
         ),
     ] = False,
     speed: Annotated[

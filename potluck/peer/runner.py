@@ -20,7 +20,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -29,11 +29,12 @@ import torch
 
 from potluck.incentives.receipts import ReceiptError, check_receipt, store_receipt
 from potluck.peer.state_download import Donor, DownloadFailed, Fetched, fetch_chunks
-from potluck.peer.trainer import LocalTrainer, RoundWork, TrainingDiverged
+from potluck.peer.trainer import LocalTrainer, RoundSnapshot, RoundWork, TrainingDiverged
 from potluck.planner import auto_plan
 from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.chunk_server import ChunkUnavailable, chunk_handler
 from potluck.protocol.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable, Transfer
+from potluck.protocol.codecs import Codec
 from potluck.protocol.config import RunConfig
 from potluck.protocol.density import round_codecs
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, MAX_MADDRS, AggregatorAnnouncement, parse_announcements
@@ -612,9 +613,6 @@ class PeerRunner:
             last = r + 1 >= cfg.rounds or (
                 self.options.max_rounds is not None and self.rounds_done + 1 >= self.options.max_rounds
             )
-            if self.options.overlap and not last:
-                self._round_opened = None  # the next round opens when this one's aggregate arrives
-                self._training = self._train(trainer, cfg, cancel)
             try:
                 works = await asyncio.to_thread(
                     trainer.encode_shards,
@@ -625,6 +623,12 @@ class PeerRunner:
             except TrainingDiverged as e:
                 raise PeerError(str(e)) from None
             work = works[0]  # the round's tokens, steps and losses, the same in every shard's
+            point: Mapping[str, torch.Tensor] = shot.current  # where the next round's steps start from
+            if self.options.overlap and not last:
+                # The next round's steps run from the guess while this round's update and aggregate are in flight.
+                point = await asyncio.to_thread(self._train_from_guess, trainer, master, works, codecs, shot)
+                self._round_opened = None  # the next round opens when this one's aggregate arrives
+                self._training = self._train(trainer, cfg, cancel)
             signed_updates = [await asyncio.to_thread(self.make_update, master, w, trainer) for w in works]
             submitted = await asyncio.gather(
                 *(
@@ -691,7 +695,7 @@ class PeerRunner:
             else:
                 master.round = r + 1
                 if self._training is not None:
-                    await asyncio.to_thread(trainer.rebase, master.params, point=shot.current)
+                    await asyncio.to_thread(trainer.rebase, master.params, point=point)
                 else:
                     await asyncio.to_thread(trainer.start_round, master.params, round_index=master.round)
             # The next round opened when this one closed, which the aggregate's signed timestamp says; a peer
@@ -747,6 +751,32 @@ class PeerRunner:
             )
         if master.round >= cfg.rounds:
             raise RunFinished(f"run {cfg.run_name!r} is complete ({cfg.rounds} rounds)")
+
+    @staticmethod
+    def _train_from_guess(
+        trainer: LocalTrainer,
+        master: _Master,
+        works: Sequence[RoundWork],
+        codecs: Sequence[tuple[Codec, Codec]],
+        shot: RoundSnapshot,
+    ) -> dict[str, torch.Tensor]:
+        """Move the model onto this peer's guess of the next master state, before overlapped training; the guess.
+
+        The guess is each shard's outer step applied to this peer's own update as sent: what the
+        round's aggregate would be if every peer had sent the same (the "eager" update of Kale et al.
+        2025, fitted to a lossy code). Steps taken from the peer's own snapshot instead start from
+        progress the sparse update left in the residual, which the run then counts twice
+        (BENCHMARKS.md section 10: on a GPU, where all of a round's steps ran before the aggregate
+        came, the held-out loss rose after round 1). The encode that the guess needs runs before the
+        overlapped steps start, so it is the one part of a round that overlap does not hide.
+        """
+        guess: dict[str, torch.Tensor] = {}
+        for s, w, (upload, _) in zip(master.shards, works, codecs, strict=True):
+            params = {name: master.params[name] for name in s.names}
+            sent = upload.decode(w.payload, {name: tuple(t.shape) for name, t in params.items()})
+            guess.update(s.outer.preview(params, sent))
+        trainer.move_onto(guess, point=shot.current)
+        return guess
 
     def _train(self, trainer: LocalTrainer, cfg: RunConfig, cancel: threading.Event) -> asyncio.Future[None]:
         """The round's inner steps in a worker thread, up to the local steps or until the time box is full."""

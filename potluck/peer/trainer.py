@@ -3,9 +3,10 @@
 The model and its AdamW state live across rounds (DiLoCo keeps each worker's inner optimizer). A
 round's delta is measured from its *base*, the master parameters it belongs to. Without overlap the
 model is reset to the base at the start of every round. With overlap (one-step-delayed outer
-updates, as in Streaming DiLoCo) the peer keeps training while its last update is in flight; when
-that round's aggregate arrives, `rebase` moves the model onto the new master state and keeps the
-progress made since the snapshot, so no step is thrown away.
+updates, as in Streaming DiLoCo) the peer keeps training while its last update is in flight, from
+its guess of the next master state (`move_onto`: the outer step applied to its own sent update, the
+"eager" guess of Kale et al. 2025); when that round's aggregate arrives, `rebase` moves the model
+onto the real master state and keeps the progress made since, so no step is thrown away.
 
 Training runs in a worker thread while the peer's event loop talks to the aggregator, so every
 touch of the model (a step, a snapshot, a rebase) holds one lock: a rebase waits at most one step.
@@ -139,16 +140,29 @@ class LocalTrainer:
             self._losses, self._compute_s = [], 0.0
 
     def rebase(self, master: Mapping[str, torch.Tensor], *, point: Mapping[str, torch.Tensor]) -> None:
-        """Move the model onto the new `master`, keeping the progress made since the snapshot `point`.
+        """Move the model onto the new `master`, keeping the progress made since it was at `point`.
 
         model += master - point: the steps taken while the aggregate was in flight are applied on top
         of the new state rather than thrown away, and they count towards the round that `master` opens.
         """
         with self._lock, torch.no_grad():
-            for name, p in self.model.named_parameters():
-                shift = master[name].to(torch.float32) - point[name]
-                p.add_(shift.to(p.device, p.dtype))
+            self._shift(master, point)
             self._base = {name: t.detach().to("cpu", torch.float32, copy=True) for name, t in master.items()}
+
+    def move_onto(self, guess: Mapping[str, torch.Tensor], *, point: Mapping[str, torch.Tensor]) -> None:
+        """Move the model from `point` onto `guess` (keeping the steps taken since), its round's base unchanged.
+
+        An overlapped peer trains from its guess of the next master state rather than from its own
+        snapshot: the snapshot holds progress the sparse update did not carry (it waits in the
+        residual), and steps taken from there would count it twice once the real state arrives.
+        """
+        with self._lock, torch.no_grad():
+            self._shift(guess, point)
+
+    def _shift(self, to: Mapping[str, torch.Tensor], point: Mapping[str, torch.Tensor]) -> None:
+        for name, p in self.model.named_parameters():
+            shift = to[name].to(torch.float32) - point[name]
+            p.add_(shift.to(p.device, p.dtype))
 
     def train(
         self,

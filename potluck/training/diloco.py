@@ -199,6 +199,26 @@ class OuterOptimizer:
             new_param, self._buf[name] = nesterov_step(param, grad, buf, lr=self.lr, momentum=self.momentum)
             param.copy_(new_param)
 
+    @torch.no_grad()
+    def preview(
+        self, master: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The parameters `step(master, delta)` would give, as new tensors; neither `master` nor the momentum changes.
+
+        An overlapped peer trains from this guess of the next master state while its update is in flight.
+        """
+        _check_names(master, delta, "outer delta")
+        guess = {}
+        for name, param in master.items():
+            grad = delta[name].to(param.device, param.dtype)
+            if self.kind == "average":
+                guess[name] = param - grad
+                continue
+            buf = self._buf.get(name)
+            buf = torch.zeros_like(param) if buf is None else buf.to(param.device)
+            guess[name], _ = nesterov_step(param, grad, buf, lr=self.lr, momentum=self.momentum)
+        return guess
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The momentum buffers keyed by parameter name (empty before the first step or for "average")."""
         return {name: buf.detach().clone() for name, buf in self._buf.items()}

@@ -92,6 +92,30 @@ def test_a_rebase_moves_onto_the_new_master_and_keeps_the_progress_since_the_sna
     assert work.inner_steps == 2 and work.tokens == 2 * trainer.tokens_per_step
 
 
+def test_overlapped_steps_run_from_the_guess_and_move_with_it_onto_the_real_master() -> None:
+    # Prepare: a round trained and snapshotted
+    trainer = LocalTrainer(CFG, public_key=b"\x05" * 32, device=torch.device("cpu"))
+    master = snapshot(trainer.model, device="cpu")
+    trainer.start_round(master, round_index=0)
+    trainer.train(max_steps=3)
+    shot = trainer.take_snapshot()
+    guess = {n: t - 0.02 for n, t in master.items()}
+    # Execute: onto the guess, two steps while the aggregate is in flight, then onto the real master
+    trainer.move_onto(guess, point=shot.current)
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p.detach(), guess[name])
+    trainer.train(max_steps=2)
+    progress = {n: p.detach().clone() - guess[n] for n, p in trainer.model.named_parameters()}
+    new_master = {n: t + 0.01 for n, t in master.items()}
+    trainer.rebase(new_master, point=guess)
+    # Assert: the steps taken from the guess are kept on the real master, and the round's delta is just them
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p.detach(), new_master[name] + progress[name])
+    shot = trainer.take_snapshot()
+    for name in new_master:
+        torch.testing.assert_close(shot.base[name] - shot.current[name], -progress[name])
+
+
 def test_training_stops_at_the_time_box_or_on_cancel_but_always_takes_one_step() -> None:
     trainer = LocalTrainer(CFG, public_key=b"\x04" * 32, device=torch.device("cpu"))
     trainer.start_round(snapshot(trainer.model, device="cpu"), round_index=0)

@@ -163,6 +163,24 @@ def test_outer_state_dict_round_trip() -> None:
     assert set(a.state_dict()) == set(master_a)
 
 
+@pytest.mark.parametrize("kind", ["nesterov", "average"])
+def test_a_preview_is_the_next_step_without_taking_it(kind: str) -> None:
+    # Prepare: an optimizer with momentum already built up
+    master = _random_params(0)
+    outer = OuterOptimizer(kind=kind, lr=0.7, momentum=0.5)  # type: ignore[arg-type]
+    for step in range(2):
+        outer.step(master, _random_params(20 + step))
+    before, state = {k: v.clone() for k, v in master.items()}, outer.state_dict()
+    delta = _random_params(7)
+    # Execute
+    guess = outer.preview(master, delta)
+    # Assert: the same values a step gives, and nothing moved
+    assert all(torch.equal(master[k], before[k]) for k in master)
+    assert all(torch.equal(outer.state_dict()[k], state[k]) for k in state)
+    outer.step(master, delta)
+    assert all(torch.equal(guess[k], master[k]) for k in master)
+
+
 def test_outer_optimizer_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="unknown outer optimizer"):
         OuterOptimizer(kind="adam")  # type: ignore[arg-type]

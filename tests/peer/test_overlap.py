@@ -1,0 +1,60 @@
+"""An overlapped peer trains from its guess of the next master state: the outer step on what it sent."""
+
+import torch
+
+from potluck.peer.runner import PeerRunner, _Master, _Shard
+from potluck.peer.trainer import LocalTrainer
+from potluck.protocol.config import RunConfig
+from potluck.protocol.density import round_codecs
+from potluck.training.diloco import OuterOptimizer, snapshot
+
+CFG = RunConfig(local_steps=3, rounds=4, inner={"warmup_steps": 1, "batch_size": 4}, data={"max_bytes": 300_000})
+
+
+def _master(params: dict[str, torch.Tensor], cuts: list[tuple[str, ...]]) -> _Master:
+    """A peer's copy of the master state, cut into shards that each have an outer optimizer with momentum."""
+    shards = []
+    for index, names in enumerate(cuts):
+        outer = OuterOptimizer(kind="nesterov", lr=CFG.outer.lr, momentum=CFG.outer.momentum)
+        outer.load_state_dict({name: torch.full_like(params[name], 1e-3) for name in names})
+        shard = _Shard(
+            index=index,
+            names=names,
+            announcement=None,  # type: ignore[arg-type]  # the guess talks to no aggregator
+            link=None,  # type: ignore[arg-type]
+            version=0,
+            outer=outer,
+            density=1 / 64,
+        )
+        shards.append(shard)
+    return _Master(cfg=CFG, round=0, params=params, shards=shards)
+
+
+def test_the_guess_is_each_shards_outer_step_on_the_update_as_sent_and_the_model_moves_onto_it() -> None:
+    # Prepare: a trained round, encoded at 1/64 (most of the delta stays in the residual), in two shards
+    trainer = LocalTrainer(CFG, public_key=b"\x07" * 32, device=torch.device("cpu"))
+    params = snapshot(trainer.model, device="cpu")
+    names = tuple(params)
+    master = _master({n: t.clone() for n, t in params.items()}, [names[:3], names[3:]])
+    trainer.start_round(master.params, round_index=0)
+    trainer.train(max_steps=3)
+    shot = trainer.take_snapshot()
+    codecs = [round_codecs(CFG, s.density) for s in master.shards]
+    shards = [(s.names, upload) for s, (upload, _) in zip(master.shards, codecs, strict=True)]
+    works = trainer.encode_shards(shot, round_index=0, shards=shards)
+    before = {n: t.clone() for n, t in master.params.items()}
+    # Execute
+    guess = PeerRunner._train_from_guess(trainer, master, works, codecs, shot)
+    # Assert: the outer step (momentum included) on the decoded payloads, not the snapshot; the master untouched
+    for shard, work, (upload, _) in zip(master.shards, works, codecs, strict=True):
+        part = {n: before[n] for n in shard.names}
+        sent = upload.decode(work.payload, {n: tuple(t.shape) for n, t in part.items()})
+        expected = shard.outer.preview(part, sent)
+        for name in shard.names:
+            torch.testing.assert_close(guess[name], expected[name])
+    assert set(guess) == set(names)
+    assert all(torch.equal(master.params[n], before[n]) for n in names)
+    model = dict(trainer.model.named_parameters())
+    for name in names:
+        torch.testing.assert_close(model[name].detach(), guess[name])
+    assert any(not torch.allclose(guess[n], shot.current[n]) for n in names)  # the residual is not in it
