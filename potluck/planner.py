@@ -268,7 +268,8 @@ class AutoPlan:
             f"{self.upload_bytes / 1e3:,.0f} kB up, {self.download_bytes / 1e3:,.0f} kB down in "
             f"{self.round_network_s:.3g} s: K {self.K_potluck:.2f} (K >= {self.target_k:g} from "
             f"{self.local_steps_for_k_potluck} steps); He et al.'s dense all-reduce among {self.peers} peers: "
-            f"K {self.K:.2f} (K >= {self.target_k:g} from {self.local_steps_for_k} steps)"
+            f"K {self.K:.2f} (K >= {self.target_k:g} from {self.local_steps_for_k} steps); "
+            f"--overlap would train through the network's {1 - self.K_potluck:.0%} of a round"
             + (
                 f"; this link affords density up to 1/{round(1 / self.density_for_k)} at K >= {self.target_k:g}"
                 if self.density_for_k is not None

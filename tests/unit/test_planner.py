@@ -241,6 +241,7 @@ def test_auto_plan_line_names_both_efficiencies() -> None:
 
     assert line.startswith("plan: step 200 ms") and "K 0.86 (K >= 0.9 from 152 steps)" in line
     assert "He et al.'s dense all-reduce among 8 peers: K 0.05" in line
+    assert "--overlap would train through the network's 14% of a round" in line
 
 
 def test_auto_plan_names_the_densest_code_the_link_affords() -> None:
