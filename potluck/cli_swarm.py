@@ -148,7 +148,7 @@ def swarm(
     """Start an aggregator and N peers on 127.0.0.1 (or behind shaped links) and train the run to its end."""
     from potluck.cli import UsageError
     from potluck.protocol.config import RunConfig, load_run_config, parse_overrides
-    from potluck.swarm import SwarmOptions, run_swarm
+    from potluck.swarm import SwarmOptions, run_swarm, sigterm_stops_the_swarm
 
     if serverless and (link is not None or overlap or state_dir is not None or aggregators > 1):
         raise UsageError(
@@ -235,7 +235,8 @@ def swarm(
                 f"up {_kb(status['up'])} down {_kb(status['down'])}",
             )
 
-        result = run_swarm(options, on_event=on_event)
+        with sigterm_stops_the_swarm():
+            result = run_swarm(options, on_event=on_event)
     if as_json:
         print(json.dumps(result.to_dict()))
         return

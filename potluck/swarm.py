@@ -230,6 +230,27 @@ def _signal_group(child: Child, sig: signal.Signals) -> None:
         pass
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_stops_the_swarm() -> Iterator[None]:
+    """While inside, SIGTERM unwinds like Ctrl-C, so the swarm's children are stopped, not orphaned.
+
+    Without it SIGTERM (docker stop, systemd, kill) ends the parent at once and leaves every peer
+    retrying an aggregator that is gone. Only the main thread can take signals; elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]], None]) -> SwarmResult:
     """Start the aggregator, then the peers; follow their events until the run ends; stop every child.
 

@@ -193,8 +193,14 @@ def test_an_unreachable_join_address_fails_in_one_line_within_its_timeout(tmp_pa
     wait_until(lambda: not (p2pd_pids() - before), timeout_s=10, what="the peer's daemon to exit")
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A foreground command gets Ctrl-C; a suite started in the background of a script ignores it (POSIX)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.timeout(120)
-def test_ctrl_c_stops_the_whole_swarm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_the_whole_swarm(tmp_path: Path, sig: signal.Signals) -> None:
     # Prepare
     before = p2pd_pids()
     swarm = subprocess.Popen(
@@ -204,6 +210,7 @@ def test_ctrl_c_stops_the_whole_swarm(tmp_path: Path) -> None:
         text=True,
         cwd=tmp_path,
         start_new_session=True,
+        preexec_fn=_sigint_as_in_a_terminal,  # noqa: PLW1509  # only signal.signal, before exec
     )
     try:
         assert swarm.stderr is not None
@@ -212,7 +219,7 @@ def test_ctrl_c_stops_the_whole_swarm(tmp_path: Path) -> None:
                 break
         wait_until(lambda: len(p2pd_pids() - before) >= 3, timeout_s=60, what="both peers' daemons")
         # Execute
-        os.kill(swarm.pid, signal.SIGINT)
+        os.kill(swarm.pid, sig)
         code = swarm.wait(timeout=60)
     finally:
         if swarm.poll() is None:
