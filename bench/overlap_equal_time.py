@@ -83,6 +83,9 @@ def compare(on: dict[str, Any], off: dict[str, Any]) -> dict[str, Any]:
         "s_per_round_off": off_curve[-1][0] / (len(off_curve) - 1),
         "honest_rejected_on": sum(p["rejected"] for p in on["peers"]),
         "honest_rejected_off": sum(p["rejected"] for p in off["peers"]),
+        # of the overlapped run's inner steps, those taken before their round's base arrived
+        "stale_share_on": sum(p.get("stale_steps", 0) for p in on["peers"])
+        / max(1, sum(p["inner_steps"] for p in on["peers"])),
         "utilization_on": [p["compute_utilization"] for p in on["peers"]],
         "utilization_off": [p["compute_utilization"] for p in off["peers"]],
     }
@@ -92,15 +95,16 @@ def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one row per repeat and the mean."""
     lines = [
         "| seed | equal time s | loss on | loss off | diff % | final on | final off | diff % (equal rounds) "
-        "| s/round on | s/round off | rejected on/off |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| s/round on | s/round off | rejected on/off | stale steps on |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['seed']} | {r['equal_time_s']:.1f} | {r['loss_at_equal_time_on']:.4f} | "
             f"{r['loss_at_equal_time_off']:.4f} | {r['equal_time_diff_pct']:+.2f} | {r['final_loss_on']:.4f} | "
             f"{r['final_loss_off']:.4f} | {r['equal_rounds_diff_pct']:+.2f} | {r['s_per_round_on']:.2f} | "
-            f"{r['s_per_round_off']:.2f} | {r['honest_rejected_on']}/{r['honest_rejected_off']} |"
+            f"{r['s_per_round_off']:.2f} | {r['honest_rejected_on']}/{r['honest_rejected_off']} | "
+            f"{r.get('stale_share_on', 0):.0%} |"
         )
     diffs = [r["equal_time_diff_pct"] for r in rows]
     finals = [r["equal_rounds_diff_pct"] for r in rows]
@@ -108,7 +112,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines.append(
         f"| mean | | | | {statistics.mean(diffs):+.2f}{spread} | | | {statistics.mean(finals):+.2f} | "
         f"{statistics.mean(r['s_per_round_on'] for r in rows):.2f} | "
-        f"{statistics.mean(r['s_per_round_off'] for r in rows):.2f} | |"
+        f"{statistics.mean(r['s_per_round_off'] for r in rows):.2f} | | "
+        f"{statistics.mean(r.get('stale_share_on', 0) for r in rows):.0%} |"
     )
     return "\n".join(lines)
 

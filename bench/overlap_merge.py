@@ -9,12 +9,19 @@ in one process (no network, no timing noise) and compares, at equal rounds and t
   master state when it arrives (one-round-delayed outer step, Streaming DiLoCo's merge).
 - `guess`: the stale steps start from the peer's guess of the next master state, the outer step
   applied to its own *sent* (compressed) update; the arrival corrects the guess.
+- `scaled`: as `guess`, but the own update is first scaled by how much of it the last aggregate
+  carried (the least-squares fit of the aggregate on the own update, last round's): the mean of P
+  updates that agree only in part moves less far along any one of them than that one does.
 - `eager`: as `guess`, but the outer step is applied to 1/P of its own sent update plus (P-1)/P of
   the previous round's aggregate, the eager update of Kale et al. 2025 (others' latest known
   updates stand in for their missing ones).
 
 Round 0 uploads at `--first-density`, later rounds at `--density`, as adaptive density does
 (protocol/density.py): what a sparse round 0 leaves out stays in the peers' residuals.
+
+Each arm also reports what the aggregator's held-out check (margin 1) would say of every update,
+applied alone to the round's base: how many it would drop, and how far past the round's median each
+one lands. The bench aggregates every update all the same, so the losses do not depend on the check.
 
     python bench/overlap_merge.py --stale 30 --stale 10 --out bench/results/overlap-merge
 """
@@ -27,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from potluck.aggregator_server.round_checks import held_out_check
 from potluck.protocol.codecs import make_codec
 from potluck.protocol.codecs.aggregate import encode_aggregate, weighted_mean
 from potluck.protocol.config import RunConfig
@@ -35,11 +43,21 @@ from potluck.training.diloco import OuterOptimizer, inner_lr, inner_step, load_p
 from potluck.training.evaluate import evaluate
 from potluck.training.models import build_model, model_config
 
-MODES = ("off", "own", "guess", "eager")
+MODES = ("off", "own", "guess", "scaled", "eager")
 
 
-def run(cfg: RunConfig, *, mode: str, peers: int, stale: int, first_density: float, density: float) -> list[float]:
-    """Held-out loss after each round of one arm."""
+def projection(own: dict[str, torch.Tensor], aggregate: dict[str, torch.Tensor]) -> float:
+    """<own, aggregate> / <own, own>: the scale of `own` that best predicts `aggregate` (0 for a zero `own`)."""
+    dot = sum(float(torch.dot(own[k].reshape(-1).double(), aggregate[k].reshape(-1).double())) for k in own)
+    norm = sum(float(own[k].double().pow(2).sum()) for k in own)
+    return dot / norm if norm > 0 else 0.0
+
+
+def run(
+    cfg: RunConfig, *, mode: str, peers: int, stale: int, first_density: float, density: float
+) -> tuple[list[float], int, list[float], list[float]]:
+    """Held-out loss after each round of one arm, the updates the held-out check would drop, the mean scales,
+    and each update's distance past the round's median in median gains (the check rejects past its margin, 1)."""
     torch.manual_seed(cfg.seed)
     mcfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
     corpus = load_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction, max_bytes=cfg.data.max_bytes)
@@ -83,7 +101,12 @@ def run(cfg: RunConfig, *, mode: str, peers: int, stale: int, first_density: flo
                 param.add_(target[name] - point[name])
 
     curve = []
+    drops = 0
+    excess: list[float] = []
+    scales_seen: list[float] = []
+    scales = [1.0] * peers
     last_applied: dict[str, torch.Tensor] | None = None
+    check_batches = held_out[: cfg.validation.held_out_batches]
     for r in range(cfg.rounds):
         codec = make_codec("dct-topk", {"density": first_density if r == 0 else density})
         down = make_codec("dct-topk", {"density": min(1.0, 4 * (first_density if r == 0 else density))})
@@ -98,8 +121,8 @@ def run(cfg: RunConfig, *, mode: str, peers: int, stale: int, first_density: flo
             done_early[p] = 0
             if mode == "off" or r + 1 == cfg.rounds:
                 continue
-            if mode in ("guess", "eager"):
-                estimate = sent
+            if mode in ("guess", "scaled", "eager"):
+                estimate = sent if mode != "scaled" else {k: scales[p] * v for k, v in sent.items()}
                 if mode == "eager" and last_applied is not None:
                     estimate = {k: sent[k] / peers + last_applied[k] * (peers - 1) / peers for k in sent}
                 guess = outer.preview(master, estimate)
@@ -112,6 +135,18 @@ def run(cfg: RunConfig, *, mode: str, peers: int, stale: int, first_density: flo
         mean = weighted_mean(decoded, [1.0] * peers)
         aggregate = encode_aggregate(mean, codec=down, state=aggregator_residual)
         last_applied = down.decode(aggregate, spec)
+        losses = []
+        for sent in decoded:  # the aggregator's held-out check: the base with each update alone, outer lr
+            load_params(master_model, {k: v - cfg.outer.lr * sent[k] for k, v in master.items()})
+            losses.append(evaluate(master_model, check_batches, device=torch.device("cpu")))
+        load_params(master_model, master)
+        base_loss = evaluate(master_model, check_batches, device=torch.device("cpu"))
+        drops += sum(r is not None for r in held_out_check(losses, base_loss=base_loss, margin=1.0))
+        median = statistics.median(losses)
+        if base_loss > median:  # how far past the median each update is, in median gains (the check's margin)
+            excess.extend((loss - median) / (base_loss - median) for loss in losses)
+        scales = [projection(sent, last_applied) for sent in decoded]
+        scales_seen.append(statistics.mean(scales))
         outer.step(master, last_applied)
         for p in range(peers):
             if done_early[p]:
@@ -121,7 +156,7 @@ def run(cfg: RunConfig, *, mode: str, peers: int, stale: int, first_density: flo
             bases[p] = {k: v.clone() for k, v in master.items()}
         load_params(master_model, master)
         curve.append(evaluate(master_model, held_out, device=torch.device("cpu")))
-    return curve
+    return curve, drops, scales_seen, excess
 
 
 def main() -> None:
@@ -145,14 +180,19 @@ def main() -> None:
             if mode == "off" and stale != stales[0]:  # the same run at every staleness
                 continue
             finals = []
+            dropped = 0
             for seed in range(args.seeds):
                 cfg = RunConfig(seed=seed, rounds=args.rounds, local_steps=args.local_steps)
-                curve = run(cfg, mode=mode, peers=args.peers, stale=stale, first_density=args.first_density,
-                            density=args.density)  # fmt: skip
+                curve, drops, scales, excess = run(cfg, mode=mode, peers=args.peers, stale=stale,
+                                           first_density=args.first_density, density=args.density)  # fmt: skip
                 finals.append(curve[-1])
-                results.append({"mode": mode, "stale": 0 if mode == "off" else stale, "seed": seed, "curve": curve})
-                print(mode, stale, seed, " ".join(f"{x:.3f}" for x in curve), file=sys.stderr, flush=True)
-            print(f"{mode:6s} stale {0 if mode == 'off' else stale:3d}: final {statistics.mean(finals):.4f}")
+                dropped += drops
+                results.append({"mode": mode, "stale": 0 if mode == "off" else stale, "seed": seed, "curve": curve,
+                                "held_out_drops": drops, "scales": scales, "excess": excess})  # fmt: skip
+                print(mode, stale, seed, " ".join(f"{x:.3f}" for x in curve), f"drops {drops}",
+                      "scales", " ".join(f"{x:.2f}" for x in scales), file=sys.stderr, flush=True)  # fmt: skip
+            stale_shown = 0 if mode == "off" else stale
+            print(f"{mode:6s} stale {stale_shown:3d}: final {statistics.mean(finals):.4f}, held-out drops {dropped}")
     if args.out is not None:
         args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
 

@@ -144,11 +144,12 @@ def describe_peer_event(e: dict[str, Any]) -> str | None:
             verdict += f", +{e['points']:,.0f} points"
         network = e["upload_s"] + e["wait_s"] + e["download_s"]
         hidden = " (overlapped)" if e.get("overlap") else ""
+        stale = f" ({e['stale_steps']} stale)" if e.get("stale_steps") else ""
         held_out = "" if e.get("val_loss") is None else f" | held-out {e['val_loss']:.3f}"
         return (
             f"round {e['round']:>4} | loss {e['loss']:.3f}{held_out} | {e['tokens_per_s']:,.0f} tok/s | "
             f"up {_kb(e['bytes_up'])} "
-            f"down {_kb(e['bytes_down'])} | {e.get('inner_steps', '?')} steps in {e['compute_s']:.1f} s, "
+            f"down {_kb(e['bytes_down'])} | {e.get('inner_steps', '?')} steps{stale} in {e['compute_s']:.1f} s, "
             f"network {network:.1f} s{hidden} | {verdict}"
         )
     if kind == "plan":

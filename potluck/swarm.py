@@ -510,6 +510,8 @@ def _result(
                 "state_bytes_served": done.get("state_bytes_served", 0),  # chunks it gave joiners
                 "tokens": done.get("tokens", sum(e.get("tokens", 0) for e in per_round)),
                 "inner_steps": done.get("inner_steps", sum(e.get("inner_steps", 0) for e in per_round)),
+                # of them, taken before their round's base arrived (overlap trains through the network's time)
+                "stale_steps": sum(e.get("stale_steps", 0) for e in per_round),
                 "compute_utilization": done.get("compute_utilization"),
                 "compute_s": done.get("compute_s"),
                 "active_s": done.get("active_s"),

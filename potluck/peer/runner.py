@@ -598,11 +598,13 @@ class PeerRunner:
         cfg = master.cfg
         await asyncio.to_thread(trainer.start_round, master.params, round_index=master.round)
         self._round_opened = self._synced_at
+        stale_next = 0  # the next round's steps taken before its base arrived (overlap)
         while master.round < cfg.rounds and (
             self.options.max_rounds is None or self.rounds_done < self.options.max_rounds
         ):
             await self._announce_holding(master)
             r = master.round
+            stale_steps, stale_next = stale_next, 0
             codecs = [round_codecs(cfg, s.density) for s in master.shards]  # the aggregators pick each round's
             trainer.codec = codecs[0][0]  # a run of one shard's codec, for whoever reads it (the red team)
             if self._training is None:
@@ -695,7 +697,7 @@ class PeerRunner:
             else:
                 master.round = r + 1
                 if self._training is not None:
-                    await asyncio.to_thread(trainer.rebase, master.params, point=point)
+                    stale_next = await asyncio.to_thread(trainer.rebase, master.params, point=point)
                 else:
                     await asyncio.to_thread(trainer.start_round, master.params, round_index=master.round)
             # The next round opened when this one closed, which the aggregate's signed timestamp says; a peer
@@ -729,6 +731,7 @@ class PeerRunner:
                     "val_loss": val_loss,  # the master state's held-out loss after the round (eval_batches)
                     "tokens": work.tokens,
                     "inner_steps": work.inner_steps,
+                    "stale_steps": stale_steps,  # of inner_steps, taken before this round's base arrived (overlap)
                     "tokens_per_s": work.tokens / work.compute_s if work.compute_s > 0 else 0.0,
                     "accepted": accepted,
                     "reason": reason,

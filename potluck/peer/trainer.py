@@ -139,15 +139,17 @@ class LocalTrainer:
             self.global_step = round_index * self.cfg.local_steps
             self._losses, self._compute_s = [], 0.0
 
-    def rebase(self, master: Mapping[str, torch.Tensor], *, point: Mapping[str, torch.Tensor]) -> None:
-        """Move the model onto the new `master`, keeping the progress made since it was at `point`.
+    def rebase(self, master: Mapping[str, torch.Tensor], *, point: Mapping[str, torch.Tensor]) -> int:
+        """Move the model onto the new `master`, keeping the progress made since it was at `point`; the steps kept.
 
         model += master - point: the steps taken while the aggregate was in flight are applied on top
         of the new state rather than thrown away, and they count towards the round that `master` opens.
+        Their number says how stale that round's update is (the round event's `stale_steps`).
         """
         with self._lock, torch.no_grad():
             self._shift(master, point)
             self._base = {name: t.detach().to("cpu", torch.float32, copy=True) for name, t in master.items()}
+            return self.round_steps
 
     def move_onto(self, guess: Mapping[str, torch.Tensor], *, point: Mapping[str, torch.Tensor]) -> None:
         """Move the model from `point` onto `guess` (keeping the steps taken since), its round's base unchanged.

@@ -107,8 +107,9 @@ def test_overlapped_steps_run_from_the_guess_and_move_with_it_onto_the_real_mast
     trainer.train(max_steps=2)
     progress = {n: p.detach().clone() - guess[n] for n, p in trainer.model.named_parameters()}
     new_master = {n: t + 0.01 for n, t in master.items()}
-    trainer.rebase(new_master, point=guess)
+    kept = trainer.rebase(new_master, point=guess)
     # Assert: the steps taken from the guess are kept on the real master, and the round's delta is just them
+    assert kept == 2  # the next round's stale steps
     for name, p in trainer.model.named_parameters():
         torch.testing.assert_close(p.detach(), new_master[name] + progress[name])
     shot = trainer.take_snapshot()
