@@ -1,10 +1,12 @@
 """The peer's local round: inner steps from the master state, an encoded delta, and taking back a refused one."""
 
 import threading
+import time
 
 import pytest
 import torch
 
+from potluck.peer import trainer as trainer_module
 from potluck.peer.trainer import LocalTrainer, TrainingDiverged, sampler_seed
 from potluck.protocol.config import RunConfig
 from potluck.training.diloco import snapshot
@@ -132,13 +134,25 @@ def test_training_stops_at_the_time_box_or_on_cancel_but_always_takes_one_step()
     assert trainer.total_steps == 2 and trainer.total_compute_s > 0 and trainer.step_s is not None
 
 
-def test_a_slowed_peer_takes_proportionally_longer_per_step() -> None:
-    fast = LocalTrainer(CFG, public_key=b"\x05" * 32, device=torch.device("cpu"))
-    slow = LocalTrainer(CFG, public_key=b"\x05" * 32, device=torch.device("cpu"), speed=0.25)
-    for t in (fast, slow):
-        t.start_round(snapshot(t.model, device="cpu"), round_index=0)
-        t.train(max_steps=3)
+def test_a_slowed_peer_takes_proportionally_longer_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: record every sleep the trainer asks for and how long it really took
+    slept: list[tuple[float, float]] = []
+    real_sleep = time.sleep
 
-    assert slow.total_compute_s > 2.5 * fast.total_compute_s
+    def sleep(seconds: float) -> None:
+        started = time.monotonic()
+        real_sleep(seconds)
+        slept.append((seconds, time.monotonic() - started))
+
+    monkeypatch.setattr(trainer_module.time, "sleep", sleep)
+    slow = LocalTrainer(CFG, public_key=b"\x05" * 32, device=torch.device("cpu"), speed=0.25)
+    slow.start_round(snapshot(slow.model, device="cpu"), round_index=0)
+    # Execute
+    slow.train(max_steps=3)
+    # Assert: after each step it sleeps 3x the step's compute, so a step lasts 4x as long (however loaded the box)
+    assert len(slept) == 3
+    computed = slow.total_compute_s - sum(took for _, took in slept)
+    assert sum(asked for asked, _ in slept) == pytest.approx(3 * computed, rel=0.15)  # a preemption can add a little
+    assert slow.total_compute_s >= 4 * computed * 0.85
     with pytest.raises(ValueError, match="speed"):
         LocalTrainer(CFG, public_key=b"\x05" * 32, device=torch.device("cpu"), speed=0)
