@@ -12,6 +12,8 @@ in one process (no network, no timing noise) and compares, at equal rounds and t
 - `scaled`: as `guess`, but the own update is first scaled by how much of it the last aggregate
   carried (the least-squares fit of the aggregate on the own update, last round's): the mean of P
   updates that agree only in part moves less far along any one of them than that one does.
+- `halved`: as `guess`, but only half of the stale steps' progress is kept when the aggregate
+  arrives (model = new state + (model - guess) / 2), a discount on stale work.
 - `eager`: as `guess`, but the outer step is applied to 1/P of its own sent update plus (P-1)/P of
   the previous round's aggregate, the eager update of Kale et al. 2025 (others' latest known
   updates stand in for their missing ones).
@@ -43,7 +45,7 @@ from potluck.training.diloco import OuterOptimizer, inner_lr, inner_step, load_p
 from potluck.training.evaluate import evaluate
 from potluck.training.models import build_model, model_config
 
-MODES = ("off", "own", "guess", "scaled", "eager")
+MODES = ("off", "own", "guess", "scaled", "halved", "eager")
 
 
 def projection(own: dict[str, torch.Tensor], aggregate: dict[str, torch.Tensor]) -> float:
@@ -121,7 +123,7 @@ def run(
             done_early[p] = 0
             if mode == "off" or r + 1 == cfg.rounds:
                 continue
-            if mode in ("guess", "scaled", "eager"):
+            if mode in ("guess", "scaled", "halved", "eager"):
                 estimate = sent if mode != "scaled" else {k: scales[p] * v for k, v in sent.items()}
                 if mode == "eager" and last_applied is not None:
                     estimate = {k: sent[k] / peers + last_applied[k] * (peers - 1) / peers for k in sent}
@@ -149,7 +151,11 @@ def run(
         scales_seen.append(statistics.mean(scales))
         outer.step(master, last_applied)
         for p in range(peers):
-            if done_early[p]:
+            if done_early[p] and mode == "halved":
+                with torch.no_grad():
+                    for name, param in workers[p].named_parameters():
+                        param.copy_(master[name] + 0.5 * (param - points[p][name]))
+            elif done_early[p]:
                 shift(p, master, points[p])
             else:
                 load_params(workers[p], master)
