@@ -12,6 +12,7 @@ difference with overlap, in percent (negative: overlap is better).
     python bench/overlap_equal_time.py --link 10mbit/100mbit ...   # in the network lab (root, iproute2)
     python bench/overlap_equal_time.py --peer-speeds 0.5,0.5,0.5,0.5 ...  # half of each step off the CPU
     python bench/overlap_equal_time.py --set model.size=10m ...     # any run setting, as `potluck swarm --set`
+    python bench/overlap_equal_time.py --overlap-limit 0.5 ...      # overlapped steps at most half a round ahead
 """
 
 import argparse
@@ -32,6 +33,7 @@ def swarm(
     link: str | None,
     settings: list[str],
     peer_speeds: str | None = None,
+    overlap_limit: float | None = None,
 ) -> dict[str, Any]:
     """One `potluck swarm --json` run; its result with the command that made it."""
     command = [sys.executable, "-m", "potluck", "swarm", "--http-port", "0", "--peers", str(peers)]
@@ -40,6 +42,8 @@ def swarm(
         command += ["--set", setting]
     if peer_speeds is not None:
         command += ["--peer-speeds", peer_speeds]
+    if overlap and overlap_limit is not None:
+        command += ["--overlap-limit", str(overlap_limit)]
     if link is not None:
         command += ["--link", link]
     command += ["--json"]
@@ -130,6 +134,9 @@ def main() -> None:
         default=None,
         help="e.g. 0.5,0.5,0.5,0.5: each step sleeps as long again, the CPU free meanwhile, as a GPU leaves it",
     )
+    parser.add_argument(
+        "--overlap-limit", type=float, default=None, help="the overlapped run's --overlap-limit (default: none)"
+    )
     parser.add_argument("--set", dest="settings", action="append", default=[], help="a run setting, KEY=VALUE")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args()
@@ -147,6 +154,7 @@ def main() -> None:
                 link=args.link,
                 settings=args.settings,
                 peer_speeds=args.peer_speeds,
+                overlap_limit=args.overlap_limit,
             )
         rows.append({"seed": seed, **compare(runs[True], runs[False])})
         raw.append({"seed": seed, "on": runs[True], "off": runs[False]})

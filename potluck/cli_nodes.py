@@ -387,6 +387,19 @@ def peer(
             ),
         ),
     ] = False,
+    overlap_limit: Annotated[
+        float,
+        typer.Option(
+            "--overlap-limit",
+            help=(
+                "With --overlap: at most this share of a round's inner steps run before the round's state "
+                "arrives; then training waits for it (1: no limit). An update trained wholly ahead of its state "
+                "fails the aggregator's held-out check now and then (BENCHMARKS.md section 10)."
+            ),
+            min=0.01,
+            max=1.0,
+        ),
+    ] = 1.0,
     speed: Annotated[
         float,
         typer.Option(
@@ -446,6 +459,10 @@ def peer(
     from potluck.peer.runner import PeerOptions, PeerRunner, join_addresses
     from potluck.training.device import pick_device
 
+    if overlap_limit < 1 and not overlap:
+        from potluck.cli import UsageError
+
+        raise UsageError("--overlap-limit only applies with --overlap")
     if serverless:
         _serverless_peer(
             join=tuple(join or ()),
@@ -484,6 +501,7 @@ def peer(
         join_timeout_s=join_timeout,
         receipts_dir=receipts.expanduser(),
         overlap=overlap,
+        overlap_limit=overlap_limit,
         speed=speed,
         plan=plan,
         plan_peers=plan_peers,

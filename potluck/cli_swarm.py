@@ -101,6 +101,15 @@ def swarm(
         bool,
         typer.Option("--overlap/--no-overlap", help="Peers train on while their updates are in flight."),
     ] = False,
+    overlap_limit: Annotated[
+        float,
+        typer.Option(
+            "--overlap-limit",
+            help="With --overlap: the share of a round's steps a peer may take before the round's state arrives.",
+            min=0.01,
+            max=1.0,
+        ),
+    ] = 1.0,
     peer_speeds: Annotated[
         str | None,
         typer.Option(
@@ -155,6 +164,8 @@ def swarm(
             "--serverless runs peers only, on 127.0.0.1: drop --link, --overlap, --state-dir and --aggregators"
         )
 
+    if overlap_limit < 1 and not overlap:
+        raise UsageError("--overlap-limit only applies with --overlap")
     if kill_aggregator_at is not None and not standby:
         raise UsageError("--kill-aggregator-at needs --standby: without one, killing the aggregator ends the run")
     overrides: dict[str, Any] = {"rounds": rounds, **parse_overrides(set_ or [])}
@@ -167,6 +178,7 @@ def swarm(
     options = SwarmOptions(
         link=_parse_link(link),
         overlap=overlap,
+        overlap_limit=overlap_limit,
         peer_speeds=parse_speeds(peer_speeds, peers=peers),
         peers=peers,
         cfg=cfg,

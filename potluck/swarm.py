@@ -62,6 +62,7 @@ class SwarmOptions:
     adversaries: int = 0
     adversary_args: tuple[str, ...] = ()
     overlap: bool = False  # the peers train on while their updates are in flight
+    overlap_limit: float = 1.0  # with overlap, the share of a round's steps a peer may take ahead of its state
     # Each process in its own network namespace, peers behind `link` and the aggregator behind
     # `aggregator_link` (potluck.netlab; root and iproute2). None: everything on 127.0.0.1.
     link: Link | None = None
@@ -328,6 +329,8 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
                     args += ["--data", options.data]
                 if options.overlap:
                     args += ["--overlap"]
+                    if options.overlap_limit < 1:
+                        args += ["--overlap-limit", repr(options.overlap_limit)]
                 if i < len(options.peer_speeds):
                     args += ["--speed", repr(options.peer_speeds[i])]
                 args += ["--receipts", str(work_dir / "receipts" / f"peer-{i}")]

@@ -105,9 +105,12 @@ class PeerOptions:
     reconnect_timeout_s: float = 300.0
     join_timeout_s: float = 30.0
     receipts_dir: Path | None = None  # where final receipts are kept (None: checked, not kept)
-    # Train on while an update is in flight (one-round-delayed outer updates). Off by default: over three
-    # seeds at equal wall time it measured no worse on localhost, 4% worse at 10/100 Mbit/s (BENCHMARKS.md 10).
+    # Train on while an update is in flight (one-round-delayed outer updates). Off by default: at equal wall
+    # time it measured no worse on a GPU, 0.5-2.5% worse on a 2-core CPU box (BENCHMARKS.md 10).
     overlap: bool = False
+    # With overlap, at most this share of a round's inner steps run before its base arrives; then training
+    # waits for it (1: no limit). Updates whose steps were all stale fail the held-out check now and then.
+    overlap_limit: float = 1.0
     speed: float = 1.0  # testing aid: below 1, every inner step lasts 1/speed as long
     # At start-up, after the state: time a few inner steps, probe the link to the aggregator and log the
     # scaling efficiency the run's settings give here (potluck.planner.auto_plan) for `plan_peers` peers.
@@ -166,6 +169,8 @@ class PeerRunner:
         self.trainer: LocalTrainer | None = None
         self._training: asyncio.Future[None] | None = None  # the inner steps running in their thread
         self._round_opened: float | None = None  # monotonic time the training round opened, as seen here
+        self._base_arrived = threading.Event()  # cleared while overlapped steps run ahead of their round's base
+        self._base_arrived.set()
         self._upload_s = 0.0  # the last upload's duration, which the time box keeps free
         # shard -> (round it counts in, digest) of an update accepted late
         self._late: dict[int, tuple[int, bytes]] = {}
@@ -590,6 +595,7 @@ class PeerRunner:
             await self._rounds(master, trainer, cancel)
         finally:
             cancel.set()  # a run that ends or fails mid-round stops the training thread before the node goes
+            self._base_arrived.set()  # and one waiting at the overlap limit
             if self._training is not None:
                 with contextlib.suppress(Exception):
                     await self._training
@@ -630,6 +636,7 @@ class PeerRunner:
                 # The next round's steps run from the guess while this round's update and aggregate are in flight.
                 point = await asyncio.to_thread(self._train_from_guess, trainer, master, works, codecs, shot)
                 self._round_opened = None  # the next round opens when this one's aggregate arrives
+                self._base_arrived.clear()
                 self._training = self._train(trainer, cfg, cancel)
             signed_updates = [await asyncio.to_thread(self.make_update, master, w, trainer) for w in works]
             submitted = await asyncio.gather(
@@ -698,6 +705,7 @@ class PeerRunner:
                 master.round = r + 1
                 if self._training is not None:
                     stale_next = await asyncio.to_thread(trainer.rebase, master.params, point=point)
+                    self._base_arrived.set()
                 else:
                     await asyncio.to_thread(trainer.start_round, master.params, round_index=master.round)
             # The next round opened when this one closed, which the aggregate's signed timestamp says; a peer
@@ -793,8 +801,11 @@ class PeerRunner:
         The round opens, as this peer sees it, when the previous round's aggregate arrived; it plans
         with its own smoothed step time and its last upload's duration, and keeps a tenth of the
         deadline as margin (the aggregator opened the round a download earlier). Before the aggregate
-        arrives (overlap) there is no deadline yet to plan against.
+        arrives (overlap) there is no deadline yet to plan against; a peer at its overlap limit waits
+        here, in the training thread, until the aggregate has arrived or the run stops.
         """
+        if not self._base_arrived.is_set() and self.trainer.round_steps >= self._stale_limit():
+            self._base_arrived.wait()
         opened = self._round_opened
         if opened is None:
             return False
@@ -802,10 +813,15 @@ class PeerRunner:
         deadline_s = self.cfg.round_deadline_s
         return time.monotonic() + step_s + self._upload_s > opened + (1 - TIME_BOX_MARGIN) * deadline_s
 
+    def _stale_limit(self) -> int:
+        """The most inner steps of a round that may run before its base arrives (PeerOptions.overlap_limit)."""
+        return max(1, math.floor(self.options.overlap_limit * self.cfg.local_steps))
+
     async def _resync(self, trainer: LocalTrainer, cancel: threading.Event) -> _Master:
         """Stop any early training, download the state again and restart the round from it."""
         if self._training is not None:
             cancel.set()
+            self._base_arrived.set()
             with contextlib.suppress(Exception):
                 await self._training
             self._training = None

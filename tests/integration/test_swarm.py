@@ -124,24 +124,33 @@ def test_a_late_joiner_is_accepted_from_its_first_round(nodes: Nodes) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_an_overlapped_peer_trains_while_its_update_is_in_flight_and_every_update_counts(nodes: Nodes) -> None:
-    # Prepare: two overlapped peers, one at half speed, so the fast one waits on every round's close
+def test_overlapped_peers_train_while_their_update_is_in_flight_up_to_their_limit_and_every_update_counts(
+    nodes: Nodes,
+) -> None:
+    # Prepare: two overlapped peers, one limited to half a round ahead, and one at half speed, so that the
+    # other two wait on every round's close
     aggregator = nodes.aggregator(rounds=4, **FAST)
     ready = aggregator.next_event(_is("ready"), timeout_s=90)
     join = ready["maddrs"][0]
-    fast = nodes.peer("fast", join, "--overlap")
+    free = nodes.peer("free", join, "--overlap")
+    limited = nodes.peer("limited", join, "--overlap", "--overlap-limit", "0.5")
     slow = nodes.peer("slow", join, "--overlap", "--speed", "0.5")
     # Execute: the whole run
-    rounds = [fast.next_event(_is("round", round=r), timeout_s=90) for r in range(4)]
-    # Assert: the fast peer trained through the wait, and its stale updates were taken every round
-    assert all(r["accepted"] for r in rounds), [r["reason"] for r in rounds]
-    assert rounds[0]["stale_steps"] == 0  # nothing in flight before the first round
-    assert any(r["stale_steps"] > 0 for r in rounds[1:]), [r["stale_steps"] for r in rounds]
-    assert all(0 <= r["stale_steps"] <= r["inner_steps"] == FAST["local_steps"] for r in rounds)
+    ran_free, ran_limited = (
+        [node.next_event(_is("round", round=r), timeout_s=90) for r in range(4)] for node in (free, limited)
+    )
+    # Assert: both trained through the wait, the limited one no further than half a round, and every update counted
+    for rounds in (ran_free, ran_limited):
+        assert all(r["accepted"] for r in rounds), [r["reason"] for r in rounds]
+        assert rounds[0]["stale_steps"] == 0  # nothing in flight before the first round
+        assert all(r["inner_steps"] == FAST["local_steps"] for r in rounds)
+    assert any(r["stale_steps"] > FAST["local_steps"] // 2 for r in ran_free[1:]), [r["stale_steps"] for r in ran_free]
+    stale = [r["stale_steps"] for r in ran_limited]
+    assert max(stale) == FAST["local_steps"] // 2, stale  # it reached its limit, waited there, then went on
     closed = [aggregator.next_event(_is("round", round=r), timeout_s=60) for r in range(4)]
-    assert len(closed[-1]["accepted"]) == 2
+    assert len(closed[-1]["accepted"]) == 3
     assert closed[-1]["val_loss"] < ready["val_loss"] - 1.0
-    assert fast.wait_exit(timeout_s=60) == 0 and slow.wait_exit(timeout_s=60) == 0
+    assert all(node.wait_exit(timeout_s=60) == 0 for node in (free, limited, slow))
 
 
 @pytest.mark.timeout(240)

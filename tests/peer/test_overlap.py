@@ -1,11 +1,14 @@
 """An overlapped peer trains from its guess of the next master state: the outer step on what it sent."""
 
+import threading
+
 import torch
 
-from potluck.peer.runner import PeerRunner, _Master, _Shard
+from potluck.peer.runner import PeerOptions, PeerRunner, _Master, _Shard
 from potluck.peer.trainer import LocalTrainer
 from potluck.protocol.config import RunConfig
 from potluck.protocol.density import round_codecs
+from potluck.protocol.identity import generate_identity
 from potluck.training.diloco import OuterOptimizer, snapshot
 
 CFG = RunConfig(local_steps=3, rounds=4, inner={"warmup_steps": 1, "batch_size": 4}, data={"max_bytes": 300_000})
@@ -58,3 +61,34 @@ def test_the_guess_is_each_shards_outer_step_on_the_update_as_sent_and_the_model
     for name in names:
         torch.testing.assert_close(model[name].detach(), guess[name])
     assert any(not torch.allclose(guess[n], shot.current[n]) for n in names)  # the residual is not in it
+
+
+class _Arrival(threading.Event):
+    """The base's arrival as the training thread sees it: a wait notes how far ahead it got, then the base comes."""
+
+    def __init__(self, trainer: LocalTrainer) -> None:
+        super().__init__()
+        self.trainer = trainer
+        self.waited_at: list[int] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waited_at.append(self.trainer.round_steps)
+        self.set()
+        return True
+
+
+def test_at_its_overlap_limit_a_peer_waits_for_the_rounds_base_then_trains_the_round_out() -> None:
+    # Prepare: a peer whose overlapped steps may run half a round (of 4 steps) ahead of their base
+    cfg = CFG.with_overrides({"local_steps": 4}, source="test")
+    options = PeerOptions(join=(), overlap=True, overlap_limit=0.5)
+    runner = PeerRunner(generate_identity(), options, on_event=lambda _: None)
+    trainer = LocalTrainer(cfg, public_key=b"\x08" * 32, device=torch.device("cpu"))
+    trainer.start_round(snapshot(trainer.model, device="cpu"), round_index=0)
+    runner.trainer, runner.cfg = trainer, cfg
+    runner._base_arrived = _Arrival(trainer)  # the base is in flight
+    runner._round_opened = None
+    # Execute
+    trainer.train(max_steps=cfg.local_steps, stop=runner._time_box_full)
+    # Assert: it stopped to wait once, two steps ahead, and took the other two after the base came
+    assert runner._base_arrived.waited_at == [2]
+    assert trainer.round_steps == 4

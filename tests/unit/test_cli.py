@@ -143,6 +143,10 @@ def test_plan_refuses_junk_with_one_line() -> None:
         (("peer", "--serverless", "--join", "/ip4/127.0.0.1/tcp/1"), "/p2p/"),
         (("peer", "--serverless", "--set", "inner.lr=-1"), "inner.lr"),
         (("peer",), "no --join address given"),
+        (
+            ("peer", "--join", "/ip4/127.0.0.1/tcp/1", "--overlap-limit", "0.5"),
+            "--overlap-limit only applies with --overlap",
+        ),
     ],
 )
 def test_peer_modes_refuse_what_does_not_fit_them_in_one_line(args: tuple[str, ...], expected: str) -> None:
@@ -150,6 +154,14 @@ def test_peer_modes_refuse_what_does_not_fit_them_in_one_line(args: tuple[str, .
 
     assert result.returncode == 2
     assert expected in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+
+
+def test_swarm_refuses_an_overlap_limit_without_overlap_in_one_line() -> None:
+    result = run("swarm", "--overlap-limit", "0.5")
+
+    assert result.returncode == 2
+    assert "--overlap-limit only applies with --overlap" in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
 
 
 def test_a_bad_state_upload_rate_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
