@@ -455,14 +455,17 @@ def peer(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per event on stdout.")] = False,
 ) -> None:
     """Volunteer: join a run, train locally, send compressed signed updates, apply the aggregates (peer)."""
+    from potluck.cli import UsageError
     from potluck.peer.join_url import resolve_joins
     from potluck.peer.runner import PeerOptions, PeerRunner, join_addresses
     from potluck.training.device import pick_device
 
     if overlap_limit < 1 and not overlap:
-        from potluck.cli import UsageError
-
         raise UsageError("--overlap-limit only applies with --overlap")
+    if serverless and overlap:
+        raise UsageError(
+            "--overlap does not apply with --serverless: a serverless peer averages its state at the end of each round"
+        )
     if serverless:
         _serverless_peer(
             join=tuple(join or ()),
@@ -482,8 +485,6 @@ def peer(
         )
         return
     if config is not None or set_:
-        from potluck.cli import UsageError
-
         raise UsageError("--config and --set only apply with --serverless: a run with an aggregator uses its config")
     addresses = join_addresses(resolve_joins(join or [], timeout_s=join_timeout))
     _set_threads(threads)

@@ -143,6 +143,7 @@ def test_plan_refuses_junk_with_one_line() -> None:
         (("peer", "--serverless", "--join", "/ip4/127.0.0.1/tcp/1"), "/p2p/"),
         (("peer", "--serverless", "--set", "inner.lr=-1"), "inner.lr"),
         (("peer",), "no --join address given"),
+        (("peer", "--serverless", "--overlap"), "--overlap does not apply with --serverless"),
         (
             ("peer", "--join", "/ip4/127.0.0.1/tcp/1", "--overlap-limit", "0.5"),
             "--overlap-limit only applies with --overlap",
