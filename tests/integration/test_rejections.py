@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from potluck.protocol import PROTOCOL_VERSION
-from potluck.protocol.client import AggregatorLink
+from potluck.protocol.client import AggregatorLink, AggregatorUnreachable
 from potluck.protocol.envelope import SignedUpdate, sign_update
 from potluck.protocol.identity import generate_identity
 from potluck.protocol.messages import SUBMIT_HANDLER
@@ -53,7 +53,10 @@ def test_bad_updates_are_rejected_and_logged_and_a_retried_good_one_is_accepted_
     aggregator = nodes.aggregator(rounds=3, local_steps=8, inner__warmup_steps=4, data__max_bytes=400_000)
     join = aggregator.next_event(lambda e: e.get("event") == "ready", timeout_s=90)["maddrs"][0]
     # Execute
-    receipts = asyncio.run(asyncio.wait_for(_submit_bad_updates(join), 60))
+    try:
+        receipts = asyncio.run(asyncio.wait_for(_submit_bad_updates(join), 60))
+    except AggregatorUnreachable as e:  # seen once in CI (a stream closed with no reply): keep what the server said
+        raise AssertionError(f"{e}; the aggregator's log:\n{aggregator.log()}") from e
     # Assert: each bad one is refused, naming the check that caught it; the honest one and its retry are accepted
     honest, again = receipts.pop("honest"), receipts.pop("honest again")
     assert honest.accepted and again.accepted and again.tokens_credited == honest.tokens_credited == 1024
