@@ -31,6 +31,8 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
+from potluck.priority import lower_priority
+
 # What every swarm child imports; the server imports it once so that its children need not.
 PRELOAD = (
     "torch",
@@ -56,6 +58,7 @@ def _exit_code(status: int) -> int:
 def _run_child(request: dict[str, Any], stdout_fd: int, stderr_fd: int) -> int:
     """In the forked child: become `python -m MODULE ARGS` in a session of its own; its exit status."""
     os.setsid()
+    lower_priority(int(request.get("nice", 0)))  # after setsid: the new session's autogroup is its own
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(stdout_fd, 1)
@@ -245,9 +248,12 @@ class ForkServer:
         """Whether the server still answers."""
         return self._alive and self._process.poll() is None
 
-    def start(self, module: str, args: list[str], *, env: dict[str, str], cwd: Path, log_path: Path) -> ForkedProcess:
-        """`python -m MODULE ARGS` forked from the server; stdout piped back as text, stderr to `log_path`."""
-        request = json.dumps({"module": module, "args": args, "env": env, "cwd": str(cwd)}).encode()
+    def start(
+        self, module: str, args: list[str], *, env: dict[str, str], cwd: Path, log_path: Path, nice: int = 0
+    ) -> ForkedProcess:
+        """`python -m MODULE ARGS` forked from the server; stdout piped back as text, stderr to `log_path`;
+        `nice` > 0 lowers the child's CPU priority (potluck.priority)."""
+        request = json.dumps({"module": module, "args": args, "env": env, "cwd": str(cwd), "nice": nice}).encode()
         read_fd, write_fd = os.pipe()
         try:
             with open(log_path, "w") as log, self._lock:

@@ -32,6 +32,7 @@ from typing import Any
 
 from potluck.forkserver import ForkedProcess, ForkServerError, shared_server
 from potluck.netlab import Link, NetLab
+from potluck.priority import lower_priority
 from potluck.protocol.config import RunConfig, dump_run_config
 from potluck.protocol.identity import load_or_create_identity, public_key_to_hex
 
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 SHARDED_EVAL_BATCHES = 8  # held-out batches peer-0 scores in a sharded swarm (an aggregator's default)
 SWARM_FAILOVER_S = 5.0  # a local standby takes over this soon: on 127.0.0.1 silence means the primary is gone
 READY_TIMEOUT_S = 180.0  # the aggregator imports torch and hivemind, loads the corpus, starts p2pd
+# Peers yield the cores to the aggregators, whose round close every peer waits on (potluck.priority).
+PEER_NICE = 10
 STOP_GRACE_S = 15.0  # after SIGTERM, how long a child may take to shut its node down cleanly
 
 
@@ -136,12 +139,13 @@ def start_child(
     threads: int,
     module: str = "potluck",
     wrap: Callable[[list[str]], list[str]] | None = None,
+    nice: int = 0,
 ) -> Child:
     """`python -m MODULE ARGS` in a new session, stdout piped (JSON lines), stderr to WORK_DIR/NAME.log.
 
     Forked from this process's fork server (potluck.forkserver: torch and hivemind imported once)
     where it runs; otherwise, or when `wrap` turns the command into another one (the network lab
-    puts it in a namespace), a plain subprocess.
+    puts it in a namespace), a plain subprocess. `nice` > 0 lowers its CPU priority (potluck.priority).
     """
     env = dict(os.environ)
     env.update(
@@ -154,7 +158,7 @@ def start_child(
     server = shared_server() if wrap is None else None
     if server is not None:
         try:
-            forked = server.start(module, args, env=env, cwd=Path.cwd(), log_path=log_path)
+            forked = server.start(module, args, env=env, cwd=Path.cwd(), log_path=log_path, nice=nice)
         except (OSError, ForkServerError) as e:
             logger.debug("fork server: %s; starting %s as a subprocess", e, name)
         else:
@@ -169,6 +173,7 @@ def start_child(
             env=env,
             start_new_session=True,  # its own process group: it and its p2pd are stopped together
         )
+    lower_priority(nice, process.pid)  # Popen returns after the exec, so its new session has its autogroup
     return Child(name=name, process=process, log_path=log_path)
 
 
@@ -323,6 +328,7 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
                     threads=threads,
                     module="potluck.redteam",
                     wrap=wrap(hubs + i),
+                    nice=PEER_NICE,
                 )
             else:
                 if options.data is not None:
@@ -334,7 +340,9 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
                 if i < len(options.peer_speeds):
                     args += ["--speed", repr(options.peer_speeds[i])]
                 args += ["--receipts", str(work_dir / "receipts" / f"peer-{i}")]
-                child = start_child(f"peer-{i}", args, work_dir=work_dir, threads=threads, wrap=wrap(hubs + i))
+                child = start_child(
+                    f"peer-{i}", args, work_dir=work_dir, threads=threads, wrap=wrap(hubs + i), nice=PEER_NICE
+                )
             children.append(child)
             threading.Thread(target=_pump, args=(child, events), daemon=True).start()
         killed: set[str] = set()
@@ -370,7 +378,7 @@ def _run_serverless(
             args += ["--data", options.data]
         if i < len(options.peer_speeds):
             args += ["--speed", repr(options.peer_speeds[i])]
-        child = start_child(f"peer-{i}", args, work_dir=work_dir, threads=threads)
+        child = start_child(f"peer-{i}", args, work_dir=work_dir, threads=threads, nice=PEER_NICE)
         children.append(child)
         threading.Thread(target=_pump, args=(child, events), daemon=True).start()
         return child

@@ -36,8 +36,12 @@ def _close_pipes() -> Iterator[None]:
             child.stdout.close()
 
 
-def _start(server: ForkServer, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> ForkedProcess:
-    child = server.start(MODULE, list(args), env=env or dict(os.environ), cwd=Path.cwd(), log_path=tmp_path / "c.log")
+def _start(
+    server: ForkServer, tmp_path: Path, *args: str, env: dict[str, str] | None = None, nice: int = 0
+) -> ForkedProcess:
+    child = server.start(
+        MODULE, list(args), env=env or dict(os.environ), cwd=Path.cwd(), log_path=tmp_path / "c.log", nice=nice
+    )
     _open.append(child)
     return child
 
@@ -114,3 +118,36 @@ def test_a_closed_server_refuses_new_children_with_a_clear_error(tmp_path: Path)
 
     with pytest.raises(Exception, match="not running"):
         _start(lone, tmp_path, "report")
+
+
+@pytest.mark.timeout(60)
+def test_a_child_started_nice_yields_the_cpu_in_its_own_session_group_too(server: ForkServer, tmp_path: Path) -> None:
+    plain, lowered = _start(server, tmp_path, "report"), _start(server, tmp_path, "report", nice=10)
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+
+    plain_report, lowered_report = _report(plain), _report(lowered)
+
+    assert plain_report["nice"] == mine and lowered_report["nice"] == max(10, mine)
+    if lowered_report["autogroup_nice"] is not None:  # Linux with autogroups: nice alone ranks only within a group
+        assert lowered_report["autogroup_nice"] == max(10, mine) and plain_report["autogroup_nice"] != 10
+    assert plain.wait(timeout=20) == 0 and lowered.wait(timeout=20) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_subprocess_child_started_nice_yields_the_cpu_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POTLUCK_FORKSERVER", "0")
+
+    child = start_child("c", ["hang"], work_dir=tmp_path, threads=1, module=MODULE, nice=10)
+
+    try:
+        assert isinstance(child.process, subprocess.Popen)
+        expected = max(10, os.getpriority(os.PRIO_PROCESS, 0))
+        assert os.getpriority(os.PRIO_PROCESS, child.process.pid) == expected  # set before start_child returned
+        autogroup = Path(f"/proc/{child.process.pid}/autogroup")
+        if autogroup.exists():
+            assert autogroup.read_text().split()[-1] == str(expected)
+    finally:
+        os.killpg(child.process.pid, signal.SIGKILL)
+        child.process.wait(timeout=30)
+        assert child.process.stdout is not None
+        child.process.stdout.close()
