@@ -95,12 +95,17 @@ def compare(on: dict[str, Any], off: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def spread_of(values: list[float]) -> str:
+    """The lowest and highest of a run's per-peer figures, as "0.91-0.94"."""
+    return f"{min(values):.2f}-{max(values):.2f}" if values else ""
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one row per repeat and the mean."""
     lines = [
         "| seed | equal time s | loss on | loss off | diff % | final on | final off | diff % (equal rounds) "
-        "| s/round on | s/round off | rejected on/off | stale steps on |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| s/round on | s/round off | rejected on/off | stale steps on | utilization on | utilization off |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
@@ -108,7 +113,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['loss_at_equal_time_off']:.4f} | {r['equal_time_diff_pct']:+.2f} | {r['final_loss_on']:.4f} | "
             f"{r['final_loss_off']:.4f} | {r['equal_rounds_diff_pct']:+.2f} | {r['s_per_round_on']:.2f} | "
             f"{r['s_per_round_off']:.2f} | {r['honest_rejected_on']}/{r['honest_rejected_off']} | "
-            f"{r.get('stale_share_on', 0):.0%} |"
+            f"{r.get('stale_share_on', 0):.0%} | {spread_of(r['utilization_on'])} | "
+            f"{spread_of(r['utilization_off'])} |"
         )
     diffs = [r["equal_time_diff_pct"] for r in rows]
     finals = [r["equal_rounds_diff_pct"] for r in rows]
@@ -117,7 +123,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         f"| mean | | | | {statistics.mean(diffs):+.2f}{spread} | | | {statistics.mean(finals):+.2f} | "
         f"{statistics.mean(r['s_per_round_on'] for r in rows):.2f} | "
         f"{statistics.mean(r['s_per_round_off'] for r in rows):.2f} | | "
-        f"{statistics.mean(r.get('stale_share_on', 0) for r in rows):.0%} |"
+        f"{statistics.mean(r.get('stale_share_on', 0) for r in rows):.0%} | "
+        f"{spread_of([u for r in rows for u in r['utilization_on']])} | "
+        f"{spread_of([u for r in rows for u in r['utilization_off']])} |"
     )
     return "\n".join(lines)
 
@@ -125,7 +133,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     """Run the pairs, print the table, and keep JSON and Markdown next to `--out`."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="pairs of runs, seeds 0..N-1")
+    parser.add_argument("--repeats", type=int, default=3, help="pairs of runs, seeds FIRST..FIRST+N-1")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first pair's seed")
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--link", default=None, help="UP/DOWN per peer in the network lab, e.g. 10mbit/100mbit")
@@ -141,7 +150,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args()
     rows, raw = [], []
-    for seed in range(args.repeats):
+    for seed in range(args.first_seed, args.first_seed + args.repeats):
         order = (True, False) if seed % 2 == 0 else (False, True)
         runs = {}
         for overlap in order:
