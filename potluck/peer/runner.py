@@ -72,6 +72,10 @@ PLAN_PROBE_TIMEOUT_S = 30.0
 FAILOVER_AFTER_S = 10.0  # a shard's aggregator silent this long: switch to its standby once one is announced
 MAX_DONORS = 8  # holding peers one state download asks besides the aggregator
 TIME_BOX_MARGIN = 0.1  # of the round deadline, kept free: the round opened a download before the peer saw it
+# The overlap limit a peer falls back to once an update with more than this share of stale steps was dropped at
+# round close: at 15 of 30 stale steps the held-out check dropped no honest update, at 30 of 30 one in nine
+# (BENCHMARKS.md 10), and three drops within ten rounds ban a key.
+SAFE_OVERLAP_LIMIT = 0.5
 
 
 class PeerError(Exception):
@@ -109,7 +113,8 @@ class PeerOptions:
     # time it measured no worse on a GPU, 0.5-2.5% worse on a 2-core CPU box (BENCHMARKS.md 10).
     overlap: bool = False
     # With overlap, at most this share of a round's inner steps run before its base arrives; then training
-    # waits for it (1: no limit). Updates whose steps were all stale fail the held-out check now and then.
+    # waits for it (1: no limit). Updates whose steps were all stale fail the held-out check now and then:
+    # after one such drop the peer lowers its limit to SAFE_OVERLAP_LIMIT for the rest of the run.
     overlap_limit: float = 1.0
     speed: float = 1.0  # testing aid: below 1, every inner step lasts 1/speed as long
     # At start-up, after the state: time a few inner steps, probe the link to the aggregator and log the
@@ -171,6 +176,7 @@ class PeerRunner:
         self._round_opened: float | None = None  # monotonic time the training round opened, as seen here
         self._base_arrived = threading.Event()  # cleared while overlapped steps run ahead of their round's base
         self._base_arrived.set()
+        self._overlap_limit = options.overlap_limit  # lowered to SAFE_OVERLAP_LIMIT after a stale update's drop
         self._upload_s = 0.0  # the last upload's duration, which the time box keeps free
         # shard -> (round it counts in, digest) of an update accepted late
         self._late: dict[int, tuple[int, bytes]] = {}
@@ -696,6 +702,7 @@ class PeerRunner:
                 if not reasons and not accepted:
                     reason = "dropped at round close by the round's checks (see the aggregator's log)"
                     logger.warning("round %d: update %s", r, reason)
+                    self._after_drop(r, stale_steps=stale_steps, inner_steps=work.inner_steps)
                 self.accepted += accepted
                 self.rejected += not accepted
             pairs = zip(master.shards, fetched, strict=True)
@@ -757,6 +764,7 @@ class PeerRunner:
                     "points": points,  # credited by the final receipts (None: one did not check out)
                     "receipt_s": receipt_s,  # fetching and checking them
                     "overlap": self.options.overlap,
+                    "overlap_limit": self._overlap_limit,  # the share of a round's steps that may run stale
                     "shards": len(master.shards),
                 }
             )
@@ -815,7 +823,27 @@ class PeerRunner:
 
     def _stale_limit(self) -> int:
         """The most inner steps of a round that may run before its base arrives (PeerOptions.overlap_limit)."""
-        return max(1, math.floor(self.options.overlap_limit * self.cfg.local_steps))
+        return max(1, math.floor(self._overlap_limit * self.cfg.local_steps))
+
+    def _after_drop(self, round_index: int, *, stale_steps: int, inner_steps: int) -> None:
+        """After an update was dropped at round close: if most of its steps ran ahead of their base, let at most
+        SAFE_OVERLAP_LIMIT of a round's steps do so from now on.
+
+        An update trained mostly from the peer's guess of the state, not from the state itself, can fail the
+        aggregator's held-out check though honest, and every such drop is a strike against the peer's key.
+        """
+        if not self.options.overlap or stale_steps * 2 <= inner_steps or self._overlap_limit <= SAFE_OVERLAP_LIMIT:
+            return
+        self._overlap_limit = SAFE_OVERLAP_LIMIT
+        logger.warning(
+            "round %d: the dropped update had %d of %d steps trained ahead of its base; overlap now waits for the "
+            "base after %d steps (as --overlap-limit %g)",
+            round_index,
+            stale_steps,
+            inner_steps,
+            self._stale_limit(),
+            SAFE_OVERLAP_LIMIT,
+        )
 
     async def _resync(self, trainer: LocalTrainer, cancel: threading.Event) -> _Master:
         """Stop any early training, download the state again and restart the round from it."""

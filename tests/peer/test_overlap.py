@@ -92,3 +92,30 @@ def test_at_its_overlap_limit_a_peer_waits_for_the_rounds_base_then_trains_the_r
     # Assert: it stopped to wait once, two steps ahead, and took the other two after the base came
     assert runner._base_arrived.waited_at == [2]
     assert trainer.round_steps == 4
+
+
+def _overlapped_runner(limit: float = 1.0, *, overlap: bool = True) -> PeerRunner:
+    runner = PeerRunner(
+        generate_identity(), PeerOptions(join=(), overlap=overlap, overlap_limit=limit), on_event=lambda _: None
+    )
+    runner.cfg = CFG.with_overrides({"local_steps": 30}, source="test")
+    return runner
+
+
+def test_after_a_mostly_stale_update_is_dropped_the_peer_lets_at_most_half_a_round_run_ahead() -> None:
+    runner = _overlapped_runner()
+    assert runner._stale_limit() == 30
+
+    runner._after_drop(4, stale_steps=16, inner_steps=30)
+
+    assert runner._stale_limit() == 15
+
+
+def test_a_drop_of_a_mostly_fresh_update_or_without_overlap_leaves_the_limit_alone() -> None:
+    fresh, tighter, plain = _overlapped_runner(), _overlapped_runner(0.3), _overlapped_runner(overlap=False)
+
+    fresh._after_drop(4, stale_steps=15, inner_steps=30)  # half stale: the check drops no honest update there
+    tighter._after_drop(4, stale_steps=30, inner_steps=30)  # already below the safe limit: never raised
+    plain._after_drop(4, stale_steps=30, inner_steps=30)
+
+    assert (fresh._stale_limit(), tighter._stale_limit(), plain._stale_limit()) == (30, 9, 30)
