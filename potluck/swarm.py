@@ -527,6 +527,7 @@ def _result(
                 "compute_s": done.get("compute_s"),
                 "active_s": done.get("active_s"),
                 "speed": done.get("speed", 1.0),
+                "nice": done.get("nice"),  # its CPU priority: PEER_NICE where the platform allows
                 "adversary": child.name.startswith("adversary-"),
                 # digests of every upload it made (an adversary may send several a round, under other keys)
                 "uploads": [e["update"] for e in child.events if e.get("event") == "adversarial"]

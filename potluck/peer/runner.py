@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -76,6 +77,14 @@ TIME_BOX_MARGIN = 0.1  # of the round deadline, kept free: the round opened a do
 # round close: at 15 of 30 stale steps the held-out check dropped no honest update, at 30 of 30 one in nine
 # (BENCHMARKS.md 10), and three drops within ten rounds ban a key.
 SAFE_OVERLAP_LIMIT = 0.5
+
+
+def _own_nice() -> int | None:
+    """This process's nice value (None where the platform has none): a swarm's summary shows it per peer."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    except (OSError, AttributeError):
+        return None
 
 
 class PeerError(Exception):
@@ -263,7 +272,7 @@ class PeerRunner:
         step's end: start-up and the wait for the run's final aggregate are not part of it.
         """
         t = self.trainer
-        setup = {"overlap": self.options.overlap, "speed": self.options.speed}
+        setup = {"overlap": self.options.overlap, "speed": self.options.speed, "nice": _own_nice()}
         if t is None or t.first_step_at is None or t.last_step_at is None:
             return {
                 "tokens": 0,

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from potluck.protocol.identity import generate_identity, save_identity
+from potluck.swarm import PEER_NICE
 from tests.integration.swarm_helpers import Nodes, free_port, p2pd_pids, wait_until
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -66,6 +67,8 @@ def test_swarm_of_three_trains_and_leaves_nothing_running(tmp_path: Path) -> Non
     assert all(r["round_s"] < DEADLINE_S + 2 for r in result["rounds"]), [r["round_s"] for r in result["rounds"]]
     slow = result["peers"][2]
     assert slow["speed"] == 0.25 and slow["accepted"] >= 1
+    # the peers yield the CPU to the aggregator, whose round close they all wait on
+    assert all(p["nice"] == max(PEER_NICE, os.getpriority(os.PRIO_PROCESS, 0)) for p in result["peers"])
     credited = {a["fingerprint"] for r in result["rounds"] for a in r["accepted"]}
     assert slow["fingerprint"] in credited
     for peer in result["peers"]:
