@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from potluck.netlab import NetLab, parse_link
+from potluck.lab.netlab import NetLab, parse_link
 from potluck.protocol.config import RunConfig
 
 SYSTEMS = ("potluck-overlap", "potluck-no-overlap", "hivemind", "ddp")

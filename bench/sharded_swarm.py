@@ -2,7 +2,7 @@
 
 Issue 8's first bar: `potluck swarm --aggregators 2 --peers 4 --rounds 6` trains, and each of its two
 aggregators ingests about half of what a single aggregator does for the same swarm. This runs
-`potluck.swarm.run_swarm` with 1, 2 (and optionally 4) aggregators, alternating, several times,
+`potluck.lab.swarm.run_swarm` with 1, 2 (and optionally 4) aggregators, alternating, several times,
 with the same config and peers, and reports per aggregator: the bytes it received (uploads, mostly),
 the updates it took in, and its share of the single aggregator's ingest; per swarm: the held-out loss
 before and after (the aggregator's, or in a sharded swarm peer-0's) and the wall time.
@@ -24,8 +24,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from potluck.lab.swarm import SwarmOptions, run_swarm  # noqa: E402
 from potluck.protocol.config import RunConfig  # noqa: E402
-from potluck.swarm import SwarmOptions, run_swarm  # noqa: E402
 
 
 def measure(peers: int, rounds: int, aggregators: int) -> dict[str, Any]:

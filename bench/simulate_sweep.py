@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from potluck.planning.simulate import parse_arm, simulate
 from potluck.protocol.config import RunConfig
-from potluck.simulate import parse_arm, simulate
 from potluck.training.device import pick_device
 
 

@@ -32,9 +32,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from potluck.netlab import NetLab, parse_link  # noqa: E402
+from potluck.lab.netlab import NetLab, parse_link  # noqa: E402
+from potluck.lab.swarm import Child, read_events, start_child, stop_children  # noqa: E402
 from potluck.protocol.config import RunConfig, dump_run_config  # noqa: E402
-from potluck.swarm import Child, read_events, start_child, stop_children  # noqa: E402
 
 READY_S = 300.0
 

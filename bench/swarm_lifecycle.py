@@ -3,7 +3,7 @@
 A swarm on one machine starts an aggregator and N peers as separate processes. Each one imports
 torch and hivemind and starts a p2pd before it can join, and at the end each one tears down its
 interpreter. On a small machine those two phases take most of a short run's time (and most of the
-multi-process tests' time). This runs `potluck.swarm.run_swarm` once and timestamps its events:
+multi-process tests' time). This runs `potluck.lab.swarm.run_swarm` once and timestamps its events:
 
 - ready: the aggregator serves (from launch)
 - joined: the last peer has asked for the state
@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from potluck import swarm  # noqa: E402
+from potluck.lab import swarm  # noqa: E402
 from potluck.protocol.config import RunConfig  # noqa: E402
 
 

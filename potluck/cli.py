@@ -32,7 +32,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 if TYPE_CHECKING:
-    from potluck.planner import AutoPlan
+    from potluck.planning.plan import AutoPlan
 
 stderr = Console(stderr=True)
 stdout = Console()
@@ -158,8 +158,8 @@ def simulate(
     ),
 ) -> None:
     """Compare DiLoCo with each codec against DDP at equal tokens: held-out loss and upload bytes."""
+    from potluck.planning.simulate import simulate as run_simulation
     from potluck.protocol.config import RunConfig, load_run_config, run_config_from_mapping
-    from potluck.simulate import simulate as run_simulation
     from potluck.training.device import pick_device
 
     base = load_run_config(config) if config else RunConfig(rounds=8, local_steps=25)
@@ -178,7 +178,7 @@ def simulate(
             target = overrides if section is None else overrides[section]
             target[key] = value  # type: ignore[index]
     cfg = run_config_from_mapping(overrides, source="flags")
-    from potluck.simulate import parse_arm
+    from potluck.planning.simulate import parse_arm
 
     names = [c.strip() for c in codecs.split(",") if c.strip()]
     if not names:
@@ -236,7 +236,7 @@ def _number(value: float) -> str:
 
 
 def _quantity(value: str | None, flag: str) -> float | None:
-    from potluck.planner import parse_quantity
+    from potluck.planning.plan import parse_quantity
 
     if value is None:
         return None
@@ -280,7 +280,7 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Scaling efficiency K of local SGD (He et al., arXiv 2409.13198) and network time per round."""
-    from potluck.planner import make_plan
+    from potluck.planning.plan import make_plan
 
     if auto:
         up_bits, down_bits = _quantity(up, "--up"), _quantity(down, "--down")
@@ -348,7 +348,7 @@ def _auto_plan(
     from dataclasses import asdict
 
     from potluck.doctor import measure_link
-    from potluck.planner import auto_plan
+    from potluck.planning.plan import auto_plan
     from potluck.protocol.config import parse_overrides, run_config_or_default
     from potluck.protocol.probe import ProbeUnavailableError
     from potluck.protocol.wire import WireError

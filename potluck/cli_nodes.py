@@ -153,7 +153,7 @@ def describe_peer_event(e: dict[str, Any]) -> str | None:
             f"network {network:.1f} s{hidden} | {verdict}"
         )
     if kind == "plan":
-        from potluck.planner import AutoPlan
+        from potluck.planning.plan import AutoPlan
 
         return AutoPlan(**{k: v for k, v in e.items() if k != "event"}).line()
     if kind == "failover":
@@ -183,7 +183,7 @@ def describe_peer_event(e: dict[str, Any]) -> str | None:
 def _rate_bytes(text: str) -> float:
     """`--state-upload-rate` in bytes per second; UsageError (one line) when it does not read as a rate."""
     from potluck.cli import UsageError
-    from potluck.netlab import parse_rate
+    from potluck.lab.netlab import parse_rate
 
     try:
         return parse_rate(text) / 8
@@ -629,13 +629,13 @@ def known_errors() -> tuple[type[Exception], ...]:
     from potluck.aggregator_server.checkpoint import CheckpointError
     from potluck.aggregator_server.reputation import BanFileError
     from potluck.aggregator_server.setup import SetupError
-    from potluck.netlab import NetLabError
+    from potluck.lab.netlab import NetLabError
+    from potluck.lab.swarm import SwarmError
     from potluck.peer.runner import PeerError
     from potluck.peer.serverless import ServerlessError
     from potluck.protocol.client import AggregatorRefused
     from potluck.protocol.dht_schema import DHTSchemaError
     from potluck.protocol.node import JoinError
-    from potluck.swarm import SwarmError
     from potluck.web import WebServerError
 
     return (

@@ -56,7 +56,7 @@ def parse_speeds(text: str | None, *, peers: int) -> tuple[float, ...]:
 def _parse_link(text: str | None) -> Any:
     """`--link UP/DOWN` checked up front: a bad value or a machine without the lab fails in one line."""
     from potluck.cli import UsageError
-    from potluck.netlab import parse_link, unavailable_reason
+    from potluck.lab.netlab import parse_link, unavailable_reason
 
     if text is None:
         return None
@@ -156,8 +156,8 @@ def swarm(
 ) -> None:
     """Start an aggregator and N peers on 127.0.0.1 (or behind shaped links) and train the run to its end."""
     from potluck.cli import UsageError
+    from potluck.lab.swarm import SwarmOptions, run_swarm, sigterm_stops_the_swarm
     from potluck.protocol.config import RunConfig, load_run_config, parse_overrides
-    from potluck.swarm import SwarmOptions, run_swarm, sigterm_stops_the_swarm
 
     if serverless and (link is not None or overlap or state_dir is not None or aggregators > 1):
         raise UsageError(
@@ -327,7 +327,7 @@ def redteam(
     rounds: Annotated[int, typer.Option(help="Outer rounds per run.", min=1)] = 6,
     local_steps: Annotated[int, typer.Option("--local-steps", help="Inner steps per round.", min=1)] = 10,
     strength: Annotated[
-        float, typer.Option(help="Scales the attack (see potluck/redteam/attacks.py).", min=0.0)
+        float, typer.Option(help="Scales the attack (see potluck/lab/redteam/attacks.py).", min=0.0)
     ] = 1.0,
     set_: Annotated[
         list[str] | None,
@@ -339,8 +339,8 @@ def redteam(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """RED TEAM: a local swarm with misbehaving peers, against the same swarm clean (and undefended)."""
+    from potluck.lab.redteam.harness import run_redteam, to_json, verdict
     from potluck.protocol.config import RunConfig, parse_overrides
-    from potluck.redteam.harness import run_redteam, to_json, verdict
 
     overrides: dict[str, Any] = {
         "rounds": rounds,

@@ -46,7 +46,6 @@ from potluck.aggregator_server.checkpoint import (
     save_checkpoint,
     spool_update,
 )
-from potluck.aggregator_server.density import UploadTiming, next_density
 from potluck.aggregator_server.judge import judge_round
 from potluck.aggregator_server.master import (
     Contribution,
@@ -55,7 +54,8 @@ from potluck.aggregator_server.master import (
     initial_master,
     token_cap,
 )
-from potluck.aggregator_server.probe import PROBE_HANDLER, handle_probe
+from potluck.aggregator_server.next_density import UploadTiming, next_density
+from potluck.aggregator_server.probe_handler import PROBE_HANDLER, handle_probe
 from potluck.aggregator_server.reputation import BanFileError, Reputation
 from potluck.aggregator_server.rounds import Accepted, OpenRound
 from potluck.aggregator_server.served_state import KEPT_STATES, ServedState, serve_state

@@ -31,7 +31,7 @@ import torch
 from potluck.incentives.receipts import ReceiptError, check_receipt, store_receipt
 from potluck.peer.state_download import Donor, DownloadFailed, Fetched, fetch_chunks
 from potluck.peer.trainer import LocalTrainer, RoundSnapshot, RoundWork, TrainingDiverged
-from potluck.planner import auto_plan
+from potluck.planning.plan import auto_plan
 from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.chunk_server import ChunkUnavailable, chunk_handler
 from potluck.protocol.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable, Transfer
@@ -127,7 +127,7 @@ class PeerOptions:
     overlap_limit: float = 1.0
     speed: float = 1.0  # testing aid: below 1, every inner step lasts 1/speed as long
     # At start-up, after the state: time a few inner steps, probe the link to the aggregator and log the
-    # scaling efficiency the run's settings give here (potluck.planner.auto_plan) for `plan_peers` peers.
+    # scaling efficiency the run's settings give here (potluck.planning.plan.auto_plan) for `plan_peers` peers.
     plan: bool = False
     plan_peers: int = 8
     # Score the master state on this many of the run's held-out batches after each round (0: never). An
@@ -870,7 +870,7 @@ class PeerRunner:
     def make_update(self, master: _Master, work: RoundWork, trainer: LocalTrainer) -> tuple[SignedUpdate, bytes]:
         """The signed update for this round's work (one shard's, in a sharded run), signed by this peer.
 
-        The one place an update is made, so the red-team harness (potluck/redteam/) can replace it in a
+        The one place an update is made, so the red-team harness (potluck/lab/redteam/) can replace it in a
         subclass; a normal peer never imports that.
         """
         cfg = master.cfg

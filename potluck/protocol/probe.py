@@ -9,7 +9,7 @@ one request frame and one reply frame on a binary stream named PROBE_HANDLER (se
 
 The filler is what the client uploads (its length is the frame's body length minus the header); `n` is
 what it asks to download. Both are bounded by MAX_PROBE_BYTES. The server's handler is
-`potluck.aggregator_server.probe.handle_probe`; the clients are `potluck doctor`, `potluck plan --auto`
+`potluck.aggregator_server.probe_handler.handle_probe`; the clients are `potluck doctor`, `potluck plan --auto`
 and a peer's start-up plan (`potluck peer --plan`).
 """
 

@@ -23,7 +23,7 @@ DENSITIES = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # the upload densitie
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MachineFigures:
-    """What `measure_for_plan` found: the machine's side of `potluck.planner.auto_plan`'s inputs."""
+    """What `measure_for_plan` found: the machine's side of `potluck.planning.plan.auto_plan`'s inputs."""
 
     step_s: float
     tokens_per_step: int

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from potluck.netlab import Link, NetLab, clean_stale, lab_namespaces, unavailable_reason
+from potluck.lab.netlab import Link, NetLab, clean_stale, lab_namespaces, unavailable_reason
 
 pytestmark = [
     pytest.mark.network,

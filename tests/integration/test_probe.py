@@ -21,7 +21,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from hivemind.p2p import P2P, PeerID
 
-from potluck.aggregator_server.probe import PROBE_HANDLER, handle_probe
+from potluck.aggregator_server.probe_handler import PROBE_HANDLER, handle_probe
 from potluck.doctor import ProbeUnavailableError, measure_link, measure_rates, run_doctor
 from potluck.protocol.wire import MessageKind, PeerRefusedError, read_frame_from_stream, write_frame
 from tests.integration.swarm_helpers import p2pd_children

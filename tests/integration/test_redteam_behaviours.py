@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from potluck.lab.redteam.attacks import ATTACKS
+from potluck.lab.redteam.harness import FILTER_EVADING, rates, run_attacked
 from potluck.protocol.config import RunConfig
-from potluck.redteam.attacks import ATTACKS
-from potluck.redteam.harness import FILTER_EVADING, rates, run_attacked
 from tests.integration.swarm_helpers import p2pd_pids, wait_until
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from potluck.lab.swarm import PEER_NICE
 from potluck.protocol.identity import generate_identity, save_identity
-from potluck.swarm import PEER_NICE
 from tests.integration.swarm_helpers import Nodes, free_port, p2pd_pids, wait_until
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]

@@ -12,13 +12,15 @@ ALLOWED = {
     "protocol": set(),
     "training": {"protocol"},
     "incentives": {"protocol"},
-    # a volunteer checks its own receipts, and plans its run with the pure arithmetic of potluck.planner
-    "peer": {"protocol", "training", "incentives", "planner"},
+    # a volunteer checks its own receipts, and plans its run with the pure arithmetic of potluck.planning.plan
+    "peer": {"protocol", "training", "incentives", "planning"},
     "aggregator_server": {"protocol", "training", "incentives"},
     "web": {"protocol"},
-    # red team only: it drives a peer, but nothing imports it (see the test below)
-    "redteam": {"protocol", "training", "peer", "swarm", "cli_nodes", "cli"},
+    "planning": {"protocol", "training"},
+    # one-machine tooling: it starts nodes as processes, and the red team drives a peer
+    "lab": {"protocol", "training", "peer", "cli_nodes", "cli"},
 }
+NODES = ("peer", "aggregator_server")
 
 
 def _potluck_imports(path: Path) -> set[str]:
@@ -57,10 +59,27 @@ def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
     assert _potluck_imports(bad) == {"training", "peer"}
 
 
-def test_nothing_outside_the_red_team_imports_it() -> None:
+@pytest.mark.parametrize("node", NODES)
+def test_nodes_never_import_the_lab_or_the_cli(node: str) -> None:
+    for path in sorted((PACKAGE / node).rglob("*.py")):
+        assert not _potluck_imports(path) & {"lab", "cli", "cli_nodes", "cli_swarm", "cli_ledger"}, path
+
+
+def test_nothing_outside_the_lab_and_the_cli_imports_the_lab() -> None:
     importers = {
         str(path.relative_to(PACKAGE.parent))
         for path in PACKAGE.rglob("*.py")
-        if "redteam" in _potluck_imports(path) and "redteam" not in path.parts
+        if "lab" in _potluck_imports(path) and "lab" not in path.parts
     }
-    assert importers <= {"potluck/cli_swarm.py"}, sorted(importers)  # only the `potluck redteam` command, lazily
+    assert importers <= {"potluck/cli.py", "potluck/cli_nodes.py", "potluck/cli_swarm.py"}, sorted(importers)
+
+
+def test_nothing_outside_the_red_team_and_its_command_imports_the_red_team() -> None:
+    importers = {
+        str(path.relative_to(PACKAGE.parent))
+        for path in PACKAGE.rglob("*.py")
+        if "potluck.lab.redteam" in path.read_text() and "redteam" not in path.parts
+    }
+    assert importers <= {"potluck/cli_swarm.py", "potluck/lab/swarm.py", "potluck/lab/forkserver.py"}, sorted(
+        importers
+    )  # the `potluck redteam` command, lazily; the swarm starts and preloads its adversaries

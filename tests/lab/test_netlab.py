@@ -2,7 +2,7 @@
 
 import pytest
 
-from potluck.netlab import Link, parse_link, parse_rate
+from potluck.lab.netlab import Link, parse_link, parse_rate
 
 
 @pytest.mark.parametrize(

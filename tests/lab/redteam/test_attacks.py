@@ -1,4 +1,4 @@
-"""Tests for potluck.redteam.attacks: every strategy's uploads are refused or neutralised by the real checks.
+"""Tests for potluck.lab.redteam.attacks: every strategy's uploads are refused or neutralised by the real checks.
 
 Each test builds an AttackContext by hand (a small model spec, the run's dct-topk codec, an honest delta
 of a shared direction plus a little noise), runs one attack, and puts what it would upload through the
@@ -28,10 +28,10 @@ from potluck.aggregator_server.validation import (
     check_signature,
     decode_update,
 )
+from potluck.lab.redteam.attacks import ATTACKS, AttackContext
 from potluck.protocol.codecs import make_codec
 from potluck.protocol.envelope import SignedUpdate, UpdateHeader, new_nonce, payload_digest, sign_update
 from potluck.protocol.identity import Identity, generate_identity
-from potluck.redteam.attacks import ATTACKS, AttackContext
 
 Tensors = dict[str, torch.Tensor]
 

@@ -5,7 +5,7 @@ are started as children, each in a session of its own so that it and its libp2p 
 process group: stopping the swarm (done, failed, Ctrl-C or SIGTERM) signals every group, waits, and
 kills what is left, so no `p2pd` outlives the swarm. Children report through JSON lines on stdout;
 their logs go to files in the swarm's work directory, whose tail is shown when a child fails.
-Children are forked from a fork server that has imported torch and hivemind once (potluck.forkserver),
+Children are forked from a fork server that has imported torch and hivemind once (potluck.lab.forkserver),
 except inside the network lab, where each must start in its namespace.
 
 On a machine with few cores the children share them: each gets `cores // (N + 1)` torch threads
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from potluck.forkserver import ForkedProcess, ForkServerError, shared_server
-from potluck.netlab import Link, NetLab
-from potluck.priority import lower_priority
+from potluck.lab.forkserver import ForkedProcess, ForkServerError, shared_server
+from potluck.lab.netlab import Link, NetLab
+from potluck.lab.priority import lower_priority
 from potluck.protocol.config import RunConfig, dump_run_config
 from potluck.protocol.identity import load_or_create_identity, public_key_to_hex
 
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 SHARDED_EVAL_BATCHES = 8  # held-out batches peer-0 scores in a sharded swarm (an aggregator's default)
 SWARM_FAILOVER_S = 5.0  # a local standby takes over this soon: on 127.0.0.1 silence means the primary is gone
 READY_TIMEOUT_S = 180.0  # the aggregator imports torch and hivemind, loads the corpus, starts p2pd
-# Peers yield the cores to the aggregators, whose round close every peer waits on (potluck.priority).
+# Peers yield the cores to the aggregators, whose round close every peer waits on (potluck.lab.priority).
 PEER_NICE = 10
 STOP_GRACE_S = 15.0  # after SIGTERM, how long a child may take to shut its node down cleanly
 
@@ -61,13 +61,13 @@ class SwarmOptions:
     timeout_s: float = 1800.0
     threads_per_process: int | None = None  # None: cores // (peers + 1)
     http_port: int = 0  # the aggregator's status page on 127.0.0.1 (0: none)
-    # Red team only: the last `adversaries` peers run `python -m potluck.redteam peer ... ADVERSARY_ARGS`.
+    # Red team only: the last `adversaries` peers run `python -m potluck.lab.redteam peer ... ADVERSARY_ARGS`.
     adversaries: int = 0
     adversary_args: tuple[str, ...] = ()
     overlap: bool = False  # the peers train on while their updates are in flight
     overlap_limit: float = 1.0  # with overlap, the share of a round's steps a peer may take ahead of its state
     # Each process in its own network namespace, peers behind `link` and the aggregator behind
-    # `aggregator_link` (potluck.netlab; root and iproute2). None: everything on 127.0.0.1.
+    # `aggregator_link` (potluck.lab.netlab; root and iproute2). None: everything on 127.0.0.1.
     link: Link | None = None
     aggregator_link: Link = Link(up_bits_per_s=10**9, down_bits_per_s=10**9)
     # Testing aid: peer i runs its inner steps at peer_speeds[i] of full speed (missing: 1.0).
@@ -143,9 +143,9 @@ def start_child(
 ) -> Child:
     """`python -m MODULE ARGS` in a new session, stdout piped (JSON lines), stderr to WORK_DIR/NAME.log.
 
-    Forked from this process's fork server (potluck.forkserver: torch and hivemind imported once)
+    Forked from this process's fork server (potluck.lab.forkserver: torch and hivemind imported once)
     where it runs; otherwise, or when `wrap` turns the command into another one (the network lab
-    puts it in a namespace), a plain subprocess. `nice` > 0 lowers its CPU priority (potluck.priority).
+    puts it in a namespace), a plain subprocess. `nice` > 0 lowers its CPU priority (potluck.lab.priority).
     """
     env = dict(os.environ)
     env.update(
@@ -326,7 +326,7 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
                     args,
                     work_dir=work_dir,
                     threads=threads,
-                    module="potluck.redteam",
+                    module="potluck.lab.redteam",
                     wrap=wrap(hubs + i),
                     nice=PEER_NICE,
                 )

@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from potluck.aggregator_server.density import TARGET_K, UploadTiming, fitting_density, next_density
+from potluck.aggregator_server.next_density import TARGET_K, UploadTiming, fitting_density, next_density
 
 LADDER = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 

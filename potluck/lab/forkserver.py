@@ -10,7 +10,7 @@ stdout pipe, its own log file as stderr, its own environment and working directo
 The launcher talks to the server over a Unix socketpair: a request is one JSON datagram with the
 child's stdout and stderr descriptors attached (SCM_RIGHTS); the server answers with the pid, and
 later with the exit status once it has reaped the child. If the server cannot start, or dies, the
-launcher falls back to plain `subprocess.Popen` (see `potluck.swarm.start_child`).
+launcher falls back to plain `subprocess.Popen` (see `potluck.lab.swarm.start_child`).
 
 Not for the network lab: its children must start inside a namespace, which `ip netns exec` does.
 """
@@ -31,7 +31,7 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
-from potluck.priority import lower_priority
+from potluck.lab.priority import lower_priority
 
 # What every swarm child imports; the server imports it once so that its children need not.
 PRELOAD = (
@@ -40,7 +40,7 @@ PRELOAD = (
     "potluck.cli",
     "potluck.peer.runner",
     "potluck.aggregator_server.server",
-    "potluck.redteam.peer",
+    "potluck.lab.redteam.peer",
 )
 START_TIMEOUT_S = 120.0  # the server's own imports, on a loaded 2-core machine
 MAX_MESSAGE = 1 << 20  # a request is argv, env and cwd: far below this
@@ -204,7 +204,7 @@ class ForkServer:
         self._alive = True
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "potluck.forkserver", str(theirs.fileno()), *preload],
+            [sys.executable, "-m", "potluck.lab.forkserver", str(theirs.fileno()), *preload],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -252,7 +252,7 @@ class ForkServer:
         self, module: str, args: list[str], *, env: dict[str, str], cwd: Path, log_path: Path, nice: int = 0
     ) -> ForkedProcess:
         """`python -m MODULE ARGS` forked from the server; stdout piped back as text, stderr to `log_path`;
-        `nice` > 0 lowers the child's CPU priority (potluck.priority)."""
+        `nice` > 0 lowers the child's CPU priority (potluck.lab.priority)."""
         request = json.dumps({"module": module, "args": args, "env": env, "cwd": str(cwd), "nice": nice}).encode()
         read_fd, write_fd = os.pipe()
         try:

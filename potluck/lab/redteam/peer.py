@@ -1,6 +1,6 @@
 """An adversarial peer: trains like an honest one, then sends what a red-team strategy makes of its work.
 
-RED TEAM ONLY (`python -m potluck.redteam peer --attack NAME ...`, started by `potluck redteam`).
+RED TEAM ONLY (`python -m potluck.lab.redteam peer --attack NAME ...`, started by `potluck redteam`).
 It reports every upload it makes as an `adversarial` event with the upload's digest, so the harness
 can tell, from the aggregator's own events, which adversarial updates got through.
 """
@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
+from potluck.lab.redteam.attacks import ATTACKS, AttackContext, digest_hex
 from potluck.peer.runner import PeerOptions, PeerRunner
 from potluck.peer.trainer import LocalTrainer, RoundWork
 from potluck.protocol.config import RunConfig
 from potluck.protocol.envelope import SignedUpdate
 from potluck.protocol.identity import Identity, load_or_create_identity
-from potluck.redteam.attacks import ATTACKS, AttackContext, digest_hex
 from potluck.training.device import set_cpu_threads
 from potluck.training.models import build_model, model_config
 
@@ -96,8 +96,8 @@ class AdversarialPeer(PeerRunner):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m potluck.redteam peer ...`: one adversarial peer, JSON events on stdout."""
-    parser = argparse.ArgumentParser(prog="potluck.redteam peer", description=__doc__)
+    """`python -m potluck.lab.redteam peer ...`: one adversarial peer, JSON events on stdout."""
+    parser = argparse.ArgumentParser(prog="potluck.lab.redteam peer", description=__doc__)
     parser.add_argument("--join", required=True)
     parser.add_argument("--identity", type=Path, required=True)
     parser.add_argument("--attack", choices=sorted(ATTACKS), required=True)

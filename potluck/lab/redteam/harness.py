@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from potluck.lab.redteam.attacks import ATTACKS
+from potluck.lab.swarm import SwarmError, SwarmOptions, SwarmResult, run_swarm
 from potluck.protocol.config import RunConfig
-from potluck.redteam.attacks import ATTACKS
-from potluck.swarm import SwarmError, SwarmOptions, SwarmResult, run_swarm
 
 # Attacks that pass every per-update check and can only be caught (or absorbed) statistically.
 STATISTICAL = frozenset({"scaled", "sign-flip", "noise", "zero", "wrong-base", "alie", "ipm", "label-flip", "bitflip"})

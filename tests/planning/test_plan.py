@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from potluck.planner import (
+from potluck.planning.plan import (
     Plan,
     auto_plan,
     local_steps_for_efficiency,

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from potluck.lab.redteam import harness
+from potluck.lab.redteam.harness import to_json, verdict
+from potluck.lab.swarm import SwarmResult
 from potluck.protocol.config import RunConfig
-from potluck.redteam import harness
-from potluck.redteam.harness import to_json, verdict
-from potluck.swarm import SwarmResult
 
 
 def _report(**changes: object) -> dict:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from potluck.planning.simulate import ddp_bytes_per_step, parse_arm, simulate
 from potluck.protocol.config import MODEL_SIZES, RunConfig
-from potluck.simulate import ddp_bytes_per_step, parse_arm, simulate
 from potluck.training.models import MODEL_SIZES as TRAINING_MODEL_SIZES
 
 
