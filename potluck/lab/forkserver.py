@@ -37,7 +37,7 @@ from potluck.lab.priority import lower_priority
 PRELOAD = (
     "torch",
     "hivemind",
-    "potluck.cli",
+    "potluck.cli.app",
     "potluck.peer.runner",
     "potluck.aggregator_server.server",
     "potluck.lab.redteam.peer",

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from potluck.cli.peer_flags import PeerFlags
+from potluck.cli.serverless import ServerlessFlags
 from potluck.lab.forkserver import ForkedProcess, ForkServerError, shared_server
 from potluck.lab.netlab import Link, NetLab
 from potluck.lab.priority import lower_priority
@@ -56,7 +58,9 @@ class SwarmOptions:
 
     peers: int
     cfg: RunConfig
-    data: str | None = None  # the peers' own text (the run's data.source already says what to evaluate on)
+    # What every honest peer is started with (its own text, overlap, ...); the swarm adds where it joins, its key,
+    # threads, receipts and speed. The run's data.source already says what the aggregator evaluates on.
+    peer: PeerFlags = PeerFlags()
     state_dir: Path | None = None  # the aggregator's; a temporary one when None
     timeout_s: float = 1800.0
     threads_per_process: int | None = None  # None: cores // (peers + 1)
@@ -64,16 +68,14 @@ class SwarmOptions:
     # Red team only: the last `adversaries` peers run `python -m potluck.lab.redteam peer ... ADVERSARY_ARGS`.
     adversaries: int = 0
     adversary_args: tuple[str, ...] = ()
-    overlap: bool = False  # the peers train on while their updates are in flight
-    overlap_limit: float = 1.0  # with overlap, the share of a round's steps a peer may take ahead of its state
     # Each process in its own network namespace, peers behind `link` and the aggregator behind
     # `aggregator_link` (potluck.lab.netlab; root and iproute2). None: everything on 127.0.0.1.
     link: Link | None = None
     aggregator_link: Link = Link(up_bits_per_s=10**9, down_bits_per_s=10**9)
     # Testing aid: peer i runs its inner steps at peer_speeds[i] of full speed (missing: 1.0).
     peer_speeds: tuple[float, ...] = ()
-    # No aggregator: peer-0 starts the run and the others join it (`peer --serverless`).
-    serverless: bool = False
+    # No aggregator: peer-0 starts the run and the others join it, each started with these (`peer --serverless`).
+    serverless: ServerlessFlags | None = None
     # Above 1: the run's parameters are cut into this many shards, each with an aggregator of its own
     # (protocol/shards.py); peer-0 scores the held-out loss, which no shard's aggregator can.
     aggregators: int = 1
@@ -272,7 +274,7 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
         lab = None
         shards = options.aggregators
         # the lab's first nodes are the aggregators: each shard's owner, then each shard's standby
-        hubs = 0 if options.serverless else shards * (2 if options.standby else 1)
+        hubs = 0 if options.serverless is not None else shards * (2 if options.standby else 1)
         if options.link is not None:
             lab = stack.enter_context(NetLab([options.aggregator_link] * hubs + [options.link] * options.peers))
         stack.callback(stop_children, children)  # before the lab goes: nothing may still run in its namespaces
@@ -288,8 +290,10 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
             cfg = cfg.with_overrides({"shards": shards, "aggregator_keys": keys})
         config_path = work_dir / "run.toml"
         config_path.write_text(dump_run_config(cfg, "toml"))
-        if options.serverless:
-            return _run_serverless(options, config_path, work_dir, children, events, on_event, started, threads)
+        if options.serverless is not None:
+            return _run_serverless(
+                options, options.serverless, config_path, work_dir, children, events, on_event, started, threads
+            )
         state_dir = options.state_dir or work_dir / "aggregator"
         aggregators: list[Child] = []
         readies: list[dict[str, Any]] = []
@@ -315,11 +319,12 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
             readies.append(_wait_ready(aggregator, events, on_event))
         join = readies[0]["maddrs"][0]
         for i in range(options.peers):
-            args = ["peer", "--join", join, "--identity", str(work_dir / f"peer-{i}.key")]
-            args += ["--threads", str(threads), "--json"]
-            if shards > 1 and i == 0:
-                args += ["--eval-batches", str(SHARDED_EVAL_BATCHES)]  # no shard's aggregator holds the model
-            if i >= options.peers - options.adversaries:
+            identity = work_dir / f"peer-{i}.key"
+            eval_batches = SHARDED_EVAL_BATCHES if shards > 1 and i == 0 else 0  # no shard's aggregator has the model
+            if i >= options.peers - options.adversaries:  # the red team's peer: its own program and flags
+                args = ["peer", "--join", join, "--identity", str(identity), "--threads", str(threads), "--json"]
+                if eval_batches:
+                    args += ["--eval-batches", str(eval_batches)]
                 args += ["--spool", str(state_dir), *options.adversary_args]
                 child = start_child(
                     f"adversary-{i}",
@@ -331,15 +336,16 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
                     nice=PEER_NICE,
                 )
             else:
-                if options.data is not None:
-                    args += ["--data", options.data]
-                if options.overlap:
-                    args += ["--overlap"]
-                    if options.overlap_limit < 1:
-                        args += ["--overlap-limit", repr(options.overlap_limit)]
-                if i < len(options.peer_speeds):
-                    args += ["--speed", repr(options.peer_speeds[i])]
-                args += ["--receipts", str(work_dir / "receipts" / f"peer-{i}")]
+                flags = options.peer.replace(
+                    join=(join,),
+                    identity=identity,
+                    threads=threads,
+                    as_json=True,
+                    eval_batches=eval_batches,
+                    speed=options.peer_speeds[i] if i < len(options.peer_speeds) else options.peer.speed,
+                    receipts=work_dir / "receipts" / f"peer-{i}",
+                )
+                args = flags.command()
                 child = start_child(
                     f"peer-{i}", args, work_dir=work_dir, threads=threads, wrap=wrap(hubs + i), nice=PEER_NICE
                 )
@@ -361,6 +367,7 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
 
 def _run_serverless(
     options: SwarmOptions,
+    template: ServerlessFlags,
     config_path: Path,
     work_dir: Path,
     children: list[Child],
@@ -371,21 +378,25 @@ def _run_serverless(
 ) -> SwarmResult:
     """Peers only: peer-0 starts the run on 127.0.0.1, the others join it; its held-out losses are the run's."""
 
-    def start(i: int, join: list[str]) -> Child:
-        args = ["peer", "--serverless", "--config", str(config_path), "--identity", str(work_dir / f"peer-{i}.key")]
-        args += ["--host", "127.0.0.1", "--threads", str(threads), "--json", *join]
-        if options.data is not None:
-            args += ["--data", options.data]
-        if i < len(options.peer_speeds):
-            args += ["--speed", repr(options.peer_speeds[i])]
+    def start(i: int, join: tuple[str, ...]) -> Child:
+        flags = template.replace(
+            join=join,
+            config=config_path,
+            identity=work_dir / f"peer-{i}.key",
+            host="127.0.0.1",
+            threads=threads,
+            as_json=True,
+            speed=options.peer_speeds[i] if i < len(options.peer_speeds) else template.speed,
+        )
+        args = flags.command()
         child = start_child(f"peer-{i}", args, work_dir=work_dir, threads=threads, nice=PEER_NICE)
         children.append(child)
         threading.Thread(target=_pump, args=(child, events), daemon=True).start()
         return child
 
-    ready = _wait_ready(start(0, []), events, on_event)
+    ready = _wait_ready(start(0, ()), events, on_event)
     for i in range(1, options.peers):
-        start(i, ["--join", ready["maddrs"][0]])
+        start(i, (ready["maddrs"][0],))
     _follow(children, events, on_event, deadline=started + options.timeout_s)
     rounds = [e for e in children[0].events if e.get("event") == "round"]
     rows = []

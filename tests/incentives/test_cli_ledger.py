@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from potluck.cli import app
+from potluck.cli.app import app
 from tests.incentives.ledger_helpers import AGGREGATOR, fill_ledger
 
 RUNNER = CliRunner()
@@ -20,7 +20,7 @@ def _run(*args: str):  # noqa: ANN202
 
 def _console(*args: str) -> subprocess.CompletedProcess[str]:
     """The console script as a user runs it: one-line errors on stderr, exit 2."""
-    command = [sys.executable, "-c", "from potluck.cli import main; main()", *args]
+    command = [sys.executable, "-c", "from potluck.cli.app import main; main()", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
 
 

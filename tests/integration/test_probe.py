@@ -22,7 +22,7 @@ with warnings.catch_warnings():
     from hivemind.p2p import P2P, PeerID
 
 from potluck.aggregator_server.probe_handler import PROBE_HANDLER, handle_probe
-from potluck.doctor import ProbeUnavailableError, measure_link, measure_rates, run_doctor
+from potluck.cli.preflight import ProbeUnavailableError, measure_link, measure_rates, run_doctor
 from potluck.protocol.wire import MessageKind, PeerRefusedError, read_frame_from_stream, write_frame
 from tests.integration.swarm_helpers import p2pd_children
 from tests.local_http import local_page

@@ -41,7 +41,7 @@ def test_the_wheel_installs_into_an_empty_venv_and_its_console_scripts_answer_he
     assert sdist.stat().st_size > 0
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-    assert {"potluck/web/static/index.html", "potluck/cli.py", "potluck/web/static/dashboard.js"} <= names, sorted(
+    assert {"potluck/web/static/index.html", "potluck/cli/app.py", "potluck/web/static/dashboard.js"} <= names, sorted(
         n for n in names if "static" in n
     )
     assert not any(n.startswith(("tests/", "bench/")) for n in names)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-POTLUCK = [sys.executable, "-c", "from potluck.cli import main; main()"]
+POTLUCK = [sys.executable, "-c", "from potluck.cli.app import main; main()"]
 
 
 def run(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:

@@ -20,8 +20,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from hivemind.utils.multiaddr import Multiaddr
 
-from potluck import doctor
-from potluck.doctor import Status, check_device, check_disk, parse_join_address, run_doctor
+from potluck.cli import preflight
+from potluck.cli.preflight import Status, check_device, check_disk, parse_join_address, run_doctor
 
 PEER_ID = "12D3KooWQFg4b9NM1qpzNirUdP9zjSgvbLJNwE9K8bWUuiw3HmGg"
 
@@ -46,7 +46,7 @@ def fake_p2pd(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         starts.append(p2p_kwargs)
         yield _FakeP2P([f"/ip4/192.168.1.5/tcp/4000/p2p/{PEER_ID}"])
 
-    monkeypatch.setattr(doctor, "_running_p2p", fake_running_p2p)
+    monkeypatch.setattr(preflight, "_running_p2p", fake_running_p2p)
     return starts
 
 
@@ -114,8 +114,8 @@ def test_json_report_shape(fake_p2pd: list[dict[str, Any]], capsys: pytest.Captu
 
 
 def test_a_public_address_makes_reachability_ok() -> None:
-    public = doctor._reachability([Multiaddr(f"/ip4/8.8.8.8/tcp/4000/p2p/{PEER_ID}")])
-    private = doctor._reachability([Multiaddr("/ip4/10.1.2.3/tcp/4000"), Multiaddr("/ip4/127.0.0.1/tcp/4000")])
+    public = preflight._reachability([Multiaddr(f"/ip4/8.8.8.8/tcp/4000/p2p/{PEER_ID}")])
+    private = preflight._reachability([Multiaddr("/ip4/10.1.2.3/tcp/4000"), Multiaddr("/ip4/127.0.0.1/tcp/4000")])
     assert (public.status, private.status) == (Status.OK, Status.WARNING)
     assert "8.8.8.8" in public.detail
 
@@ -134,7 +134,7 @@ def test_disk_check_thresholds(
         asked.append(Path(path))
         return SimpleNamespace(total=10**12, used=10**12 - free_bytes, free=free_bytes)
 
-    monkeypatch.setattr(doctor.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", disk_usage)
     # Execute
     check = check_disk(path=tmp_path / "not" / "yet" / ".potluck")
     # Assert

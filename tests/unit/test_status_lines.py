@@ -1,6 +1,6 @@
 """The one status line a peer prints per round says what a user needs: loss, traffic, steps, verdict."""
 
-from potluck.cli_nodes import describe_peer_event
+from potluck.cli.status_lines import describe_peer_event
 
 ROUND = {
     "event": "round",

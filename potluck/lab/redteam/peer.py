@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     import typer
 
-    from potluck.cli_nodes import run_until_stopped
+    from potluck.cli.process import run_until_stopped
 
     try:
         run_until_stopped(peer.run())

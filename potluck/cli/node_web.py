@@ -16,7 +16,6 @@ from potluck.web import PeerStatus, RunStatus, WebServerError, create_app, creat
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HTTP_PORT = 8000
 Event = dict[str, object]
 
 

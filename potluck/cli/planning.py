@@ -1,137 +1,25 @@
-"""The `potluck` command: swarm, peer, aggregator, doctor, keygen, whoami, simulate, plan.
+"""`potluck simulate` and `potluck plan`: the science tools, which ask what a run would do before it runs.
 
-This is the only module that talks to the terminal: it sets up logging, draws progress bars on
-stderr, prints tables or `--json` on stdout, and turns the library's one-line errors into a
-one-line message and exit status 2 instead of a traceback.
+`simulate` trains DiLoCo with each codec against DDP here, one peer after another; `plan` computes the scaling
+efficiency of local SGD and the network time per round, from figures given or (`--auto`) measured here.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from potluck import __version__, cli_ledger, cli_nodes, cli_swarm
-from potluck.protocol import PROTOCOL_VERSION
+from potluck.cli.common import UsageError, stderr, stdout
 
-app = typer.Typer(
-    name="potluck",
-    help="Train one model together on volunteers' GPUs over ordinary internet links.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    rich_markup_mode="rich",
-)
 if TYPE_CHECKING:
     from potluck.planning.plan import AutoPlan
 
-stderr = Console(stderr=True)
-stdout = Console()
 
-DEFAULT_IDENTITY = Path("~/.potluck/identity.key")
-
-
-class UsageError(Exception):
-    """A flag's value cannot be used; the message says which and why."""
-
-
-def _known_errors() -> tuple[type[Exception], ...]:
-    """The library's one-line error types: printed as they are, never as a traceback."""
-    from potluck.cli_nodes import known_errors
-    from potluck.protocol.codecs import CodecError
-    from potluck.protocol.config import ConfigError
-    from potluck.protocol.envelope import EnvelopeError
-    from potluck.protocol.identity import IdentityError
-    from potluck.training.data import DataError
-
-    return (UsageError, IdentityError, ConfigError, CodecError, EnvelopeError, DataError, *known_errors())
-
-
-def setup_logging(verbose: bool) -> None:
-    """Logs to stderr: rich on a terminal, one plain line per record otherwise (log files, docker logs, tests).
-
-    INFO with --verbose, else WARNING. Only entry points call this.
-    """
-    if stderr.is_terminal:
-        handler: logging.Handler = RichHandler(console=stderr, show_path=False, rich_tracebacks=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler], force=True)
-
-
-def _version(value: bool) -> None:
-    if value:
-        stdout.print(f"potluck {__version__} (protocol v{PROTOCOL_VERSION})")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each step is doing.")] = False,
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = False,
-) -> None:
-    """Train one model together on volunteers' GPUs over ordinary internet links."""
-    setup_logging(verbose)
-
-
-@app.command()
-def keygen(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the private key (mode 0600).")] = (
-        DEFAULT_IDENTITY
-    ),
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing key (its identity is lost).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print {path, fingerprint, public_key} as JSON.")] = False,
-) -> None:
-    """Create this node's Ed25519 identity: its fingerprint is your name on the leaderboard."""
-    from potluck.protocol.identity import generate_identity, save_identity
-
-    path = out.expanduser()
-    identity = generate_identity()
-    save_identity(identity, path, overwrite=force)
-    if as_json:
-        print(
-            json.dumps(
-                {"path": str(path), "fingerprint": identity.fingerprint, "public_key": identity.public_key.hex()}
-            )
-        )
-    else:
-        stdout.print(f"wrote {path}\nfingerprint {identity.fingerprint}\npublic key  {identity.public_key.hex()}")
-
-
-@app.command()
-def whoami(
-    identity: Annotated[Path, typer.Option("--identity", "-i", help="The private key file to read.")] = (
-        DEFAULT_IDENTITY
-    ),
-    as_json: Annotated[bool, typer.Option("--json", help="Print {path, fingerprint, public_key} as JSON.")] = False,
-) -> None:
-    """Show the fingerprint and public key of an existing identity (checks the key file as a node would)."""
-    from potluck.protocol.identity import load_identity
-
-    path = identity.expanduser()
-    loaded = load_identity(path)
-    if as_json:
-        print(
-            json.dumps({"path": str(path), "fingerprint": loaded.fingerprint, "public_key": loaded.public_key.hex()})
-        )
-    else:
-        stdout.print(f"{path}\nfingerprint {loaded.fingerprint}\npublic key  {loaded.public_key.hex()}")
-
-
-@app.command()
 def simulate(
     peers: Annotated[int, typer.Option(help="Simulated peers (run one after another).", min=1)] = 4,
     rounds: Annotated[int | None, typer.Option(help="Outer rounds. [default: 8, or the config's]", min=1)] = None,
@@ -246,7 +134,6 @@ def _quantity(value: str | None, flag: str) -> float | None:
         raise UsageError(f"{flag}: {err}") from None
 
 
-@app.command()
 def plan(
     params: Annotated[str | None, typer.Option(help="Model parameters N (e.g. 1.2e9 or 1.2G).")] = None,
     clusters: Annotated[str | None, typer.Option(help="Clusters m that train apart and sync each round.")] = None,
@@ -347,7 +234,7 @@ def _auto_plan(
     import asyncio
     from dataclasses import asdict
 
-    from potluck.doctor import measure_link
+    from potluck.cli.preflight import measure_link
     from potluck.planning.plan import auto_plan
     from potluck.protocol.config import parse_overrides, run_config_or_default
     from potluck.protocol.probe import ProbeUnavailableError
@@ -383,35 +270,3 @@ def _auto_plan(
     except ValueError as e:
         raise UsageError(str(e)) from None
 
-
-def handle_errors(run: Callable[[], object]) -> None:
-    """Run an app, turning known errors into one line and exit status 2, Ctrl-C into exit status 130."""
-    try:
-        run()
-    except SystemExit:
-        # --help, usage errors and every normal exit: nothing to translate. Caught first because the
-        # clause below imports every command's error types (torch with them) just to compare.
-        raise
-    except KeyboardInterrupt:
-        stderr.print("interrupted")
-        sys.exit(130)
-    except _known_errors() as err:
-        stderr.print(f"potluck: error: {err}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
-
-
-def main() -> None:
-    """The `potluck` console script."""
-    handle_errors(app)
-
-
-app.command("aggregator")(cli_nodes.aggregator)
-app.command("peer")(cli_nodes.peer)
-app.command("swarm")(cli_swarm.swarm)
-app.command("doctor")(cli_swarm.doctor)
-app.command("status")(cli_nodes.status)
-app.add_typer(cli_nodes.bans_app, name="bans")
-app.command("redteam")(cli_swarm.redteam)
-app.add_typer(cli_ledger.ledger_app, name="ledger")
-app.add_typer(cli_ledger.receipts_app, name="receipts")
-app.command("leaderboard")(cli_ledger.leaderboard)

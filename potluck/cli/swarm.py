@@ -1,18 +1,24 @@
-"""`potluck swarm` (the embedded default main job) and `potluck doctor` (the volunteer's pre-flight check)."""
+"""`potluck swarm`: the embedded default main job, an aggregator and N peers trained to the end of a run here.
+
+The processes are started by potluck.lab.swarm; each peer's flags are the `PeerFlags` (or `ServerlessFlags`)
+this command builds once from its own, so a peer flag is declared and checked in one place.
+"""
 
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-stderr = Console(stderr=True)
-stdout = Console()
+from potluck.cli.common import DEFAULT_HTTP_PORT, UsageError, stderr, stdout
+from potluck.cli.peer_flags import PeerFlags
+from potluck.cli.serverless import ServerlessFlags
+from potluck.lab.netlab import parse_link, unavailable_reason
 
 
 def _kb(n: float) -> str:
@@ -21,10 +27,6 @@ def _kb(n: float) -> str:
 
 def _status_page_port(asked: int | None) -> int:
     """The port asked for; by default 8000 when it is free now, else none (with a warning): never a failed swarm."""
-    import socket
-
-    from potluck.node_web import DEFAULT_HTTP_PORT
-
     if asked is not None:
         return asked
     with socket.socket() as s:
@@ -38,8 +40,6 @@ def _status_page_port(asked: int | None) -> int:
 
 def parse_speeds(text: str | None, *, peers: int) -> tuple[float, ...]:
     """`--peer-speeds 1,0.5,0.25` as fractions of full speed, one per peer at most; UsageError otherwise."""
-    from potluck.cli import UsageError
-
     if not text:
         return ()
     try:
@@ -55,9 +55,6 @@ def parse_speeds(text: str | None, *, peers: int) -> tuple[float, ...]:
 
 def _parse_link(text: str | None) -> Any:
     """`--link UP/DOWN` checked up front: a bad value or a machine without the lab fails in one line."""
-    from potluck.cli import UsageError
-    from potluck.lab.netlab import parse_link, unavailable_reason
-
     if text is None:
         return None
     try:
@@ -81,7 +78,9 @@ def swarm(
     ] = None,
     data: Annotated[
         str | None,
-        typer.Option(help="Train on your own text: a file, a directory or hf:<dir>. [default: Python's stdlib]"),
+        PeerFlags.option(
+            "data", help="Train on your own text: a file, a directory or hf:<dir>. [default: Python's stdlib]"
+        ),
     ] = None,
     state_dir: Annotated[
         Path | None, typer.Option("--state-dir", help="The aggregator's directory. [default: a temporary one]")
@@ -98,16 +97,13 @@ def swarm(
         ),
     ] = None,
     overlap: Annotated[
-        bool,
-        typer.Option("--overlap/--no-overlap", help="Peers train on while their updates are in flight."),
+        bool, PeerFlags.option("overlap", help="Peers train on while their updates are in flight.")
     ] = False,
     overlap_limit: Annotated[
         float,
-        typer.Option(
-            "--overlap-limit",
+        PeerFlags.option(
+            "overlap_limit",
             help="With --overlap: the share of a round's steps a peer may take before the round's state arrives.",
-            min=0.01,
-            max=1.0,
         ),
     ] = 1.0,
     peer_speeds: Annotated[
@@ -155,7 +151,7 @@ def swarm(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")] = False,
 ) -> None:
     """Start an aggregator and N peers on 127.0.0.1 (or behind shaped links) and train the run to its end."""
-    from potluck.cli import UsageError
+    # torch and hivemind (the fork server preloads them): imported when the swarm starts, not for --help
     from potluck.lab.swarm import SwarmOptions, run_swarm, sigterm_stops_the_swarm
     from potluck.protocol.config import RunConfig, load_run_config, parse_overrides
 
@@ -163,9 +159,8 @@ def swarm(
         raise UsageError(
             "--serverless runs peers only, on 127.0.0.1: drop --link, --overlap, --state-dir and --aggregators"
         )
-
-    if overlap_limit < 1 and not overlap:
-        raise UsageError("--overlap-limit only applies with --overlap")
+    # what every honest peer the swarm starts is given, checked as `peer` checks it
+    peer = PeerFlags.parsed({"data": data, "overlap": overlap, "overlap_limit": overlap_limit})
     if kill_aggregator_at is not None and not standby:
         raise UsageError("--kill-aggregator-at needs --standby: without one, killing the aggregator ends the run")
     overrides: dict[str, Any] = {"rounds": rounds, **parse_overrides(set_ or [])}
@@ -177,16 +172,14 @@ def swarm(
     cfg = base.with_overrides(overrides, source="flags")
     options = SwarmOptions(
         link=_parse_link(link),
-        overlap=overlap,
-        overlap_limit=overlap_limit,
+        peer=peer,
         peer_speeds=parse_speeds(peer_speeds, peers=peers),
         peers=peers,
         cfg=cfg,
-        data=data,
         state_dir=state_dir.expanduser() if state_dir else None,
         timeout_s=timeout,
         http_port=0 if serverless else _status_page_port(http_port),
-        serverless=serverless,
+        serverless=ServerlessFlags.parsed({"data": data}) if serverless else None,
         aggregators=aggregators,
         standby=standby,
         kill_aggregator_at=kill_aggregator_at,
@@ -298,99 +291,3 @@ def _print_summary(result: Any) -> None:
         f"held-out loss {result.initial_val_loss:.4f} -> {result.final_val_loss:.4f}; "
         f"compression: upload per round vs one dense fp32 update of {result.num_params:,} parameters"
     )
-
-
-def doctor(
-    join: Annotated[
-        list[str] | None,
-        typer.Option("--join", "-j", help="An aggregator's status page URL or multiaddr to test; repeatable."),
-    ] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds allowed for each network step.", min=1)] = 30.0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
-) -> None:
-    """Pre-flight check: p2pd starts, the join address answers, reachability, link rates, device, disk."""
-    from potluck.doctor import run_doctor
-
-    raise typer.Exit(run_doctor(join=list(join or []), as_json=as_json, timeout_s=timeout))
-
-
-def redteam(
-    attack: Annotated[
-        str,
-        typer.Option(
-            help="The misbehaviour: nan, noise, scaled, sign-flip, zero, stale, replay, forged, wrong-base, "
-            "alie, ipm, label-flip, copycat, sybil or bitflip."
-        ),
-    ],
-    peers: Annotated[int, typer.Option(help="Peers in all, adversaries included.", min=2, max=64)] = 8,
-    adversaries: Annotated[int, typer.Option(help="How many of them misbehave.", min=1)] = 2,
-    rounds: Annotated[int, typer.Option(help="Outer rounds per run.", min=1)] = 6,
-    local_steps: Annotated[int, typer.Option("--local-steps", help="Inner steps per round.", min=1)] = 10,
-    strength: Annotated[
-        float, typer.Option(help="Scales the attack (see potluck/lab/redteam/attacks.py).", min=0.0)
-    ] = 1.0,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set", help="Override one config field, e.g. --set aggregation.kind=centered-clip; repeatable."
-        ),
-    ] = None,
-    timeout: Annotated[float, typer.Option(help="Stop a run after this many seconds.", min=1)] = 1800.0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
-) -> None:
-    """RED TEAM: a local swarm with misbehaving peers, against the same swarm clean (and undefended)."""
-    from potluck.lab.redteam.harness import run_redteam, to_json, verdict
-    from potluck.protocol.config import RunConfig, parse_overrides
-
-    overrides: dict[str, Any] = {
-        "rounds": rounds,
-        "local_steps": local_steps,
-        "inner.warmup_steps": min(10, rounds * local_steps),
-    }
-    cfg = RunConfig().with_overrides({**overrides, **parse_overrides(set_ or [])}, source="flags")
-    done: dict[str, int] = {}
-
-    def on_event(run: str, child: str, event: dict[str, Any]) -> None:
-        if child == "aggregator" and event.get("event") == "round":
-            done[run] = event["round"] + 1
-            stderr.print(f"{run:>10}: round {done[run]}/{cfg.rounds}, held-out loss {event['val_loss']:.4f}")
-
-    try:
-        report = run_redteam(
-            cfg,
-            attack=attack,
-            peers=peers,
-            adversaries=adversaries,
-            strength=strength,
-            timeout_s=timeout,
-            on_event=on_event,
-        )
-    except ValueError as e:
-        from potluck.cli import UsageError
-
-        raise UsageError(str(e)) from None
-    if as_json:
-        print(to_json(report))
-        return
-    table = Table(title=f"attack {attack}: {adversaries} of {peers} peers, {report['rounds']} rounds")
-    for column in ("", "value"):
-        table.add_column(column, justify="right")
-    rate = lambda r: "-" if r is None else f"{r:.0%}"  # noqa: E731
-    table.add_row(
-        "adversarial uploads rejected",
-        f"{report['adversarial_rejected']}/{report['adversarial_updates']} ({rate(report['tpr'])})",
-    )
-    table.add_row(
-        "honest uploads rejected", f"{report['honest_rejected']}/{report['honest_updates']} ({rate(report['fpr'])})"
-    )
-    table.add_row("final held-out loss", f"{report['final_val_loss']:.4f} ({report['loss_vs_clean']:+.1%} vs clean)")
-    table.add_row("clean run", f"{report['clean_final_val_loss']:.4f}")
-    if report.get("undefended_diverged"):
-        table.add_row("undefended (plain mean)", "diverged")
-    elif "undefended_final_val_loss" in report:
-        table.add_row(
-            "undefended (plain mean)",
-            f"{report['undefended_final_val_loss']:.4f} ({report['undefended_loss_vs_clean']:+.1%})",
-        )
-    stdout.print(table)
-    stdout.print("  ".join(f"{name}: {'ok' if ok else 'NOT MET'}" for name, ok in verdict(report).items()))

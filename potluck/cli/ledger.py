@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from potluck.cli_nodes import DEFAULT_STATE_DIR
+from potluck.cli.common import DEFAULT_RECEIPTS, DEFAULT_STATE_DIR, UsageError
 
 ledger_app = typer.Typer(help="Check and export an aggregator's contribution ledger.", no_args_is_help=True)
 
@@ -19,8 +19,6 @@ _DB_HELP = "The ledger file. [default: STATE_DIR/ledger.sqlite]"
 
 def _db_path(db: Path | None, state_dir: Path) -> Path:
     """The ledger file to read; a one-line UsageError when there is none (never creates one)."""
-    from potluck.cli import UsageError
-
     path = (db or state_dir / "ledger.sqlite").expanduser()
     if not path.is_file():
         raise UsageError(f"no ledger at {path}; pass --db PATH or the aggregator's --state-dir")
@@ -29,7 +27,6 @@ def _db_path(db: Path | None, state_dir: Path) -> Path:
 
 def _open(path: Path):  # noqa: ANN202 - a Ledger, imported lazily
     """The ledger at `path`, read-only (a running aggregator keeps writing it); UsageError if it is not one."""
-    from potluck.cli import UsageError
     from potluck.incentives.ledger import Ledger, LedgerError
 
     try:
@@ -51,7 +48,6 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Walk the hash chain and the signed round heads; exit 1 naming the first bad row or head."""
-    from potluck.cli import UsageError
     from potluck.incentives.ledger import LedgerError
     from potluck.incentives.ledger_verify import verify_ledger
     from potluck.protocol.identity import fingerprint, public_key_from_hex
@@ -149,9 +145,9 @@ receipts_app = typer.Typer(help="Check the receipts your peer kept, offline.", n
 
 @receipts_app.command("verify")
 def receipts_verify(
-    receipts: Annotated[Path, typer.Option("--receipts", help="Where the peer kept them (its --receipts).")] = Path(
-        "~/.potluck/receipts"
-    ),
+    receipts: Annotated[
+        Path, typer.Option("--receipts", help="Where the peer kept them (its --receipts).")
+    ] = DEFAULT_RECEIPTS,
     key: Annotated[
         list[str] | None,
         typer.Option("--key", help="A trusted aggregator public key (64 hex); repeatable. [default: as signed]"),
@@ -159,7 +155,6 @@ def receipts_verify(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Check each receipt's signature and Merkle proof against its signed aggregate; exit 1 if any fails."""
-    from potluck.cli import UsageError
     from potluck.incentives.receipts import verify_receipts
     from potluck.protocol.identity import public_key_from_hex
 

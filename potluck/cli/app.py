@@ -1,0 +1,160 @@
+"""The `potluck` command: its typer app, its logging, and the one place an error becomes a line on the terminal.
+
+Each command family has a module of its own under potluck.cli, which imports only downward (common, flags,
+status lines, process helpers); this module is the top and registers them all. Commands import the library
+(torch, hivemind, the protocol's config) inside their bodies, so `potluck --help` loads little more than typer.
+The library's one-line errors become `potluck: error: ...` and exit status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Annotated
+
+import typer
+from rich.logging import RichHandler
+
+from potluck import __version__
+from potluck.cli import aggregator, bans, doctor, identity, ledger, peer, planning, redteam, serverless, swarm
+from potluck.cli.common import UsageError, stderr, stdout
+from potluck.protocol import PROTOCOL_VERSION
+
+app = typer.Typer(
+    name="potluck",
+    help="Train one model together on volunteers' GPUs over ordinary internet links.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+app.command("keygen")(identity.keygen)
+app.command("whoami")(identity.whoami)
+app.command("simulate")(planning.simulate)
+app.command("plan")(planning.plan)
+app.command("aggregator")(aggregator.aggregator)
+app.command("peer")(peer.peer)
+app.command("swarm")(swarm.swarm)
+app.command("doctor")(doctor.doctor)
+app.command("status")(serverless.status)
+app.add_typer(bans.bans_app, name="bans")
+app.command("redteam")(redteam.redteam)
+app.add_typer(ledger.ledger_app, name="ledger")
+app.add_typer(ledger.receipts_app, name="receipts")
+app.command("leaderboard")(ledger.leaderboard)
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+    """The library's one-line error types: printed as they are, never as a traceback."""
+    from potluck.aggregator_server.checkpoint import CheckpointError
+    from potluck.aggregator_server.reputation import BanFileError
+    from potluck.aggregator_server.setup import SetupError
+    from potluck.lab.netlab import NetLabError
+    from potluck.lab.swarm import SwarmError
+    from potluck.peer.runner import PeerError
+    from potluck.peer.serverless import ServerlessError
+    from potluck.protocol.client import AggregatorRefused
+    from potluck.protocol.codecs import CodecError
+    from potluck.protocol.config import ConfigError
+    from potluck.protocol.dht_schema import DHTSchemaError
+    from potluck.protocol.envelope import EnvelopeError
+    from potluck.protocol.identity import IdentityError
+    from potluck.protocol.node import JoinError
+    from potluck.training.data import DataError
+    from potluck.web import WebServerError
+
+    return (
+        UsageError,
+        IdentityError,
+        ConfigError,
+        CodecError,
+        EnvelopeError,
+        DataError,
+        CheckpointError,
+        SetupError,
+        AggregatorRefused,
+        PeerError,
+        ServerlessError,
+        DHTSchemaError,
+        JoinError,
+        SwarmError,
+        NetLabError,
+        BanFileError,
+        WebServerError,
+    )
+
+
+def setup_logging(verbose: bool) -> None:
+    """Logs to stderr: rich on a terminal, one plain line per record otherwise (log files, docker logs, tests).
+
+    INFO with --verbose, else WARNING. Only entry points call this.
+    """
+    if stderr.is_terminal:
+        handler: logging.Handler = RichHandler(console=stderr, show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler], force=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"potluck {__version__} (protocol v{PROTOCOL_VERSION})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each step is doing.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Train one model together on volunteers' GPUs over ordinary internet links."""
+    setup_logging(verbose)
+
+
+def handle_errors(run: Callable[[], object]) -> None:
+    """Run an app, turning known errors into one line and exit status 2, Ctrl-C into exit status 130."""
+    try:
+        run()
+    except SystemExit:
+        # --help, usage errors and every normal exit: nothing to translate. Caught first because the
+        # clause below imports every command's error types (torch with them) just to compare.
+        raise
+    except KeyboardInterrupt:
+        stderr.print("interrupted")
+        sys.exit(130)
+    except _known_errors() as err:
+        stderr.print(f"potluck: error: {err}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+def main() -> None:
+    """The `potluck` console script."""
+    handle_errors(app)
+
+
+def single_command_main(command: Callable[..., None], name: str) -> Callable[[], None]:
+    """A console-script entry point running one command (`peer`, `aggregator-server`) with potluck's error handling."""
+
+    def main() -> None:
+        setup_logging(False)
+        single = typer.Typer(name=name, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
+        single.command(name=name)(command)
+        handle_errors(lambda: single(prog_name=name))
+
+    return main
+
+
+def peer_main() -> None:
+    """The `peer` console script."""
+    single_command_main(peer.peer, "peer")()
+
+
+def aggregator_main() -> None:
+    """The `aggregator-server` console script."""
+    single_command_main(aggregator.aggregator, "aggregator-server")()
+

@@ -1,0 +1,70 @@
+"""`potluck peer` (and the `peer` script): a volunteer joins a run, trains, and sends its updates until the run ends.
+
+Its flags are `PeerFlags` (potluck.cli.peer_flags), declared once there; with `--serverless` they are
+`ServerlessFlags` instead (potluck.cli.serverless), a peer of a run that has no aggregator.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from potluck.cli.common import UsageError
+from potluck.cli.flags import takes
+from potluck.cli.peer_flags import PeerFlags
+from potluck.cli.process import node_identity, run_until_stopped, set_threads
+from potluck.cli.serverless import SERVERLESS_SWITCH, ServerlessFlags, run_serverless_peer
+from potluck.cli.status_lines import describe_peer_event, printer
+
+# The order `peer --help` has always listed its flags in: PeerFlags', the switch, what only ServerlessFlags adds.
+_HELP_ORDER = (
+    *("join", "identity", "data", "device", "batch_size", "max_rounds", "client_mode", "run", "port", "host"),
+    *("threads", "reconnect_timeout", "join_timeout", "receipts", "http_port", "http_host", "overlap"),
+    *("overlap_limit", "speed", "plan", "plan_peers", "eval_batches", "serve_state", "serverless", "config", "set_"),
+    "as_json",
+)
+
+
+def _parameters() -> list[inspect.Parameter]:
+    """`peer`'s flags: PeerFlags' fields, --serverless, and what only ServerlessFlags takes."""
+    parameters = {**ServerlessFlags.parameters(), **PeerFlags.parameters(), "serverless": SERVERLESS_SWITCH}
+    assert set(parameters) == set(_HELP_ORDER), set(parameters) ^ set(_HELP_ORDER)
+    return [parameters[name] for name in _HELP_ORDER]
+
+
+@takes(_parameters())
+def peer(**values: Any) -> None:
+    """Volunteer: join a run, train locally, send compressed signed updates, apply the aggregates (peer)."""
+    serverless = values.pop("serverless")
+    own = {name: value for name, value in values.items() if name in PeerFlags.model_fields}
+    flags = PeerFlags.parsed(own)
+    if serverless:
+        if flags.overlap:
+            raise UsageError(
+                "--overlap does not apply with --serverless: "
+                "a serverless peer averages its state at the end of each round"
+            )
+        shared = {name: value for name, value in values.items() if name in ServerlessFlags.model_fields}
+        run_serverless_peer(ServerlessFlags.parsed(shared))
+        return
+    if values["config"] is not None or values["set_"]:
+        raise UsageError("--config and --set only apply with --serverless: a run with an aggregator uses its config")
+    run_peer(flags)
+
+
+def run_peer(flags: PeerFlags) -> None:
+    """Run a peer of a run with aggregators until it leaves, the run ends, Ctrl-C or SIGTERM."""
+    # torch and hivemind: imported when a node starts, not for --help
+    from potluck.cli.node_web import PageOptions, peer_app, peer_page, serve_with_page
+    from potluck.peer.join_url import resolve_joins
+    from potluck.peer.runner import PeerRunner, join_addresses
+
+    addresses = join_addresses(resolve_joins(list(flags.join), timeout_s=flags.join_timeout))
+    set_threads(flags.threads)
+    identity = node_identity(flags.identity)
+    options = flags.peer_options(join=addresses)
+    page = PageOptions(host=flags.http_host, port=flags.http_port)
+    emit_line = printer(flags.as_json, describe_peer_event)
+    status, emit = peer_page(on_event=emit_line)
+    runner = PeerRunner(identity, options, on_event=emit)
+    run_until_stopped(serve_with_page(runner.run(), peer_app(status), page, on_event=emit_line))

@@ -1,0 +1,91 @@
+"""`potluck redteam`: a local swarm with misbehaving peers, against the same swarm clean and undefended."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from potluck.cli.common import UsageError, stderr, stdout
+
+
+def redteam(
+    attack: Annotated[
+        str,
+        typer.Option(
+            help="The misbehaviour: nan, noise, scaled, sign-flip, zero, stale, replay, forged, wrong-base, "
+            "alie, ipm, label-flip, copycat, sybil or bitflip."
+        ),
+    ],
+    peers: Annotated[int, typer.Option(help="Peers in all, adversaries included.", min=2, max=64)] = 8,
+    adversaries: Annotated[int, typer.Option(help="How many of them misbehave.", min=1)] = 2,
+    rounds: Annotated[int, typer.Option(help="Outer rounds per run.", min=1)] = 6,
+    local_steps: Annotated[int, typer.Option("--local-steps", help="Inner steps per round.", min=1)] = 10,
+    strength: Annotated[
+        float, typer.Option(help="Scales the attack (see potluck/lab/redteam/attacks.py).", min=0.0)
+    ] = 1.0,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override one config field, e.g. --set aggregation.kind=centered-clip; repeatable."
+        ),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Stop a run after this many seconds.", min=1)] = 1800.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """RED TEAM: a local swarm with misbehaving peers, against the same swarm clean (and undefended)."""
+    # torch and hivemind: imported when the runs start, not for --help
+    from potluck.lab.redteam.harness import run_redteam, to_json, verdict
+    from potluck.protocol.config import RunConfig, parse_overrides
+
+    overrides: dict[str, Any] = {
+        "rounds": rounds,
+        "local_steps": local_steps,
+        "inner.warmup_steps": min(10, rounds * local_steps),
+    }
+    cfg = RunConfig().with_overrides({**overrides, **parse_overrides(set_ or [])}, source="flags")
+    done: dict[str, int] = {}
+
+    def on_event(run: str, child: str, event: dict[str, Any]) -> None:
+        if child == "aggregator" and event.get("event") == "round":
+            done[run] = event["round"] + 1
+            stderr.print(f"{run:>10}: round {done[run]}/{cfg.rounds}, held-out loss {event['val_loss']:.4f}")
+
+    try:
+        report = run_redteam(
+            cfg,
+            attack=attack,
+            peers=peers,
+            adversaries=adversaries,
+            strength=strength,
+            timeout_s=timeout,
+            on_event=on_event,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if as_json:
+        print(to_json(report))
+        return
+    table = Table(title=f"attack {attack}: {adversaries} of {peers} peers, {report['rounds']} rounds")
+    for column in ("", "value"):
+        table.add_column(column, justify="right")
+    rate = lambda r: "-" if r is None else f"{r:.0%}"  # noqa: E731
+    table.add_row(
+        "adversarial uploads rejected",
+        f"{report['adversarial_rejected']}/{report['adversarial_updates']} ({rate(report['tpr'])})",
+    )
+    table.add_row(
+        "honest uploads rejected", f"{report['honest_rejected']}/{report['honest_updates']} ({rate(report['fpr'])})"
+    )
+    table.add_row("final held-out loss", f"{report['final_val_loss']:.4f} ({report['loss_vs_clean']:+.1%} vs clean)")
+    table.add_row("clean run", f"{report['clean_final_val_loss']:.4f}")
+    if report.get("undefended_diverged"):
+        table.add_row("undefended (plain mean)", "diverged")
+    elif "undefended_final_val_loss" in report:
+        table.add_row(
+            "undefended (plain mean)",
+            f"{report['undefended_final_val_loss']:.4f} ({report['undefended_loss_vs_clean']:+.1%})",
+        )
+    stdout.print(table)
+    stdout.print("  ".join(f"{name}: {'ok' if ok else 'NOT MET'}" for name, ok in verdict(report).items()))
