@@ -184,8 +184,8 @@ class TopKCodec(Codec):
         x = torch.nn.functional.pad(flat, (0, rows * self.chunk - flat.numel())).view(rows, self.chunk)
         if self.transform:
             x = x @ _dct_matrix_torch(self.chunk, x.device).T
-        positions, values = select_topk(x, self.k)
-        positions, values = positions.cpu().numpy(), values.cpu().numpy()
+        top_positions, top_values = select_topk(x, self.k)
+        positions, values = top_positions.cpu().numpy(), top_values.cpu().numpy()
         if self.bits == 2:
             codes, scales, rho = quantize.quantize_2bit(values)
             arrays = {"rho": np.array([rho], dtype=np.uint8)}
