@@ -75,7 +75,7 @@ MAX_DONORS = 8  # holding peers one state download asks besides the aggregator
 TIME_BOX_MARGIN = 0.1  # of the round deadline, kept free: the round opened a download before the peer saw it
 # The overlap limit a peer falls back to once an update with more than this share of stale steps was dropped at
 # round close: at 15 of 30 stale steps the held-out check dropped no honest update, at 30 of 30 one in nine
-# (BENCHMARKS.md 10), and three drops within ten rounds ban a key.
+# (docs/experiments/overlap.md), and three drops within ten rounds ban a key.
 SAFE_OVERLAP_LIMIT = 0.5
 
 
@@ -119,7 +119,8 @@ class PeerOptions:
     join_timeout_s: float = 30.0
     receipts_dir: Path | None = None  # where final receipts are kept (None: checked, not kept)
     # Train on while an update is in flight (one-round-delayed outer updates). Off by default: at equal wall
-    # time it measured within 1% but no better: +0.02% on a GPU, +0.5-0.6% on a 2-core CPU box (BENCHMARKS.md 10).
+    # time it measured within 1% but no better: +0.02% on a GPU, +0.5-0.6% on a 2-core CPU box
+    # (docs/experiments/overlap.md).
     overlap: bool = False
     # With overlap, at most this share of a round's inner steps run before its base arrives; then training
     # waits for it (1: no limit). Updates whose steps were all stale fail the held-out check now and then:
@@ -794,7 +795,7 @@ class PeerRunner:
         round's aggregate would be if every peer had sent the same (the "eager" update of Kale et al.
         2025, fitted to a lossy code). Steps taken from the peer's own snapshot instead start from
         progress the sparse update left in the residual, which the run then counts twice
-        (BENCHMARKS.md section 10: on a GPU, where all of a round's steps ran before the aggregate
+        (docs/experiments/overlap.md: on a GPU, where all of a round's steps ran before the aggregate
         came, the held-out loss rose after round 1). The encode that the guess needs runs before the
         overlapped steps start, so it is the one part of a round that overlap does not hide.
         """
