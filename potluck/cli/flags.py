@@ -136,6 +136,7 @@ def takes(parameters: Mapping[str, inspect.Parameter] | list[inspect.Parameter])
     listed = list(parameters.values()) if isinstance(parameters, Mapping) else list(parameters)
 
     def apply(command: Command) -> Command:
+        # a function object takes any attribute, but mypy knows only the ones every function has
         command.__signature__ = inspect.Signature(listed, return_annotation=None)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in listed} | {"return": None}
         return command

@@ -60,13 +60,13 @@ def _parsed_by_the_peer_command(argv: list[str], monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize("flags", [PEER, SERVERLESS], ids=["peer", "serverless"])
 def test_every_flag_survives_the_round_trip_through_argv_and_the_peer_command(
-    flags: Flags, monkeypatch: pytest.MonkeyPatch
+    flags: PeerFlags | ServerlessFlags, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: every field away from its default, so that each one is rendered and parsed
     unset = [name for name, field in type(flags).model_fields.items() if getattr(flags, name) == field.default]
     assert not unset, unset
     # Execute
-    argv = flags.command()  # type: ignore[attr-defined]
+    argv = flags.command()
     parsed = _parsed_by_the_peer_command(argv, monkeypatch)
     # Assert
     assert parsed == flags
