@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from potluck import __version__, cli_ledger, cli_nodes, cli_swarm
+from potluck.errors import ERROR_PREFIX, EXIT_STATUS, PotluckError
 from potluck.protocol import PROTOCOL_VERSION
 
 app = typer.Typer(
@@ -40,20 +41,8 @@ stdout = Console()
 DEFAULT_IDENTITY = Path("~/.potluck/identity.key")
 
 
-class UsageError(Exception):
+class UsageError(PotluckError):
     """A flag's value cannot be used; the message says which and why."""
-
-
-def _known_errors() -> tuple[type[Exception], ...]:
-    """The library's one-line error types: printed as they are, never as a traceback."""
-    from potluck.cli_nodes import known_errors
-    from potluck.protocol.codecs import CodecError
-    from potluck.protocol.config import ConfigError
-    from potluck.protocol.envelope import EnvelopeError
-    from potluck.protocol.identity import IdentityError
-    from potluck.training.data import DataError
-
-    return (UsageError, IdentityError, ConfigError, CodecError, EnvelopeError, DataError, *known_errors())
 
 
 def setup_logging(verbose: bool) -> None:
@@ -389,15 +378,13 @@ def handle_errors(run: Callable[[], object]) -> None:
     try:
         run()
     except SystemExit:
-        # --help, usage errors and every normal exit: nothing to translate. Caught first because the
-        # clause below imports every command's error types (torch with them) just to compare.
-        raise
+        raise  # --help, usage errors and every normal exit: nothing to translate
     except KeyboardInterrupt:
         stderr.print("interrupted")
         sys.exit(130)
-    except _known_errors() as err:
-        stderr.print(f"potluck: error: {err}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
+    except PotluckError as err:  # one line the user can act on; anything else is a bug and keeps its traceback
+        stderr.print(f"{ERROR_PREFIX}{err}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(EXIT_STATUS)
 
 
 def main() -> None:

@@ -68,6 +68,7 @@ from potluck.aggregator_server.validation import (
     check_signature,
     decode_update,
 )
+from potluck.errors import PotluckError
 from potluck.incentives.ledger import LedgerError
 from potluck.incentives.ledger_format import LedgerRow, SignedHead
 from potluck.protocol.ban_records import BANS_KEY, BanList, BanRecordError, parse_ban_lists, sign_ban_list
@@ -1142,7 +1143,7 @@ class AggregatorServer:
 _UNATTRIBUTED = frozenset({"signature", "banned", "finished"})
 
 
-class _Refusal(Exception):
+class _Refusal(PotluckError):
     """A request this server refuses; the message goes back to the caller in an ERROR frame."""
 
 

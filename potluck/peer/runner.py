@@ -28,6 +28,7 @@ from typing import TypeVar
 
 import torch
 
+from potluck.errors import PotluckError
 from potluck.incentives.receipts import ReceiptError, check_receipt, store_receipt
 from potluck.peer.state_download import Donor, DownloadFailed, Fetched, fetch_chunks
 from potluck.peer.trainer import LocalTrainer, RoundSnapshot, RoundWork, TrainingDiverged
@@ -87,11 +88,11 @@ def _own_nice() -> int | None:
         return None
 
 
-class PeerError(Exception):
+class PeerError(PotluckError):
     """The peer cannot go on (one line, with the fix)."""
 
 
-class UntrustedState(Exception):
+class UntrustedState(PotluckError):
     """An aggregator served a state that fails verification; the peer tries another source."""
 
     def __init__(self, source: bytes, detail: str) -> None:
@@ -99,7 +100,7 @@ class UntrustedState(Exception):
         self.source = source  # the aggregator's key: never asked again
 
 
-class RunFinished(Exception):
+class RunFinished(PotluckError):
     """The aggregator says the run is over: leave cleanly."""
 
 

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from potluck.errors import PotluckError
 from potluck.protocol.messages import BUSY_PREFIX
 
 MAX_FAILURES = 3.0
@@ -22,7 +23,7 @@ DUPLICATES = 2  # donors that may fetch the same chunk at once, in the endgame
 RETRY_PAUSE_S = 0.25  # times the donor's failures so far: a short back-off before it is asked again
 
 
-class DownloadFailed(Exception):
+class DownloadFailed(PotluckError):
     """No donor left could give some chunk (one line, naming what each donor did)."""
 
 

@@ -1,4 +1,4 @@
-"""What crosses the wire: keys, configs, signed messages and codecs. Imports nothing else of potluck."""
+"""What crosses the wire: keys, configs, signed messages and codecs. Imports nothing else of potluck but its errors."""
 
 # The wire protocol's version: bumped whenever an encoding or a message's fields change, so that
 # nodes running different versions refuse each other with a clear message instead of misreading bytes.

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from potluck.errors import PotluckError
 from potluck.protocol.messages import BUSY_PREFIX
 from potluck.protocol.state_chunks import ChunkError, ChunkRequest, chunk_of
 from potluck.protocol.wire import MessageKind, WireError, error_body, read_frame_from_stream, write_frame
@@ -28,7 +29,7 @@ Handler = Callable[[object, asyncio.StreamReader, asyncio.StreamWriter], Awaitab
 MAX_PACING_WAIT_S = 20.0  # a chunk that would wait longer for its turn under the rate cap is answered "busy"
 
 
-class ChunkUnavailable(Exception):
+class ChunkUnavailable(PotluckError):
     """This node does not hold the state a chunk was asked of (one line, sent back to the asker)."""
 
 

@@ -14,6 +14,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from potluck.errors import PotluckError
 from potluck.protocol.envelope import (
     MAX_AGGREGATE_ENVELOPE_BYTES,
     MAX_RECEIPT_ENVELOPE_BYTES,
@@ -54,11 +55,11 @@ DEFAULT_MAX_STATE_BYTES = 8 * 2**30
 MAX_AGGREGATE_BYTES = 2**30
 
 
-class AggregatorRefused(Exception):
+class AggregatorRefused(PotluckError):
     """The aggregator answered with a refusal; the message is its one-line reason."""
 
 
-class AggregatorUnreachable(Exception):
+class AggregatorUnreachable(PotluckError):
     """No usable answer from the aggregator (stream failed or timed out); worth retrying."""
 
 

@@ -24,6 +24,7 @@ with warnings.catch_warnings():
     from hivemind.p2p import P2P, PeerID
     from hivemind.utils.multiaddr import Multiaddr
 
+from potluck.errors import PotluckError
 from potluck.protocol.dht_schema import Ed25519RecordValidator
 from potluck.protocol.identity import Identity
 
@@ -59,7 +60,7 @@ logging.getLogger("asyncio").addFilter(_DropReapedDaemonWarning())
 JOIN_FORMAT = "/ip4/<ip>/tcp/<port>/p2p/<peer id>, as printed by aggregator-server"
 
 
-class JoinError(Exception):
+class JoinError(PotluckError):
     """A join address is malformed or does not answer (one line, with the fix)."""
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from potluck.errors import PotluckError
 from potluck.protocol.wire import HEADER_BYTES, MessageKind, PeerRefusedError, WireError, decode_header, write_frame
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ MAX_PROBE_HEADER_BYTES = 256  # {"reply_bytes": n} packs to under 20 bytes; anyt
 _MIN_TRANSFER_S = 1e-6  # a floor so a sub-microsecond localhost transfer does not divide by zero
 
 
-class ProbeUnavailableError(Exception):
+class ProbeUnavailableError(PotluckError):
     """The peer answers but does not serve potluck's probe handler (not an aggregator, or an older one)."""
 
 

@@ -30,6 +30,7 @@ import struct
 from collections.abc import AsyncIterator, Collection, Iterator
 from enum import IntEnum
 
+from potluck.errors import PotluckError
 from potluck.protocol import PROTOCOL_VERSION
 
 MAGIC = b"PLK"
@@ -41,7 +42,7 @@ DEFAULT_CHUNK_BYTES = 256 * 1024
 MAX_ERROR_BODY_BYTES = 1024  # an ERROR frame carries one line of text, never more
 
 
-class WireError(Exception):
+class WireError(PotluckError):
     """A frame is malformed, truncated, oversize, of the wrong kind or from another protocol version (one line)."""
 
 

@@ -1,0 +1,14 @@
+"""The one base of potluck's one-line errors: what a user can fix, said in one line, never a traceback.
+
+Every error the library raises for a cause outside the code (a bad flag, config, key file, payload,
+peer, ledger, ...) subclasses PotluckError; the CLI catches this one type, prints its message and
+exits with status 2. Any other exception is a bug and keeps its traceback. This module imports
+nothing of potluck, so every component may import it.
+"""
+
+EXIT_STATUS = 2  # what the CLI exits with after printing a PotluckError's line
+ERROR_PREFIX = "potluck: error: "  # how that line starts (a swarm strips it from a child's log)
+
+
+class PotluckError(Exception):
+    """A failure the user can act on; its message is one line that says what and, where it can, the fix."""
