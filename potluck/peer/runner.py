@@ -57,7 +57,7 @@ from potluck.protocol.node import JoinError, dial, parse_join_address, peer_id_o
 from potluck.protocol.probe import ProbeUnavailableError, measure_rates
 from potluck.protocol.shards import keys_of_shard
 from potluck.protocol.state_chunks import ChunkError, ChunkRequest, check_manifest
-from potluck.protocol.wire import PeerRefusedError, WireError
+from potluck.protocol.wire import PeerRefusedError, RefusalCode, WireError
 from potluck.training.benchmark import measure_for_plan
 from potluck.training.diloco import OuterOptimizer
 from potluck.training.held_out import HeldOutLoss
@@ -505,7 +505,7 @@ class PeerRunner:
             raise AggregatorUnreachable(str(e)) from e
         for name, reason in fetched.dropped.items():
             key = names[name]
-            if key != h.aggregator_public_key and "manifest" in reason:
+            if key != h.aggregator_public_key and name in fetched.refuted:
                 self.bad_donors.add(key)  # it sent a chunk the signed manifest refutes: never asked again
             self.on_event({"event": "donor-dropped", "donor": name, "reason": reason, "shard": h.shard})
         return fetched
@@ -1066,7 +1066,7 @@ class PeerRunner:
                 if target is not None:
                     await self._connect(target)
             except AggregatorRefused as e:
-                if "has finished" in str(e):
+                if e.code is RefusalCode.RUN_FINISHED:
                     raise RunFinished(str(e)) from e
                 raise
 

@@ -2,4 +2,6 @@
 
 # The wire protocol's version: bumped whenever an encoding or a message's fields change, so that
 # nodes running different versions refuse each other with a clear message instead of misreading bytes.
-PROTOCOL_VERSION = 3  # 2: aggregates commit to their updates and the ledger; receipts carry proofs; 3: densities
+# 2: aggregates commit to their updates and the ledger; receipts carry proofs; 3: densities;
+# 4: an ERROR frame carries a RefusalCode byte before its text
+PROTOCOL_VERSION = 4

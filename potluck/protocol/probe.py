@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from potluck.errors import PotluckError
-from potluck.protocol.wire import HEADER_BYTES, MessageKind, PeerRefusedError, WireError, decode_header, write_frame
+from potluck.protocol.wire import (
+    HEADER_BYTES,
+    MessageKind,
+    PeerRefusedError,
+    WireError,
+    decode_error,
+    decode_header,
+    write_frame,
+)
 
 if TYPE_CHECKING:
     from hivemind.p2p import P2P, PeerID
@@ -111,7 +119,7 @@ async def _probe_once(p2p: P2P, peer_id: PeerID, *, upload_bytes: int, reply_byt
         _close_writers_left_open(e)
         if not isinstance(e, ControlFailure):
             raise
-        if "protocols not supported" in str(e):
+        if "protocols not supported" in str(e):  # p2pd gives no type or code for a handler it lacks
             raise ProbeUnavailableError(f"peer {peer_id} does not serve {PROBE_HANDLER}") from None
         raise ConnectionError(f"cannot open a probe stream to {peer_id}: {daemon_reason(e)}") from None
     try:
@@ -135,8 +143,8 @@ async def _probe_once(p2p: P2P, peer_id: PeerID, *, upload_bytes: int, reply_byt
     finally:
         writer.close()
     if kind is MessageKind.ERROR:
-        text = "".join(ch if ch.isprintable() else "?" for ch in reply.decode("utf-8", errors="replace"))
-        raise PeerRefusedError(f"peer refused the probe: {text}")
+        code, reason = decode_error(reply)
+        raise PeerRefusedError(f"peer refused the probe: {reason}", code=code, reason=reason)
     if body_bytes != reply_bytes:
         raise WireError(f"asked for {reply_bytes} probe bytes, got {body_bytes}")
     return header_at - started, finished - header_at
