@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from potluck import __version__, cli_ledger, cli_nodes, cli_swarm
-from potluck.errors import ERROR_PREFIX, EXIT_STATUS, PotluckError
+from potluck.errors import ERROR_PREFIX, PotluckError
 from potluck.protocol import PROTOCOL_VERSION
 
 app = typer.Typer(
@@ -384,7 +384,7 @@ def handle_errors(run: Callable[[], object]) -> None:
         sys.exit(130)
     except PotluckError as err:  # one line the user can act on; anything else is a bug and keeps its traceback
         stderr.print(f"{ERROR_PREFIX}{err}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(EXIT_STATUS)
+        sys.exit(err.exit_status)
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from potluck.errors import ERROR_PREFIX, EXIT_STATUS, PotluckError
+from potluck.errors import DIVERGED_EXIT_STATUS, ERROR_PREFIX, EXIT_STATUS, PotluckError
 from potluck.forkserver import ForkedProcess, ForkServerError, shared_server
 from potluck.netlab import Link, NetLab
 from potluck.priority import lower_priority
@@ -49,6 +49,10 @@ STOP_GRACE_S = 15.0  # after SIGTERM, how long a child may take to shut its node
 
 class SwarmError(PotluckError):
     """The swarm could not run to the end (one line, with the failing child's last log line)."""
+
+
+class SwarmDiverged(SwarmError):
+    """A peer of the swarm stopped because its local training went non-finite."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -214,7 +218,7 @@ def _last_log_line(child: Child) -> str:
 def _why(child: Child, code: int | None) -> str:
     """A child's last log line; where it did not exit with a one-line error (a bug's traceback), its log's path too."""
     line = _last_log_line(child)
-    return line if code == EXIT_STATUS else f"{line} (log: {child.log_path})"
+    return line if code in (EXIT_STATUS, DIVERGED_EXIT_STATUS) else f"{line} (log: {child.log_path})"
 
 
 def stop_children(children: list[Child], *, grace_s: float = STOP_GRACE_S) -> None:
@@ -469,7 +473,8 @@ def _follow(
         open_streams.discard(child.name)
         code = child.process.wait()
         if code != 0 and child.name not in killed:
-            raise SwarmError(f"{child.name} exited with status {code}: {_why(child, code)}")
+            failed = SwarmDiverged if code == DIVERGED_EXIT_STATUS else SwarmError
+            raise failed(f"{child.name} exited with status {code}: {_why(child, code)}")
 
 
 def _result(

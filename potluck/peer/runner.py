@@ -28,7 +28,7 @@ from typing import TypeVar
 
 import torch
 
-from potluck.errors import PotluckError
+from potluck.errors import DIVERGED_EXIT_STATUS, PotluckError
 from potluck.incentives.receipts import ReceiptError, check_receipt, store_receipt
 from potluck.peer.state_download import Donor, DownloadFailed, Fetched, fetch_chunks
 from potluck.peer.trainer import LocalTrainer, RoundSnapshot, RoundWork, TrainingDiverged
@@ -90,6 +90,12 @@ def _own_nice() -> int | None:
 
 class PeerError(PotluckError):
     """The peer cannot go on (one line, with the fix)."""
+
+
+class PeerDiverged(PeerError):
+    """The peer's local training went non-finite: nothing it could send would be of use (one line)."""
+
+    exit_status = DIVERGED_EXIT_STATUS
 
 
 class UntrustedState(PotluckError):
@@ -645,7 +651,7 @@ class PeerRunner:
                     shards=[(s.names, upload) for s, (upload, _) in zip(master.shards, codecs, strict=True)],
                 )
             except TrainingDiverged as e:
-                raise PeerError(str(e)) from None
+                raise PeerDiverged(str(e)) from None
             work = works[0]  # the round's tokens, steps and losses, the same in every shard's
             point: Mapping[str, torch.Tensor] = shot.current  # where the next round's steps start from
             if self.options.overlap and not last:

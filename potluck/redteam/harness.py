@@ -20,7 +20,7 @@ from typing import Any
 
 from potluck.protocol.config import RunConfig
 from potluck.redteam.attacks import ATTACKS
-from potluck.swarm import SwarmError, SwarmOptions, SwarmResult, run_swarm
+from potluck.swarm import SwarmDiverged, SwarmError, SwarmOptions, SwarmResult, run_swarm
 
 # Attacks that pass every per-update check and can only be caught (or absorbed) statistically.
 STATISTICAL = frozenset({"scaled", "sign-flip", "noise", "zero", "wrong-base", "alie", "ipm", "label-flip", "bitflip"})
@@ -131,7 +131,7 @@ def run_redteam(
                 plain = swarm("undefended", cfg.with_overrides(UNDEFENDED, source="redteam"), adversaries)
             except SwarmError as e:
                 # Blown up: a peer's training went non-finite, or the held-out loss did before the run failed.
-                if "diverged" not in str(e) and math.isfinite(last_val_loss.get("undefended", 0.0)):
+                if not isinstance(e, SwarmDiverged) and math.isfinite(last_val_loss.get("undefended", 0.0)):
                     raise
                 report |= {"undefended_final_val_loss": None, "undefended_loss_vs_clean": None}
                 report |= {"undefended_diverged": True, "undefended_error": str(e)}
