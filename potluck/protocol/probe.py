@@ -89,7 +89,7 @@ def decode_probe_request(body: bytes) -> int:
 def daemon_reason(error: Exception) -> str:
     """p2pd's last log line without its timestamp, e.g. 'failed to connect to bootstrap peers'."""
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    text = text.removeprefix("Daemon failed to start: ")
+    text = text.removeprefix("Daemon failed to start: ")  # p2pd gives no type or code: trimmed for display only
     return re.sub(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", "", text)
 
 
