@@ -374,7 +374,7 @@ def _auto_plan(
 
 
 def handle_errors(run: Callable[[], object]) -> None:
-    """Run an app, turning known errors into one line and exit status 2, Ctrl-C into exit status 130."""
+    """Run an app, turning a PotluckError into its one line and exit status (2), Ctrl-C into exit status 130."""
     try:
         run()
     except SystemExit:

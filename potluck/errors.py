@@ -2,8 +2,8 @@
 
 Every error the library raises for a cause outside the code (a bad flag, config, key file, payload,
 peer, ledger, ...) subclasses PotluckError; the CLI catches this one type, prints its message and
-exits with status 2. Any other exception is a bug and keeps its traceback. This module imports
-nothing of potluck, so every component may import it.
+exits with its exit_status (2 unless a subclass says otherwise). Any other exception is a bug and
+keeps its traceback. This module imports nothing of potluck, so every component may import it.
 """
 
 EXIT_STATUS = 2  # what the CLI exits with after printing a PotluckError's line

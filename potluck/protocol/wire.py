@@ -157,9 +157,9 @@ def decode_error(body: bytes) -> tuple[RefusalCode, str]:
     return code, "".join(ch if ch.isprintable() else "?" for ch in text)  # untrusted text: keep it one line
 
 
-def _peer_error(body: bytes, what: str = "the request") -> PeerRefusedError:
+def _peer_error(body: bytes) -> PeerRefusedError:
     code, reason = decode_error(body)
-    return PeerRefusedError(f"peer refused {what}: {reason}", code=code, reason=reason)
+    return PeerRefusedError(f"peer refused the request: {reason}", code=code, reason=reason)
 
 
 def decode_header(
