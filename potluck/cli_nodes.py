@@ -624,35 +624,6 @@ def _listen_maddr(host: str | None, port: int, joins: tuple[str, ...]) -> str:
     return f"/ip4/{host or ('127.0.0.1' if loopback else '0.0.0.0')}/tcp/{port}"
 
 
-def known_errors() -> tuple[type[Exception], ...]:
-    """The node commands' one-line error types."""
-    from potluck.aggregator_server.checkpoint import CheckpointError
-    from potluck.aggregator_server.reputation import BanFileError
-    from potluck.aggregator_server.setup import SetupError
-    from potluck.lab.netlab import NetLabError
-    from potluck.lab.swarm import SwarmError
-    from potluck.peer.runner import PeerError
-    from potluck.peer.serverless import ServerlessError
-    from potluck.protocol.client import AggregatorRefused
-    from potluck.protocol.dht_schema import DHTSchemaError
-    from potluck.protocol.node import JoinError
-    from potluck.web import WebServerError
-
-    return (
-        CheckpointError,
-        SetupError,
-        AggregatorRefused,
-        PeerError,
-        ServerlessError,
-        DHTSchemaError,
-        JoinError,
-        SwarmError,
-        NetLabError,
-        BanFileError,
-        WebServerError,
-    )
-
-
 def single_command_main(command: Callable[..., None], name: str) -> Callable[[], None]:
     """A console-script entry point running one command (`peer`, `aggregator-server`) with potluck's error handling."""
 
