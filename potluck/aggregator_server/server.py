@@ -68,6 +68,7 @@ from potluck.aggregator_server.validation import (
     check_signature,
     decode_update,
 )
+from potluck.errors import PotluckError
 from potluck.incentives.ledger import LedgerError
 from potluck.incentives.ledger_format import LedgerRow, SignedHead
 from potluck.protocol.ban_records import BANS_KEY, BanList, BanRecordError, parse_ban_lists, sign_ban_list
@@ -106,6 +107,7 @@ from potluck.protocol.shards import ShardError, keys_of_shard, shard_names, shar
 from potluck.protocol.state_chunks import ChunkRequest
 from potluck.protocol.wire import (
     MessageKind,
+    RefusalCode,
     VersionMismatchError,
     WireError,
     error_body,
@@ -868,7 +870,9 @@ class AggregatorServer:
     async def _handle_probe(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The doctor's rate probe, at most MAX_PROBES at a time: each may cost 8 MiB each way."""
         if self._probes.locked():
-            raise _Refusal(f"{BUSY_PREFIX}measuring other peers' links; try potluck doctor again in a minute")
+            raise _Refusal(
+                RefusalCode.BUSY, f"{BUSY_PREFIX}measuring other peers' links; try potluck doctor again in a minute"
+            )
         async with self._probes:
             await handle_probe(info, reader, writer)
 
@@ -876,7 +880,9 @@ class AggregatorServer:
         """A state or manifest request's asker, expected in the open round; it may first wait for the others."""
         key, client_mode = parse_state_request_mode(body)
         if self.finished:
-            raise _Refusal(f"run {self.cfg.run_name!r} has finished at round {self.master.round}")
+            raise _Refusal(
+                RefusalCode.RUN_FINISHED, f"run {self.cfg.run_name!r} has finished at round {self.master.round}"
+            )
         standby = public_key_to_hex(key) in self.cfg.aggregator_keys  # follows the run: not a peer to wait for
         async with self._lock:  # not mid-close: a joiner gets the state of the round it will be waited for in
             if key not in self.current.accepted and not standby:
@@ -948,7 +954,9 @@ class AggregatorServer:
     async def _handle_submit(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         limit = 4 + MAX_UPDATE_ENVELOPE_BYTES + self.cfg.max_update_bytes
         if self._uploads.locked():
-            raise _Refusal(f"{BUSY_PREFIX}{MAX_UPLOADS} uploads are already in progress; retry in a few seconds")
+            raise _Refusal(
+                RefusalCode.BUSY, f"{BUSY_PREFIX}{MAX_UPLOADS} uploads are already in progress; retry in a few seconds"
+            )
         async with self._uploads:  # each upload may hold max_update_bytes in memory until it is judged
             reading = time.monotonic()
             _, body = await _read(reader, MessageKind.SUBMIT, limit)
@@ -959,7 +967,7 @@ class AggregatorServer:
         try:
             update = SignedUpdate.from_bytes(envelope)
         except EnvelopeError as e:
-            raise _Refusal(f"envelope: {e}") from e
+            raise _Refusal(RefusalCode.BAD_REQUEST, f"envelope: {e}") from e
         h = update.header
         async with self._lock:
             rejection: Rejection | None = None
@@ -1064,19 +1072,22 @@ class AggregatorServer:
         _, body = await _read(reader, MessageKind.AGGREGATE_REQUEST, MAX_REQUEST_BYTES)
         wanted = parse_aggregate_request(body)
         if wanted > self.current.index:
-            raise _Refusal(f"round {wanted} has not started; the open round is {self.current.index}")
+            raise _Refusal(
+                RefusalCode.NOT_STARTED, f"round {wanted} has not started; the open round is {self.current.index}"
+            )
         if wanted == self.current.index and not self.finished:
             timeout_s = max(self.current.seconds_left(), 0) + self.cfg.round_deadline_s + 30
             async with self._published:
                 try:
                     await asyncio.wait_for(self._published.wait_for(lambda: self.master.round > wanted), timeout_s)
                 except (TimeoutError, asyncio.TimeoutError):
-                    raise _Refusal(f"round {wanted} is still open; ask again") from None
+                    raise _Refusal(RefusalCode.ROUND_OPEN, f"round {wanted} is still open; ask again") from None
         aggregate = self.aggregates.get(wanted)
         if aggregate is None:
             raise _Refusal(
+                RefusalCode.NOT_HELD,
                 f"the aggregate of round {wanted} is no longer held (open round: {self.current.index}); "
-                "download the state again"
+                "download the state again",
             )
         self.bytes_out += len(aggregate)
         await write_frame(writer, kind=MessageKind.AGGREGATE, body=aggregate)
@@ -1088,7 +1099,10 @@ class AggregatorServer:
         _, body = await _read(reader, MessageKind.RECEIPT_REQUEST, MAX_REQUEST_BYTES)
         round_index, digest = parse_receipt_request(body)
         if round_index >= self.master.round:
-            raise _Refusal(f"round {round_index} has not closed yet (the open round is {self.current.index})")
+            raise _Refusal(
+                RefusalCode.ROUND_OPEN,
+                f"round {round_index} has not closed yet (the open round is {self.current.index})",
+            )
         rows = self.closed_rows.get(round_index)
         if rows is None:
             rows = await asyncio.to_thread(self.ledger.rows, round_index=round_index)
@@ -1096,7 +1110,7 @@ class AggregatorServer:
             rows, digest, run_id=self.cfg.run_name, config_hash=self.cfg.config_hash, identity=self.identity
         )
         if signed is None:
-            raise _Refusal(f"round {round_index}'s ledger has no update {digest.hex()[:16]}")
+            raise _Refusal(RefusalCode.NOT_FOUND, f"round {round_index}'s ledger has no update {digest.hex()[:16]}")
         reply = signed.to_bytes()
         self.bytes_out += len(reply)
         await write_frame(writer, kind=MessageKind.RECEIPT, body=reply)
@@ -1142,8 +1156,23 @@ class AggregatorServer:
 _UNATTRIBUTED = frozenset({"signature", "banned", "finished"})
 
 
-class _Refusal(Exception):
-    """A request this server refuses; the message goes back to the caller in an ERROR frame."""
+class _Refusal(PotluckError):
+    """A request this server refuses; the code and the message go back to the caller in an ERROR frame."""
+
+    def __init__(self, code: RefusalCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _refusal_code(e: Exception) -> RefusalCode:
+    """The code an ERROR frame carries for an exception `_closing` answers."""
+    if isinstance(e, _Refusal):
+        return e.code
+    if isinstance(e, VersionMismatchError):
+        return RefusalCode.VERSION_MISMATCH
+    if isinstance(e, (WireError, MessageError)):
+        return RefusalCode.BAD_REQUEST
+    return RefusalCode.INTERNAL  # a checkpoint this server cannot read or write
 
 
 async def _read(reader: asyncio.StreamReader, kind: MessageKind, max_body_bytes: int) -> tuple[MessageKind, bytes]:
@@ -1169,7 +1198,7 @@ def _closing(name: str, handler: Handler) -> Handler:
             logger.info("%s from %s refused: %s", name, getattr(info, "peer_id", "?"), e)
             reply = e.reply() if isinstance(e, VersionMismatchError) else str(e)
             with contextlib.suppress(Exception):
-                await write_frame(writer, kind=MessageKind.ERROR, body=error_body(reply))
+                await write_frame(writer, kind=MessageKind.ERROR, body=error_body(reply, code=_refusal_code(e)))
         except (TimeoutError, asyncio.TimeoutError):
             logger.info("%s from %s timed out", name, getattr(info, "peer_id", "?"))
         except (ConnectionError, asyncio.IncompleteReadError) as e:
@@ -1177,7 +1206,8 @@ def _closing(name: str, handler: Handler) -> Handler:
         except Exception:
             logger.exception("%s handler failed", name)
             with contextlib.suppress(Exception):
-                await write_frame(writer, kind=MessageKind.ERROR, body=b"internal error on the aggregator")
+                body = error_body("internal error on the aggregator", code=RefusalCode.INTERNAL)
+                await write_frame(writer, kind=MessageKind.ERROR, body=body)
         finally:
             writer.close()
 

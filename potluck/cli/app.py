@@ -3,7 +3,8 @@
 Each command family has a module of its own under potluck.cli, which imports only downward (common, flags,
 status lines, process helpers); this module is the top and registers them all. Commands import the library
 (torch, hivemind, the protocol's config) inside their bodies, so `potluck --help` loads little more than typer.
-The library's one-line errors become `potluck: error: ...` and exit status 2 instead of a traceback.
+A PotluckError (the one base of the library's one-line errors) becomes `potluck: error: ...` and exit status 2
+instead of a traceback; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from rich.logging import RichHandler
 
 from potluck import __version__
 from potluck.cli import aggregator, bans, doctor, identity, ledger, peer, planning, redteam, serverless, swarm
-from potluck.cli.common import UsageError, stderr, stdout
+from potluck.cli.common import stderr, stdout
+from potluck.errors import ERROR_PREFIX, PotluckError
 from potluck.protocol import PROTOCOL_VERSION
 
 app = typer.Typer(
@@ -43,46 +45,6 @@ app.command("redteam")(redteam.redteam)
 app.add_typer(ledger.ledger_app, name="ledger")
 app.add_typer(ledger.receipts_app, name="receipts")
 app.command("leaderboard")(ledger.leaderboard)
-
-
-def _known_errors() -> tuple[type[Exception], ...]:
-    """The library's one-line error types: printed as they are, never as a traceback."""
-    from potluck.aggregator_server.checkpoint import CheckpointError
-    from potluck.aggregator_server.reputation import BanFileError
-    from potluck.aggregator_server.setup import SetupError
-    from potluck.lab.netlab import NetLabError
-    from potluck.lab.swarm import SwarmError
-    from potluck.peer.runner import PeerError
-    from potluck.peer.serverless import ServerlessError
-    from potluck.protocol.client import AggregatorRefused
-    from potluck.protocol.codecs import CodecError
-    from potluck.protocol.config import ConfigError
-    from potluck.protocol.dht_schema import DHTSchemaError
-    from potluck.protocol.envelope import EnvelopeError
-    from potluck.protocol.identity import IdentityError
-    from potluck.protocol.node import JoinError
-    from potluck.training.data import DataError
-    from potluck.web import WebServerError
-
-    return (
-        UsageError,
-        IdentityError,
-        ConfigError,
-        CodecError,
-        EnvelopeError,
-        DataError,
-        CheckpointError,
-        SetupError,
-        AggregatorRefused,
-        PeerError,
-        ServerlessError,
-        DHTSchemaError,
-        JoinError,
-        SwarmError,
-        NetLabError,
-        BanFileError,
-        WebServerError,
-    )
 
 
 def setup_logging(verbose: bool) -> None:
@@ -117,19 +79,17 @@ def _root(
 
 
 def handle_errors(run: Callable[[], object]) -> None:
-    """Run an app, turning known errors into one line and exit status 2, Ctrl-C into exit status 130."""
+    """Run an app, turning a PotluckError into its one line and exit status (2), Ctrl-C into exit status 130."""
     try:
         run()
     except SystemExit:
-        # --help, usage errors and every normal exit: nothing to translate. Caught first because the
-        # clause below imports every command's error types (torch with them) just to compare.
-        raise
+        raise  # --help, usage errors and every normal exit: nothing to translate
     except KeyboardInterrupt:
         stderr.print("interrupted")
         sys.exit(130)
-    except _known_errors() as err:
-        stderr.print(f"potluck: error: {err}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
+    except PotluckError as err:  # one line the user can act on; anything else is a bug and keeps its traceback
+        stderr.print(f"{ERROR_PREFIX}{err}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(err.exit_status)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """What every command module shares: the terminal's two consoles, the usage error, the default paths.
 
-The bottom of the `potluck.cli` package: it imports nothing of ours, so any command module may import it.
+The bottom of the `potluck.cli` package (it imports only potluck.errors), so any command module may import it.
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+
+from potluck.errors import PotluckError
 
 stderr = Console(stderr=True)
 stdout = Console()
@@ -18,5 +20,5 @@ DEFAULT_RECEIPTS = Path("~/.potluck/receipts")
 DEFAULT_HTTP_PORT = 8000  # a node's status page, JSON API and /metrics
 
 
-class UsageError(Exception):
+class UsageError(PotluckError):
     """A flag's value cannot be used; the message says which and why."""

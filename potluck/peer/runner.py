@@ -28,6 +28,7 @@ from typing import TypeVar
 
 import torch
 
+from potluck.errors import DIVERGED_EXIT_STATUS, PotluckError
 from potluck.incentives.receipts import ReceiptError, check_receipt, store_receipt
 from potluck.peer.state_download import Donor, DownloadFailed, Fetched, fetch_chunks
 from potluck.peer.trainer import LocalTrainer, RoundSnapshot, RoundWork, TrainingDiverged
@@ -56,7 +57,7 @@ from potluck.protocol.node import JoinError, dial, parse_join_address, peer_id_o
 from potluck.protocol.probe import ProbeUnavailableError, measure_rates
 from potluck.protocol.shards import keys_of_shard
 from potluck.protocol.state_chunks import ChunkError, ChunkRequest, check_manifest
-from potluck.protocol.wire import PeerRefusedError, WireError
+from potluck.protocol.wire import PeerRefusedError, RefusalCode, WireError
 from potluck.training.benchmark import measure_for_plan
 from potluck.training.diloco import OuterOptimizer
 from potluck.training.held_out import HeldOutLoss
@@ -87,11 +88,17 @@ def _own_nice() -> int | None:
         return None
 
 
-class PeerError(Exception):
+class PeerError(PotluckError):
     """The peer cannot go on (one line, with the fix)."""
 
 
-class UntrustedState(Exception):
+class PeerDiverged(PeerError):
+    """The peer's local training went non-finite: nothing it could send would be of use (one line)."""
+
+    exit_status = DIVERGED_EXIT_STATUS
+
+
+class UntrustedState(PotluckError):
     """An aggregator served a state that fails verification; the peer tries another source."""
 
     def __init__(self, source: bytes, detail: str) -> None:
@@ -99,7 +106,7 @@ class UntrustedState(Exception):
         self.source = source  # the aggregator's key: never asked again
 
 
-class RunFinished(Exception):
+class RunFinished(PotluckError):
     """The aggregator says the run is over: leave cleanly."""
 
 
@@ -505,7 +512,7 @@ class PeerRunner:
             raise AggregatorUnreachable(str(e)) from e
         for name, reason in fetched.dropped.items():
             key = names[name]
-            if key != h.aggregator_public_key and "manifest" in reason:
+            if key != h.aggregator_public_key and name in fetched.refuted:
                 self.bad_donors.add(key)  # it sent a chunk the signed manifest refutes: never asked again
             self.on_event({"event": "donor-dropped", "donor": name, "reason": reason, "shard": h.shard})
         return fetched
@@ -645,7 +652,7 @@ class PeerRunner:
                     shards=[(s.names, upload) for s, (upload, _) in zip(master.shards, codecs, strict=True)],
                 )
             except TrainingDiverged as e:
-                raise PeerError(str(e)) from None
+                raise PeerDiverged(str(e)) from None
             work = works[0]  # the round's tokens, steps and losses, the same in every shard's
             point: Mapping[str, torch.Tensor] = shot.current  # where the next round's steps start from
             if self.options.overlap and not last:
@@ -1066,7 +1073,7 @@ class PeerRunner:
                 if target is not None:
                     await self._connect(target)
             except AggregatorRefused as e:
-                if "has finished" in str(e):
+                if e.code is RefusalCode.RUN_FINISHED:
                     raise RunFinished(str(e)) from e
                 raise
 
