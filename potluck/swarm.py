@@ -204,11 +204,8 @@ def _pump(child: Child, events: "queue.Queue[tuple[Child, Event | None]]") -> No
     events.put((child, None))
 
 
-def read_events(child: Child) -> Iterator[Event]:
-    """The events a child prints, one JSON object a line, until its stdout closes (then closed here too).
-
-    A line that is not an event of this version is the child's bug: it is logged and skipped.
-    """
+def read_json_lines(child: Child) -> Iterator[dict[str, Any]]:
+    """The JSON objects a child prints, one a line, until its stdout closes (then closed here too)."""
     stream = child.process.stdout
     assert stream is not None
     try:
@@ -217,14 +214,24 @@ def read_events(child: Child) -> Iterator[Event]:
                 data = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            try:
-                yield decode_event(data)
-            except EventError as e:
-                logger.error("%s printed a line that is no event (%s): %.200s", child.name, e, line.rstrip())
+            if isinstance(data, dict):
+                yield data
     except (ValueError, OSError):  # closed under us by stop_children
         return
     finally:
         stream.close()
+
+
+def read_events(child: Child) -> Iterator[Event]:
+    """The events a child prints (`--json`) until its stdout closes.
+
+    A line that is not an event of this version is the child's bug: it is logged and skipped.
+    """
+    for data in read_json_lines(child):
+        try:
+            yield decode_event(data)
+        except EventError as e:
+            logger.error("%s printed a line that is no event (%s): %.200s", child.name, e, json.dumps(data))
 
 
 def _last_log_line(child: Child) -> str:
