@@ -560,7 +560,7 @@ def _decode(tp: Any, value: object, where: str) -> object:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise EventError(f"{where} must be an object with string keys")
         return {k: _decode(item, v, f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise EventError(f"{where} must be an object, not {type(value).__name__}")
         return _fields(tp, value, where)
@@ -582,10 +582,8 @@ def _fields(cls: type, data: dict[str, Any], where: str) -> Any:
     missing = [_key(f) for f in fields if _key(f) not in data]
     unknown = sorted(set(data) - {_key(f) for f in fields})
     if missing or unknown:
-        raise EventError(
-            f"{where} is not a {cls.__name__}: "
-            + "; ".join(filter(None, [missing and f"missing {missing}", unknown and f"unknown {unknown}"]))
-        )
+        problems = [f"missing {missing}"] * bool(missing) + [f"unknown {unknown}"] * bool(unknown)
+        raise EventError(f"{where} is not a {cls.__name__}: " + "; ".join(problems))
     values = {f.name: _decode(hints[f.name], data[_key(f)], f"{where}.{_key(f)}") for f in fields}
     return cls(**values)
 

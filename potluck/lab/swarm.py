@@ -535,6 +535,8 @@ def _result(
         synced = next(e for e in peers[0].events if isinstance(e, PeerSynced))
         scored = [e.val_loss for e in peers[0].events if isinstance(e, PeerRound)]
         initial, final = synced.val_loss, scored[-1] if scored else synced.val_loss
+    if initial is None or final is None:
+        raise SwarmError("the run reported no held-out loss to compare (in a sharded run the peers score it)")
     hub_rows = []
     for child, hub_ready in zip(aggregators, readies, strict=True):
         closed = [e for e in child.events if isinstance(e, RoundClosed)]

@@ -220,7 +220,7 @@ class RunStatus:
         if check not in self._rejected_by_check and len(self._rejected_by_check) >= MAX_CHECKS:
             check = "other"
         self._rejected_by_check[check] = self._rejected_by_check.get(check, 0) + 1
-        peer = self._peer(rejection["fingerprint"])
+        peer = self._peer(cut(e.fingerprint))
         if peer is not None:
             peer.rejected += 1
             peer.last_rejection = {k: rejection[k] for k in ("round", "check", "reason")}
