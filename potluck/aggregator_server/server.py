@@ -69,6 +69,23 @@ from potluck.aggregator_server.validation import (
     decode_update,
 )
 from potluck.errors import PotluckError
+from potluck.events import (
+    AcceptedUpdate,
+    AggregatorDone,
+    AggregatorReady,
+    Banned,
+    Credit,
+    Event,
+    Joined,
+    RoundClosed,
+    RoundError,
+    RoundOpened,
+    Standing,
+    Takeover,
+    Unbanned,
+    UpdateReceived,
+    UpdateRejected,
+)
 from potluck.incentives.ledger import LedgerError
 from potluck.incentives.ledger_format import LedgerRow, SignedHead
 from potluck.protocol.ban_records import BANS_KEY, BanList, BanRecordError, parse_ban_lists, sign_ban_list
@@ -121,7 +138,6 @@ from potluck.training.models import build_model, model_config, parameter_shapes
 
 logger = logging.getLogger(__name__)
 
-Event = dict[str, object]
 KEPT_AGGREGATES = 8  # rounds whose aggregate a late peer can still fetch
 READ_TIMEOUT_S = 60.0  # a peer that goes silent mid-request loses its stream after this
 ANNOUNCE_TTL_S = 60.0
@@ -296,30 +312,29 @@ class AggregatorServer:
             self._write_multiaddr_file()
             val_loss = await asyncio.to_thread(self._evaluate, self.master.params)
             self.on_event(
-                {
-                    "event": "ready",
-                    "maddrs": self.maddrs,
-                    "fingerprint": self.identity.fingerprint,
-                    "run": self.cfg.run_name,
-                    "config_hash": self.cfg.config_hash,
-                    "round": self.master.round,
-                    "resumed": self.resumed,
-                    "spooled_updates": len(self.current.accepted),
-                    "val_loss": val_loss,
-                    "num_params": sum(t.numel() for t in self.master.params.values()),  # this shard's
-                    "shard": self.shard,
-                    "shards": self.cfg.shards,
-                    "state_sha256": state_sha256(self.master.params).hex(),
-                    "rounds_total": self.cfg.rounds,
-                    "round_deadline_s": self.cfg.round_deadline_s,
-                    "model": self.cfg.model.size,
-                    "codec": self.codec.name,
-                    "aggregate_codec": self.aggregate_codec.name,
-                    "density": self.master.density,
-                    "leaderboard": await asyncio.to_thread(self._leaderboard),
-                    "ledger_head": head_event(self.ledger.head()),
-                    "standby_of": None if self.primary is None else fingerprint(self.primary),
-                }
+                AggregatorReady(
+                    maddrs=tuple(self.maddrs),
+                    fingerprint=self.identity.fingerprint,
+                    run=self.cfg.run_name,
+                    config_hash=self.cfg.config_hash,
+                    round=self.master.round,
+                    resumed=self.resumed,
+                    spooled_updates=len(self.current.accepted),
+                    val_loss=val_loss,
+                    num_params=sum(t.numel() for t in self.master.params.values()),  # this shard's
+                    shard=self.shard,
+                    shards=self.cfg.shards,
+                    state_sha256=state_sha256(self.master.params).hex(),
+                    rounds_total=self.cfg.rounds,
+                    round_deadline_s=self.cfg.round_deadline_s,
+                    model=self.cfg.model.size,
+                    codec=self.codec.name,
+                    aggregate_codec=self.aggregate_codec.name,
+                    density=self.master.density,
+                    leaderboard=await asyncio.to_thread(self._leaderboard),
+                    ledger_head=head_event(self.ledger.head()),
+                    standby_of=None if self.primary is None else fingerprint(self.primary),
+                )
             )
             if self.primary is not None:  # a standby serves nothing until it takes over
                 if not await self._stand_by(node):
@@ -337,7 +352,7 @@ class AggregatorServer:
                     await announcer
             await node.shutdown()
             self.ledger.close()
-        self.on_event({"event": "done", "round": self.master.round, "rounds_closed": self.rounds_closed})
+        self.on_event(AggregatorDone(round=self.master.round, rounds_closed=self.rounds_closed))
 
     async def _add_handlers(self, p2p: Any) -> None:
         """Serve the protocol's requests (each through _closing: one ERROR line for what it refuses)."""
@@ -381,13 +396,12 @@ class AggregatorServer:
         self._all_here.set()
         logger.warning("primary %s is gone; taking over at round %d", fingerprint(self.primary), self.master.round)
         self.on_event(
-            {
-                "event": "takeover",
-                "round": self.master.round,
-                "primary": fingerprint(self.primary),
-                "state_sha256": state_sha256(self.master.params).hex(),
-                "expected": len(taken.contributors),
-            }
+            Takeover(
+                round=self.master.round,
+                primary=fingerprint(self.primary),
+                state_sha256=state_sha256(self.master.params).hex(),
+                expected=len(taken.contributors),
+            )
         )
         return True
 
@@ -554,7 +568,7 @@ class AggregatorServer:
                 await asyncio.to_thread(self._checkpoint, following, body)
             except CheckpointError as e:  # the ledger has the round: the retry closes it as recorded
                 logger.error("round %d not closed: %s; retrying in 5 s", closing.index, e)
-                self.on_event({"event": "error", "round": closing.index, "detail": str(e)})
+                self.on_event(RoundError(round=closing.index, detail=str(e)))
                 await asyncio.sleep(5)
                 return
             aggregation_s = time.perf_counter() - started
@@ -589,42 +603,41 @@ class AggregatorServer:
             self._round_opened()
         val_loss = await asyncio.to_thread(self._evaluate, following.params)
         self.on_event(
-            {
-                "event": "round",
-                "round": closing.index,
-                "closed_by": reason,
-                "val_loss": val_loss,
-                "accepted": [
-                    {
-                        "fingerprint": fingerprint(key),
-                        "tokens": a.update.header.tokens,
-                        "bytes": len(a.payload),
-                        "update": a.update.header.digest().hex()[:16],
-                        "credit": kept[a.update.header.digest()].entry.credit,
-                    }
+            RoundClosed(
+                round=closing.index,
+                closed_by=reason,
+                val_loss=val_loss,
+                accepted=tuple(
+                    AcceptedUpdate(
+                        fingerprint=fingerprint(key),
+                        tokens=a.update.header.tokens,
+                        bytes=len(a.payload),
+                        update=a.update.header.digest().hex()[:16],
+                        credit=kept[a.update.header.digest()].entry.credit,
+                    )
                     for key, a in sorted(closing.accepted.items())
-                ],
-                "rejected": closing.rejected,
-                "density": closed_density,  # the round's upload density, and the next one's
-                "next_density": following.density,
-                "round_s": time.monotonic() - closing.opened_at,
-                "aggregation_s": aggregation_s,
-                "aggregate_bytes": len(body),
-                "state_sha256": signed.header.state_sha256.hex(),
-                "tokens": closing.tokens,
-                "time_s": time.time(),
-                "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out,
-                "ledger_head": head_event(head),
-                "credits": [
-                    {
-                        "fingerprint": fingerprint(r.entry.peer_public_key),
-                        "public_key": r.entry.peer_public_key.hex(),
-                        "credit": r.entry.credit,
-                    }
+                ),
+                rejected=closing.rejected,
+                density=closed_density,  # the round's upload density, and the next one's
+                next_density=following.density,
+                round_s=time.monotonic() - closing.opened_at,
+                aggregation_s=aggregation_s,
+                aggregate_bytes=len(body),
+                state_sha256=signed.header.state_sha256.hex(),
+                tokens=closing.tokens,
+                time_s=time.time(),
+                bytes_in=self.bytes_in,
+                bytes_out=self.bytes_out,
+                ledger_head=head_event(head),
+                credits=tuple(
+                    Credit(
+                        fingerprint=fingerprint(r.entry.peer_public_key),
+                        public_key=r.entry.peer_public_key.hex(),
+                        credit=r.entry.credit,
+                    )
                     for r in kept.values()
-                ],
-            }
+                ),
+            )
         )
 
     def _waiting_for_peers(self) -> bool:
@@ -659,7 +672,7 @@ class AggregatorServer:
                 )
             except LedgerError as e:
                 logger.error("round %d not closed: %s; retrying in 5 s", closing.index, e)
-                self.on_event({"event": "error", "round": closing.index, "detail": str(e)})
+                self.on_event(RoundError(round=closing.index, detail=str(e)))
                 await asyncio.sleep(5)
                 return None
         for i, rejection in sorted(verdict.rejections.items()):
@@ -680,26 +693,16 @@ class AggregatorServer:
 
     def _round_opened(self) -> None:
         self.on_event(
-            {
-                "event": "round-open",
-                "round": self.current.index,
-                "deadline_s": max(0.0, self.current.seconds_left()),
-                "time_s": time.time(),
-            }
+            RoundOpened(round=self.current.index, deadline_s=max(0.0, self.current.seconds_left()), time_s=time.time())
         )
 
-    def _leaderboard(self) -> list[dict[str, object]]:
+    def _leaderboard(self) -> tuple[Standing, ...]:
         """The ledger's top peers by points, for the ready event (the status page goes on from there)."""
         points, accepted = self.ledger.points(), self.ledger.accepted_counts()
-        return [
-            {
-                "fingerprint": fingerprint(key),
-                "public_key": key.hex(),
-                "points": total,
-                "accepted": accepted.get(key, 0),
-            }
+        return tuple(
+            Standing(fingerprint=fingerprint(key), public_key=key.hex(), points=total, accepted=accepted.get(key, 0))
             for key, total in list(points.items())[:LEADERBOARD_SIZE]
-        ]
+        )
 
     def _checkpoint(self, state: MasterState, aggregate_body: bytes | None) -> None:
         save_checkpoint(
@@ -850,14 +853,13 @@ class AggregatorServer:
         who = fingerprint(public_key)
         logger.warning("rejected update from %s for round %d: %s", who, round_index, rejection)
         self.on_event(
-            {
-                "event": "rejected",
-                "fingerprint": who,
-                "round": round_index,
-                "check": rejection.check,
-                "reason": str(rejection),
-                "update": None if update is None else update.header.digest().hex()[:16],
-            }
+            UpdateRejected(
+                fingerprint=who,
+                round=round_index,
+                check=rejection.check,
+                reason=str(rejection),
+                update=None if update is None else update.header.digest().hex()[:16],
+            )
         )
         try:
             ban = self.reputation.strike(public_key, round_index=self.current.index, check=rejection.check)
@@ -865,7 +867,7 @@ class AggregatorServer:
             logger.error("could not record a strike: %s", e)
             return
         if ban is not None:
-            self.on_event({"event": "banned", "fingerprint": who, "round": ban.round, "reason": ban.reason})
+            self.on_event(Banned(fingerprint=who, round=ban.round, reason=ban.reason))
 
     async def _handle_probe(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The doctor's rate probe, at most MAX_PROBES at a time: each may cost 8 MiB each way."""
@@ -895,13 +897,12 @@ class AggregatorServer:
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._all_here.wait(), timeout=max(self.cfg.round_deadline_s, JOIN_BARRIER_S))
         self.on_event(
-            {
-                "event": "joined",
-                "fingerprint": fingerprint(key),
-                "round": self.current.index,
-                "client_mode": client_mode,  # as the peer says: unauthenticated, shown on the status page only
-                "time_s": time.time(),
-            }
+            Joined(
+                fingerprint=fingerprint(key),
+                round=self.current.index,
+                client_mode=client_mode,  # as the peer says: unauthenticated, shown on the status page only
+                time_s=time.time(),
+            )
         )
         return key
 
@@ -1022,16 +1023,15 @@ class AggregatorServer:
                         )
                         self._wake.set()
             self.on_event(
-                {
-                    "event": "received",
-                    "fingerprint": fingerprint(h.peer_public_key),
-                    "round": h.round,
-                    "tokens": h.tokens,
-                    "bytes": len(payload),
-                    "accepted": rejection is None,
-                    "check": None if rejection is None else rejection.check,
-                    "time_s": received_s,
-                }
+                UpdateReceived(
+                    fingerprint=fingerprint(h.peer_public_key),
+                    round=h.round,
+                    tokens=h.tokens,
+                    bytes=len(payload),
+                    accepted=rejection is None,
+                    check=None if rejection is None else rejection.check,
+                    time_s=received_s,
+                )
             )
             if rejection is not None and repeated is None:
                 self.current.rejected += 1
@@ -1124,9 +1124,7 @@ class AggregatorServer:
         async with self._lock:
             ban = self.reputation.ban(public_key, reason=reason)
             self.current.expected.discard(public_key)
-        self.on_event(
-            {"event": "banned", "fingerprint": fingerprint(public_key), "round": ban.round, "reason": reason}
-        )
+        self.on_event(Banned(fingerprint=fingerprint(public_key), round=ban.round, reason=reason))
         self._wake.set()
 
     async def unban(self, public_key: bytes) -> bool:
@@ -1134,7 +1132,7 @@ class AggregatorServer:
         async with self._lock:
             lifted = self.reputation.lift(public_key)
         if lifted:
-            self.on_event({"event": "unbanned", "fingerprint": fingerprint(public_key)})
+            self.on_event(Unbanned(fingerprint=fingerprint(public_key)))
         return lifted
 
     def known_keys(self) -> set[bytes]:

@@ -39,7 +39,7 @@ def bans_list(
     from potluck.protocol.identity import fingerprint
 
     reputation = Reputation.open(state_dir.expanduser())
-    bans = [
+    bans: list[dict[str, Any]] = [
         {
             "fingerprint": fingerprint(b.public_key),
             "public_key": b.public_key.hex(),

@@ -201,10 +201,10 @@ def plan(
         "down_bits_per_s": _quantity(down, "--down"),
     }
     try:
-        result = make_plan(**values, target_k=target_k)
+        made = make_plan(**values, target_k=target_k)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    out = result.to_dict()
+    out = made.to_dict()
     if not any(v is not None for v in out.values()):
         raise UsageError(
             "nothing to compute: give --clusters --gpus-per-cluster --device-flops --bandwidth --batch-tokens "

@@ -331,10 +331,11 @@ async def _network_checks(*, join: list[str], timeout_s: float) -> list[Check]:
         checks.append(Check(name="p2pd", status=Status.PROBLEM, detail=f"p2pd does not start: {reason}", fix=fix))
     for address in join:
         if is_join_url(address):
-            page_check, address = await _check_page(address, timeout_s=timeout_s)
+            page_check, listed = await _check_page(address, timeout_s=timeout_s)
             checks.append(page_check)
-            if address is None:
+            if listed is None:
                 continue
+            address = listed
         try:
             maddr, peer_id = parse_join_address(address)
         except ValueError as e:

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from potluck.cli.common import UsageError, stderr, stdout
+from potluck.events import Event, RoundClosed
 
 
 def redteam(
@@ -47,10 +48,10 @@ def redteam(
     cfg = RunConfig().with_overrides({**overrides, **parse_overrides(set_ or [])}, source="flags")
     done: dict[str, int] = {}
 
-    def on_event(run: str, child: str, event: dict[str, Any]) -> None:
-        if child == "aggregator" and event.get("event") == "round":
-            done[run] = event["round"] + 1
-            stderr.print(f"{run:>10}: round {done[run]}/{cfg.rounds}, held-out loss {event['val_loss']:.4f}")
+    def on_event(run: str, child: str, event: Event) -> None:
+        if child == "aggregator" and isinstance(event, RoundClosed):
+            done[run] = event.round + 1
+            stderr.print(f"{run:>10}: round {done[run]}/{cfg.rounds}, held-out loss {event.val_loss:.4f}")
 
     try:
         report = run_redteam(
