@@ -16,7 +16,8 @@ from potluck.cli.process import node_identity, run_until_stopped, set_threads
 from potluck.cli.serverless import SERVERLESS_SWITCH, ServerlessFlags, run_serverless_peer
 from potluck.cli.status_lines import describe_peer_event, printer
 
-# The order `peer --help` has always listed its flags in: PeerFlags', the switch, what only ServerlessFlags adds.
+# The order `peer --help` has always listed its flags in: PeerFlags' own and the shared ones mixed, --serverless,
+# what only ServerlessFlags takes, --json.
 _HELP_ORDER = (
     *("join", "identity", "data", "device", "batch_size", "max_rounds", "client_mode", "run", "port", "host"),
     *("threads", "reconnect_timeout", "join_timeout", "receipts", "http_port", "http_host", "overlap"),

@@ -197,7 +197,6 @@ def swarm(
         standby=standby,
         kill_aggregator_at=kill_aggregator_at,
     )
-    status: dict[str, Any] = {"loss": None, "peers": set(), "up": 0, "down": 0, "round": 0, "group": 0}
     with Progress(
         TextColumn("round"),
         MofNCompleteColumn(),
@@ -207,66 +206,79 @@ def swarm(
         console=stderr,
         transient=False,
     ) as progress:
-        task = progress.add_task("starting", total=cfg.rounds)
-
-        def on_event(name: str, event: Event) -> None:
-            if serverless and name == "peer-0" and isinstance(event, ServerlessReady | ServerlessRound):
-                status["loss"] = event.val_loss
-                status["round"] = event.round + isinstance(event, ServerlessRound)
-                if isinstance(event, ServerlessReady):
-                    progress.console.print(f"join this swarm:  peer --serverless --join {event.maddrs[0]}")
-                else:
-                    status["group"] = event.group
-            elif serverless:
-                pass
-            elif name in FIRST_AGGREGATOR and isinstance(event, StatusPage):
-                progress.console.print(f"status page: {event.url}")
-            elif name in FIRST_AGGREGATOR and isinstance(event, AggregatorReady) and not event.standby_of:
-                status["loss"] = event.val_loss  # None from a shard's aggregator: peer-0 scores the model
-                status["round"] = event.round
-                progress.console.print(f"join this swarm from another terminal:  peer --join {event.maddrs[0]}")
-            elif name in FIRST_AGGREGATOR and isinstance(event, RoundClosed):
-                status["loss"] = event.val_loss if event.val_loss is not None else status["loss"]
-                status["round"] = event.round + 1
-                status["peers"] = {a.fingerprint for a in event.accepted}
-            elif name == "swarm" and isinstance(event, SwarmKilled):
-                progress.console.print(f"killed {event.child} after round {event.after_round} (--kill-aggregator-at)")
-            elif name == "standby-0" and isinstance(event, Takeover):
-                progress.console.print(f"standby-0 took shard 0 over at round {event.round}")
-            elif name.startswith("peer-") and isinstance(event, PeerRound | PeerSynced):
-                if event.val_loss is not None:
-                    status["loss"] = event.val_loss
-                if isinstance(event, PeerRound):
-                    status["up"] += event.bytes_up
-                    status["down"] += event.bytes_down
-            elif isinstance(event, UpdateRejected):
-                progress.console.print(f"rejected {event.fingerprint} round {event.round}: {event.reason}")
-            loss = "-" if status["loss"] is None else f"{status['loss']:.4f}"
-            progress.update(
-                task,
-                completed=status["round"],
-                description=f"held-out loss {loss} | averaging groups of {status['group']}"
-                if serverless
-                else f"held-out loss {loss} | {len(status['peers'])} peers | "
-                f"up {_kb(status['up'])} down {_kb(status['down'])}",
-            )
-
         with sigterm_stops_the_swarm():
-            result = run_swarm(options, on_event=on_event)
+            result = run_swarm(options, on_event=_SwarmProgress(progress, rounds=cfg.rounds, serverless=serverless))
     if as_json:
         print(json.dumps(result.to_dict()))
-        return
-    if serverless:
+    elif serverless:
         groups = [row["groups"] for row in result.peers]
         stdout.print(
             f"{result.rounds_completed} rounds in {result.wall_s:.0f} s without an aggregator; held-out loss "
             f"{result.initial_val_loss:.4f} -> {result.final_val_loss:.4f}; averaging group sizes per peer: {groups}"
         )
-        return
-    _print_summary(result)
+    else:
+        _print_summary(result)
 
 
 FIRST_AGGREGATOR = ("aggregator", "aggregator-0", "standby-0")  # the child whose rounds the progress bar follows
+
+
+class _SwarmProgress:
+    """The swarm's progress bar on stderr, fed every child's events, with the lines worth a human's eye above it."""
+
+    def __init__(self, progress: Progress, *, rounds: int, serverless: bool) -> None:
+        self.progress = progress
+        self.task = progress.add_task("starting", total=rounds)
+        self.serverless = serverless
+        self.loss: float | None = None  # the run's latest held-out loss
+        self.round = 0  # rounds done
+        self.peers: set[str] = set()  # whose updates the last round took
+        self.up = 0  # bytes all peers uploaded, and downloaded
+        self.down = 0
+        self.group = 0  # peers in the last serverless average
+
+    def __call__(self, name: str, event: Event) -> None:
+        """Follow child `name`'s event, then redraw the bar."""
+        print_line = self.progress.console.print
+        if self.serverless and name == "peer-0" and isinstance(event, ServerlessReady | ServerlessRound):
+            self.loss = event.val_loss
+            self.round = event.round + isinstance(event, ServerlessRound)
+            if isinstance(event, ServerlessReady):
+                print_line(f"join this swarm:  peer --serverless --join {event.maddrs[0]}")
+            else:
+                self.group = event.group
+        elif self.serverless:
+            pass
+        elif name in FIRST_AGGREGATOR and isinstance(event, StatusPage):
+            print_line(f"status page: {event.url}")
+        elif name in FIRST_AGGREGATOR and isinstance(event, AggregatorReady) and not event.standby_of:
+            self.loss = event.val_loss  # None from a shard's aggregator: peer-0 scores the model
+            self.round = event.round
+            print_line(f"join this swarm from another terminal:  peer --join {event.maddrs[0]}")
+        elif name in FIRST_AGGREGATOR and isinstance(event, RoundClosed):
+            self.loss = event.val_loss if event.val_loss is not None else self.loss
+            self.round = event.round + 1
+            self.peers = {a.fingerprint for a in event.accepted}
+        elif name == "swarm" and isinstance(event, SwarmKilled):
+            print_line(f"killed {event.child} after round {event.after_round} (--kill-aggregator-at)")
+        elif name == "standby-0" and isinstance(event, Takeover):
+            print_line(f"standby-0 took shard 0 over at round {event.round}")
+        elif name.startswith("peer-") and isinstance(event, PeerRound | PeerSynced):
+            if event.val_loss is not None:
+                self.loss = event.val_loss
+            if isinstance(event, PeerRound):
+                self.up += event.bytes_up
+                self.down += event.bytes_down
+        elif isinstance(event, UpdateRejected):
+            print_line(f"rejected {event.fingerprint} round {event.round}: {event.reason}")
+        loss = "-" if self.loss is None else f"{self.loss:.4f}"
+        self.progress.update(
+            self.task,
+            completed=self.round,
+            description=f"held-out loss {loss} | averaging groups of {self.group}"
+            if self.serverless
+            else f"held-out loss {loss} | {len(self.peers)} peers | up {_kb(self.up)} down {_kb(self.down)}",
+        )
 
 
 def _print_summary(result: Any) -> None:

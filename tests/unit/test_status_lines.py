@@ -40,3 +40,34 @@ def test_a_round_line_counts_the_steps_taken_before_the_rounds_base_arrived_only
     assert "30 steps in 3.0 s, network 0.8 s |" in plain and "stale" not in plain
     assert "30 steps (12 stale) in 3.0 s, network 0.8 s (overlapped) |" in overlapped
     assert plain.startswith("round    3 | loss 2.500 |") and plain.endswith("accepted, +120 points")
+
+
+def test_the_swarm_prints_the_lines_worth_a_humans_eye_above_its_progress_bar() -> None:
+    # Prepare
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress, TextColumn
+
+    from potluck.cli.swarm import _SwarmProgress
+    from potluck.events import StatusPage, SwarmKilled, Takeover, UpdateRejected
+
+    out = io.StringIO()
+    with Progress(TextColumn("{task.description}"), console=Console(file=out, width=200)) as progress:
+        follow = _SwarmProgress(progress, rounds=4, serverless=False)
+        # Execute
+        follow("aggregator", StatusPage(url="http://127.0.0.1:8000"))
+        follow("peer-1", StatusPage(url="http://127.0.0.1:8001"))  # only the first aggregator's page is shown
+        follow("swarm", SwarmKilled(child="aggregator-0", after_round=2))
+        follow("standby-0", Takeover(round=3, primary="pl-a", state_sha256="00", expected=2))
+        follow("aggregator", UpdateRejected(fingerprint="pl-b", round=3, check="norm", reason="too big", update=None))
+        description = progress.tasks[0].description
+    # Assert
+    lines = [line.strip() for line in out.getvalue().splitlines() if "held-out" not in line]
+    assert lines == [
+        "status page: http://127.0.0.1:8000",
+        "killed aggregator-0 after round 2 (--kill-aggregator-at)",
+        "standby-0 took shard 0 over at round 3",
+        "rejected pl-b round 3: too big",
+    ]
+    assert description == "held-out loss - | 0 peers | up 0.0 kB down 0.0 kB"
