@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from potluck.cli.aggregator import AggregatorFlags
 from potluck.cli.peer_flags import PeerFlags
 from potluck.cli.serverless import ServerlessFlags
 from potluck.errors import DIVERGED_EXIT_STATUS, ERROR_PREFIX, EXIT_STATUS, PotluckError
@@ -341,21 +342,21 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, Event], None]) 
         aggregators: list[Child] = []
         readies: list[AggregatorReady] = []
         for a in range(hubs):
-            args = ["aggregator", "--config", str(config_path)]
-            args += ["--state-dir", str(state_dir if hubs == 1 else state_dir / names[a])]
-            if hubs > 1:
-                args += ["--identity", str(identity_paths[a])]
-            if readies:
-                args += ["--join", readies[0].maddrs[0]]
-            http_port = options.http_port if lab is None and a == 0 else 0  # nothing outside the lab reaches it
-            args += ["--host", "127.0.0.1" if lab is None else lab.addresses[a], "--threads", str(threads)]
-            args += ["--http-port", str(http_port), "--json"]
-            if a < shards:  # the honest ones: an adversary may never show up under its own key
-                args += ["--wait-for-peers", str(options.peers - options.adversaries)]
-            else:
-                args += ["--failover-after", str(SWARM_FAILOVER_S)]
+            hub = AggregatorFlags(
+                config=config_path,
+                state_dir=state_dir if hubs == 1 else state_dir / names[a],
+                identity=identity_paths[a] if hubs > 1 else None,
+                join=(readies[0].maddrs[0],) if readies else (),
+                host="127.0.0.1" if lab is None else lab.addresses[a],
+                threads=threads,
+                http_port=options.http_port if lab is None and a == 0 else 0,  # nothing outside the lab reaches it
+                as_json=True,
+                # the honest peers: an adversary may never show up under its own key
+                wait_for_peers=options.peers - options.adversaries if a < shards else 0,
+                failover_after=SWARM_FAILOVER_S if a >= shards else AggregatorFlags().failover_after,
+            )
             name = "aggregator" if hubs == 1 else names[a]
-            aggregator = start_child(name, args, work_dir=work_dir, threads=threads, wrap=wrap(a))
+            aggregator = start_child(name, hub.command(), work_dir=work_dir, threads=threads, wrap=wrap(a))
             children.append(aggregator)
             aggregators.append(aggregator)
             threading.Thread(target=_pump, args=(aggregator, events), daemon=True).start()

@@ -1,4 +1,4 @@
-"""A peer's flags are declared once: the model renders to argv, and the real `peer` command parses it back the same."""
+"""A node's flags are declared once: the model renders to argv, and the real command parses it back the same."""
 
 import dataclasses
 from pathlib import Path
@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from potluck.cli import aggregator as aggregator_command
 from potluck.cli import peer as peer_command
+from potluck.cli.aggregator import AggregatorFlags
 from potluck.cli.app import app
 from potluck.cli.common import UsageError
 from potluck.cli.flags import Flags
@@ -71,6 +73,45 @@ def test_every_flag_survives_the_round_trip_through_argv_and_the_peer_command(
     # Assert
     assert parsed == flags
     assert type(parsed) is type(flags)
+
+
+def test_every_aggregator_flag_survives_the_round_trip_through_argv_and_the_aggregator_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: every field away from its default
+    flags = AggregatorFlags(
+        config=Path("/tmp/run.toml"),
+        state_dir=Path("/tmp/aggregator-1"),
+        identity=Path("/tmp/aggregator-1.key"),
+        host="127.0.0.1",
+        port=4100,
+        announce=("/ip4/203.0.113.7/tcp/4100",),
+        join=(MADDR,),
+        multiaddr_file=Path("/tmp/maddrs"),
+        max_rounds=9,
+        wait_for_peers=3,
+        failover_after=5.0,
+        state_upload_rate="20mbit",
+        set_=("local_steps=3",),
+        threads=2,
+        http_port=0,
+        http_host="0.0.0.0",
+        admin_token_file=Path("/tmp/token"),
+        as_json=True,
+    )
+    assert not [n for n, f in AggregatorFlags.model_fields.items() if getattr(flags, n) == f.default]
+    got: list[AggregatorFlags] = []
+    monkeypatch.setattr(aggregator_command, "run_aggregator", got.append)
+    # Execute
+    result = CliRunner().invoke(app, flags.command())
+    # Assert
+    assert result.exit_code == 0, result.output
+    assert got == [flags]
+
+
+def test_a_state_upload_rate_that_is_no_rate_is_refused_before_anything_runs() -> None:
+    with pytest.raises(UsageError, match="^--state-upload-rate: "):
+        AggregatorFlags.parsed({"state_upload_rate": "fast"})
 
 
 def test_a_peer_with_every_default_is_started_with_no_flag(monkeypatch: pytest.MonkeyPatch) -> None:
