@@ -394,7 +394,7 @@ def peer(
             help=(
                 "With --overlap: at most this share of a round's inner steps run before the round's state "
                 "arrives; then training waits for it (1: no limit). An update trained wholly ahead of its state "
-                "fails the aggregator's held-out check now and then (BENCHMARKS.md section 10)."
+                "fails the aggregator's held-out check now and then (docs/experiments/overlap.md)."
             ),
             min=0.01,
             max=1.0,
@@ -622,35 +622,6 @@ def _listen_maddr(host: str | None, port: int, joins: tuple[str, ...]) -> str:
     """Where a peer listens: `host`, else loopback when it joins only loopback addresses, else every interface."""
     loopback = bool(joins) and all(a.startswith(("/ip4/127.", "/ip6/::1/")) for a in joins)
     return f"/ip4/{host or ('127.0.0.1' if loopback else '0.0.0.0')}/tcp/{port}"
-
-
-def known_errors() -> tuple[type[Exception], ...]:
-    """The node commands' one-line error types."""
-    from potluck.aggregator_server.checkpoint import CheckpointError
-    from potluck.aggregator_server.reputation import BanFileError
-    from potluck.aggregator_server.setup import SetupError
-    from potluck.lab.netlab import NetLabError
-    from potluck.lab.swarm import SwarmError
-    from potluck.peer.runner import PeerError
-    from potluck.peer.serverless import ServerlessError
-    from potluck.protocol.client import AggregatorRefused
-    from potluck.protocol.dht_schema import DHTSchemaError
-    from potluck.protocol.node import JoinError
-    from potluck.web import WebServerError
-
-    return (
-        CheckpointError,
-        SetupError,
-        AggregatorRefused,
-        PeerError,
-        ServerlessError,
-        DHTSchemaError,
-        JoinError,
-        SwarmError,
-        NetLabError,
-        BanFileError,
-        WebServerError,
-    )
 
 
 def single_command_main(command: Callable[..., None], name: str) -> Callable[[], None]:

@@ -17,6 +17,7 @@ from potluck.aggregator_server.accounting import final_receipt
 from potluck.aggregator_server.checkpoint import CheckpointError
 from potluck.aggregator_server.keeper import Admission, Decision, Upload
 from potluck.aggregator_server.probe_handler import PROBE_HANDLER, handle_probe
+from potluck.errors import PotluckError
 from potluck.protocol.envelope import MAX_UPDATE_ENVELOPE_BYTES, EnvelopeError, Receipt, SignedUpdate, sign_receipt
 from potluck.protocol.messages import (
     AGGREGATE_HANDLER,
@@ -33,6 +34,7 @@ from potluck.protocol.messages import (
 )
 from potluck.protocol.wire import (
     MessageKind,
+    RefusalCode,
     VersionMismatchError,
     WireError,
     error_body,
@@ -52,8 +54,23 @@ MAX_PROBES = 2  # concurrent doctor probes; more would let anyone eat the aggreg
 Handler = Callable[[object, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-class Refusal(Exception):
-    """A request this server refuses; the message goes back to the caller in an ERROR frame."""
+class Refusal(PotluckError):
+    """A request this server refuses; the code and the message go back to the caller in an ERROR frame."""
+
+    def __init__(self, code: RefusalCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _refusal_code(e: Exception) -> RefusalCode:
+    """The code an ERROR frame carries for an exception `closing` answers."""
+    if isinstance(e, Refusal):
+        return e.code
+    if isinstance(e, VersionMismatchError):
+        return RefusalCode.VERSION_MISMATCH
+    if isinstance(e, (WireError, MessageError)):
+        return RefusalCode.BAD_REQUEST
+    return RefusalCode.INTERNAL  # a checkpoint this server cannot read or write
 
 
 class StreamHandlers:
@@ -83,7 +100,9 @@ class StreamHandlers:
     async def probe(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The doctor's rate probe, at most MAX_PROBES at a time: each may cost 8 MiB each way."""
         if self._probes.locked():
-            raise Refusal(f"{BUSY_PREFIX}measuring other peers' links; try potluck doctor again in a minute")
+            raise Refusal(
+                RefusalCode.BUSY, f"{BUSY_PREFIX}measuring other peers' links; try potluck doctor again in a minute"
+            )
         async with self._probes:
             await handle_probe(info, reader, writer)
 
@@ -108,7 +127,9 @@ class StreamHandlers:
         server = self.server
         limit = 4 + MAX_UPDATE_ENVELOPE_BYTES + server.cfg.max_update_bytes
         if self._uploads.locked():
-            raise Refusal(f"{BUSY_PREFIX}{MAX_UPLOADS} uploads are already in progress; retry in a few seconds")
+            raise Refusal(
+                RefusalCode.BUSY, f"{BUSY_PREFIX}{MAX_UPLOADS} uploads are already in progress; retry in a few seconds"
+            )
         async with self._uploads:  # each upload may hold max_update_bytes in memory until it is judged
             reading = time.monotonic()
             _, body = await read(reader, MessageKind.SUBMIT, limit)
@@ -119,7 +140,7 @@ class StreamHandlers:
         try:
             update = SignedUpdate.from_bytes(envelope)
         except EnvelopeError as e:
-            raise Refusal(f"envelope: {e}") from e
+            raise Refusal(RefusalCode.BAD_REQUEST, f"envelope: {e}") from e
         upload = Upload(
             update=update,
             envelope=envelope,
@@ -161,16 +182,19 @@ class StreamHandlers:
         _, body = await read(reader, MessageKind.AGGREGATE_REQUEST, MAX_REQUEST_BYTES)
         wanted = parse_aggregate_request(body)
         if wanted > server.current.index:
-            raise Refusal(f"round {wanted} has not started; the open round is {server.current.index}")
+            raise Refusal(
+                RefusalCode.NOT_STARTED, f"round {wanted} has not started; the open round is {server.current.index}"
+            )
         if wanted == server.current.index and not server.keeper.finished:
             timeout_s = max(server.current.seconds_left(), 0) + server.cfg.round_deadline_s + 30
             if not await server.published(wanted, timeout_s=timeout_s):
-                raise Refusal(f"round {wanted} is still open; ask again")
+                raise Refusal(RefusalCode.ROUND_OPEN, f"round {wanted} is still open; ask again")
         aggregate = server.keeper.closed.aggregate(wanted)
         if aggregate is None:
             raise Refusal(
+                RefusalCode.NOT_HELD,
                 f"the aggregate of round {wanted} is no longer held (open round: {server.current.index}); "
-                "download the state again"
+                "download the state again",
             )
         await self._reply(writer, MessageKind.AGGREGATE, aggregate)
         server.fetches[wanted] = server.fetches.get(wanted, 0) + 1
@@ -182,7 +206,10 @@ class StreamHandlers:
         _, body = await read(reader, MessageKind.RECEIPT_REQUEST, MAX_REQUEST_BYTES)
         round_index, digest = parse_receipt_request(body)
         if round_index >= server.master.round:
-            raise Refusal(f"round {round_index} has not closed yet (the open round is {server.current.index})")
+            raise Refusal(
+                RefusalCode.ROUND_OPEN,
+                f"round {round_index} has not closed yet (the open round is {server.current.index})",
+            )
         closed = server.keeper.closed.get(round_index)
         rows = None if closed is None else closed.rows
         if rows is None:
@@ -195,7 +222,7 @@ class StreamHandlers:
             identity=server.identity,
         )
         if signed is None:
-            raise Refusal(f"round {round_index}'s ledger has no update {digest.hex()[:16]}")
+            raise Refusal(RefusalCode.NOT_FOUND, f"round {round_index}'s ledger has no update {digest.hex()[:16]}")
         await self._reply(writer, MessageKind.RECEIPT, signed.to_bytes())
         server.receipts_served[round_index] = server.receipts_served.get(round_index, 0) + 1
         server.wake()
@@ -222,7 +249,7 @@ def closing(name: str, handler: Handler) -> Handler:
             logger.info("%s from %s refused: %s", name, getattr(info, "peer_id", "?"), e)
             reply = e.reply() if isinstance(e, VersionMismatchError) else str(e)
             with contextlib.suppress(Exception):
-                await write_frame(writer, kind=MessageKind.ERROR, body=error_body(reply))
+                await write_frame(writer, kind=MessageKind.ERROR, body=error_body(reply, code=_refusal_code(e)))
         except (TimeoutError, asyncio.TimeoutError):
             logger.info("%s from %s timed out", name, getattr(info, "peer_id", "?"))
         except (ConnectionError, asyncio.IncompleteReadError) as e:
@@ -230,7 +257,8 @@ def closing(name: str, handler: Handler) -> Handler:
         except Exception:
             logger.exception("%s handler failed", name)
             with contextlib.suppress(Exception):
-                await write_frame(writer, kind=MessageKind.ERROR, body=b"internal error on the aggregator")
+                body = error_body("internal error on the aggregator", code=RefusalCode.INTERNAL)
+                await write_frame(writer, kind=MessageKind.ERROR, body=body)
         finally:
             writer.close()
 

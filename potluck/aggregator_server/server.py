@@ -49,6 +49,7 @@ from potluck.protocol.identity import Identity, fingerprint, public_key_to_hex
 from potluck.protocol.messages import CHUNK_HANDLER, parse_state_request_mode
 from potluck.protocol.node import Node, start_node
 from potluck.protocol.state_chunks import ChunkRequest
+from potluck.protocol.wire import RefusalCode
 from potluck.training.diloco import state_sha256
 from potluck.training.held_out import HeldOutLoss
 
@@ -413,7 +414,9 @@ class AggregatorServer:
         """A state or manifest request's asker, expected in the open round; it may first wait for the others."""
         key, client_mode = parse_state_request_mode(body)
         if self.finished:
-            raise Refusal(f"run {self.cfg.run_name!r} has finished at round {self.master.round}")
+            raise Refusal(
+                RefusalCode.RUN_FINISHED, f"run {self.cfg.run_name!r} has finished at round {self.master.round}"
+            )
         standby = public_key_to_hex(key) in self.cfg.aggregator_keys  # follows the run: not a peer to wait for
         async with self.lock:  # not mid-close: a joiner gets the state of the round it will be waited for in
             if not standby and self.keeper.join(key, wait_for_peers=self.options.wait_for_peers):

@@ -26,6 +26,7 @@ from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement,
 from potluck.protocol.envelope import EnvelopeError, SignedAggregate
 from potluck.protocol.identity import fingerprint
 from potluck.protocol.node import Node, dial
+from potluck.protocol.wire import RefusalCode
 from potluck.training.diloco import OuterOptimizer
 from potluck.training.replica import ReplicaError, apply_aggregate, check_state
 
@@ -89,11 +90,11 @@ class Standby:
                     return Takeover(master=self.master, contributors=self.contributors)
                 await asyncio.sleep(RETRY_S)
             except AggregatorRefused as e:
-                if "has finished" in str(e):
+                if e.code is RefusalCode.RUN_FINISHED:
                     return None
-                if "no longer held" in str(e):
+                if e.code is RefusalCode.NOT_HELD:
                     self._synced = False  # fell behind by more than the primary keeps: download the state
-                await asyncio.sleep(RETRY_S if "still open" not in str(e) else 0)
+                await asyncio.sleep(0 if e.code is RefusalCode.ROUND_OPEN else RETRY_S)
             except ReplicaError as e:
                 logger.warning("standby: %s; downloading the primary's state again", e)
                 self._synced = False

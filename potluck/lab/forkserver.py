@@ -31,6 +31,7 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
+from potluck.errors import PotluckError
 from potluck.lab.priority import lower_priority
 
 # What every swarm child imports; the server imports it once so that its children need not.
@@ -46,7 +47,7 @@ START_TIMEOUT_S = 120.0  # the server's own imports, on a loaded 2-core machine
 MAX_MESSAGE = 1 << 20  # a request is argv, env and cwd: far below this
 
 
-class ForkServerError(Exception):
+class ForkServerError(PotluckError):
     """The fork server could not start a child (the caller falls back to a plain subprocess)."""
 
 
@@ -94,7 +95,7 @@ def _run_child(request: dict[str, Any], stdout_fd: int, stderr_fd: int) -> int:
         code = 1
     # What interpreter exit would do: join non-daemon threads, then atexit (multiprocessing stops its daemons).
     with contextlib.suppress(BaseException):
-        threading._shutdown()  # type: ignore[attr-defined]
+        threading._shutdown()  # type: ignore[attr-defined]  # private: what interpreter exit calls
     with contextlib.suppress(BaseException):
         atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from potluck.errors import DIVERGED_EXIT_STATUS, ERROR_PREFIX, EXIT_STATUS, PotluckError
 from potluck.lab.forkserver import ForkedProcess, ForkServerError, shared_server
 from potluck.lab.netlab import Link, NetLab
 from potluck.lab.priority import lower_priority
@@ -46,8 +47,12 @@ PEER_NICE = 10
 STOP_GRACE_S = 15.0  # after SIGTERM, how long a child may take to shut its node down cleanly
 
 
-class SwarmError(Exception):
+class SwarmError(PotluckError):
     """The swarm could not run to the end (one line, with the failing child's last log line)."""
+
+
+class SwarmDiverged(SwarmError):
+    """A peer of the swarm stopped because its local training went non-finite."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -207,7 +212,13 @@ def _last_log_line(child: Child) -> str:
         lines = [line.strip() for line in child.log_path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return "(no log)"
-    return lines[-1].removeprefix("potluck: error: ") if lines else "(empty log)"
+    return lines[-1].removeprefix(ERROR_PREFIX) if lines else "(empty log)"
+
+
+def _why(child: Child, code: int | None) -> str:
+    """A child's last log line; where it did not exit with a one-line error (a bug's traceback), its log's path too."""
+    line = _last_log_line(child)
+    return line if code in (EXIT_STATUS, DIVERGED_EXIT_STATUS) else f"{line} (log: {child.log_path})"
 
 
 def stop_children(children: list[Child], *, grace_s: float = STOP_GRACE_S) -> None:
@@ -427,7 +438,7 @@ def _wait_ready(
         except queue.Empty:
             continue
         if event is None:
-            raise SwarmError(f"the {first.name} exited before it was ready: {_last_log_line(first)}")
+            raise SwarmError(f"the {first.name} exited before it was ready: {_why(first, first.process.poll())}")
         child.events.append(event)
         on_event(child.name, event)
         if event.get("event") == "ready":
@@ -462,7 +473,8 @@ def _follow(
         open_streams.discard(child.name)
         code = child.process.wait()
         if code != 0 and child.name not in killed:
-            raise SwarmError(f"{child.name} exited with status {code}: {_last_log_line(child)}")
+            failed = SwarmDiverged if code == DIVERGED_EXIT_STATUS else SwarmError
+            raise failed(f"{child.name} exited with status {code}: {_why(child, code)}")
 
 
 def _result(

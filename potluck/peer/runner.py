@@ -28,6 +28,7 @@ from typing import TypeVar
 
 import torch
 
+from potluck.errors import DIVERGED_EXIT_STATUS, PotluckError
 from potluck.incentives.receipts import ReceiptError, check_receipt, store_receipt
 from potluck.peer.state_download import Donor, DownloadFailed, Fetched, fetch_chunks
 from potluck.peer.trainer import LocalTrainer, RoundSnapshot, RoundWork, TrainingDiverged
@@ -56,7 +57,7 @@ from potluck.protocol.node import JoinError, dial, parse_join_address, peer_id_o
 from potluck.protocol.probe import ProbeUnavailableError, measure_rates
 from potluck.protocol.shards import keys_of_shard
 from potluck.protocol.state_chunks import ChunkError, ChunkRequest, check_manifest
-from potluck.protocol.wire import PeerRefusedError, WireError
+from potluck.protocol.wire import PeerRefusedError, RefusalCode, WireError
 from potluck.training.benchmark import measure_for_plan
 from potluck.training.diloco import OuterOptimizer
 from potluck.training.held_out import HeldOutLoss
@@ -75,7 +76,7 @@ MAX_DONORS = 8  # holding peers one state download asks besides the aggregator
 TIME_BOX_MARGIN = 0.1  # of the round deadline, kept free: the round opened a download before the peer saw it
 # The overlap limit a peer falls back to once an update with more than this share of stale steps was dropped at
 # round close: at 15 of 30 stale steps the held-out check dropped no honest update, at 30 of 30 one in nine
-# (BENCHMARKS.md 10), and three drops within ten rounds ban a key.
+# (docs/experiments/overlap.md), and three drops within ten rounds ban a key.
 SAFE_OVERLAP_LIMIT = 0.5
 
 
@@ -87,11 +88,17 @@ def _own_nice() -> int | None:
         return None
 
 
-class PeerError(Exception):
+class PeerError(PotluckError):
     """The peer cannot go on (one line, with the fix)."""
 
 
-class UntrustedState(Exception):
+class PeerDiverged(PeerError):
+    """The peer's local training went non-finite: nothing it could send would be of use (one line)."""
+
+    exit_status = DIVERGED_EXIT_STATUS
+
+
+class UntrustedState(PotluckError):
     """An aggregator served a state that fails verification; the peer tries another source."""
 
     def __init__(self, source: bytes, detail: str) -> None:
@@ -99,7 +106,7 @@ class UntrustedState(Exception):
         self.source = source  # the aggregator's key: never asked again
 
 
-class RunFinished(Exception):
+class RunFinished(PotluckError):
     """The aggregator says the run is over: leave cleanly."""
 
 
@@ -119,7 +126,8 @@ class PeerOptions:
     join_timeout_s: float = 30.0
     receipts_dir: Path | None = None  # where final receipts are kept (None: checked, not kept)
     # Train on while an update is in flight (one-round-delayed outer updates). Off by default: at equal wall
-    # time it measured within 1% but no better: +0.02% on a GPU, +0.5-0.6% on a 2-core CPU box (BENCHMARKS.md 10).
+    # time it measured within 1% but no better: +0.02% on a GPU, +0.5-0.6% on a 2-core CPU box
+    # (docs/experiments/overlap.md).
     overlap: bool = False
     # With overlap, at most this share of a round's inner steps run before its base arrives; then training
     # waits for it (1: no limit). Updates whose steps were all stale fail the held-out check now and then:
@@ -504,7 +512,7 @@ class PeerRunner:
             raise AggregatorUnreachable(str(e)) from e
         for name, reason in fetched.dropped.items():
             key = names[name]
-            if key != h.aggregator_public_key and "manifest" in reason:
+            if key != h.aggregator_public_key and name in fetched.refuted:
                 self.bad_donors.add(key)  # it sent a chunk the signed manifest refutes: never asked again
             self.on_event({"event": "donor-dropped", "donor": name, "reason": reason, "shard": h.shard})
         return fetched
@@ -644,7 +652,7 @@ class PeerRunner:
                     shards=[(s.names, upload) for s, (upload, _) in zip(master.shards, codecs, strict=True)],
                 )
             except TrainingDiverged as e:
-                raise PeerError(str(e)) from None
+                raise PeerDiverged(str(e)) from None
             work = works[0]  # the round's tokens, steps and losses, the same in every shard's
             point: Mapping[str, torch.Tensor] = shot.current  # where the next round's steps start from
             if self.options.overlap and not last:
@@ -794,7 +802,7 @@ class PeerRunner:
         round's aggregate would be if every peer had sent the same (the "eager" update of Kale et al.
         2025, fitted to a lossy code). Steps taken from the peer's own snapshot instead start from
         progress the sparse update left in the residual, which the run then counts twice
-        (BENCHMARKS.md section 10: on a GPU, where all of a round's steps ran before the aggregate
+        (docs/experiments/overlap.md: on a GPU, where all of a round's steps ran before the aggregate
         came, the held-out loss rose after round 1). The encode that the guess needs runs before the
         overlapped steps start, so it is the one part of a round that overlap does not hide.
         """
@@ -1065,7 +1073,7 @@ class PeerRunner:
                 if target is not None:
                     await self._connect(target)
             except AggregatorRefused as e:
-                if "has finished" in str(e):
+                if e.code is RefusalCode.RUN_FINISHED:
                     raise RunFinished(str(e)) from e
                 raise
 

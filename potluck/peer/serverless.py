@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from potluck.errors import PotluckError
 from potluck.peer.trainer import LocalTrainer
 from potluck.protocol.config import RunConfig
 from potluck.protocol.identity import Identity
@@ -61,7 +62,7 @@ STATUS_KEY = "potluck-serverless"  # DHT key of every serverless peer's progress
 STATUS_TTL_S = 300.0  # a peer's record outlives a few of its rounds, then drops out of `potluck status`
 
 
-class ServerlessError(Exception):
+class ServerlessError(PotluckError):
     """The serverless peer cannot go on (one line, with the fix)."""
 
 

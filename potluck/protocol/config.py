@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from potluck.errors import PotluckError
 from potluck.protocol.shards import check_shard_keys
 
 if sys.version_info >= (3, 11):
@@ -167,7 +168,7 @@ class OuterOptimizerSpec(BaseModel):
     kind: Literal["nesterov", "average"] = "nesterov"
     lr: float = Field(0.7, gt=0, le=10)  # DiLoCo's and He et al.'s tuned value
     # DiLoCo uses 0.9; with few inner steps and compressed updates 0.5 measured better than both 0.9 and
-    # plain averaging (BENCHMARKS.md sections 2-3): error feedback already carries momentum of its own.
+    # plain averaging (docs/experiments/simulate-sweeps.md): error feedback already carries momentum of its own.
     momentum: float = Field(0.5, ge=0, lt=1)
 
 
@@ -314,7 +315,7 @@ class RunConfig(BaseModel):
         return run_config_from_mapping(self.model_dump(), source=source, overrides=overrides)
 
 
-class ConfigError(Exception):
+class ConfigError(PotluckError):
     """An unusable run config: one line, ``<source>: <field.path>: <problem>``, problems joined with "; "."""
 
     def __init__(self, source: str, problems: Iterable[str]) -> None:

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from potluck.errors import PotluckError
+
 __all__ = ["BatchSampler", "Corpus", "DataError", "builtin_corpus_files", "load_corpus", "val_batches"]
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ _TEXT_SNIFF_BYTES = 8000
 _BUILTIN_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 
 
-class DataError(Exception):
+class DataError(PotluckError):
     """The training data cannot be used; the message says why and what to do."""
 
 
@@ -237,8 +239,10 @@ def _load_hf(path: str, *, val_fraction: float, max_bytes: int | None) -> tuple[
         if ds is not None and "text" not in ds.column_names:
             raise DataError(f"dataset at {path!r} has columns {ds.column_names}; it needs a 'text' column")
 
-    val_budget = None if max_bytes is None else max(1, round(max_bytes * val_fraction))
-    train_budget = None if max_bytes is None else max_bytes - val_budget
+    val_budget = train_budget = None
+    if max_bytes is not None:
+        val_budget = max(1, round(max_bytes * val_fraction))
+        train_budget = max_bytes - val_budget
     if held_out is not None:
         return _rows_to_tokens(loaded, train_budget), _rows_to_tokens(held_out, val_budget)
     val_rows = [i for i in range(len(loaded)) if _split_key(f"row/{i}") < val_fraction] or [0]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from potluck.lab.redteam.attacks import ATTACKS
-from potluck.lab.swarm import SwarmError, SwarmOptions, SwarmResult, run_swarm
+from potluck.lab.swarm import SwarmDiverged, SwarmError, SwarmOptions, SwarmResult, run_swarm
 from potluck.protocol.config import RunConfig
 
 # Attacks that pass every per-update check and can only be caught (or absorbed) statistically.
@@ -131,7 +131,7 @@ def run_redteam(
                 plain = swarm("undefended", cfg.with_overrides(UNDEFENDED, source="redteam"), adversaries)
             except SwarmError as e:
                 # Blown up: a peer's training went non-finite, or the held-out loss did before the run failed.
-                if "diverged" not in str(e) and math.isfinite(last_val_loss.get("undefended", 0.0)):
+                if not isinstance(e, SwarmDiverged) and math.isfinite(last_val_loss.get("undefended", 0.0)):
                     raise
                 report |= {"undefended_final_val_loss": None, "undefended_loss_vs_clean": None}
                 report |= {"undefended_diverged": True, "undefended_error": str(e)}

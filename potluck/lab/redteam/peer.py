@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from potluck.errors import PotluckError
 from potluck.lab.redteam.attacks import ATTACKS, AttackContext, digest_hex
 from potluck.peer.runner import PeerOptions, PeerRunner
 from potluck.peer.trainer import LocalTrainer, RoundWork
@@ -129,9 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         run_until_stopped(peer.run())
     except typer.Exit as e:  # Ctrl-C or SIGTERM, after a clean stop
         sys.exit(e.exit_code)
-    except Exception as e:  # one line for the harness's log
+    except PotluckError as e:  # one line for the harness's log; anything else is a bug and keeps its traceback
         print(f"adversarial peer failed: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(e.exit_status)  # the swarm tells a diverged peer by its status
 
 
 if __name__ == "__main__":
