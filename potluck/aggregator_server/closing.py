@@ -23,6 +23,7 @@ from potluck.aggregator_server.master import Contribution, MasterState, close_ro
 from potluck.aggregator_server.next_density import UploadTiming, next_density
 from potluck.aggregator_server.rounds import OpenRound
 from potluck.aggregator_server.setup import SetupError
+from potluck.events import RoundError
 from potluck.incentives.ledger import LedgerError
 from potluck.incentives.ledger_format import LedgerRow, SignedHead
 from potluck.protocol.density import density_ladder
@@ -121,7 +122,7 @@ class Closer:
             k.checkpoint(following, body)
         except CheckpointError as e:  # the ledger has the round: the retry closes it as recorded
             logger.error("round %d not closed: %s; retrying in 5 s", closing.index, e)
-            k.on_event({"event": "error", "round": closing.index, "detail": str(e)})
+            k.on_event(RoundError(round=closing.index, detail=str(e)))
             return Deferred(retry_after_s=RETRY_S)
         credited = dict(signed.header.contributors)
         record = ClosedRound(
@@ -168,7 +169,7 @@ class Closer:
                 head = k.ledger.append_round(round_index=closing.index, entries=rows, identity=k.identity)
             except LedgerError as e:
                 logger.error("round %d not closed: %s; retrying in 5 s", closing.index, e)
-                k.on_event({"event": "error", "round": closing.index, "detail": str(e)})
+                k.on_event(RoundError(round=closing.index, detail=str(e)))
                 return Deferred(retry_after_s=RETRY_S)
         for i, rejection in sorted(verdict.rejections.items()):
             key, a = entries[i]

@@ -43,6 +43,7 @@ from potluck.aggregator_server.validation import (
     check_signature,
     decode_update,
 )
+from potluck.events import Banned, Event, UpdateReceived, UpdateRejected
 from potluck.incentives.ledger import Ledger
 from potluck.protocol.codecs import Codec
 from potluck.protocol.config import RunConfig
@@ -52,8 +53,6 @@ from potluck.protocol.identity import Identity, fingerprint
 from potluck.training.held_out import HeldOutLoss
 
 logger = logging.getLogger(__name__)
-
-Event = dict[str, object]
 
 # Rejections decided before the signature is known good: the ledger cannot say whose upload it was.
 UNATTRIBUTED = frozenset({"signature", "banned", "finished"})
@@ -247,16 +246,15 @@ class RoundKeeper:
         """Report the upload, book a refusal (ledger row, strike, whom the round waits for), and answer."""
         h = upload.update.header
         self.on_event(
-            {
-                "event": "received",
-                "fingerprint": fingerprint(h.peer_public_key),
-                "round": h.round,
-                "tokens": h.tokens,
-                "bytes": len(upload.payload),
-                "accepted": rejection is None,
-                "check": None if rejection is None else rejection.check,
-                "time_s": self.clock() if upload.received_s is None else upload.received_s,
-            }
+            UpdateReceived(
+                fingerprint=fingerprint(h.peer_public_key),
+                round=h.round,
+                tokens=h.tokens,
+                bytes=len(upload.payload),
+                accepted=rejection is None,
+                check=None if rejection is None else rejection.check,
+                time_s=self.clock() if upload.received_s is None else upload.received_s,
+            )
         )
         changed = taken  # a new update in the round
         if rejection is not None and not repeated:
@@ -359,14 +357,13 @@ class RoundKeeper:
         who = fingerprint(public_key)
         logger.warning("rejected update from %s for round %d: %s", who, round_index, rejection)
         self.on_event(
-            {
-                "event": "rejected",
-                "fingerprint": who,
-                "round": round_index,
-                "check": rejection.check,
-                "reason": str(rejection),
-                "update": None if update is None else update.header.digest().hex()[:16],
-            }
+            UpdateRejected(
+                fingerprint=who,
+                round=round_index,
+                check=rejection.check,
+                reason=str(rejection),
+                update=None if update is None else update.header.digest().hex()[:16],
+            )
         )
         try:
             ban = self.reputation.strike(public_key, round_index=self.current.index, check=rejection.check)
@@ -374,7 +371,7 @@ class RoundKeeper:
             logger.error("could not record a strike: %s", e)
             return
         if ban is not None:
-            self.on_event({"event": "banned", "fingerprint": who, "round": ban.round, "reason": ban.reason})
+            self.on_event(Banned(fingerprint=who, round=ban.round, reason=ban.reason))
 
     def restore_spool(self) -> int:
         """Accept again the open round's updates spooled before a restart; how many were restored."""

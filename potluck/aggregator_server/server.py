@@ -42,6 +42,16 @@ from potluck.aggregator_server.rounds import OpenRound
 from potluck.aggregator_server.served_state import ServedState, ServedStates
 from potluck.aggregator_server.standby import Standby
 from potluck.aggregator_server.startup import place, resume
+from potluck.events import (
+    AggregatorDone,
+    AggregatorReady,
+    Banned,
+    Event,
+    Joined,
+    RoundOpened,
+    Takeover,
+    Unbanned,
+)
 from potluck.protocol.chunk_server import AGGREGATOR_CHUNK_STREAMS, Pacer, chunk_handler
 from potluck.protocol.codecs import Codec
 from potluck.protocol.config import RunConfig
@@ -55,7 +65,6 @@ from potluck.training.held_out import HeldOutLoss
 
 logger = logging.getLogger(__name__)
 
-Event = dict[str, object]
 LINGER_DRAIN_S = 1.0  # after the last reply is written, before p2pd stops: time for it to leave
 JOIN_BARRIER_S = 60.0  # the longest a joiner of the first round waits for the others (see wait_for_peers)
 FIRST_ROUND_WAIT = 3  # deadlines the first round may wait for --wait-for-peers before it closes anyway
@@ -244,35 +253,34 @@ class AggregatorServer:
                     await announcer
             await node.shutdown()
             self.ledger.close()
-        self.on_event({"event": "done", "round": self.master.round, "rounds_closed": self.rounds_closed})
+        self.on_event(AggregatorDone(round=self.master.round, rounds_closed=self.rounds_closed))
 
-    async def _ready_event(self) -> Event:
+    async def _ready_event(self) -> AggregatorReady:
         """The event that says this aggregator is up: where, which run, which round, and the state it serves."""
         val_loss = await asyncio.to_thread(self.keeper.evaluate, self.master.params)
-        return {
-            "event": "ready",
-            "maddrs": self.maddrs,
-            "fingerprint": self.identity.fingerprint,
-            "run": self.cfg.run_name,
-            "config_hash": self.cfg.config_hash,
-            "round": self.master.round,
-            "resumed": self.resumed,
-            "spooled_updates": len(self.current.accepted),
-            "val_loss": val_loss,
-            "num_params": sum(t.numel() for t in self.master.params.values()),  # this shard's
-            "shard": self.shard,
-            "shards": self.cfg.shards,
-            "state_sha256": state_sha256(self.master.params).hex(),
-            "rounds_total": self.cfg.rounds,
-            "round_deadline_s": self.cfg.round_deadline_s,
-            "model": self.cfg.model.size,
-            "codec": self.codec.name,
-            "aggregate_codec": self.aggregate_codec.name,
-            "density": self.master.density,
-            "leaderboard": await asyncio.to_thread(leaderboard, self.ledger),
-            "ledger_head": head_event(self.ledger.head()),
-            "standby_of": None if self.primary is None else fingerprint(self.primary),
-        }
+        return AggregatorReady(
+            maddrs=tuple(self.maddrs),
+            fingerprint=self.identity.fingerprint,
+            run=self.cfg.run_name,
+            config_hash=self.cfg.config_hash,
+            round=self.master.round,
+            resumed=self.resumed,
+            spooled_updates=len(self.current.accepted),
+            val_loss=val_loss,
+            num_params=sum(t.numel() for t in self.master.params.values()),  # this shard's
+            shard=self.shard,
+            shards=self.cfg.shards,
+            state_sha256=state_sha256(self.master.params).hex(),
+            rounds_total=self.cfg.rounds,
+            round_deadline_s=self.cfg.round_deadline_s,
+            model=self.cfg.model.size,
+            codec=self.codec.name,
+            aggregate_codec=self.aggregate_codec.name,
+            density=self.master.density,
+            leaderboard=await asyncio.to_thread(leaderboard, self.ledger),
+            ledger_head=head_event(self.ledger.head()),
+            standby_of=None if self.primary is None else fingerprint(self.primary),
+        )
 
     async def _stand_by(self, node: Node) -> bool:
         """Follow the primary (standby.py) until it goes, then take the shard over: True; False when the run ended."""
@@ -296,13 +304,12 @@ class AggregatorServer:
         self._all_here.set()
         logger.warning("primary %s is gone; taking over at round %d", fingerprint(self.primary), self.master.round)
         self.on_event(
-            {
-                "event": "takeover",
-                "round": self.master.round,
-                "primary": fingerprint(self.primary),
-                "state_sha256": state_sha256(self.master.params).hex(),
-                "expected": len(taken.contributors),
-            }
+            Takeover(
+                round=self.master.round,
+                primary=fingerprint(self.primary),
+                state_sha256=state_sha256(self.master.params).hex(),
+                expected=len(taken.contributors),
+            )
         )
         return True
 
@@ -380,12 +387,7 @@ class AggregatorServer:
 
     def _round_opened(self) -> None:
         self.on_event(
-            {
-                "event": "round-open",
-                "round": self.current.index,
-                "deadline_s": max(0.0, self.current.seconds_left()),
-                "time_s": time.time(),
-            }
+            RoundOpened(round=self.current.index, deadline_s=max(0.0, self.current.seconds_left()), time_s=time.time())
         )
 
     async def _linger(self) -> None:
@@ -425,13 +427,12 @@ class AggregatorServer:
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._all_here.wait(), timeout=max(self.cfg.round_deadline_s, JOIN_BARRIER_S))
         self.on_event(
-            {
-                "event": "joined",
-                "fingerprint": fingerprint(key),
-                "round": self.current.index,
-                "client_mode": client_mode,  # as the peer says: unauthenticated, shown on the status page only
-                "time_s": time.time(),
-            }
+            Joined(
+                fingerprint=fingerprint(key),
+                round=self.current.index,
+                client_mode=client_mode,  # as the peer says: unauthenticated, shown on the status page only
+                time_s=time.time(),
+            )
         )
         return key
 
@@ -467,9 +468,7 @@ class AggregatorServer:
         """Ban a key now (persisted with the strikes); its updates are refused from the next upload on."""
         async with self.lock:
             round_index = self.keeper.ban(public_key, reason=reason)
-        self.on_event(
-            {"event": "banned", "fingerprint": fingerprint(public_key), "round": round_index, "reason": reason}
-        )
+        self.on_event(Banned(fingerprint=fingerprint(public_key), round=round_index, reason=reason))
         self._wake.set()
 
     async def _ban_run_wide(self, public_key: bytes, reason: str) -> None:
@@ -480,7 +479,7 @@ class AggregatorServer:
         async with self.lock:
             lifted = self.reputation.lift(public_key)
         if lifted:
-            self.on_event({"event": "unbanned", "fingerprint": fingerprint(public_key)})
+            self.on_event(Unbanned(fingerprint=fingerprint(public_key)))
         return lifted
 
     def known_keys(self) -> set[bytes]:

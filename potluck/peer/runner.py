@@ -24,11 +24,24 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from potluck.errors import DIVERGED_EXIT_STATUS, PotluckError
+from potluck.events import (
+    DonorDropped,
+    Event,
+    Failover,
+    Finished,
+    PeerDone,
+    PeerPlan,
+    PeerRound,
+    PeerSynced,
+    ReceiptInvalid,
+    ReceiptReceived,
+    StateRefused,
+)
 from potluck.incentives.receipts import ReceiptError, check_receipt, store_receipt
 from potluck.peer.state_download import Donor, DownloadFailed, Fetched, fetch_chunks
 from potluck.peer.trainer import LocalTrainer, RoundSnapshot, RoundWork, TrainingDiverged
@@ -66,7 +79,6 @@ from potluck.training.replica import ReplicaError, apply_aggregate, check_state
 
 logger = logging.getLogger(__name__)
 
-Event = dict[str, object]
 T = TypeVar("T")
 
 PLAN_PROBE_BYTES = 1024 * 1024  # each way: ~1 s at 10 Mbit/s, enough for a rate that means something
@@ -227,7 +239,7 @@ class PeerRunner:
             trainer = await asyncio.to_thread(self.make_trainer, master.cfg)
             await self._loop(master, trainer)
         except RunFinished as e:
-            self.on_event({"event": "finished", "detail": str(e)})
+            self.on_event(Finished(detail=str(e)))
         finally:
             await node.shutdown()
         self.on_event(self.summary())
@@ -255,25 +267,24 @@ class PeerRunner:
             up_bits_per_s=up * 8,
             down_bits_per_s=down * 8,
         )
-        self.on_event({"event": "plan", **plan.to_dict()})  # the CLI prints plan.line()
+        self.on_event(PeerPlan(**plan.to_dict()))  # the CLI prints plan.line()
 
-    def summary(self) -> Event:
+    def summary(self) -> PeerDone:
         """What this peer did, for the last status line and `potluck swarm`."""
-        return {
-            "event": "done",
-            "fingerprint": self.identity.fingerprint,
-            "rounds": self.rounds_done,
-            "accepted": self.accepted,
-            "rejected": self.rejected,
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
-            "state_bytes_served": self.chunks_served_bytes,  # chunks of the state given to joiners (in bytes_up)
-            "receipts": self.receipts,
-            "score": self.score,
+        return PeerDone(
+            fingerprint=self.identity.fingerprint,
+            rounds=self.rounds_done,
+            accepted=self.accepted,
+            rejected=self.rejected,
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            state_bytes_served=self.chunks_served_bytes,  # chunks of the state given to joiners (in bytes_up)
+            receipts=self.receipts,
+            score=self.score,
             **self.compute_figures(),
-        }
+        )
 
-    def compute_figures(self) -> Event:
+    def compute_figures(self) -> dict[str, Any]:
         """Tokens and inner steps processed, and the share of the training span spent in inner steps.
 
         compute_utilization = time in inner steps / wall time from the first step's start to the last
@@ -377,7 +388,7 @@ class PeerRunner:
                 source = fingerprint(e.source)
                 self.refused_sources.add(e.source)
                 logger.info("aggregator %s: %s; trying another source", source, e)
-                self.on_event({"event": "state-refused", "aggregator": source, "detail": str(e)})
+                self.on_event(StateRefused(aggregator=source, detail=str(e)))
 
     async def _sync(self) -> _Master:
         """The whole master state: from the preferred aggregator, then from each other shard's (sharded runs)."""
@@ -413,18 +424,17 @@ class PeerRunner:
         self._synced_at = time.monotonic()  # the first round's time box counts from here
         logger.info("synced run %r at round %d from %s", cfg.run_name, h.round, fingerprint(first.key))
         self.on_event(
-            {
-                "event": "synced",
-                "run": cfg.run_name,
-                "round": h.round,
-                "aggregator": fingerprint(first.key),
-                "fingerprint": self.identity.fingerprint,
-                "state_bytes": self.bytes_down - before,
+            PeerSynced(
+                run=cfg.run_name,
+                round=h.round,
+                aggregator=fingerprint(first.key),
+                fingerprint=self.identity.fingerprint,
+                state_bytes=self.bytes_down - before,
                 # who gave the state's chunks (bytes per donor, the aggregator's and peers' alike)
-                "state_sources": _merged([f.bytes_by_donor for f in self._sources]),
-                "shards": cfg.shards,
-                "val_loss": val_loss,  # the state's held-out loss (PeerOptions.eval_batches)
-            }
+                state_sources=_merged([f.bytes_by_donor for f in self._sources]),
+                shards=cfg.shards,
+                val_loss=val_loss,  # the state's held-out loss (PeerOptions.eval_batches)
+            )
         )
         return _Master(
             cfg=cfg,
@@ -514,7 +524,7 @@ class PeerRunner:
             key = names[name]
             if key != h.aggregator_public_key and name in fetched.refuted:
                 self.bad_donors.add(key)  # it sent a chunk the signed manifest refutes: never asked again
-            self.on_event({"event": "donor-dropped", "donor": name, "reason": reason, "shard": h.shard})
+            self.on_event(DonorDropped(donor=name, reason=reason, shard=h.shard))
         return fetched
 
     async def _holders(self, h: StateHeader) -> list[HolderRecord]:
@@ -756,34 +766,33 @@ class PeerRunner:
                 val_loss = await asyncio.to_thread(self._held_out, master.params)
             self.rounds_done += 1
             self.on_event(
-                {
-                    "event": "round",
-                    "round": r,
-                    "loss": work.mean_loss,
-                    "val_loss": val_loss,  # the master state's held-out loss after the round (eval_batches)
-                    "tokens": work.tokens,
-                    "inner_steps": work.inner_steps,
-                    "stale_steps": stale_steps,  # of inner_steps, taken before this round's base arrived (overlap)
-                    "tokens_per_s": work.tokens / work.compute_s if work.compute_s > 0 else 0.0,
-                    "accepted": accepted,
-                    "reason": reason,
-                    "update": signed_updates[0][0].header.digest().hex()[:16],  # names it in the aggregator's events
-                    "bytes_up": sum(up.sent_bytes for _, up in submitted),
-                    "state_bytes_served": self.chunks_served_bytes,  # so far: chunks of the state given to joiners
-                    "bytes_down": sum(down.sent_bytes + len(down.body) for _, _, down in fetched)
+                PeerRound(
+                    round=r,
+                    loss=work.mean_loss,
+                    val_loss=val_loss,
+                    tokens=work.tokens,
+                    inner_steps=work.inner_steps,
+                    stale_steps=stale_steps,
+                    tokens_per_s=work.tokens / work.compute_s if work.compute_s > 0 else 0.0,
+                    accepted=accepted,
+                    reason=reason,
+                    update=signed_updates[0][0].header.digest().hex()[:16],
+                    bytes_up=sum(up.sent_bytes for _, up in submitted),
+                    state_bytes_served=self.chunks_served_bytes,
+                    bytes_down=sum(down.sent_bytes + len(down.body) for _, _, down in fetched)
                     + sum(len(up.body) for _, up in submitted)
                     + receipt_bytes,
-                    "compute_s": work.compute_s,
-                    "encode_s": sum(w.encode_s for w in works),
-                    "upload_s": self._upload_s,
-                    "wait_s": max(down.wait_s for _, _, down in fetched),
-                    "download_s": max(down.transfer_s for _, _, down in fetched),
-                    "points": points,  # credited by the final receipts (None: one did not check out)
-                    "receipt_s": receipt_s,  # fetching and checking them
-                    "overlap": self.options.overlap,
-                    "overlap_limit": self._overlap_limit,  # the share of a round's steps that may run stale
-                    "shards": len(master.shards),
-                }
+                    compute_s=work.compute_s,
+                    encode_s=sum(w.encode_s for w in works),
+                    upload_s=self._upload_s,
+                    wait_s=max(down.wait_s for _, _, down in fetched),
+                    download_s=max(down.transfer_s for _, _, down in fetched),
+                    points=points,
+                    receipt_s=receipt_s,
+                    overlap=self.options.overlap,
+                    overlap_limit=self._overlap_limit,
+                    shards=len(master.shards),
+                )
             )
         if master.round >= cfg.rounds:
             raise RunFinished(f"run {cfg.run_name!r} is complete ({cfg.rounds} rounds)")
@@ -950,7 +959,7 @@ class PeerRunner:
             problem = "it answers another update"
         if problem is not None:
             logger.warning("round %d: the aggregator's final receipt does not verify: %s", round_index, problem)
-            self.on_event({"event": "receipt-invalid", "round": round_index, "detail": problem})
+            self.on_event(ReceiptInvalid(round=round_index, detail=problem))
             return None, len(t.body), time.perf_counter() - started
         if self.options.receipts_dir is not None:
             try:
@@ -960,16 +969,15 @@ class PeerRunner:
         self.receipts += r.accepted
         self.score += r.score
         self.on_event(
-            {
-                "event": "receipt",
-                "round": round_index,
-                "accepted": r.accepted,
-                "tokens_credited": r.tokens_credited,
-                "score": r.score,
-                "reason": r.reason,
-                "update": digest.hex()[:16],
-                "shard": shard.index,
-            }
+            ReceiptReceived(
+                round=round_index,
+                accepted=r.accepted,
+                tokens_credited=r.tokens_credited,
+                score=r.score,
+                reason=r.reason,
+                update=digest.hex()[:16],
+                shard=shard.index,
+            )
         )
         return r.score, len(t.body), time.perf_counter() - started
 
@@ -1039,9 +1047,9 @@ class PeerRunner:
         shard.link = AggregatorLink(self.node.p2p, await self._connect(chosen))
         if self.announcement.public_key == gone:
             self.announcement, self.link = chosen, shard.link
-        moved = {"shard": shard.index, "from": fingerprint(gone), "to": fingerprint(chosen.public_key)}
-        logger.warning("shard %(shard)d: aggregator %(from)s is gone; switching to %(to)s", moved)
-        self.on_event({"event": "failover", **moved})
+        moved = Failover(shard=shard.index, from_=fingerprint(gone), to=fingerprint(chosen.public_key))
+        logger.warning("shard %d: aggregator %s is gone; switching to %s", moved.shard, moved.from_, moved.to)
+        self.on_event(moved)
         return True
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], *, shard: _Shard | None = None) -> T:

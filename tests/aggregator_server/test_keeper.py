@@ -17,6 +17,7 @@ from potluck.aggregator_server.keeper import RoundKeeper, Upload
 from potluck.aggregator_server.master import initial_master, token_cap
 from potluck.aggregator_server.reputation import Reputation
 from potluck.aggregator_server.served_state import serve_state
+from potluck.events import Event
 from potluck.protocol.config import RunConfig
 from potluck.protocol.envelope import SignedState, SignedUpdate, new_nonce, sign_update
 from potluck.protocol.identity import Identity, generate_identity
@@ -39,7 +40,7 @@ class _Clock:
 
 def _keeper(tmp_path: Path, *, clock: Callable[[], float] = time.time, **overrides: Any) -> RoundKeeper:
     cfg = RunConfig().with_overrides({"rounds": 4, "data.max_bytes": 200_000, **overrides}, source="test")
-    events: list[dict[str, object]] = []
+    events: list[Event] = []
     return RoundKeeper(
         cfg,
         AGGREGATOR,

@@ -9,12 +9,14 @@ import argparse
 import contextlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from potluck.errors import PotluckError
+from potluck.events import Adversarial, Event, encode_event
 from potluck.lab.redteam.attacks import ATTACKS, AttackContext, digest_hex
 from potluck.peer.runner import PeerOptions, PeerRunner
 from potluck.peer.trainer import LocalTrainer, RoundWork
@@ -38,7 +40,7 @@ class AdversarialPeer(PeerRunner):
         spool: Path | None,
         colluders: int,
         strength: float,
-        on_event: Any,
+        on_event: Callable[[Event], None],
     ) -> None:
         super().__init__(identity, options, on_event=on_event)
         self.attack = ATTACKS[attack]
@@ -85,7 +87,7 @@ class AdversarialPeer(PeerRunner):
         )
         uploads = self.attack(ctx)
         for update, _ in uploads:
-            self.on_event({"event": "adversarial", "round": master.round, "update": digest_hex(update)})
+            self.on_event(Adversarial(round=master.round, update=digest_hex(update)))
         self.extra = uploads[1:]
         return uploads[0]
 
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         spool=args.spool,
         colluders=args.colluders,
         strength=args.strength,
-        on_event=lambda e: print(json.dumps(e), flush=True),
+        on_event=lambda e: print(json.dumps(encode_event(e)), flush=True),
     )
     import typer
 
