@@ -56,7 +56,7 @@ def _repeatable(field: FieldInfo) -> bool:
 class Flags(BaseModel):
     """A command's options, validated; subclasses declare one field per flag."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)  # built on first use, not for --help
 
     @classmethod
     def option(cls, name: str, *, help: str | None = None) -> Any:  # noqa: A002 - typer's name for it
