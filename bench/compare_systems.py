@@ -1,6 +1,7 @@
 """potluck against hivemind.Optimizer and DDP (gloo): the same model, data and peers, side by side in one invocation.
 
-    python bench/compare_systems.py --peers 4 --rounds 6 --link 10mbit/100mbit --out bench/results/compare-systems
+    python bench/compare_systems.py --peers 4 --rounds 6 --link 10mbit/100mbit \\
+        --out bench/results/compare-systems-niced-peers-1
     python bench/compare_systems.py --link none --systems potluck-overlap,ddp   # on 127.0.0.1, a subset
 
 Systems, one after another so they share the machine's state:

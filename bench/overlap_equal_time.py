@@ -8,7 +8,7 @@ off its curve, linearly interpolated between round closes. Reported per repeat a
 the loss at that equal time, the final loss at equal rounds, wall time per round, and the
 difference with overlap, in percent (negative: overlap is better).
 
-    python bench/overlap_equal_time.py --repeats 3 --out bench/results/overlap-equal-time
+    python bench/overlap_equal_time.py --repeats 3 --out bench/results/overlap-equal-time-niced-peers
     python bench/overlap_equal_time.py --link 10mbit/100mbit ...   # in the network lab (root, iproute2)
     python bench/overlap_equal_time.py --peer-speeds 0.5,0.5,0.5,0.5 ...  # half of each step off the CPU
     python bench/overlap_equal_time.py --set model.size=10m ...     # any run setting, as `potluck swarm --set`

@@ -2,8 +2,8 @@
 
 Every cell of the grid trains for the same number of inner steps per peer (rounds x local steps is
 held fixed), and every configuration runs its own DDP arm in the same process, so each gap and
-ratio is measured side by side. Prints a markdown table for BENCHMARKS.md and, with --json-out,
-writes every arm's full result (including its per-round held-out loss curve).
+ratio is measured side by side. Prints a markdown table (as in docs/experiments/simulate-sweeps.md)
+and, with --json-out, writes every arm's full result (including its per-round held-out loss curve).
 
     python bench/simulate_sweep.py --peers 4 --inner-steps 480 --local-steps 15,30,60 \\
         --outer nesterov,average --codecs none,int8,topk,dct-topk --json-out bench/results/sweep.json

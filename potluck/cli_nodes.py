@@ -394,7 +394,7 @@ def peer(
             help=(
                 "With --overlap: at most this share of a round's inner steps run before the round's state "
                 "arrives; then training waits for it (1: no limit). An update trained wholly ahead of its state "
-                "fails the aggregator's held-out check now and then (BENCHMARKS.md section 10)."
+                "fails the aggregator's held-out check now and then (docs/experiments/overlap.md)."
             ),
             min=0.01,
             max=1.0,

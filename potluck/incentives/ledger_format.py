@@ -7,6 +7,7 @@ signed as `b"potluck/ledger-head/v1\\0"` + round, last_row_id, row_count (uint64
 Never change an encoding in place: bump the domain tag's version instead.
 """
 
+import dataclasses
 import hashlib
 import math
 import struct
@@ -159,10 +160,16 @@ def sign_head(
     *, round_index: int, last_row_id: int, head_hash: bytes, row_count: int, timestamp_s: float, identity: Identity
 ) -> SignedHead:
     """The head of a round, signed by the aggregator's `identity`."""
-    values = dict(round=round_index, last_row_id=last_row_id, head_hash=head_hash, row_count=row_count)
-    values |= dict(timestamp_s=timestamp_s, aggregator_public_key=identity.public_key)
-    unsigned = SignedHead(**values, signature=bytes(SIGNATURE_BYTES))  # signed_bytes() leaves the signature out
-    return SignedHead(**values, signature=identity.sign(unsigned.signed_bytes()))
+    unsigned = SignedHead(
+        round=round_index,
+        last_row_id=last_row_id,
+        head_hash=head_hash,
+        row_count=row_count,
+        timestamp_s=timestamp_s,
+        aggregator_public_key=identity.public_key,
+        signature=bytes(SIGNATURE_BYTES),  # signed_bytes() leaves the signature out
+    )
+    return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
 
 
 def row_hash(*, row_id: int, round_index: int, entry: LedgerEntry, prev_hash: bytes) -> bytes:

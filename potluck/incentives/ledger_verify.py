@@ -123,8 +123,8 @@ def _walk(rows: Iterator[Sequence[Any]], heads: Sequence[Sequence[Any]], key: by
         try:
             head = head_from_values(values)
         except ValueError as e:
-            fault = (Problem.MALFORMED_HEAD, None, f"the head of round {round_index} is malformed: {e}")
-            return _failed(fault, rows_ok=rows_ok, heads_ok=heads_ok, round_index=round_index)
+            malformed = (Problem.MALFORMED_HEAD, None, f"the head of round {round_index} is malformed: {e}")
+            return _failed(malformed, rows_ok=rows_ok, heads_ok=heads_ok, round_index=round_index)
         count = 0
         while pending is not None and pending[0] <= head.last_row_id:
             fault = _check_row(pending, tip_id=tip_id, tip_hash=tip_hash, round_index=round_index)

@@ -94,7 +94,7 @@ def _run_child(request: dict[str, Any], stdout_fd: int, stderr_fd: int) -> int:
         code = 1
     # What interpreter exit would do: join non-daemon threads, then atexit (multiprocessing stops its daemons).
     with contextlib.suppress(BaseException):
-        threading._shutdown()  # type: ignore[attr-defined]
+        threading._shutdown()  # type: ignore[attr-defined]  # private: what interpreter exit calls
     with contextlib.suppress(BaseException):
         atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

@@ -30,7 +30,8 @@ class PeerOptions:
     join_timeout_s: float = 30.0
     receipts_dir: Path | None = None  # where final receipts are kept (None: checked, not kept)
     # Train on while an update is in flight (one-round-delayed outer updates). Off by default: at equal wall
-    # time it measured within 1% but no better: +0.02% on a GPU, +0.5-0.6% on a 2-core CPU box (BENCHMARKS.md 10).
+    # time it measured within 1% but no better: +0.02% on a GPU, +0.5-0.6% on a 2-core CPU box
+    # (docs/experiments/overlap.md).
     overlap: bool = False
     # With overlap, at most this share of a round's inner steps run before its base arrives; then training
     # waits for it (1: no limit). Updates whose steps were all stale fail the held-out check now and then:

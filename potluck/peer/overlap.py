@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 TIME_BOX_MARGIN = 0.1  # of the round deadline, kept free: the round opened a download before the peer saw it
 # The overlap limit a peer falls back to once an update with more than this share of stale steps was dropped at
 # round close: at 15 of 30 stale steps the held-out check dropped no honest update, at 30 of 30 one in nine
-# (BENCHMARKS.md 10), and three drops within ten rounds ban a key.
+# (docs/experiments/overlap.md), and three drops within ten rounds ban a key.
 SAFE_OVERLAP_LIMIT = 0.5
 
 
@@ -162,7 +162,7 @@ def guess_next_state(
     round's aggregate would be if every peer had sent the same (the "eager" update of Kale et al.
     2025, fitted to a lossy code). Steps taken from the peer's own snapshot instead start from
     progress the sparse update left in the residual, which the run then counts twice
-    (BENCHMARKS.md section 10: on a GPU, where all of a round's steps ran before the aggregate
+    (docs/experiments/overlap.md: on a GPU, where all of a round's steps ran before the aggregate
     came, the held-out loss rose after round 1). The encode that the guess needs runs before the
     overlapped steps start, so it is the one part of a round that overlap does not hide.
     """

@@ -30,7 +30,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 __all__ = [
     "AutoPlan",
@@ -105,7 +105,7 @@ def local_steps_for_efficiency(
     """
     if not 0 < target_k < 1:
         raise ValueError(f"target_k must be between 0 and 1, exclusive (got {target_k}); K reaches 1 only as s grows")
-    link = {
+    link: _Link = {
         "clusters": clusters,
         "gpus_per_cluster": gpus_per_cluster,
         "device_flops": device_flops,
@@ -151,6 +151,16 @@ class Plan:
         return asdict(self)
 
 
+class _Link(TypedDict):
+    """The arguments the scaling model shares between `scaling_efficiency` and `local_steps_for_efficiency`."""
+
+    clusters: int
+    gpus_per_cluster: int
+    device_flops: float
+    bandwidth_bits_per_s: float
+    batch_tokens: float
+
+
 def _whole(value: float | None, name: str) -> int | None:
     """Counts arrive as floats from ``parse_quantity`` ("2", "1k"); accept them only when whole."""
     if value is None:
@@ -189,8 +199,8 @@ def make_plan(
     m = _whole(clusters, "clusters")
     n = _whole(gpus_per_cluster, "gpus_per_cluster") or 1
     s = _whole(local_steps, "local_steps")
-    link = None
-    if None not in (m, device_flops, bandwidth_bits_per_s, batch_tokens):
+    link: _Link | None = None
+    if m is not None and device_flops is not None and bandwidth_bits_per_s is not None and batch_tokens is not None:
         link = {
             "clusters": m,
             "gpus_per_cluster": n,
@@ -205,16 +215,20 @@ def make_plan(
     if params is not None:
         if not (math.isfinite(params) and params > 0):
             raise ValueError(f"params must be a positive finite number (got {params})")
-        if link is not None and s is not None:
-            compute = 6 * params * batch_tokens * s / (m * n * device_flops)  # 6 FLOPs per parameter per token
-        if link is not None and m > 1:
+        if link is not None and s is not None:  # 6 FLOPs per parameter per token
+            compute = 6 * params * link["batch_tokens"] * s / (link["clusters"] * n * link["device_flops"])
+        if link is not None and link["clusters"] > 1:
+            m = link["clusters"]
             payload_bytes = 2 * params  # bf16
-            allreduce = 2 * (m - 1) / m * transfer_seconds(payload_bytes, bandwidth_bits_per_s)
+            allreduce = 2 * (m - 1) / m * transfer_seconds(payload_bytes, link["bandwidth_bits_per_s"])
         elif link is not None:
             allreduce = 0.0  # one cluster has nobody to reduce with
 
-    up = transfer_seconds(upload_bytes, up_bits_per_s) if None not in (upload_bytes, up_bits_per_s) else None
-    down = transfer_seconds(download_bytes, down_bits_per_s) if None not in (download_bytes, down_bits_per_s) else None
+    up = down = None
+    if upload_bytes is not None and up_bits_per_s is not None:
+        up = transfer_seconds(upload_bytes, up_bits_per_s)
+    if download_bytes is not None and down_bits_per_s is not None:
+        down = transfer_seconds(download_bytes, down_bits_per_s)
     return Plan(
         K=k,
         local_steps_needed=needed,
@@ -306,7 +320,7 @@ def auto_plan(
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a positive finite number (got {value})")
     device_flops = 6 * params * tokens_per_step / step_s
-    link = {
+    link: _Link = {
         "clusters": peers,
         "gpus_per_cluster": 1,
         "device_flops": device_flops,

@@ -167,7 +167,7 @@ class OuterOptimizerSpec(BaseModel):
     kind: Literal["nesterov", "average"] = "nesterov"
     lr: float = Field(0.7, gt=0, le=10)  # DiLoCo's and He et al.'s tuned value
     # DiLoCo uses 0.9; with few inner steps and compressed updates 0.5 measured better than both 0.9 and
-    # plain averaging (BENCHMARKS.md sections 2-3): error feedback already carries momentum of its own.
+    # plain averaging (docs/experiments/simulate-sweeps.md): error feedback already carries momentum of its own.
     momentum: float = Field(0.5, ge=0, lt=1)
 
 

@@ -22,7 +22,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, fields
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
@@ -155,30 +155,40 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def _fields_of(obj: Any) -> tuple[Field[Any], ...]:
+    """The dataclass fields of a header or signed wrapper, instance or class.
+
+    The two mixins below are only ever mixed into frozen dataclasses, which a type checker cannot see
+    from inside the mixin.
+    """
+    return fields(obj)
+
+
 class _SignedBody:
     """What the three headers share: canonical bytes, domain-separated signing bytes, a digest."""
 
     __slots__ = ()
     DOMAIN: ClassVar[bytes]  # prefix of the signed bytes, unique per message kind
     KIND: ClassVar[str]  # first element of the wire form, unique per message kind
+    protocol_version: int  # each header's first field
 
     def __post_init__(self) -> None:
-        version = self.protocol_version  # type: ignore[attr-defined]
+        version = self.protocol_version
         if type(version) is not int:
             raise _fail(self, "protocol_version", "an integer")
         if version != PROTOCOL_VERSION:
             raise EnvelopeError(_version_mismatch(version))
-        for field in fields(self)[1:]:  # type: ignore[arg-type]
+        for field in _fields_of(self)[1:]:
             is_valid, expected = _RULES[field.name]
             if not is_valid(getattr(self, field.name)):
                 raise _fail(self, field.name, expected)
 
     def _wire_fields(self) -> list[Any]:
-        return [getattr(self, f.name) for f in fields(self)]  # type: ignore[arg-type]
+        return [getattr(self, f.name) for f in _fields_of(self)]
 
     @classmethod
     def _from_wire_fields(cls, values: list[Any]) -> Any:
-        return cls(**{f.name: value for f, value in zip(fields(cls), values, strict=True)})  # type: ignore[arg-type]
+        return cls(**{f.name: value for f, value in zip(_fields_of(cls), values, strict=True)})
 
     def canonical_bytes(self) -> bytes:
         """The header's deterministic msgpack encoding (see the module docstring)."""
@@ -357,7 +367,7 @@ def _decode(data: bytes, body_type: type[_SignedBody], *, max_bytes: int) -> tup
         raise EnvelopeError(f"expected a {kind} envelope, got {found_kind!r:.40}")
     if type(values[0]) is int and values[0] != PROTOCOL_VERSION:  # before any other check: v2 may differ anywhere
         raise EnvelopeError(_version_mismatch(values[0]))
-    expected_count = len(fields(body_type))  # type: ignore[arg-type]
+    expected_count = len(_fields_of(body_type))
     if len(values) != expected_count:
         raise EnvelopeError(f"{kind} header has {len(values)} fields, expected {expected_count}")
     return body_type._from_wire_fields(values), signature
@@ -395,11 +405,11 @@ class _Signed:
 
     @property
     def _body(self) -> Any:
-        return getattr(self, fields(self)[0].name)  # type: ignore[arg-type]
+        return getattr(self, _fields_of(self)[0].name)
 
     def __post_init__(self) -> None:
         if not isinstance(self._body, self.BODY):
-            raise _fail(self, fields(self)[0].name, f"a {self.BODY.__name__}")  # type: ignore[arg-type]
+            raise _fail(self, _fields_of(self)[0].name, f"a {self.BODY.__name__}")
         if not _is_bytes(SIGNATURE_BYTES)(self.signature):
             raise _fail(self, "signature", f"an Ed25519 signature ({SIGNATURE_BYTES} bytes)")
 
@@ -414,7 +424,7 @@ class _Signed:
         Parsing does not verify: call verify() before trusting anything in it.
         """
         body, signature = _decode(data, cls.BODY, max_bytes=cls.MAX_BYTES if max_bytes is None else max_bytes)
-        return cls(**{fields(cls)[0].name: body, "signature": signature})  # type: ignore[arg-type]
+        return cls(**{_fields_of(cls)[0].name: body, "signature": signature})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -66,9 +66,9 @@ def measure_step_seconds(
     shape = (batch_size or cfg.inner.batch_size, model_cfg.block_size)
     times = []
     for i in range(steps + 1):
-        batch = tuple(torch.randint(0, model_cfg.vocab_size, shape, generator=generator) for _ in range(2))
+        inputs, targets = (torch.randint(0, model_cfg.vocab_size, shape, generator=generator) for _ in range(2))
         started = time.perf_counter()
-        inner_step(model, optimizer, batch, lr=cfg.inner.lr, grad_clip=cfg.inner.grad_clip)  # type: ignore[arg-type]
+        inner_step(model, optimizer, (inputs, targets), lr=cfg.inner.lr, grad_clip=cfg.inner.grad_clip)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i > 0:

@@ -237,8 +237,10 @@ def _load_hf(path: str, *, val_fraction: float, max_bytes: int | None) -> tuple[
         if ds is not None and "text" not in ds.column_names:
             raise DataError(f"dataset at {path!r} has columns {ds.column_names}; it needs a 'text' column")
 
-    val_budget = None if max_bytes is None else max(1, round(max_bytes * val_fraction))
-    train_budget = None if max_bytes is None else max_bytes - val_budget
+    val_budget = train_budget = None
+    if max_bytes is not None:
+        val_budget = max(1, round(max_bytes * val_fraction))
+        train_budget = max_bytes - val_budget
     if held_out is not None:
         return _rows_to_tokens(loaded, train_budget), _rows_to_tokens(held_out, val_budget)
     val_rows = [i for i in range(len(loaded)) if _split_key(f"row/{i}") < val_fraction] or [0]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -177,11 +178,13 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
+        t = self.transformer
+        wte = cast(nn.Embedding, t["wte"])
+        x = t["drop"](wte(idx) + t["wpe"](pos))
+        for block in cast(nn.ModuleList, t["h"]):
             x = block(x)
-        x = self.transformer.ln_f(x)
-        head = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
+        x = t["ln_f"](x)
+        head = wte.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head)
         if targets is None:
             return logits, None

@@ -50,6 +50,11 @@ def admin_router(actions: AdminActions | None, *, token: str | None) -> APIRoute
     """The /api/admin routes: 403 while disabled, 401 without the right `Authorization: Bearer` token."""
     expected = None if token is None or actions is None else token.encode()
 
+    def enabled() -> AdminActions:
+        """The actions, once `authorize` has let the request through (it refuses every request without them)."""
+        assert actions is not None
+        return actions
+
     def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         """Let the request through only with admin enabled and the right token, compared in constant time."""
         if expected is None:
@@ -67,17 +72,17 @@ def admin_router(actions: AdminActions | None, *, token: str | None) -> APIRoute
     @router.post("/ban", summary="Ban a peer")
     async def ban(request: BanRequest) -> dict[str, Any]:
         """Refuse the peer's updates from now on."""
-        return await _call(actions.ban(request.peer, request.reason))  # type: ignore[union-attr]
+        return await _call(enabled().ban(request.peer, request.reason))
 
     @router.post("/unban", summary="Lift a peer's ban")
     async def unban(request: UnbanRequest) -> dict[str, Any]:
         """Accept the peer's updates again."""
-        return await _call(actions.unban(request.peer))  # type: ignore[union-attr]
+        return await _call(enabled().unban(request.peer))
 
     @router.post("/close-round", summary="Close the open round now")
     async def close_round() -> dict[str, Any]:
         """Close the round being collected with the updates it holds."""
-        return await _call(actions.close_round())  # type: ignore[union-attr]
+        return await _call(enabled().close_round())
 
     return router
 

@@ -50,7 +50,7 @@ def test_a_scaled_attacker_is_caught_harms_an_undefended_run_and_leaves_nothing_
     assert abs(report["loss_vs_clean"]) < 0.05
     # The attack reaches an undefended model: with the checks off, its uploads are counted. What they do
     # to the loss in 3 rounds of 5 peers ranges from -7% to +80% (a 100x step sometimes helps early on);
-    # the harm is the benchmark's to show (bench/redteam_table.py, 8 peers, BENCHMARKS section 7).
+    # the harm is the benchmark's to show (bench/redteam_table.py, 8 peers, docs/experiments/redteam.md).
     assert report["undefended_adversarial_counted"] >= 2
     assert all(ok for check, ok in report["verdict"].items() if check != "attack_is_real")
     wait_until(lambda: not (p2pd_pids() - before), timeout_s=20, what="every daemon of the three swarms to exit")

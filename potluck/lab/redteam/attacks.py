@@ -13,6 +13,7 @@ ipm, label-flip, copycat, sybil, bitflip.
 import dataclasses
 import hashlib
 import logging
+import math
 import struct
 import time
 from collections.abc import Callable
@@ -63,6 +64,11 @@ def attack(name: str) -> Callable[[Attack], Attack]:
     return register
 
 
+def _norm(tensors: dict[str, torch.Tensor]) -> float:
+    """The L2 norm of a set of tensors taken as one vector, in float64."""
+    return math.sqrt(sum(float(v.double().square().sum()) for v in tensors.values()))
+
+
 def _send(ctx: AttackContext, payload: bytes, *, identity: Identity | None = None, **changes: Any) -> SignedUpdate:
     signer = identity or ctx.identity
     header = dataclasses.replace(
@@ -98,10 +104,10 @@ def sign_flip(ctx: AttackContext) -> list[tuple[SignedUpdate, bytes]]:
 def noise(ctx: AttackContext) -> list[tuple[SignedUpdate, bytes]]:
     """Gaussian noise 100x (x strength) the honest update's norm (10x barely moves the tiny model: +3%)."""
     honest = ctx.decode(ctx.payload)
-    norm = float(torch.sqrt(sum(v.double().square().sum() for v in honest.values())))
+    norm = _norm(honest)
     generator = torch.Generator().manual_seed(int.from_bytes(ctx.header.nonce[:4], "big"))
     raw = {k: torch.randn(v.shape, generator=generator) for k, v in honest.items()}
-    raw_norm = float(torch.sqrt(sum(v.double().square().sum() for v in raw.values())))
+    raw_norm = _norm(raw)
     return _with(ctx, {k: v * (100 * ctx.strength * norm / raw_norm) for k, v in raw.items()})
 
 
@@ -156,7 +162,9 @@ def stale(ctx: AttackContext) -> list[tuple[SignedUpdate, bytes]]:
     if len(history) >= 3:
         return [history[-3]]
     h = ctx.header
-    wrong = {"round": h.round - 1, "base_version": h.base_version - 1} if h.round > 0 else {"round": h.round + 1}
+    wrong: dict[str, Any] = (
+        {"round": h.round - 1, "base_version": h.base_version - 1} if h.round > 0 else {"round": h.round + 1}
+    )
     return [(_send(ctx, ctx.payload, **wrong), ctx.payload)]
 
 

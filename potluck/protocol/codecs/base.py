@@ -72,23 +72,20 @@ def _short(value: object, limit: int = 80) -> str:
 
 def int_param(codec: str, name: str, value: object, *, lo: int, hi: int, power_of_two: bool = False) -> int:
     """Validate an integer codec parameter, or raise CodecError naming it."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
-    if ok and power_of_two:
-        ok = value & (value - 1) == 0  # type: ignore[operator]
-    if not ok:
-        kind = "a power of two" if power_of_two else "an integer"
-        raise CodecError(f"codec {codec!r}: param {name!r} must be {kind} in [{lo}, {hi}], got {_short(value)}")
-    return int(value)  # type: ignore[arg-type]
+    if isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi:
+        if not power_of_two or value & (value - 1) == 0:
+            return value
+    kind = "a power of two" if power_of_two else "an integer"
+    raise CodecError(f"codec {codec!r}: param {name!r} must be {kind} in [{lo}, {hi}], got {_short(value)}")
 
 
 def float_param(codec: str, name: str, value: object, *, lo: float, hi: float, lo_open: bool = False) -> float:
     """Validate a real codec parameter in ``[lo, hi]`` (``(lo, hi]`` if lo_open), or raise CodecError."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (lo < value if lo_open else lo <= value) and value <= hi  # type: ignore[operator]
-    if not ok:
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
-        raise CodecError(f"codec {codec!r}: param {name!r} must be a number in {interval}, got {_short(value)}")
-    return float(value)  # type: ignore[arg-type]
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        if (lo < value if lo_open else lo <= value) and value <= hi:
+            return float(value)
+    interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
+    raise CodecError(f"codec {codec!r}: param {name!r} must be a number in {interval}, got {_short(value)}")
 
 
 def choice_param(codec: str, name: str, value: object, choices: tuple[Any, ...]) -> Any:

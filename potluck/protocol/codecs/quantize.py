@@ -95,8 +95,8 @@ def quantize_2bit(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     mags = np.abs(values.astype(np.float64))
     sample = mags[:: max(1, -(-mags.shape[0] // _RHO_SAMPLE_ROWS))]
     errors = []
-    for j in _RHO_CANDIDATES:
-        rho = j / RHO_DENOMINATOR
+    for candidate in _RHO_CANDIDATES:
+        rho = candidate / RHO_DENOMINATOR
         high, scale = _fit_two_level(sample, rho)
         errors.append(float((((np.where(high, 1.0, rho) * scale[:, None]) - sample) ** 2).sum()))
     j = int(_RHO_CANDIDATES[int(np.argmin(errors))])

@@ -8,7 +8,7 @@ values quantized to ``bits`` bits with one bf16 scale per chunk (see `quantize`)
 positions Rice-coded as within-chunk gaps (see `bitpack`). Defaults: chunk 256, density 1/64
 (k = 4, SparseLoCo's 1.56%), 2 bits. Error feedback sends later what a round drops; ``ef_decay``
 (default 0.9) forgets a tenth of the unsent residual each round, so stale directions from early
-training stop crowding out fresh ones (0.9 beat 1.0 and 0.7 in BENCHMARKS.md section 3).
+training stop crowding out fresh ones (0.9 beat 1.0 and 0.7, docs/experiments/simulate-sweeps.md).
 
 Body arrays, for ``n_chunks`` chunks and ``n = n_chunks * k`` kept entries:
 
@@ -184,8 +184,8 @@ class TopKCodec(Codec):
         x = torch.nn.functional.pad(flat, (0, rows * self.chunk - flat.numel())).view(rows, self.chunk)
         if self.transform:
             x = x @ _dct_matrix_torch(self.chunk, x.device).T
-        positions, values = select_topk(x, self.k)
-        positions, values = positions.cpu().numpy(), values.cpu().numpy()
+        top_positions, top_values = select_topk(x, self.k)
+        positions, values = top_positions.cpu().numpy(), top_values.cpu().numpy()
         if self.bits == 2:
             codes, scales, rho = quantize.quantize_2bit(values)
             arrays = {"rho": np.array([rho], dtype=np.uint8)}
