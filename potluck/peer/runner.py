@@ -69,7 +69,9 @@ class PeerRunner:
         self.join_addrs = [parse_join_address(a) for a in options.join]  # JoinError before anything starts
         self.tally = Tally()
         self.score = HeldOutScore(options.eval_batches)  # scores the master state (PeerOptions.eval_batches)
-        self.receipts = FinalReceipts(identity, receipts_dir=options.receipts_dir, tally=self.tally, on_event=on_event)
+        self.final_receipts = FinalReceipts(
+            identity, receipts_dir=options.receipts_dir, tally=self.tally, on_event=on_event
+        )
         self.trainer: LocalTrainer | None = None  # made once the run's config is known
         self.sync: Sync | None = None  # the aggregators as seen through the DHT node, once it is up
 
@@ -114,7 +116,7 @@ class PeerRunner:
                 cfg=master.cfg,
                 sync=sync,
                 serving=serving,
-                receipts=self.receipts,
+                receipts=self.final_receipts,
                 score=self.score,
                 tally=self.tally,
                 on_event=self.on_event,
