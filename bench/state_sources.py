@@ -28,13 +28,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from potluck.events import AggregatorReady, Event, PeerSynced  # noqa: E402
 from potluck.lab.netlab import NetLab, parse_link  # noqa: E402
 from potluck.lab.swarm import Child, read_events, start_child, stop_children  # noqa: E402
 from potluck.protocol.config import RunConfig, dump_run_config  # noqa: E402
+
+E = TypeVar("E", bound=Event)
 
 READY_S = 300.0
 
@@ -45,21 +48,21 @@ def _pump(child: Child, events: queue.Queue) -> None:
     events.put((child.name, time.monotonic(), None))
 
 
-def _wait(events: queue.Queue, want: set[str], kind: str, timeout_s: float) -> dict[str, tuple[float, dict]]:
+def _wait(events: queue.Queue, want: set[str], kind: type[E], timeout_s: float) -> dict[str, tuple[float, E]]:
     """The first `kind` event of each child in `want`: (arrival time, event)."""
-    got: dict[str, tuple[float, dict]] = {}
+    got: dict[str, tuple[float, E]] = {}
     deadline = time.monotonic() + timeout_s
     while want - set(got):
         left = deadline - time.monotonic()
         if left <= 0:
-            raise SystemExit(f"no {kind!r} event from {sorted(want - set(got))} within {timeout_s:.0f} s")
+            raise SystemExit(f"no {kind.KIND!r} event from {sorted(want - set(got))} within {timeout_s:.0f} s")
         try:
             name, at, event = events.get(timeout=min(left, 1.0))
         except queue.Empty:
             continue
         if event is None and name in want and name not in got:
-            raise SystemExit(f"{name} exited before its {kind!r} event")
-        if event is not None and event.get("event") == kind and name in want and name not in got:
+            raise SystemExit(f"{name} exited before its {kind.KIND!r} event")
+        if isinstance(event, kind) and name in want and name not in got:
             got[name] = (at, event)
     return got
 
@@ -90,8 +93,8 @@ def measure(args: argparse.Namespace, *, serve: bool) -> dict[str, Any]:
             ["aggregator", "--config", str(work / "run.toml"), "--state-dir", str(work / "aggregator")]
             + ["--host", lab.addresses[0], "--http-port", "0", "--threads", "1", "--json"],
         )
-        ready = _wait(events, {"aggregator"}, "ready", READY_S)["aggregator"][1]
-        join = ready["maddrs"][0]
+        ready = _wait(events, {"aggregator"}, AggregatorReady, READY_S)["aggregator"][1]
+        join = ready.maddrs[0]
 
         def peer(name: str, node: int, *extra: str) -> None:
             argv = ["peer", "--join", join, "--identity", str(work / f"{name}.key"), "--threads", "1", "--json"]
@@ -103,23 +106,23 @@ def measure(args: argparse.Namespace, *, serve: bool) -> dict[str, Any]:
         holders = [f"holder-{i}" for i in range(args.holders)]
         for i, name in enumerate(holders):
             peer(name, 1 + i, "--speed", "0.01")
-        held = _wait(events, set(holders), "synced", READY_S)
+        held = _wait(events, set(holders), PeerSynced, READY_S)
         joiners = [f"joiner-{i}" for i in range(args.joiners)]
         started = time.monotonic()
         for i, name in enumerate(joiners):
             peer(name, 1 + args.holders + i, "--speed", "0.01")
-        synced = _wait(events, set(joiners), "synced", READY_S)
+        synced = _wait(events, set(joiners), PeerSynced, READY_S)
         rows = []
         for name in joiners:
             at, event = synced[name]
-            sources = event.get("state_sources") or {}
+            sources = event.state_sources
             rows.append(
                 {
                     "joiner": name,
                     "sync_s": at - started,
-                    "state_bytes": event["state_bytes"],
-                    "from_aggregator": sources.get(ready["fingerprint"], 0),
-                    "from_peers": sum(b for k, b in sources.items() if k != ready["fingerprint"]),
+                    "state_bytes": event.state_bytes,
+                    "from_aggregator": sources.get(ready.fingerprint, 0),
+                    "from_peers": sum(b for k, b in sources.items() if k != ready.fingerprint),
                     "donors": sum(1 for b in sources.values() if b),
                     "offered": len(sources),  # donors tried, the aggregator included
                 }

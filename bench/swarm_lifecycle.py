@@ -28,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from potluck.events import AggregatorReady, Event, Joined, PeerDone, PeerSynced, RoundClosed  # noqa: E402
 from potluck.lab import swarm  # noqa: E402
 from potluck.protocol.config import RunConfig  # noqa: E402
 
@@ -54,18 +55,17 @@ def measure(peers: int, rounds: int) -> dict[str, Any]:
         pump(child, events)
         marks["exited"] = time.monotonic() - started  # the last stdout to close wins
 
-    def on_event(child: str, event: dict[str, Any]) -> None:
+    def on_event(child: str, event: Event) -> None:
         now = time.monotonic() - started
-        kind = event.get("event")
-        if child == "aggregator" and kind == "ready":
+        if child == "aggregator" and isinstance(event, AggregatorReady):
             marks["ready"] = now
-        elif child == "aggregator" and kind == "joined":
+        elif child == "aggregator" and isinstance(event, Joined):
             marks["joined"] = now
-        elif child == "aggregator" and kind == "round":
+        elif child == "aggregator" and isinstance(event, RoundClosed):
             closed.append(now)
-        elif kind == "synced":
+        elif isinstance(event, PeerSynced):
             marks["synced"] = now
-        elif kind == "done":
+        elif isinstance(event, PeerDone):
             marks["done"] = now
 
     swarm._pump = timed_pump

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from potluck import __version__, cli_ledger, cli_nodes, cli_swarm
+from potluck.errors import ERROR_PREFIX, PotluckError
 from potluck.protocol import PROTOCOL_VERSION
 
 app = typer.Typer(
@@ -40,20 +41,8 @@ stdout = Console()
 DEFAULT_IDENTITY = Path("~/.potluck/identity.key")
 
 
-class UsageError(Exception):
+class UsageError(PotluckError):
     """A flag's value cannot be used; the message says which and why."""
-
-
-def _known_errors() -> tuple[type[Exception], ...]:
-    """The library's one-line error types: printed as they are, never as a traceback."""
-    from potluck.cli_nodes import known_errors
-    from potluck.protocol.codecs import CodecError
-    from potluck.protocol.config import ConfigError
-    from potluck.protocol.envelope import EnvelopeError
-    from potluck.protocol.identity import IdentityError
-    from potluck.training.data import DataError
-
-    return (UsageError, IdentityError, ConfigError, CodecError, EnvelopeError, DataError, *known_errors())
 
 
 def setup_logging(verbose: bool) -> None:
@@ -385,19 +374,17 @@ def _auto_plan(
 
 
 def handle_errors(run: Callable[[], object]) -> None:
-    """Run an app, turning known errors into one line and exit status 2, Ctrl-C into exit status 130."""
+    """Run an app, turning a PotluckError into its one line and exit status (2), Ctrl-C into exit status 130."""
     try:
         run()
     except SystemExit:
-        # --help, usage errors and every normal exit: nothing to translate. Caught first because the
-        # clause below imports every command's error types (torch with them) just to compare.
-        raise
+        raise  # --help, usage errors and every normal exit: nothing to translate
     except KeyboardInterrupt:
         stderr.print("interrupted")
         sys.exit(130)
-    except _known_errors() as err:
-        stderr.print(f"potluck: error: {err}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
+    except PotluckError as err:  # one line the user can act on; anything else is a bug and keeps its traceback
+        stderr.print(f"{ERROR_PREFIX}{err}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(err.exit_status)
 
 
 def main() -> None:

@@ -23,6 +23,32 @@ from typing import Annotated, Any
 
 import typer
 
+from potluck.events import (
+    AggregatorDone,
+    AggregatorReady,
+    DonorDropped,
+    Event,
+    Failover,
+    Finished,
+    Followed,
+    Following,
+    PeerDone,
+    PeerPlan,
+    PeerRound,
+    PeerSynced,
+    ReceiptInvalid,
+    RoundClosed,
+    RoundError,
+    ServerlessReady,
+    ServerlessRound,
+    ServerlessSynced,
+    StateRefused,
+    StatusPage,
+    Takeover,
+    UpdateRejected,
+    encode_event,
+)
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = Path("~/.potluck/aggregator")
@@ -65,12 +91,10 @@ def _kb(n: float) -> str:
     return f"{n / 1000:,.1f} kB" if n < 10**6 else f"{n / 10**6:,.2f} MB"
 
 
-def _printer(
-    as_json: bool, describe: Callable[[dict[str, object]], str | None]
-) -> Callable[[dict[str, object]], None]:
-    def emit(event: dict[str, object]) -> None:
+def _printer(as_json: bool, describe: Callable[[Event], str | None]) -> Callable[[Event], None]:
+    def emit(event: Event) -> None:
         if as_json:
-            print(json.dumps(event), flush=True)
+            print(json.dumps(encode_event(event)), flush=True)
             return
         line = describe(event)
         if line:
@@ -79,104 +103,93 @@ def _printer(
     return emit
 
 
-def describe_aggregator_event(e: dict[str, Any]) -> str | None:
+def describe_aggregator_event(e: Event) -> str | None:
     """One human line for an aggregator event."""
-    kind = e.get("event")
-    if kind == "ready":
-        resumed = (
-            f", resumed at round {e['round']} with {e['spooled_updates']} spooled update(s)" if e["resumed"] else ""
-        )
-        lines = [
-            f"aggregator {e['fingerprint']} serving run {e['run']!r} (config {str(e['config_hash'])[:12]}){resumed}"
-        ]
-        lines += [f"  join with: peer --join {m}" for m in e["maddrs"]]  # type: ignore[union-attr]
+    if isinstance(e, AggregatorReady):
+        resumed = f", resumed at round {e.round} with {e.spooled_updates} spooled update(s)" if e.resumed else ""
+        lines = [f"aggregator {e.fingerprint} serving run {e.run!r} (config {e.config_hash[:12]}){resumed}"]
+        lines += [f"  join with: peer --join {m}" for m in e.maddrs]
         shard = ""
-        if e.get("shards", 1) > 1:
-            shard = f", shard {e['shard'] + 1} of {e['shards']} ({e['num_params']:,} parameters)"
-        if e.get("standby_of"):
-            lines.append(f"standby for aggregator {e['standby_of']}{shard}: serves nothing until that one goes")
+        if e.shards > 1:
+            shard = f", shard {e.shard + 1} of {e.shards} ({e.num_params:,} parameters)"
+        if e.standby_of:
+            lines.append(f"standby for aggregator {e.standby_of}{shard}: serves nothing until that one goes")
         else:
-            lines.append(f"round {e['round']} open, held-out loss {_loss(e['val_loss'])}{shard}")
+            lines.append(f"round {e.round} open, held-out loss {_loss(e.val_loss)}{shard}")
         return "\n".join(lines)
-    if kind == "round":
-        peers = len(e["accepted"])
+    if isinstance(e, RoundClosed):
         return (
-            f"round {e['round']} closed ({e['closed_by']}): held-out loss {_loss(e['val_loss'])}, {peers} update(s) "
-            f"accepted, {e['rejected']} rejected, {e['tokens']:,} tokens, aggregate {_kb(e['aggregate_bytes'])}, "
-            f"{e['round_s']:.1f} s (aggregation {e['aggregation_s']:.2f} s)"
+            f"round {e.round} closed ({e.closed_by}): held-out loss {_loss(e.val_loss)}, {len(e.accepted)} update(s) "
+            f"accepted, {e.rejected} rejected, {e.tokens:,} tokens, aggregate {_kb(e.aggregate_bytes)}, "
+            f"{e.round_s:.1f} s (aggregation {e.aggregation_s:.2f} s)"
         )
-    if kind == "rejected":
-        return f"rejected an update from {e['fingerprint']} for round {e['round']}: {e['reason']}"
-    if kind == "status-page":
-        return f"status page: {e['url']}"
-    if kind == "error":
-        return f"error in round {e['round']}: {e['detail']}"
-    if kind == "following":
-        return f"standing by for aggregator {e['primary']}: a copy of its shard at round {e['round']}"
-    if kind == "followed":
-        return f"standby: applied round {e['round']}'s aggregate (state {str(e['state_sha256'])[:12]})"
-    if kind == "takeover":
+    if isinstance(e, UpdateRejected):
+        return f"rejected an update from {e.fingerprint} for round {e.round}: {e.reason}"
+    if isinstance(e, StatusPage):
+        return f"status page: {e.url}"
+    if isinstance(e, RoundError):
+        return f"error in round {e.round}: {e.detail}"
+    if isinstance(e, Following):
+        return f"standing by for aggregator {e.primary}: a copy of its shard at round {e.round}"
+    if isinstance(e, Followed):
+        return f"standby: applied round {e.round}'s aggregate (state {e.state_sha256[:12]})"
+    if isinstance(e, Takeover):
         return (
-            f"aggregator {e['primary']} is gone: taking its shard over at round {e['round']}, "
-            f"waiting for the {e['expected']} peer(s) it last heard from"
+            f"aggregator {e.primary} is gone: taking its shard over at round {e.round}, "
+            f"waiting for the {e.expected} peer(s) it last heard from"
         )
-    if kind == "done":
-        return f"aggregator stopped after {e['rounds_closed']} round(s); next round would be {e['round']}"
+    if isinstance(e, AggregatorDone):
+        return f"aggregator stopped after {e.rounds_closed} round(s); next round would be {e.round}"
     return None
 
 
-def describe_peer_event(e: dict[str, Any]) -> str | None:
+def describe_peer_event(e: Event) -> str | None:
     """One human line for a peer event (one per round)."""
-    kind = e.get("event")
-    if kind == "synced":
-        sources = e.get("state_sources") or {}
-        given = [n for n, b in sources.items() if b]
+    if isinstance(e, PeerSynced):
+        given = [n for n, b in e.state_sources.items() if b]
         spread = f" from {len(given)} sources" if len(given) > 1 else ""
+        return f"peer {e.fingerprint} joined run {e.run!r} at round {e.round} (state {_kb(e.state_bytes)}{spread})"
+    if isinstance(e, DonorDropped):
+        return f"stopped fetching state chunks from {e.donor} ({e.reason}); the others give the rest"
+    if isinstance(e, PeerRound):
+        verdict = "accepted" if e.accepted else f"rejected ({e.reason})"
+        if e.points is not None and e.accepted:
+            verdict += f", +{e.points:,.0f} points"
+        network = e.upload_s + e.wait_s + e.download_s
+        hidden = " (overlapped)" if e.overlap else ""
+        stale = f" ({e.stale_steps} stale)" if e.stale_steps else ""
+        held_out = "" if e.val_loss is None else f" | held-out {e.val_loss:.3f}"
         return (
-            f"peer {e['fingerprint']} joined run {e['run']!r} at round {e['round']} "
-            f"(state {_kb(e['state_bytes'])}{spread})"
-        )
-    if kind == "donor-dropped":
-        return f"stopped fetching state chunks from {e['donor']} ({e['reason']}); the others give the rest"
-    if kind == "round":
-        verdict = "accepted" if e["accepted"] else f"rejected ({e['reason']})"
-        if e.get("points") is not None and e["accepted"]:
-            verdict += f", +{e['points']:,.0f} points"
-        network = e["upload_s"] + e["wait_s"] + e["download_s"]
-        hidden = " (overlapped)" if e.get("overlap") else ""
-        stale = f" ({e['stale_steps']} stale)" if e.get("stale_steps") else ""
-        held_out = "" if e.get("val_loss") is None else f" | held-out {e['val_loss']:.3f}"
-        return (
-            f"round {e['round']:>4} | loss {e['loss']:.3f}{held_out} | {e['tokens_per_s']:,.0f} tok/s | "
-            f"up {_kb(e['bytes_up'])} "
-            f"down {_kb(e['bytes_down'])} | {e.get('inner_steps', '?')} steps{stale} in {e['compute_s']:.1f} s, "
+            f"round {e.round:>4} | loss {e.loss:.3f}{held_out} | {e.tokens_per_s:,.0f} tok/s | "
+            f"up {_kb(e.bytes_up)} "
+            f"down {_kb(e.bytes_down)} | {e.inner_steps} steps{stale} in {e.compute_s:.1f} s, "
             f"network {network:.1f} s{hidden} | {verdict}"
         )
-    if kind == "plan":
+    if isinstance(e, PeerPlan):
         from potluck.planning.plan import AutoPlan
 
-        return AutoPlan(**{k: v for k, v in e.items() if k != "event"}).line()
-    if kind == "failover":
-        return f"shard {e['shard']}: aggregator {e['from']} is gone; switched to its standby {e['to']}"
-    if kind == "state-refused":
-        return f"refused the state aggregator {e['aggregator']} served ({e['detail']}); trying another source"
-    if kind == "finished":
-        return str(e["detail"])
-    if kind == "done":
+        return AutoPlan(**{k: v for k, v in encode_event(e).items() if k != "event"}).line()
+    if isinstance(e, Failover):
+        return f"shard {e.shard}: aggregator {e.from_} is gone; switched to its standby {e.to}"
+    if isinstance(e, StateRefused):
+        return f"refused the state aggregator {e.aggregator} served ({e.detail}); trying another source"
+    if isinstance(e, Finished):
+        return e.detail
+    if isinstance(e, PeerDone):
         return (
-            f"left after {e['rounds']} round(s): {e['accepted']} accepted, {e['rejected']} rejected, "
-            f"up {_kb(e['bytes_up'])}, down {_kb(e['bytes_down'])}, {e.get('score', 0):,.0f} points in "
-            f"{e.get('receipts', 0)} verified receipt(s)"
+            f"left after {e.rounds} round(s): {e.accepted} accepted, {e.rejected} rejected, "
+            f"up {_kb(e.bytes_up)}, down {_kb(e.bytes_down)}, {e.score:,.0f} points in "
+            f"{e.receipts} verified receipt(s)"
             + (
-                f", {e['inner_steps']} inner steps, busy {e['compute_utilization']:.0%} of the time"
-                if e.get("compute_utilization") is not None
+                f", {e.inner_steps} inner steps, busy {e.compute_utilization:.0%} of the time"
+                if e.compute_utilization is not None
                 else ""
             )
         )
-    if kind == "status-page":
-        return f"status page: {e['url']}"
-    if kind == "receipt-invalid":
-        return f"round {e['round']}: the aggregator's receipt does not verify: {e['detail']}"
+    if isinstance(e, StatusPage):
+        return f"status page: {e.url}"
+    if isinstance(e, ReceiptInvalid):
+        return f"round {e.round}: the aggregator's receipt does not verify: {e.detail}"
     return None
 
 
@@ -561,18 +574,17 @@ def _serverless_peer(
     run_until_stopped(runner.run())
 
 
-def describe_serverless_event(event: dict[str, object]) -> str | None:
+def describe_serverless_event(event: Event) -> str | None:
     """One status line per serverless event worth a human's attention."""
-    kind = event.get("event")
-    if kind == "ready":
-        maddrs = event.get("maddrs") or ["?"]
-        return f"serverless peer up; others join with: peer --serverless --join {maddrs[0]}"  # type: ignore[index]
-    if kind == "synced":
-        return f"run {event['run']!r}: starting at round {event['round']} (state from the {event['source']})"
-    if kind == "round":
+    if isinstance(event, ServerlessReady):
+        maddrs = event.maddrs or ("?",)
+        return f"serverless peer up; others join with: peer --serverless --join {maddrs[0]}"
+    if isinstance(event, ServerlessSynced):
+        return f"run {event.run!r}: starting at round {event.round} (state from the {event.source})"
+    if isinstance(event, ServerlessRound):
         return (
-            f"round {event['round']}: held-out loss {event['val_loss']:.4f}, averaged in a group of {event['group']} "
-            f"({event['average_s']:.1f} s), {event['tokens']} tokens"
+            f"round {event.round}: held-out loss {event.val_loss:.4f}, averaged in a group of {event.group} "
+            f"({event.average_s:.1f} s), {event.tokens} tokens"
         )
     return None
 
@@ -622,35 +634,6 @@ def _listen_maddr(host: str | None, port: int, joins: tuple[str, ...]) -> str:
     """Where a peer listens: `host`, else loopback when it joins only loopback addresses, else every interface."""
     loopback = bool(joins) and all(a.startswith(("/ip4/127.", "/ip6/::1/")) for a in joins)
     return f"/ip4/{host or ('127.0.0.1' if loopback else '0.0.0.0')}/tcp/{port}"
-
-
-def known_errors() -> tuple[type[Exception], ...]:
-    """The node commands' one-line error types."""
-    from potluck.aggregator_server.checkpoint import CheckpointError
-    from potluck.aggregator_server.reputation import BanFileError
-    from potluck.aggregator_server.setup import SetupError
-    from potluck.lab.netlab import NetLabError
-    from potluck.lab.swarm import SwarmError
-    from potluck.peer.runner import PeerError
-    from potluck.peer.serverless import ServerlessError
-    from potluck.protocol.client import AggregatorRefused
-    from potluck.protocol.dht_schema import DHTSchemaError
-    from potluck.protocol.node import JoinError
-    from potluck.web import WebServerError
-
-    return (
-        CheckpointError,
-        SetupError,
-        AggregatorRefused,
-        PeerError,
-        ServerlessError,
-        DHTSchemaError,
-        JoinError,
-        SwarmError,
-        NetLabError,
-        BanFileError,
-        WebServerError,
-    )
 
 
 def single_command_main(command: Callable[..., None], name: str) -> Callable[[], None]:

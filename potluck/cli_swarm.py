@@ -11,6 +11,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from potluck.events import (
+    AggregatorReady,
+    Event,
+    PeerRound,
+    PeerSynced,
+    RoundClosed,
+    ServerlessReady,
+    ServerlessRound,
+    StatusPage,
+    SwarmKilled,
+    Takeover,
+    UpdateRejected,
+)
+
 stderr = Console(stderr=True)
 stdout = Console()
 
@@ -203,40 +217,38 @@ def swarm(
     ) as progress:
         task = progress.add_task("starting", total=cfg.rounds)
 
-        def on_event(name: str, event: dict[str, Any]) -> None:
-            kind = event.get("event")
-            if serverless and name == "peer-0" and kind in ("ready", "round"):
-                status["loss"] = event["val_loss"]
-                status["round"] = event["round"] + (kind == "round")
-                if kind == "ready":
-                    progress.console.print(f"join this swarm:  peer --serverless --join {event['maddrs'][0]}")
+        def on_event(name: str, event: Event) -> None:
+            if serverless and name == "peer-0" and isinstance(event, ServerlessReady | ServerlessRound):
+                status["loss"] = event.val_loss
+                status["round"] = event.round + isinstance(event, ServerlessRound)
+                if isinstance(event, ServerlessReady):
+                    progress.console.print(f"join this swarm:  peer --serverless --join {event.maddrs[0]}")
                 else:
-                    status["group"] = event["group"]
+                    status["group"] = event.group
             elif serverless:
                 pass
-            elif name in FIRST_AGGREGATOR and kind == "status-page":
-                progress.console.print(f"status page: {event['url']}")
-            elif name in FIRST_AGGREGATOR and kind == "ready" and not event.get("standby_of"):
-                status["loss"] = event["val_loss"]  # None from a shard's aggregator: peer-0 scores the model
-                status["round"] = event["round"]
-                progress.console.print(f"join this swarm from another terminal:  peer --join {event['maddrs'][0]}")
-            elif name in FIRST_AGGREGATOR and kind == "round":
-                status["loss"] = event["val_loss"] if event["val_loss"] is not None else status["loss"]
-                status["round"] = event["round"] + 1
-                status["peers"] = {a["fingerprint"] for a in event["accepted"]}
-            elif name == "swarm" and kind == "killed":
-                progress.console.print(
-                    f"killed {event['child']} after round {event['after_round']} (--kill-aggregator-at)"
-                )
-            elif name == "standby-0" and kind == "takeover":
-                progress.console.print(f"standby-0 took shard 0 over at round {event['round']}")
-            elif name.startswith("peer-") and kind in ("round", "synced"):
-                if event.get("val_loss") is not None:
-                    status["loss"] = event["val_loss"]
-                status["up"] += event.get("bytes_up", 0)
-                status["down"] += event.get("bytes_down", 0)
-            elif kind == "rejected":
-                progress.console.print(f"rejected {event['fingerprint']} round {event['round']}: {event['reason']}")
+            elif name in FIRST_AGGREGATOR and isinstance(event, StatusPage):
+                progress.console.print(f"status page: {event.url}")
+            elif name in FIRST_AGGREGATOR and isinstance(event, AggregatorReady) and not event.standby_of:
+                status["loss"] = event.val_loss  # None from a shard's aggregator: peer-0 scores the model
+                status["round"] = event.round
+                progress.console.print(f"join this swarm from another terminal:  peer --join {event.maddrs[0]}")
+            elif name in FIRST_AGGREGATOR and isinstance(event, RoundClosed):
+                status["loss"] = event.val_loss if event.val_loss is not None else status["loss"]
+                status["round"] = event.round + 1
+                status["peers"] = {a.fingerprint for a in event.accepted}
+            elif name == "swarm" and isinstance(event, SwarmKilled):
+                progress.console.print(f"killed {event.child} after round {event.after_round} (--kill-aggregator-at)")
+            elif name == "standby-0" and isinstance(event, Takeover):
+                progress.console.print(f"standby-0 took shard 0 over at round {event.round}")
+            elif name.startswith("peer-") and isinstance(event, PeerRound | PeerSynced):
+                if event.val_loss is not None:
+                    status["loss"] = event.val_loss
+                if isinstance(event, PeerRound):
+                    status["up"] += event.bytes_up
+                    status["down"] += event.bytes_down
+            elif isinstance(event, UpdateRejected):
+                progress.console.print(f"rejected {event.fingerprint} round {event.round}: {event.reason}")
             loss = "-" if status["loss"] is None else f"{status['loss']:.4f}"
             progress.update(
                 task,
@@ -350,10 +362,10 @@ def redteam(
     cfg = RunConfig().with_overrides({**overrides, **parse_overrides(set_ or [])}, source="flags")
     done: dict[str, int] = {}
 
-    def on_event(run: str, child: str, event: dict[str, Any]) -> None:
-        if child == "aggregator" and event.get("event") == "round":
-            done[run] = event["round"] + 1
-            stderr.print(f"{run:>10}: round {done[run]}/{cfg.rounds}, held-out loss {event['val_loss']:.4f}")
+    def on_event(run: str, child: str, event: Event) -> None:
+        if child == "aggregator" and isinstance(event, RoundClosed):
+            done[run] = event.round + 1
+            stderr.print(f"{run:>10}: round {done[run]}/{cfg.rounds}, held-out loss {event.val_loss:.4f}")
 
     try:
         report = run_redteam(

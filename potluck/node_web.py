@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from potluck.aggregator_server.server import AggregatorServer
+from potluck.events import Event, StatusPage
 from potluck.protocol.identity import fingerprint, public_key_from_hex
 from potluck.web import PeerStatus, RunStatus, WebServerError, create_app, create_peer_app, start_server
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_HTTP_PORT = 8000
-Event = dict[str, object]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -102,7 +102,7 @@ async def serve_with_page(
                 raise
             logger.warning("%s; going on without a status page", e)
     if running is not None:
-        on_event({"event": "status-page", "url": running.url})
+        on_event(StatusPage(url=running.url))
     try:
         await main
     finally:

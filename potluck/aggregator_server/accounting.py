@@ -17,6 +17,7 @@ from potluck.aggregator_server.judge import Verdict
 from potluck.aggregator_server.rounds import Accepted
 from potluck.aggregator_server.setup import SetupError
 from potluck.aggregator_server.validation import Rejection
+from potluck.events import LedgerHead
 from potluck.incentives.ledger import Ledger, LedgerError
 from potluck.incentives.ledger_format import LedgerEntry, LedgerRow, SignedHead
 from potluck.incentives.merkle import merkle_proof, proof_to_bytes
@@ -162,16 +163,16 @@ def open_ledger(path: Path, *, identity: Identity, round_index: int) -> Ledger:
     return ledger
 
 
-def head_event(head: SignedHead | None) -> dict[str, object] | None:
+def head_event(head: SignedHead | None) -> LedgerHead | None:
     """A signed ledger head as JSON-able values (hex for bytes), for events and the status page."""
     if head is None:
         return None
-    return {
-        "round": head.round,
-        "last_row_id": head.last_row_id,
-        "head_hash": head.head_hash.hex(),
-        "row_count": head.row_count,
-        "timestamp_s": head.timestamp_s,
-        "aggregator_public_key": head.aggregator_public_key.hex(),
-        "signature": head.signature.hex(),
-    }
+    return LedgerHead(
+        round=head.round,
+        last_row_id=head.last_row_id,
+        head_hash=head.head_hash.hex(),
+        row_count=head.row_count,
+        timestamp_s=head.timestamp_s,
+        aggregator_public_key=head.aggregator_public_key.hex(),
+        signature=head.signature.hex(),
+    )

@@ -34,6 +34,7 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 
+from potluck.errors import PotluckError
 from potluck.protocol.identity import public_key_to_hex
 from potluck.training.diloco import state_sha256
 
@@ -50,7 +51,7 @@ _ROUND_DIR = re.compile(r"round-(0|[1-9][0-9]*)")
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 
 
-class CheckpointError(Exception):
+class CheckpointError(PotluckError):
     """The state dir cannot be used; the one-line message names the file and what to do."""
 
 

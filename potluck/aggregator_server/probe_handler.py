@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from potluck.protocol.probe import MAX_PROBE_BYTES, PROBE_HANDLER, decode_probe_request, encode_probe_request
-from potluck.protocol.wire import MessageKind, WireError, error_body, read_frame_from_stream, write_frame
+from potluck.protocol.wire import MessageKind, RefusalCode, WireError, error_body, read_frame_from_stream, write_frame
 
 __all__ = [
     "MAX_PROBE_BYTES",
@@ -45,7 +45,8 @@ async def handle_probe(stream_info: Any, reader: asyncio.StreamReader, writer: a
             reason = str(e) or f"no probe request within {PROBE_STEP_TIMEOUT_S:.0f} s"
             logger.info("refused a probe from %s: %s", peer, reason)
             await asyncio.wait_for(
-                write_frame(writer, kind=MessageKind.ERROR, body=error_body(reason)), PROBE_STEP_TIMEOUT_S
+                write_frame(writer, kind=MessageKind.ERROR, body=error_body(reason, code=RefusalCode.BAD_REQUEST)),
+                PROBE_STEP_TIMEOUT_S,
             )
             return
         del body  # up to 8 MiB of filler: do not hold it while the reply goes out

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from potluck.errors import PotluckError
 from potluck.protocol.identity import fingerprint, public_key_from_hex, public_key_to_hex
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ STRIKE_CHECKS = frozenset(
 )
 
 
-class BanFileError(Exception):
+class BanFileError(PotluckError):
     """bans.json cannot be read or written (one line, with the fix)."""
 
 

@@ -68,6 +68,24 @@ from potluck.aggregator_server.validation import (
     check_signature,
     decode_update,
 )
+from potluck.errors import PotluckError
+from potluck.events import (
+    AcceptedUpdate,
+    AggregatorDone,
+    AggregatorReady,
+    Banned,
+    Credit,
+    Event,
+    Joined,
+    RoundClosed,
+    RoundError,
+    RoundOpened,
+    Standing,
+    Takeover,
+    Unbanned,
+    UpdateReceived,
+    UpdateRejected,
+)
 from potluck.incentives.ledger import LedgerError
 from potluck.incentives.ledger_format import LedgerRow, SignedHead
 from potluck.protocol.ban_records import BANS_KEY, BanList, BanRecordError, parse_ban_lists, sign_ban_list
@@ -106,6 +124,7 @@ from potluck.protocol.shards import ShardError, keys_of_shard, shard_names, shar
 from potluck.protocol.state_chunks import ChunkRequest
 from potluck.protocol.wire import (
     MessageKind,
+    RefusalCode,
     VersionMismatchError,
     WireError,
     error_body,
@@ -119,7 +138,6 @@ from potluck.training.models import build_model, model_config, parameter_shapes
 
 logger = logging.getLogger(__name__)
 
-Event = dict[str, object]
 KEPT_AGGREGATES = 8  # rounds whose aggregate a late peer can still fetch
 READ_TIMEOUT_S = 60.0  # a peer that goes silent mid-request loses its stream after this
 ANNOUNCE_TTL_S = 60.0
@@ -294,30 +312,29 @@ class AggregatorServer:
             self._write_multiaddr_file()
             val_loss = await asyncio.to_thread(self._evaluate, self.master.params)
             self.on_event(
-                {
-                    "event": "ready",
-                    "maddrs": self.maddrs,
-                    "fingerprint": self.identity.fingerprint,
-                    "run": self.cfg.run_name,
-                    "config_hash": self.cfg.config_hash,
-                    "round": self.master.round,
-                    "resumed": self.resumed,
-                    "spooled_updates": len(self.current.accepted),
-                    "val_loss": val_loss,
-                    "num_params": sum(t.numel() for t in self.master.params.values()),  # this shard's
-                    "shard": self.shard,
-                    "shards": self.cfg.shards,
-                    "state_sha256": state_sha256(self.master.params).hex(),
-                    "rounds_total": self.cfg.rounds,
-                    "round_deadline_s": self.cfg.round_deadline_s,
-                    "model": self.cfg.model.size,
-                    "codec": self.codec.name,
-                    "aggregate_codec": self.aggregate_codec.name,
-                    "density": self.master.density,
-                    "leaderboard": await asyncio.to_thread(self._leaderboard),
-                    "ledger_head": head_event(self.ledger.head()),
-                    "standby_of": None if self.primary is None else fingerprint(self.primary),
-                }
+                AggregatorReady(
+                    maddrs=tuple(self.maddrs),
+                    fingerprint=self.identity.fingerprint,
+                    run=self.cfg.run_name,
+                    config_hash=self.cfg.config_hash,
+                    round=self.master.round,
+                    resumed=self.resumed,
+                    spooled_updates=len(self.current.accepted),
+                    val_loss=val_loss,
+                    num_params=sum(t.numel() for t in self.master.params.values()),  # this shard's
+                    shard=self.shard,
+                    shards=self.cfg.shards,
+                    state_sha256=state_sha256(self.master.params).hex(),
+                    rounds_total=self.cfg.rounds,
+                    round_deadline_s=self.cfg.round_deadline_s,
+                    model=self.cfg.model.size,
+                    codec=self.codec.name,
+                    aggregate_codec=self.aggregate_codec.name,
+                    density=self.master.density,
+                    leaderboard=await asyncio.to_thread(self._leaderboard),
+                    ledger_head=head_event(self.ledger.head()),
+                    standby_of=None if self.primary is None else fingerprint(self.primary),
+                )
             )
             if self.primary is not None:  # a standby serves nothing until it takes over
                 if not await self._stand_by(node):
@@ -335,7 +352,7 @@ class AggregatorServer:
                     await announcer
             await node.shutdown()
             self.ledger.close()
-        self.on_event({"event": "done", "round": self.master.round, "rounds_closed": self.rounds_closed})
+        self.on_event(AggregatorDone(round=self.master.round, rounds_closed=self.rounds_closed))
 
     async def _add_handlers(self, p2p: Any) -> None:
         """Serve the protocol's requests (each through _closing: one ERROR line for what it refuses)."""
@@ -379,13 +396,12 @@ class AggregatorServer:
         self._all_here.set()
         logger.warning("primary %s is gone; taking over at round %d", fingerprint(self.primary), self.master.round)
         self.on_event(
-            {
-                "event": "takeover",
-                "round": self.master.round,
-                "primary": fingerprint(self.primary),
-                "state_sha256": state_sha256(self.master.params).hex(),
-                "expected": len(taken.contributors),
-            }
+            Takeover(
+                round=self.master.round,
+                primary=fingerprint(self.primary),
+                state_sha256=state_sha256(self.master.params).hex(),
+                expected=len(taken.contributors),
+            )
         )
         return True
 
@@ -552,7 +568,7 @@ class AggregatorServer:
                 await asyncio.to_thread(self._checkpoint, following, body)
             except CheckpointError as e:  # the ledger has the round: the retry closes it as recorded
                 logger.error("round %d not closed: %s; retrying in 5 s", closing.index, e)
-                self.on_event({"event": "error", "round": closing.index, "detail": str(e)})
+                self.on_event(RoundError(round=closing.index, detail=str(e)))
                 await asyncio.sleep(5)
                 return
             aggregation_s = time.perf_counter() - started
@@ -587,42 +603,41 @@ class AggregatorServer:
             self._round_opened()
         val_loss = await asyncio.to_thread(self._evaluate, following.params)
         self.on_event(
-            {
-                "event": "round",
-                "round": closing.index,
-                "closed_by": reason,
-                "val_loss": val_loss,
-                "accepted": [
-                    {
-                        "fingerprint": fingerprint(key),
-                        "tokens": a.update.header.tokens,
-                        "bytes": len(a.payload),
-                        "update": a.update.header.digest().hex()[:16],
-                        "credit": kept[a.update.header.digest()].entry.credit,
-                    }
+            RoundClosed(
+                round=closing.index,
+                closed_by=reason,
+                val_loss=val_loss,
+                accepted=tuple(
+                    AcceptedUpdate(
+                        fingerprint=fingerprint(key),
+                        tokens=a.update.header.tokens,
+                        bytes=len(a.payload),
+                        update=a.update.header.digest().hex()[:16],
+                        credit=kept[a.update.header.digest()].entry.credit,
+                    )
                     for key, a in sorted(closing.accepted.items())
-                ],
-                "rejected": closing.rejected,
-                "density": closed_density,  # the round's upload density, and the next one's
-                "next_density": following.density,
-                "round_s": time.monotonic() - closing.opened_at,
-                "aggregation_s": aggregation_s,
-                "aggregate_bytes": len(body),
-                "state_sha256": signed.header.state_sha256.hex(),
-                "tokens": closing.tokens,
-                "time_s": time.time(),
-                "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out,
-                "ledger_head": head_event(head),
-                "credits": [
-                    {
-                        "fingerprint": fingerprint(r.entry.peer_public_key),
-                        "public_key": r.entry.peer_public_key.hex(),
-                        "credit": r.entry.credit,
-                    }
+                ),
+                rejected=closing.rejected,
+                density=closed_density,  # the round's upload density, and the next one's
+                next_density=following.density,
+                round_s=time.monotonic() - closing.opened_at,
+                aggregation_s=aggregation_s,
+                aggregate_bytes=len(body),
+                state_sha256=signed.header.state_sha256.hex(),
+                tokens=closing.tokens,
+                time_s=time.time(),
+                bytes_in=self.bytes_in,
+                bytes_out=self.bytes_out,
+                ledger_head=head_event(head),
+                credits=tuple(
+                    Credit(
+                        fingerprint=fingerprint(r.entry.peer_public_key),
+                        public_key=r.entry.peer_public_key.hex(),
+                        credit=r.entry.credit,
+                    )
                     for r in kept.values()
-                ],
-            }
+                ),
+            )
         )
 
     def _waiting_for_peers(self) -> bool:
@@ -657,7 +672,7 @@ class AggregatorServer:
                 )
             except LedgerError as e:
                 logger.error("round %d not closed: %s; retrying in 5 s", closing.index, e)
-                self.on_event({"event": "error", "round": closing.index, "detail": str(e)})
+                self.on_event(RoundError(round=closing.index, detail=str(e)))
                 await asyncio.sleep(5)
                 return None
         for i, rejection in sorted(verdict.rejections.items()):
@@ -678,26 +693,16 @@ class AggregatorServer:
 
     def _round_opened(self) -> None:
         self.on_event(
-            {
-                "event": "round-open",
-                "round": self.current.index,
-                "deadline_s": max(0.0, self.current.seconds_left()),
-                "time_s": time.time(),
-            }
+            RoundOpened(round=self.current.index, deadline_s=max(0.0, self.current.seconds_left()), time_s=time.time())
         )
 
-    def _leaderboard(self) -> list[dict[str, object]]:
+    def _leaderboard(self) -> tuple[Standing, ...]:
         """The ledger's top peers by points, for the ready event (the status page goes on from there)."""
         points, accepted = self.ledger.points(), self.ledger.accepted_counts()
-        return [
-            {
-                "fingerprint": fingerprint(key),
-                "public_key": key.hex(),
-                "points": total,
-                "accepted": accepted.get(key, 0),
-            }
+        return tuple(
+            Standing(fingerprint=fingerprint(key), public_key=key.hex(), points=total, accepted=accepted.get(key, 0))
             for key, total in list(points.items())[:LEADERBOARD_SIZE]
-        ]
+        )
 
     def _checkpoint(self, state: MasterState, aggregate_body: bytes | None) -> None:
         save_checkpoint(
@@ -848,14 +853,13 @@ class AggregatorServer:
         who = fingerprint(public_key)
         logger.warning("rejected update from %s for round %d: %s", who, round_index, rejection)
         self.on_event(
-            {
-                "event": "rejected",
-                "fingerprint": who,
-                "round": round_index,
-                "check": rejection.check,
-                "reason": str(rejection),
-                "update": None if update is None else update.header.digest().hex()[:16],
-            }
+            UpdateRejected(
+                fingerprint=who,
+                round=round_index,
+                check=rejection.check,
+                reason=str(rejection),
+                update=None if update is None else update.header.digest().hex()[:16],
+            )
         )
         try:
             ban = self.reputation.strike(public_key, round_index=self.current.index, check=rejection.check)
@@ -863,12 +867,14 @@ class AggregatorServer:
             logger.error("could not record a strike: %s", e)
             return
         if ban is not None:
-            self.on_event({"event": "banned", "fingerprint": who, "round": ban.round, "reason": ban.reason})
+            self.on_event(Banned(fingerprint=who, round=ban.round, reason=ban.reason))
 
     async def _handle_probe(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The doctor's rate probe, at most MAX_PROBES at a time: each may cost 8 MiB each way."""
         if self._probes.locked():
-            raise _Refusal(f"{BUSY_PREFIX}measuring other peers' links; try potluck doctor again in a minute")
+            raise _Refusal(
+                RefusalCode.BUSY, f"{BUSY_PREFIX}measuring other peers' links; try potluck doctor again in a minute"
+            )
         async with self._probes:
             await handle_probe(info, reader, writer)
 
@@ -876,7 +882,9 @@ class AggregatorServer:
         """A state or manifest request's asker, expected in the open round; it may first wait for the others."""
         key, client_mode = parse_state_request_mode(body)
         if self.finished:
-            raise _Refusal(f"run {self.cfg.run_name!r} has finished at round {self.master.round}")
+            raise _Refusal(
+                RefusalCode.RUN_FINISHED, f"run {self.cfg.run_name!r} has finished at round {self.master.round}"
+            )
         standby = public_key_to_hex(key) in self.cfg.aggregator_keys  # follows the run: not a peer to wait for
         async with self._lock:  # not mid-close: a joiner gets the state of the round it will be waited for in
             if key not in self.current.accepted and not standby:
@@ -889,13 +897,12 @@ class AggregatorServer:
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._all_here.wait(), timeout=max(self.cfg.round_deadline_s, JOIN_BARRIER_S))
         self.on_event(
-            {
-                "event": "joined",
-                "fingerprint": fingerprint(key),
-                "round": self.current.index,
-                "client_mode": client_mode,  # as the peer says: unauthenticated, shown on the status page only
-                "time_s": time.time(),
-            }
+            Joined(
+                fingerprint=fingerprint(key),
+                round=self.current.index,
+                client_mode=client_mode,  # as the peer says: unauthenticated, shown on the status page only
+                time_s=time.time(),
+            )
         )
         return key
 
@@ -948,7 +955,9 @@ class AggregatorServer:
     async def _handle_submit(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         limit = 4 + MAX_UPDATE_ENVELOPE_BYTES + self.cfg.max_update_bytes
         if self._uploads.locked():
-            raise _Refusal(f"{BUSY_PREFIX}{MAX_UPLOADS} uploads are already in progress; retry in a few seconds")
+            raise _Refusal(
+                RefusalCode.BUSY, f"{BUSY_PREFIX}{MAX_UPLOADS} uploads are already in progress; retry in a few seconds"
+            )
         async with self._uploads:  # each upload may hold max_update_bytes in memory until it is judged
             reading = time.monotonic()
             _, body = await _read(reader, MessageKind.SUBMIT, limit)
@@ -959,7 +968,7 @@ class AggregatorServer:
         try:
             update = SignedUpdate.from_bytes(envelope)
         except EnvelopeError as e:
-            raise _Refusal(f"envelope: {e}") from e
+            raise _Refusal(RefusalCode.BAD_REQUEST, f"envelope: {e}") from e
         h = update.header
         async with self._lock:
             rejection: Rejection | None = None
@@ -1014,16 +1023,15 @@ class AggregatorServer:
                         )
                         self._wake.set()
             self.on_event(
-                {
-                    "event": "received",
-                    "fingerprint": fingerprint(h.peer_public_key),
-                    "round": h.round,
-                    "tokens": h.tokens,
-                    "bytes": len(payload),
-                    "accepted": rejection is None,
-                    "check": None if rejection is None else rejection.check,
-                    "time_s": received_s,
-                }
+                UpdateReceived(
+                    fingerprint=fingerprint(h.peer_public_key),
+                    round=h.round,
+                    tokens=h.tokens,
+                    bytes=len(payload),
+                    accepted=rejection is None,
+                    check=None if rejection is None else rejection.check,
+                    time_s=received_s,
+                )
             )
             if rejection is not None and repeated is None:
                 self.current.rejected += 1
@@ -1064,19 +1072,22 @@ class AggregatorServer:
         _, body = await _read(reader, MessageKind.AGGREGATE_REQUEST, MAX_REQUEST_BYTES)
         wanted = parse_aggregate_request(body)
         if wanted > self.current.index:
-            raise _Refusal(f"round {wanted} has not started; the open round is {self.current.index}")
+            raise _Refusal(
+                RefusalCode.NOT_STARTED, f"round {wanted} has not started; the open round is {self.current.index}"
+            )
         if wanted == self.current.index and not self.finished:
             timeout_s = max(self.current.seconds_left(), 0) + self.cfg.round_deadline_s + 30
             async with self._published:
                 try:
                     await asyncio.wait_for(self._published.wait_for(lambda: self.master.round > wanted), timeout_s)
                 except (TimeoutError, asyncio.TimeoutError):
-                    raise _Refusal(f"round {wanted} is still open; ask again") from None
+                    raise _Refusal(RefusalCode.ROUND_OPEN, f"round {wanted} is still open; ask again") from None
         aggregate = self.aggregates.get(wanted)
         if aggregate is None:
             raise _Refusal(
+                RefusalCode.NOT_HELD,
                 f"the aggregate of round {wanted} is no longer held (open round: {self.current.index}); "
-                "download the state again"
+                "download the state again",
             )
         self.bytes_out += len(aggregate)
         await write_frame(writer, kind=MessageKind.AGGREGATE, body=aggregate)
@@ -1088,7 +1099,10 @@ class AggregatorServer:
         _, body = await _read(reader, MessageKind.RECEIPT_REQUEST, MAX_REQUEST_BYTES)
         round_index, digest = parse_receipt_request(body)
         if round_index >= self.master.round:
-            raise _Refusal(f"round {round_index} has not closed yet (the open round is {self.current.index})")
+            raise _Refusal(
+                RefusalCode.ROUND_OPEN,
+                f"round {round_index} has not closed yet (the open round is {self.current.index})",
+            )
         rows = self.closed_rows.get(round_index)
         if rows is None:
             rows = await asyncio.to_thread(self.ledger.rows, round_index=round_index)
@@ -1096,7 +1110,7 @@ class AggregatorServer:
             rows, digest, run_id=self.cfg.run_name, config_hash=self.cfg.config_hash, identity=self.identity
         )
         if signed is None:
-            raise _Refusal(f"round {round_index}'s ledger has no update {digest.hex()[:16]}")
+            raise _Refusal(RefusalCode.NOT_FOUND, f"round {round_index}'s ledger has no update {digest.hex()[:16]}")
         reply = signed.to_bytes()
         self.bytes_out += len(reply)
         await write_frame(writer, kind=MessageKind.RECEIPT, body=reply)
@@ -1110,9 +1124,7 @@ class AggregatorServer:
         async with self._lock:
             ban = self.reputation.ban(public_key, reason=reason)
             self.current.expected.discard(public_key)
-        self.on_event(
-            {"event": "banned", "fingerprint": fingerprint(public_key), "round": ban.round, "reason": reason}
-        )
+        self.on_event(Banned(fingerprint=fingerprint(public_key), round=ban.round, reason=reason))
         self._wake.set()
 
     async def unban(self, public_key: bytes) -> bool:
@@ -1120,7 +1132,7 @@ class AggregatorServer:
         async with self._lock:
             lifted = self.reputation.lift(public_key)
         if lifted:
-            self.on_event({"event": "unbanned", "fingerprint": fingerprint(public_key)})
+            self.on_event(Unbanned(fingerprint=fingerprint(public_key)))
         return lifted
 
     def known_keys(self) -> set[bytes]:
@@ -1142,8 +1154,23 @@ class AggregatorServer:
 _UNATTRIBUTED = frozenset({"signature", "banned", "finished"})
 
 
-class _Refusal(Exception):
-    """A request this server refuses; the message goes back to the caller in an ERROR frame."""
+class _Refusal(PotluckError):
+    """A request this server refuses; the code and the message go back to the caller in an ERROR frame."""
+
+    def __init__(self, code: RefusalCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _refusal_code(e: Exception) -> RefusalCode:
+    """The code an ERROR frame carries for an exception `_closing` answers."""
+    if isinstance(e, _Refusal):
+        return e.code
+    if isinstance(e, VersionMismatchError):
+        return RefusalCode.VERSION_MISMATCH
+    if isinstance(e, (WireError, MessageError)):
+        return RefusalCode.BAD_REQUEST
+    return RefusalCode.INTERNAL  # a checkpoint this server cannot read or write
 
 
 async def _read(reader: asyncio.StreamReader, kind: MessageKind, max_body_bytes: int) -> tuple[MessageKind, bytes]:
@@ -1169,7 +1196,7 @@ def _closing(name: str, handler: Handler) -> Handler:
             logger.info("%s from %s refused: %s", name, getattr(info, "peer_id", "?"), e)
             reply = e.reply() if isinstance(e, VersionMismatchError) else str(e)
             with contextlib.suppress(Exception):
-                await write_frame(writer, kind=MessageKind.ERROR, body=error_body(reply))
+                await write_frame(writer, kind=MessageKind.ERROR, body=error_body(reply, code=_refusal_code(e)))
         except (TimeoutError, asyncio.TimeoutError):
             logger.info("%s from %s timed out", name, getattr(info, "peer_id", "?"))
         except (ConnectionError, asyncio.IncompleteReadError) as e:
@@ -1177,7 +1204,8 @@ def _closing(name: str, handler: Handler) -> Handler:
         except Exception:
             logger.exception("%s handler failed", name)
             with contextlib.suppress(Exception):
-                await write_frame(writer, kind=MessageKind.ERROR, body=b"internal error on the aggregator")
+                body = error_body("internal error on the aggregator", code=RefusalCode.INTERNAL)
+                await write_frame(writer, kind=MessageKind.ERROR, body=body)
         finally:
             writer.close()
 

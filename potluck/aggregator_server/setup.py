@@ -9,6 +9,7 @@ refused rather than silently starting another run on top of the old checkpoints.
 import logging
 from pathlib import Path
 
+from potluck.errors import PotluckError
 from potluck.protocol.config import ConfigError, RunConfig, dump_run_config, load_run_config
 from potluck.protocol.identity import Identity, public_key_to_hex
 
@@ -17,7 +18,7 @@ logger = logging.getLogger(__name__)
 RUN_FILE = "run.toml"
 
 
-class SetupError(Exception):
+class SetupError(PotluckError):
     """The state directory and the given config disagree (one line, with the fix)."""
 
 

@@ -20,12 +20,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from potluck.aggregator_server.master import MasterState
+from potluck.events import Event, Followed, Following
 from potluck.protocol.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable
 from potluck.protocol.config import RunConfig
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, parse_announcements
 from potluck.protocol.envelope import EnvelopeError, SignedAggregate
 from potluck.protocol.identity import fingerprint
 from potluck.protocol.node import Node, dial
+from potluck.protocol.wire import RefusalCode
 from potluck.training.diloco import OuterOptimizer
 from potluck.training.replica import ReplicaError, apply_aggregate, check_state
 
@@ -55,7 +57,7 @@ class Standby:
         master: MasterState,
         failover_after_s: float,
         on_state: Callable[[MasterState, bytes | None], Awaitable[None]],
-        on_event: Callable[[dict[str, object]], None],
+        on_event: Callable[[Event], None],
     ) -> None:
         self.cfg = cfg
         self.node = node
@@ -89,11 +91,11 @@ class Standby:
                     return Takeover(master=self.master, contributors=self.contributors)
                 await asyncio.sleep(RETRY_S)
             except AggregatorRefused as e:
-                if "has finished" in str(e):
+                if e.code is RefusalCode.RUN_FINISHED:
                     return None
-                if "no longer held" in str(e):
+                if e.code is RefusalCode.NOT_HELD:
                     self._synced = False  # fell behind by more than the primary keeps: download the state
-                await asyncio.sleep(RETRY_S if "still open" not in str(e) else 0)
+                await asyncio.sleep(0 if e.code is RefusalCode.ROUND_OPEN else RETRY_S)
             except ReplicaError as e:
                 logger.warning("standby: %s; downloading the primary's state again", e)
                 self._synced = False
@@ -142,7 +144,7 @@ class Standby:
         )
         self._synced = True
         await self.on_state(self.master, None)
-        self.on_event({"event": "following", "round": h.round, "primary": fingerprint(self.primary)})
+        self.on_event(Following(round=h.round, primary=fingerprint(self.primary)))
 
     async def _next_aggregate(self, link: AggregatorLink) -> None:
         r = self.master.round
@@ -154,7 +156,7 @@ class Standby:
         self.master = following
         self.contributors = frozenset(key for key, _ in signed.header.contributors)
         await self.on_state(following, transfer.body)
-        self.on_event({"event": "followed", "round": r, "state_sha256": signed.header.state_sha256.hex()})
+        self.on_event(Followed(round=r, state_sha256=signed.header.state_sha256.hex()))
 
     def _applied(self, signed: SignedAggregate, payload: bytes) -> MasterState:
         """The copy after the aggregate, built aside: a failed check leaves the current copy as it was."""

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from potluck.errors import PotluckError
 from potluck.incentives.ledger_format import (
     GENESIS_HASH,
     HEAD_COLUMNS,
@@ -60,7 +61,7 @@ _INSERT_ROW = f"INSERT INTO updates ({', '.join(ROW_COLUMNS)}) VALUES ({', '.joi
 _INSERT_HEAD = f"INSERT INTO heads ({', '.join(HEAD_COLUMNS)}) VALUES ({', '.join('?' * len(HEAD_COLUMNS))})"
 
 
-class LedgerError(Exception):
+class LedgerError(PotluckError):
     """The ledger file cannot be opened, read or written (one line, with the fix)."""
 
 

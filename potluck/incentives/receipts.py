@@ -17,6 +17,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from potluck.errors import PotluckError
 from potluck.incentives.merkle import proof_from_bytes, verify_proof
 from potluck.protocol.envelope import (
     MAX_AGGREGATE_ENVELOPE_BYTES,
@@ -32,7 +33,7 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]")  # a run name becomes a directory name
 _RECEIPT = re.compile(r"round-(\d{8,})-[0-9a-f]{16}\.receipt")
 
 
-class ReceiptError(Exception):
+class ReceiptError(PotluckError):
     """A receipt cannot be stored (one line, with the fix)."""
 
 

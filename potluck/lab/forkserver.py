@@ -31,6 +31,7 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
+from potluck.errors import PotluckError
 from potluck.lab.priority import lower_priority
 
 # What every swarm child imports; the server imports it once so that its children need not.
@@ -46,7 +47,7 @@ START_TIMEOUT_S = 120.0  # the server's own imports, on a loaded 2-core machine
 MAX_MESSAGE = 1 << 20  # a request is argv, env and cwd: far below this
 
 
-class ForkServerError(Exception):
+class ForkServerError(PotluckError):
     """The fork server could not start a child (the caller falls back to a plain subprocess)."""
 
 

@@ -24,6 +24,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from potluck.errors import PotluckError
+
 logger = logging.getLogger(__name__)
 
 _PREFIX = "pl"  # every lab namespace's name starts with pl<owner pid>x
@@ -33,7 +35,7 @@ _SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 COMMAND_TIMEOUT_S = 20.0
 
 
-class NetLabError(Exception):
+class NetLabError(PotluckError):
     """The lab cannot be built or used (one line, with what to do)."""
 
 

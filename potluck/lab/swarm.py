@@ -28,8 +28,27 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from potluck.errors import DIVERGED_EXIT_STATUS, ERROR_PREFIX, EXIT_STATUS, PotluckError
+from potluck.events import (
+    Adversarial,
+    AggregatorReady,
+    Event,
+    EventError,
+    Followed,
+    PeerDone,
+    PeerRound,
+    PeerSynced,
+    RoundClosed,
+    ServerlessReady,
+    ServerlessRound,
+    ServerlessSynced,
+    SwarmKilled,
+    Takeover,
+    decode_event,
+    encode_event,
+)
 from potluck.lab.forkserver import ForkedProcess, ForkServerError, shared_server
 from potluck.lab.netlab import Link, NetLab
 from potluck.lab.priority import lower_priority
@@ -37,6 +56,8 @@ from potluck.protocol.config import RunConfig, dump_run_config
 from potluck.protocol.identity import load_or_create_identity, public_key_to_hex
 
 logger = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=Event)
 
 SHARDED_EVAL_BATCHES = 8  # held-out batches peer-0 scores in a sharded swarm (an aggregator's default)
 SWARM_FAILOVER_S = 5.0  # a local standby takes over this soon: on 127.0.0.1 silence means the primary is gone
@@ -46,8 +67,12 @@ PEER_NICE = 10
 STOP_GRACE_S = 15.0  # after SIGTERM, how long a child may take to shut its node down cleanly
 
 
-class SwarmError(Exception):
+class SwarmError(PotluckError):
     """The swarm could not run to the end (one line, with the failing child's last log line)."""
+
+
+class SwarmDiverged(SwarmError):
+    """A peer of the swarm stopped because its local training went non-finite."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -90,7 +115,7 @@ class Child:
     name: str
     process: "subprocess.Popen[str] | ForkedProcess"
     log_path: Path
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -177,29 +202,41 @@ def start_child(
     return Child(name=name, process=process, log_path=log_path)
 
 
-def _pump(child: Child, events: "queue.Queue[tuple[Child, dict[str, Any] | None]]") -> None:
+def _pump(child: Child, events: "queue.Queue[tuple[Child, Event | None]]") -> None:
     """Forward a child's JSON lines to the queue; None when its stdout closes."""
     for event in read_events(child):
         events.put((child, event))
     events.put((child, None))
 
 
-def read_events(child: Child) -> Iterator[dict[str, Any]]:
+def read_json_lines(child: Child) -> Iterator[dict[str, Any]]:
     """The JSON objects a child prints, one a line, until its stdout closes (then closed here too)."""
     stream = child.process.stdout
     assert stream is not None
     try:
         for line in stream:
             try:
-                event = json.loads(line)
+                data = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(event, dict):
-                yield event
+            if isinstance(data, dict):
+                yield data
     except (ValueError, OSError):  # closed under us by stop_children
         return
     finally:
         stream.close()
+
+
+def read_events(child: Child) -> Iterator[Event]:
+    """The events a child prints (`--json`) until its stdout closes.
+
+    A line that is not an event of this version is the child's bug: it is logged and skipped.
+    """
+    for data in read_json_lines(child):
+        try:
+            yield decode_event(data)
+        except EventError as e:
+            logger.error("%s printed a line that is no event (%s): %.200s", child.name, e, json.dumps(data))
 
 
 def _last_log_line(child: Child) -> str:
@@ -207,7 +244,13 @@ def _last_log_line(child: Child) -> str:
         lines = [line.strip() for line in child.log_path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return "(no log)"
-    return lines[-1].removeprefix("potluck: error: ") if lines else "(empty log)"
+    return lines[-1].removeprefix(ERROR_PREFIX) if lines else "(empty log)"
+
+
+def _why(child: Child, code: int | None) -> str:
+    """A child's last log line; where it did not exit with a one-line error (a bug's traceback), its log's path too."""
+    line = _last_log_line(child)
+    return line if code in (EXIT_STATUS, DIVERGED_EXIT_STATUS) else f"{line} (log: {child.log_path})"
 
 
 def stop_children(children: list[Child], *, grace_s: float = STOP_GRACE_S) -> None:
@@ -257,7 +300,7 @@ def sigterm_stops_the_swarm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]], None]) -> SwarmResult:
+def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, Event], None]) -> SwarmResult:
     """Start the aggregator, then the peers; follow their events until the run ends; stop every child.
 
     `on_event(child_name, event)` sees every event (for live progress). SwarmError when a child
@@ -266,7 +309,7 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
     started = time.monotonic()
     threads = options.threads_per_process or threads_per_process(options.peers)
     children: list[Child] = []
-    events: queue.Queue[tuple[Child, dict[str, Any] | None]] = queue.Queue()
+    events: queue.Queue[tuple[Child, Event | None]] = queue.Queue()
     with contextlib.ExitStack() as stack:
         work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="potluck-swarm-")))
         lab = None
@@ -292,14 +335,14 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
             return _run_serverless(options, config_path, work_dir, children, events, on_event, started, threads)
         state_dir = options.state_dir or work_dir / "aggregator"
         aggregators: list[Child] = []
-        readies: list[dict[str, Any]] = []
+        readies: list[AggregatorReady] = []
         for a in range(hubs):
             args = ["aggregator", "--config", str(config_path)]
             args += ["--state-dir", str(state_dir if hubs == 1 else state_dir / names[a])]
             if hubs > 1:
                 args += ["--identity", str(identity_paths[a])]
             if readies:
-                args += ["--join", readies[0]["maddrs"][0]]
+                args += ["--join", readies[0].maddrs[0]]
             http_port = options.http_port if lab is None and a == 0 else 0  # nothing outside the lab reaches it
             args += ["--host", "127.0.0.1" if lab is None else lab.addresses[a], "--threads", str(threads)]
             args += ["--http-port", str(http_port), "--json"]
@@ -312,8 +355,8 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
             children.append(aggregator)
             aggregators.append(aggregator)
             threading.Thread(target=_pump, args=(aggregator, events), daemon=True).start()
-            readies.append(_wait_ready(aggregator, events, on_event))
-        join = readies[0]["maddrs"][0]
+            readies.append(_wait_ready(aggregator, events, on_event, AggregatorReady))
+        join = readies[0].maddrs[0]
         for i in range(options.peers):
             args = ["peer", "--join", join, "--identity", str(work_dir / f"peer-{i}.key")]
             args += ["--threads", str(threads), "--json"]
@@ -347,12 +390,12 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, dict[str, Any]]
             threading.Thread(target=_pump, args=(child, events), daemon=True).start()
         killed: set[str] = set()
 
-        def watch(name: str, event: dict[str, Any]) -> None:
+        def watch(name: str, event: Event) -> None:
             at = options.kill_aggregator_at
-            if name == "standby-0" and event.get("event") == "followed" and event.get("round") == at:
+            if name == "standby-0" and isinstance(event, Followed) and event.round == at:
                 _signal_group(aggregators[0], signal.SIGKILL)  # a crash: no goodbye, no last announcement
                 killed.add(aggregators[0].name)
-                on_event("swarm", {"event": "killed", "child": aggregators[0].name, "after_round": at})
+                on_event("swarm", SwarmKilled(child=aggregators[0].name, after_round=at))
             on_event(name, event)
 
         _follow(children, events, watch, deadline=started + options.timeout_s, killed=killed)
@@ -364,8 +407,8 @@ def _run_serverless(
     config_path: Path,
     work_dir: Path,
     children: list[Child],
-    events: "queue.Queue[tuple[Child, dict[str, Any] | None]]",
-    on_event: Callable[[str, dict[str, Any]], None],
+    events: "queue.Queue[tuple[Child, Event | None]]",
+    on_event: Callable[[str, Event], None],
     started: float,
     threads: int,
 ) -> SwarmResult:
@@ -383,43 +426,44 @@ def _run_serverless(
         threading.Thread(target=_pump, args=(child, events), daemon=True).start()
         return child
 
-    ready = _wait_ready(start(0, []), events, on_event)
+    ready = _wait_ready(start(0, []), events, on_event, ServerlessReady)
     for i in range(1, options.peers):
-        start(i, ["--join", ready["maddrs"][0]])
+        start(i, ["--join", ready.maddrs[0]])
     _follow(children, events, on_event, deadline=started + options.timeout_s)
-    rounds = [e for e in children[0].events if e.get("event") == "round"]
+    rounds = [e for e in children[0].events if isinstance(e, ServerlessRound)]
     rows = []
     for child in children:
-        per_round = [e for e in child.events if e.get("event") == "round"]
-        synced = next((e for e in child.events if e.get("event") == "synced"), {})
+        per_round = [e for e in child.events if isinstance(e, ServerlessRound)]
+        synced = next((e for e in child.events if isinstance(e, ServerlessSynced)), None)
         rows.append(
             {
                 "name": child.name,
-                "joined_round": synced.get("round"),
-                "state_from": synced.get("source"),
-                "tokens": sum(e["tokens"] for e in per_round),
-                "inner_steps": sum(e["inner_steps"] for e in per_round),
-                "groups": [e["group"] for e in per_round],  # peers in each round's all-reduce, itself included
-                "rounds": per_round,
+                "joined_round": None if synced is None else synced.round,
+                "state_from": None if synced is None else synced.source,
+                "tokens": sum(e.tokens for e in per_round),
+                "inner_steps": sum(e.inner_steps for e in per_round),
+                "groups": [e.group for e in per_round],  # peers in each round's all-reduce, itself included
+                "rounds": [encode_event(e) for e in per_round],
             }
         )
     return SwarmResult(
-        initial_val_loss=float(ready["val_loss"]),
-        final_val_loss=float(rounds[-1]["val_loss"]) if rounds else float(ready["val_loss"]),
+        initial_val_loss=float(ready.val_loss),
+        final_val_loss=float(rounds[-1].val_loss) if rounds else float(ready.val_loss),
         rounds_completed=len(rounds),
         aggregator_multiaddrs=[],
-        num_params=int(ready["num_params"]),
+        num_params=ready.num_params,
         peers=rows,
-        rounds=rounds,
+        rounds=[encode_event(e) for e in rounds],
         wall_s=time.monotonic() - started,
     )
 
 
 def _wait_ready(
     first: Child,
-    events: "queue.Queue[tuple[Child, dict[str, Any] | None]]",
-    on_event: Callable[[str, dict[str, Any]], None],
-) -> dict[str, Any]:
+    events: "queue.Queue[tuple[Child, Event | None]]",
+    on_event: Callable[[str, Event], None],
+    kind: type[R],
+) -> R:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
@@ -427,18 +471,18 @@ def _wait_ready(
         except queue.Empty:
             continue
         if event is None:
-            raise SwarmError(f"the {first.name} exited before it was ready: {_last_log_line(first)}")
+            raise SwarmError(f"the {first.name} exited before it was ready: {_why(first, first.process.poll())}")
         child.events.append(event)
         on_event(child.name, event)
-        if event.get("event") == "ready":
+        if isinstance(event, kind):
             return event
     raise SwarmError(f"the {first.name} was not ready within {READY_TIMEOUT_S:.0f} s: {_last_log_line(first)}")
 
 
 def _follow(
     children: list[Child],
-    events: "queue.Queue[tuple[Child, dict[str, Any] | None]]",
-    on_event: Callable[[str, dict[str, Any]], None],
+    events: "queue.Queue[tuple[Child, Event | None]]",
+    on_event: Callable[[str, Event], None],
     *,
     deadline: float,
     killed: set[str] | frozenset[str] = frozenset(),
@@ -462,11 +506,12 @@ def _follow(
         open_streams.discard(child.name)
         code = child.process.wait()
         if code != 0 and child.name not in killed:
-            raise SwarmError(f"{child.name} exited with status {code}: {_last_log_line(child)}")
+            failed = SwarmDiverged if code == DIVERGED_EXIT_STATUS else SwarmError
+            raise failed(f"{child.name} exited with status {code}: {_why(child, code)}")
 
 
 def _result(
-    readies: list[dict[str, Any]], aggregators: list[Child], peers: list[Child], *, wall_s: float, shards: int = 1
+    readies: list[AggregatorReady], aggregators: list[Child], peers: list[Child], *, wall_s: float, shards: int = 1
 ) -> SwarmResult:
     """The swarm's outcome: shard 0's rounds, each aggregator's ingest, each peer's work.
 
@@ -474,75 +519,81 @@ def _result(
     theirs, or, in a sharded run, peer-0's (it scores its copy of the whole model).
     """
     ready = readies[0]
-    first_shard = [child for child, r in zip(aggregators, readies, strict=True) if r.get("shard", 0) == 0]
-    rounds = [e for c in first_shard for e in c.events if e.get("event") == "round"]
-    reported = {e["round"] for e in rounds}
-    for e in (e for c in first_shard for e in c.events if e.get("event") == "followed"):
-        if e["round"] not in reported:  # its owner was killed between publishing the round and reporting it
-            rounds.append({**e, "event": "round", "closed_by": "owner (killed)", "val_loss": None, "accepted": []})
+    first_shard = [child for child, r in zip(aggregators, readies, strict=True) if r.shard == 0]
+    closes = [e for c in first_shard for e in c.events if isinstance(e, RoundClosed)]
+    rounds: list[dict[str, Any]] = [encode_event(e) for e in closes]  # JSON rows: `--json` prints them as they are
+    reported = {e.round for e in closes}
+    for e in (e for c in first_shard for e in c.events if isinstance(e, Followed)):
+        if e.round not in reported:  # its owner was killed between publishing the round and reporting it
+            rounds.append(
+                {**encode_event(e), "event": "round", "closed_by": "owner (killed)", "val_loss": None, "accepted": []}
+            )
     rounds.sort(key=lambda e: e["round"])
     losses = [e["val_loss"] for e in rounds if e["val_loss"] is not None]
-    initial, final = ready["val_loss"], losses[-1] if losses else ready["val_loss"]
+    initial, final = ready.val_loss, losses[-1] if losses else ready.val_loss
     if shards > 1:
-        synced = next(e for e in peers[0].events if e.get("event") == "synced")
-        scored = [e["val_loss"] for e in peers[0].events if e.get("event") == "round"]
-        initial, final = synced["val_loss"], scored[-1] if scored else synced["val_loss"]
+        synced = next(e for e in peers[0].events if isinstance(e, PeerSynced))
+        scored = [e.val_loss for e in peers[0].events if isinstance(e, PeerRound)]
+        initial, final = synced.val_loss, scored[-1] if scored else synced.val_loss
+    if initial is None or final is None:
+        raise SwarmError("the run reported no held-out loss to compare (in a sharded run the peers score it)")
     hub_rows = []
     for child, hub_ready in zip(aggregators, readies, strict=True):
-        closed = [e for e in child.events if e.get("event") == "round"]
+        closed = [e for e in child.events if isinstance(e, RoundClosed)]
         hub_rows.append(
             {
                 "name": child.name,
-                "shard": hub_ready.get("shard", 0),
-                "num_params": hub_ready.get("num_params", 0),
+                "shard": hub_ready.shard,
+                "num_params": hub_ready.num_params,
                 "rounds_closed": len(closed),
-                "updates_accepted": sum(len(e["accepted"]) for e in closed),
-                "bytes_in": closed[-1]["bytes_in"] if closed else 0,  # uploads, mostly
-                "bytes_out": closed[-1]["bytes_out"] if closed else 0,
-                "standby_of": hub_ready.get("standby_of"),
-                "took_over_at": next((e["round"] for e in child.events if e.get("event") == "takeover"), None),
+                "updates_accepted": sum(len(e.accepted) for e in closed),
+                "bytes_in": closed[-1].bytes_in if closed else 0,  # uploads, mostly
+                "bytes_out": closed[-1].bytes_out if closed else 0,
+                "standby_of": hub_ready.standby_of,
+                "took_over_at": next((e.round for e in child.events if isinstance(e, Takeover)), None),
             }
         )
-    peer_rows = []
-    for child in peers:
-        done = next((e for e in reversed(child.events) if e.get("event") == "done"), {})
-        synced = next((e for e in child.events if e.get("event") == "synced"), {})
-        per_round = [e for e in child.events if e.get("event") == "round"]
-        peer_rows.append(
-            {
-                "name": child.name,
-                "fingerprint": done.get("fingerprint") or synced.get("fingerprint"),
-                "accepted": done.get("accepted", sum(bool(e["accepted"]) for e in per_round)),
-                "rejected": done.get("rejected", sum(not e["accepted"] for e in per_round)),
-                "bytes_up": done.get("bytes_up", 0),
-                "bytes_down": done.get("bytes_down", 0),
-                "joined_round": synced.get("round"),
-                "state_sources": synced.get("state_sources", {}),  # bytes of the state each donor gave it
-                "state_bytes_served": done.get("state_bytes_served", 0),  # chunks it gave joiners
-                "tokens": done.get("tokens", sum(e.get("tokens", 0) for e in per_round)),
-                "inner_steps": done.get("inner_steps", sum(e.get("inner_steps", 0) for e in per_round)),
-                # of them, taken before their round's base arrived (overlap trains through the network's time)
-                "stale_steps": sum(e.get("stale_steps", 0) for e in per_round),
-                "compute_utilization": done.get("compute_utilization"),
-                "compute_s": done.get("compute_s"),
-                "active_s": done.get("active_s"),
-                "speed": done.get("speed", 1.0),
-                "nice": done.get("nice"),  # its CPU priority: PEER_NICE where the platform allows
-                "adversary": child.name.startswith("adversary-"),
-                # digests of every upload it made (an adversary may send several a round, under other keys)
-                "uploads": [e["update"] for e in child.events if e.get("event") == "adversarial"]
-                or [e["update"] for e in per_round if e.get("update")],
-                "rounds": per_round,
-            }
-        )
+    peer_rows = [_peer_row(child) for child in peers]
     return SwarmResult(
         initial_val_loss=float(initial),
         final_val_loss=float(final),
         rounds_completed=len(rounds),
-        aggregator_multiaddrs=list(ready["maddrs"]),
-        num_params=sum(int(r.get("num_params", 0)) for r in readies if not r.get("standby_of")),
+        aggregator_multiaddrs=list(ready.maddrs),
+        num_params=sum(r.num_params for r in readies if not r.standby_of),
         peers=peer_rows,
         rounds=rounds,
         wall_s=wall_s,
         aggregators=hub_rows,
     )
+
+
+def _peer_row(child: Child) -> dict[str, Any]:
+    """One peer's row of the swarm's `--json`: its summary (`done`), else what its rounds add up to."""
+    done = next((e for e in reversed(child.events) if isinstance(e, PeerDone)), None)
+    synced = next((e for e in child.events if isinstance(e, PeerSynced)), None)
+    per_round = [e for e in child.events if isinstance(e, PeerRound)]
+    adversarial = [e.update for e in child.events if isinstance(e, Adversarial)]
+    return {
+        "name": child.name,
+        "fingerprint": done.fingerprint if done else synced.fingerprint if synced else None,
+        "accepted": done.accepted if done else sum(e.accepted for e in per_round),
+        "rejected": done.rejected if done else sum(not e.accepted for e in per_round),
+        "bytes_up": done.bytes_up if done else 0,
+        "bytes_down": done.bytes_down if done else 0,
+        "joined_round": synced.round if synced else None,
+        "state_sources": synced.state_sources if synced else {},  # bytes of the state each donor gave it
+        "state_bytes_served": done.state_bytes_served if done else 0,  # chunks it gave joiners
+        "tokens": done.tokens if done else sum(e.tokens for e in per_round),
+        "inner_steps": done.inner_steps if done else sum(e.inner_steps for e in per_round),
+        # of them, taken before their round's base arrived (overlap trains through the network's time)
+        "stale_steps": sum(e.stale_steps for e in per_round),
+        "compute_utilization": done.compute_utilization if done else None,
+        "compute_s": done.compute_s if done else None,
+        "active_s": done.active_s if done else None,
+        "speed": done.speed if done else 1.0,
+        "nice": done.nice if done else None,  # its CPU priority: PEER_NICE where the platform allows
+        "adversary": child.name.startswith("adversary-"),
+        # digests of every upload it made (an adversary may send several a round, under other keys)
+        "uploads": adversarial or [e.update for e in per_round if e.update],
+        "rounds": [encode_event(e) for e in per_round],
+    }

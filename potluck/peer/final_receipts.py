@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from potluck.events import Event, ReceiptInvalid, ReceiptReceived
 from potluck.incentives.receipts import ReceiptError, check_receipt, store_receipt
 from potluck.peer.records import Shard, Tally
 from potluck.protocol.client import AggregatorRefused, AggregatorUnreachable
@@ -19,8 +20,6 @@ from potluck.protocol.envelope import SignedAggregate
 from potluck.protocol.identity import Identity
 
 logger = logging.getLogger(__name__)
-
-Event = dict[str, object]
 
 
 class FinalReceipts:
@@ -77,7 +76,7 @@ class FinalReceipts:
             problem = "it answers another update"
         if problem is not None:
             logger.warning("round %d: the aggregator's final receipt does not verify: %s", round_index, problem)
-            self.on_event({"event": "receipt-invalid", "round": round_index, "detail": problem})
+            self.on_event(ReceiptInvalid(round=round_index, detail=problem))
             return None, len(t.body), time.perf_counter() - started
         if self.receipts_dir is not None:
             try:
@@ -87,16 +86,15 @@ class FinalReceipts:
         self.tally.receipts += r.accepted
         self.tally.score += r.score
         self.on_event(
-            {
-                "event": "receipt",
-                "round": round_index,
-                "accepted": r.accepted,
-                "tokens_credited": r.tokens_credited,
-                "score": r.score,
-                "reason": r.reason,
-                "update": digest.hex()[:16],
-                "shard": shard.index,
-            }
+            ReceiptReceived(
+                round=round_index,
+                accepted=r.accepted,
+                tokens_credited=r.tokens_credited,
+                score=r.score,
+                reason=r.reason,
+                update=digest.hex()[:16],
+                shard=shard.index,
+            )
         )
         return r.score, len(t.body), time.perf_counter() - started
 

@@ -15,8 +15,9 @@ from typing import Protocol
 
 import torch
 
+from potluck.events import Event, PeerRound
 from potluck.peer.final_receipts import FinalReceipts, total_points
-from potluck.peer.options import PeerError, PeerOptions, RunFinished
+from potluck.peer.options import PeerDiverged, PeerError, PeerOptions, RunFinished
 from potluck.peer.overlap import InnerSteps, RoundPacer, guess_next_state
 from potluck.peer.records import HeldOutScore, Master, Shard, Tally, apply_shard_aggregate
 from potluck.peer.serving import StateServer
@@ -30,8 +31,6 @@ from potluck.protocol.envelope import EnvelopeError, SignedAggregate, SignedRece
 from potluck.protocol.identity import Identity
 
 logger = logging.getLogger(__name__)
-
-Event = dict[str, object]
 
 
 class UpdateMaker(Protocol):
@@ -213,7 +212,7 @@ class RoundLoop:
         try:
             return await asyncio.to_thread(self.trainer.encode_shards, shot, round_index=master.round, shards=uploads)
         except TrainingDiverged as e:
-            raise PeerError(str(e)) from None
+            raise PeerDiverged(str(e)) from None
 
     async def _send(self, master: Master, works: Sequence[RoundWork], codecs: Sequence[Codec]) -> list[Sent]:
         """Make each shard's update, submit them all, then check the aggregators' answers on arrival."""
@@ -342,36 +341,35 @@ class RoundLoop:
         credit: Credit,
         val_loss: float | None,
         shards: int,
-    ) -> Event:
+    ) -> PeerRound:
         """The round's event: what was trained, sent, received and credited (the CLI's status line reads it)."""
         work = rounds[0].sent.work  # the round's tokens, steps and losses, the same in every shard's
         uploads = [part.sent.transfer for part in rounds]
         downloads = [part.transfer for part in rounds]
-        return {
-            "event": "round",
-            "round": r,
-            "loss": work.mean_loss,
-            "val_loss": val_loss,  # the master state's held-out loss after the round (eval_batches)
-            "tokens": work.tokens,
-            "inner_steps": work.inner_steps,
-            "stale_steps": stale_steps,  # of inner_steps, taken before this round's base arrived (overlap)
-            "tokens_per_s": work.tokens / work.compute_s if work.compute_s > 0 else 0.0,
-            "accepted": accepted,
-            "reason": reason,
-            "update": rounds[0].sent.digest.hex()[:16],  # names it in the aggregator's events
-            "bytes_up": sum(up.sent_bytes for up in uploads),
-            "state_bytes_served": self.tally.chunks_served_bytes,  # so far: chunks of the state given to joiners
-            "bytes_down": sum(down.sent_bytes + len(down.body) for down in downloads)
+        return PeerRound(
+            round=r,
+            loss=work.mean_loss,
+            val_loss=val_loss,
+            tokens=work.tokens,
+            inner_steps=work.inner_steps,
+            stale_steps=stale_steps,
+            tokens_per_s=work.tokens / work.compute_s if work.compute_s > 0 else 0.0,
+            accepted=accepted,
+            reason=reason,
+            update=rounds[0].sent.digest.hex()[:16],
+            bytes_up=sum(up.sent_bytes for up in uploads),
+            state_bytes_served=self.tally.chunks_served_bytes,
+            bytes_down=sum(down.sent_bytes + len(down.body) for down in downloads)
             + sum(len(up.body) for up in uploads)
             + credit.receipt_bytes,
-            "compute_s": work.compute_s,
-            "encode_s": sum(part.sent.work.encode_s for part in rounds),
-            "upload_s": self.pacer.upload_s,
-            "wait_s": max(down.wait_s for down in downloads),
-            "download_s": max(down.transfer_s for down in downloads),
-            "points": credit.points,  # credited by the final receipts (None: one did not check out)
-            "receipt_s": credit.receipt_s,  # fetching and checking them
-            "overlap": self.options.overlap,
-            "overlap_limit": self.pacer.limit,  # the share of a round's steps that may run stale
-            "shards": shards,
-        }
+            compute_s=work.compute_s,
+            encode_s=sum(part.sent.work.encode_s for part in rounds),
+            upload_s=self.pacer.upload_s,
+            wait_s=max(down.wait_s for down in downloads),
+            download_s=max(down.transfer_s for down in downloads),
+            points=credit.points,
+            receipt_s=credit.receipt_s,
+            overlap=self.options.overlap,
+            overlap_limit=self.pacer.limit,
+            shards=shards,
+        )

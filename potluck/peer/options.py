@@ -1,16 +1,24 @@
-"""How a volunteer runs (the plain options record the CLI fills), and the two ways its run stops."""
+"""How a volunteer runs (the plain options record the CLI fills), and the ways its run stops."""
 
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from potluck.errors import DIVERGED_EXIT_STATUS, PotluckError
 
-class PeerError(Exception):
+
+class PeerError(PotluckError):
     """The peer cannot go on (one line, with the fix)."""
 
 
-class RunFinished(Exception):
+class PeerDiverged(PeerError):
+    """The peer's local training went non-finite: nothing it could send would be of use (one line)."""
+
+    exit_status = DIVERGED_EXIT_STATUS
+
+
+class RunFinished(PotluckError):
     """The aggregator says the run is over: leave cleanly."""
 
 

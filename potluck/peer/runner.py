@@ -19,10 +19,12 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from potluck.events import Event, Finished, PeerDone, PeerPlan
 from potluck.peer.final_receipts import FinalReceipts
 from potluck.peer.loop import RoundLoop
-from potluck.peer.options import PeerError, PeerOptions, RunFinished
+from potluck.peer.options import PeerDiverged, PeerError, PeerOptions, RunFinished
 from potluck.peer.records import HeldOutScore, Master, Tally
 from potluck.peer.serving import StateServer
 from potluck.peer.sync import Sync, UntrustedState
@@ -37,11 +39,9 @@ from potluck.protocol.probe import ProbeUnavailableError, measure_rates
 from potluck.protocol.wire import PeerRefusedError, WireError
 from potluck.training.benchmark import measure_for_plan
 
-__all__ = ["PeerError", "PeerOptions", "PeerRunner", "RunFinished", "UntrustedState", "join_addresses"]
+__all__ = ["PeerDiverged", "PeerError", "PeerOptions", "PeerRunner", "RunFinished", "UntrustedState", "join_addresses"]
 
 logger = logging.getLogger(__name__)
-
-Event = dict[str, object]
 
 PLAN_PROBE_BYTES = 1024 * 1024  # each way: ~1 s at 10 Mbit/s, enough for a rate that means something
 PLAN_PROBE_TIMEOUT_S = 30.0
@@ -123,7 +123,7 @@ class PeerRunner:
             )
             await loop.run(master)
         except RunFinished as e:
-            self.on_event({"event": "finished", "detail": str(e)})
+            self.on_event(Finished(detail=str(e)))
         finally:
             await node.shutdown()
         self.on_event(self.summary())
@@ -152,26 +152,25 @@ class PeerRunner:
             up_bits_per_s=up * 8,
             down_bits_per_s=down * 8,
         )
-        self.on_event({"event": "plan", **plan.to_dict()})  # the CLI prints plan.line()
+        self.on_event(PeerPlan(**plan.to_dict()))  # the CLI prints plan.line()
 
-    def summary(self) -> Event:
+    def summary(self) -> PeerDone:
         """What this peer did, for the last status line and `potluck swarm`."""
         t = self.tally
-        return {
-            "event": "done",
-            "fingerprint": self.identity.fingerprint,
-            "rounds": t.rounds_done,
-            "accepted": t.accepted,
-            "rejected": t.rejected,
-            "bytes_up": t.bytes_up,
-            "bytes_down": t.bytes_down,
-            "state_bytes_served": t.chunks_served_bytes,  # chunks of the state given to joiners (in bytes_up)
-            "receipts": t.receipts,
-            "score": t.score,
+        return PeerDone(
+            fingerprint=self.identity.fingerprint,
+            rounds=t.rounds_done,
+            accepted=t.accepted,
+            rejected=t.rejected,
+            bytes_up=t.bytes_up,
+            bytes_down=t.bytes_down,
+            state_bytes_served=t.chunks_served_bytes,  # chunks of the state given to joiners (in bytes_up)
+            receipts=t.receipts,
+            score=t.score,
             **self.compute_figures(),
-        }
+        )
 
-    def compute_figures(self) -> Event:
+    def compute_figures(self) -> dict[str, Any]:
         """Tokens and inner steps processed, and the share of the training span spent in inner steps.
 
         compute_utilization = time in inner steps / wall time from the first step's start to the last

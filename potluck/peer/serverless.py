@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from potluck.errors import PotluckError
+from potluck.events import Event, ServerlessReady, ServerlessRound, ServerlessSynced
 from potluck.peer.trainer import LocalTrainer
 from potluck.protocol.config import RunConfig
 from potluck.protocol.identity import Identity
@@ -51,7 +53,6 @@ with warnings.catch_warnings():
 
 logger = logging.getLogger(__name__)
 
-Event = dict[str, Any]
 
 MATCHMAKING_S = 3.0  # how long a peer gathers a group before the all-reduce starts
 GROUP_TIMEOUT_FACTOR = 4  # a peer that finds no group within this many matchmaking times steps alone
@@ -61,7 +62,7 @@ STATUS_KEY = "potluck-serverless"  # DHT key of every serverless peer's progress
 STATUS_TTL_S = 300.0  # a peer's record outlives a few of its rounds, then drops out of `potluck status`
 
 
-class ServerlessError(Exception):
+class ServerlessError(PotluckError):
     """The serverless peer cannot go on (one line, with the fix)."""
 
 
@@ -126,15 +127,14 @@ class ServerlessPeer:
             trainer, outer, params, averager = self._setup(dht)
             cfg = self.options.cfg
             self.on_event(
-                {
-                    "event": "ready",
-                    "role": "serverless-peer",
-                    "run": cfg.run_name,
-                    "maddrs": [str(m) for m in dht.get_visible_maddrs()],
-                    "val_loss": await asyncio.to_thread(self._evaluate, params),
-                    "num_params": sum(t.numel() for t in params.values()),
-                    "round": averager.round,
-                }
+                ServerlessReady(
+                    role="serverless-peer",
+                    run=cfg.run_name,
+                    maddrs=tuple(str(m) for m in dht.get_visible_maddrs()),
+                    val_loss=await asyncio.to_thread(self._evaluate, params),
+                    num_params=sum(t.numel() for t in params.values()),
+                    round=averager.round,
+                )
             )
             self._dht = dht
             await self._rounds(trainer, outer, params, averager)
@@ -214,7 +214,7 @@ class ServerlessPeer:
                 outer.load_state_dict({name: mine[len(params) + i].clone() for i, name in enumerate(momentum)})
         averager.round = round_index
         trainer.start_round(params, round_index=round_index)
-        self.on_event({"event": "synced", "run": cfg.run_name, "round": round_index, "source": source})
+        self.on_event(ServerlessSynced(run=cfg.run_name, round=round_index, source=source))
         return trainer, outer, params, averager
 
     def _catch_up(self, averager: _StateAverager, averaged: Sequence[torch.Tensor]) -> tuple[int, str]:
@@ -295,18 +295,17 @@ class ServerlessPeer:
             self.groups.append(group)
             await asyncio.to_thread(self._publish, round=r, val_loss=val_loss, group=group)
             self.on_event(
-                {
-                    "event": "round",
-                    "round": r - 1,
-                    "loss": math.fsum(shot.losses) / max(1, len(shot.losses)),
-                    "val_loss": val_loss,
-                    "tokens": tokens,
-                    "inner_steps": len(shot.losses),
-                    "compute_s": shot.compute_s,
-                    "average_s": average_s,
-                    "group": group,  # peers in this round's all-reduce, this one included (1: it averaged alone)
-                    "time_s": time.time(),
-                }
+                ServerlessRound(
+                    round=r - 1,
+                    loss=math.fsum(shot.losses) / max(1, len(shot.losses)),
+                    val_loss=val_loss,
+                    tokens=tokens,
+                    inner_steps=len(shot.losses),
+                    compute_s=shot.compute_s,
+                    average_s=average_s,
+                    group=group,
+                    time_s=time.time(),
+                )
             )
 
 

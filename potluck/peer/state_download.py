@@ -14,7 +14,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from potluck.protocol.messages import BUSY_PREFIX
+from potluck.errors import PotluckError
+from potluck.protocol.client import LinkError
+from potluck.protocol.wire import RefusalCode
 
 MAX_FAILURES = 3.0
 BUSY_FAILURE = 0.2
@@ -22,7 +24,7 @@ DUPLICATES = 2  # donors that may fetch the same chunk at once, in the endgame
 RETRY_PAUSE_S = 0.25  # times the donor's failures so far: a short back-off before it is asked again
 
 
-class DownloadFailed(Exception):
+class DownloadFailed(PotluckError):
     """No donor left could give some chunk (one line, naming what each donor did)."""
 
 
@@ -42,6 +44,7 @@ class Fetched:
     payload: bytes
     bytes_by_donor: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)  # donor -> why it was dropped (one line)
+    refuted: set[str] = field(default_factory=set)  # donors that sent a chunk the signed manifest refutes
 
 
 async def fetch_chunks(
@@ -129,6 +132,7 @@ class _Download:
             start, end = self._span(index)
             if len(data) != end - start or hashlib.sha256(data).digest() != self.digests[index]:
                 self.result.dropped.setdefault(donor.name, f"chunk {index} does not match the signed manifest")
+                self.result.refuted.add(donor.name)
             else:
                 if index not in self.done:  # an endgame copy may have come first
                     self.out[start:end] = data
@@ -139,7 +143,8 @@ class _Download:
             raise
         except Exception as e:  # a donor's failure is its own: the chunk goes to another
             text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            self.failures[donor.name] += BUSY_FAILURE if BUSY_PREFIX in text else 1.0
+            busy = isinstance(e, LinkError) and e.code is RefusalCode.BUSY
+            self.failures[donor.name] += BUSY_FAILURE if busy else 1.0
             if self.failures[donor.name] >= MAX_FAILURES:
                 self.result.dropped.setdefault(donor.name, text)
             pause = RETRY_PAUSE_S * self.failures[donor.name]

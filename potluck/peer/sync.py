@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
+from potluck.errors import PotluckError
+from potluck.events import DonorDropped, Event, Failover, PeerSynced, StateRefused
 from potluck.peer.options import PeerError, PeerOptions, RunFinished
 from potluck.peer.records import HeldOutScore, Master, Shard, Tally
 from potluck.peer.state_download import Donor, DownloadFailed, Fetched, fetch_chunks
@@ -29,6 +31,7 @@ from potluck.protocol.identity import Identity, fingerprint, public_key_to_hex
 from potluck.protocol.node import Node, dial, peer_id_of
 from potluck.protocol.shards import keys_of_shard
 from potluck.protocol.state_chunks import ChunkError, ChunkRequest, check_manifest
+from potluck.protocol.wire import RefusalCode
 from potluck.training.models import model_config, parameter_shapes
 from potluck.training.replica import ReplicaError, check_state
 
@@ -37,15 +40,13 @@ if TYPE_CHECKING:
     from hivemind.utils.multiaddr import Multiaddr
 
 logger = logging.getLogger(__name__)
-
-Event = dict[str, object]
 T = TypeVar("T")
 
 FAILOVER_AFTER_S = 10.0  # a shard's aggregator silent this long: switch to its standby once one is announced
 MAX_DONORS = 8  # holding peers one state download asks besides the aggregator
 
 
-class UntrustedState(Exception):
+class UntrustedState(PotluckError):
     """An aggregator served a state that fails verification; the peer tries another source."""
 
     def __init__(self, source: bytes, detail: str) -> None:
@@ -168,7 +169,7 @@ class Sync:
                 source = fingerprint(e.source)
                 self.refused_sources.add(e.source)
                 logger.info("aggregator %s: %s; trying another source", source, e)
-                self.on_event({"event": "state-refused", "aggregator": source, "detail": str(e)})
+                self.on_event(StateRefused(aggregator=source, detail=str(e)))
 
     async def _sync(self) -> Master:
         """The whole master state: from the preferred aggregator, then from each other shard's (sharded runs)."""
@@ -201,18 +202,17 @@ class Sync:
         self.cfg, self.synced_at = cfg, time.monotonic()
         logger.info("synced run %r at round %d from %s", cfg.run_name, h.round, fingerprint(first.key))
         self.on_event(
-            {
-                "event": "synced",
-                "run": cfg.run_name,
-                "round": h.round,
-                "aggregator": fingerprint(first.key),
-                "fingerprint": self.identity.fingerprint,
-                "state_bytes": self.tally.bytes_down - before,
+            PeerSynced(
+                run=cfg.run_name,
+                round=h.round,
+                aggregator=fingerprint(first.key),
+                fingerprint=self.identity.fingerprint,
+                state_bytes=self.tally.bytes_down - before,
                 # who gave the state's chunks (bytes per donor, the aggregator's and peers' alike)
-                "state_sources": _merged([f.bytes_by_donor for f in sources]),
-                "shards": cfg.shards,
-                "val_loss": val_loss,  # the state's held-out loss (PeerOptions.eval_batches)
-            }
+                state_sources=_merged([f.bytes_by_donor for f in sources]),
+                shards=cfg.shards,
+                val_loss=val_loss,  # the state's held-out loss (PeerOptions.eval_batches)
+            )
         )
         return Master(cfg=cfg, round=h.round, params=params, shards=[shards[i] for i in range(cfg.shards)])
 
@@ -300,9 +300,9 @@ class Sync:
             raise AggregatorUnreachable(str(e)) from e
         for name, reason in fetched.dropped.items():
             key = names[name]
-            if key != h.aggregator_public_key and "manifest" in reason:
+            if key != h.aggregator_public_key and name in fetched.refuted:
                 self.bad_donors.add(key)  # it sent a chunk the signed manifest refutes: never asked again
-            self.on_event({"event": "donor-dropped", "donor": name, "reason": reason, "shard": h.shard})
+            self.on_event(DonorDropped(donor=name, reason=reason, shard=h.shard))
         return fetched
 
     async def _holders(self, h: StateHeader) -> list[HolderRecord]:
@@ -365,7 +365,7 @@ class Sync:
                 if target is not None:
                     await self.connect(target)
             except AggregatorRefused as e:
-                if "has finished" in str(e):
+                if e.code is RefusalCode.RUN_FINISHED:
                     raise RunFinished(str(e)) from e
                 raise
 
@@ -394,9 +394,9 @@ class Sync:
         shard.link = AggregatorLink(self.p2p, await self.connect(chosen))
         if self.announcement is not None and self.announcement.public_key == gone:
             self.announcement, self.link = chosen, shard.link
-        moved = {"shard": shard.index, "from": fingerprint(gone), "to": fingerprint(chosen.public_key)}
-        logger.warning("shard %(shard)d: aggregator %(from)s is gone; switching to %(to)s", moved)
-        self.on_event({"event": "failover", **moved})
+        moved = Failover(shard=shard.index, from_=fingerprint(gone), to=fingerprint(chosen.public_key))
+        logger.warning("shard %d: aggregator %s is gone; switching to %s", moved.shard, moved.from_, moved.to)
+        self.on_event(moved)
         return True
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from potluck.errors import PotluckError
 from potluck.protocol.codecs import Codec, NonFiniteError, make_codec
 from potluck.protocol.config import RunConfig
 from potluck.training.data import BatchSampler, load_corpus
@@ -34,7 +35,7 @@ from potluck.training.models import build_model, model_config
 STEP_TIME_SMOOTHING = 0.3  # weight of the newest step in the step-time estimate the time box plans with
 
 
-class TrainingDiverged(Exception):
+class TrainingDiverged(PotluckError):
     """Local training produced non-finite values: nothing sensible can be sent (one line, for the user)."""
 
 

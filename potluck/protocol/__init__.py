@@ -1,5 +1,7 @@
-"""What crosses the wire: keys, configs, signed messages and codecs. Imports nothing else of potluck."""
+"""What crosses the wire: keys, configs, signed messages and codecs. Imports nothing else of potluck but its errors."""
 
 # The wire protocol's version: bumped whenever an encoding or a message's fields change, so that
 # nodes running different versions refuse each other with a clear message instead of misreading bytes.
-PROTOCOL_VERSION = 3  # 2: aggregates commit to their updates and the ledger; receipts carry proofs; 3: densities
+# 2: aggregates commit to their updates and the ledger; receipts carry proofs; 3: densities;
+# 4: an ERROR frame carries a RefusalCode byte before its text
+PROTOCOL_VERSION = 4

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgpack
 
+from potluck.errors import PotluckError
 from potluck.protocol.dht_schema import announcement_subkey
 from potluck.protocol.identity import PUBLIC_KEY_BYTES, Identity, fingerprint, verify_signature
 
@@ -27,7 +28,7 @@ _KIND = "potluck/ban-list"
 _DOMAIN = b"potluck/ban-list/v1\0"
 
 
-class BanRecordError(Exception):
+class BanRecordError(PotluckError):
     """A ban list that is malformed, unsigned, or not from an aggregator of this run (one line)."""
 
 

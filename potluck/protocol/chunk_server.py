@@ -11,9 +11,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from potluck.errors import PotluckError
 from potluck.protocol.messages import BUSY_PREFIX
 from potluck.protocol.state_chunks import ChunkError, ChunkRequest, chunk_of
-from potluck.protocol.wire import MessageKind, WireError, error_body, read_frame_from_stream, write_frame
+from potluck.protocol.wire import (
+    MessageKind,
+    RefusalCode,
+    VersionMismatchError,
+    WireError,
+    error_body,
+    read_frame_from_stream,
+    write_frame,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +37,12 @@ Handler = Callable[[object, asyncio.StreamReader, asyncio.StreamWriter], Awaitab
 MAX_PACING_WAIT_S = 20.0  # a chunk that would wait longer for its turn under the rate cap is answered "busy"
 
 
-class ChunkUnavailable(Exception):
-    """This node does not hold the state a chunk was asked of (one line, sent back to the asker)."""
+class ChunkUnavailable(PotluckError):
+    """This node does not hold the state a chunk was asked of, or is busy (one line and a code, sent to the asker)."""
+
+    def __init__(self, message: str, *, code: RefusalCode = RefusalCode.NOT_HELD) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Pacer:
@@ -46,9 +59,20 @@ class Pacer:
         now = time.monotonic()
         start = max(now, self._free_at)
         if start - now > MAX_PACING_WAIT_S:
-            raise ChunkUnavailable(f"{BUSY_PREFIX}this node caps what it sends joiners; ask another holder")
+            raise ChunkUnavailable(
+                f"{BUSY_PREFIX}this node caps what it sends joiners; ask another holder", code=RefusalCode.BUSY
+            )
         self._free_at = start + n / self.bytes_per_s
         await asyncio.sleep(start - now)  # pacing: the wait is the rate cap itself
+
+
+def _code(e: Exception) -> RefusalCode:
+    """The code of the ERROR frame that answers a chunk request refused with `e`."""
+    if isinstance(e, ChunkUnavailable):
+        return e.code
+    if isinstance(e, VersionMismatchError):
+        return RefusalCode.VERSION_MISMATCH
+    return RefusalCode.BAD_REQUEST  # a malformed frame or chunk request
 
 
 def chunk_handler(
@@ -67,7 +91,9 @@ def chunk_handler(
     async def handle(info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             if streams.locked():
-                raise ChunkUnavailable(f"{BUSY_PREFIX}serving {max_streams} chunks already; ask another holder")
+                raise ChunkUnavailable(
+                    f"{BUSY_PREFIX}serving {max_streams} chunks already; ask another holder", code=RefusalCode.BUSY
+                )
             async with streams:
                 _, body = await asyncio.wait_for(
                     read_frame_from_stream(
@@ -84,7 +110,7 @@ def chunk_handler(
         except (ChunkUnavailable, ChunkError, WireError) as e:
             logger.debug("chunk request from %s refused: %s", getattr(info, "peer_id", "?"), e)
             with contextlib.suppress(Exception):
-                await write_frame(writer, kind=MessageKind.ERROR, body=error_body(str(e)))
+                await write_frame(writer, kind=MessageKind.ERROR, body=error_body(str(e), code=_code(e)))
         except (TimeoutError, asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError) as e:
             logger.debug("chunk request from %s dropped: %s", getattr(info, "peer_id", "?"), e or type(e).__name__)
         except Exception:

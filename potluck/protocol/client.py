@@ -7,13 +7,15 @@ Each call opens a fresh libp2p stream, sends one frame, reads one bounded reply 
 stream. Every failure is one of two kinds, because the peer's loop treats them differently:
 `AggregatorRefused` (the aggregator answered, and said no: the message is its reason) and
 `AggregatorUnreachable` (no answer: the stream would not open, broke, or timed out; or the aggregator
-said it is busy; retry later).
+said it is busy; retry later). Both carry the refusal's `code` (RefusalCode.UNSPECIFIED where no
+refusal came back): callers branch on it, never on the message.
 """
 
 import asyncio
 import time
 from dataclasses import dataclass
 
+from potluck.errors import PotluckError
 from potluck.protocol.envelope import (
     MAX_AGGREGATE_ENVELOPE_BYTES,
     MAX_RECEIPT_ENVELOPE_BYTES,
@@ -26,7 +28,6 @@ from potluck.protocol.envelope import (
 )
 from potluck.protocol.messages import (
     AGGREGATE_HANDLER,
-    BUSY_PREFIX,
     CHUNK_HANDLER,
     MANIFEST_HANDLER,
     RECEIPT_HANDLER,
@@ -44,6 +45,7 @@ from potluck.protocol.wire import (
     HEADER_BYTES,
     MessageKind,
     PeerRefusedError,
+    RefusalCode,
     WireError,
     read_frame_from_stream,
     write_frame,
@@ -54,12 +56,20 @@ DEFAULT_MAX_STATE_BYTES = 8 * 2**30
 MAX_AGGREGATE_BYTES = 2**30
 
 
-class AggregatorRefused(Exception):
-    """The aggregator answered with a refusal; the message is its one-line reason."""
+class LinkError(PotluckError):
+    """A call on an AggregatorLink failed; `code` is why the other side refused it (UNSPECIFIED: no refusal)."""
+
+    def __init__(self, message: str, *, code: RefusalCode = RefusalCode.UNSPECIFIED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
-class AggregatorUnreachable(Exception):
-    """No usable answer from the aggregator (stream failed or timed out); worth retrying."""
+class AggregatorRefused(LinkError):
+    """The aggregator answered with a refusal; the message is its one-line reason, `code` what it means."""
+
+
+class AggregatorUnreachable(LinkError):
+    """No usable answer from the aggregator (stream failed or timed out, or it is busy: code BUSY); worth retrying."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -122,10 +132,9 @@ class AggregatorLink:
                 timeout=timeout_s,
             )
         except PeerRefusedError as e:
-            reason = str(e).removeprefix("peer refused the request: ")
-            if reason.startswith(BUSY_PREFIX):
-                raise AggregatorUnreachable(f"{handler}: {reason}") from e
-            raise AggregatorRefused(reason) from e
+            if e.code is RefusalCode.BUSY:
+                raise AggregatorUnreachable(f"{handler}: {e.reason}", code=e.code) from e
+            raise AggregatorRefused(e.reason, code=e.code) from e
         except WireError as e:
             raise AggregatorUnreachable(f"{handler}: {e}") from e
         except (TimeoutError, asyncio.TimeoutError) as e:

@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from potluck.errors import PotluckError
 from potluck.protocol.shards import check_shard_keys
 
 if sys.version_info >= (3, 11):
@@ -314,7 +315,7 @@ class RunConfig(BaseModel):
         return run_config_from_mapping(self.model_dump(), source=source, overrides=overrides)
 
 
-class ConfigError(Exception):
+class ConfigError(PotluckError):
     """An unusable run config: one line, ``<source>: <field.path>: <problem>``, problems joined with "; "."""
 
     def __init__(self, source: str, problems: Iterable[str]) -> None:

@@ -35,6 +35,7 @@ with warnings.catch_warnings():
     from hivemind.dht.routing import DHTID
     from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 
+from potluck.errors import PotluckError
 from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.identity import (
     PUBLIC_KEY_BYTES,
@@ -66,7 +67,7 @@ _SUBKEY_RE = re.compile(re.escape(b"\xd9\x4a" + _OWNER_MARKER) + rb"([0-9a-f]{64
 _AGGREGATORS_KEY_ID = DHTID.generate(source=AGGREGATORS_KEY).to_bytes()
 
 
-class DHTSchemaError(Exception):
+class DHTSchemaError(PotluckError):
     """An announcement is malformed or cannot be signed by this identity (one-line message)."""
 
 

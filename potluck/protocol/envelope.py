@@ -27,6 +27,7 @@ from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
+from potluck.errors import PotluckError
 from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, fingerprint, verify_signature
 
@@ -48,7 +49,7 @@ MAX_AGGREGATE_ENVELOPE_BYTES = MAX_CONTRIBUTORS * _CONTRIBUTOR_BYTES + 4096
 MAX_MERKLE_PROOF_BYTES = 1 + 8 + 8 + 64 * SHA256_BYTES
 
 
-class EnvelopeError(Exception):
+class EnvelopeError(PotluckError):
     """A message is malformed, from another protocol version, or fails verification (one-line message)."""
 
 

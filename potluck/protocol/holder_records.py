@@ -15,6 +15,7 @@ from typing import Any
 
 import msgpack
 
+from potluck.errors import PotluckError
 from potluck.protocol.dht_schema import MAX_MADDR_CHARS, MAX_MADDRS, MAX_PEER_ID_BYTES, announcement_subkey
 from potluck.protocol.identity import PUBLIC_KEY_BYTES, Identity, fingerprint, verify_signature
 
@@ -27,7 +28,7 @@ _KIND = "potluck/state-holder"
 _DOMAIN = b"potluck/state-holder/v1\0"
 
 
-class HolderRecordError(Exception):
+class HolderRecordError(PotluckError):
     """A holder record that is malformed, unsigned or misplaced (one line)."""
 
 

@@ -26,6 +26,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from potluck.errors import PotluckError
+
 logger = logging.getLogger(__name__)
 
 PUBLIC_KEY_BYTES = 32
@@ -48,7 +50,7 @@ _SMALL_ORDER_Y = frozenset(
 )
 
 
-class IdentityError(Exception):
+class IdentityError(PotluckError):
     """A key file cannot be used; the one-line message names the file and the command that fixes it."""
 
 

@@ -29,6 +29,7 @@ import msgpack
 import safetensors.torch
 import torch
 
+from potluck.errors import PotluckError
 from potluck.protocol.config import ConfigError, RunConfig, dump_run_config, run_config_from_toml
 
 STATE_HANDLER = "potluck.state"
@@ -47,7 +48,7 @@ _PARAM = "param/"
 _OUTER = "outer/"
 
 
-class MessageError(Exception):
+class MessageError(PotluckError):
     """A message body is malformed (one line)."""
 
 

@@ -24,6 +24,7 @@ with warnings.catch_warnings():
     from hivemind.p2p import P2P, PeerID
     from hivemind.utils.multiaddr import Multiaddr
 
+from potluck.errors import PotluckError
 from potluck.protocol.dht_schema import Ed25519RecordValidator
 from potluck.protocol.identity import Identity
 
@@ -41,7 +42,7 @@ class _DropReapedDaemonWarning(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
+        message = str(record.msg)  # asyncio's log records carry no type or code: only their text tells them apart
         if message.startswith("Unknown child process pid"):
             return False
         # On Ctrl-C the terminal stops p2pd too, and hivemind's reader of its control connection ends with
@@ -59,7 +60,7 @@ logging.getLogger("asyncio").addFilter(_DropReapedDaemonWarning())
 JOIN_FORMAT = "/ip4/<ip>/tcp/<port>/p2p/<peer id>, as printed by aggregator-server"
 
 
-class JoinError(Exception):
+class JoinError(PotluckError):
     """A join address is malformed or does not answer (one line, with the fix)."""
 
 
@@ -70,6 +71,7 @@ def parse_join_address(text: str) -> Multiaddr:
         maddr = Multiaddr(text)
     except Exception as e:  # multiaddr raises several types (ValueError, StringParseError, BinaryParseError, ...)
         first = str(e).splitlines()[0] if str(e) else ""
+        # multiaddr gives no type or code for why: its text is trimmed for the user's line, never branched on
         reason = first.removeprefix(f"Invalid MultiAddr {text!r}").lstrip(": ") or "cannot parse"
         raise JoinError(f"{text!r} is not a valid multiaddr: {reason}; expected {JOIN_FORMAT}") from None
     protocols = [p.name for p in maddr.protocols()]
@@ -206,6 +208,7 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, TimeoutError | asyncio.TimeoutError):
         return "no answer in time"
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    # p2pd gives no type or code for why it failed: its text is trimmed for the user's line, never branched on
     return re.sub(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", "", text.removeprefix("Daemon failed to start: "))
 
 

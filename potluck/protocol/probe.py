@@ -23,7 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from potluck.protocol.wire import HEADER_BYTES, MessageKind, PeerRefusedError, WireError, decode_header, write_frame
+from potluck.errors import PotluckError
+from potluck.protocol.wire import (
+    HEADER_BYTES,
+    MessageKind,
+    PeerRefusedError,
+    WireError,
+    decode_error,
+    decode_header,
+    write_frame,
+)
 
 if TYPE_CHECKING:
     from hivemind.p2p import P2P, PeerID
@@ -47,7 +56,7 @@ MAX_PROBE_HEADER_BYTES = 256  # {"reply_bytes": n} packs to under 20 bytes; anyt
 _MIN_TRANSFER_S = 1e-6  # a floor so a sub-microsecond localhost transfer does not divide by zero
 
 
-class ProbeUnavailableError(Exception):
+class ProbeUnavailableError(PotluckError):
     """The peer answers but does not serve potluck's probe handler (not an aggregator, or an older one)."""
 
 
@@ -80,7 +89,7 @@ def decode_probe_request(body: bytes) -> int:
 def daemon_reason(error: Exception) -> str:
     """p2pd's last log line without its timestamp, e.g. 'failed to connect to bootstrap peers'."""
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    text = text.removeprefix("Daemon failed to start: ")
+    text = text.removeprefix("Daemon failed to start: ")  # p2pd gives no type or code: trimmed for display only
     return re.sub(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", "", text)
 
 
@@ -110,7 +119,7 @@ async def _probe_once(p2p: P2P, peer_id: PeerID, *, upload_bytes: int, reply_byt
         _close_writers_left_open(e)
         if not isinstance(e, ControlFailure):
             raise
-        if "protocols not supported" in str(e):
+        if "protocols not supported" in str(e):  # p2pd gives no type or code for a handler it lacks
             raise ProbeUnavailableError(f"peer {peer_id} does not serve {PROBE_HANDLER}") from None
         raise ConnectionError(f"cannot open a probe stream to {peer_id}: {daemon_reason(e)}") from None
     try:
@@ -134,8 +143,8 @@ async def _probe_once(p2p: P2P, peer_id: PeerID, *, upload_bytes: int, reply_byt
     finally:
         writer.close()
     if kind is MessageKind.ERROR:
-        text = "".join(ch if ch.isprintable() else "?" for ch in reply.decode("utf-8", errors="replace"))
-        raise PeerRefusedError(f"peer refused the probe: {text}")
+        code, reason = decode_error(reply)
+        raise PeerRefusedError(f"peer refused the probe: {reason}", code=code, reason=reason)
     if body_bytes != reply_bytes:
         raise WireError(f"asked for {reply_bytes} probe bytes, got {body_bytes}")
     return header_at - started, finished - header_at

@@ -14,10 +14,12 @@ deterministic, so every peer and aggregator cuts the model the same way.
 
 from collections.abc import Mapping, Sequence
 
+from potluck.errors import PotluckError
+
 TensorSpec = Mapping[str, tuple[int, ...]]
 
 
-class ShardError(ValueError):
+class ShardError(PotluckError, ValueError):
     """A shard layout that cannot work for this model or these keys (one line, with the fix)."""
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import msgpack
 
+from potluck.errors import PotluckError
 from potluck.protocol.envelope import StateHeader
 
 MIN_CHUNK_BYTES = 64 * 2**10
@@ -24,7 +25,7 @@ _DOMAIN = b"potluck/state-chunks/v1\0"
 _MAX_REQUEST_BYTES = 256
 
 
-class ChunkError(Exception):
+class ChunkError(PotluckError):
     """A manifest or chunk request that is malformed or does not match what was signed (one line)."""
 
 

@@ -18,10 +18,12 @@ natural API is `read_frame_from_stream(reader, ...)` and `write_frame(writer, ..
 does the same over any async iterator of byte chunks, so the format is testable without a network.
 
 Each message is exactly one frame; a conversation is request frame, then reply frame (or an ERROR
-frame) on the same stream. `read_frame_from_stream` never reads past its frame. `read_frame` over
-chunks treats bytes after the frame in the same chunk as a protocol violation (a peer that sends
-more than one frame where one is expected is broken or hostile), and it never pulls another chunk
-once the frame is complete, so it does not block on a live stream. Neither function has a timeout:
+frame) on the same stream. An ERROR frame's body is one RefusalCode byte, then one line of text for
+people: what the receiver does follows the code, never the wording. `read_frame_from_stream` never
+reads past its frame. `read_frame` over chunks treats bytes after the frame in the same chunk as a
+protocol violation (a peer that sends more than one frame where one is expected is broken or
+hostile), and it never pulls another chunk once the frame is complete, so it does not block on a
+live stream. Neither function has a timeout:
 wrap calls in `asyncio.wait_for` so a silent peer cannot hold a handler open forever.
 """
 
@@ -30,6 +32,7 @@ import struct
 from collections.abc import AsyncIterator, Collection, Iterator
 from enum import IntEnum
 
+from potluck.errors import PotluckError
 from potluck.protocol import PROTOCOL_VERSION
 
 MAGIC = b"PLK"
@@ -38,10 +41,29 @@ HEADER_BYTES = _HEADER.size  # 13
 # 256 KiB per write: large enough that per-chunk overhead is negligible, small enough that drain()
 # applies backpressure long before a multi-GB state download sits in the socket buffer.
 DEFAULT_CHUNK_BYTES = 256 * 1024
-MAX_ERROR_BODY_BYTES = 1024  # an ERROR frame carries one line of text, never more
+MAX_ERROR_BODY_BYTES = 1024  # an ERROR frame carries its code byte and one line of text, never more
 
 
-class WireError(Exception):
+class RefusalCode(IntEnum):
+    """Why a node refused a request, carried in the ERROR frame beside the message. Wire bytes: only append.
+
+    A receiver branches on this; the message is for people and may be reworded freely. A code this
+    node does not know reads as UNSPECIFIED: the request failed, for no reason the receiver acts on.
+    """
+
+    UNSPECIFIED = 0  # no reason a receiver should act on (and what an unknown code reads as)
+    BUSY = 1  # the node is at its limit (uploads, probes, chunk streams, rate cap): ask again later or elsewhere
+    RUN_FINISHED = 2  # the run has finished: there is nothing more to ask for
+    ROUND_OPEN = 3  # the round asked about is still open: ask again
+    NOT_HELD = 4  # the node no longer holds (or never held) what was asked: download the state again, or ask another
+    NOT_STARTED = 5  # the round asked about has not started yet
+    NOT_FOUND = 6  # the node has no record of what was asked (a receipt for an update its ledger lacks)
+    BAD_REQUEST = 7  # the request was malformed or oversize: asking again the same way fails the same way
+    VERSION_MISMATCH = 8  # the request is from another protocol version
+    INTERNAL = 9  # the node failed on its side (a bug or a broken disk there)
+
+
+class WireError(PotluckError):
     """A frame is malformed, truncated, oversize, of the wrong kind or from another protocol version (one line)."""
 
 
@@ -63,7 +85,12 @@ class VersionMismatchError(WireError):
 
 
 class PeerRefusedError(WireError):
-    """The peer answered with an ERROR frame; the message is its (sanitised) reason."""
+    """The peer answered with an ERROR frame: `code` says why, `reason` is its (sanitised) line for people."""
+
+    def __init__(self, message: str, *, code: RefusalCode = RefusalCode.UNSPECIFIED, reason: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
 
 
 class MessageKind(IntEnum):
@@ -75,7 +102,7 @@ class MessageKind(IntEnum):
     SUBMIT_REPLY = 4  # aggregator -> peer: accepted (with a signed receipt) or rejected with a reason
     AGGREGATE_REQUEST = 5  # peer -> aggregator: send me the aggregate of round N
     AGGREGATE = 6  # aggregator -> peer: a SignedAggregate envelope + encoded aggregate
-    ERROR = 7  # either side: the request was refused; the body is one line of UTF-8 text
+    ERROR = 7  # either side: the request was refused; the body is a RefusalCode byte and one line of UTF-8 text
     PROBE = 8  # doctor -> aggregator: timing probe; the body is uploaded bytes, msgpack {"reply_bytes": n} first
     PROBE_REPLY = 9  # aggregator -> doctor: reply_bytes bytes, for a download-rate measurement
     RECEIPT_REQUEST = 10  # peer -> aggregator: the final receipt of my update in round N
@@ -111,16 +138,28 @@ def frame_chunks(kind: MessageKind, body: bytes, *, chunk_bytes: int = DEFAULT_C
         yield view[offset : offset + chunk_bytes]
 
 
-def error_body(message: str) -> bytes:
-    """The body of an ERROR frame: the message's first line, UTF-8, cut to MAX_ERROR_BODY_BYTES."""
+def error_body(message: str, *, code: RefusalCode) -> bytes:
+    """An ERROR frame's body: the code's byte, then the message's first line in UTF-8, cut to MAX_ERROR_BODY_BYTES."""
     first_line = message.splitlines()[0] if message else ""
-    return first_line.encode("utf-8")[:MAX_ERROR_BODY_BYTES]
+    return bytes([RefusalCode(code)]) + first_line.encode("utf-8")[: MAX_ERROR_BODY_BYTES - 1]
+
+
+def decode_error(body: bytes) -> tuple[RefusalCode, str]:
+    """An ERROR frame's (code, printable one-line reason); never raises: an unknown or missing code is UNSPECIFIED.
+
+    The body is already bounded by MAX_ERROR_BODY_BYTES (decode_header checks it before it is read).
+    """
+    try:
+        code = RefusalCode(body[0]) if body else RefusalCode.UNSPECIFIED
+    except ValueError:  # a newer or hostile node's code: the request failed, for no reason this node acts on
+        code = RefusalCode.UNSPECIFIED
+    text = bytes(body[1:]).decode("utf-8", errors="replace")
+    return code, "".join(ch if ch.isprintable() else "?" for ch in text)  # untrusted text: keep it one line
 
 
 def _peer_error(body: bytes) -> PeerRefusedError:
-    text = body.decode("utf-8", errors="replace")
-    printable = "".join(ch if ch.isprintable() else "?" for ch in text)  # untrusted text: keep it one line
-    return PeerRefusedError(f"peer refused the request: {printable}")
+    code, reason = decode_error(body)
+    return PeerRefusedError(f"peer refused the request: {reason}", code=code, reason=reason)
 
 
 def decode_header(

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from potluck.errors import PotluckError
+
 __all__ = ["BatchSampler", "Corpus", "DataError", "builtin_corpus_files", "load_corpus", "val_batches"]
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ _TEXT_SNIFF_BYTES = 8000
 _BUILTIN_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 
 
-class DataError(Exception):
+class DataError(PotluckError):
     """The training data cannot be used; the message says why and what to do."""
 
 

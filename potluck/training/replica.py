@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from potluck.errors import PotluckError
 from potluck.protocol.codecs import CodecError
 from potluck.protocol.config import RunConfig
 from potluck.protocol.density import density_problem, round_codecs
@@ -21,7 +22,7 @@ from potluck.training.diloco import OuterOptimizer, state_sha256
 from potluck.training.models import model_config, parameter_shapes
 
 
-class ReplicaError(Exception):
+class ReplicaError(PotluckError):
     """A state or aggregate this copy cannot take (one line); download the state again, or from elsewhere."""
 
 

@@ -1,11 +1,13 @@
 """A peer's own view of its work, folded from the peer's events: what it trained, sent and earned."""
 
+import math
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Literal
 
-from potluck.web.fields import flag, fold_event, integer, number, text
+from potluck.events import Event, Finished, PeerDone, PeerRound, PeerSynced, ReceiptReceived, StateRefused
+from potluck.web.status import cut, finite, fold
 
 MAX_LOSS_POINTS = 1000  # one local training loss per round
 
@@ -18,13 +20,13 @@ class PeerStatus:
     def __init__(self) -> None:
         """An empty status: no run joined yet."""
         self._lock = threading.Lock()
-        self._handlers: dict[str, Callable[[Mapping[str, Any]], None]] = {
-            "synced": self._on_synced,
-            "round": self._on_round,
-            "receipt": self._on_receipt,
-            "state-refused": self._on_state_refused,
-            "finished": self._on_finished,
-            "done": self._on_done,
+        self._handlers: dict[type[Event], Callable[[Any], None]] = {
+            PeerSynced: self._on_synced,
+            PeerRound: self._on_round,
+            ReceiptReceived: self._on_receipt,
+            StateRefused: self._on_state_refused,
+            Finished: self._on_finished,
+            PeerDone: self._on_done,
         }
         self._identity: dict[str, Any] = {"fingerprint": None, "run": None, "aggregator": None}
         self._phase: PeerPhase = "syncing"
@@ -46,54 +48,52 @@ class PeerStatus:
         self._finished = False
         self._detail: str | None = None
 
-    def handle(self, event: Mapping[str, Any]) -> None:
-        """Fold one peer event in; unknown kinds are ignored and a malformed event never raises."""
-        fold_event(event, self._handlers, self._lock, what="peer status")
+    def handle(self, event: Event) -> None:
+        """Fold one peer event in; other kinds are ignored and a failing fold never raises."""
+        fold(self._handlers, event, self._lock, "peer status")
 
-    def _on_synced(self, e: Mapping[str, Any]) -> None:
-        for key in ("fingerprint", "run", "aggregator"):
-            self._identity[key] = text(e, key, default=self._identity[key])
-        self._round = integer(e, "round", default=self._round)
-        self._state_bytes += max(0, integer(e, "state_bytes", default=0))
+    def _on_synced(self, e: PeerSynced) -> None:
+        self._identity = {"fingerprint": cut(e.fingerprint), "run": cut(e.run), "aggregator": cut(e.aggregator)}
+        self._round = e.round
+        self._state_bytes += max(0, e.state_bytes)
         if self._phase == "syncing":
             self._phase = "training"
 
-    def _on_round(self, e: Mapping[str, Any]) -> None:
-        done = integer(e, "round")
-        if done is not None:
-            self._round = done + 1
-        loss = number(e, "loss")
+    def _on_round(self, e: PeerRound) -> None:
+        done = e.round
+        self._round = done + 1
+        loss = finite(e.loss)
         if loss is not None:
             self._loss.append({"round": done, "loss": loss})
-        self._tokens_per_s = number(e, "tokens_per_s", default=self._tokens_per_s)
-        self._bytes_up += max(0, integer(e, "bytes_up", default=0))
-        self._bytes_down += max(0, integer(e, "bytes_down", default=0))
-        served = integer(e, "state_bytes_served", default=0)
-        self._state_bytes_served = max(self._state_bytes_served, served if served is not None else 0)
+        if math.isfinite(e.tokens_per_s):
+            self._tokens_per_s = e.tokens_per_s
+        self._bytes_up += max(0, e.bytes_up)
+        self._bytes_down += max(0, e.bytes_down)
+        self._state_bytes_served = max(self._state_bytes_served, e.state_bytes_served)
         self._rounds_done += 1
-        if flag(e, "accepted"):
+        if e.accepted:
             self._accepted += 1
         else:
             self._rejected += 1
-            self._last_rejection = {"round": done, "reason": text(e, "reason", default="")}
+            self._last_rejection = {"round": done, "reason": cut(e.reason)}
 
-    def _on_receipt(self, e: Mapping[str, Any]) -> None:
-        if not flag(e, "accepted"):
-            self._last_rejection = {"round": integer(e, "round"), "reason": text(e, "reason", default="")}
+    def _on_receipt(self, e: ReceiptReceived) -> None:
+        if not e.accepted:
+            self._last_rejection = {"round": e.round, "reason": cut(e.reason)}
             return
         self._receipts += 1
-        self._score_total += number(e, "score", default=0.0)
-        self._tokens_credited += max(0, integer(e, "tokens_credited", default=0))
+        self._score_total += e.score
+        self._tokens_credited += max(0, e.tokens_credited)
 
-    def _on_state_refused(self, e: Mapping[str, Any]) -> None:
+    def _on_state_refused(self, e: StateRefused) -> None:
         self._state_refusals += 1
 
-    def _on_finished(self, e: Mapping[str, Any]) -> None:
+    def _on_finished(self, e: Finished) -> None:
         self._finished = True
         self._phase = "finished"
-        self._detail = text(e, "detail")
+        self._detail = cut(e.detail)
 
-    def _on_done(self, e: Mapping[str, Any]) -> None:
+    def _on_done(self, e: PeerDone) -> None:
         if self._phase != "finished":
             self._phase = "stopped"
 

@@ -16,10 +16,12 @@ from collections.abc import Iterator
 import uvicorn
 from starlette.types import ASGIApp
 
+from potluck.errors import PotluckError
+
 logger = logging.getLogger(__name__)
 
 
-class WebServerError(RuntimeError):
+class WebServerError(PotluckError, RuntimeError):
     """The status page could not be served; the message says why and what to do."""
 
 

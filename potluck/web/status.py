@@ -1,11 +1,14 @@
 """The aggregator's run as the status page shows it: a fold over the aggregator's events.
 
-The aggregator emits plain event dicts (the same ones `--json` prints); `RunStatus.handle` folds
-each into a small state and the snapshot methods hand out JSON-able copies. Everything kept is
+The aggregator emits typed events (potluck.events, the same ones `--json` prints); `RunStatus.handle`
+folds each into a small state and the snapshot methods hand out JSON-able copies. Everything kept is
 bounded, because peers' activity (new keys, rejections with their reasons) drives how much arrives.
 """
 
+import dataclasses
 import itertools
+import logging
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -13,8 +16,28 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from potluck.web.fields import flag, fold_event, integer, number, records, text, texts
+from potluck.events import (
+    AcceptedUpdate,
+    AggregatorDone,
+    AggregatorReady,
+    Banned,
+    Credit,
+    Event,
+    Joined,
+    LedgerHead,
+    RoundClosed,
+    RoundError,
+    RoundOpened,
+    Unbanned,
+    UpdateReceived,
+    UpdateRejected,
+)
 
+logger = logging.getLogger(__name__)
+
+# Long enough for a 64-hex key, a multiaddr or a validation check's explanation, short enough that
+# thousands of kept rejections stay a few megabytes (their reasons partly come from untrusted peers).
+MAX_TEXT_CHARS = 512
 MAX_LOSS_POINTS = 1000  # one held-out loss per closed round, enough for the chart of a long run
 MAX_ROUNDS = 1000  # closed-round summaries kept for /api/rounds
 MAX_REJECTIONS = 200
@@ -27,6 +50,29 @@ RECENT_ROUNDS = 10  # the window of the recent tokens/s average
 ACTIVE_ROUNDS = 2  # a peer is active if it uploaded for the open round or one of the two before
 
 Phase = Literal["starting", "collecting", "finished"]
+
+
+def cut(text: str, max_chars: int = MAX_TEXT_CHARS) -> str:
+    """`text` cut to `max_chars`: a hostile peer's megabyte-long reason is not kept whole."""
+    return text[:max_chars]
+
+
+def finite(value: float | None) -> float | None:
+    """`value` when finite, else None: JSON has no NaN or infinity, so a diverged loss reads as missing."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def fold(handlers: Mapping[type[Event], Callable[[Any], None]], event: Event, lock: threading.Lock, what: str) -> None:
+    """Run the handler of the event's type under `lock`: other types are ignored, and a handler's failure
+    is logged, never raised (the node feeding `what` must keep running whatever an event holds)."""
+    handler = handlers.get(type(event))
+    if handler is None:
+        return
+    with lock:
+        try:
+            handler(event)
+        except Exception:
+            logger.warning("%s skipped a %s event it could not fold", what, type(event).__name__, exc_info=True)
 
 
 @dataclass(slots=True)
@@ -68,17 +114,17 @@ class RunStatus:
         """`clock` gives unix seconds; tests inject one to check the deadline countdown."""
         self._clock = clock
         self._lock = threading.Lock()
-        self._handlers: dict[str, Callable[[Mapping[str, Any]], None]] = {
-            "ready": self._on_ready,
-            "round-open": self._on_round_open,
-            "received": self._on_received,
-            "joined": self._on_joined,
-            "rejected": self._on_rejected,
-            "banned": self._on_banned,
-            "unbanned": self._on_unbanned,
-            "round": self._on_round,
-            "error": self._on_error,
-            "done": self._on_done,
+        self._handlers: dict[type[Event], Callable[[Any], None]] = {
+            AggregatorReady: self._on_ready,
+            RoundOpened: self._on_round_open,
+            UpdateReceived: self._on_received,
+            Joined: self._on_joined,
+            UpdateRejected: self._on_rejected,
+            Banned: self._on_banned,
+            Unbanned: self._on_unbanned,
+            RoundClosed: self._on_round,
+            RoundError: self._on_error,
+            AggregatorDone: self._on_done,
         }
         self._run: dict[str, Any] = {}  # the ready event's description of the run
         self._client_modes: OrderedDict[str, str] = OrderedDict()  # fingerprint -> as it said when it joined
@@ -103,110 +149,103 @@ class RunStatus:
 
     # ----------------------------------------------------------------- input
 
-    def handle(self, event: Mapping[str, Any]) -> None:
-        """Fold one aggregator event in; unknown kinds are ignored and a malformed event never raises."""
-        fold_event(event, self._handlers, self._lock, what="status page")
+    def handle(self, event: Event) -> None:
+        """Fold one aggregator event in; other kinds are ignored and a failing fold never raises."""
+        fold(self._handlers, event, self._lock, "status page")
 
-    def _on_ready(self, e: Mapping[str, Any]) -> None:
+    def _on_ready(self, e: AggregatorReady) -> None:
         self._run = {
-            "run": text(e, "run"),
-            "config_hash": text(e, "config_hash"),
-            "fingerprint": text(e, "fingerprint"),
-            "model": text(e, "model"),
-            "num_params": integer(e, "num_params"),
-            "codec": text(e, "codec"),
-            "aggregate_codec": text(e, "aggregate_codec"),
-            "rounds_total": integer(e, "rounds_total"),
-            "round_deadline_s": number(e, "round_deadline_s"),
-            "resumed": flag(e, "resumed"),
-            "state_sha256": text(e, "state_sha256"),
+            "run": cut(e.run),
+            "config_hash": cut(e.config_hash),
+            "fingerprint": cut(e.fingerprint),
+            "model": cut(e.model),
+            "num_params": e.num_params,
+            "codec": cut(e.codec),
+            "aggregate_codec": cut(e.aggregate_codec),
+            "rounds_total": e.rounds_total,
+            "round_deadline_s": finite(e.round_deadline_s),
+            "resumed": e.resumed,
+            "state_sha256": cut(e.state_sha256),
         }
-        self._maddrs = texts(e, "maddrs", max_items=MAX_MADDRS)
-        self._round = integer(e, "round", default=0)
+        self._maddrs = [m[:MAX_TEXT_CHARS] for m in e.maddrs[:MAX_MADDRS]]
+        self._round = e.round
         self._phase = "collecting"
-        val_loss = number(e, "val_loss")
+        val_loss = finite(e.val_loss)
         if val_loss is not None and not self._loss:
             # The state the run starts from: round -1 for a fresh run, the last closed round on resume.
             self._loss.append({"round": self._round - 1, "val_loss": val_loss})
-        self._set_ledger_head(e.get("ledger_head"))
-        self._standings = {}
-        for item in records(e, "leaderboard", max_items=MAX_STANDINGS):
-            who = text(item, "fingerprint")
-            if who is not None:
-                self._standings[who] = _Standing(
-                    public_key=text(item, "public_key"),
-                    points=number(item, "points", default=0.0),
-                    accepted=integer(item, "accepted", default=0),
-                )
+        self._set_ledger_head(e.ledger_head)
+        self._standings = {
+            cut(item.fingerprint): _Standing(
+                public_key=cut(item.public_key), points=item.points, accepted=item.accepted
+            )
+            for item in e.leaderboard[:MAX_STANDINGS]
+        }
 
-    def _on_round_open(self, e: Mapping[str, Any]) -> None:
-        self._round = integer(e, "round", default=self._round)
-        self._round_deadline_s = number(e, "deadline_s")
-        opened_at_s = number(e, "time_s", default=self._clock())
+    def _on_round_open(self, e: RoundOpened) -> None:
+        self._round = e.round
+        self._round_deadline_s = finite(e.deadline_s)
+        opened_at_s = e.time_s if math.isfinite(e.time_s) else self._clock()
         self._deadline_at_s = None if self._round_deadline_s is None else opened_at_s + self._round_deadline_s
         if self._phase != "finished":
             self._phase = "collecting"
 
-    def _on_received(self, e: Mapping[str, Any]) -> None:
-        peer = self._peer(text(e, "fingerprint"), seen_s=number(e, "time_s"))
+    def _on_received(self, e: UpdateReceived) -> None:
+        peer = self._peer(cut(e.fingerprint), seen_s=finite(e.time_s))
         if peer is None:
             return
         peer.uploads += 1
-        peer.bytes_received += max(0, integer(e, "bytes", default=0))
-        round_index = integer(e, "round")
-        if round_index is not None:
-            peer.saw_round(round_index)
+        peer.bytes_received += max(0, e.bytes)
+        peer.saw_round(e.round)
 
-    def _on_joined(self, e: Mapping[str, Any]) -> None:
+    def _on_joined(self, e: Joined) -> None:
         # A state download names a key without proving it: keep the mode aside (bounded), not as a peer.
-        who, mode = text(e, "fingerprint"), e.get("client_mode")
-        if who is None or type(mode) is not bool:
-            return
-        self._client_modes[who] = "client" if mode else "listening"  # dials out only, or accepts connections
+        who = cut(e.fingerprint)
+        self._client_modes[who] = "client" if e.client_mode else "listening"  # dials out only, or accepts
         self._client_modes.move_to_end(who)
         if len(self._client_modes) > MAX_PEERS:
             self._client_modes.popitem(last=False)
 
-    def _on_rejected(self, e: Mapping[str, Any]) -> None:
-        check = text(e, "check", default="unknown", max_chars=64)
+    def _on_rejected(self, e: UpdateRejected) -> None:
+        check = cut(e.check, 64)
         rejection = {
-            "round": integer(e, "round"),
-            "fingerprint": text(e, "fingerprint"),
+            "round": e.round,
+            "fingerprint": cut(e.fingerprint),
             "check": check,
-            "reason": text(e, "reason", default=""),
-            "update": text(e, "update", max_chars=64),
+            "reason": cut(e.reason),
+            "update": None if e.update is None else cut(e.update, 64),
             "time_s": self._clock(),
         }
         self._rejections.append(rejection)
         if check not in self._rejected_by_check and len(self._rejected_by_check) >= MAX_CHECKS:
             check = "other"
         self._rejected_by_check[check] = self._rejected_by_check.get(check, 0) + 1
-        peer = self._peer(rejection["fingerprint"])
+        peer = self._peer(cut(e.fingerprint))
         if peer is not None:
             peer.rejected += 1
             peer.last_rejection = {k: rejection[k] for k in ("round", "check", "reason")}
 
-    def _on_banned(self, e: Mapping[str, Any]) -> None:
-        peer = self._peer(text(e, "fingerprint"))
+    def _on_banned(self, e: Banned) -> None:
+        peer = self._peer(cut(e.fingerprint))
         if peer is not None:
             peer.banned = True
-            peer.ban_reason = text(e, "reason")
+            peer.ban_reason = cut(e.reason)
 
-    def _on_unbanned(self, e: Mapping[str, Any]) -> None:
-        peer = self._peers.get(text(e, "fingerprint") or "")
+    def _on_unbanned(self, e: Unbanned) -> None:
+        peer = self._peers.get(cut(e.fingerprint))
         if peer is not None:
             peer.banned = False
             peer.ban_reason = None
 
-    def _on_round(self, e: Mapping[str, Any]) -> None:
-        closed = integer(e, "round", default=self._round if self._round is not None else 0)
-        closed_at_s = number(e, "time_s", default=self._clock())
-        round_s = number(e, "round_s")
+    def _on_round(self, e: RoundClosed) -> None:
+        closed = e.round
+        closed_at_s = e.time_s if math.isfinite(e.time_s) else self._clock()
+        round_s = finite(e.round_s)
         if round_s is not None and round_s <= 0:
             round_s = None  # a zero-length round has no rate
-        tokens = max(0, integer(e, "tokens", default=0))
-        val_loss = number(e, "val_loss")
-        accepted = records(e, "accepted", max_items=MAX_ROUND_ENTRIES)
+        tokens = max(0, e.tokens)
+        val_loss = finite(e.val_loss)
+        accepted: tuple[AcceptedUpdate, ...] = e.accepted[:MAX_ROUND_ENTRIES]
         tokens_per_s = tokens / round_s if round_s is not None else None
         self._rounds_closed += 1
         self._round = closed + 1
@@ -218,47 +257,41 @@ class RunStatus:
             self._loss.append({"round": closed, "val_loss": val_loss})
         if round_s is not None:
             self._throughput.append((tokens, round_s))
-        self._bytes_in = integer(e, "bytes_in", default=self._bytes_in)
-        self._bytes_out = integer(e, "bytes_out", default=self._bytes_out)
-        self._set_ledger_head(e.get("ledger_head"))
+        self._bytes_in = e.bytes_in
+        self._bytes_out = e.bytes_out
+        self._set_ledger_head(e.ledger_head)
         self._accepted_total += len(accepted)
         for item in accepted:
-            peer = self._peer(text(item, "fingerprint"), seen_s=closed_at_s)
+            peer = self._peer(cut(item.fingerprint), seen_s=closed_at_s)
             if peer is None:
                 continue
             peer.accepted += 1
             peer.saw_round(closed)
             if round_s is not None:
-                peer.tokens_per_s = max(0, integer(item, "tokens", default=0)) / round_s
-        # The round's credits are what the ledger booked; older aggregators put them on the accepted entries.
-        credits = records(e, "credits", max_items=MAX_ROUND_ENTRIES) if "credits" in e else accepted
-        for item in credits:
-            self._credit(item)
+                peer.tokens_per_s = max(0, item.tokens) / round_s
+        for credit in e.credits[:MAX_ROUND_ENTRIES]:  # what the ledger booked
+            self._credit(credit)
         self._rounds.append(
             {
                 "round": closed,
-                "closed_by": text(e, "closed_by", max_chars=32),
+                "closed_by": cut(e.closed_by, 32),
                 "val_loss": val_loss,
                 "accepted": len(accepted),
-                "rejected": max(0, integer(e, "rejected", default=0)),
+                "rejected": max(0, e.rejected),
                 "tokens": tokens,
                 "tokens_per_s": tokens_per_s,
                 "round_s": round_s,
-                "aggregation_s": number(e, "aggregation_s"),
-                "aggregate_bytes": integer(e, "aggregate_bytes"),
-                "state_sha256": text(e, "state_sha256"),
+                "aggregation_s": finite(e.aggregation_s),
+                "aggregate_bytes": e.aggregate_bytes,
+                "state_sha256": cut(e.state_sha256),
                 "time_s": closed_at_s,
             }
         )
 
-    def _on_error(self, e: Mapping[str, Any]) -> None:
-        self._last_error = {
-            "round": integer(e, "round"),
-            "detail": text(e, "detail", default=""),
-            "time_s": self._clock(),
-        }
+    def _on_error(self, e: RoundError) -> None:
+        self._last_error = {"round": e.round, "detail": cut(e.detail), "time_s": self._clock()}
 
-    def _on_done(self, e: Mapping[str, Any]) -> None:
+    def _on_done(self, e: AggregatorDone) -> None:
         self._phase = "finished"
         self._round_deadline_s = self._deadline_at_s = None
 
@@ -277,26 +310,20 @@ class RunStatus:
             self._peers.move_to_end(who)
         return peer
 
-    def _credit(self, item: Mapping[str, Any]) -> None:
-        who = text(item, "fingerprint")
-        credit = number(item, "credit")
-        if who is None or credit is None:
-            return
+    def _credit(self, item: Credit) -> None:
+        who = cut(item.fingerprint)
         standing = self._standings.get(who)
         if standing is None:
-            standing = self._standings[who] = _Standing(public_key=text(item, "public_key"))
+            standing = self._standings[who] = _Standing(public_key=cut(item.public_key))
             if len(self._standings) > MAX_STANDINGS:
                 lowest = min(self._standings, key=lambda k: self._standings[k].points)
                 del self._standings[lowest]
-        standing.points += credit
+        standing.points += item.credit
         standing.accepted += 1
 
-    def _set_ledger_head(self, head: object) -> None:
-        if isinstance(head, Mapping):
-            # Passed through as the ledger signed it; only its size is bounded.
-            self._ledger_head = {
-                str(k)[:64]: v[:1024] if isinstance(v, str) else v for k, v in list(head.items())[:32]
-            }
+    def _set_ledger_head(self, head: LedgerHead | None) -> None:
+        if head is not None:  # passed through as the ledger signed it
+            self._ledger_head = dataclasses.asdict(head)
 
     # ----------------------------------------------------------------- snapshots
 

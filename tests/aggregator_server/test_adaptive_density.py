@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from potluck.aggregator_server.server import AggregatorServer
+from potluck.events import Event, RoundClosed
 from potluck.protocol.envelope import MAX_AGGREGATE_ENVELOPE_BYTES, SignedAggregate, SignedReceipt
 from potluck.protocol.identity import Identity, generate_identity
 from potluck.protocol.messages import unpack_envelope
@@ -26,9 +27,9 @@ async def _upload(
     return await submit(server, *update)
 
 
-async def _round_0(tmp_path: Path, **overrides: Any) -> tuple[AggregatorServer, SignedAggregate, list[dict[str, Any]]]:
+async def _round_0(tmp_path: Path, **overrides: Any) -> tuple[AggregatorServer, SignedAggregate, list[Event]]:
     """Round 0 with three peers that computed for 100 s (read in microseconds: a link far faster than needed)."""
-    events: list[dict[str, Any]] = []
+    events: list[Event] = []
     server = make_server(tmp_path, **overrides)
     server.on_event = events.append
     server.current.opened_at -= 100  # the uploads arrive 100 s into the round
@@ -43,8 +44,8 @@ def test_fast_links_raise_the_next_rounds_density_which_the_aggregate_and_the_st
     async def scenario() -> None:
         server, aggregate, events = await _round_0(tmp_path)
 
-        closed = next(e for e in events if e["event"] == "round")
-        assert (closed["density"], closed["next_density"]) == (1 / 64, 1 / 2)
+        closed = next(e for e in events if isinstance(e, RoundClosed))
+        assert (closed.density, closed.next_density) == (1 / 64, 1 / 2)
         assert aggregate.header.next_density == (await state(server))[0].header.density == 1 / 2
         # round 1 decodes its uploads at 1/2 only: one still at 1/64 is refused, saying why
         stale = (await _upload(server, PEERS[0], density=1 / 64)).receipt

@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 import torch
 
-from potluck.lab.swarm import Child, read_events, start_child, stop_children
+from potluck.lab.swarm import Child, read_json_lines, start_child, stop_children
 from potluck.protocol.density import round_codecs
 from potluck.protocol.envelope import SignedState, SignedUpdate, UpdateHeader, new_nonce, payload_digest, sign_update
 from potluck.protocol.identity import Identity
 from potluck.protocol.messages import decode_state_payload
 from potluck.training.models import model_config, parameter_shapes
 
-Event = dict[str, Any]
+Printed = dict[str, Any]  # one JSON object a node printed on stdout (`--json`): the interface scripts read
 
 
 def p2pd_pids() -> set[int]:
@@ -119,10 +119,10 @@ class Node:
     """A started node and the events it has printed so far."""
 
     child: Child
-    events: "queue.Queue[Event | None]" = field(default_factory=queue.Queue)
-    seen: list[Event] = field(default_factory=list)
+    events: "queue.Queue[Printed | None]" = field(default_factory=queue.Queue)
+    seen: list[Printed] = field(default_factory=list)
 
-    def next_event(self, predicate: Callable[[Event], bool], *, timeout_s: float) -> Event:
+    def next_event(self, predicate: Callable[[Printed], bool], *, timeout_s: float) -> Printed:
         """The first event (already seen or still to come) matching `predicate`."""
         for event in self.seen:
             if predicate(event):
@@ -143,7 +143,7 @@ class Node:
             if predicate(event):
                 return event
 
-    def all_events(self, *, timeout_s: float) -> list[Event]:
+    def all_events(self, *, timeout_s: float) -> list[Printed]:
         """Every event the node reported, once its stdout has closed (it exited, or was killed)."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -229,8 +229,8 @@ class Nodes:
         stop_children([n.child for n in self.started], grace_s=10)
 
 
-def _pump(child: Child, events: "queue.Queue[Event | None]") -> None:
-    for event in read_events(child):
+def _pump(child: Child, events: "queue.Queue[Printed | None]") -> None:
+    for event in read_json_lines(child):  # what the node printed: the interface scripts read
         events.put(event)
     events.put(None)
 

@@ -22,6 +22,7 @@ with warnings.catch_warnings():
 from potluck.protocol.wire import (
     MessageKind,
     PeerRefusedError,
+    RefusalCode,
     WireError,
     encode_header,
     error_body,
@@ -119,7 +120,7 @@ def test_over_limit_declaration_is_refused_with_an_error_frame_before_the_body()
         try:
             await read_frame_from_stream(reader, max_body_bytes=limit, expected_kinds={MessageKind.SUBMIT})
         except WireError as e:
-            await write_frame(writer, kind=MessageKind.ERROR, body=error_body(str(e)))
+            await write_frame(writer, kind=MessageKind.ERROR, body=error_body(str(e), code=RefusalCode.BAD_REQUEST))
             return str(e)
         return "accepted"
 

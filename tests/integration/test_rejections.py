@@ -12,7 +12,7 @@ from potluck.protocol.envelope import SignedUpdate, sign_update
 from potluck.protocol.identity import generate_identity
 from potluck.protocol.messages import SUBMIT_HANDLER
 from potluck.protocol.node import parse_join_address, peer_id_of, start_node
-from potluck.protocol.wire import MessageKind, PeerRefusedError, read_frame_from_stream
+from potluck.protocol.wire import MessageKind, PeerRefusedError, RefusalCode, read_frame_from_stream
 from tests.integration.swarm_helpers import Nodes, signed_test_update
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -87,6 +87,7 @@ async def _speak_another_version(join: str, version: int) -> str:
             await writer.drain()
             with pytest.raises(PeerRefusedError) as refusal:
                 await read_frame_from_stream(reader, max_body_bytes=4096, expected_kinds={MessageKind.SUBMIT_REPLY})
+            assert refusal.value.code is RefusalCode.VERSION_MISMATCH
             return str(refusal.value)
         finally:
             writer.close()

@@ -6,7 +6,8 @@ import hashlib
 import pytest
 
 from potluck.peer.state_download import Donor, DownloadFailed, fetch_chunks
-from potluck.protocol.messages import BUSY_PREFIX
+from potluck.protocol.client import AggregatorUnreachable
+from potluck.protocol.wire import RefusalCode
 
 CHUNK = 1024
 PAYLOAD = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(10 * CHUNK // 32 + 3))  # 10 chunks+
@@ -58,6 +59,7 @@ def test_a_donor_whose_chunk_refutes_the_manifest_is_dropped_and_its_chunk_fetch
 
     assert got.payload == PAYLOAD
     assert got.bytes_by_donor["liar"] == 0 and "does not match the signed manifest" in got.dropped["liar"]
+    assert got.refuted == {"liar"}
     assert len(asked) <= 2  # one refused chunk per stream, then it is never asked again
 
 
@@ -66,13 +68,20 @@ def test_a_silent_donor_is_dropped_after_its_tries_and_a_busy_one_is_given_more(
 
     got = _run(
         _failing("silent", ConnectionError("stream reset"), silent),
-        _failing("busy", ConnectionError(f"{BUSY_PREFIX}serving 4 chunks already"), busy),
+        _failing("busy", AggregatorUnreachable("serving 4 chunks already", code=RefusalCode.BUSY), busy),
         _honest("honest"),
     )
 
     assert got.payload == PAYLOAD and got.bytes_by_donor["honest"] == len(PAYLOAD)
     assert len(silent) <= 3 and got.dropped.get("silent", "stream reset") == "stream reset"
     assert "busy" not in got.dropped  # busy costs a fifth of a try: it is asked again later
+    assert not got.refuted
+
+
+def test_busy_is_the_code_not_the_words() -> None:
+    worded = []
+    _run(_failing("worded", ConnectionError("busy: serving 4 chunks already"), worded), _honest("honest"))
+    assert len(worded) <= 3  # a plain failure, however it is worded: dropped after its tries
 
 
 def test_without_an_honest_donor_the_download_fails_in_one_line_naming_each() -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from potluck.protocol.chunk_server import MAX_PACING_WAIT_S, ChunkUnavailable, Pacer
 from potluck.protocol.messages import BUSY_PREFIX
+from potluck.protocol.wire import RefusalCode
 
 
 def test_sends_are_spaced_to_the_cap() -> None:
@@ -28,8 +29,9 @@ def test_a_send_that_would_wait_past_the_limit_is_answered_busy() -> None:
         await pacer.take(int((MAX_PACING_WAIT_S + 1) * 1_000))
         await pacer.take(1)
 
-    with pytest.raises(ChunkUnavailable, match=BUSY_PREFIX):
+    with pytest.raises(ChunkUnavailable, match=BUSY_PREFIX) as info:
         asyncio.run(sends())
+    assert info.value.code is RefusalCode.BUSY
 
 
 def test_a_cap_must_be_positive() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from potluck.protocol.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable
 from potluck.protocol.messages import BUSY_PREFIX
-from potluck.protocol.wire import MessageKind, encode_frame, error_body
+from potluck.protocol.wire import MessageKind, RefusalCode, encode_frame, error_body
 
 
 class _Writer:
@@ -40,14 +40,42 @@ def _fetch(reply: bytes | None) -> None:
     asyncio.run(link.fetch_aggregate(3, timeout_s=5))
 
 
-def test_a_refusal_is_final_and_carries_the_reason() -> None:
-    with pytest.raises(AggregatorRefused, match="^the aggregate of round 3 is no longer held"):
-        _fetch(encode_frame(MessageKind.ERROR, error_body("the aggregate of round 3 is no longer held")))
+def test_a_refusal_is_final_and_carries_the_reason_and_code() -> None:
+    body = error_body("the aggregate of round 3 is no longer held", code=RefusalCode.NOT_HELD)
+    with pytest.raises(AggregatorRefused, match="^the aggregate of round 3 is no longer held") as info:
+        _fetch(encode_frame(MessageKind.ERROR, body))
+    assert info.value.code is RefusalCode.NOT_HELD
 
 
 def test_a_busy_aggregator_is_worth_retrying() -> None:
-    with pytest.raises(AggregatorUnreachable, match="uploads are already in progress"):
-        _fetch(encode_frame(MessageKind.ERROR, error_body(f"{BUSY_PREFIX}32 uploads are already in progress")))
+    body = error_body(f"{BUSY_PREFIX}32 uploads are already in progress", code=RefusalCode.BUSY)
+    with pytest.raises(AggregatorUnreachable, match="uploads are already in progress") as info:
+        _fetch(encode_frame(MessageKind.ERROR, body))
+    assert info.value.code is RefusalCode.BUSY
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "outcome"),
+    [
+        (RefusalCode.BUSY, "the aggregate of round 3 is no longer held", AggregatorUnreachable),
+        (RefusalCode.NOT_HELD, f"{BUSY_PREFIX}32 uploads are already in progress", AggregatorRefused),
+        (RefusalCode.RUN_FINISHED, "all good, carry on", AggregatorRefused),
+    ],
+)
+def test_what_the_client_does_follows_the_code_not_the_text(
+    code: RefusalCode, text: str, outcome: type[Exception]
+) -> None:
+    # Execute
+    with pytest.raises(outcome) as info:
+        _fetch(encode_frame(MessageKind.ERROR, error_body(text, code=code)))
+    # Assert
+    assert type(info.value) is outcome and info.value.code is code  # type: ignore[attr-defined]
+
+
+def test_a_hostile_code_is_a_plain_refusal() -> None:
+    with pytest.raises(AggregatorRefused) as info:
+        _fetch(encode_frame(MessageKind.ERROR, b"\xfa" + f"{BUSY_PREFIX}really".encode()))
+    assert info.value.code is RefusalCode.UNSPECIFIED
 
 
 @pytest.mark.parametrize("reply", [None, b"", b"PLK\x01\x06" + (100).to_bytes(8, "big") + b"short"])

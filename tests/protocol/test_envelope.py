@@ -295,7 +295,7 @@ def test_signed_bytes_are_spelled_exactly_as_documented() -> None:
     # Prepare: the wire format spelled by hand, msgpack byte by byte. If this test fails, every node's
     # signatures change: bump PROTOCOL_VERSION rather than editing the expected bytes.
     config_hash = "0" * 64
-    common = b"\x03" + b"\xa1r" + b"\xd9\x40" + b"0" * 64 + b"\x01"  # version 3, run "r", str8 hash, round 1
+    common = b"\x04" + b"\xa1r" + b"\xd9\x40" + b"0" * 64 + b"\x01"  # version 4, run "r", str8 hash, round 1
     key, zeros = b"\xc4\x20" + bytes(range(32)), b"\xc4\x20" + bytes(32)  # bin8 of 32 bytes
     timestamp = b"\xcb" + struct.pack(">d", 1.5)  # always float64
     update = UpdateHeader(

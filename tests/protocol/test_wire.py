@@ -15,7 +15,9 @@ from potluck.protocol.wire import (
     MAX_ERROR_BODY_BYTES,
     MessageKind,
     PeerRefusedError,
+    RefusalCode,
     WireError,
+    decode_error,
     encode_frame,
     encode_header,
     error_body,
@@ -73,20 +75,53 @@ def test_round_trip_every_kind_and_size(kind: MessageKind, size: int) -> None:
 
 
 def test_error_frame_round_trips_when_expected_and_raises_otherwise() -> None:
-    frame = encode_frame(MessageKind.ERROR, error_body("round 7 is closed\nsecond line dropped"))
-    assert _read([frame]) == (MessageKind.ERROR, b"round 7 is closed")
-    with pytest.raises(PeerRefusedError, match=r"^peer refused the request: round 7 is closed$"):
+    body = error_body("round 7 is closed\nsecond line dropped", code=RefusalCode.ROUND_OPEN)
+    frame = encode_frame(MessageKind.ERROR, body)
+    assert _read([frame]) == (MessageKind.ERROR, body)
+    assert decode_error(body) == (RefusalCode.ROUND_OPEN, "round 7 is closed")
+    with pytest.raises(PeerRefusedError, match=r"^peer refused the request: round 7 is closed$") as info:
         _read([frame], expected_kinds={MessageKind.SUBMIT_REPLY})
-    with pytest.raises(PeerRefusedError, match="round 7 is closed"):
+    assert (info.value.code, info.value.reason) == (RefusalCode.ROUND_OPEN, "round 7 is closed")
+    with pytest.raises(PeerRefusedError, match="round 7 is closed") as info:
         _read_stream(frame, expected_kinds={MessageKind.SUBMIT_REPLY})
+    assert info.value.code is RefusalCode.ROUND_OPEN
+
+
+@pytest.mark.parametrize("code", list(RefusalCode))
+def test_every_refusal_code_round_trips(code: RefusalCode) -> None:
+    # Prepare
+    frame = encode_frame(MessageKind.ERROR, error_body("no", code=code))
+    # Execute
+    with pytest.raises(PeerRefusedError) as info:
+        _read_stream(frame, expected_kinds={MessageKind.STATE})
+    # Assert
+    assert (info.value.code, info.value.reason) == (code, "no")
+
+
+@pytest.mark.parametrize("body", [b"", b"\xff", b"\xc8round 3 is gone", bytes([len(RefusalCode)]) + b"new reason"])
+def test_an_unknown_or_missing_refusal_code_reads_as_unspecified(body: bytes) -> None:
+    # Execute
+    with pytest.raises(PeerRefusedError) as info:
+        _read([encode_frame(MessageKind.ERROR, body)], expected_kinds={MessageKind.STATE})
+    # Assert
+    assert info.value.code is RefusalCode.UNSPECIFIED
+    assert info.value.reason == body[1:].decode("utf-8", errors="replace")
+
+
+@given(st.binary(max_size=MAX_ERROR_BODY_BYTES))
+def test_any_error_body_decodes_to_a_code_and_one_printable_line(body: bytes) -> None:
+    code, reason = decode_error(body)
+    assert isinstance(code, RefusalCode)
+    assert reason.isprintable()
 
 
 def test_error_text_from_a_peer_is_kept_to_one_printable_line() -> None:
-    frame = encode_frame(MessageKind.ERROR, b"bad\r\n\x1b[31mred\xff")
+    frame = encode_frame(MessageKind.ERROR, b"\x01bad\r\n\x1b[31mred\xff")
     with pytest.raises(PeerRefusedError) as info:
         _read([frame], expected_kinds={MessageKind.STATE})
-    assert str(info.value).isprintable()
-    assert len(error_body("x" * 5000)) == MAX_ERROR_BODY_BYTES
+    assert str(info.value).isprintable() and info.value.reason.isprintable()
+    assert info.value.code is RefusalCode.BUSY
+    assert len(error_body("x" * 5000, code=RefusalCode.BUSY)) == MAX_ERROR_BODY_BYTES
 
 
 def test_error_frame_over_its_cap_is_refused() -> None:

@@ -216,3 +216,39 @@ def test_simulate_json_reports_every_arm() -> None:
             assert isinstance(arm[key], float)
     by_name = {arm["name"]: arm for arm in out["arms"]}
     assert by_name["dct-topk"]["reduction_vs_ddp"] > by_name["none"]["reduction_vs_ddp"] > 1
+
+
+_BOOM = """
+from potluck.cli import app, handle_errors
+from potluck.errors import PotluckError
+
+class BrandNewError(PotluckError):
+    pass
+
+@app.command("boom")
+def boom(kind: str) -> None:
+    raise BrandNewError("the widget is out of range; pass --widget 3") if kind == "new" else RuntimeError("a bug")
+
+handle_errors(app)
+"""
+
+
+def test_a_new_potluck_error_is_one_line_with_no_edit_to_the_cli() -> None:
+    # Execute
+    result = subprocess.run(
+        [sys.executable, "-c", _BOOM, "boom", "new"], capture_output=True, text=True, timeout=120, check=False
+    )
+    # Assert
+    assert result.returncode == 2
+    assert result.stderr == "potluck: error: the widget is out of range; pass --widget 3\n"
+
+
+def test_any_other_exception_is_a_bug_and_keeps_its_traceback() -> None:
+    # Execute
+    result = subprocess.run(
+        [sys.executable, "-c", _BOOM, "boom", "bug"], capture_output=True, text=True, timeout=120, check=False
+    )
+    # Assert
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+    assert "RuntimeError: a bug" in result.stderr

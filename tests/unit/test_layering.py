@@ -7,7 +7,11 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "potluck"
 
-# component -> the potluck components it may import (besides itself)
+# Leaf modules every component may import: the typed events that cross between processes, and the
+# error base. They import nothing of ours but each other (see the test below).
+LEAVES = {"events", "errors"}
+
+# component -> the potluck components it may import (besides itself and LEAVES)
 ALLOWED = {
     "protocol": set(),
     "training": {"protocol"},
@@ -47,10 +51,16 @@ def test_component_imports_only_what_the_design_allows(component: str) -> None:
     bad = {
         f"{path.relative_to(PACKAGE.parent)} imports potluck.{name}"
         for path in files
-        for name in _potluck_imports(path) - ALLOWED[component] - {component}
+        for name in _potluck_imports(path) - ALLOWED[component] - LEAVES - {component}
     }
     # Assert
     assert not bad, sorted(bad)
+
+
+@pytest.mark.parametrize("leaf", sorted(LEAVES))
+def test_the_leaves_import_nothing_of_ours_but_errors(leaf: str) -> None:
+    path = PACKAGE / f"{leaf}.py"
+    assert _potluck_imports(path) <= {"errors"} - {leaf}
 
 
 def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """The aggregator's web app: JSON endpoints, the dashboard and its assets, served from a real RunStatus."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def test_join_serves_the_aggregators_multiaddrs(client: TestClient) -> None:
     # Assert
     assert body == {
         "run": "tiny-stdlib",
-        "fingerprint": ready()["fingerprint"],
+        "fingerprint": ready().fingerprint,
         "maddrs": [MADDR, "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWExample"],
     }
 
@@ -115,7 +116,7 @@ def test_the_ledger_head_is_404_until_a_round_closes_then_served() -> None:
     assert before.status_code == 404
     assert "no ledger head yet" in before.json()["detail"]
     assert after.status_code == 200
-    assert after.json() == head(0)
+    assert after.json() == dataclasses.asdict(head(0))
 
 
 def test_a_fresh_status_serves_every_endpoint() -> None:

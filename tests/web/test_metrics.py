@@ -1,8 +1,11 @@
 """/metrics speaks Prometheus's text format and carries the run's numbers."""
 
+import dataclasses
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from potluck.events import Credit
 from potluck.web import RunStatus, create_app
 from potluck.web.metrics import CONTENT_TYPE_LATEST, MAX_PEER_SERIES, make_registry, render
 from tests.web.conftest import TestClient
@@ -80,10 +83,10 @@ def test_two_apps_in_one_process_keep_their_own_metrics() -> None:
 def test_peer_series_are_bounded_and_hostile_labels_escaped() -> None:
     # Prepare
     status = RunStatus()
-    status.handle(ready(leaderboard=[]))
+    status.handle(ready(leaderboard=()))
     crowd = [f'pl-"evil"\n{i}' for i in range(MAX_PEER_SERIES + 50)]
-    event = closed(0, accepted=[], val_loss=5.0)
-    event["credits"] = [{"fingerprint": who, "public_key": "00", "credit": float(i)} for i, who in enumerate(crowd)]
+    credits = tuple(Credit(fingerprint=who, public_key="00", credit=float(i)) for i, who in enumerate(crowd))
+    event = dataclasses.replace(closed(0, accepted=[], val_loss=5.0), credits=credits)
     # Execute
     status.handle(event)
     samples = _samples(render(make_registry(status)).decode())

@@ -1,13 +1,15 @@
 """The peer's own status: what it trained, sent and earned, folded from its events and served as JSON."""
 
+import dataclasses
 import json
 
 import pytest
 
+from potluck.events import Finished, PeerDone, ReceiptReceived, StateRefused, UpdateRejected
 from potluck.web import PeerStatus, create_peer_app
 from potluck.web.peer_status import MAX_LOSS_POINTS
 from tests.web.conftest import TestClient
-from tests.web.events import AGGREGATOR, ALICE, peer_events
+from tests.web.events import AGGREGATOR, ALICE, peer_events, peer_round
 
 
 @pytest.fixture
@@ -43,8 +45,28 @@ def test_the_peers_rounds_and_receipts_add_up(peer_status: PeerStatus) -> None:
 
 def test_a_finished_run_stays_finished_after_the_peer_stops(peer_status: PeerStatus) -> None:
     # Execute
-    peer_status.handle({"event": "finished", "detail": "run 'tiny-stdlib' is complete (5 rounds)"})
-    peer_status.handle({"event": "done", "rounds": 2})
+    peer_status.handle(Finished(detail="run 'tiny-stdlib' is complete (5 rounds)"))
+    peer_status.handle(
+        PeerDone(
+            fingerprint=ALICE,
+            rounds=2,
+            accepted=1,
+            rejected=1,
+            bytes_up=100_000,
+            bytes_down=160_000,
+            state_bytes_served=3_000_000,
+            receipts=1,
+            score=4.0,
+            tokens=8192,
+            inner_steps=16,
+            compute_s=10.0,
+            active_s=12.0,
+            compute_utilization=10 / 12,
+            overlap=False,
+            speed=1.0,
+            nice=10,
+        )
+    )
     # Assert
     s = peer_status.status()
     assert s["finished"] and s["phase"] == "finished" and s["detail"] == "run 'tiny-stdlib' is complete (5 rounds)"
@@ -52,8 +74,12 @@ def test_a_finished_run_stays_finished_after_the_peer_stops(peer_status: PeerSta
 
 def test_a_refused_receipt_is_the_last_rejection_and_earns_nothing(peer_status: PeerStatus) -> None:
     # Execute
-    peer_status.handle({"event": "receipt", "round": 4, "accepted": False, "score": 9.0, "reason": "dropped at close"})
-    peer_status.handle({"event": "state-refused", "aggregator": "pl-x", "detail": "bad signature"})
+    peer_status.handle(
+        ReceiptReceived(
+            round=4, accepted=False, tokens_credited=0, score=9.0, reason="dropped at close", update="bb" * 8, shard=0
+        )
+    )
+    peer_status.handle(StateRefused(aggregator="pl-x", detail="bad signature"))
     # Assert
     s = peer_status.status()
     assert s["receipts"] == 1 and s["score_total"] == 4.0
@@ -61,17 +87,19 @@ def test_a_refused_receipt_is_the_last_rejection_and_earns_nothing(peer_status: 
     assert s["state_refusals"] == 1
 
 
-def test_the_loss_history_is_bounded_and_bad_events_are_ignored() -> None:
+def test_the_loss_history_is_bounded_and_a_diverged_loss_or_another_nodes_event_is_ignored() -> None:
     # Prepare
     status = PeerStatus()
     # Execute
     for r in range(MAX_LOSS_POINTS + 10):
-        status.handle({"event": "round", "round": r, "loss": 1.0, "accepted": True})
-    for bad in ({"event": "round", "loss": float("nan"), "bytes_up": "lots"}, {"event": "unknown"}, [], {"x": 1}):
-        status.handle(bad)  # type: ignore[arg-type]
+        status.handle(peer_round(r, loss=1.0))
+    status.handle(dataclasses.replace(peer_round(MAX_LOSS_POINTS + 10), loss=float("nan"), tokens_per_s=float("inf")))
+    status.handle(
+        UpdateRejected(fingerprint=ALICE, round=1, check="norm", reason="an aggregator's event", update=None)
+    )
     # Assert
     s = status.status()
-    assert len(s["loss_history"]) == MAX_LOSS_POINTS
+    assert len(s["loss_history"]) == MAX_LOSS_POINTS and s["loss"] == 1.0 and s["tokens_per_s"] == 800.0
     json.dumps(s, allow_nan=False)
 
 

@@ -1,13 +1,14 @@
 """RunStatus folds the aggregator's events into the numbers the status page shows."""
 
+import dataclasses
 import json
 import threading
 
 import pytest
 
+from potluck.events import AggregatorDone, Event, Joined, RoundError, StatusPage, Unbanned
 from potluck.web import RunStatus
-from potluck.web.fields import MAX_TEXT_CHARS
-from potluck.web.status import MAX_CHECKS, MAX_LOSS_POINTS, MAX_PEERS, MAX_REJECTIONS, MAX_ROUNDS
+from potluck.web.status import MAX_CHECKS, MAX_LOSS_POINTS, MAX_PEERS, MAX_REJECTIONS, MAX_ROUNDS, MAX_TEXT_CHARS
 from tests.web.conftest import FakeClock
 from tests.web.events import (
     AGGREGATOR,
@@ -19,6 +20,7 @@ from tests.web.events import (
     T0_S,
     closed,
     head,
+    peer_round,
     ready,
     received,
     rejected,
@@ -135,9 +137,8 @@ def test_peers_show_activity_verdicts_last_rejection_and_bans(run_status: RunSta
 
 def test_a_peers_client_mode_is_what_it_said_when_it_joined(run_status: RunStatus) -> None:
     # Execute: ALICE downloads the state again, saying she dials out only; a stranger joins and never uploads
-    run_status.handle({"event": "joined", "fingerprint": ALICE, "client_mode": True, "round": 2, "time_s": T0_S})
-    run_status.handle({"event": "joined", "fingerprint": "pl-stranger", "client_mode": False, "round": 2})
-    run_status.handle({"event": "joined", "fingerprint": BOB, "client_mode": "yes"})  # not a bool: ignored
+    run_status.handle(Joined(fingerprint=ALICE, client_mode=True, round=2, time_s=T0_S))
+    run_status.handle(Joined(fingerprint="pl-stranger", client_mode=False, round=2, time_s=T0_S))
     # Assert
     peers = {p["fingerprint"]: p for p in run_status.peers()}
     assert peers[ALICE]["client_mode"] == "client" and peers[BOB]["client_mode"] is None
@@ -146,7 +147,7 @@ def test_a_peers_client_mode_is_what_it_said_when_it_joined(run_status: RunStatu
 
 def test_an_unbanned_peer_is_no_longer_shown_banned(run_status: RunStatus) -> None:
     # Execute
-    run_status.handle({"event": "unbanned", "fingerprint": MALLORY})
+    run_status.handle(Unbanned(fingerprint=MALLORY))
     # Assert
     mallory = next(p for p in run_status.peers() if p["fingerprint"] == MALLORY)
     assert not mallory["banned"] and mallory["status"] == "active"
@@ -184,18 +185,6 @@ def test_the_leaderboard_grows_by_each_rounds_credits(run_status: RunStatus) -> 
     ]
 
 
-def test_without_a_credits_list_the_accepted_entries_credit_points() -> None:
-    # Prepare
-    status = RunStatus()
-    status.handle(ready(leaderboard=[]))
-    event = closed(0, accepted=[BOB], val_loss=5.0)
-    del event["credits"]
-    # Execute
-    status.handle(event)
-    # Assert
-    assert status.leaderboard() == [{"rank": 1, "fingerprint": BOB, "public_key": None, "points": 4.0, "accepted": 1}]
-
-
 def test_the_ledger_head_is_the_latest_one_reported(run_status: RunStatus) -> None:
     # Prepare
     fresh = RunStatus()
@@ -204,7 +193,7 @@ def test_the_ledger_head_is_the_latest_one_reported(run_status: RunStatus) -> No
     latest = run_status.ledger_head()
     # Assert
     assert fresh.ledger_head() is None
-    assert latest == head(1)
+    assert latest == dataclasses.asdict(head(1))
 
 
 def test_rejections_are_listed_newest_first(run_status: RunStatus, clock: FakeClock) -> None:
@@ -237,7 +226,7 @@ def test_the_run_is_finished_after_its_last_round_or_when_done() -> None:
     stopped.handle(ready())
     # Execute
     last.handle(closed(0, accepted=[ALICE], val_loss=5.0))
-    stopped.handle({"event": "done", "round": 0, "rounds_closed": 0})
+    stopped.handle(AggregatorDone(round=0, rounds_closed=0))
     # Assert
     assert last.status()["phase"] == "finished" and last.status()["round"] == 1
     assert stopped.status()["phase"] == "finished" and stopped.status()["seconds_to_deadline"] is None
@@ -245,7 +234,7 @@ def test_the_run_is_finished_after_its_last_round_or_when_done() -> None:
 
 def test_an_error_is_shown_until_the_next_one(run_status: RunStatus, clock: FakeClock) -> None:
     # Execute
-    run_status.handle({"event": "error", "round": 2, "detail": "checkpoint: disk full"})
+    run_status.handle(RoundError(round=2, detail="checkpoint: disk full"))
     # Assert
     assert run_status.status()["last_error"] == {"round": 2, "detail": "checkpoint: disk full", "time_s": clock.now_s}
 
@@ -253,28 +242,31 @@ def test_an_error_is_shown_until_the_next_one(run_status: RunStatus, clock: Fake
 @pytest.mark.parametrize(
     "event",
     [
-        {"event": "mystery", "round": 5},
-        {"no": "kind"},
-        {"event": ["not", "a", "string"]},
-        "not a dict",
-        None,
-        {"event": "received"},
-        {"event": "rejected", "fingerprint": 7, "reason": None},
-        {"event": "round", "round": "three", "accepted": "all", "val_loss": "low", "credits": 5},
-        {"event": "round-open", "round": None, "deadline_s": "soon"},
-        {"event": "ready", "maddrs": "one", "leaderboard": [1, None, {"points": "x"}], "round": 1.5},
-        {"event": "round", "round": 2, "val_loss": float("nan"), "round_s": float("inf"), "accepted": [{}]},
+        peer_round(3),  # a peer's event: not the aggregator's to fold
+        StatusPage(url="http://127.0.0.1:8000"),
+        dataclasses.replace(closed(2, accepted=[ALICE], val_loss=5.0), val_loss=float("nan"), round_s=float("inf")),
+        dataclasses.replace(round_open(2), deadline_s=float("nan"), time_s=float("-inf")),
+        ready(val_loss=float("nan"), round_deadline_s=float("inf")),
     ],
+    ids=lambda e: type(e).__name__,
 )
-def test_unknown_and_malformed_events_never_raise_and_keep_the_page_serveable(
-    run_status: RunStatus, event: object
-) -> None:
+def test_other_kinds_and_non_finite_numbers_keep_the_page_serveable(run_status: RunStatus, event: Event) -> None:
     # Execute
-    run_status.handle(event)  # type: ignore[arg-type]
+    run_status.handle(event)
     # Assert
     for snapshot in (run_status.status(), run_status.peers(), run_status.rounds(), run_status.leaderboard()):
         json.dumps(snapshot, allow_nan=False)
     assert all(isinstance(p["val_loss"], float) for p in run_status.status()["loss_history"])
+
+
+def test_a_fold_that_fails_is_logged_and_never_raises(run_status: RunStatus, caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare: a round whose accepted list holds something no node sends
+    broken = dataclasses.replace(closed(2, accepted=[ALICE], val_loss=5.0), accepted=(None,))  # type: ignore[arg-type]
+    # Execute
+    run_status.handle(broken)
+    # Assert
+    assert "could not fold" in caplog.text
+    json.dumps(run_status.status(), allow_nan=False)
 
 
 def test_hostile_strings_are_kept_as_data_and_cut_to_size() -> None:

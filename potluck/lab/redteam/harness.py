@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from potluck.events import Event, RoundClosed
 from potluck.lab.redteam.attacks import ATTACKS
-from potluck.lab.swarm import SwarmError, SwarmOptions, SwarmResult, run_swarm
+from potluck.lab.swarm import SwarmDiverged, SwarmError, SwarmOptions, SwarmResult, run_swarm
 from potluck.protocol.config import RunConfig
 
 # Attacks that pass every per-update check and can only be caught (or absorbed) statistically.
@@ -64,7 +65,7 @@ def run_attacked(
     shared: Path,
     strength: float = 1.0,
     timeout_s: float = 1800.0,
-    on_event: Callable[[str, dict[str, Any]], None] = lambda child, event: None,
+    on_event: Callable[[str, Event], None] = lambda child, event: None,
 ) -> SwarmResult:
     """One local swarm whose last `adversaries` peers run `attack`; `shared` is their colluders' directory."""
     shared.mkdir(parents=True, exist_ok=True)
@@ -82,7 +83,7 @@ def run_redteam(
     strength: float = 1.0,
     undefended: bool | None = None,
     timeout_s: float = 1800.0,
-    on_event: Callable[[str, str, dict[str, Any]], None] = lambda run, child, event: None,
+    on_event: Callable[[str, str, Event], None] = lambda run, child, event: None,
 ) -> dict[str, Any]:
     """Run the attacked, clean (and undefended) swarms and report the issue's keys (see the module docstring)."""
     if attack not in ATTACKS:
@@ -93,9 +94,9 @@ def run_redteam(
     with tempfile.TemporaryDirectory(prefix="potluck-redteam-") as tmp:
 
         def swarm(name: str, run_cfg: RunConfig, bad: int) -> SwarmResult:
-            def follow(child: str, event: dict[str, Any]) -> None:
-                if child == "aggregator" and event.get("event") == "round":
-                    last_val_loss[name] = float(event["val_loss"])
+            def follow(child: str, event: Event) -> None:
+                if child == "aggregator" and isinstance(event, RoundClosed) and event.val_loss is not None:
+                    last_val_loss[name] = event.val_loss
                 on_event(name, child, event)
 
             return run_attacked(
@@ -131,7 +132,7 @@ def run_redteam(
                 plain = swarm("undefended", cfg.with_overrides(UNDEFENDED, source="redteam"), adversaries)
             except SwarmError as e:
                 # Blown up: a peer's training went non-finite, or the held-out loss did before the run failed.
-                if "diverged" not in str(e) and math.isfinite(last_val_loss.get("undefended", 0.0)):
+                if not isinstance(e, SwarmDiverged) and math.isfinite(last_val_loss.get("undefended", 0.0)):
                     raise
                 report |= {"undefended_final_val_loss": None, "undefended_loss_vs_clean": None}
                 report |= {"undefended_diverged": True, "undefended_error": str(e)}

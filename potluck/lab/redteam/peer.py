@@ -9,11 +9,14 @@ import argparse
 import contextlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from potluck.errors import PotluckError
+from potluck.events import Adversarial, Event, encode_event
 from potluck.lab.redteam.attacks import ATTACKS, AttackContext, digest_hex
 from potluck.peer.runner import PeerOptions, PeerRunner
 from potluck.peer.trainer import LocalTrainer, RoundWork
@@ -37,7 +40,7 @@ class AdversarialPeer(PeerRunner):
         spool: Path | None,
         colluders: int,
         strength: float,
-        on_event: Any,
+        on_event: Callable[[Event], None],
     ) -> None:
         super().__init__(identity, options, on_event=on_event)
         self.attack = ATTACKS[attack]
@@ -84,7 +87,7 @@ class AdversarialPeer(PeerRunner):
         )
         uploads = self.attack(ctx)
         for update, _ in uploads:
-            self.on_event({"event": "adversarial", "round": master.round, "update": digest_hex(update)})
+            self.on_event(Adversarial(round=master.round, update=digest_hex(update)))
         self.extra = uploads[1:]
         return uploads[0]
 
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         spool=args.spool,
         colluders=args.colluders,
         strength=args.strength,
-        on_event=lambda e: print(json.dumps(e), flush=True),
+        on_event=lambda e: print(json.dumps(encode_event(e)), flush=True),
     )
     import typer
 
@@ -129,9 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         run_until_stopped(peer.run())
     except typer.Exit as e:  # Ctrl-C or SIGTERM, after a clean stop
         sys.exit(e.exit_code)
-    except Exception as e:  # one line for the harness's log
+    except PotluckError as e:  # one line for the harness's log; anything else is a bug and keeps its traceback
         print(f"adversarial peer failed: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(e.exit_status)  # the swarm tells a diverged peer by its status
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ import numpy as np
 import safetensors.numpy
 import torch
 
+from potluck.errors import PotluckError
+
 logger = logging.getLogger(__name__)
 
 MAGIC = b"PLKC"
@@ -43,11 +45,11 @@ _HEADER_KEYS = ("codec", "codec_version", "params", "names", "shapes", "numel")
 TensorSpec = Mapping[str, tuple[int, ...]]
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(PotluckError, ValueError):
     """`encode` was given NaN or infinity: the sender's training diverged; nothing may be published."""
 
 
-class CodecError(Exception):
+class CodecError(PotluckError):
     """Unusable codec bytes or codec parameters; the message is one line and says what is wrong."""
 
 
