@@ -101,6 +101,34 @@ class Credit:
     receipt_s: float
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Verdict:
+    """What became of this peer's update of a round, by the receipts on arrival and the signed contributor lists."""
+
+    accepted: bool  # counted in the round, in every shard
+    reason: str  # why not (the arrival checks' words, a drop at round close), or that it counts late
+    late: bool  # accepted into the next round instead (late_updates): tallied when that round closes
+    dropped: bool  # passed the arrival checks, then failed the round's checks at close
+
+
+def judge(r: int, rounds: Sequence[ShardRound], *, public_key: bytes) -> Verdict:
+    """The verdict on the update `public_key` sent in round `r`, from each shard's part of the round.
+
+    The signed contributor list is the final word: an update can pass on arrival and still be
+    dropped by the round's statistical checks.
+    """
+    reasons = [part.sent.receipt.receipt.reason for part in rounds if not part.sent.received]
+    accepted = all(part.sent.received and part.lists(public_key) and part.sent.counts_in == r for part in rounds)
+    late = any(part.sent.received and part.sent.counts_in > r for part in rounds)
+    dropped = not late and not reasons and not accepted
+    reason = "; ".join(dict.fromkeys(reasons))
+    if late:
+        reason = f"late: it counts in round {r + 1} at the run's discount"
+    elif dropped:
+        reason = "dropped at round close by the round's checks (see the aggregator's log)"
+    return Verdict(accepted=accepted, reason=reason, late=late, dropped=dropped)
+
+
 class RoundLoop:
     """Rounds until the run or `max_rounds` is done; with overlap, training never waits on the network."""
 
@@ -184,7 +212,7 @@ class RoundLoop:
         for part in rounds:
             self.tally.bytes_down += part.transfer.sent_bytes + len(part.transfer.body)
         late_points = await self._settle_late(r, rounds)
-        accepted, reason = self._judge(r, rounds, stale_steps=stale_steps)
+        verdict = self._judge(r, rounds, stale_steps=stale_steps)
         master = await self._apply(master, rounds, point)
         self.pacer.opened_at(max(part.aggregate.header.timestamp_s for part in rounds))
         credit = await self._collect_receipts(r, rounds, late_points)
@@ -195,8 +223,7 @@ class RoundLoop:
                 r,
                 rounds,
                 stale_steps=stale_steps,
-                accepted=accepted,
-                reason=reason,
+                verdict=verdict,
                 credit=credit,
                 val_loss=val_loss,
                 shards=len(master.shards),
@@ -275,28 +302,17 @@ class RoundLoop:
                 self.receipts.note_late(part.shard.index, counts_in=part.sent.counts_in, digest=part.sent.digest)
         return late_points
 
-    def _judge(self, r: int, rounds: Sequence[ShardRound], *, stale_steps: int) -> tuple[bool, str]:
-        """Whether this round's update counted in round `r`, and why not; counted in the tally.
-
-        The signed contributor list is the final word: an update can pass on arrival and still be
-        dropped by the round's statistical checks. An update that counts late is tallied when its round closes.
-        """
-        key = self.identity.public_key
-        reasons = [part.sent.receipt.receipt.reason for part in rounds if not part.sent.received]
-        accepted = all(part.sent.received and part.lists(key) and part.sent.counts_in == r for part in rounds)
-        reason = "; ".join(dict.fromkeys(reasons))
-        if any(part.sent.received and part.sent.counts_in > r for part in rounds):
-            reason = f"late: it counts in round {r + 1} at the run's discount"
-            logger.warning("round %d: update %s", r, reason)
-            return accepted, reason
-        if not reasons and not accepted:
-            reason = "dropped at round close by the round's checks (see the aggregator's log)"
-            logger.warning("round %d: update %s", r, reason)
-            work = rounds[0].sent.work
-            self.pacer.after_drop(r, stale_steps=stale_steps, inner_steps=work.inner_steps)
-        self.tally.accepted += accepted
-        self.tally.rejected += not accepted
-        return accepted, reason
+    def _judge(self, r: int, rounds: Sequence[ShardRound], *, stale_steps: int) -> Verdict:
+        """The verdict on this round's update, logged and tallied (a late one is tallied when its round closes)."""
+        verdict = judge(r, rounds, public_key=self.identity.public_key)
+        if verdict.late or verdict.dropped:
+            logger.warning("round %d: update %s", r, verdict.reason)
+        if verdict.dropped:
+            self.pacer.after_drop(r, stale_steps=stale_steps, inner_steps=rounds[0].sent.work.inner_steps)
+        if not verdict.late:
+            self.tally.accepted += verdict.accepted
+            self.tally.rejected += not verdict.accepted
+        return verdict
 
     async def _apply(self, master: Master, rounds: Sequence[ShardRound], point: Mapping[str, torch.Tensor]) -> Master:
         """Apply each shard's aggregate and open the next round on the new master; a fresh download when one fails."""
@@ -336,8 +352,7 @@ class RoundLoop:
         rounds: Sequence[ShardRound],
         *,
         stale_steps: int,
-        accepted: bool,
-        reason: str,
+        verdict: Verdict,
         credit: Credit,
         val_loss: float | None,
         shards: int,
@@ -354,8 +369,8 @@ class RoundLoop:
             inner_steps=work.inner_steps,
             stale_steps=stale_steps,
             tokens_per_s=work.tokens / work.compute_s if work.compute_s > 0 else 0.0,
-            accepted=accepted,
-            reason=reason,
+            accepted=verdict.accepted,
+            reason=verdict.reason,
             update=rounds[0].sent.digest.hex()[:16],
             bytes_up=sum(up.sent_bytes for up in uploads),
             state_bytes_served=self.tally.chunks_served_bytes,
