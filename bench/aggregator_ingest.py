@@ -1,19 +1,20 @@
-"""How much one aggregator takes in: real signed updates through its real submit handler, then a real round close.
+"""How much one aggregator takes in: real signed updates through its round keeper, then a real round close.
 
 An in-process load generator (no network: what is measured is the aggregator's own work, not a link's):
 
 1. Arrival. `--distinct` peers each encode a random pseudo-gradient of the model with the run's codec at
-   the given upload density, sign it, and submit it through `AggregatorServer._handle_submit` (frame
-   parsing, signature and payload hash, the round's checks, decoding, the spool's fsync'd write, the
-   receipt). Reported: updates/s and payload MB/s, one update after another (the handler decodes in a
-   worker thread; a real aggregator takes MAX_UPLOADS at once).
+   the given upload density, sign it, and submit it to the server's round keeper, `RoundKeeper.submit`
+   (the envelope's parsing, signature and payload hash, the round's checks, decoding, the spool's fsync'd
+   write; the stream handler around it only reads the frame and signs the receipt). Reported: updates/s
+   and payload MB/s, one update after another (a real aggregator decodes in a worker thread and takes
+   MAX_UPLOADS at once).
 2. Close. The round then holds N accepted updates (N = each of `--peers`): the distinct ones, and as many
    more as needed that reuse their decoded tensors under other keys (the statistics, the held-out check,
    the aggregation and the checkpoint do the same work for a copy as for a new update; only memory is
-   saved). `AggregatorServer._close` is timed: judging (norm, direction, held-out checks; the generated updates
+   saved). `AggregatorServer.close` is timed: judging (norm, direction, held-out checks; the generated updates
    share a direction plus noise, as honest peers' do; the held-out check may still drop some, after
    scoring them), the ledger rows,
-   the token-weighted mean, the aggregate's encoding, the checkpoint.
+   the token-weighted mean, the aggregate's encoding, the checkpoint, the new state's held-out loss.
 
 A round of N peers then costs about N / (updates/s) + close(N) of aggregator time, however fast the links.
 
@@ -35,27 +36,13 @@ from typing import Any
 
 import torch
 
+from potluck.aggregator_server.keeper import Upload
 from potluck.aggregator_server.rounds import Accepted
 from potluck.aggregator_server.server import AggregatorServer, ServerOptions
 from potluck.protocol.config import RunConfig
 from potluck.protocol.density import round_codecs
-from potluck.protocol.envelope import UpdateHeader, new_nonce, payload_digest, sign_update
+from potluck.protocol.envelope import SignedUpdate, UpdateHeader, new_nonce, payload_digest, sign_update
 from potluck.protocol.identity import generate_identity, public_key_to_hex
-from potluck.protocol.messages import pack_envelope
-from potluck.protocol.wire import MessageKind, frame_chunks
-
-
-class _Sink:
-    """Where the handler writes its receipt."""
-
-    def write(self, chunk: bytes) -> None:
-        pass
-
-    async def drain(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _server(size: str, density: float, state_dir: Path, *, held_out: bool = True, shards: int = 1) -> AggregatorServer:
@@ -102,12 +89,11 @@ def _updates(server: AggregatorServer, count: int) -> list[tuple[Any, bytes]]:
     return made
 
 
-async def _submit(server: AggregatorServer, update: Any, payload: bytes) -> None:
-    reader = asyncio.StreamReader()
-    for chunk in frame_chunks(MessageKind.SUBMIT, pack_envelope(update.to_bytes(), payload)):
-        reader.feed_data(bytes(chunk))
-    reader.feed_eof()
-    await server._handle_submit(None, reader, _Sink())  # type: ignore[arg-type]
+def _submit(server: AggregatorServer, update: Any, payload: bytes) -> None:
+    envelope = update.to_bytes()
+    upload = Upload(update=SignedUpdate.from_bytes(envelope), envelope=envelope, payload=payload)
+    decision = server.keeper.submit(upload)
+    assert decision.accepted, f"a generated update was refused: {decision.rejection}"
 
 
 async def measure(
@@ -127,7 +113,7 @@ async def measure(
         updates = _updates(server, distinct)
         started = time.perf_counter()
         for update, payload in updates:
-            await _submit(server, update, payload)
+            _submit(server, update, payload)
         arrival_s = time.perf_counter() - started
         accepted = list(server.current.accepted.values())
         assert len(accepted) == distinct, f"{distinct - len(accepted)} of the generated updates were refused"
@@ -154,10 +140,12 @@ async def measure(
                     weight=template.weight,
                 )
             started = time.perf_counter()
-            await server._close("all-reported")
+            await server.close("all-reported")
             close_s = time.perf_counter() - started
             assert server.rounds_closed == 1, "the round did not close"
-            kept = len(server.closed_digests[0])  # random updates may fail the held-out check: it still ran on them
+            closed = server.keeper.closed.get(0)
+            assert closed is not None
+            kept = len(closed.credited)  # random updates may fail the held-out check: it still ran on them
             round_s = n / result["updates_per_s"] + close_s
             result["closes"].append({"peers": n, "kept": kept, "close_s": close_s, "round_s": round_s})
             server.ledger.close()

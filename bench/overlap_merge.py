@@ -38,8 +38,9 @@ import torch
 
 from potluck.aggregator_server.round_checks import held_out_check
 from potluck.protocol.codecs import make_codec
-from potluck.protocol.codecs.aggregate import encode_aggregate, weighted_mean
+from potluck.protocol.codecs.aggregate import encode_aggregate
 from potluck.protocol.config import RunConfig
+from potluck.training.combine import weighted_mean
 from potluck.training.data import BatchSampler, load_corpus, val_batches
 from potluck.training.diloco import OuterOptimizer, inner_lr, inner_step, load_params, make_inner_optimizer, snapshot
 from potluck.training.evaluate import evaluate

@@ -49,7 +49,7 @@ def _arrive(uploads, ctx, codec, shapes, decoded) -> None:  # noqa: ANN001
 
 
 def _held_out_scorer(cfg: RunConfig, size: str):  # noqa: ANN202
-    """The aggregator's held-out score (server._held_out_loss) for a model of this size."""
+    """The aggregator's held-out score (closing.py's held-out check) for a model of this size."""
     model_cfg = model_config(size)
     model = build_model(model_cfg, seed=0)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -124,7 +124,7 @@ class Joined(Event):
     KIND: ClassVar[str] = "joined"
     fingerprint: str
     round: int
-    client_mode: bool  # as the peer says: unauthenticated, shown on the status page only
+    client_mode: bool | None  # as the peer says (None: it did not say): unauthenticated, shown on the status page only
     time_s: float
 
 

@@ -1,22 +1,21 @@
-"""Judging a closed round: which accepted updates count, with what weight, combined how.
+"""Judging a closed round: which accepted updates count, and with what weight.
 
 Arrival checks (validation.py) see one update at a time; at round close the aggregator sees them
-all. `judge_round` runs the round-level checks of round_checks.py with the run's thresholds, caps
-the token weights of the updates that remain, and names the combination rule; `combine` applies
-it. The run config decides everything (``validation`` and ``aggregation``), so every replica of
-the decision is reproducible from the config and the updates.
+all. `judge_round` runs the round-level checks of round_checks.py with the run's thresholds and caps
+the token weights of the updates that remain; the run's combine rule (training/combine.py) then
+combines them. The run config decides everything (``validation`` and ``aggregation``), so every
+replica of the decision is reproducible from the config and the updates.
 """
 
-import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from potluck.aggregator_server.robust import aggregate, cap_weights
-from potluck.aggregator_server.round_checks import held_out_check, round_checks, update_norms
+from potluck.aggregator_server.round_checks import held_out_check, round_checks
 from potluck.aggregator_server.validation import Rejection
 from potluck.protocol.config import RunConfig
+from potluck.training.combine import cap_weights
 
 Update = Mapping[str, torch.Tensor]
 
@@ -73,15 +72,3 @@ def judge_round(
         hard_cap = None if ratio is None else token_cap
         weights = tuple(cap_weights([tokens[i] for i in kept], max_ratio_to_median=ratio, hard_cap=hard_cap))
     return Verdict(kept=kept, weights=weights, rejections=rejections, gains=gains)
-
-
-def combine(updates: Sequence[Update], weights: Sequence[float], *, cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """The run's aggregation rule over the kept updates; CenteredClip's radius scales with their median norm."""
-    a = cfg.aggregation
-    if a.kind == "trimmed-mean":
-        return aggregate("trimmed-mean", updates, weights, trim_fraction=a.trim_fraction)
-    if a.kind == "centered-clip":
-        median_norm = statistics.median(update_norms(updates))
-        tau = a.clip_tau_ratio * median_norm if median_norm > 0 else float("inf")
-        return aggregate("centered-clip", updates, weights, tau=tau, iterations=a.clip_iterations)
-    return aggregate("mean", updates, weights)

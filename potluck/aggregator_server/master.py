@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from potluck.aggregator_server.judge import combine
 from potluck.incentives.ledger_format import GENESIS_HASH
 from potluck.incentives.merkle import merkle_root
 from potluck.protocol.codecs import Codec, encode_aggregate
@@ -22,6 +21,7 @@ from potluck.protocol.config import RunConfig
 from potluck.protocol.density import start_density
 from potluck.protocol.envelope import AggregateHeader, SignedAggregate, payload_digest, sign_aggregate
 from potluck.protocol.identity import Identity
+from potluck.training.combine import combine
 from potluck.training.diloco import OuterOptimizer, snapshot, state_sha256
 from potluck.training.models import build_model, model_config
 
@@ -88,7 +88,7 @@ def close_round(
     if not contributions:
         raise ValueError(f"round {master.round} has no contribution to aggregate")
     ordered = sorted(contributions, key=lambda c: c.public_key)  # a fixed order: the mean is reproducible
-    mean = combine([c.decoded for c in ordered], [float(c.tokens) for c in ordered], cfg=cfg)
+    mean = combine([c.decoded for c in ordered], [float(c.tokens) for c in ordered], spec=cfg.aggregation)
     residual = {name: t.clone() for name, t in master.residual.items()}
     payload = encode_aggregate(mean, codec=aggregate_codec, state=residual)
     applied = aggregate_codec.decode(payload, master.spec)  # what every peer applies, bit for bit

@@ -32,7 +32,7 @@ class Accepted:
     weight: float  # tokens, capped (and discounted, for a late update)
     discount: float = 1.0  # below 1: a late update for the previous round (RunConfig.late_updates)
     upload_s: float = 0.0  # reading its upload (0.0: not timed, e.g. restored from the spool)
-    cycle_s: float = 0.0  # from the round's opening to its arrival (aggregator_server/density.py)
+    cycle_s: float = 0.0  # from the round's opening to its arrival (next_density.py)
 
     @property
     def claim(self) -> int:

@@ -26,10 +26,11 @@ import torch
 
 from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.codecs import Codec, make_codec
-from potluck.protocol.codecs.aggregate import encode_aggregate, weighted_mean
+from potluck.protocol.codecs.aggregate import encode_aggregate
 from potluck.protocol.config import RunConfig, config_hash
 from potluck.protocol.envelope import UpdateHeader, new_nonce, payload_digest, sign_update
 from potluck.protocol.identity import Identity, generate_identity
+from potluck.training.combine import weighted_mean
 from potluck.training.data import BatchSampler, Corpus, load_corpus, val_batches
 from potluck.training.diloco import (
     OuterOptimizer,

@@ -211,7 +211,7 @@ class ValidationSpec(BaseModel):
 
 
 class AggregationSpec(BaseModel):
-    """How the accepted updates of a round are combined (aggregator_server/robust.py)."""
+    """How the accepted updates of a round are combined (training/combine.py)."""
 
     model_config = _FROZEN
 

@@ -48,13 +48,13 @@ def make_server(tmp_path: Path, **overrides: Any) -> AggregatorServer:
 
 
 async def submit(server: AggregatorServer, update: SignedUpdate, payload: bytes) -> SignedReceipt:
-    """Upload through the real submit handler; the receipt it replies with."""
+    """Upload through the real submit stream handler; the receipt it replies with."""
     reader = asyncio.StreamReader()
     for chunk in frame_chunks(MessageKind.SUBMIT, pack_envelope(update.to_bytes(), payload)):
         reader.feed_data(bytes(chunk))
     reader.feed_eof()
     writer = _Writer()
-    await server._handle_submit(None, reader, writer)  # type: ignore[arg-type]
+    await server.handlers.submit(None, reader, writer)  # type: ignore[arg-type]
     replies = asyncio.StreamReader()
     replies.feed_data(bytes(writer.data))
     replies.feed_eof()
@@ -67,7 +67,7 @@ async def submit(server: AggregatorServer, update: SignedUpdate, payload: bytes)
 async def state(server: AggregatorServer) -> tuple[SignedState, bytes]:
     """The signed state the server hands a joiner now, and its payload."""
     envelope, payload = unpack_envelope(
-        (await server._served_state()).state_body(), max_envelope_bytes=MAX_STATE_ENVELOPE_BYTES
+        (await server.served_state()).state_body(), max_envelope_bytes=MAX_STATE_ENVELOPE_BYTES
     )
     return SignedState.from_bytes(envelope), payload
 
@@ -79,7 +79,14 @@ async def closed_round_0(
     signed_state, state_payload = await state(server)
     for seed, peer in enumerate(peers):
         await submit(server, *signed_test_update(signed_state, state_payload, sender=peer, tokens=4_000, seed=seed))
-    await server._close("all-reported")
+    await server.close("all-reported")
     server.ledger.close()
-    envelope, payload = unpack_envelope(server.aggregates[0], max_envelope_bytes=MAX_AGGREGATE_ENVELOPE_BYTES)
+    envelope, payload = unpack_envelope(aggregate_body(server, 0), max_envelope_bytes=MAX_AGGREGATE_ENVELOPE_BYTES)
     return signed_state, state_payload, SignedAggregate.from_bytes(envelope), payload
+
+
+def aggregate_body(server: AggregatorServer, round_index: int) -> bytes:
+    """Round `round_index`'s AGGREGATE body as the server still holds it."""
+    body = server.keeper.closed.aggregate(round_index)
+    assert body is not None, f"round {round_index}'s aggregate is not held"
+    return body

@@ -12,7 +12,7 @@ from potluck.events import Event, RoundClosed
 from potluck.protocol.envelope import MAX_AGGREGATE_ENVELOPE_BYTES, SignedAggregate, SignedReceipt
 from potluck.protocol.identity import Identity, generate_identity
 from potluck.protocol.messages import unpack_envelope
-from tests.aggregator_server.in_process import make_server, state, submit
+from tests.aggregator_server.in_process import aggregate_body, make_server, state, submit
 from tests.integration.swarm_helpers import signed_test_update
 
 PEERS = [generate_identity() for _ in range(3)]
@@ -35,8 +35,8 @@ async def _round_0(tmp_path: Path, **overrides: Any) -> tuple[AggregatorServer, 
     server.current.opened_at -= 100  # the uploads arrive 100 s into the round
     for seed, peer in enumerate(PEERS):
         assert (await _upload(server, peer, seed=seed)).receipt.accepted
-    await server._close("all-reported")
-    envelope, _ = unpack_envelope(server.aggregates[0], max_envelope_bytes=MAX_AGGREGATE_ENVELOPE_BYTES)
+    await server.close("all-reported")
+    envelope, _ = unpack_envelope(aggregate_body(server, 0), max_envelope_bytes=MAX_AGGREGATE_ENVELOPE_BYTES)
     return server, SignedAggregate.from_bytes(envelope), events
 
 

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from potluck.aggregator_server.judge import combine, judge_round
-from potluck.aggregator_server.robust import aggregate
-from potluck.protocol.codecs import weighted_mean
+from potluck.aggregator_server.judge import judge_round
 from potluck.protocol.config import RunConfig
+from potluck.training.combine import aggregate, combine, weighted_mean
 
 CFG = RunConfig()
 
@@ -53,7 +52,7 @@ def test_combine_applies_the_configured_rule(kind: str) -> None:
     updates, weights = _round(), [1.0] * 8
     cfg = CFG.with_overrides({"aggregation.kind": kind})
 
-    combined = combine(updates, weights, cfg=cfg)
+    combined = combine(updates, weights, spec=cfg.aggregation)
 
     if kind == "mean":
         expected = weighted_mean(updates, weights)
@@ -71,8 +70,9 @@ def test_centered_clip_resists_a_huge_update_the_mean_does_not() -> None:
     honest = weighted_mean(updates, weights)["w"]
     updates[0] = {"w": updates[0]["w"] * 1e6}
 
-    clipped = combine(updates, weights, cfg=CFG.with_overrides({"aggregation.kind": "centered-clip"}))["w"]
-    mean = combine(updates, weights, cfg=CFG)["w"]
+    clip = CFG.with_overrides({"aggregation.kind": "centered-clip"}).aggregation
+    clipped = combine(updates, weights, spec=clip)["w"]
+    mean = combine(updates, weights, spec=CFG.aggregation)["w"]
 
     assert float((clipped - honest).norm()) < 0.5 * float(honest.norm())
     assert float((mean - honest).norm()) > 1000 * float(honest.norm())

@@ -18,7 +18,7 @@ PEERS = [generate_identity() for _ in range(2)]
 
 
 def test_the_manifest_is_signed_and_its_chunks_rebuild_the_payload(tmp_path: Path) -> None:
-    served = asyncio.run(make_server(tmp_path)._served_state())
+    served = asyncio.run(make_server(tmp_path).served_state())
     envelope, digest_bytes = unpack_envelope(served.manifest_body(), max_envelope_bytes=4096)
     signed = SignedState.from_bytes(envelope)
     signed.verify({AGGREGATOR.public_key})
@@ -38,20 +38,18 @@ def test_the_manifest_is_signed_and_its_chunks_rebuild_the_payload(tmp_path: Pat
 def test_chunks_of_the_last_two_versions_are_served_and_older_or_unknown_ones_refused(tmp_path: Path) -> None:
     async def scenario():  # noqa: ANN202
         server = make_server(tmp_path)
-        old = await server._served_state()
+        old = await server.served_state()
         await closed_round_0(server, PEERS)
-        new = await server._served_state()
+        new = await server.served_state()
         request = ChunkRequest(shard=0, version=0, payload_sha256=old.payload_sha256, chunk_bytes=2**16, index=0)
-        found = [await server._find_chunk_payload(request)]
+        found = [await server.find_chunk_payload(request)]
         found.append(
-            await server._find_chunk_payload(
-                dataclasses.replace(request, version=1, payload_sha256=new.payload_sha256)
-            )
+            await server.find_chunk_payload(dataclasses.replace(request, version=1, payload_sha256=new.payload_sha256))
         )
         with pytest.raises(ChunkUnavailable, match="does not serve shard 0 v1 now"):
-            await server._find_chunk_payload(dataclasses.replace(request, version=1, payload_sha256=b"x" * 32))
+            await server.find_chunk_payload(dataclasses.replace(request, version=1, payload_sha256=b"x" * 32))
         with pytest.raises(ChunkUnavailable, match="does not serve shard 1 v0"):
-            await server._find_chunk_payload(dataclasses.replace(request, shard=1))
+            await server.find_chunk_payload(dataclasses.replace(request, shard=1))
         return old, new, found
 
     old, new, found = asyncio.run(scenario())
@@ -65,7 +63,7 @@ def test_a_standby_serves_chunks_of_the_copy_it_follows_without_being_asked_for_
         expected = serve_state(server.cfg, server.master, AGGREGATOR, shard=0)
         server.primary = generate_identity().public_key  # it follows that primary: nobody asks it for manifests
         request = ChunkRequest(shard=0, version=0, payload_sha256=expected.payload_sha256, chunk_bytes=2**16, index=0)
-        return expected, await server._find_chunk_payload(request)
+        return expected, await server.find_chunk_payload(request)
 
     expected, found = asyncio.run(scenario())
 

@@ -4,9 +4,10 @@ round exactly as the ledger recorded it, and appends nothing twice. In process, 
 import asyncio
 from pathlib import Path
 
-from potluck.aggregator_server.checkpoint import spool_update
+import pytest
+
+from potluck.aggregator_server.keeper import Upload
 from potluck.aggregator_server.server import AggregatorServer, ServerOptions
-from potluck.aggregator_server.validation import decode_update
 from potluck.incentives.ledger import Ledger
 from potluck.incentives.merkle import merkle_root
 from potluck.protocol.config import RunConfig
@@ -18,6 +19,7 @@ from potluck.protocol.envelope import (
 )
 from potluck.protocol.identity import generate_identity
 from potluck.protocol.messages import unpack_envelope
+from tests.aggregator_server.in_process import aggregate_body
 from tests.integration.swarm_helpers import signed_test_update
 
 CFG = RunConfig().with_overrides({"rounds": 3, "data.max_bytes": 200_000}, source="test")
@@ -31,20 +33,28 @@ def _server(state_dir: Path) -> AggregatorServer:
     )
 
 
+class _Crash(Exception):
+    """The process dies here."""
+
+
+def _crash(*_: object) -> None:
+    raise _Crash
+
+
 async def _accept_three_then_commit_without_checkpoint(state_dir: Path):  # noqa: ANN202 - the SignedHead
     first = _server(state_dir)
     envelope, payload = unpack_envelope(
-        (await first._served_state()).state_body(), max_envelope_bytes=MAX_STATE_ENVELOPE_BYTES
+        (await first.served_state()).state_body(), max_envelope_bytes=MAX_STATE_ENVELOPE_BYTES
     )
     state = SignedState.from_bytes(envelope)
     for i, sender in enumerate(SENDERS):
         update, update_payload = signed_test_update(state, payload, sender=sender, tokens=1_000 * (i + 1), seed=i)
-        decoded, rejection = decode_update(update_payload, codec=first.codec, spec=first.master.spec)
-        assert rejection is None and decoded is not None
-        wire = update.to_bytes()
-        spool_update(state_dir, round=0, public_key=sender.public_key, envelope=wire, payload=update_payload)
-        first._accept(update, wire, update_payload, decoded)
-    head = await first._judge_and_record(first.current)  # then the process dies: no checkpoint, nothing published
+        upload = Upload(update=update, envelope=update.to_bytes(), payload=update_payload)
+        assert first.keeper.submit(upload).accepted  # spooled, then accepted
+    first.keeper.checkpoint = _crash  # type: ignore[method-assign]
+    with pytest.raises(_Crash):  # the ledger commits the round, then the process dies: no checkpoint
+        first.keeper.close("deadline")
+    head = first.ledger.head()
     first.ledger.close()
     return head
 
@@ -58,11 +68,11 @@ def test_a_round_in_the_ledger_but_not_checkpointed_is_closed_as_recorded(tmp_pa
     # Execute: the restart on the same directory closes the round
     second = _server(tmp_path)
     assert (second.master.round, len(second.current.accepted)) == (0, 3)
-    asyncio.run(second._close("deadline"))
+    asyncio.run(second.close("deadline"))
     # Assert: the same round, once in the ledger; the aggregate commits to the recorded rows and head
     assert second.master.round == 1
     assert [h.round for h in second.ledger.heads()] == [0] and second.ledger.rows() == rows
-    envelope, _ = unpack_envelope(second.aggregates[0], max_envelope_bytes=MAX_AGGREGATE_ENVELOPE_BYTES)
+    envelope, _ = unpack_envelope(aggregate_body(second, 0), max_envelope_bytes=MAX_AGGREGATE_ENVELOPE_BYTES)
     header = SignedAggregate.from_bytes(envelope).header
     kept = [r.entry for r in rows if r.entry.accepted]
     assert header.ledger_head == head.head_hash

@@ -50,7 +50,7 @@ def test_a_copy_rebuilds_the_aggregators_state_payload_byte_for_byte(tmp_path: P
     async def scenario():  # noqa: ANN202
         server = make_server(tmp_path, aggregator_keys=[public_key_to_hex(AGGREGATOR.public_key)])
         signed_state, state_payload, aggregate, payload = await closed_round_0(server, PEERS)
-        return signed_state, state_payload, aggregate, payload, await server._served_state()
+        return signed_state, state_payload, aggregate, payload, await server.served_state()
 
     signed_state, state_payload, aggregate, payload, served = asyncio.run(scenario())
     copy = check_state(signed_state, state_payload, source=AGGREGATOR.public_key)

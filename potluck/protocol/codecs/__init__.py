@@ -3,11 +3,11 @@
 ``make_codec("dct-topk")`` gives the default codec (DCT-II top-k 1/64, 2-bit values, Rice-coded
 indices: ~0.027 bytes per parameter); ``none``, ``fp16``, ``int8`` and ``topk`` are the reference
 arms. Every payload is ``b"PLKC"`` + msgpack header + safetensors body (see `base`); decoding
-hostile bytes raises `CodecError` and nothing else. `encode_aggregate` and `weighted_mean` are what
-an aggregator needs to combine updates and send one compressed aggregate back.
+hostile bytes raises `CodecError` and nothing else. `encode_aggregate` is how an aggregator sends one
+compressed aggregate back (the combine rules themselves are in training/combine.py).
 """
 
-from potluck.protocol.codecs.aggregate import encode_aggregate, weighted_mean
+from potluck.protocol.codecs.aggregate import encode_aggregate
 from potluck.protocol.codecs.base import (
     Codec,
     CodecError,
@@ -36,5 +36,4 @@ __all__ = [
     "encode_aggregate",
     "make_codec",
     "spec_of",
-    "weighted_mean",
 ]

@@ -1,7 +1,7 @@
 """Combining decoded updates and compressing the result for the download path.
 
-An aggregator decodes the updates it accepts, takes their weighted mean (`weighted_mean`), and
-sends the mean back to every peer. A dense fp32 download of a 1B model is 4 GB (320 s at
+An aggregator decodes the updates it accepts, combines them (training/combine.py: a weighted mean or
+a robust rule), and sends the result back to every peer. A dense fp32 download of a 1B model is 4 GB (320 s at
 100 Mbit/s), so the mean is compressed too. Two ways, and why this module does the first:
 
 - **Re-sparsify with the aggregator's own error feedback** (`encode_aggregate`): the mean goes
@@ -23,36 +23,11 @@ aggregator's in-memory mean, so all replicas stay bit-identical.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
 from potluck.protocol.codecs.base import Codec
-
-
-def weighted_mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """``sum_i w_i * u_i / sum_i w_i`` per tensor (fp32), in the order given; deterministic.
-
-    Weights are finite, non-negative and not all zero (e.g. token counts, already capped by the
-    caller); every update has the first one's names and shapes. ValueError otherwise.
-    """
-    if not updates or len(updates) != len(weights):
-        raise ValueError(f"need one weight per update and at least one update, got {len(updates)} and {len(weights)}")
-    if any(not math.isfinite(w) or w < 0 for w in weights) or not sum(weights) > 0:
-        raise ValueError(f"weights must be finite, non-negative and not all zero, got {list(weights)[:8]}")
-    first = updates[0]
-    for i, update in enumerate(updates):
-        if list(update) != list(first) or any(update[k].shape != first[k].shape for k in first):
-            raise ValueError(f"update {i} has different tensor names or shapes than update 0")
-    total = math.fsum(weights)
-    mean = {name: torch.zeros(t.shape, dtype=torch.float32, device=t.device) for name, t in first.items()}
-    for update, weight in zip(updates, weights, strict=True):
-        if weight == 0:
-            continue
-        for name, acc in mean.items():
-            acc.add_(update[name].to(torch.float32), alpha=weight / total)
-    return mean
 
 
 def encode_aggregate(mean: Mapping[str, torch.Tensor], *, codec: Codec, state: dict[str, torch.Tensor]) -> bytes:

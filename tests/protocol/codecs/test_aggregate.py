@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from potluck.protocol.codecs import encode_aggregate, make_codec, spec_of, weighted_mean
+from potluck.protocol.codecs import encode_aggregate, make_codec, spec_of
+from potluck.training.combine import weighted_mean
 
 
 def _updates(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

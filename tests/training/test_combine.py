@@ -1,4 +1,4 @@
-"""Tests for potluck.aggregator_server.robust: capped weights, trimmed mean, CenteredClip and the dispatcher."""
+"""Tests for potluck.training.combine: weighted mean, capped weights, trimmed mean, CenteredClip and the registry."""
 
 import math
 
@@ -7,9 +7,15 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from potluck.aggregator_server import robust
-from potluck.aggregator_server.robust import AGGREGATOR_KINDS, aggregate, cap_weights, centered_clip, trimmed_mean
-from potluck.protocol.codecs import weighted_mean
+from potluck.training import combine
+from potluck.training.combine import (
+    AGGREGATOR_KINDS,
+    aggregate,
+    cap_weights,
+    centered_clip,
+    trimmed_mean,
+    weighted_mean,
+)
 
 Update = dict[str, torch.Tensor]
 SHAPES = {"wte": (5, 3), "h.0.bias": (4,), "scale": ()}
@@ -160,7 +166,7 @@ def test_trimmed_mean_slices_large_tensors_without_changing_the_result(monkeypat
     whole = trimmed_mean(updates, weights, trim_fraction=0.2)
 
     # Execute
-    monkeypatch.setattr(robust, "_CHUNK_ELEMENTS", 4)
+    monkeypatch.setattr(combine, "_CHUNK_ELEMENTS", 4)
     sliced = trimmed_mean(updates, weights, trim_fraction=0.2)
 
     # Assert

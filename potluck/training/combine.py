@@ -1,20 +1,22 @@
-"""Robust aggregation: combining peers' updates so that a few bad ones cannot steer the result.
+"""The combine rules: how a round's accepted updates become one, in one registry.
 
-`weighted_mean` lets one peer move the aggregate arbitrarily far: an update scaled by 1e6, or a
-claim of 100x the tokens, wins the round. The functions here bound that influence, as pure
-functions over decoded updates (``name -> fp32 tensor``, same names and shapes in every update)
+Pure functions over decoded updates (``name -> fp32 tensor``, same names and shapes in every update)
 and float weights (token counts):
 
+- `weighted_mean`: ``sum_i w_i u_i / sum_i w_i``. It lets one peer move the aggregate arbitrarily far:
+  an update scaled by 1e6, or a claim of 100x the tokens, wins the round. The others bound that:
 - `cap_weights`: a peer's weight is at most ``max_ratio_to_median`` times the median claim.
 - `trimmed_mean`: per coordinate, drop the ``floor(trim_fraction * n)`` largest and smallest
   values and take the weighted mean of the rest (Yin et al. 2018, Flower's ``FedTrimmedAvg``).
 - `centered_clip`: CenteredClip (Karimireddy, He, Jaggi, "Learning from History for Byzantine
   Robust Optimization", arXiv 2012.10333): a weighted mean in which each update's distance from
   the current estimate is clipped to ``tau``, over the whole update, iterated.
-- `aggregate`: picks one of them, plus ``"mean"``, by name (the run config's choice).
 
-An update with weight 0 takes no part anywhere, exactly as in `weighted_mean`: it neither counts
-towards ``n`` when trimming nor towards the starting median of `centered_clip`.
+`RULES` names them as the run config does (``aggregation.kind``), each with how the config sets its
+parameters; `combine` applies the configured one and `aggregate` one by name with given parameters.
+
+An update with weight 0 takes no part anywhere: it neither counts towards ``n`` when trimming nor
+towards the starting median of `centered_clip`.
 
 Every function is deterministic: fixed orders, no randomness, sequential sums where the order
 would otherwise be the library's choice (CenteredClip's norms are float64 reductions, reproducible
@@ -25,23 +27,49 @@ decoded payload. Inputs are never modified; outputs are fresh fp32 tensors on th
 import logging
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
 
-from potluck.protocol.codecs import weighted_mean
+from potluck.protocol.config import AggregationSpec
 
 logger = logging.getLogger(__name__)
 
 AggregatorKind = Literal["mean", "trimmed-mean", "centered-clip"]
 AGGREGATOR_KINDS: tuple[str, ...] = get_args(AggregatorKind)
+assert set(AGGREGATOR_KINDS) == set(get_args(AggregationSpec.model_fields["kind"].annotation))
 
 # Elements per slice when a coordinate-wise statistic sorts n updates' values: the sort holds
 # n * _CHUNK_ELEMENTS values (fp32) and indices (int64), ~300 MB for n = 100, whatever the tensor's size.
 _CHUNK_ELEMENTS = 1 << 18
 
 Updates = Sequence[Mapping[str, torch.Tensor]]
+
+
+def weighted_mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """``sum_i w_i * u_i / sum_i w_i`` per tensor (fp32), in the order given; deterministic.
+
+    Weights are finite, non-negative and not all zero (e.g. token counts, already capped by the
+    caller); every update has the first one's names and shapes. ValueError otherwise.
+    """
+    if not updates or len(updates) != len(weights):
+        raise ValueError(f"need one weight per update and at least one update, got {len(updates)} and {len(weights)}")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero, got {list(weights)[:8]}")
+    first = updates[0]
+    for i, update in enumerate(updates):
+        if list(update) != list(first) or any(update[k].shape != first[k].shape for k in first):
+            raise ValueError(f"update {i} has different tensor names or shapes than update 0")
+    total = math.fsum(weights)
+    mean = {name: torch.zeros(t.shape, dtype=torch.float32, device=t.device) for name, t in first.items()}
+    for update, weight in zip(updates, weights, strict=True):
+        if weight == 0:
+            continue
+        for name, acc in mean.items():
+            acc.add_(update[name].to(torch.float32), alpha=weight / total)
+    return mean
 
 
 def cap_weights(
@@ -164,21 +192,49 @@ def centered_clip(
     return center
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CombineRule:
+    """One way to combine a round's updates, and how a run's config sets its parameters."""
+
+    apply: Callable[..., dict[str, torch.Tensor]]  # (updates, weights, **params)
+    params: Callable[[AggregationSpec, Updates], dict[str, Any]]  # its parameters under a run's config
+
+
+def _clip_params(spec: AggregationSpec, updates: Updates) -> dict[str, Any]:
+    """CenteredClip's radius scales with the round's median update norm (L2 over all tensors, in float64)."""
+    norms = [math.sqrt(math.fsum(float(t.double().square().sum()) for t in u.values())) for u in updates]
+    median_norm = statistics.median(norms)
+    tau = spec.clip_tau_ratio * median_norm if median_norm > 0 else float("inf")
+    return {"tau": tau, "iterations": spec.clip_iterations}
+
+
+RULES: dict[str, CombineRule] = {
+    "mean": CombineRule(apply=weighted_mean, params=lambda spec, updates: {}),
+    "trimmed-mean": CombineRule(
+        apply=trimmed_mean, params=lambda spec, updates: {"trim_fraction": spec.trim_fraction}
+    ),
+    "centered-clip": CombineRule(apply=centered_clip, params=_clip_params),
+}
+assert set(RULES) == set(AGGREGATOR_KINDS), "every aggregator kind the config allows has a rule"
+
+
 def aggregate(
     kind: AggregatorKind, updates: Updates, weights: Sequence[float], **params: Any
 ) -> dict[str, torch.Tensor]:
-    """The aggregate of ``updates`` by the named rule: `weighted_mean`, `trimmed_mean` or `centered_clip`.
+    """The aggregate of ``updates`` by the named rule, with the rule's keyword arguments ``params``.
 
-    ``params`` are the rule's keyword arguments (``trim_fraction``; ``tau``, ``iterations``, ``start``).
-    ValueError on an unknown kind, naming the known ones.
+    (``trim_fraction``; ``tau``, ``iterations``, ``start``). ValueError on an unknown kind, naming the known ones.
     """
-    if kind == "mean":
-        return weighted_mean(updates, weights, **params)
-    if kind == "trimmed-mean":
-        return trimmed_mean(updates, weights, **params)
-    if kind == "centered-clip":
-        return centered_clip(updates, weights, **params)
-    raise ValueError(f"unknown aggregator {kind!r}; known: {', '.join(AGGREGATOR_KINDS)}")
+    rule = RULES.get(kind)
+    if rule is None:
+        raise ValueError(f"unknown aggregator {kind!r}; known: {', '.join(AGGREGATOR_KINDS)}")
+    return rule.apply(updates, weights, **params)
+
+
+def combine(updates: Updates, weights: Sequence[float], *, spec: AggregationSpec) -> dict[str, torch.Tensor]:
+    """The run's combine rule (``aggregation.kind``) over the kept updates, with the parameters its config sets."""
+    rule = RULES[spec.kind]
+    return rule.apply(updates, weights, **rule.params(spec, updates))
 
 
 def _live(updates: Updates, weights: Sequence[float]) -> tuple[list[Mapping[str, torch.Tensor]], list[float]]:
