@@ -23,7 +23,7 @@ from potluck.protocol.node import Node
 logger = logging.getLogger(__name__)
 
 ANNOUNCE_TTL_S = 60.0
-RUN_WIDE = "run-wide, "  # the reason's prefix of a ban learned from another aggregator of the run
+RUN_WIDE = "run-wide, "  # how a ban learned from another aggregator of the run reads (for people, not code)
 
 
 class Announcer:
@@ -35,13 +35,13 @@ class Announcer:
         identity: Identity,
         *,
         reputation: Reputation,
-        ban: Callable[[bytes, str], Awaitable[None]],
+        ban: Callable[[bytes, str, bytes], Awaitable[None]],
         every_s: float,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
         self.reputation = reputation
-        self.ban = ban  # bans a key learned from another aggregator (the server's admin ban: lock, event, wake)
+        self.ban = ban  # (key, reason, issuer): bans a key learned from another aggregator (lock, event, wake)
         self.every_s = every_s
 
     async def announce_forever(
@@ -73,13 +73,13 @@ class Announcer:
     async def share_bans(self, node: Node) -> None:
         """Publish the keys this aggregator banned (ban_records.py); ban the keys the run's other aggregators did.
 
-        A ban learned this way says so in its reason, is not published again, and comes back while its
-        issuer still lists it: lift it on the aggregator that banned it.
+        A ban learned this way records its issuer, says so in its reason, is not published again, and comes
+        back while its issuer still lists it: lift it on the aggregator that banned it.
         """
         from hivemind.utils import get_dht_time
 
         bans = list(self.reputation.bans.values())  # one copy: a round's close may strike meanwhile
-        own = tuple((b.public_key, b.reason) for b in bans if not b.reason.startswith(RUN_WIDE))
+        own = tuple((b.public_key, b.reason) for b in bans if b.issuer is None)
         if own:
             ban_list = BanList(
                 issuer=self.identity.public_key, config_hash=self.cfg.config_hash, bans=own, timestamp_s=time.time()
@@ -93,7 +93,8 @@ class Announcer:
         for ban_list in parse_ban_lists(found, config_hash=self.cfg.config_hash, trusted=others):
             for key, reason in ban_list.bans:
                 if not self.reputation.is_banned(key):
-                    await self.ban(key, f"{RUN_WIDE}by aggregator {fingerprint(ban_list.issuer)}: {reason}")
+                    learned = f"{RUN_WIDE}by aggregator {fingerprint(ban_list.issuer)}: {reason}"
+                    await self.ban(key, learned, ban_list.issuer)
 
     async def announce_holding(
         self, node: Node, *, peer_id: bytes, maddrs: Sequence[str], shard: int, version: int

@@ -416,9 +416,12 @@ class RoundKeeper:
             return True
         return False
 
-    def ban(self, public_key: bytes, *, reason: str) -> int:
-        """Ban a key now (persisted with the strikes) and stop waiting for it; the round the ban starts."""
-        ban = self.reputation.ban(public_key, reason=reason)
+    def ban(self, public_key: bytes, *, reason: str, issuer: bytes | None = None) -> int:
+        """Ban a key now (persisted with the strikes) and stop waiting for it; the round the ban starts.
+
+        `issuer`: the run's other aggregator the ban was learned from (None: this one's own).
+        """
+        ban = self.reputation.ban(public_key, reason=reason, issuer=issuer)
         self.current.expected.discard(public_key)
         return ban.round
 

@@ -43,6 +43,9 @@ class Ban:
     reason: str
     round: int  # the round it was banned in (-1: by an operator, outside any round)
     at_s: float  # Unix time
+    # The run's other aggregator this one learned the ban from (its public key); None: this aggregator's own.
+    # Only its own bans are shared again, so a learned ban ends where it started.
+    issuer: bytes | None = None
 
 
 @dataclass(kw_only=True)
@@ -82,6 +85,7 @@ class Reputation:
                     reason=str(v["reason"]),
                     round=int(v["round"]),
                     at_s=float(v["at_s"]),
+                    issuer=None if v.get("issuer") is None else public_key_from_hex(v["issuer"]),
                 )
                 for k, v in data["bans"].items()
             ]
@@ -110,6 +114,7 @@ class Reputation:
                     "reason": b.reason,
                     "round": b.round,
                     "at_s": b.at_s,
+                    "issuer": None if b.issuer is None else public_key_to_hex(b.issuer),
                 }
                 for b in sorted(self.bans.values(), key=lambda b: b.public_key)
             },
@@ -155,10 +160,10 @@ class Reputation:
         self.save()
         return ban
 
-    def ban(self, public_key: bytes, *, reason: str) -> Ban:
-        """An operator's ban."""
+    def ban(self, public_key: bytes, *, reason: str, issuer: bytes | None = None) -> Ban:
+        """An operator's ban, or one learned from `issuer`, another aggregator of the run."""
         self.reload_if_changed()
-        ban = Ban(public_key=public_key, reason=reason, round=-1, at_s=time.time())
+        ban = Ban(public_key=public_key, reason=reason, round=-1, at_s=time.time(), issuer=issuer)
         self.bans[public_key] = ban
         self.save()
         return ban

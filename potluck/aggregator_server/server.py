@@ -464,15 +464,18 @@ class AggregatorServer:
 
     # ----------------------------------------------------------------- admin (the status page's, with a token)
 
-    async def ban(self, public_key: bytes, *, reason: str) -> None:
-        """Ban a key now (persisted with the strikes); its updates are refused from the next upload on."""
+    async def ban(self, public_key: bytes, *, reason: str, issuer: bytes | None = None) -> None:
+        """Ban a key now (persisted with the strikes); its updates are refused from the next upload on.
+
+        `issuer`: the run's other aggregator the ban was learned from (None: this one's own).
+        """
         async with self.lock:
-            round_index = self.keeper.ban(public_key, reason=reason)
+            round_index = self.keeper.ban(public_key, reason=reason, issuer=issuer)
         self.on_event(Banned(fingerprint=fingerprint(public_key), round=round_index, reason=reason))
         self._wake.set()
 
-    async def _ban_run_wide(self, public_key: bytes, reason: str) -> None:
-        await self.ban(public_key, reason=reason)
+    async def _ban_run_wide(self, public_key: bytes, reason: str, issuer: bytes) -> None:
+        await self.ban(public_key, reason=reason, issuer=issuer)
 
     async def unban(self, public_key: bytes) -> bool:
         """Lift a key's ban; False if it was not banned."""

@@ -339,7 +339,7 @@ def parse_status_records(records: object) -> dict[str, list[dict[str, Any]]]:
         if not isinstance(subkey, str) or "/" not in subkey or not isinstance(value, dict):
             continue
         run, peer_id = subkey.rsplit("/", 1)
-        record = {k: value.get(k) for k in ("round", "rounds", "val_loss", "group", "time_s")}
+        record: dict[str, Any] = {k: value.get(k) for k in ("round", "rounds", "val_loss", "group", "time_s")}
         counts = all(type(record[k]) is int and record[k] >= 0 for k in ("round", "rounds", "group"))
         numbers = all(isinstance(record[k], float) and math.isfinite(record[k]) for k in ("val_loss", "time_s"))
         if run and peer_id and counts and numbers:

@@ -60,105 +60,137 @@ async def fetch_chunks(
     `more`, when given, finds further donors while the first ones already give chunks (a DHT lookup
     of the holders): the download neither waits for it nor fails when it does.
     """
-    count = len(digests)
-    out = bytearray(payload_bytes)  # payload_bytes is bounded by the caller before this allocates
-    pending = deque(range(count))
-    flying: dict[int, set[str]] = {}  # chunk -> donors fetching it now, oldest request first
-    done: set[int] = set()
-    result = Fetched(payload=b"", bytes_by_donor={d.name: 0 for d in donors})
-    failures = dict.fromkeys(result.bytes_by_donor, 0.0)
-    changed = asyncio.Condition()
+    download = _Download(digests, payload_bytes=payload_bytes, chunk_bytes=chunk_bytes, donors=donors)
+    return await download.run(more)
 
-    def span(index: int) -> tuple[int, int]:
-        return index * chunk_bytes, min((index + 1) * chunk_bytes, payload_bytes)
 
-    def spare(donor: Donor) -> int | None:
+class _Download:
+    """One payload's download in progress: which chunks wait, which are in flight and with whom, which are done."""
+
+    def __init__(
+        self, digests: Sequence[bytes], *, payload_bytes: int, chunk_bytes: int, donors: Sequence[Donor]
+    ) -> None:
+        self.digests = digests
+        self.count = len(digests)
+        self.payload_bytes = payload_bytes
+        self.chunk_bytes = chunk_bytes
+        self.out = bytearray(payload_bytes)  # payload_bytes is bounded by the caller before this allocates
+        self.pending = deque(range(self.count))
+        self.flying: dict[int, set[str]] = {}  # chunk -> donors fetching it now, oldest request first
+        self.done: set[int] = set()
+        self.result = Fetched(payload=b"", bytes_by_donor={d.name: 0 for d in donors})
+        self.failures = dict.fromkeys(self.result.bytes_by_donor, 0.0)
+        self.changed = asyncio.Condition()
+        self.tasks: list[asyncio.Task[None]] = []
+        for d in donors:
+            self._start(d)
+
+    def _start(self, donor: Donor) -> None:
+        self.tasks.extend(asyncio.create_task(self._work(donor)) for _ in range(max(1, donor.streams)))
+
+    def _span(self, index: int) -> tuple[int, int]:
+        return index * self.chunk_bytes, min((index + 1) * self.chunk_bytes, self.payload_bytes)
+
+    def _spare(self, donor: Donor) -> int | None:
         """Endgame: with nothing left to hand out, an idle donor also fetches the oldest chunk still in flight
         elsewhere, so one slow donor does not hold up the end of the download (the first copy wins)."""
         return next(
-            (i for i, by in flying.items() if i not in done and donor.name not in by and len(by) < DUPLICATES), None
+            (
+                i
+                for i, by in self.flying.items()
+                if i not in self.done and donor.name not in by and len(by) < DUPLICATES
+            ),
+            None,
         )
 
-    def next_chunk(donor: Donor) -> int | None:
-        return pending[0] if pending else spare(donor)
+    def _next_chunk(self, donor: Donor) -> int | None:
+        return self.pending[0] if self.pending else self._spare(donor)
 
-    async def work(donor: Donor) -> None:
+    def _through(self, donor: Donor) -> bool:
+        """Whether `donor` has nothing more to do: every chunk is in, or it was dropped."""
+        return len(self.done) == self.count or donor.name in self.result.dropped
+
+    async def _work(self, donor: Donor) -> None:
+        """One of `donor`'s streams: take the next chunk nobody has, fetch it, check it, until it is through."""
         while True:
-            async with changed:
-                # read when woken, as meant: the state now, not when the lambda was made
-                await changed.wait_for(
-                    lambda: len(done) == count or donor.name in result.dropped or next_chunk(donor) is not None  # noqa: B023
-                )
-                if len(done) == count or donor.name in result.dropped:
+            async with self.changed:
+                await self.changed.wait_for(lambda: self._through(donor) or self._next_chunk(donor) is not None)
+                if self._through(donor):
                     return
-                index = pending.popleft() if pending else spare(donor)
+                index = self.pending.popleft() if self.pending else self._spare(donor)
                 assert index is not None
-                flying.setdefault(index, set()).add(donor.name)
-            ok, pause = False, 0.0
-            try:
-                data = await donor.fetch(index)
-                start, end = span(index)
-                if len(data) != end - start or hashlib.sha256(data).digest() != digests[index]:
-                    result.dropped.setdefault(donor.name, f"chunk {index} does not match the signed manifest")
-                    result.refuted.add(donor.name)
-                else:
-                    if index not in done:  # an endgame copy may have come first
-                        out[start:end] = data
-                        result.bytes_by_donor[donor.name] += len(data)
-                        done.add(index)
-                    ok = True
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # a donor's failure is its own: the chunk goes to another
-                text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                busy = isinstance(e, LinkError) and e.code is RefusalCode.BUSY
-                failures[donor.name] += BUSY_FAILURE if busy else 1.0
-                if failures[donor.name] >= MAX_FAILURES:
-                    result.dropped.setdefault(donor.name, text)
-                pause = RETRY_PAUSE_S * failures[donor.name]
-            finally:
-                async with changed:
-                    flying[index].discard(donor.name)
-                    if not flying[index]:
-                        del flying[index]
-                        if not ok and index not in done:
-                            pending.appendleft(index)
-                    changed.notify_all()
+                self.flying.setdefault(index, set()).add(donor.name)
+            pause = await self._fetch(donor, index)
             if pause:
                 await asyncio.sleep(pause)  # a back-off, not a synchronization: other donors take the chunk
 
-    tasks = [asyncio.create_task(work(d)) for d in donors for _ in range(max(1, d.streams))]
-
-    async def recruit(found: Awaitable[Sequence[Donor]]) -> None:
+    async def _fetch(self, donor: Donor, index: int) -> float:
+        """Chunk `index` from `donor`, kept if it matches the manifest; the pause before asking `donor` again."""
+        ok, pause = False, 0.0
         try:
-            extra = [d for d in await found if d.name not in result.bytes_by_donor]
+            data = await donor.fetch(index)
+            start, end = self._span(index)
+            if len(data) != end - start or hashlib.sha256(data).digest() != self.digests[index]:
+                self.result.dropped.setdefault(donor.name, f"chunk {index} does not match the signed manifest")
+                self.result.refuted.add(donor.name)
+            else:
+                if index not in self.done:  # an endgame copy may have come first
+                    self.out[start:end] = data
+                    self.result.bytes_by_donor[donor.name] += len(data)
+                    self.done.add(index)
+                ok = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a donor's failure is its own: the chunk goes to another
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            busy = isinstance(e, LinkError) and e.code is RefusalCode.BUSY
+            self.failures[donor.name] += BUSY_FAILURE if busy else 1.0
+            if self.failures[donor.name] >= MAX_FAILURES:
+                self.result.dropped.setdefault(donor.name, text)
+            pause = RETRY_PAUSE_S * self.failures[donor.name]
+        finally:
+            async with self.changed:
+                self.flying[index].discard(donor.name)
+                if not self.flying[index]:
+                    del self.flying[index]
+                    if not ok and index not in self.done:
+                        self.pending.appendleft(index)
+                self.changed.notify_all()
+        return pause
+
+    async def _recruit(self, found: Awaitable[Sequence[Donor]]) -> None:
+        """Add the donors `found` names (those not already giving), once it has named them."""
+        try:
+            extra = [d for d in await found if d.name not in self.result.bytes_by_donor]
         except Exception:  # noqa: BLE001 - no more donors: the first ones carry on
             return
         for d in extra:
-            result.bytes_by_donor[d.name] = 0
-            failures[d.name] = 0.0
-            tasks.extend(asyncio.create_task(work(d)) for _ in range(max(1, d.streams)))
+            self.result.bytes_by_donor[d.name] = 0
+            self.failures[d.name] = 0.0
+            self._start(d)
 
-    recruiter = asyncio.create_task(recruit(more)) if more is not None else None
-    try:
-        while len(done) < count:
-            running = [t for t in tasks if not t.done()]
-            if recruiter is not None and not recruiter.done():
-                running.append(recruiter)
-            if not running:
-                break
-            await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        everything = [*tasks, *([recruiter] if recruiter is not None else [])]
-        for t in everything:
-            t.cancel()  # endgame copies still in flight, donors still waiting
-        outcomes = await asyncio.gather(*everything, return_exceptions=True)
-    for outcome in outcomes:
-        if isinstance(outcome, Exception):
-            raise outcome  # a bug in the loop above, not a donor's failure (those are caught in work)
-    if len(done) < count:
-        missing = count - len(done)
-        why = "; ".join(f"{name}: {reason}" for name, reason in result.dropped.items()) or "no donors"
-        raise DownloadFailed(f"{missing} of {count} state chunks could not be fetched ({why})")
-    result.payload = bytes(out)
-    return result
+    async def run(self, more: Awaitable[Sequence[Donor]] | None) -> Fetched:
+        """Wait until every chunk is in or no donor is left; the payload, or DownloadFailed."""
+        recruiter = asyncio.create_task(self._recruit(more)) if more is not None else None
+        try:
+            while len(self.done) < self.count:
+                running = [t for t in self.tasks if not t.done()]
+                if recruiter is not None and not recruiter.done():
+                    running.append(recruiter)
+                if not running:
+                    break
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            everything = [*self.tasks, *([recruiter] if recruiter is not None else [])]
+            for t in everything:
+                t.cancel()  # endgame copies still in flight, donors still waiting
+            outcomes = await asyncio.gather(*everything, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome  # a bug in the loop above, not a donor's failure (those are caught in _work)
+        if len(self.done) < self.count:
+            missing = self.count - len(self.done)
+            why = "; ".join(f"{name}: {reason}" for name, reason in self.result.dropped.items()) or "no donors"
+            raise DownloadFailed(f"{missing} of {self.count} state chunks could not be fetched ({why})")
+        self.result.payload = bytes(self.out)
+        return self.result

@@ -14,6 +14,7 @@ refusal came back): callers branch on it, never on the message.
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from potluck.errors import PotluckError
 from potluck.protocol.envelope import (
@@ -99,7 +100,7 @@ class _TimedReader:
 class AggregatorLink:
     """Calls to one aggregator's stream handlers over this node's P2P."""
 
-    def __init__(self, p2p: object, peer_id: object, *, max_state_bytes: int = DEFAULT_MAX_STATE_BYTES) -> None:
+    def __init__(self, p2p: Any, peer_id: Any, *, max_state_bytes: int = DEFAULT_MAX_STATE_BYTES) -> None:
         self.p2p = p2p
         self.peer_id = peer_id
         self.max_state_bytes = max_state_bytes
@@ -118,7 +119,7 @@ class AggregatorLink:
         try:
             _, reader, writer = await asyncio.wait_for(
                 self.p2p.call_binary_stream_handler(self.peer_id, handler),
-                timeout=min(timeout_s, 30),  # type: ignore[attr-defined]
+                timeout=min(timeout_s, 30),
             )
         except (TimeoutError, asyncio.TimeoutError) as e:
             raise AggregatorUnreachable(f"{handler}: no stream within {min(timeout_s, 30):.0f} s") from e
@@ -245,7 +246,11 @@ def _unpack(body: bytes, max_envelope_bytes: int) -> tuple[bytes, bytes]:
         raise AggregatorRefused(f"malformed reply: {e}") from e
 
 
-def _parse(cls, envelope: bytes):  # type: ignore[no-untyped-def]
+_Reply = TypeVar("_Reply", SignedState, SignedAggregate, SignedReceipt)
+
+
+def _parse(cls: type[_Reply], envelope: bytes) -> _Reply:
+    """The signed message `envelope` holds, parsed (not verified); a malformed one is the aggregator's refusal."""
     try:
         return cls.from_bytes(envelope)
     except EnvelopeError as e:

@@ -128,7 +128,9 @@ def encode_frame(kind: MessageKind, body: bytes) -> bytes:
     return encode_header(kind, len(body)) + bytes(body)
 
 
-def frame_chunks(kind: MessageKind, body: bytes, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+def frame_chunks(
+    kind: MessageKind, body: bytes, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[bytes | memoryview]:
     """The frame as the header, then body slices of at most `chunk_bytes` (memoryviews: no copy)."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")

@@ -53,6 +53,28 @@ def test_bans_survive_a_restart_and_an_operator_can_lift_them(tmp_path: Path) ->
     assert not Reputation.open(tmp_path).is_banned(KEY)
 
 
+def test_a_ban_learned_from_another_aggregator_keeps_its_issuer_across_a_restart(tmp_path: Path) -> None:
+    issuer = generate_identity().public_key
+    first = Reputation.open(tmp_path)
+    first.ban(KEY, reason="whatever the issuer's words", issuer=issuer)
+    first.ban(OTHER, reason="run-wide, by hand")  # the words of a learned ban do not make it one
+
+    second = Reputation.open(tmp_path)
+
+    assert second.bans[KEY].issuer == issuer
+    assert second.bans[OTHER].issuer is None
+
+
+def test_a_ban_file_written_before_issuers_reads_as_this_aggregators_own(tmp_path: Path) -> None:
+    Reputation.open(tmp_path).ban(KEY, reason="spam")
+    data = json.loads((tmp_path / BANS_FILE).read_text())
+    for ban in data["bans"].values():
+        del ban["issuer"]
+    (tmp_path / BANS_FILE).write_text(json.dumps(data))
+
+    assert Reputation.open(tmp_path).bans[KEY].issuer is None
+
+
 def test_an_edit_on_disk_reaches_a_running_aggregator(tmp_path: Path) -> None:
     running = Reputation.open(tmp_path)
     Reputation.open(tmp_path).ban(KEY, reason="by hand")  # what `potluck bans add` does

@@ -1,26 +1,27 @@
-"""An overlapped peer trains from its guess of the next master state: the outer step on what it sent."""
+"""An overlapped peer trains from its guess of the next master state (the outer step on what it sent), at most
+its overlap limit ahead of the base, and lowers the limit after a mostly stale update is dropped."""
 
 import threading
 
 import torch
 
-from potluck.peer.runner import PeerOptions, PeerRunner, _Master, _Shard
+from potluck.peer.overlap import RoundPacer, guess_next_state
+from potluck.peer.records import Master, Shard
 from potluck.peer.trainer import LocalTrainer
 from potluck.protocol.config import RunConfig
 from potluck.protocol.density import round_codecs
-from potluck.protocol.identity import generate_identity
 from potluck.training.diloco import OuterOptimizer, snapshot
 
 CFG = RunConfig(local_steps=3, rounds=4, inner={"warmup_steps": 1, "batch_size": 4}, data={"max_bytes": 300_000})
 
 
-def _master(params: dict[str, torch.Tensor], cuts: list[tuple[str, ...]]) -> _Master:
+def _master(params: dict[str, torch.Tensor], cuts: list[tuple[str, ...]]) -> Master:
     """A peer's copy of the master state, cut into shards that each have an outer optimizer with momentum."""
     shards = []
     for index, names in enumerate(cuts):
         outer = OuterOptimizer(kind="nesterov", lr=CFG.outer.lr, momentum=CFG.outer.momentum)
         outer.load_state_dict({name: torch.full_like(params[name], 1e-3) for name in names})
-        shard = _Shard(
+        shard = Shard(
             index=index,
             names=names,
             announcement=None,  # type: ignore[arg-type]  # the guess talks to no aggregator
@@ -30,7 +31,7 @@ def _master(params: dict[str, torch.Tensor], cuts: list[tuple[str, ...]]) -> _Ma
             density=1 / 64,
         )
         shards.append(shard)
-    return _Master(cfg=CFG, round=0, params=params, shards=shards)
+    return Master(cfg=CFG, round=0, params=params, shards=shards)
 
 
 def test_the_guess_is_each_shards_outer_step_on_the_update_as_sent_and_the_model_moves_onto_it() -> None:
@@ -47,7 +48,7 @@ def test_the_guess_is_each_shards_outer_step_on_the_update_as_sent_and_the_model
     works = trainer.encode_shards(shot, round_index=0, shards=shards)
     before = {n: t.clone() for n, t in master.params.items()}
     # Execute
-    guess = PeerRunner._train_from_guess(trainer, master, works, codecs, shot)
+    guess = guess_next_state(trainer, master, works, codecs, shot)
     # Assert: the outer step (momentum included) on the decoded payloads, not the snapshot; the master untouched
     for shard, work, (upload, _) in zip(master.shards, works, codecs, strict=True):
         part = {n: before[n] for n in shard.names}
@@ -80,42 +81,38 @@ class _Arrival(threading.Event):
 def test_at_its_overlap_limit_a_peer_waits_for_the_rounds_base_then_trains_the_round_out() -> None:
     # Prepare: a peer whose overlapped steps may run half a round (of 4 steps) ahead of their base
     cfg = CFG.with_overrides({"local_steps": 4}, source="test")
-    options = PeerOptions(join=(), overlap=True, overlap_limit=0.5)
-    runner = PeerRunner(generate_identity(), options, on_event=lambda _: None)
     trainer = LocalTrainer(cfg, public_key=b"\x08" * 32, device=torch.device("cpu"))
     trainer.start_round(snapshot(trainer.model, device="cpu"), round_index=0)
-    runner.trainer, runner.cfg = trainer, cfg
-    runner._base_arrived = _Arrival(trainer)  # the base is in flight
-    runner._round_opened = None
+    pacer = RoundPacer(trainer, cfg, overlap=True, overlap_limit=0.5)
+    pacer.base_arrived = _Arrival(trainer)  # the base is in flight
+    pacer.round_opened = None
     # Execute
-    trainer.train(max_steps=cfg.local_steps, stop=runner._time_box_full)
+    trainer.train(max_steps=cfg.local_steps, stop=pacer.time_box_full)
     # Assert: it stopped to wait once, two steps ahead, and took the other two after the base came
-    assert runner._base_arrived.waited_at == [2]
+    assert pacer.base_arrived.waited_at == [2]
     assert trainer.round_steps == 4
 
 
-def _overlapped_runner(limit: float = 1.0, *, overlap: bool = True) -> PeerRunner:
-    runner = PeerRunner(
-        generate_identity(), PeerOptions(join=(), overlap=overlap, overlap_limit=limit), on_event=lambda _: None
-    )
-    runner.cfg = CFG.with_overrides({"local_steps": 30}, source="test")
-    return runner
+def _overlapped_pacer(limit: float = 1.0, *, overlap: bool = True) -> RoundPacer:
+    cfg = CFG.with_overrides({"local_steps": 30}, source="test")
+    trainer = LocalTrainer(cfg, public_key=b"\x09" * 32, device=torch.device("cpu"))
+    return RoundPacer(trainer, cfg, overlap=overlap, overlap_limit=limit)
 
 
 def test_after_a_mostly_stale_update_is_dropped_the_peer_lets_at_most_half_a_round_run_ahead() -> None:
-    runner = _overlapped_runner()
-    assert runner._stale_limit() == 30
+    pacer = _overlapped_pacer()
+    assert pacer.stale_limit() == 30
 
-    runner._after_drop(4, stale_steps=16, inner_steps=30)
+    pacer.after_drop(4, stale_steps=16, inner_steps=30)
 
-    assert runner._stale_limit() == 15
+    assert pacer.stale_limit() == 15
 
 
 def test_a_drop_of_a_mostly_fresh_update_or_without_overlap_leaves_the_limit_alone() -> None:
-    fresh, tighter, plain = _overlapped_runner(), _overlapped_runner(0.3), _overlapped_runner(overlap=False)
+    fresh, tighter, plain = _overlapped_pacer(), _overlapped_pacer(0.3), _overlapped_pacer(overlap=False)
 
-    fresh._after_drop(4, stale_steps=15, inner_steps=30)  # half stale: the check drops no honest update there
-    tighter._after_drop(4, stale_steps=30, inner_steps=30)  # already below the safe limit: never raised
-    plain._after_drop(4, stale_steps=30, inner_steps=30)
+    fresh.after_drop(4, stale_steps=15, inner_steps=30)  # half stale: the check drops no honest update there
+    tighter.after_drop(4, stale_steps=30, inner_steps=30)  # already below the safe limit: never raised
+    plain.after_drop(4, stale_steps=30, inner_steps=30)
 
-    assert (fresh._stale_limit(), tighter._stale_limit(), plain._stale_limit()) == (30, 9, 30)
+    assert (fresh.stale_limit(), tighter.stale_limit(), plain.stale_limit()) == (30, 9, 30)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from potluck.peer.runner import PeerOptions, PeerRunner, _Master, _Shard
+from potluck.peer.records import Master, Shard, apply_shard_aggregate
 from potluck.protocol.dht_schema import AggregatorAnnouncement
 from potluck.protocol.envelope import SignedAggregate, sign_aggregate
 from potluck.protocol.identity import generate_identity
@@ -18,7 +18,7 @@ from tests.aggregator_server.in_process import AGGREGATOR, closed_round_0, make_
 PEERS = [generate_identity() for _ in range(3)]
 
 
-async def _round_0_aggregate(tmp_path: Path) -> tuple[_Master, SignedAggregate, bytes]:
+async def _round_0_aggregate(tmp_path: Path) -> tuple[Master, SignedAggregate, bytes]:
     """A peer's copy of round 0's master and the aggregate that closes round 0 at fast links (next: 1/2)."""
     server = make_server(tmp_path)
     server.current.opened_at -= 100  # 100 s of compute against uploads read in microseconds
@@ -35,7 +35,7 @@ async def _round_0_aggregate(tmp_path: Path) -> tuple[_Master, SignedAggregate, 
         round=0,
         timestamp_s=0.0,
     )
-    shard = _Shard(
+    shard = Shard(
         index=0,
         names=names,
         announcement=announced,
@@ -44,7 +44,7 @@ async def _round_0_aggregate(tmp_path: Path) -> tuple[_Master, SignedAggregate, 
         outer=outer,
         density=signed_state.header.density,
     )
-    master = _Master(
+    master = Master(
         cfg=cfg,
         round=0,
         params={name: params[name] for name in names},
@@ -53,10 +53,9 @@ async def _round_0_aggregate(tmp_path: Path) -> tuple[_Master, SignedAggregate, 
     return master, aggregate, payload
 
 
-def _apply(master: _Master, signed: SignedAggregate, payload: bytes) -> bool:
-    peer = PeerRunner(PEERS[0], PeerOptions(join=()), on_event=lambda e: None)
+def _apply(master: Master, signed: SignedAggregate, payload: bytes) -> bool:
     (shard,) = master.shards
-    return peer._apply(master, shard, signed, payload)
+    return apply_shard_aggregate(master, shard, signed, payload)
 
 
 def test_the_peer_takes_up_the_announced_density_for_the_next_round(tmp_path: Path) -> None:

@@ -1,0 +1,409 @@
+"""Finding the run's aggregators and downloading the state from them; retries and fail-over when one goes quiet.
+
+The peer never trusts an aggregator key the run's config does not list. A state that fails
+verification marks its source: that aggregator is never asked again. A call that gets no answer is
+retried with exponential backoff (the aggregator may be restarting), the aggregator is looked up
+again on the DHT, and a shard whose aggregator stays silent moves to its standby once one is announced.
+"""
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+import torch
+
+from potluck.errors import PotluckError
+from potluck.events import DonorDropped, Event, Failover, PeerSynced, StateRefused
+from potluck.peer.options import PeerError, PeerOptions, RunFinished
+from potluck.peer.records import HeldOutScore, Master, Shard, Tally
+from potluck.peer.state_download import Donor, DownloadFailed, Fetched, fetch_chunks
+from potluck.protocol import PROTOCOL_VERSION
+from potluck.protocol.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable
+from potluck.protocol.config import RunConfig
+from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, parse_announcements
+from potluck.protocol.envelope import EnvelopeError, StateHeader
+from potluck.protocol.holder_records import HOLDERS_KEY, HolderRecord, parse_holder_records
+from potluck.protocol.identity import Identity, fingerprint, public_key_to_hex
+from potluck.protocol.node import Node, dial, peer_id_of
+from potluck.protocol.shards import keys_of_shard
+from potluck.protocol.state_chunks import ChunkError, ChunkRequest, check_manifest
+from potluck.protocol.wire import RefusalCode
+from potluck.training.models import model_config, parameter_shapes
+from potluck.training.replica import ReplicaError, check_state
+
+if TYPE_CHECKING:
+    from hivemind.p2p import P2P, PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+FAILOVER_AFTER_S = 10.0  # a shard's aggregator silent this long: switch to its standby once one is announced
+MAX_DONORS = 8  # holding peers one state download asks besides the aggregator
+
+
+class UntrustedState(PotluckError):
+    """An aggregator served a state that fails verification; the peer tries another source."""
+
+    def __init__(self, source: bytes, detail: str) -> None:
+        super().__init__(detail)
+        self.source = source  # the aggregator's key: never asked again
+
+
+class Sync:
+    """The peer's view of the run's aggregators: which to ask, how to reach them, and the state they serve."""
+
+    def __init__(
+        self,
+        node: Node,
+        identity: Identity,
+        options: PeerOptions,
+        *,
+        join_addrs: Sequence["Multiaddr"],
+        tally: Tally,
+        score: HeldOutScore,
+        on_event: Callable[[Event], None],
+    ) -> None:
+        self.node = node
+        self.identity = identity
+        self.options = options
+        self.join_addrs = list(join_addrs)
+        self.tally = tally
+        self.score = score
+        self.on_event = on_event
+        self.refused_sources: set[bytes] = set()  # aggregator keys whose state did not check out
+        self.abandoned: set[bytes] = set()  # aggregator keys that stopped answering and were failed over from
+        self.bad_donors: set[bytes] = set()  # holder keys that sent a chunk the manifest refutes
+        # The aggregator the peer syncs from first, and its link: None until the first lookup found one.
+        self.announcement: AggregatorAnnouncement | None = None
+        self.link: AggregatorLink | None = None
+        self.cfg: RunConfig | None = None  # the run's config, from the last state downloaded
+        self.synced_at = time.monotonic()  # when that state arrived: the first round's time box counts from here
+
+    # ----------------------------------------------------------------- discovery
+
+    async def announcements(self) -> list[AggregatorAnnouncement]:
+        """This run's aggregator announcements on the DHT, from sources that have not served a bad state."""
+        result = await self.node.dht.get(AGGREGATORS_KEY, latest=True)
+        announcements = parse_announcements(result)
+        for a in announcements:
+            if a.protocol_version != PROTOCOL_VERSION:
+                raise PeerError(
+                    f"aggregator {fingerprint(a.public_key)} speaks protocol v{a.protocol_version}, this peer speaks "
+                    f"v{PROTOCOL_VERSION}; "
+                    + (
+                        "upgrade potluck: pip install -U potluck"
+                        if a.protocol_version > PROTOCOL_VERSION
+                        else "the aggregator must upgrade potluck"
+                    )
+                )
+        if self.options.run is not None:
+            announcements = [a for a in announcements if a.run_id == self.options.run]
+        runs = sorted({a.run_id for a in announcements})
+        if len(runs) > 1:
+            raise PeerError(f"the DHT carries several runs ({', '.join(runs)}); choose one with --run NAME")
+        if not announcements:
+            raise AggregatorUnreachable("no aggregator announcement on the DHT yet")
+        trusted = [a for a in announcements if a.public_key not in self.refused_sources]
+        if not trusted:
+            raise AggregatorUnreachable(
+                f"every aggregator on the DHT ({len(announcements)}) served a state that does not check out"
+            )
+        alive = [a for a in trusted if a.public_key not in self.abandoned]  # a gone one's record lingers a while
+        return alive or trusted
+
+    async def find_aggregator(self) -> AggregatorLink:
+        """The aggregator to sync from first: the one named with --join when it is announced, else the newest."""
+        announcements = await self.announcements()
+        # Prefer the aggregator the user named with --join: anyone can announce a run on an open DHT.
+        joined = {peer_id_of(a).to_bytes() for a in self.join_addrs}
+        named = [a for a in announcements if a.libp2p_peer_id in joined]
+        chosen = max(named or announcements, key=lambda a: a.timestamp_s)
+        self.announcement = chosen
+        self.link = AggregatorLink(self.p2p, await self.connect(chosen))
+        return self.link
+
+    @property
+    def p2p(self) -> "P2P":
+        """The node's libp2p daemon, which carries the streams to aggregators and holders."""
+        return self.node.p2p
+
+    async def connect(self, announcement: AggregatorAnnouncement) -> "PeerID":
+        """Dial an announced aggregator (at the --join address when it is the one named there); its peer id."""
+        from hivemind.p2p import PeerID
+        from hivemind.utils.multiaddr import Multiaddr
+
+        peer_id = PeerID(announcement.libp2p_peer_id)
+        if any(peer_id_of(a) == peer_id for a in self.join_addrs):
+            maddrs = [a for a in self.join_addrs if peer_id_of(a) == peer_id]
+        else:
+            maddrs = [Multiaddr(m) for m in announcement.maddrs]
+        await dial(self.p2p, peer_id, maddrs)
+        return peer_id
+
+    # ----------------------------------------------------------------- the state
+
+    async def sync_from_any(self) -> Master:
+        """The run's state from the preferred aggregator; one that serves a bad state is dropped for another.
+
+        A state that fails verification is not a network hiccup: its source is never asked again, and
+        the next announced aggregator is tried. With none left this raises AggregatorUnreachable, so the
+        caller keeps looking (new aggregators may announce) until its reconnect timeout.
+        """
+        while True:
+            if self.announcement is None or self.announcement.public_key in self.refused_sources:
+                await self.find_aggregator()
+            try:
+                return await self._sync()
+            except AggregatorUnreachable:
+                # look again before the retry: a standby may have taken the shard over from a dead aggregator
+                # whose announcement lingers until it expires
+                with contextlib.suppress(AggregatorUnreachable):
+                    await self.find_aggregator()
+                raise
+            except UntrustedState as e:
+                source = fingerprint(e.source)
+                self.refused_sources.add(e.source)
+                logger.info("aggregator %s: %s; trying another source", source, e)
+                self.on_event(StateRefused(aggregator=source, detail=str(e)))
+
+    async def _sync(self) -> Master:
+        """The whole master state: from the preferred aggregator, then from each other shard's (sharded runs)."""
+        assert self.announcement is not None and self.link is not None  # sync_from_any found one
+        before = self.tally.bytes_down
+        sources: list[Fetched] = []
+        cfg, h, first, params = await self._fetch_shard(self.announcement, self.link, sources=sources)
+        shards = {first.index: first}
+        if cfg.shards > 1:
+            announced = await self.announcements()
+            for index in range(cfg.shards):
+                if index in shards:
+                    continue
+                owners = set(keys_of_shard(cfg.aggregator_keys, index, cfg.shards))
+                candidates = [a for a in announced if public_key_to_hex(a.public_key) in owners]
+                if not candidates:
+                    raise AggregatorUnreachable(f"no aggregator of shard {index + 1} of {cfg.shards} is announced yet")
+                chosen = max(candidates, key=lambda a: a.timestamp_s)
+                link = AggregatorLink(self.p2p, await self.connect(chosen))
+                _, other, shard, part = await self._fetch_shard(chosen, link, sources=sources, cfg=cfg)
+                if other.round != h.round:  # one shard closed its round a moment before the other
+                    raise AggregatorUnreachable(
+                        f"shard {index + 1} is at round {other.round}, shard {first.index + 1} at round {h.round}"
+                    )
+                shards[index] = shard
+                params |= part
+        shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
+        params = {name: params[name] for name in shapes}  # the model's order: payloads depend on it
+        val_loss = await self.score(cfg, params)
+        self.cfg, self.synced_at = cfg, time.monotonic()
+        logger.info("synced run %r at round %d from %s", cfg.run_name, h.round, fingerprint(first.key))
+        self.on_event(
+            PeerSynced(
+                run=cfg.run_name,
+                round=h.round,
+                aggregator=fingerprint(first.key),
+                fingerprint=self.identity.fingerprint,
+                state_bytes=self.tally.bytes_down - before,
+                # who gave the state's chunks (bytes per donor, the aggregator's and peers' alike)
+                state_sources=_merged([f.bytes_by_donor for f in sources]),
+                shards=cfg.shards,
+                val_loss=val_loss,  # the state's held-out loss (PeerOptions.eval_batches)
+            )
+        )
+        return Master(cfg=cfg, round=h.round, params=params, shards=[shards[i] for i in range(cfg.shards)])
+
+    async def _fetch_shard(
+        self,
+        announcement: AggregatorAnnouncement,
+        link: AggregatorLink,
+        *,
+        sources: list[Fetched],
+        cfg: RunConfig | None = None,
+    ) -> tuple[RunConfig, StateHeader, Shard, dict[str, torch.Tensor]]:
+        """One aggregator's state, checked: its signature, its config (`cfg`'s, when given), its shard's shapes.
+
+        The aggregator sends the signed manifest; the chunks come from it and every peer that holds the
+        same shard at the same version (state_download.py). Who gave the chunks is added to `sources`.
+        """
+        signed, digest_bytes, t = await link.fetch_manifest(
+            self.identity.public_key, client_mode=self.options.client_mode
+        )
+        self.tally.bytes_down += len(t.body) + t.sent_bytes
+        source = announcement.public_key
+        try:
+            signed.verify({source})
+            digests = check_manifest(signed.header, digest_bytes)
+        except (EnvelopeError, ChunkError) as e:
+            raise UntrustedState(source, f"its state does not check out: {e}") from e
+        fetched = await self._fetch_chunks(signed.header, digests, link)
+        try:
+            state = await asyncio.to_thread(check_state, signed, fetched.payload, source=source)
+        except ReplicaError as e:
+            raise UntrustedState(source, str(e)) from e
+        if cfg is not None and state.cfg.config_hash != cfg.config_hash:
+            raise UntrustedState(source, "it serves another run config than the run's other shards")
+        sources.append(fetched)
+        shard = Shard(
+            index=state.shard,
+            names=tuple(state.params),
+            announcement=announcement,
+            link=link,
+            version=state.header.new_version,
+            outer=state.outer,
+            density=state.header.density,
+        )
+        return state.cfg, state.header, shard, state.params
+
+    async def _fetch_chunks(self, h: StateHeader, digests: list[bytes], link: AggregatorLink) -> Fetched:
+        """The payload `h` signs, in chunks from its aggregator and from the peers the DHT says hold it."""
+
+        def request(index: int) -> ChunkRequest:
+            return ChunkRequest(
+                shard=h.shard,
+                version=h.new_version,
+                payload_sha256=h.payload_sha256,
+                chunk_bytes=h.chunk_bytes,
+                index=index,
+            )
+
+        def donor(name: str, to: AggregatorLink, *, streams: int) -> Donor:
+            async def fetch(index: int) -> bytes:
+                chunk, t = await to.fetch_chunk(request(index))
+                self.tally.bytes_down += len(chunk) + t.sent_bytes
+                return chunk
+
+            return Donor(name=name, fetch=fetch, streams=streams)
+
+        # A fast donor serves more chunks than a slow one. Two chunks in flight keep the aggregator's fat
+        # link busy across each request's round trip; one per peer leaves each peer's few chunk slots
+        # (MAX_CHUNK_STREAMS) to several joiners at once. The holders are looked up while the aggregator
+        # already gives chunks.
+        first = donor(fingerprint(h.aggregator_public_key), link, streams=2)
+        names = {first.name: h.aggregator_public_key}
+
+        async def holders() -> list[Donor]:
+            records = await self._holders(h)
+            links = await asyncio.gather(*(self._holder_link(r) for r in records))
+            found = [(r, to) for r, to in zip(records, links, strict=True) if to is not None]
+            names.update((fingerprint(r.holder), r.holder) for r, _ in found)
+            return [donor(fingerprint(r.holder), to, streams=1) for r, to in found]
+
+        try:
+            fetched = await fetch_chunks(
+                digests, payload_bytes=h.payload_bytes, chunk_bytes=h.chunk_bytes, donors=[first], more=holders()
+            )
+        except DownloadFailed as e:
+            raise AggregatorUnreachable(str(e)) from e
+        for name, reason in fetched.dropped.items():
+            key = names[name]
+            if key != h.aggregator_public_key and name in fetched.refuted:
+                self.bad_donors.add(key)  # it sent a chunk the signed manifest refutes: never asked again
+            self.on_event(DonorDropped(donor=name, reason=reason, shard=h.shard))
+        return fetched
+
+    async def _holders(self, h: StateHeader) -> list[HolderRecord]:
+        """Peers whose DHT record says they hold shard `h.shard` at `h.new_version`, at most MAX_DONORS, shuffled."""
+        try:
+            result = await asyncio.wait_for(self.node.dht.get(HOLDERS_KEY, latest=True), timeout=30)
+        except (TimeoutError, asyncio.TimeoutError):
+            return []
+        records = [
+            r
+            for r in parse_holder_records(result, config_hash=h.config_hash)
+            if r.version_of(h.shard) == h.new_version
+            and r.holder != self.identity.public_key
+            and r.holder not in self.bad_donors
+        ]
+        random.shuffle(records)  # joiners arriving together spread over the holders
+        return records[:MAX_DONORS]
+
+    async def _holder_link(self, record: HolderRecord) -> AggregatorLink | None:
+        """A link to a holding peer, dialled; None when its record's addresses do not parse."""
+        from hivemind.p2p import PeerID
+        from hivemind.utils.multiaddr import Multiaddr
+
+        try:
+            peer_id = PeerID(record.libp2p_peer_id)
+            maddrs = [Multiaddr(m) for m in record.maddrs]
+        except Exception:  # a record's contents are untrusted; hivemind raises several types on garbage
+            return None
+        await dial(self.p2p, peer_id, maddrs, timeout_s=5)
+        return AggregatorLink(self.p2p, peer_id)
+
+    # ----------------------------------------------------------------- retries and fail-over
+
+    async def retrying(self, what: str, call: Callable[[], Awaitable[T]], *, shard: Shard | None = None) -> T:
+        """`call()`, retried with backoff while the aggregator (`shard`'s) is unreachable, up to reconnect_timeout_s.
+
+        A shard whose aggregator has not answered for FAILOVER_AFTER_S moves to its standby once the DHT
+        announces one, with a fresh reconnect budget.
+        """
+        deadline = time.monotonic() + self.options.reconnect_timeout_s
+        failing_since = time.monotonic()
+        delay_s = 0.5
+        while True:
+            try:
+                return await call()
+            except AggregatorUnreachable as e:
+                now = time.monotonic()
+                if shard is not None and now - failing_since >= FAILOVER_AFTER_S and await self.failover(shard):
+                    failing_since, delay_s = now, 0.5
+                    deadline = now + self.options.reconnect_timeout_s
+                    continue
+                if time.monotonic() + delay_s > deadline:
+                    raise PeerError(
+                        f"gave up {what} after {self.options.reconnect_timeout_s:.0f} s: {e}; is the aggregator up?"
+                    ) from e
+                logger.warning("%s: %s; retrying in %.1f s", what, e, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 10.0)
+                target = shard.announcement if shard is not None else self.announcement
+                if target is not None:
+                    await self.connect(target)
+            except AggregatorRefused as e:
+                if e.code is RefusalCode.RUN_FINISHED:
+                    raise RunFinished(str(e)) from e
+                raise
+
+    async def failover(self, shard: Shard) -> bool:
+        """Move `shard` to another aggregator the run's config lists for it and the DHT announces (its standby).
+
+        False when there is none yet (a standby announces itself only once it has taken the shard over).
+        """
+        try:
+            announced = await self.announcements()
+        except AggregatorUnreachable:
+            return False
+        cfg = self.cfg
+        assert cfg is not None  # a shard exists only once a state was downloaded
+        owners = set(keys_of_shard(cfg.aggregator_keys, shard.index, cfg.shards))
+        others = [
+            a
+            for a in announced
+            if public_key_to_hex(a.public_key) in owners and a.public_key not in (shard.key, *self.abandoned)
+        ]
+        if not others:
+            return False
+        gone, chosen = shard.key, max(others, key=lambda a: a.timestamp_s)
+        self.abandoned.add(gone)
+        shard.announcement = chosen
+        shard.link = AggregatorLink(self.p2p, await self.connect(chosen))
+        if self.announcement is not None and self.announcement.public_key == gone:
+            self.announcement, self.link = chosen, shard.link
+        moved = Failover(shard=shard.index, from_=fingerprint(gone), to=fingerprint(chosen.public_key))
+        logger.warning("shard %d: aggregator %s is gone; switching to %s", moved.shard, moved.from_, moved.to)
+        self.on_event(moved)
+        return True
+
+
+def _merged(counts: Sequence[dict[str, int]]) -> dict[str, int]:
+    """Bytes per donor over several downloads (one per shard)."""
+    merged: dict[str, int] = {}
+    for c in counts:
+        for name, n in c.items():
+            merged[name] = merged.get(name, 0) + n
+    return merged
