@@ -1,7 +1,7 @@
 """The options a peer takes, declared once: `potluck peer` parses them, `potluck swarm` renders them for its peers.
 
 `NodeFlags` holds what every peer takes; `PeerFlags` adds what a peer of a run with aggregators takes and
-converts to the node's own record, `potluck.peer.runner.PeerOptions`. The serverless peer's flags live with
+converts to the node's own record, `potluck.peer.options.PeerOptions`. The serverless peer's flags live with
 that command (`potluck.cli.serverless`).
 """
 
@@ -16,7 +16,7 @@ from potluck.cli.common import DEFAULT_IDENTITY, DEFAULT_RECEIPTS
 from potluck.cli.flags import Flags, flag
 
 if TYPE_CHECKING:
-    from potluck.peer.runner import PeerOptions
+    from potluck.peer.options import PeerOptions
 
 
 def listen_maddr(host: str | None, port: int, joins: tuple[str, ...]) -> str:
@@ -153,7 +153,7 @@ class PeerFlags(NodeFlags):
 
     def peer_options(self, *, join: tuple[str, ...]) -> PeerOptions:
         """The node's options, given the multiaddrs the --join addresses resolved to (a status page is asked)."""
-        from potluck.peer.runner import PeerOptions  # torch: only a peer that runs needs it, not --help
+        from potluck.peer.options import PeerOptions  # torch: only a peer that runs needs it, not --help
         from potluck.training.device import pick_device
 
         return PeerOptions(

@@ -149,7 +149,7 @@ def test_a_copy_with_changes_is_checked_like_any_other() -> None:
 
 def test_the_flags_give_the_node_every_option_it_takes() -> None:
     # Prepare
-    from potluck.peer.runner import PeerOptions
+    from potluck.peer.options import PeerOptions
 
     # Execute
     options = PEER.peer_options(join=(MADDR,))
