@@ -33,8 +33,8 @@ from typing import Any, TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from potluck.events import AggregatorReady, Event, PeerSynced  # noqa: E402
+from potluck.lab.children import Child, read_events, start_child, stop_children  # noqa: E402
 from potluck.lab.netlab import NetLab, parse_link  # noqa: E402
-from potluck.lab.swarm import Child, read_events, start_child, stop_children  # noqa: E402
 from potluck.protocol.config import RunConfig, dump_run_config  # noqa: E402
 
 E = TypeVar("E", bound=Event)

@@ -49,7 +49,7 @@ def measure(peers: int, rounds: int) -> dict[str, Any]:
     started = time.monotonic()
     marks: dict[str, float] = {}
     closed: list[float] = []
-    pump = swarm._pump
+    pump = swarm.pump
 
     def timed_pump(child: swarm.Child, events: Any) -> None:
         pump(child, events)
@@ -68,11 +68,11 @@ def measure(peers: int, rounds: int) -> dict[str, Any]:
         elif isinstance(event, PeerDone):
             marks["done"] = now
 
-    swarm._pump = timed_pump
+    swarm.pump = timed_pump
     try:
         swarm.run_swarm(swarm.SwarmOptions(peers=peers, cfg=cfg, timeout_s=600), on_event=on_event)
     finally:
-        swarm._pump = pump
+        swarm.pump = pump
     marks["total"] = time.monotonic() - started
     return {
         "peers": peers,

@@ -10,7 +10,7 @@ stdout pipe, its own log file as stderr, its own environment and working directo
 The launcher talks to the server over a Unix socketpair: a request is one JSON datagram with the
 child's stdout and stderr descriptors attached (SCM_RIGHTS); the server answers with the pid, and
 later with the exit status once it has reaped the child. If the server cannot start, or dies, the
-launcher falls back to plain `subprocess.Popen` (see `potluck.lab.swarm.start_child`).
+launcher falls back to plain `subprocess.Popen` (see `potluck.lab.children.start_child`).
 
 Not for the network lab: its children must start inside a namespace, which `ip netns exec` does.
 """

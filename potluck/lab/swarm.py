@@ -15,13 +15,9 @@ processes do not fight over the same cores.
 
 import contextlib
 import functools
-import json
 import logging
-import os
 import queue
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,12 +29,11 @@ from typing import Any, TypeVar
 from potluck.cli.aggregator import AggregatorFlags
 from potluck.cli.peer_flags import PeerFlags
 from potluck.cli.serverless import ServerlessFlags
-from potluck.errors import DIVERGED_EXIT_STATUS, ERROR_PREFIX, EXIT_STATUS, PotluckError
+from potluck.errors import DIVERGED_EXIT_STATUS, PotluckError
 from potluck.events import (
     Adversarial,
     AggregatorReady,
     Event,
-    EventError,
     Followed,
     PeerDone,
     PeerRound,
@@ -49,12 +44,19 @@ from potluck.events import (
     ServerlessSynced,
     SwarmKilled,
     Takeover,
-    decode_event,
     encode_event,
 )
-from potluck.lab.forkserver import ForkedProcess, ForkServerError, shared_server
+from potluck.lab.children import (
+    Child,
+    last_log_line,
+    pump,
+    signal_group,
+    start_child,
+    stop_children,
+    threads_per_process,
+    why,
+)
 from potluck.lab.netlab import Link, NetLab
-from potluck.lab.priority import lower_priority
 from potluck.protocol.config import RunConfig, dump_run_config
 from potluck.protocol.identity import load_or_create_identity, public_key_to_hex
 
@@ -67,7 +69,6 @@ SWARM_FAILOVER_S = 5.0  # a local standby takes over this soon: on 127.0.0.1 sil
 READY_TIMEOUT_S = 180.0  # the aggregator imports torch and hivemind, loads the corpus, starts p2pd
 # Peers yield the cores to the aggregators, whose round close every peer waits on (potluck.lab.priority).
 PEER_NICE = 10
-STOP_GRACE_S = 15.0  # after SIGTERM, how long a child may take to shut its node down cleanly
 
 
 class SwarmError(PotluckError):
@@ -112,16 +113,6 @@ class SwarmOptions:
 
 
 @dataclass(kw_only=True, slots=True)
-class Child:
-    """A started child process, its log file and the events it reported."""
-
-    name: str
-    process: "subprocess.Popen[str] | ForkedProcess"
-    log_path: Path
-    events: list[Event] = field(default_factory=list)
-
-
-@dataclass(kw_only=True, slots=True)
 class SwarmResult:
     """What `--json` prints; see `to_dict`."""
 
@@ -148,138 +139,6 @@ class SwarmResult:
             "wall_s": self.wall_s,
             "aggregators": self.aggregators,
         }
-
-
-def threads_per_process(peers: int, cores: int | None = None) -> int:
-    """Torch threads each of the swarm's N+1 processes gets: an equal share of the cores, at least one."""
-    return max(1, (cores or os.cpu_count() or 1) // (peers + 1))
-
-
-def _command(*args: str, module: str = "potluck") -> list[str]:
-    return [sys.executable, "-m", module, *args]
-
-
-def start_child(
-    name: str,
-    args: list[str],
-    *,
-    work_dir: Path,
-    threads: int,
-    module: str = "potluck",
-    wrap: Callable[[list[str]], list[str]] | None = None,
-    nice: int = 0,
-) -> Child:
-    """`python -m MODULE ARGS` in a new session, stdout piped (JSON lines), stderr to WORK_DIR/NAME.log.
-
-    Forked from this process's fork server (potluck.lab.forkserver: torch and hivemind imported once)
-    where it runs; otherwise, or when `wrap` turns the command into another one (the network lab
-    puts it in a namespace), a plain subprocess. `nice` > 0 lowers its CPU priority (potluck.lab.priority).
-    """
-    env = dict(os.environ)
-    env.update(
-        PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS=str(threads),  # before torch starts: OpenMP sizes its pool once
-        MKL_NUM_THREADS=str(threads),
-        TOKENIZERS_PARALLELISM="false",
-    )
-    log_path = work_dir / f"{name}.log"
-    server = shared_server() if wrap is None else None
-    if server is not None:
-        try:
-            forked = server.start(module, args, env=env, cwd=Path.cwd(), log_path=log_path, nice=nice)
-        except (OSError, ForkServerError) as e:
-            logger.debug("fork server: %s; starting %s as a subprocess", e, name)
-        else:
-            return Child(name=name, process=forked, log_path=log_path)
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-            (wrap or (lambda argv: argv))(_command(*args, module=module)),
-            stdout=subprocess.PIPE,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=env,
-            start_new_session=True,  # its own process group: it and its p2pd are stopped together
-        )
-    lower_priority(nice, process.pid)  # Popen returns after the exec, so its new session has its autogroup
-    return Child(name=name, process=process, log_path=log_path)
-
-
-def _pump(child: Child, events: "queue.Queue[tuple[Child, Event | None]]") -> None:
-    """Forward a child's JSON lines to the queue; None when its stdout closes."""
-    for event in read_events(child):
-        events.put((child, event))
-    events.put((child, None))
-
-
-def read_json_lines(child: Child) -> Iterator[dict[str, Any]]:
-    """The JSON objects a child prints, one a line, until its stdout closes (then closed here too)."""
-    stream = child.process.stdout
-    assert stream is not None
-    try:
-        for line in stream:
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(data, dict):
-                yield data
-    except (ValueError, OSError):  # closed under us by stop_children
-        return
-    finally:
-        stream.close()
-
-
-def read_events(child: Child) -> Iterator[Event]:
-    """The events a child prints (`--json`) until its stdout closes.
-
-    A line that is not an event of this version is the child's bug: it is logged and skipped.
-    """
-    for data in read_json_lines(child):
-        try:
-            yield decode_event(data)
-        except EventError as e:
-            logger.error("%s printed a line that is no event (%s): %.200s", child.name, e, json.dumps(data))
-
-
-def _last_log_line(child: Child) -> str:
-    try:
-        lines = [line.strip() for line in child.log_path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return "(no log)"
-    return lines[-1].removeprefix(ERROR_PREFIX) if lines else "(empty log)"
-
-
-def _why(child: Child, code: int | None) -> str:
-    """A child's last log line; where it did not exit with a one-line error (a bug's traceback), its log's path too."""
-    line = _last_log_line(child)
-    return line if code in (EXIT_STATUS, DIVERGED_EXIT_STATUS) else f"{line} (log: {child.log_path})"
-
-
-def stop_children(children: list[Child], *, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM every child, wait up to `grace_s`, then SIGKILL their process groups (any p2pd left included)."""
-    for child in children:
-        if child.process.poll() is None:
-            child.process.send_signal(signal.SIGTERM)  # the node stops its own p2pd; the group kill follows
-    deadline = time.monotonic() + grace_s
-    for child in children:
-        try:
-            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    for child in children:
-        _signal_group(child, signal.SIGKILL)  # also reaps a p2pd its parent failed to stop
-        if child.process.poll() is None:
-            child.process.wait(timeout=10)
-        if child.process.stdout is not None:
-            child.process.stdout.close()
-
-
-def _signal_group(child: Child, sig: signal.Signals) -> None:
-    try:
-        os.killpg(child.process.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -359,7 +218,7 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, Event], None]) 
             aggregator = start_child(name, hub.command(), work_dir=work_dir, threads=threads, wrap=wrap(a))
             children.append(aggregator)
             aggregators.append(aggregator)
-            threading.Thread(target=_pump, args=(aggregator, events), daemon=True).start()
+            threading.Thread(target=pump, args=(aggregator, events), daemon=True).start()
             readies.append(_wait_ready(aggregator, events, on_event, AggregatorReady))
         join = readies[0].maddrs[0]
         for i in range(options.peers):
@@ -394,13 +253,13 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, Event], None]) 
                     f"peer-{i}", args, work_dir=work_dir, threads=threads, wrap=wrap(hubs + i), nice=PEER_NICE
                 )
             children.append(child)
-            threading.Thread(target=_pump, args=(child, events), daemon=True).start()
+            threading.Thread(target=pump, args=(child, events), daemon=True).start()
         killed: set[str] = set()
 
         def watch(name: str, event: Event) -> None:
             at = options.kill_aggregator_at
             if name == "standby-0" and isinstance(event, Followed) and event.round == at:
-                _signal_group(aggregators[0], signal.SIGKILL)  # a crash: no goodbye, no last announcement
+                signal_group(aggregators[0], signal.SIGKILL)  # a crash: no goodbye, no last announcement
                 killed.add(aggregators[0].name)
                 on_event("swarm", SwarmKilled(child=aggregators[0].name, after_round=at))
             on_event(name, event)
@@ -435,7 +294,7 @@ def _run_serverless(
         args = flags.command()
         child = start_child(f"peer-{i}", args, work_dir=work_dir, threads=threads, nice=PEER_NICE)
         children.append(child)
-        threading.Thread(target=_pump, args=(child, events), daemon=True).start()
+        threading.Thread(target=pump, args=(child, events), daemon=True).start()
         return child
 
     ready = _wait_ready(start(0, ()), events, on_event, ServerlessReady)
@@ -483,12 +342,12 @@ def _wait_ready(
         except queue.Empty:
             continue
         if event is None:
-            raise SwarmError(f"the {first.name} exited before it was ready: {_why(first, first.process.poll())}")
+            raise SwarmError(f"the {first.name} exited before it was ready: {why(first, first.process.poll())}")
         child.events.append(event)
         on_event(child.name, event)
         if isinstance(event, kind):
             return event
-    raise SwarmError(f"the {first.name} was not ready within {READY_TIMEOUT_S:.0f} s: {_last_log_line(first)}")
+    raise SwarmError(f"the {first.name} was not ready within {READY_TIMEOUT_S:.0f} s: {last_log_line(first)}")
 
 
 def _follow(
@@ -519,7 +378,7 @@ def _follow(
         code = child.process.wait()
         if code != 0 and child.name not in killed:
             failed = SwarmDiverged if code == DIVERGED_EXIT_STATUS else SwarmError
-            raise failed(f"{child.name} exited with status {code}: {_why(child, code)}")
+            raise failed(f"{child.name} exited with status {code}: {why(child, code)}")
 
 
 def _result(

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from potluck.lab.swarm import Child, stop_children
+from potluck.lab.children import Child, stop_children
 
 _VARIABLE = re.compile(
     r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"

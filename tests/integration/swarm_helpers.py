@@ -1,6 +1,6 @@
 """Shared tools for the multi-process tests: start potluck nodes as real processes, read their events, clean up.
 
-Children run `python -m potluck ...` in sessions of their own (see potluck.lab.swarm.start_child), so a
+Children run `python -m potluck ...` in sessions of their own (see potluck.lab.children.start_child), so a
 test can SIGKILL a node together with its p2pd, and the `nodes` fixture kills every group it
 started, whatever the test did. `p2pd_pids()` scans /proc so tests can assert that nothing is left.
 """
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from potluck.lab.swarm import Child, read_json_lines, start_child, stop_children
+from potluck.lab.children import Child, read_json_lines, start_child, stop_children
 from potluck.protocol.density import round_codecs
 from potluck.protocol.envelope import SignedState, SignedUpdate, UpdateHeader, new_nonce, payload_digest, sign_update
 from potluck.protocol.identity import Identity

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from potluck.lab.children import start_child
 from potluck.lab.forkserver import ForkedProcess, ForkServer
-from potluck.lab.swarm import start_child
 
 MODULE = "tests.forkserver_child"
 

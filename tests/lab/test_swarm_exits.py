@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from potluck.errors import DIVERGED_EXIT_STATUS, EXIT_STATUS
-from potluck.lab.swarm import Child, SwarmDiverged, SwarmError, _follow, _pump
+from potluck.lab.children import Child, pump
+from potluck.lab.swarm import SwarmDiverged, SwarmError, _follow
 
 
 def _follow_one(tmp_path: Path, last_line: str, status: int) -> SwarmError:
@@ -21,7 +22,7 @@ def _follow_one(tmp_path: Path, last_line: str, status: int) -> SwarmError:
         process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=log, text=True)
     child = Child(name="peer-0", process=process, log_path=log_path)
     events: queue.Queue = queue.Queue()
-    threading.Thread(target=_pump, args=(child, events), daemon=True).start()
+    threading.Thread(target=pump, args=(child, events), daemon=True).start()
     with pytest.raises(SwarmError) as info:
         _follow([child], events, lambda name, event: None, deadline=time.monotonic() + 60)
     return info.value
