@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from potluck.events import AggregatorReady, Event, PeerSynced  # noqa: E402
 from potluck.lab.children import Child, read_events, start_child, stop_children  # noqa: E402
 from potluck.lab.netlab import NetLab, parse_link  # noqa: E402
-from potluck.protocol.config import RunConfig, dump_run_config  # noqa: E402
+from potluck.protocol.config import RunConfig  # noqa: E402
+from potluck.protocol.config_files import dump_run_config  # noqa: E402
 
 E = TypeVar("E", bound=Event)
 

@@ -10,7 +10,8 @@ import logging
 from pathlib import Path
 
 from potluck.errors import PotluckError
-from potluck.protocol.config import ConfigError, RunConfig, dump_run_config, load_run_config
+from potluck.protocol.config import ConfigError, RunConfig
+from potluck.protocol.config_files import dump_run_config, load_run_config
 from potluck.protocol.identity import Identity, public_key_to_hex
 
 logger = logging.getLogger(__name__)

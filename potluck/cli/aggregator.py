@@ -127,7 +127,7 @@ def run_aggregator(flags: AggregatorFlags) -> None:
     from potluck.aggregator_server.server import AggregatorServer, ServerOptions
     from potluck.aggregator_server.setup import prepare_run
     from potluck.cli.node_web import PageOptions, aggregator_app, aggregator_page, serve_with_page
-    from potluck.protocol.config import load_run_config, parse_overrides, run_config_from_mapping
+    from potluck.protocol.config_files import load_run_config, parse_overrides, run_config_from_mapping
 
     set_threads(flags.threads)
     state = flags.state_dir.expanduser()

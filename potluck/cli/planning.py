@@ -47,7 +47,8 @@ def simulate(
 ) -> None:
     """Compare DiLoCo with each codec against DDP at equal tokens: held-out loss and upload bytes."""
     from potluck.planning.simulate import simulate as run_simulation
-    from potluck.protocol.config import RunConfig, load_run_config, run_config_from_mapping
+    from potluck.protocol.config import RunConfig
+    from potluck.protocol.config_files import load_run_config, run_config_from_mapping
     from potluck.training.device import pick_device
 
     base = load_run_config(config) if config else RunConfig(rounds=8, local_steps=25)
@@ -236,7 +237,7 @@ def _auto_plan(
 
     from potluck.cli.preflight import measure_link
     from potluck.planning.plan import auto_plan
-    from potluck.protocol.config import parse_overrides, run_config_or_default
+    from potluck.protocol.config_files import parse_overrides, run_config_or_default
     from potluck.protocol.probe import ProbeUnavailableError
     from potluck.protocol.wire import WireError
     from potluck.training.benchmark import measure_for_plan

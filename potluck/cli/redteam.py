@@ -38,7 +38,8 @@ def redteam(
     """RED TEAM: a local swarm with misbehaving peers, against the same swarm clean (and undefended)."""
     # torch and hivemind: imported when the runs start, not for --help
     from potluck.lab.redteam.harness import run_redteam, to_json, verdict
-    from potluck.protocol.config import RunConfig, parse_overrides
+    from potluck.protocol.config import RunConfig
+    from potluck.protocol.config_files import parse_overrides
 
     overrides: dict[str, Any] = {
         "rounds": rounds,

@@ -57,7 +57,7 @@ class ServerlessFlags(NodeFlags):
         """The node's options: the run's config read and checked, the --join addresses parsed."""
         # torch and hivemind: imported when a node starts, not for --help
         from potluck.peer.serverless import ServerlessOptions
-        from potluck.protocol.config import parse_overrides, run_config_or_default
+        from potluck.protocol.config_files import parse_overrides, run_config_or_default
         from potluck.protocol.node import parse_join_address
         from potluck.training.device import pick_device
 

@@ -166,7 +166,8 @@ def swarm(
     """Start an aggregator and N peers on 127.0.0.1 (or behind shaped links) and train the run to its end."""
     # torch and hivemind (the fork server preloads them): imported when the swarm starts, not for --help
     from potluck.lab.swarm import SwarmOptions, run_swarm, sigterm_stops_the_swarm
-    from potluck.protocol.config import RunConfig, load_run_config, parse_overrides
+    from potluck.protocol.config import RunConfig
+    from potluck.protocol.config_files import load_run_config, parse_overrides
 
     if serverless and (link is not None or overlap or state_dir is not None or aggregators > 1):
         raise UsageError(

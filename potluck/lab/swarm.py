@@ -57,7 +57,8 @@ from potluck.lab.children import (
     why,
 )
 from potluck.lab.netlab import Link, NetLab
-from potluck.protocol.config import RunConfig, dump_run_config
+from potluck.protocol.config import RunConfig
+from potluck.protocol.config_files import dump_run_config
 from potluck.protocol.identity import load_or_create_identity, public_key_to_hex
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ import safetensors.torch
 import torch
 
 from potluck.errors import PotluckError
-from potluck.protocol.config import ConfigError, RunConfig, dump_run_config, run_config_from_toml
+from potluck.protocol.config import ConfigError, RunConfig
+from potluck.protocol.config_files import dump_run_config, run_config_from_toml
 
 STATE_HANDLER = "potluck.state"
 SUBMIT_HANDLER = "potluck.submit"

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from potluck.aggregator_server.setup import RUN_FILE, SetupError, prepare_run, with_own_key
-from potluck.protocol.config import RunConfig, dump_run_config, load_run_config
+from potluck.protocol.config import RunConfig
+from potluck.protocol.config_files import dump_run_config, load_run_config
 from potluck.protocol.identity import generate_identity, public_key_to_hex
 
 AGGREGATOR = generate_identity()

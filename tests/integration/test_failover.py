@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from potluck.aggregator_server.checkpoint import load_checkpoint
-from potluck.protocol.config import RunConfig, dump_run_config, load_run_config
+from potluck.protocol.config import RunConfig
+from potluck.protocol.config_files import dump_run_config, load_run_config
 from potluck.protocol.identity import load_or_create_identity, public_key_to_hex
 from potluck.training.diloco import state_sha256
 from tests.integration.swarm_helpers import Nodes

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from potluck.protocol.client import AggregatorLink
-from potluck.protocol.config import RunConfig, dump_run_config
+from potluck.protocol.config import RunConfig
+from potluck.protocol.config_files import dump_run_config
 from potluck.protocol.envelope import new_nonce, sign_update
 from potluck.protocol.identity import Identity, generate_identity, load_or_create_identity, public_key_to_hex
 from potluck.protocol.node import parse_join_address, peer_id_of, start_node

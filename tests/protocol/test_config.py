@@ -6,17 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from potluck.protocol.config import (
-    MODEL_SIZES,
-    CodecSpec,
-    ConfigError,
-    RunConfig,
-    config_hash,
-    dump_run_config,
-    load_run_config,
-    parse_overrides,
-    run_config_from_mapping,
-)
+from potluck.protocol.config import MODEL_SIZES, CodecSpec, ConfigError, RunConfig, config_hash
+from potluck.protocol.config_files import dump_run_config, load_run_config, parse_overrides, run_config_from_mapping
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 KEY_A = "a" * 64

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from potluck.protocol.config import RunConfig, dump_run_config
+from potluck.protocol.config import RunConfig
+from potluck.protocol.config_files import dump_run_config
 from potluck.protocol.messages import (
     MAX_REQUEST_BYTES,
     MessageError,

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from potluck.protocol.config import ConfigError, RunConfig, run_config_from_mapping
+from potluck.protocol.config import ConfigError, RunConfig
+from potluck.protocol.config_files import run_config_from_mapping
 from potluck.protocol.shards import ShardError, keys_of_shard, shard_names, shard_of_key
 from potluck.training.models import model_config, parameter_shapes
 
