@@ -223,36 +223,9 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, Event], None]) 
             readies.append(_wait_ready(aggregator, events, on_event, AggregatorReady))
         join = readies[0].maddrs[0]
         for i in range(options.peers):
-            identity = work_dir / f"peer-{i}.key"
-            eval_batches = SHARDED_EVAL_BATCHES if shards > 1 and i == 0 else 0  # no shard's aggregator has the model
-            if i >= options.peers - options.adversaries:  # the red team's peer: its own program and flags
-                args = ["peer", "--join", join, "--identity", str(identity), "--threads", str(threads), "--json"]
-                if eval_batches:
-                    args += ["--eval-batches", str(eval_batches)]
-                args += ["--spool", str(state_dir), *options.adversary_args]
-                child = start_child(
-                    f"adversary-{i}",
-                    args,
-                    work_dir=work_dir,
-                    threads=threads,
-                    module="potluck.lab.redteam",
-                    wrap=wrap(hubs + i),
-                    nice=PEER_NICE,
-                )
-            else:
-                flags = options.peer.replace(
-                    join=(join,),
-                    identity=identity,
-                    threads=threads,
-                    as_json=True,
-                    eval_batches=eval_batches,
-                    speed=options.peer_speeds[i] if i < len(options.peer_speeds) else options.peer.speed,
-                    receipts=work_dir / "receipts" / f"peer-{i}",
-                )
-                args = flags.command()
-                child = start_child(
-                    f"peer-{i}", args, work_dir=work_dir, threads=threads, wrap=wrap(hubs + i), nice=PEER_NICE
-                )
+            child = _start_peer(
+                options, i, join=join, work_dir=work_dir, state_dir=state_dir, threads=threads, wrap=wrap(hubs + i)
+            )
             children.append(child)
             threading.Thread(target=pump, args=(child, events), daemon=True).start()
         killed: set[str] = set()
@@ -267,6 +240,46 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, Event], None]) 
 
         _follow(children, events, watch, deadline=started + options.timeout_s, killed=killed)
         return _result(readies, aggregators, children[hubs:], wall_s=time.monotonic() - started, shards=shards)
+
+
+def _start_peer(
+    options: SwarmOptions,
+    i: int,
+    *,
+    join: str,
+    work_dir: Path,
+    state_dir: Path,
+    threads: int,
+    wrap: Callable[[list[str]], list[str]] | None,
+) -> Child:
+    """Start peer `i`: an honest one from the swarm's peer flags, or the red team's (the last `adversaries`)."""
+    identity = work_dir / f"peer-{i}.key"
+    # in a sharded run no shard's aggregator has the model, so peer-0 scores it
+    eval_batches = SHARDED_EVAL_BATCHES if options.aggregators > 1 and i == 0 else 0
+    if i >= options.peers - options.adversaries:  # the red team's peer: its own program and flags
+        args = ["peer", "--join", join, "--identity", str(identity), "--threads", str(threads), "--json"]
+        if eval_batches:
+            args += ["--eval-batches", str(eval_batches)]
+        args += ["--spool", str(state_dir), *options.adversary_args]
+        return start_child(
+            f"adversary-{i}",
+            args,
+            work_dir=work_dir,
+            threads=threads,
+            module="potluck.lab.redteam",
+            wrap=wrap,
+            nice=PEER_NICE,
+        )
+    flags = options.peer.replace(
+        join=(join,),
+        identity=identity,
+        threads=threads,
+        as_json=True,
+        eval_batches=eval_batches,
+        speed=options.peer_speeds[i] if i < len(options.peer_speeds) else options.peer.speed,
+        receipts=work_dir / "receipts" / f"peer-{i}",
+    )
+    return start_child(f"peer-{i}", flags.command(), work_dir=work_dir, threads=threads, wrap=wrap, nice=PEER_NICE)
 
 
 def _run_serverless(

@@ -4,7 +4,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import APIRouter, FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
@@ -62,62 +62,7 @@ def create_app(status: RunStatus, *, admin: AdminActions | None = None, admin_to
     registry = make_registry(status)
     index_html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
 
-    @app.get("/api/health", summary="Liveness", response_model=Health)
-    def health() -> dict[str, Any]:
-        """Whether the page is up, with the run's phase and round."""
-        s = status.status()
-        return {"ok": True, "phase": s["phase"], "round": s["round"]}
-
-    @app.get(
-        "/api/join",
-        summary="How to join: the aggregator's multiaddrs",
-        response_model=JoinReply,
-        responses={503: {"description": "The aggregator is not serving yet."}},
-    )
-    def join() -> dict[str, Any]:
-        """What `peer --join http://HOST:PORT` reads, so that nobody has to copy a multiaddr by hand."""
-        reply = status.join()
-        if reply is None:
-            raise HTTPException(503, detail="the aggregator is starting; its multiaddrs are not known yet")
-        return reply
-
-    @app.get("/api/status", summary="The run at a glance", response_model=RunStatusReply)
-    def run_status() -> dict[str, Any]:
-        """Round and countdown, held-out loss history, throughput, traffic, peers, how to join."""
-        return status.status()
-
-    @app.get("/api/peers", summary="Known peers, most recently seen first", response_model=list[PeerReply])
-    def peers(limit: Annotated[int, Query(ge=1, le=MAX_PEERS)] = 500) -> list[dict[str, Any]]:
-        """Each peer's activity, verdict counts, last rejection and ban."""
-        return status.peers(limit)
-
-    @app.get("/api/rounds", summary="Closed rounds, newest first", response_model=list[RoundReply])
-    def rounds(limit: Annotated[int, Query(ge=1, le=MAX_ROUNDS)] = 50) -> list[dict[str, Any]]:
-        """Each closed round's summary: why it closed, loss, updates, tokens, timings."""
-        return status.rounds(limit)
-
-    @app.get("/api/leaderboard", summary="Peers ranked by points", response_model=list[StandingReply])
-    def leaderboard(limit: Annotated[int, Query(ge=1, le=MAX_STANDINGS)] = 100) -> list[dict[str, Any]]:
-        """The ledger's points per peer, best first."""
-        return status.leaderboard(limit)
-
-    @app.get("/api/rejections", summary="Rejected updates, newest first", response_model=list[RejectionReply])
-    def rejections(limit: Annotated[int, Query(ge=1, le=MAX_REJECTIONS)] = 50) -> list[dict[str, Any]]:
-        """Recent rejections with the check that refused each update and why."""
-        return status.rejections(limit)
-
-    @app.get(
-        "/api/ledger/head",
-        summary="The ledger's signed chain head",
-        response_model=LedgerHead,
-        responses={404: {"description": "No round has been booked yet."}},
-    )
-    def ledger_head() -> dict[str, Any]:
-        """The latest signed head; compare it with `potluck ledger verify` to check the ledger."""
-        head = status.ledger_head()
-        if head is None:
-            raise HTTPException(404, detail="no ledger head yet: the aggregator reports one once a round has closed")
-        return head
+    app.include_router(status_router(status))
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     def metrics() -> Response:
@@ -132,3 +77,67 @@ def create_app(status: RunStatus, *, admin: AdminActions | None = None, admin_to
     app.include_router(admin_router(admin, token=admin_token))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def status_router(status: RunStatus) -> APIRouter:
+    """The read-only JSON API: health, how to join, the run, its peers, rounds, standings, rejections, ledger head."""
+    router = APIRouter()
+
+    @router.get("/api/health", summary="Liveness", response_model=Health)
+    def health() -> dict[str, Any]:
+        """Whether the page is up, with the run's phase and round."""
+        s = status.status()
+        return {"ok": True, "phase": s["phase"], "round": s["round"]}
+
+    @router.get(
+        "/api/join",
+        summary="How to join: the aggregator's multiaddrs",
+        response_model=JoinReply,
+        responses={503: {"description": "The aggregator is not serving yet."}},
+    )
+    def join() -> dict[str, Any]:
+        """What `peer --join http://HOST:PORT` reads, so that nobody has to copy a multiaddr by hand."""
+        reply = status.join()
+        if reply is None:
+            raise HTTPException(503, detail="the aggregator is starting; its multiaddrs are not known yet")
+        return reply
+
+    @router.get("/api/status", summary="The run at a glance", response_model=RunStatusReply)
+    def run_status() -> dict[str, Any]:
+        """Round and countdown, held-out loss history, throughput, traffic, peers, how to join."""
+        return status.status()
+
+    @router.get("/api/peers", summary="Known peers, most recently seen first", response_model=list[PeerReply])
+    def peers(limit: Annotated[int, Query(ge=1, le=MAX_PEERS)] = 500) -> list[dict[str, Any]]:
+        """Each peer's activity, verdict counts, last rejection and ban."""
+        return status.peers(limit)
+
+    @router.get("/api/rounds", summary="Closed rounds, newest first", response_model=list[RoundReply])
+    def rounds(limit: Annotated[int, Query(ge=1, le=MAX_ROUNDS)] = 50) -> list[dict[str, Any]]:
+        """Each closed round's summary: why it closed, loss, updates, tokens, timings."""
+        return status.rounds(limit)
+
+    @router.get("/api/leaderboard", summary="Peers ranked by points", response_model=list[StandingReply])
+    def leaderboard(limit: Annotated[int, Query(ge=1, le=MAX_STANDINGS)] = 100) -> list[dict[str, Any]]:
+        """The ledger's points per peer, best first."""
+        return status.leaderboard(limit)
+
+    @router.get("/api/rejections", summary="Rejected updates, newest first", response_model=list[RejectionReply])
+    def rejections(limit: Annotated[int, Query(ge=1, le=MAX_REJECTIONS)] = 50) -> list[dict[str, Any]]:
+        """Recent rejections with the check that refused each update and why."""
+        return status.rejections(limit)
+
+    @router.get(
+        "/api/ledger/head",
+        summary="The ledger's signed chain head",
+        response_model=LedgerHead,
+        responses={404: {"description": "No round has been booked yet."}},
+    )
+    def ledger_head() -> dict[str, Any]:
+        """The latest signed head; compare it with `potluck ledger verify` to check the ledger."""
+        head = status.ledger_head()
+        if head is None:
+            raise HTTPException(404, detail="no ledger head yet: the aggregator reports one once a round has closed")
+        return head
+
+    return router
