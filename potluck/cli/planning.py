@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -52,7 +52,7 @@ def simulate(
     from potluck.training.device import pick_device
 
     base = load_run_config(config) if config else RunConfig(rounds=8, local_steps=25)
-    overrides: dict[str, object] = base.model_dump(mode="json")
+    overrides: dict[str, Any] = base.model_dump(mode="json")
     for section, key, value in [
         (None, "rounds", rounds),
         (None, "local_steps", local_steps),
@@ -65,7 +65,7 @@ def simulate(
     ]:
         if value is not None:
             target = overrides if section is None else overrides[section]
-            target[key] = value  # type: ignore[index]
+            target[key] = value
     cfg = run_config_from_mapping(overrides, source="flags")
     from potluck.planning.simulate import parse_arm
 

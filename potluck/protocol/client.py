@@ -128,10 +128,9 @@ class AggregatorLink:
         timed = _TimedReader(reader)
         try:
             await write_frame(writer, kind=kind, body=body)
-            _, reply_body = await asyncio.wait_for(
-                read_frame_from_stream(timed, max_body_bytes=max_reply_bytes, expected_kinds={reply}),  # type: ignore[arg-type]
-                timeout=timeout_s,
-            )
+            # _TimedReader has the two reads a StreamReader offers that the frame reader uses, not its type
+            frame = read_frame_from_stream(timed, max_body_bytes=max_reply_bytes, expected_kinds={reply})  # type: ignore[arg-type]
+            _, reply_body = await asyncio.wait_for(frame, timeout=timeout_s)
         except PeerRefusedError as e:
             if e.code is RefusalCode.BUSY:
                 raise AggregatorUnreachable(f"{handler}: {e.reason}", code=e.code) from e

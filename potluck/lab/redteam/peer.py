@@ -61,7 +61,7 @@ class AdversarialPeer(PeerRunner):
                 x, y = honest_batch()
                 return x, 255 - y  # every next-byte target reversed in value: 'e' (101) is taught as 154
 
-            trainer.sampler.next_batch = flipped  # type: ignore[method-assign]
+            trainer.sampler.next_batch = flipped  # type: ignore[method-assign]  # the attack: poisoned batches
         return trainer
 
     def make_update(self, master: Any, work: RoundWork, trainer: LocalTrainer) -> tuple[SignedUpdate, bytes]:
