@@ -582,7 +582,7 @@ def _fields(cls: type, data: dict[str, Any], where: str) -> Any:
     missing = [_key(f) for f in fields if _key(f) not in data]
     unknown = sorted(set(data) - {_key(f) for f in fields})
     if missing or unknown:
-        problems = [f"missing {missing}"] * bool(missing) + [f"unknown {unknown}"] * bool(unknown)
+        problems = ([f"missing {missing}"] if missing else []) + ([f"unknown {unknown}"] if unknown else [])
         raise EventError(f"{where} is not a {cls.__name__}: " + "; ".join(problems))
     values = {f.name: _decode(hints[f.name], data[_key(f)], f"{where}.{_key(f)}") for f in fields}
     return cls(**values)
