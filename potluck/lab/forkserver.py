@@ -34,9 +34,12 @@ from typing import Any, TextIO
 from potluck.errors import PotluckError
 from potluck.lab.priority import lower_priority
 
-# What every swarm child imports; the server imports it once so that its children need not.
+# What every swarm child imports; the server imports it once so that its children need not. torch._dynamo
+# (and sympy with it) is not imported by torch itself but by the first optimizer a peer builds: seconds of a
+# child's first round on a loaded machine.
 PRELOAD = (
     "torch",
+    "torch._dynamo",
     "hivemind",
     "potluck.cli.app",
     "potluck.peer.runner",

@@ -20,6 +20,7 @@ from typing import cast
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 __all__ = ["GPT", "GPTConfig", "MODEL_SIZES", "build_model", "count_params", "model_config"]
 
@@ -205,8 +206,7 @@ def build_model(size_or_config: str | GPTConfig, *, seed: int, device: torch.dev
     which would otherwise run once for nothing (seconds at 1B parameters).
     """
     config = model_config(size_or_config) if isinstance(size_or_config, str) else size_or_config
-    with torch.device("meta"):
-        model = GPT(config)
+    model = _skeleton(config)
     model.to_empty(device="cpu")
     model.reset_parameters(generator=torch.Generator(device="cpu").manual_seed(seed))
     return model.to(device)
@@ -218,6 +218,33 @@ def parameter_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     State that travels as safetensors comes back sorted by name; reordering it by this mapping
     gives every node the same tensor order, which the codecs' payloads depend on.
     """
-    with torch.device("meta"):
-        model = GPT(config)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return {name: tuple(p.shape) for name, p in _skeleton(config).named_parameters()}
+
+
+# Everything a module's constructor may call to fill its parameters (torch.nn.init's and the tensors' own).
+_INITIALISERS = frozenset(
+    "normal_ uniform_ trunc_normal_ kaiming_uniform_ kaiming_normal_ xavier_uniform_ xavier_normal_ orthogonal_"
+    " constant_ ones_ zeros_ fill_ zero_".split()
+)
+
+
+class _SkipInitialisers(TorchFunctionMode):
+    """Inside it, parameter initialisers return their tensor untouched.
+
+    A meta tensor has no values to draw, yet PyTorch routes a random draw on one through its reference
+    implementations, whose first use imports torch._dynamo: seconds of start-up in every process, paid
+    after the peer joined its first round.
+    """
+
+    def __torch_function__(
+        self, func: object, types: object, args: tuple[object, ...] = (), kwargs: dict[str, object] | None = None
+    ) -> object:
+        if getattr(func, "__name__", "") in _INITIALISERS:
+            return args[0] if args else (kwargs or {})["tensor"]
+        return func(*args, **(kwargs or {}))  # type: ignore[operator]  # torch hands any callable here
+
+
+def _skeleton(config: GPTConfig) -> GPT:
+    """The model on the meta device, with no initialiser run: shapes and structure only."""
+    with torch.device("meta"), _SkipInitialisers():
+        return GPT(config)

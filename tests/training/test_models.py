@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -109,3 +111,15 @@ def test_sequence_longer_than_block_size_is_refused() -> None:
     model = build_model(GPTConfig(block_size=8, n_layer=1, n_head=1, n_embd=8), seed=0)
     with pytest.raises(ValueError, match="block_size 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_shapes_are_read_without_running_initialisers() -> None:
+    # A meta tensor's random draw goes through PyTorch's reference implementations, whose first use imports
+    # torch._dynamo: seconds at every node's start, paid inside its first round.
+    code = (
+        "import sys; from potluck.training.models import model_config, parameter_shapes;"
+        "shapes = parameter_shapes(model_config('tiny', block_size=64));"
+        "print(len(shapes), 'torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == [str(len(list(build_model("tiny", seed=0).parameters()))), "False"]
