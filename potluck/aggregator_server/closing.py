@@ -29,7 +29,7 @@ from potluck.incentives.ledger_format import LedgerRow, SignedHead
 from potluck.protocol.density import density_ladder
 from potluck.protocol.envelope import SignedAggregate
 from potluck.protocol.messages import pack_envelope
-from potluck.training.held_out import HeldOutLoss
+from potluck.tasks.held_out import HeldOutLoss
 
 if TYPE_CHECKING:
     from potluck.aggregator_server.keeper import RoundKeeper

@@ -50,7 +50,7 @@ from potluck.protocol.config import RunConfig
 from potluck.protocol.density import round_codecs
 from potluck.protocol.envelope import MAX_UPDATE_ENVELOPE_BYTES, EnvelopeError, SignedUpdate
 from potluck.protocol.identity import Identity, fingerprint
-from potluck.training.held_out import HeldOutLoss
+from potluck.tasks.held_out import HeldOutLoss
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from potluck.protocol.config import RunConfig
 from potluck.protocol.density import start_density
 from potluck.protocol.envelope import AggregateHeader, SignedAggregate, payload_digest, sign_aggregate
 from potluck.protocol.identity import Identity
+from potluck.tasks import run_task
 from potluck.training.combine import combine
 from potluck.training.diloco import OuterOptimizer, snapshot, state_sha256
-from potluck.training.models import build_model, model_config
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -55,7 +55,7 @@ class Contribution:
 
 def initial_master(cfg: RunConfig, *, names: Sequence[str] | None = None) -> MasterState:
     """Round 0: the run's model at its seed (only the tensors in `names`: a shard), no momentum, no residual."""
-    model = build_model(model_config(cfg.model.size, block_size=cfg.model.block_size), seed=cfg.seed)
+    model = run_task(cfg).build_model(seed=cfg.seed)
     params = snapshot(model, device="cpu")
     if names is not None:
         params = {name: params[name] for name in names}
@@ -63,9 +63,8 @@ def initial_master(cfg: RunConfig, *, names: Sequence[str] | None = None) -> Mas
 
 
 def token_cap(cfg: RunConfig) -> int:
-    """Most tokens one peer can train in a round under the run's config: the cap on its weight and credit."""
-    block = model_config(cfg.model.size, block_size=cfg.model.block_size).block_size
-    return cfg.local_steps * cfg.inner.batch_size * block
+    """Most work (tokens) one peer can do in a round under the run's config: the cap on its weight and credit."""
+    return cfg.local_steps * run_task(cfg).most_work(batch_size=cfg.inner.batch_size)
 
 
 def close_round(

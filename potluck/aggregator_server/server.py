@@ -60,8 +60,8 @@ from potluck.protocol.messages import CHUNK_HANDLER, parse_state_request_mode
 from potluck.protocol.node import Node, start_node
 from potluck.protocol.state_chunks import ChunkRequest
 from potluck.protocol.wire import RefusalCode
+from potluck.tasks.held_out import HeldOutLoss
 from potluck.training.diloco import state_sha256
-from potluck.training.held_out import HeldOutLoss
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from potluck.errors import PotluckError
 from potluck.protocol.config import ConfigError, RunConfig
 from potluck.protocol.config_files import dump_run_config, load_run_config
 from potluck.protocol.identity import Identity, public_key_to_hex
+from potluck.tasks import created
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def prepare_run(*, state_dir: Path, config: RunConfig | None, identity: Identity
                 )
             return stored
         config = RunConfig()
-    wanted = with_own_key(config, identity)
+    wanted = created(with_own_key(config, identity))  # with its task's architecture fingerprint
     if stored is not None:
         if stored.config_hash != wanted.config_hash:
             raise SetupError(

@@ -28,6 +28,7 @@ from potluck.protocol.envelope import EnvelopeError, SignedAggregate
 from potluck.protocol.identity import fingerprint
 from potluck.protocol.node import Node, dial
 from potluck.protocol.wire import RefusalCode
+from potluck.tasks import run_shapes
 from potluck.training.diloco import OuterOptimizer
 from potluck.training.replica import ReplicaError, apply_aggregate, check_state
 
@@ -130,7 +131,7 @@ class Standby:
 
     async def _download(self, link: AggregatorLink) -> None:
         signed, payload, _ = await link.fetch_state(self.own_key)
-        state = await asyncio.to_thread(check_state, signed, payload, source=self.primary)
+        state = await asyncio.to_thread(check_state, signed, payload, source=self.primary, shapes_of=run_shapes)
         if state.cfg.config_hash != self.cfg.config_hash:
             raise ReplicaError("the primary serves another run config")
         h = state.header

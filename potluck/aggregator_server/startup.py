@@ -15,12 +15,12 @@ from potluck.protocol.config import RunConfig
 from potluck.protocol.density import density_problem, start_density
 from potluck.protocol.identity import Identity, public_key_from_hex, public_key_to_hex
 from potluck.protocol.shards import ShardError, keys_of_shard, shard_names, shard_of_key
-from potluck.training.models import model_config, parameter_shapes
+from potluck.tasks import run_shapes
 
 
 def place(cfg: RunConfig, identity: Identity) -> tuple[int, list[str], bytes | None]:
     """This aggregator's shard, the parameter names it owns, and the primary it stands by for (None: owner)."""
-    model_shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
+    model_shapes = run_shapes(cfg)
     try:  # the parameters this aggregator owns: all of them, or its shard's (protocol/shards.py)
         own = public_key_to_hex(identity.public_key)
         shard = 0 if cfg.shards == 1 else shard_of_key(cfg.aggregator_keys, own, cfg.shards)
@@ -42,7 +42,7 @@ def resume(cfg: RunConfig, state_dir: Path, *, names: list[str]) -> tuple[Master
     if checkpoint is None:
         master = initial_master(cfg, names=names)
     else:
-        shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
+        shapes = run_shapes(cfg)
         if {n: tuple(t.shape) for n, t in checkpoint.params.items()} != {name: shapes[name] for name in names}:
             raise CheckpointError(
                 f"the checkpoint in {state_dir} does not fit the run's model; use another --state-dir"

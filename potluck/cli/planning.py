@@ -236,11 +236,11 @@ def _auto_plan(
     from dataclasses import asdict
 
     from potluck.cli.preflight import measure_link
+    from potluck.planning.benchmark import measure_for_plan
     from potluck.planning.plan import auto_plan
     from potluck.protocol.config_files import parse_overrides, run_config_or_default
     from potluck.protocol.probe import ProbeUnavailableError
     from potluck.protocol.wire import WireError
-    from potluck.training.benchmark import measure_for_plan
     from potluck.training.device import pick_device
 
     if join is None and (up is None or down is None):

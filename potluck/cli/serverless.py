@@ -59,12 +59,13 @@ class ServerlessFlags(NodeFlags):
         from potluck.peer.serverless import ServerlessOptions
         from potluck.protocol.config_files import parse_overrides, run_config_or_default
         from potluck.protocol.node import parse_join_address
+        from potluck.tasks import created
         from potluck.training.device import pick_device
 
         for address in self.join:
             parse_join_address(address)  # a typo fails here, in one line, before anything starts
         return ServerlessOptions(
-            cfg=run_config_or_default(self.config, overrides=parse_overrides(list(self.set_))),
+            cfg=created(run_config_or_default(self.config, overrides=parse_overrides(list(self.set_)))),
             join=self.join,
             host_maddrs=(listen_maddr(self.host, self.port, self.join),),
             client_mode=self.client_mode,

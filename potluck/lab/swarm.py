@@ -60,6 +60,7 @@ from potluck.lab.netlab import Link, NetLab
 from potluck.protocol.config import RunConfig
 from potluck.protocol.config_files import dump_run_config
 from potluck.protocol.identity import load_or_create_identity, public_key_to_hex
+from potluck.tasks import created
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +193,7 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, Event], None]) 
         if hubs > 1 and not cfg.aggregator_keys:
             keys = [public_key_to_hex(load_or_create_identity(path)[0].public_key) for path in identity_paths]
             cfg = cfg.with_overrides({"shards": shards, "aggregator_keys": keys})
+        cfg = created(cfg)  # every node reads the run's architecture fingerprint from the one file
         config_path = work_dir / "run.toml"
         config_path.write_text(dump_run_config(cfg, "toml"))
         if options.serverless is not None:

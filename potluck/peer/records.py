@@ -10,8 +10,8 @@ from potluck.protocol.client import AggregatorLink
 from potluck.protocol.config import RunConfig
 from potluck.protocol.dht_schema import AggregatorAnnouncement
 from potluck.protocol.envelope import SignedAggregate
+from potluck.tasks.held_out import HeldOutLoss
 from potluck.training.diloco import OuterOptimizer
-from potluck.training.held_out import HeldOutLoss
 from potluck.training.replica import ReplicaError, apply_aggregate
 
 logger = logging.getLogger(__name__)

@@ -29,6 +29,7 @@ from potluck.peer.records import HeldOutScore, Master, Tally
 from potluck.peer.serving import StateServer
 from potluck.peer.sync import Sync, UntrustedState
 from potluck.peer.trainer import LocalTrainer, RoundWork
+from potluck.planning.benchmark import measure_for_plan
 from potluck.planning.plan import auto_plan
 from potluck.protocol.client import AggregatorLink
 from potluck.protocol.config import RunConfig
@@ -37,7 +38,6 @@ from potluck.protocol.identity import Identity
 from potluck.protocol.node import JoinError, parse_join_address, start_node
 from potluck.protocol.probe import ProbeUnavailableError, measure_rates
 from potluck.protocol.wire import PeerRefusedError, WireError
-from potluck.training.benchmark import measure_for_plan
 
 __all__ = ["PeerDiverged", "PeerError", "PeerOptions", "PeerRunner", "RunFinished", "UntrustedState", "join_addresses"]
 
@@ -189,7 +189,7 @@ class PeerRunner:
             }
         active_s = t.last_step_at - t.first_step_at
         return {
-            "tokens": t.total_steps * t.tokens_per_step,
+            "tokens": t.total_work,
             "inner_steps": t.total_steps,
             "compute_s": t.total_compute_s,
             "active_s": active_s,

@@ -40,9 +40,9 @@ from potluck.events import Event, ServerlessReady, ServerlessRound, ServerlessSy
 from potluck.peer.trainer import LocalTrainer
 from potluck.protocol.config import RunConfig
 from potluck.protocol.identity import Identity
+from potluck.tasks import run_task
+from potluck.tasks.held_out import HeldOutLoss
 from potluck.training.diloco import OuterOptimizer, snapshot
-from potluck.training.held_out import HeldOutLoss
-from potluck.training.models import build_model, model_config
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # hivemind's import runs torch.jit.script
@@ -184,9 +184,7 @@ class ServerlessPeer:
             batch_size=opts.batch_size,
             speed=opts.speed,
         )
-        params = snapshot(
-            build_model(model_config(cfg.model.size, block_size=cfg.model.block_size), seed=cfg.seed), device="cpu"
-        )
+        params = snapshot(run_task(cfg).build_model(seed=cfg.seed), device="cpu")
         outer = OuterOptimizer(kind=cfg.outer.kind, lr=cfg.outer.lr, momentum=cfg.outer.momentum)
         momentum = {name: torch.zeros_like(t) for name, t in params.items()} if outer.kind == "nesterov" else {}
         averaged = [*params.values(), *momentum.values()]
@@ -254,7 +252,7 @@ class ServerlessPeer:
             delta = {name: shot.base[name] - shot.current[name] for name in shot.base}
             if not all(bool(torch.isfinite(t).all()) for t in delta.values()):
                 raise ServerlessError(f"local training diverged in round {r}: the model's values are no longer finite")
-            tokens = len(shot.losses) * trainer.tokens_per_step
+            tokens = shot.work
             outer.step(params, delta)  # this peer's own outer step; the average makes it the group's
             momentum = outer.state_dict()
             with averager.get_tensors() as mine:

@@ -32,7 +32,7 @@ from potluck.protocol.node import Node, dial, peer_id_of
 from potluck.protocol.shards import keys_of_shard
 from potluck.protocol.state_chunks import ChunkError, ChunkRequest, check_manifest
 from potluck.protocol.wire import RefusalCode
-from potluck.training.models import model_config, parameter_shapes
+from potluck.tasks import run_shapes
 from potluck.training.replica import ReplicaError, check_state
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ class Sync:
                     )
                 shards[index] = shard
                 params |= part
-        shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
+        shapes = run_shapes(cfg)
         params = {name: params[name] for name in shapes}  # the model's order: payloads depend on it
         val_loss = await self.score(cfg, params)
         self.cfg, self.synced_at = cfg, time.monotonic()
@@ -241,7 +241,7 @@ class Sync:
             raise UntrustedState(source, f"its state does not check out: {e}") from e
         fetched = await self._fetch_chunks(signed.header, digests, link)
         try:
-            state = await asyncio.to_thread(check_state, signed, fetched.payload, source=source)
+            state = await asyncio.to_thread(check_state, signed, fetched.payload, source=source, shapes_of=run_shapes)
         except ReplicaError as e:
             raise UntrustedState(source, str(e)) from e
         if cfg is not None and state.cfg.config_hash != cfg.config_hash:

@@ -28,9 +28,8 @@ import torch
 from potluck.errors import PotluckError
 from potluck.protocol.codecs import Codec, NonFiniteError, make_codec
 from potluck.protocol.config import RunConfig
-from potluck.training.data import BatchSampler, load_corpus
+from potluck.tasks import Task, check_task, run_task, task_for
 from potluck.training.diloco import inner_lr, inner_step, load_params, make_inner_optimizer, snapshot
-from potluck.training.models import build_model, model_config
 
 STEP_TIME_SMOOTHING = 0.3  # weight of the newest step in the step-time estimate the time box plans with
 
@@ -44,7 +43,7 @@ class RoundWork:
     """What one round of local training produced."""
 
     payload: bytes  # the encoded pseudo-gradient (of one shard's tensors in a sharded run)
-    tokens: int
+    tokens: int  # the work its batches were worth (potluck.tasks.Task.work): tokens, or samples
     inner_steps: int
     mean_loss: float  # mean training loss over the round's inner steps
     compute_s: float  # time spent in the round's inner steps
@@ -61,6 +60,7 @@ class RoundSnapshot:
     current: dict[str, torch.Tensor]  # the model's parameters at the snapshot (CPU, fp32)
     losses: tuple[float, ...]
     compute_s: float
+    work: int = 0  # what its batches were worth (tokens for a language model): the update's claim
 
 
 def sampler_seed(run_seed: int, public_key: bytes) -> int:
@@ -72,8 +72,9 @@ def sampler_seed(run_seed: int, public_key: bytes) -> int:
 class LocalTrainer:
     """A peer's model, inner optimizer, data stream and error-feedback residual.
 
-    `speed` below 1 makes every inner step last 1/speed times as long (a sleep after the step): a
-    testing aid that shows a slow GPU's behaviour on one machine.
+    The model and batches come from the run's task (`task`, or the one the run's config names, reading
+    `data_source` in place of its data.source). `speed` below 1 makes every inner step last 1/speed times
+    as long (a sleep after the step): a testing aid that shows a slow GPU's behaviour on one machine.
     """
 
     def __init__(
@@ -85,36 +86,29 @@ class LocalTrainer:
         data_source: str | None = None,
         batch_size: int | None = None,
         speed: float = 1.0,
+        task: Task | None = None,
     ) -> None:
         if not 0 < speed <= 1:
             raise ValueError(f"speed must be in (0, 1], got {speed}")
         self.cfg = cfg
         self.device = device
         self.speed = speed
-        model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
-        self.block_size = model_cfg.block_size
+        self.task = task or (run_task(cfg) if data_source is None else task_for(cfg, data_source=data_source))
+        check_task(cfg, self.task)  # TaskMismatch: this node builds another model than the run's
         self.batch_size = batch_size or cfg.inner.batch_size
-        self.model = build_model(model_cfg, seed=cfg.seed, device=device)
+        self.model = self.task.build_model(seed=cfg.seed).to(device)
         self.optimizer = make_inner_optimizer(
             self.model, lr=cfg.inner.lr, betas=(cfg.inner.beta1, cfg.inner.beta2), weight_decay=cfg.inner.weight_decay
         )
-        corpus = load_corpus(
-            data_source or cfg.data.source, val_fraction=cfg.data.val_fraction, max_bytes=cfg.data.max_bytes
-        )
-        self.sampler = BatchSampler(
-            corpus.train,
-            batch_size=self.batch_size,
-            block_size=self.block_size,
-            shard=0,
-            num_shards=1,
-            seed=sampler_seed(cfg.seed, public_key),
-        )
+        self.batches = self.task.train_batches(seed=sampler_seed(cfg.seed, public_key), batch_size=self.batch_size)
         self.codec = make_codec(cfg.codec.name, cfg.codec.params)
         self.residual: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
         self._base: dict[str, torch.Tensor] = {}
         self.global_step = 0  # the inner LR schedule's position
         self._losses: list[float] = []  # this round's, since its last snapshot
+        self._work = 0  # and the work of its batches (tokens for a language model)
+        self.total_work = 0
         self._compute_s = 0.0
         self.step_s: float | None = None  # smoothed wall time of one inner step (sleep included)
         self.total_steps = 0
@@ -127,10 +121,6 @@ class LocalTrainer:
         """Inner steps taken since the last snapshot."""
         return len(self._losses)
 
-    @property
-    def tokens_per_step(self) -> int:
-        """Tokens one inner step processes."""
-        return self.batch_size * self.block_size
 
     def start_round(self, master: Mapping[str, torch.Tensor], *, round_index: int) -> None:
         """Reset the model to `master` for round `round_index` (after a sync, or every round without overlap)."""
@@ -138,7 +128,7 @@ class LocalTrainer:
             load_params(self.model, master)
             self._base = {name: t.detach().to("cpu", torch.float32, copy=True) for name, t in master.items()}
             self.global_step = round_index * self.cfg.local_steps
-            self._losses, self._compute_s = [], 0.0
+            self._losses, self._compute_s, self._work = [], 0.0, 0
 
     def rebase(self, master: Mapping[str, torch.Tensor], *, point: Mapping[str, torch.Tensor]) -> int:
         """Move the model onto the new `master`, keeping the progress made since it was at `point`; the steps kept.
@@ -193,15 +183,18 @@ class LocalTrainer:
                     warmup_steps=cfg.inner.warmup_steps,
                     min_lr_ratio=cfg.inner.min_lr_ratio,
                 )
+                batch = next(self.batches)
                 loss = inner_step(
                     self.model,
                     self.optimizer,
-                    self.sampler.next_batch(),
+                    batch,
                     lr=lr,
                     grad_clip=cfg.inner.grad_clip,
                     autocast=True,
+                    loss_of=self.task.loss,
                 )
                 self.global_step += 1
+                work = self.task.work(batch)
             if self.speed < 1:
                 time.sleep((time.monotonic() - started) * (1 / self.speed - 1))
             ended = time.monotonic()
@@ -209,6 +202,8 @@ class LocalTrainer:
             with self._lock:
                 self._losses.append(loss)
                 self._compute_s += took
+                self._work += work
+            self.total_work += work
             self.step_s = (
                 took if self.step_s is None else (1 - STEP_TIME_SMOOTHING) * self.step_s + (STEP_TIME_SMOOTHING * took)
             )
@@ -226,9 +221,10 @@ class LocalTrainer:
                 base=self._base,
                 current=snapshot(self.model, device="cpu"),
                 losses=tuple(self._losses),
+                work=self._work,
                 compute_s=self._compute_s,
             )
-            self._losses, self._compute_s = [], 0.0
+            self._losses, self._compute_s, self._work = [], 0.0, 0
         return shot
 
     def encode(self, shot: RoundSnapshot, *, round_index: int) -> RoundWork:
@@ -259,7 +255,7 @@ class LocalTrainer:
             works.append(
                 RoundWork(
                     payload=payload,
-                    tokens=len(shot.losses) * self.tokens_per_step,
+                    tokens=shot.work,
                     inner_steps=len(shot.losses),
                     mean_loss=mean_loss,
                     compute_s=shot.compute_s,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -30,8 +30,9 @@ from potluck.protocol.codecs.aggregate import encode_aggregate
 from potluck.protocol.config import RunConfig, config_hash
 from potluck.protocol.envelope import UpdateHeader, new_nonce, payload_digest, sign_update
 from potluck.protocol.identity import Identity, generate_identity
+from potluck.tasks import Batch, Task, run_task
 from potluck.training.combine import weighted_mean
-from potluck.training.data import BatchSampler, Corpus, load_corpus, val_batches
+from potluck.training.device import batch_to
 from potluck.training.diloco import (
     OuterOptimizer,
     inner_lr,
@@ -42,7 +43,6 @@ from potluck.training.diloco import (
     snapshot,
 )
 from potluck.training.evaluate import evaluate
-from potluck.training.models import GPT, build_model, count_params, model_config
 
 logger = logging.getLogger(__name__)
 
@@ -117,22 +117,23 @@ def ddp_bytes_per_step(*, num_params: int, peers: int) -> float:
     return 2 * (peers - 1) / peers * 4 * num_params
 
 
-def _to(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return batch[0].to(device), batch[1].to(device)
+def _streams(cfg: RunConfig, task: Task, *, peers: int) -> list[Iterator[Batch]]:
+    """Each simulated peer's own batches (a seed of its own, as a real peer's key gives it)."""
+    return [task.train_batches(seed=cfg.seed + p, batch_size=cfg.inner.batch_size) for p in range(peers)]
 
 
-def _samplers(cfg: RunConfig, *, corpus: Corpus, peers: int, block_size: int) -> list[BatchSampler]:
-    return [
-        BatchSampler(
-            corpus.train,
-            batch_size=cfg.inner.batch_size,
-            block_size=block_size,
-            shard=p,
-            num_shards=peers,
-            seed=cfg.seed,
-        )
-        for p in range(peers)
-    ]
+def _joined(parts: Sequence[Batch]) -> Batch:
+    """The peers' batches as one (tensors concatenated along the batch dimension, structure kept)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(parts))
+    if isinstance(first, dict):
+        return {key: _joined([part[key] for part in parts]) for key in first}
+    return type(first)(_joined([part[i] for part in parts]) for i in range(len(first)))
+
+
+def _param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def _lr(cfg: RunConfig, step: int) -> float:
@@ -145,7 +146,7 @@ def _lr(cfg: RunConfig, step: int) -> float:
     )
 
 
-def _optimizer(cfg: RunConfig, model: GPT) -> torch.optim.AdamW:
+def _optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.AdamW:
     return make_inner_optimizer(
         model, lr=cfg.inner.lr, betas=(cfg.inner.beta1, cfg.inner.beta2), weight_decay=cfg.inner.weight_decay
     )
@@ -155,28 +156,34 @@ def run_ddp(
     cfg: RunConfig,
     *,
     peers: int,
-    corpus: Corpus,
-    eval_set: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    task: Task,
+    eval_set: Sequence[Batch],
     device: torch.device,
     on_progress: ProgressCallback | None = None,
 ) -> ArmResult:
     """Train one model on the union of the peers' batches, step by step: the data-parallel baseline."""
     started = time.perf_counter()
-    model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
-    model = build_model(model_cfg, seed=cfg.seed).to(device)
+    model = task.build_model(seed=cfg.seed).to(device)
     optimizer = _optimizer(cfg, model)
-    samplers = _samplers(cfg, corpus=corpus, peers=peers, block_size=model_cfg.block_size)
+    streams = _streams(cfg, task, peers=peers)
     total = cfg.rounds * cfg.local_steps
     curve = []
     for step in range(total):
-        parts = [s.next_batch() for s in samplers]
-        batch = _to((torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])), device)
-        inner_step(model, optimizer, batch, lr=_lr(cfg, step), grad_clip=cfg.inner.grad_clip, autocast=True)
+        batch = _joined([next(stream) for stream in streams])
+        inner_step(
+            model,
+            optimizer,
+            batch,
+            lr=_lr(cfg, step),
+            grad_clip=cfg.inner.grad_clip,
+            autocast=True,
+            loss_of=task.loss,
+        )
         if on_progress:
             on_progress("ddp", step + 1, total)
         if (step + 1) % cfg.local_steps == 0:
-            curve.append(evaluate(model, eval_set, device=device))
-    num_params = model.num_params()
+            curve.append(evaluate(model, eval_set, device=device, loss_of=task.loss))
+    num_params = _param_count(model)
     per_step = ddp_bytes_per_step(num_params=num_params, peers=peers)
     return ArmResult(
         name="ddp",
@@ -219,26 +226,25 @@ def run_diloco(
     peers: int,
     codec: Codec,
     aggregate_codec: Codec,
-    corpus: Corpus,
-    eval_set: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    task: Task,
+    eval_set: Sequence[Batch],
     device: torch.device,
     on_progress: ProgressCallback | None = None,
 ) -> ArmResult:
     """DiLoCo with P peers run one after another: inner AdamW, compressed pseudo-gradients, outer step."""
     started = time.perf_counter()
-    model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
-    master_model = build_model(model_cfg, seed=cfg.seed).to(device)
+    master_model = task.build_model(seed=cfg.seed).to(device)
     master = snapshot(master_model)
     spec = {name: tuple(t.shape) for name, t in master.items()}
     outer = OuterOptimizer(kind=cfg.outer.kind, lr=cfg.outer.lr, momentum=cfg.outer.momentum)
-    workers = [build_model(model_cfg, seed=cfg.seed).to(device) for _ in range(peers)]
+    workers = [task.build_model(seed=cfg.seed).to(device) for _ in range(peers)]
     optimizers = [_optimizer(cfg, w) for w in workers]
-    samplers = _samplers(cfg, corpus=corpus, peers=peers, block_size=model_cfg.block_size)
+    streams = _streams(cfg, task, peers=peers)
     identities = [generate_identity() for _ in range(peers)]
     peer_residuals: list[dict[str, torch.Tensor]] = [{} for _ in range(peers)]
     aggregator_residual: dict[str, torch.Tensor] = {}
     run_hash = config_hash(cfg)
-    tokens_per_round = cfg.local_steps * cfg.inner.batch_size * model_cfg.block_size
+    tokens_per_round = cfg.local_steps * task.most_work(batch_size=cfg.inner.batch_size)
     total = cfg.rounds * cfg.local_steps * peers
     done = 0
     upload_bytes = download_bytes = 0
@@ -249,9 +255,14 @@ def run_diloco(
             load_params(worker, master)
             for local in range(cfg.local_steps):
                 step = round_index * cfg.local_steps + local
-                batch = _to(samplers[p].next_batch(), device)
                 inner_step(
-                    worker, optimizers[p], batch, lr=_lr(cfg, step), grad_clip=cfg.inner.grad_clip, autocast=True
+                    worker,
+                    optimizers[p],
+                    next(streams[p]),
+                    lr=_lr(cfg, step),
+                    grad_clip=cfg.inner.grad_clip,
+                    autocast=True,
+                    loss_of=task.loss,
                 )
                 done += 1
                 if on_progress:
@@ -274,8 +285,8 @@ def run_diloco(
         applied = {k: v.to(device) for k, v in aggregate_codec.decode(aggregate, spec).items()}
         outer.step(master, applied)
         load_params(master_model, master)
-        curve.append(evaluate(master_model, eval_set, device=device))
-    num_params = master_model.num_params()
+        curve.append(evaluate(master_model, eval_set, device=device, loss_of=task.loss))
+    num_params = _param_count(master_model)
     steps = cfg.rounds * cfg.local_steps
     per_step = upload_bytes / peers / steps
     return ArmResult(
@@ -306,7 +317,7 @@ def simulate(
     """
     if peers < 1:
         raise ValueError(f"--peers must be at least 1 (got {peers})")
-    model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
+    task = run_task(cfg)
     arms_to_run = []
     for text in codecs:
         label, name, params = parse_arm(text)
@@ -317,15 +328,11 @@ def simulate(
         upload = both or (cfg.codec.params if name == cfg.codec.name and not down else {})
         download = (both | down) or (cfg.aggregate_codec.params if name == cfg.aggregate_codec.name else {})
         arms_to_run.append((label, make_codec(name, upload), make_codec(name, download)))
-    corpus = load_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction, max_bytes=cfg.data.max_bytes)
     eval_set = [
-        _to(b, device)
-        for b in val_batches(
-            corpus.val, batch_size=cfg.inner.batch_size, block_size=model_cfg.block_size, num_batches=eval_batches
-        )
+        batch_to(b, device) for b in task.held_out_batches(batch_size=cfg.inner.batch_size, count=eval_batches)
     ]
-    initial = evaluate(build_model(model_cfg, seed=cfg.seed).to(device), eval_set, device=device)
-    ddp = run_ddp(cfg, peers=peers, corpus=corpus, eval_set=eval_set, device=device, on_progress=on_progress)
+    initial = evaluate(task.build_model(seed=cfg.seed).to(device), eval_set, device=device, loss_of=task.loss)
+    ddp = run_ddp(cfg, peers=peers, task=task, eval_set=eval_set, device=device, on_progress=on_progress)
     arms = [ddp]
     for label, codec, aggregate_codec in arms_to_run:
         arm = run_diloco(
@@ -334,7 +341,7 @@ def simulate(
             peers=peers,
             codec=codec,
             aggregate_codec=aggregate_codec,
-            corpus=corpus,
+            task=task,
             eval_set=eval_set,
             device=device,
             on_progress=on_progress,
@@ -348,11 +355,11 @@ def simulate(
             logger.warning("arm %s diverged (val loss %s)", arm.name, arm.val_loss)
     return SimulationResult(
         initial_val_loss=initial,
-        num_params=count_params(model_cfg),
+        num_params=sum(math.prod(shape) for shape in task.parameter_shapes().values()),
         peers=peers,
         rounds=cfg.rounds,
         local_steps=cfg.local_steps,
-        tokens_per_arm=cfg.rounds * cfg.local_steps * peers * cfg.inner.batch_size * model_cfg.block_size,
+        tokens_per_arm=cfg.rounds * cfg.local_steps * peers * task.most_work(batch_size=cfg.inner.batch_size),
         outer=cfg.outer.kind,
         config_hash=config_hash(cfg),
         arms=arms,

@@ -39,6 +39,7 @@ __all__ = [
     "ModelSpec",
     "OuterOptimizerSpec",
     "RunConfig",
+    "TaskSpec",
     "config_hash",
 ]
 
@@ -49,6 +50,9 @@ MODEL_SIZES: tuple[str, ...] = get_args(ModelSize)
 _RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CODEC_NAME = re.compile(r"[a-z0-9-]{1,32}")
 _ED25519_HEX = re.compile(r"[0-9a-f]{64}")  # a raw 32-byte Ed25519 public key, lowercase hex
+BUILT_IN_TASKS = ("gpt", "hf-causal-lm")
+_TASK_REF = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def _none_word(value: Any) -> Any:
@@ -83,6 +87,53 @@ def _check_distinct(keys: tuple[str, ...]) -> tuple[str, ...]:
             raise ValueError(f"entry {index} repeats entry {seen[key]}; list each key once")
         seen[key] = index
     return keys
+
+
+def _check_task_name(value: str) -> str:
+    if value not in BUILT_IN_TASKS and not _TASK_REF.fullmatch(value):
+        choices = ", ".join(BUILT_IN_TASKS)
+        raise ValueError(f'must be one of {choices} or a task of your own as "package.module:attribute"')
+    return value
+
+
+def _check_sha256(value: str) -> str:
+    if not _SHA256_HEX.fullmatch(value):
+        raise ValueError("must be a sha256 as 64 lowercase hex characters")
+    return value
+
+
+def _check_json_tree(value: Any, path: str = "") -> Any:
+    """Refuse anything JSON cannot carry exactly (NaN, infinities, non-string keys), so the run's hash is stable."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{path or 'keys'}: keys must be strings, not {key!r}")
+            _check_json_tree(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_json_tree(item, f"{path}[{index}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path}: must be finite, not {value!r}")
+    elif value is not None and not isinstance(value, bool | int | float | str):
+        raise ValueError(f"{path}: a {type(value).__name__} is not a JSON value")
+    return value
+
+
+def _hf_config_text(value: Any) -> Any:
+    """A transformers config as canonical JSON text, from a mapping or JSON text; a path is config_files' to read."""
+    if isinstance(value, str):
+        if not value.lstrip().startswith("{"):
+            raise ValueError("must be the model's transformers config: a table, JSON text, or a config.json file")
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"is not valid JSON: {e}") from None
+    if not isinstance(value, Mapping):
+        return value  # let pydantic report the type error
+    _check_json_tree(value)
+    if not isinstance(value.get("model_type"), str):
+        raise ValueError('needs "model_type", the architecture\'s name in transformers (e.g. "llama", "gpt2")')
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def _check_data_source(value: str) -> str:
@@ -122,6 +173,40 @@ class ModelSpec(BaseModel):
     # Context length in tokens; None keeps the size's own default. 8 is the smallest useful window,
     # 8192 bounds the attention memory a volunteer must hold.
     block_size: Annotated[Annotated[int, Field(ge=8, le=8192)] | None, _Optional] = None
+
+
+class TaskSpec(BaseModel):
+    """What the run trains (potluck.tasks): the built-in GPT family, a transformers causal LM, or your own task."""
+
+    model_config = _FROZEN
+
+    # "gpt" (the built-in family, sized by model.size), "hf-causal-lm" (any decoder-only model transformers
+    # ships, from hf_config), or "package.module:attribute": a Task each volunteer imports from their own
+    # Python installation. A run only names its task; no code ever travels with it.
+    name: Annotated[str, AfterValidator(_check_task_name)] = "gpt"
+    # A task of your own: the keyword arguments its attribute is called with.
+    params: Annotated[dict[str, int | float | str | bool], BeforeValidator(_check_codec_params)] = Field(
+        default_factory=dict
+    )
+    # hf-causal-lm: the model's transformers config ("model_type" and its fields), kept as canonical JSON text
+    # (TOML has no null, and the run's hash must not depend on a round trip). run.toml may give a table or the
+    # path of a config.json, read where the file is loaded (never from a config that came over the network).
+    hf_config: Annotated[str | None, BeforeValidator(_hf_config_text), _Optional] = None  # "none" read first
+    # sha256 over the model's parameter names, shapes and dtypes (potluck.tasks.base.architecture_fingerprint),
+    # set when the run is created; a peer whose own build of the task differs is refused before it trains.
+    fingerprint: Annotated[Annotated[str, AfterValidator(_check_sha256)] | None, _Optional] = None
+
+    def hf_config_values(self) -> dict[str, Any]:
+        """The transformers config as a mapping (empty when the task is not hf-causal-lm)."""
+        return {} if self.hf_config is None else dict(json.loads(self.hf_config))
+
+    @model_validator(mode="after")
+    def _fields_fit_the_task(self) -> TaskSpec:
+        if (self.name == "hf-causal-lm") != (self.hf_config is not None):
+            raise ValueError('task.hf_config is given exactly when task.name is "hf-causal-lm"')
+        if self.params and self.name in BUILT_IN_TASKS:
+            raise ValueError(f"task.params are a task of your own's; {self.name!r} takes none")
+        return self
 
 
 class DataSpec(BaseModel):
@@ -227,6 +312,7 @@ class RunConfig(BaseModel):
     model_config = _FROZEN
 
     run_name: Annotated[str, AfterValidator(_check_run_name)] = "potluck-default"
+    task: TaskSpec = Field(default_factory=TaskSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     inner: InnerOptimizerSpec = Field(default_factory=InnerOptimizerSpec)

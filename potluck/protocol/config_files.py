@@ -26,16 +26,17 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 
+MAX_HF_CONFIG_BYTES = 1_000_000  # a transformers config.json is a few kilobytes
+
 # ---------------------------------------------------------------------------------------------- loading
 
 
 def run_config_or_default(path: str | Path | None, *, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """The run config at `path`, or the embedded default when there is none, with `overrides` applied either way."""
-    return (
-        run_config_from_mapping({}, overrides=overrides)
-        if path is None
-        else load_run_config(path, overrides=overrides)
-    )
+    if path is not None:
+        return load_run_config(path, overrides=overrides)
+    data = _apply_overrides({}, overrides, "<flags>") if overrides else {}
+    return run_config_from_mapping(_read_hf_config_file(data, "--set", relative_to=Path.cwd()))
 
 
 def load_run_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> RunConfig:
@@ -61,7 +62,11 @@ def load_run_config(path: str | Path, *, overrides: Mapping[str, Any] | None = N
     except OSError as exc:
         raise ConfigError(source, [f"cannot read: {exc.strerror or exc}"]) from None
     data = _parse_toml(text, source) if suffix == ".toml" else _parse_yaml(text, source)
-    return run_config_from_mapping(data, source=source, overrides=overrides)
+    if isinstance(data, Mapping):  # a file's path is the file's own, a flag's the working directory's
+        data = _read_hf_config_file(data, source, relative_to=path.parent)
+        if overrides:
+            data = _read_hf_config_file(_apply_overrides(data, overrides, source), source, relative_to=Path.cwd())
+    return run_config_from_mapping(data, source=source)
 
 
 def run_config_from_mapping(
@@ -79,6 +84,25 @@ def run_config_from_mapping(
         return RunConfig.model_validate(dict(data))
     except ValidationError as exc:
         raise ConfigError(source, [_describe(error) for error in exc.errors()]) from None
+
+
+def _read_hf_config_file(data: Mapping[str, Any], source: str, *, relative_to: Path) -> Mapping[str, Any]:
+    """`data` with a task.hf_config given as a file path replaced by the file's JSON (local configs only)."""
+    task = data.get("task")
+    value = task.get("hf_config") if isinstance(task, Mapping) else None
+    if not isinstance(value, str) or value.lstrip().startswith("{") or value.strip().lower() == "none":
+        return data
+    assert isinstance(task, Mapping)
+    path = relative_to / Path(value).expanduser()
+    try:
+        if path.stat().st_size > MAX_HF_CONFIG_BYTES:
+            raise ConfigError(source, [f"task.hf_config: {value} is over {MAX_HF_CONFIG_BYTES} bytes"])
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, [f"task.hf_config: no such file {value}"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [f"task.hf_config: cannot read {value}: {exc}"]) from None
+    return {**data, "task": {**task, "hf_config": text}}
 
 
 def run_config_from_toml(text: str, *, source: str) -> RunConfig:

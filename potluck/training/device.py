@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-__all__ = ["autocast_context", "pick_device", "set_cpu_threads"]
+__all__ = ["autocast_context", "batch_to", "pick_device", "set_cpu_threads"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,3 +66,14 @@ def set_cpu_threads(n: int | None) -> None:
         raise ValueError(f"CPU thread count must be at least 1, got {n}")
     torch.set_num_threads(n)
     logger.debug("torch CPU threads set to %d", n)
+
+
+def batch_to(batch: Any, device: torch.device | str) -> Any:
+    """`batch` with every tensor in it moved to `device` (tuples, lists and dicts are walked)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: batch_to(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(batch_to(value, device) for value in batch)
+    return batch

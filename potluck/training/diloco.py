@@ -17,13 +17,13 @@ import contextlib
 import hashlib
 import math
 import struct
-from collections.abc import Mapping
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
-from potluck.training.device import autocast_context
+from potluck.training.device import autocast_context, batch_to
 
 __all__ = [
     "OuterOptimizer",
@@ -80,24 +80,25 @@ def make_inner_optimizer(
 def inner_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    batch: tuple[torch.Tensor, torch.Tensor],
+    batch: Any,
     *,
     lr: float,
     grad_clip: float | None = 1.0,
     autocast: bool = False,
+    loss_of: Callable[[nn.Module, Any], torch.Tensor] | None = None,
 ) -> float:
     """One optimizer step on ``batch`` at learning rate ``lr``; returns the batch loss.
 
-    The batch is moved to the model's device. ``autocast`` turns on bf16 autocast where the
-    device supports it (see ``device.autocast_context``). Gradients are clipped to global
-    norm ``grad_clip`` unless it is None.
+    The batch is moved to the model's device. ``loss_of(model, batch)`` is the task's loss (None: the
+    built-in GPT's, ``model(x, y)``). ``autocast`` turns on bf16 autocast where the device supports it
+    (see ``device.autocast_context``). Gradients are clipped to global norm ``grad_clip`` unless it is None.
     """
     device = next(model.parameters()).device
-    x, y = (t.to(device, non_blocking=True) for t in batch)
+    batch = batch_to(batch, device)
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast_context(device) if autocast else contextlib.nullcontext():
-        _, loss = model(x, y)
+        loss = model(*batch)[1] if loss_of is None else loss_of(model, batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip is not None:

@@ -14,15 +14,18 @@ exactly these named parameters.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import TypeVar, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["GPT", "GPTConfig", "MODEL_SIZES", "build_model", "count_params", "model_config"]
+__all__ = ["GPT", "GPTConfig", "MODEL_SIZES", "build_model", "count_params", "model_config", "on_meta"]
+
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -244,7 +247,11 @@ class _SkipInitialisers(TorchFunctionMode):
         return func(*args, **(kwargs or {}))  # type: ignore[operator]  # torch hands any callable here
 
 
-def _skeleton(config: GPTConfig) -> GPT:
-    """The model on the meta device, with no initialiser run: shapes and structure only."""
+def on_meta(build: Callable[[], M]) -> M:
+    """`build()` on the meta device with no initialiser run: a model's structure, no memory and no values."""
     with torch.device("meta"), _SkipInitialisers():
-        return GPT(config)
+        return build()
+
+
+def _skeleton(config: GPTConfig) -> GPT:
+    return on_meta(lambda: GPT(config))

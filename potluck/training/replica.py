@@ -6,6 +6,7 @@ step, checking the result against the checksum the aggregator signed. Everything
 before it is used; a copy that fails a check must be downloaded again (ReplicaError).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,6 @@ from potluck.protocol.identity import public_key_to_hex
 from potluck.protocol.messages import MessageError, decode_state_payload
 from potluck.protocol.shards import ShardError, shard_names, shard_of_key
 from potluck.training.diloco import OuterOptimizer, state_sha256
-from potluck.training.models import model_config, parameter_shapes
 
 
 class ReplicaError(PotluckError):
@@ -37,8 +37,14 @@ class ShardState:
     outer: OuterOptimizer
 
 
-def check_state(signed: SignedState, payload: bytes, *, source: bytes) -> ShardState:
-    """The state `source` (an aggregator key) served, once its signature, config, shard and checksum check out."""
+def check_state(
+    signed: SignedState, payload: bytes, *, source: bytes, shapes_of: Callable[[RunConfig], dict[str, tuple[int, ...]]]
+) -> ShardState:
+    """The state `source` (an aggregator key) served, once its signature, config, shard and checksum check out.
+
+    `shapes_of(cfg)` is the run's model as this node builds it (potluck.tasks.run_shapes); it raises
+    TaskMismatch, this node's own problem, when that build is not the architecture the run records.
+    """
     try:
         signed.verify({source})
         signed.verify_payload(payload)
@@ -48,7 +54,7 @@ def check_state(signed: SignedState, payload: bytes, *, source: bytes) -> ShardS
     h = signed.header
     if public_key_to_hex(source) not in cfg.aggregator_keys or h.config_hash != cfg.config_hash:
         raise ReplicaError("it serves a config that does not trust it or does not match its signed hash")
-    shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
+    shapes = shapes_of(cfg)
     try:
         shard = shard_of_key(cfg.aggregator_keys, public_key_to_hex(source), cfg.shards)
         names = shard_names(shapes, cfg.shards)[shard]

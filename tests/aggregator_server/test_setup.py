@@ -8,6 +8,7 @@ from potluck.aggregator_server.setup import RUN_FILE, SetupError, prepare_run, w
 from potluck.protocol.config import RunConfig
 from potluck.protocol.config_files import dump_run_config, load_run_config
 from potluck.protocol.identity import generate_identity, public_key_to_hex
+from potluck.tasks import created, task_for
 
 AGGREGATOR = generate_identity()
 OTHER = generate_identity()
@@ -35,7 +36,8 @@ def test_first_start_writes_run_toml_with_the_aggregators_key(tmp_path: Path) ->
 def test_first_start_without_a_config_serves_the_default_run(tmp_path: Path) -> None:
     cfg = prepare_run(state_dir=tmp_path, config=None, identity=AGGREGATOR)
 
-    assert cfg == RunConfig(aggregator_keys=(OWN_KEY,))
+    assert cfg == created(RunConfig(aggregator_keys=(OWN_KEY,)))
+    assert cfg.task.fingerprint == task_for(cfg).fingerprint()  # the run records its architecture
     assert load_run_config(tmp_path / RUN_FILE) == cfg
 
 

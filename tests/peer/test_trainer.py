@@ -30,7 +30,7 @@ def test_a_round_trains_the_local_steps_and_encodes_the_delta(trainer: LocalTrai
     work = trainer.train_round(master, round_index=0, time_budget_s=1e9)
     # Assert
     assert work.inner_steps == 3
-    assert work.tokens == 3 * 4 * trainer.block_size
+    assert work.tokens == 3 * 4 * trainer.task.block_size
     delta = trainer.codec.decode(work.payload, _spec(trainer))
     assert any(float(t.abs().sum()) > 0 for t in delta.values())
     assert work.mean_loss > 0 and work.compute_s > 0
@@ -42,7 +42,7 @@ def test_an_exhausted_time_budget_sends_what_it_has(trainer: LocalTrainer) -> No
     work = trainer.train_round(master, round_index=1, time_budget_s=0.0)
 
     assert work.inner_steps == 1
-    assert work.tokens == 4 * trainer.block_size
+    assert work.tokens == 4 * trainer.task.block_size
 
 
 def test_a_refused_update_goes_back_into_the_residual(trainer: LocalTrainer) -> None:
@@ -91,7 +91,7 @@ def test_a_rebase_moves_onto_the_new_master_and_keeps_the_progress_since_the_sna
         torch.testing.assert_close(p.detach(), new_master[name] + progress[name])
     assert trainer.round_steps == 2  # the early steps count towards the round the new master opens
     work = trainer.encode(trainer.take_snapshot(), round_index=1)
-    assert work.inner_steps == 2 and work.tokens == 2 * trainer.tokens_per_step
+    assert work.inner_steps == 2 and work.tokens == 2 * trainer.task.most_work(batch_size=trainer.batch_size)
 
 
 def test_overlapped_steps_run_from_the_guess_and_move_with_it_onto_the_real_master() -> None:

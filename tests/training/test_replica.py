@@ -9,6 +9,7 @@ import pytest
 from potluck.protocol.envelope import SignedAggregate
 from potluck.protocol.identity import generate_identity, public_key_to_hex
 from potluck.protocol.messages import encode_state_payload
+from potluck.tasks import run_shapes
 from potluck.training.diloco import state_sha256
 from potluck.training.replica import ReplicaError, ShardState, apply_aggregate, check_state
 from tests.aggregator_server.in_process import AGGREGATOR, closed_round_0, make_server
@@ -37,7 +38,7 @@ def _apply(copy: ShardState, aggregate: SignedAggregate, payload: bytes) -> None
 
 def test_a_copy_follows_the_aggregate_to_the_aggregators_exact_state(tmp_path: Path) -> None:
     signed_state, state_payload, aggregate, payload, after = asyncio.run(_round_0(tmp_path))
-    copy = check_state(signed_state, state_payload, source=AGGREGATOR.public_key)
+    copy = check_state(signed_state, state_payload, source=AGGREGATOR.public_key, shapes_of=run_shapes)
 
     _apply(copy, aggregate, payload)
 
@@ -53,7 +54,7 @@ def test_a_copy_rebuilds_the_aggregators_state_payload_byte_for_byte(tmp_path: P
         return signed_state, state_payload, aggregate, payload, await server.served_state()
 
     signed_state, state_payload, aggregate, payload, served = asyncio.run(scenario())
-    copy = check_state(signed_state, state_payload, source=AGGREGATOR.public_key)
+    copy = check_state(signed_state, state_payload, source=AGGREGATOR.public_key, shapes_of=run_shapes)
     _apply(copy, aggregate, payload)
 
     rebuilt = encode_state_payload(copy.cfg, params=copy.params, outer_state=copy.outer.state_dict())
@@ -68,15 +69,15 @@ def test_a_state_from_another_key_or_with_a_flipped_byte_is_refused(tmp_path: Pa
     flipped[-1] ^= 1
 
     with pytest.raises(ReplicaError, match="does not check out"):
-        check_state(signed_state, state_payload, source=generate_identity().public_key)
+        check_state(signed_state, state_payload, source=generate_identity().public_key, shapes_of=run_shapes)
     with pytest.raises(ReplicaError, match="does not check out"):
-        check_state(signed_state, bytes(flipped), source=AGGREGATOR.public_key)
+        check_state(signed_state, bytes(flipped), source=AGGREGATOR.public_key, shapes_of=run_shapes)
 
 
 @pytest.mark.parametrize("problem", ["source", "round"])
 def test_an_aggregate_that_is_not_the_expected_one_leaves_the_copy_untouched(tmp_path: Path, problem: str) -> None:
     signed_state, state_payload, aggregate, payload, _ = asyncio.run(_round_0(tmp_path))
-    copy = check_state(signed_state, state_payload, source=AGGREGATOR.public_key)
+    copy = check_state(signed_state, state_payload, source=AGGREGATOR.public_key, shapes_of=run_shapes)
     before = state_sha256(copy.params)
     source = generate_identity().public_key if problem == "source" else AGGREGATOR.public_key
     if problem == "round":

@@ -15,14 +15,16 @@ LEAVES = {"events", "errors"}
 ALLOWED = {
     "protocol": set(),
     "training": {"protocol"},
+    # what a run trains: built from training's models and data; every node gets its model from here
+    "tasks": {"protocol", "training"},
     "incentives": {"protocol"},
     # a volunteer checks its own receipts, and plans its run with the pure arithmetic of potluck.planning.plan
-    "peer": {"protocol", "training", "incentives", "planning"},
-    "aggregator_server": {"protocol", "training", "incentives"},
+    "peer": {"protocol", "training", "tasks", "incentives", "planning"},
+    "aggregator_server": {"protocol", "training", "tasks", "incentives"},
     "web": {"protocol"},
-    "planning": {"protocol", "training"},
+    "planning": {"protocol", "training", "tasks"},
     # one-machine tooling: it starts nodes as processes, and the red team drives a peer
-    "lab": {"protocol", "training", "peer", "cli"},
+    "lab": {"protocol", "training", "tasks", "peer", "cli"},
 }
 NODES = ("peer", "aggregator_server")
 

@@ -23,8 +23,8 @@ from potluck.peer.trainer import LocalTrainer, RoundWork
 from potluck.protocol.config import RunConfig
 from potluck.protocol.envelope import SignedUpdate
 from potluck.protocol.identity import Identity, load_or_create_identity
+from potluck.tasks import run_task
 from potluck.training.device import set_cpu_threads
-from potluck.training.models import build_model, model_config
 
 
 class AdversarialPeer(PeerRunner):
@@ -55,13 +55,9 @@ class AdversarialPeer(PeerRunner):
         trainer = super().make_trainer(cfg)
         trainer.take_back = lambda payload, **_: None  # type: ignore[method-assign]  # its uploads are meant to fail
         if self.attack_name == "label-flip":
-            honest_batch = trainer.sampler.next_batch
-
-            def flipped() -> tuple[torch.Tensor, torch.Tensor]:
-                x, y = honest_batch()
-                return x, 255 - y  # every next-byte target reversed in value: 'e' (101) is taught as 154
-
-            trainer.sampler.next_batch = flipped  # type: ignore[method-assign]  # the attack: poisoned batches
+            honest = trainer.batches
+            # the attack, poisoned batches: every next-byte target reversed in value ('e' (101) is taught as 154)
+            trainer.batches = ((x, 255 - y) for x, y in honest)
         return trainer
 
     def make_update(self, master: Any, work: RoundWork, trainer: LocalTrainer) -> tuple[SignedUpdate, bytes]:
@@ -69,8 +65,7 @@ class AdversarialPeer(PeerRunner):
         spec = {name: tuple(t.shape) for name, t in master.params.items()}
 
         def fresh_delta() -> dict[str, torch.Tensor]:
-            shape = model_config(master.cfg.model.size, block_size=master.cfg.model.block_size)
-            other = build_model(shape, seed=int.from_bytes(self.identity.public_key[:4], "big"))
+            other = run_task(master.cfg).build_model(seed=int.from_bytes(self.identity.public_key[:4], "big"))
             return {n: master.params[n] - p.detach() for n, p in other.named_parameters()}
 
         ctx = AttackContext(

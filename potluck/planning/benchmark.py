@@ -1,10 +1,12 @@
 """A short self-benchmark of this machine for a run: one inner step's time and one round's payload sizes.
 
 What `potluck plan --auto` and a peer's start-up plan (`potluck peer --plan`) measure before training: a
-throwaway copy of the run's model takes a few inner steps on random tokens (the first is a warm-up and
-not timed), and a random update of the model's shapes goes through the run's upload and download codecs.
+throwaway copy of the run's model takes a few inner steps on an example batch of its task (random tokens
+for a language model; the first step is a warm-up and not timed), and a random update of the model's
+shapes goes through the run's upload and download codecs.
 """
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,8 +16,8 @@ import torch
 from potluck.protocol.codecs import make_codec
 from potluck.protocol.config import RunConfig
 from potluck.protocol.density import aggregate_density, start_density
+from potluck.tasks import run_task
 from potluck.training.diloco import inner_step, make_inner_optimizer
-from potluck.training.models import build_model, count_params, model_config, parameter_shapes
 
 PAYLOAD_SAMPLE_PARAMS = 4_000_000  # encode at most this many parameters' worth of tensors and scale up
 DENSITIES = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # the upload densities `density_options` tries
@@ -35,15 +37,15 @@ class MachineFigures:
 
 def measure_for_plan(cfg: RunConfig, *, device: torch.device, batch_size: int | None = None) -> MachineFigures:
     """Step time, model size and one round's payloads (at the run's density and the others) for this run here."""
-    model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
+    task = run_task(cfg)
     batch_size = batch_size or cfg.inner.batch_size
     options = density_options(cfg)
     own = make_codec(cfg.codec.name, cfg.codec.params).params.get("density")
     upload_bytes, download_bytes = options[own] if own in options else payload_bytes(cfg)  # encoded once
     return MachineFigures(
         step_s=measure_step_seconds(cfg, device=device, batch_size=batch_size),
-        tokens_per_step=batch_size * model_cfg.block_size,
-        params=count_params(model_cfg),
+        tokens_per_step=task.most_work(batch_size=batch_size),
+        params=sum(math.prod(shape) for shape in task.parameter_shapes().values()),
         upload_bytes=upload_bytes,
         download_bytes=download_bytes,
         density_options=options,
@@ -59,16 +61,16 @@ def measure_step_seconds(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
-    model = build_model(model_cfg, seed=cfg.seed, device=device)
+    task = run_task(cfg)
+    model = task.build_model(seed=cfg.seed).to(device)
     optimizer = make_inner_optimizer(model, lr=cfg.inner.lr)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    shape = (batch_size or cfg.inner.batch_size, model_cfg.block_size)
+    batch = task.example_batch(batch_size=batch_size or cfg.inner.batch_size, seed=cfg.seed)
     times = []
     for i in range(steps + 1):
-        inputs, targets = (torch.randint(0, model_cfg.vocab_size, shape, generator=generator) for _ in range(2))
         started = time.perf_counter()
-        inner_step(model, optimizer, (inputs, targets), lr=cfg.inner.lr, grad_clip=cfg.inner.grad_clip)
+        inner_step(
+            model, optimizer, batch, lr=cfg.inner.lr, grad_clip=cfg.inner.grad_clip, loss_of=task.loss
+        )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i > 0:
@@ -101,12 +103,12 @@ def payload_bytes(cfg: RunConfig) -> tuple[int, int]:
     Tensors are taken in order until PAYLOAD_SAMPLE_PARAMS, and the sizes scaled to the whole model, so
     a 1B-parameter run is estimated in seconds.
     """
-    model_cfg = model_config(cfg.model.size, block_size=cfg.model.block_size)
-    total = count_params(model_cfg)
+    shapes = run_task(cfg).parameter_shapes()
+    total = sum(math.prod(shape) for shape in shapes.values())
     sample: dict[str, torch.Tensor] = {}
     sampled = 0
     generator = torch.Generator().manual_seed(cfg.seed)
-    for name, shape in parameter_shapes(model_cfg).items():
+    for name, shape in shapes.items():
         if sample and sampled >= PAYLOAD_SAMPLE_PARAMS:
             break
         sample[name] = torch.randn(shape, generator=generator) * 1e-3

@@ -2,8 +2,8 @@
 
 import torch
 
+from potluck.planning.benchmark import density_options, measure_step_seconds, payload_bytes
 from potluck.protocol.config import RunConfig
-from potluck.training.benchmark import density_options, measure_step_seconds, payload_bytes
 from potluck.training.models import count_params, model_config
 
 

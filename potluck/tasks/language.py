@@ -1,0 +1,84 @@
+"""Language-model tasks: next-token prediction on the run's text corpus.
+
+The built-in GPT family and Hugging Face causal language models share everything but the model:
+the corpus (`data.source`, held out by document), each peer's own random windows, the held-out
+windows every node scores on, a cross-entropy loss over next tokens, and work counted in tokens.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterator
+from functools import cached_property
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from potluck.protocol.config import RunConfig
+from potluck.tasks.base import Batch, Task
+from potluck.training.data import BatchSampler, Corpus, load_corpus, val_batches
+
+BYTE_VOCAB = 256  # without a tokenizer a token is a byte
+
+
+class LanguageModelTask(Task):
+    """Next-token prediction on windows of `block_size` tokens of the run's corpus."""
+
+    work_unit = "tokens"
+
+    def __init__(self, cfg: RunConfig, *, data_source: str | None = None) -> None:
+        self.cfg = cfg
+        self.data_source = data_source or cfg.data.source  # a peer may read its own copy (--data)
+
+    @property
+    @abstractmethod
+    def block_size(self) -> int:
+        """Tokens in one training window."""
+
+    @abstractmethod
+    def logits(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's next-token logits for `inputs` ([batch, time] token ids): [batch, time, vocab]."""
+
+    @cached_property
+    def corpus(self) -> Corpus:
+        """The run's text, split into training and held-out tokens (read on first use)."""
+        data = self.cfg.data
+        return load_corpus(self.data_source, val_fraction=data.val_fraction, max_bytes=data.max_bytes)
+
+    def train_batches(self, *, seed: int, batch_size: int) -> Iterator[Batch]:
+        """Random windows of this peer's draw of the corpus: (inputs, next-token targets)."""
+        sampler = BatchSampler(
+            self.corpus.train, batch_size=batch_size, block_size=self.block_size, shard=0, num_shards=1, seed=seed
+        )
+        while True:
+            yield sampler.next_batch()
+
+    def held_out_batches(self, *, batch_size: int, count: int) -> list[Batch]:
+        """Windows evenly spaced over the held-out text: every node scores the same ones."""
+        return list(val_batches(self.corpus.val, batch_size=batch_size, block_size=self.block_size, num_batches=count))
+
+    def example_batch(self, *, batch_size: int, seed: int) -> Batch:
+        """Random tokens of the full window: a step's cost without reading the corpus."""
+        generator = torch.Generator().manual_seed(seed)
+        shape = (batch_size, self.block_size)
+        return tuple(torch.randint(0, self.vocab_size, shape, generator=generator) for _ in range(2))
+
+    @property
+    def vocab_size(self) -> int:
+        """Distinct token ids the corpus holds (bytes without a tokenizer)."""
+        return BYTE_VOCAB
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Mean cross-entropy (nats per token) of the next-token predictions."""
+        inputs, targets = batch
+        logits = self.logits(model, inputs)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+    def work(self, batch: Batch) -> int:
+        """Tokens predicted."""
+        return int(batch[1].numel())
+
+    def most_work(self, *, batch_size: int) -> int:
+        """A full batch of windows."""
+        return batch_size * self.block_size
