@@ -27,6 +27,14 @@ class AggregatorFlags(Flags):
     state_dir: Annotated[
         Path, flag("--state-dir", help="Durable state: keys, run.toml, checkpoints, spool.")
     ] = DEFAULT_STATE_DIR
+    task: Annotated[
+        str | None,
+        flag(
+            "--task",
+            help="Train a task of your own: package.module:attribute, imported from this Python installation "
+            "(sets the new run's task.name; volunteers pass the same flag).",
+        ),
+    ] = None
     identity: Annotated[
         Path | None,
         flag("--identity", "-i", help="Ed25519 key, created on first run. [default: STATE_DIR/identity.key]"),
@@ -128,11 +136,15 @@ def run_aggregator(flags: AggregatorFlags) -> None:
     from potluck.aggregator_server.setup import prepare_run
     from potluck.cli.node_web import PageOptions, aggregator_app, aggregator_page, serve_with_page
     from potluck.protocol.config_files import load_run_config, parse_overrides, run_config_from_mapping
+    from potluck.tasks import allow_task
 
     set_threads(flags.threads)
     state = flags.state_dir.expanduser()
     own_identity = node_identity(flags.identity or state / "identity.key")
     overrides = parse_overrides(list(flags.set_))
+    if flags.task is not None:
+        allow_task(flags.task)
+        overrides.setdefault("task.name", flags.task)
     cfg = None
     if flags.config is not None:
         cfg = load_run_config(flags.config, overrides=overrides)

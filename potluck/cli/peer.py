@@ -19,7 +19,7 @@ from potluck.cli.status_lines import describe_peer_event, printer
 # The order `peer --help` has always listed its flags in: PeerFlags' own and the shared ones mixed, --serverless,
 # what only ServerlessFlags takes, --json.
 _HELP_ORDER = (
-    *("join", "identity", "data", "device", "batch_size", "max_rounds", "client_mode", "run", "port", "host"),
+    *("join", "identity", "data", "task", "device", "batch_size", "max_rounds", "client_mode", "run", "port", "host"),
     *("threads", "reconnect_timeout", "join_timeout", "receipts", "http_port", "http_host", "overlap"),
     *("overlap_limit", "speed", "plan", "plan_peers", "eval_batches", "serve_state", "serverless", "config", "set_"),
     "as_json",
@@ -59,7 +59,10 @@ def run_peer(flags: PeerFlags) -> None:
     from potluck.cli.node_web import PageOptions, peer_app, peer_page, serve_with_page
     from potluck.peer.join_url import resolve_joins
     from potluck.peer.runner import PeerRunner, join_addresses
+    from potluck.tasks import allow_task
 
+    if flags.task is not None:
+        allow_task(flags.task)
     addresses = join_addresses(resolve_joins(list(flags.join), timeout_s=flags.join_timeout))
     set_threads(flags.threads)
     identity = node_identity(flags.identity)

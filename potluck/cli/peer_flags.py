@@ -42,6 +42,14 @@ class NodeFlags(Flags):
         str | None,
         flag("--data", help="Train on your own text: a file, a directory or hf:<dir>. [default: the run's data]"),
     ] = None
+    task: Annotated[
+        str | None,
+        flag(
+            "--task",
+            help="The run's task when it is one of its operator's own: package.module:attribute, imported from "
+            "your Python installation (install its package first; no code ever comes with a run).",
+        ),
+    ] = None
     device: Annotated[str, flag("--device", help="auto, cpu, cuda or cuda:N.")] = "auto"
     batch_size: Annotated[
         int | None, Field(ge=1), flag("--batch-size", help="Sequences per inner step. [default: the run's]")

@@ -10,7 +10,7 @@ import inspect
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -53,11 +53,19 @@ class ServerlessFlags(NodeFlags):
         """`peer --serverless` and its flags: what `python -m potluck` runs as this peer."""
         return ["peer", "--serverless", *self.argv()]
 
+    def _overrides(self) -> dict[str, Any]:
+        from potluck.protocol.config_files import parse_overrides
+
+        overrides = parse_overrides(list(self.set_))
+        if self.task is not None:
+            overrides.setdefault("task.name", self.task)  # a run this peer starts trains the task it names
+        return overrides
+
     def serverless_options(self) -> ServerlessOptions:
         """The node's options: the run's config read and checked, the --join addresses parsed."""
         # torch and hivemind: imported when a node starts, not for --help
         from potluck.peer.serverless import ServerlessOptions
-        from potluck.protocol.config_files import parse_overrides, run_config_or_default
+        from potluck.protocol.config_files import run_config_or_default
         from potluck.protocol.node import parse_join_address
         from potluck.tasks import created
         from potluck.training.device import pick_device
@@ -65,7 +73,7 @@ class ServerlessFlags(NodeFlags):
         for address in self.join:
             parse_join_address(address)  # a typo fails here, in one line, before anything starts
         return ServerlessOptions(
-            cfg=created(run_config_or_default(self.config, overrides=parse_overrides(list(self.set_)))),
+            cfg=created(run_config_or_default(self.config, overrides=self._overrides())),
             join=self.join,
             host_maddrs=(listen_maddr(self.host, self.port, self.join),),
             client_mode=self.client_mode,
@@ -80,7 +88,10 @@ class ServerlessFlags(NodeFlags):
 def run_serverless_peer(flags: ServerlessFlags) -> None:
     """`peer --serverless`: run a peer of a run with no aggregator until its last round, Ctrl-C or SIGTERM."""
     from potluck.peer.serverless import ServerlessPeer  # torch and hivemind
+    from potluck.tasks import allow_task
 
+    if flags.task is not None:
+        allow_task(flags.task)
     options = flags.serverless_options()
     set_threads(flags.threads)
     runner = ServerlessPeer(

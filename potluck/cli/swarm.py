@@ -95,6 +95,12 @@ def swarm(
             "data", help="Train on your own text: a file, a directory or hf:<dir>. [default: Python's stdlib]"
         ),
     ] = None,
+    task: Annotated[
+        str | None,
+        PeerFlags.option(
+            "task", help="Train a task of your own: package.module:attribute, imported from this Python installation."
+        ),
+    ] = None,
     state_dir: Annotated[
         Path | None, typer.Option("--state-dir", help="The aggregator's directory. [default: a temporary one]")
     ] = None,
@@ -168,13 +174,14 @@ def swarm(
     from potluck.lab.swarm import SwarmOptions, run_swarm, sigterm_stops_the_swarm
     from potluck.protocol.config import RunConfig
     from potluck.protocol.config_files import load_run_config, parse_overrides
+    from potluck.tasks import allow_task
 
     if serverless and (link is not None or overlap or state_dir is not None or aggregators > 1):
         raise UsageError(
             "--serverless runs peers only, on 127.0.0.1: drop --link, --overlap, --state-dir and --aggregators"
         )
     # what every honest peer the swarm starts is given, checked as `peer` checks it
-    peer = PeerFlags.parsed({"data": data, "overlap": overlap, "overlap_limit": overlap_limit})
+    peer = PeerFlags.parsed({"data": data, "task": task, "overlap": overlap, "overlap_limit": overlap_limit})
     if kill_aggregator_at is not None and not standby:
         raise UsageError("--kill-aggregator-at needs --standby: without one, killing the aggregator ends the run")
     overrides: dict[str, Any] = {"rounds": rounds, **parse_overrides(set_ or [])}
@@ -182,6 +189,9 @@ def swarm(
         overrides["local_steps"] = local_steps
     if data is not None:
         overrides["data.source"] = data
+    if task is not None:
+        allow_task(task)
+        overrides["task.name"] = task
     base = load_run_config(config) if config is not None else RunConfig()
     cfg = base.with_overrides(overrides, source="flags")
     options = SwarmOptions(
@@ -193,7 +203,7 @@ def swarm(
         state_dir=state_dir.expanduser() if state_dir else None,
         timeout_s=timeout,
         http_port=0 if serverless else _status_page_port(http_port),
-        serverless=ServerlessFlags.parsed({"data": data}) if serverless else None,
+        serverless=ServerlessFlags.parsed({"data": data, "task": task}) if serverless else None,
         aggregators=aggregators,
         standby=standby,
         kill_aggregator_at=kill_aggregator_at,

@@ -57,7 +57,7 @@ from potluck.lab.children import (
     why,
 )
 from potluck.lab.netlab import Link, NetLab
-from potluck.protocol.config import RunConfig
+from potluck.protocol.config import BUILT_IN_TASKS, RunConfig
 from potluck.protocol.config_files import dump_run_config
 from potluck.protocol.identity import load_or_create_identity, public_key_to_hex
 from potluck.tasks import created
@@ -143,6 +143,11 @@ class SwarmResult:
         }
 
 
+def _own_task(cfg: RunConfig) -> str | None:
+    """The run's task when it is a task of its operator's own (every node must be told to import it)."""
+    return None if cfg.task.name in BUILT_IN_TASKS else cfg.task.name
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -216,6 +221,7 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, Event], None]) 
                 # the honest peers: an adversary may never show up under its own key
                 wait_for_peers=options.peers - options.adversaries if a < shards else 0,
                 failover_after=SWARM_FAILOVER_S if a >= shards else AggregatorFlags().failover_after,
+                task=_own_task(cfg),
             )
             name = "aggregator" if hubs == 1 else names[a]
             aggregator = start_child(name, hub.command(), work_dir=work_dir, threads=threads, wrap=wrap(a))
@@ -274,6 +280,7 @@ def _start_peer(
         )
     flags = options.peer.replace(
         join=(join,),
+        task=_own_task(options.cfg),
         identity=identity,
         threads=threads,
         as_json=True,
@@ -301,6 +308,7 @@ def _run_serverless(
         flags = template.replace(
             join=join,
             config=config_path,
+            task=_own_task(options.cfg),
             identity=work_dir / f"peer-{i}.key",
             host="127.0.0.1",
             threads=threads,
