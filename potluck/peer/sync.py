@@ -8,6 +8,7 @@ again on the DHT, and a shard whose aggregator stays silent moves to its standby
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import time
@@ -28,11 +29,12 @@ from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement,
 from potluck.protocol.envelope import EnvelopeError, StateHeader
 from potluck.protocol.holder_records import HOLDERS_KEY, HolderRecord, parse_holder_records
 from potluck.protocol.identity import Identity, fingerprint, public_key_to_hex
+from potluck.protocol.messages import MessageError, config_in_head
 from potluck.protocol.node import Node, dial, peer_id_of
 from potluck.protocol.shards import keys_of_shard
 from potluck.protocol.state_chunks import ChunkError, ChunkRequest, check_manifest
 from potluck.protocol.wire import RefusalCode
-from potluck.tasks import run_shapes
+from potluck.tasks import run_shapes, run_task
 from potluck.training.replica import ReplicaError, check_state
 
 if TYPE_CHECKING:
@@ -239,6 +241,8 @@ class Sync:
             digests = check_manifest(signed.header, digest_bytes)
         except (EnvelopeError, ChunkError) as e:
             raise UntrustedState(source, f"its state does not check out: {e}") from e
+        if cfg is None:
+            await self._check_task_first(signed.header, digests[0], link, source=source)
         fetched = await self._fetch_chunks(signed.header, digests, link)
         try:
             state = await asyncio.to_thread(check_state, signed, fetched.payload, source=source, shapes_of=run_shapes)
@@ -258,17 +262,32 @@ class Sync:
         )
         return state.cfg, state.header, shard, state.params
 
+    async def _check_task_first(self, h: StateHeader, digest: bytes, link: AggregatorLink, *, source: bytes) -> None:
+        """Read the run's config from the state's first chunk and build its task here, before the download.
+
+        A volunteer who cannot train the run (its task does not import here, or builds another architecture)
+        learns it in one line (TaskError) before the state's bulk comes down. A config too large for the
+        first chunk is checked once the state is in (check_state does it for every state).
+        """
+        chunk, t = await link.fetch_chunk(_chunk_request(h, 0))
+        self.tally.bytes_down += len(chunk) + t.sent_bytes
+        if hashlib.sha256(chunk).digest() != digest:
+            raise UntrustedState(source, "its state's first chunk does not match its signed manifest")
+        try:
+            cfg = config_in_head(chunk)
+        except MessageError as e:
+            raise UntrustedState(source, f"its state does not check out: {e}") from e
+        if cfg is None:
+            return
+        if cfg.config_hash != h.config_hash or public_key_to_hex(source) not in cfg.aggregator_keys:
+            raise UntrustedState(source, "it serves a config that does not trust it or does not match its signed hash")
+        await asyncio.to_thread(run_task, cfg)  # TaskError, TaskMismatch: this node's own problem
+
     async def _fetch_chunks(self, h: StateHeader, digests: list[bytes], link: AggregatorLink) -> Fetched:
         """The payload `h` signs, in chunks from its aggregator and from the peers the DHT says hold it."""
 
         def request(index: int) -> ChunkRequest:
-            return ChunkRequest(
-                shard=h.shard,
-                version=h.new_version,
-                payload_sha256=h.payload_sha256,
-                chunk_bytes=h.chunk_bytes,
-                index=index,
-            )
+            return _chunk_request(h, index)
 
         def donor(name: str, to: AggregatorLink, *, streams: int) -> Donor:
             async def fetch(index: int) -> bytes:
@@ -398,6 +417,13 @@ class Sync:
         logger.warning("shard %d: aggregator %s is gone; switching to %s", moved.shard, moved.from_, moved.to)
         self.on_event(moved)
         return True
+
+
+def _chunk_request(h: StateHeader, index: int) -> ChunkRequest:
+    """The request for chunk `index` of the state `h` signs."""
+    return ChunkRequest(
+        shard=h.shard, version=h.new_version, payload_sha256=h.payload_sha256, chunk_bytes=h.chunk_bytes, index=index
+    )
 
 
 def _merged(counts: Sequence[dict[str, int]]) -> dict[str, int]:

@@ -182,6 +182,31 @@ def decode_state_payload(payload: bytes) -> tuple[RunConfig, dict[str, torch.Ten
     return cfg, params, outer
 
 
+def config_in_head(head: bytes) -> RunConfig | None:
+    """The run config a state payload carries, read from its first bytes alone (its first chunk).
+
+    A joiner checks that it can train the run (its task, its architecture) before it downloads the rest.
+    None when the safetensors header does not end inside `head`; MessageError when it is not a state's.
+    """
+    if len(head) < 8:
+        return None
+    (header_len,) = struct.unpack_from("<Q", head)
+    if header_len > len(head) - 8:
+        return None
+    try:
+        header = json.loads(head[8 : 8 + header_len])
+    except ValueError as e:
+        raise MessageError(f"state payload's header is not JSON: {e}") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    text = metadata.get("config") if isinstance(metadata, dict) else None
+    if not isinstance(text, str):
+        raise MessageError("state payload carries no run config")
+    try:
+        return run_config_from_toml(text, source="state payload")
+    except ConfigError as e:
+        raise MessageError(f"state payload carries no valid run config: {e}") from e
+
+
 def _metadata(payload: bytes) -> dict[str, str]:
     """The safetensors header's __metadata__ map (the header is already known valid: safetensors parsed it)."""
     (header_len,) = struct.unpack_from("<Q", payload)

@@ -1,0 +1,172 @@
+"""The task seam: built-in and Hugging Face tasks, a volunteer's own, the run's fingerprint and its checks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from potluck.protocol.config import ConfigError, RunConfig
+from potluck.protocol.config_files import dump_run_config, load_run_config, run_config_from_toml
+from potluck.tasks import Task, TaskError, TaskMismatch, allow_task, created, run_task, task_for
+from potluck.tasks.gpt import GPTTask
+from potluck.tasks.hf import HFCausalLMTask
+from potluck.training.models import build_model, model_config
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+LLAMA = json.loads((EXAMPLES / "llama" / "config.json").read_text())
+SMALL = {"data.max_bytes": 200_000, "model.block_size": 32}
+
+
+def hf_run(**config: object) -> RunConfig:
+    return RunConfig().with_overrides(
+        {**SMALL, "task.name": "hf-causal-lm", "task.hf_config": {**LLAMA, **config}}, source="test"
+    )
+
+
+def test_the_default_task_is_the_built_in_gpt_with_its_usual_weights() -> None:
+    cfg = RunConfig().with_overrides(SMALL, source="test")
+    task = task_for(cfg)
+    assert isinstance(task, GPTTask)
+    model = task.build_model(seed=3)
+    same = build_model(model_config(cfg.model.size, block_size=32), seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters(), strict=True))
+    assert list(task.parameter_shapes()) == [name for name, _ in model.named_parameters()]
+    x, y = next(task.train_batches(seed=1, batch_size=2))
+    assert task.work((x, y)) == 2 * 32 == task.most_work(batch_size=2)
+    assert torch.isclose(task.loss(model, (x, y)), model(x, y)[1])
+
+
+def test_an_hf_causal_lm_is_built_from_its_config_the_same_from_the_same_seed() -> None:
+    task = task_for(hf_run())
+    assert isinstance(task, HFCausalLMTask) and task.block_size == 32
+    first, again, other = (task.build_model(seed=s) for s in (5, 5, 6))
+    assert type(first).__name__ == "LlamaForCausalLM"
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first.parameters(), other.parameters(), strict=True))
+    batch = next(task.train_batches(seed=0, batch_size=2))
+    assert 5.0 < task.loss(first, batch).item() < 6.5  # about ln(256): an untrained model guesses
+    assert task.fingerprint() == task_for(hf_run()).fingerprint() != task_for(hf_run(hidden_size=128)).fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [({"vocab_size": 100}, "vocab_size is 100"), ({"model_type": "no-such-model"}, "does not describe")],
+)
+def test_an_unusable_hf_config_is_one_line(config: dict[str, object], problem: str) -> None:
+    with pytest.raises(TaskError, match=problem) as caught:
+        task_for(hf_run(**config))
+    assert "\n" not in str(caught.value)
+
+
+def test_an_hf_config_survives_the_toml_round_trip_exactly_nulls_included(tmp_path: Path) -> None:
+    cfg = hf_run(rope_scaling=None, pad_token_id=None)
+    path = tmp_path / "run.toml"
+    path.write_text(dump_run_config(cfg, "toml"))
+    assert load_run_config(path).config_hash == cfg.config_hash
+    assert cfg.task.hf_config_values()["rope_scaling"] is None
+
+
+def test_a_config_json_path_is_read_where_the_run_is_loaded_and_never_from_the_network(tmp_path: Path) -> None:
+    (tmp_path / "model.json").write_text(json.dumps(LLAMA))
+    (tmp_path / "run.toml").write_text('[task]\nname = "hf-causal-lm"\nhf_config = "model.json"\n')
+    cfg = load_run_config(tmp_path / "run.toml")
+    assert cfg.task.hf_config_values() == LLAMA
+    with pytest.raises(ConfigError, match="config.json file"):  # a state's config may not name local files
+        run_config_from_toml('[task]\nname = "hf-causal-lm"\nhf_config = "/etc/passwd"\n', source="state payload")
+    (tmp_path / "missing.toml").write_text('[task]\nname = "hf-causal-lm"\nhf_config = "nope.json"\n')
+    with pytest.raises(ConfigError, match="no such file nope.json"):
+        load_run_config(tmp_path / "missing.toml")
+
+
+def test_hf_config_goes_with_the_hf_task_only() -> None:
+    with pytest.raises(ConfigError, match="exactly when"):
+        RunConfig().with_overrides({"task.hf_config": LLAMA}, source="test")
+    with pytest.raises(ConfigError, match="task.name"):
+        RunConfig().with_overrides({"task.name": "not a module path"}, source="test")
+
+
+def test_a_new_run_records_its_architecture_and_a_different_build_is_refused() -> None:
+    cfg = created(RunConfig().with_overrides(SMALL, source="test"))
+    assert cfg.task.fingerprint == task_for(cfg).fingerprint()
+    assert created(cfg) == cfg  # creating again changes nothing
+    other = cfg.with_overrides({"task.fingerprint": "0" * 64}, source="test")
+    with pytest.raises(TaskMismatch, match="another architecture"):
+        run_task(other)
+    with pytest.raises(TaskMismatch, match="changed since the run was created"):
+        created(other)
+
+
+class Constant(Task):
+    """The smallest task of one's own: learn a constant."""
+
+    def __init__(self, width: int = 3) -> None:
+        self.width = width
+
+    def build_model(self, *, seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return torch.nn.Linear(1, self.width)
+
+    def train_batches(self, *, seed: int, batch_size: int):  # type: ignore[no-untyped-def]
+        while True:
+            yield torch.ones(batch_size, 1)
+
+    def held_out_batches(self, *, batch_size: int, count: int) -> list[torch.Tensor]:
+        return [torch.ones(batch_size, 1)] * count
+
+    def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return (model(batch) - 1).pow(2).mean()
+
+
+NOT_A_TASK = 42
+
+
+def test_a_task_of_ones_own_is_imported_only_when_this_node_named_it() -> None:
+    cfg = RunConfig().with_overrides({"task.name": f"{__name__}:Constant", "task.params": {"width": 5}}, source="t")
+    with pytest.raises(TaskError, match=f"pass --task {__name__}:Constant"):
+        task_for(cfg)
+    allow_task(f"{__name__}:Constant")
+    task = task_for(cfg)
+    assert isinstance(task, Constant) and task.width == 5
+    assert task.parameter_shapes() == {"weight": (5, 1), "bias": (5,)}
+    assert task.work(torch.ones(7, 1)) == 7 == task.most_work(batch_size=7)
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("no_such_package_here.tasks:Task", "cannot import no_such_package_here.tasks here"),
+        (f"{__name__}:Missing", "has no attribute Missing"),
+        (f"{__name__}:NOT_A_TASK", "not a Task or a callable"),
+    ],
+)
+def test_a_task_that_does_not_import_is_one_line(name: str, problem: str) -> None:
+    allow_task(name)
+    with pytest.raises(TaskError, match=problem) as caught:
+        task_for(RunConfig().with_overrides({"task.name": name}, source="test"))
+    assert "\n" not in str(caught.value)
+
+
+def test_building_an_hf_model_never_touches_the_network() -> None:
+    # Every socket connection attempt in a fresh interpreter fails loudly; the task still builds and scores.
+    code = f"""
+import socket, json
+def refuse(*args, **kwargs):
+    raise AssertionError("network access attempted")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+from potluck.protocol.config import RunConfig
+from potluck.tasks import task_for
+hf = json.loads({json.dumps(json.dumps(LLAMA))})
+cfg = RunConfig().with_overrides(
+    {{"task.name": "hf-causal-lm", "task.hf_config": hf, "data.max_bytes": 100000, "model.block_size": 16}}, source="t"
+)
+task = task_for(cfg)
+model = task.build_model(seed=0)
+print(task.loss(model, task.held_out_batches(batch_size=2, count=1)[0]).item())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) > 0
