@@ -1,0 +1,136 @@
+"""Runs that train what their users bring: a task of one's own and a Hugging Face model, in real swarms; and
+volunteers who cannot train the run's task are refused before they train, in one line."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from potluck.aggregator_server.checkpoint import load_checkpoint
+from potluck.errors import ERROR_PREFIX
+from potluck.lab.children import start_child
+from potluck.protocol.config_files import load_run_config
+from potluck.training.diloco import load_params
+from tests.integration.swarm_helpers import Node, Nodes, _pump, p2pd_pids, wait_until
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+DIGITS = "examples.digits.digits_task:DigitsTask"  # importable from the repository's root, as tests run
+
+
+def _swarm(tmp_path: Path, *args: str) -> dict[str, object]:
+    before = p2pd_pids()
+    command = [sys.executable, "-m", "potluck", "swarm", "--peers", "2", "--http-port", "0", "--json", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=200, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    wait_until(lambda: not (p2pd_pids() - before), timeout_s=20, what="the swarm's daemons to exit")
+    return json.loads(done.stdout)
+
+
+@pytest.mark.timeout(240)
+def test_a_task_of_ones_own_trains_in_a_swarm_well_past_chance(tmp_path: Path) -> None:
+    # Execute: a digits classifier, a module outside the package, named by --task
+    state = tmp_path / "aggregator"
+    result = _swarm(tmp_path, "--task", DIGITS, "--rounds", "8", "--local-steps", "20", "--state-dir", str(state))
+    # Assert: the held-out loss falls far below chance's ln(10), and the kept state classifies well
+    assert result["rounds_completed"] == 8
+    assert result["initial_val_loss"] > 2.0 and result["final_val_loss"] < 0.6, result["final_val_loss"]
+    cfg = load_run_config(state / "run.toml")
+    checkpoint = load_checkpoint(state, config_hash=cfg.config_hash)
+    assert checkpoint is not None and cfg.task.name == DIGITS
+    sys.path.insert(0, str(ROOT))
+    from examples.digits.digits_task import DigitsTask
+
+    task = DigitsTask()
+    model = task.build_model(seed=cfg.seed)
+    load_params(model, checkpoint.params)
+    assert task.accuracy(model) > 0.85  # chance: 0.1
+
+
+@pytest.mark.timeout(240)
+def test_a_hugging_face_llama_trains_in_a_swarm(tmp_path: Path) -> None:
+    # Execute: a transformers LlamaForCausalLM built from a tiny config.json the run's file names
+    result = _swarm(tmp_path, "--config", "examples/llama/run.toml", "--rounds", "4", "--local-steps", "15")
+    # Assert
+    assert result["rounds_completed"] == 4
+    assert result["initial_val_loss"] > math.log(256) - 0.5
+    assert result["final_val_loss"] < result["initial_val_loss"] - 1.5, result["final_val_loss"]
+
+
+def _refused_peers(tmp_path: Path, join: str, cases: list[tuple[str, tuple[str, ...], Path]]) -> list[tuple[str, str]]:
+    """Peers started at once, each in its own directory (what it can import); (last stderr line, stdout) of each.
+
+    Each must exit with 2, the status of a one-line error.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only what its own directory holds
+    started = []
+    for name, args, cwd in cases:
+        command = [sys.executable, "-m", "potluck", *_peer_args(tmp_path, name, join), "--threads", "1", "--json"]
+        started.append(
+            subprocess.Popen(
+                [*command, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    found = []
+    for process in started:
+        try:
+            stdout, stderr = process.communicate(timeout=150)
+        finally:
+            process.kill()
+        assert process.returncode == 2, (process.returncode, stderr[-3000:])
+        found.append((stderr.strip().splitlines()[-1], stdout))
+    return found
+
+
+@pytest.mark.timeout(300)
+def test_a_volunteer_who_cannot_train_the_runs_task_is_refused_in_one_line_before_training(
+    nodes: Nodes, tmp_path: Path
+) -> None:
+    # Prepare: the operator's directory holds the run's task module; another volunteer's builds a wider network
+    source = (ROOT / "examples" / "digits" / "digits_task.py").read_text()
+    operator, other, empty = tmp_path / "operator", tmp_path / "other", tmp_path / "empty"
+    for directory, module in ((operator, source), (other, source.replace("hidden: int = 64", "hidden: int = 32"))):
+        directory.mkdir()
+        (directory / "their_digits.py").write_text(module)
+    empty.mkdir()
+    task = "their_digits:DigitsTask"
+    # a refused joiner had asked for the state, so its round waits for it until the (short) deadline
+    flags = ("--task", task, "--state-dir", "state", "--set", "round_deadline_s=6", "--set", "local_steps=10")
+    aggregator = _node_in(nodes, operator, "aggregator", "aggregator", *flags)
+    join = aggregator.next_event(lambda e: e.get("event") == "ready", timeout_s=90)["maddrs"][0]
+    # Execute and assert: each refusal is one line, and the peer never synced nor trained
+    cases = [("unnamed", (), operator), ("missing", ("--task", task), empty), ("wider", ("--task", task), other)]
+    problems = [f"pass --task {task}", "cannot import their_digits here", "builds another architecture than the run's"]
+    for (line, stdout), problem in zip(_refused_peers(tmp_path, join, cases), problems, strict=True):
+        assert problem in line and line.startswith(ERROR_PREFIX), line
+        assert not any(json.loads(e).get("event") in ("synced", "round") for e in stdout.splitlines()), stdout
+    # nothing of the run is touched: a volunteer who has the task trains and is credited
+    good = _node_in(nodes, operator, "good", *_peer_args(tmp_path, "good", join), "--task", task, "--max-rounds", "1")
+    first = good.next_event(lambda e: e.get("event") == "round", timeout_s=120)
+    assert first["accepted"], first
+    assert good.wait_exit(timeout_s=60) == 0
+
+
+def _peer_args(tmp_path: Path, name: str, join: str) -> list[str]:
+    return ["peer", "--join", join, "--identity", str(tmp_path / f"{name}.key"), "--receipts", str(tmp_path / name)]
+
+
+def _node_in(nodes: Nodes, cwd: Path, name: str, *args: str) -> Node:
+    """A node run in `cwd` (a plain process: `python -m` puts that directory on its import path); `nodes` stops it."""
+    child = start_child(
+        name,
+        [*args, "--threads", "1", "--json"],
+        work_dir=nodes.work_dir,
+        threads=1,
+        wrap=lambda argv: ["sh", "-c", 'cd "$0" && exec "$@"', str(cwd), *argv],
+    )
+    node = Node(child=child)
+    threading.Thread(target=_pump, args=(child, node.events), daemon=True).start()
+    nodes.started.append(node)
+    return node
