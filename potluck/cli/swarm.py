@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -80,6 +81,9 @@ def _parse_link(text: str | None) -> Any:
     return link
 
 
+KEPT_RUNS = Path("potluck-runs")  # where `potluck swarm` keeps its aggregator's state when not told
+
+
 def swarm(
     peers: Annotated[int, typer.Option(help="Peer processes to start.", min=1, max=64)] = 3,
     rounds: Annotated[int, typer.Option(help="Outer rounds to train.", min=1)] = 6,
@@ -102,7 +106,11 @@ def swarm(
         ),
     ] = None,
     state_dir: Annotated[
-        Path | None, typer.Option("--state-dir", help="The aggregator's directory. [default: a temporary one]")
+        Path | None,
+        typer.Option(
+            "--state-dir",
+            help="The aggregator's directory, kept after the run. [default: potluck-runs/RUN-TIME here]",
+        ),
     ] = None,
     timeout: Annotated[float, typer.Option(help="Stop everything after this many seconds.", min=1)] = 1800.0,
     set_: Annotated[
@@ -194,13 +202,15 @@ def swarm(
         overrides["task.name"] = task
     base = load_run_config(config) if config is not None else RunConfig()
     cfg = base.with_overrides(overrides, source="flags")
+    # the trained model is never deleted with the swarm: its aggregator's directory stays (serverless peers keep none)
+    kept = None if serverless else (state_dir or KEPT_RUNS / f"{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
     options = SwarmOptions(
         link=_parse_link(link),
         peer=peer,
         peer_speeds=parse_speeds(peer_speeds, peers=peers),
         peers=peers,
         cfg=cfg,
-        state_dir=state_dir.expanduser() if state_dir else None,
+        state_dir=kept.expanduser().resolve() if kept else None,
         timeout_s=timeout,
         http_port=0 if serverless else _status_page_port(http_port),
         serverless=ServerlessFlags.parsed({"data": data, "task": task}) if serverless else None,
@@ -219,8 +229,9 @@ def swarm(
     ) as progress:
         with sigterm_stops_the_swarm():
             result = run_swarm(options, on_event=_SwarmProgress(progress, rounds=cfg.rounds, serverless=serverless))
+    kept_at = None if kept is None else kept.expanduser().resolve()
     if as_json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), "state_dir": None if kept_at is None else str(kept_at)}))
     elif serverless:
         groups = [row["groups"] for row in result.peers]
         stdout.print(
@@ -229,6 +240,13 @@ def swarm(
         )
     else:
         _print_summary(result)
+        if kept_at is not None:
+            own = "" if task is None else f" --task {task}"
+            stdout.print(
+                f"the run's state is kept in {kept_at}; take the model out with: "
+                f"potluck export --state-dir {kept_at} --out {kept_at.name}-model{own}",
+                soft_wrap=True,
+            )
 
 
 FIRST_AGGREGATOR = ("aggregator", "aggregator-0", "standby-0")  # the child whose rounds the progress bar follows

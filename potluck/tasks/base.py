@@ -16,6 +16,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,6 +88,20 @@ class Task(ABC):
     def fingerprint(self) -> str:
         """The architecture fingerprint the run's config carries (see architecture_fingerprint)."""
         return architecture_fingerprint(self.skeleton())
+
+    def export(self, model: nn.Module, out: Path, *, run: Mapping[str, Any]) -> list[str]:
+        """Write the trained `model` to the new directory `out` in a form loaded without potluck; the files written.
+
+        By default the weights as safetensors (`model.safetensors`, the model's own parameter names) and
+        `potluck.json`, what they are: the task, the run (`run`: its name, round, config hash) and the shapes.
+        """
+        import safetensors.torch
+
+        state = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()}  # tied: once
+        safetensors.torch.save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        about = {**run, "parameters": {name: list(t.shape) for name, t in state.items()}}
+        (out / "potluck.json").write_text(json.dumps(about, indent=2) + "\n")
+        return ["model.safetensors", "potluck.json"]
 
     def describe(self) -> dict[str, Any]:
         """A few plain facts for logs, `plan` and exports (the model's class and size)."""

@@ -8,9 +8,11 @@ hub: the offline switches are set before `transformers` is imported.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,6 +20,7 @@ import torch.nn as nn
 
 from potluck.protocol.config import RunConfig
 from potluck.tasks.base import TaskError
+from potluck.tasks.byte_tokenizer import byte_tokenizer_json, save_tokenizer
 from potluck.tasks.language import BYTE_VOCAB, LanguageModelTask
 from potluck.training.models import on_meta
 
@@ -93,6 +96,17 @@ class HFCausalLMTask(LanguageModelTask):
     def skeleton(self) -> nn.Module:
         """The model on the meta device."""
         return on_meta(self._build)
+
+    def export(self, model: nn.Module, out: Path, *, run: Mapping[str, Any]) -> list[str]:
+        """A `save_pretrained` directory and the run's tokenizer: `from_pretrained(out)` loads both, no potluck."""
+        model.save_pretrained(str(out))  # type: ignore[operator]  # a transformers PreTrainedModel
+        save_tokenizer(self.tokenizer_json(), out)
+        (out / "potluck.json").write_text(json.dumps(dict(run), indent=2) + "\n")
+        return sorted(p.name for p in out.iterdir())
+
+    def tokenizer_json(self) -> str:
+        """The run's tokenizer as `tokenizer.json` text (bytes: a byte-level tokenizer whose ids are the bytes)."""
+        return byte_tokenizer_json()
 
     def logits(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """The model's logits for every position."""

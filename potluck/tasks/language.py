@@ -75,6 +75,37 @@ class LanguageModelTask(Task):
         logits = self.logits(model, inputs)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (its UTF-8 bytes without a tokenizer)."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids (undecodable bytes shown as U+FFFD)."""
+        return bytes(i for i in ids if 0 <= i < BYTE_VOCAB).decode("utf-8", errors="replace")
+
+    @torch.no_grad()
+    def generate(
+        self, model: nn.Module, prompt: str, *, tokens: int, temperature: float = 0.8, top_k: int = 40, seed: int = 0
+    ) -> str:
+        """`prompt` continued by `tokens` sampled tokens (temperature and top-k sampling; 0 temperature: greedy)."""
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.tensor([self.encode(prompt) or [ord("\n")]], dtype=torch.long)
+        was_training = model.training
+        model.eval()
+        try:
+            for _ in range(tokens):
+                logits = self.logits(model, ids[:, -self.block_size :])[0, -1].float()
+                if temperature <= 0:
+                    chosen = logits.argmax().view(1, 1)
+                else:
+                    top = torch.topk(logits / temperature, min(top_k, logits.numel()))
+                    pick = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)
+                    chosen = top.indices[pick].view(1, 1)
+                ids = torch.cat([ids, chosen], dim=1)
+        finally:
+            model.train(was_training)
+        return self.decode(ids[0].tolist())
+
     def work(self, batch: Batch) -> int:
         """Tokens predicted."""
         return int(batch[1].numel())

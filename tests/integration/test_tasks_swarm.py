@@ -10,11 +10,14 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from potluck.aggregator_server.checkpoint import load_checkpoint
 from potluck.errors import ERROR_PREFIX
 from potluck.lab.children import start_child
 from potluck.protocol.config_files import load_run_config
+from potluck.tasks import run_task
 from potluck.training.diloco import load_params
 from tests.integration.swarm_helpers import Node, Nodes, _pump, p2pd_pids, wait_until
 
@@ -51,16 +54,57 @@ def test_a_task_of_ones_own_trains_in_a_swarm_well_past_chance(tmp_path: Path) -
     model = task.build_model(seed=cfg.seed)
     load_params(model, checkpoint.params)
     assert task.accuracy(model) > 0.85  # chance: 0.1
+    assert result["state_dir"] == str(state)
+    # the model out: its weights as safetensors, and what they are
+    out = tmp_path / "exported"
+    _potluck("export", "--state-dir", str(state), "--out", str(out), "--task", DIGITS)
+    about = json.loads((out / "potluck.json").read_text())
+    assert about["task"] == DIGITS and about["round"] == 8
+    assert set(load_file(out / "model.safetensors")) == set(checkpoint.params)
 
 
-@pytest.mark.timeout(240)
-def test_a_hugging_face_llama_trains_in_a_swarm(tmp_path: Path) -> None:
+@pytest.mark.timeout(300)
+def test_a_hugging_face_llama_trains_in_a_swarm_and_comes_out_for_transformers(tmp_path: Path) -> None:
     # Execute: a transformers LlamaForCausalLM built from a tiny config.json the run's file names
-    result = _swarm(tmp_path, "--config", "examples/llama/run.toml", "--rounds", "4", "--local-steps", "15")
-    # Assert
+    state, out = tmp_path / "aggregator", tmp_path / "exported"
+    flags = ("--config", "examples/llama/run.toml", "--rounds", "4", "--local-steps", "15", "--state-dir", str(state))
+    result = _swarm(tmp_path, *flags)
+    _potluck("export", "--state-dir", str(state), "--out", str(out))
+    sampled = _potluck("sample", "--state-dir", str(state), "--prompt", "def ", "--tokens", "40")
+    # Assert: it learned
     assert result["rounds_completed"] == 4
     assert result["initial_val_loss"] > math.log(256) - 0.5
     assert result["final_val_loss"] < result["initial_val_loss"] - 1.5, result["final_val_loss"]
+    assert sampled.startswith("def ") and len(sampled) > 10
+    # and transformers alone, in a fresh process, loads the export and gives the checkpoint's logits
+    cfg = load_run_config(state / "run.toml")
+    checkpoint = load_checkpoint(state, config_hash=cfg.config_hash)
+    assert checkpoint is not None
+    task = run_task(cfg)
+    model = task.build_model(seed=cfg.seed)
+    load_params(model, checkpoint.params)
+    text = "import os\nimport sys\n"
+    with torch.no_grad():
+        expected = task.logits(model.eval(), torch.tensor([list(text.encode())]))
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+        "ids = AutoTokenizer.from_pretrained(sys.argv[1])(sys.argv[2], return_tensors='pt').input_ids\n"
+        "with torch.no_grad(): torch.save(model(ids).logits, sys.argv[3])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    logits = tmp_path / "logits.pt"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(out), text, str(logits)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.allclose(torch.load(logits), expected, atol=1e-5)
+
+
+def _potluck(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "potluck", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def _refused_peers(tmp_path: Path, join: str, cases: list[tuple[str, tuple[str, ...], Path]]) -> list[tuple[str, str]]:
