@@ -19,7 +19,8 @@ from potluck.cli.status_lines import describe_peer_event, printer
 # The order `peer --help` has always listed its flags in: PeerFlags' own and the shared ones mixed, --serverless,
 # what only ServerlessFlags takes, --json.
 _HELP_ORDER = (
-    *("join", "identity", "data", "task", "device", "batch_size", "max_rounds", "client_mode", "run", "port", "host"),
+    *("join", "identity", "data", "task", "device", "batch_size", "micro_batch", "checkpointing", "max_rounds"),
+    *("client_mode", "run", "port", "host"),
     *("threads", "reconnect_timeout", "join_timeout", "receipts", "http_port", "http_host", "overlap"),
     *("overlap_limit", "speed", "plan", "plan_peers", "eval_batches", "serve_state", "serverless", "config", "set_"),
     "as_json",

@@ -54,6 +54,17 @@ class NodeFlags(Flags):
     batch_size: Annotated[
         int | None, Field(ge=1), flag("--batch-size", help="Sequences per inner step. [default: the run's]")
     ] = None
+    micro_batch: Annotated[
+        int | None,
+        Field(ge=1),
+        flag(
+            "--micro-batch",
+            help="Sequences through the model at a time (gradient accumulation): a smaller GPU, the same step.",
+        ),
+    ] = None
+    checkpointing: Annotated[
+        bool, flag("--checkpointing", help="Recompute activations in the backward pass: less memory, more compute.")
+    ] = False
     max_rounds: Annotated[
         int | None, Field(ge=1), flag("--max-rounds", help="Leave cleanly after this many rounds.")
     ] = None
@@ -172,6 +183,8 @@ class PeerFlags(NodeFlags):
             data=self.data,
             device=pick_device(self.device),
             batch_size=self.batch_size,
+            micro_batch=self.micro_batch,
+            checkpointing=self.checkpointing,
             max_rounds=self.max_rounds,
             reconnect_timeout_s=self.reconnect_timeout,
             join_timeout_s=self.join_timeout,

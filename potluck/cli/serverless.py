@@ -80,6 +80,8 @@ class ServerlessFlags(NodeFlags):
             data=self.data,
             device=pick_device(self.device),
             batch_size=self.batch_size,
+            micro_batch=self.micro_batch,
+            checkpointing=self.checkpointing,
             max_rounds=self.max_rounds,
             speed=self.speed,
         )

@@ -46,6 +46,10 @@ class PeerOptions:
     # after one such drop the peer lowers its limit to SAFE_OVERLAP_LIMIT for the rest of the run.
     overlap_limit: float = 1.0
     speed: float = 1.0  # testing aid: below 1, every inner step lasts 1/speed as long
+    # Fitting a small GPU: each inner step's batch goes through the model this many sequences at a time
+    # (gradient accumulation; None: all at once), and activations are recomputed in the backward pass.
+    micro_batch: int | None = None
+    checkpointing: bool = False
     # At start-up, after the state: time a few inner steps, probe the link to the aggregator and log the
     # scaling efficiency the run's settings give here (potluck.planning.plan.auto_plan) for `plan_peers` peers.
     plan: bool = False

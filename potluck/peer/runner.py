@@ -232,6 +232,8 @@ class PeerRunner:
             data_source=self.options.data,
             batch_size=self.options.batch_size,
             speed=self.options.speed,
+            micro_batch=self.options.micro_batch,
+            checkpointing=self.options.checkpointing,
         )
 
 

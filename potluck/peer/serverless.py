@@ -79,6 +79,8 @@ class ServerlessOptions:
     batch_size: int | None = None
     max_rounds: int | None = None
     speed: float = 1.0  # testing aid, as for PeerOptions
+    micro_batch: int | None = None  # as for PeerOptions
+    checkpointing: bool = False
     matchmaking_s: float = MATCHMAKING_S
 
 
@@ -183,6 +185,8 @@ class ServerlessPeer:
             data_source=opts.data,
             batch_size=opts.batch_size,
             speed=opts.speed,
+            micro_batch=opts.micro_batch,
+            checkpointing=opts.checkpointing,
         )
         params = snapshot(run_task(cfg).build_model(seed=cfg.seed), device="cpu")
         outer = OuterOptimizer(kind=cfg.outer.kind, lr=cfg.outer.lr, momentum=cfg.outer.momentum)

@@ -73,8 +73,10 @@ class LocalTrainer:
     """A peer's model, inner optimizer, data stream and error-feedback residual.
 
     The model and batches come from the run's task (`task`, or the one the run's config names, reading
-    `data_source` in place of its data.source). `speed` below 1 makes every inner step last 1/speed times
-    as long (a sleep after the step): a testing aid that shows a slow GPU's behaviour on one machine.
+    `data_source` in place of its data.source). `micro_batch` and `checkpointing` trade compute for memory
+    (gradient accumulation, recomputed activations) without changing the step. `speed` below 1 makes every
+    inner step last 1/speed times as long (a sleep after the step): a testing aid that shows a slow GPU's
+    behaviour on one machine.
     """
 
     def __init__(
@@ -87,6 +89,8 @@ class LocalTrainer:
         batch_size: int | None = None,
         speed: float = 1.0,
         task: Task | None = None,
+        micro_batch: int | None = None,
+        checkpointing: bool = False,
     ) -> None:
         if not 0 < speed <= 1:
             raise ValueError(f"speed must be in (0, 1], got {speed}")
@@ -97,6 +101,9 @@ class LocalTrainer:
         check_task(cfg, self.task)  # TaskMismatch: this node builds another model than the run's
         self.batch_size = batch_size or cfg.inner.batch_size
         self.model = self.task.build_model(seed=cfg.seed).to(device)
+        if checkpointing:
+            self.task.enable_checkpointing(self.model)
+        self.micro_batch = micro_batch
         self.optimizer = make_inner_optimizer(
             self.model, lr=cfg.inner.lr, betas=(cfg.inner.beta1, cfg.inner.beta2), weight_decay=cfg.inner.weight_decay
         )
@@ -192,6 +199,7 @@ class LocalTrainer:
                     grad_clip=cfg.inner.grad_clip,
                     autocast=True,
                     loss_of=self.task.loss,
+                    micro_batch=self.micro_batch,
                 )
                 self.global_step += 1
                 work = self.task.work(batch)

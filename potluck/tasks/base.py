@@ -73,6 +73,10 @@ class Task(ABC):
         """The most work one batch of `batch_size` can be worth: the cap on a round's weight and credit."""
         return batch_size
 
+    def enable_checkpointing(self, model: nn.Module) -> None:
+        """Recompute activations in the backward pass (less memory, more compute); TaskError when unsupported."""
+        raise TaskError(f"task {type(self).__name__} does not support activation checkpointing")
+
     def skeleton(self) -> nn.Module:
         """The model's structure on the meta device (no memory, no initialisation): for names and shapes."""
         return on_meta(lambda: self.build_model(seed=0))

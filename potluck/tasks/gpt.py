@@ -29,6 +29,10 @@ class GPTTask(LanguageModelTask):
         """The GPT at `seed` (drawn on the CPU with a private generator)."""
         return build_model(self.model_config, seed=seed)
 
+    def enable_checkpointing(self, model: nn.Module) -> None:
+        """Each transformer block's activations are recomputed in the backward pass."""
+        model.checkpointing = True  # type: ignore[assignment]  # a GPT's switch (training/models.py)
+
     def skeleton(self) -> nn.Module:
         """The GPT on the meta device."""
         return on_meta(lambda: GPT(self.model_config))

@@ -93,6 +93,16 @@ class HFCausalLMTask(LanguageModelTask):
             torch.manual_seed(seed)
             return self._build().float()
 
+    def enable_checkpointing(self, model: nn.Module) -> None:
+        """transformers' own activation checkpointing (non-reentrant; its older name before transformers 5)."""
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(  # type: ignore[operator]  # a transformers PreTrainedModel
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+
     def skeleton(self) -> nn.Module:
         """The model on the meta device."""
         return on_meta(self._build)

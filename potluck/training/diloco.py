@@ -77,6 +77,31 @@ def make_inner_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
+def split_batch(batch: Any, size: int | None) -> list[tuple[int, Any]]:
+    """`batch` cut along its first dimension into pieces of at most `size` samples, with each piece's size.
+
+    Tensors, and tuples, lists and dicts of them, are cut alike; None or a size at least the batch's: one piece.
+    """
+
+    def first(value: Any) -> torch.Tensor:
+        if isinstance(value, torch.Tensor):
+            return value
+        return first(next(iter(value.values())) if isinstance(value, Mapping) else value[0])
+
+    n = int(first(batch).shape[0])
+    if size is None or size >= n:
+        return [(n, batch)]
+
+    def cut(value: Any, lo: int, hi: int) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value[lo:hi]
+        if isinstance(value, Mapping):
+            return {key: cut(item, lo, hi) for key, item in value.items()}
+        return type(value)(cut(item, lo, hi) for item in value)
+
+    return [(min(lo + size, n) - lo, cut(batch, lo, min(lo + size, n))) for lo in range(0, n, size)]
+
+
 def inner_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -86,21 +111,29 @@ def inner_step(
     grad_clip: float | None = 1.0,
     autocast: bool = False,
     loss_of: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    micro_batch: int | None = None,
 ) -> float:
     """One optimizer step on ``batch`` at learning rate ``lr``; returns the batch loss.
 
-    The batch is moved to the model's device. ``loss_of(model, batch)`` is the task's loss (None: the
-    built-in GPT's, ``model(x, y)``). ``autocast`` turns on bf16 autocast where the device supports it
-    (see ``device.autocast_context``). Gradients are clipped to global norm ``grad_clip`` unless it is None.
+    ``loss_of(model, batch)`` is the task's loss (None: the built-in GPT's, ``model(x, y)``). With
+    ``micro_batch``, the batch goes through the model that many samples at a time, the gradients adding
+    up (gradient accumulation): the same step in less memory. Each piece is moved to the model's device
+    when its turn comes. ``autocast`` turns on bf16 autocast where the device supports it (see
+    ``device.autocast_context``). Gradients are clipped to global norm ``grad_clip`` unless it is None.
     """
     device = next(model.parameters()).device
-    batch = batch_to(batch, device)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with autocast_context(device) if autocast else contextlib.nullcontext():
-        loss = model(*batch)[1] if loss_of is None else loss_of(model, batch)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    pieces = split_batch(batch, micro_batch)
+    total = sum(size for size, _ in pieces)
+    loss = torch.zeros((), device=device)
+    for size, piece in pieces:
+        piece = batch_to(piece, device)
+        with autocast_context(device) if autocast else contextlib.nullcontext():
+            part = (model(*piece)[1] if loss_of is None else loss_of(model, piece)) * (size / total)
+        part.backward()
+        loss += part.detach().float()
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()

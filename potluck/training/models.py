@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["GPT", "GPTConfig", "MODEL_SIZES", "build_model", "count_params", "model_config", "on_meta"]
 
@@ -153,6 +154,9 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Recompute each block's activations in the backward pass instead of keeping them (less memory, ~1/3
+        # more compute): what a small GPU needs for a large model (potluck plan --memory estimates both).
+        self.checkpointing = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -186,7 +190,10 @@ class GPT(nn.Module):
         wte = cast(nn.Embedding, t["wte"])
         x = t["drop"](wte(idx) + t["wpe"](pos))
         for block in cast(nn.ModuleList, t["h"]):
-            x = block(x)
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x = cast(torch.Tensor, checkpoint(block, x, use_reentrant=False))
+            else:
+                x = block(x)
         x = t["ln_f"](x)
         head = wte.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head)

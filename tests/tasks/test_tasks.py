@@ -13,6 +13,7 @@ from potluck.protocol.config_files import dump_run_config, load_run_config, run_
 from potluck.tasks import Task, TaskError, TaskMismatch, allow_task, created, run_task, task_for
 from potluck.tasks.gpt import GPTTask
 from potluck.tasks.hf import HFCausalLMTask
+from potluck.training.diloco import inner_step, split_batch
 from potluck.training.models import build_model, model_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -170,3 +171,30 @@ print(task.loss(model, task.held_out_batches(batch_size=2, count=1)[0]).item())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.split()[-1]) > 0
+
+
+@pytest.mark.parametrize("run", [RunConfig().with_overrides(SMALL, source="test"), hf_run()], ids=["gpt", "llama"])
+def test_micro_batches_and_checkpointing_take_the_same_step_in_less_memory(run: RunConfig) -> None:
+    task = task_for(run)
+    batch = next(task.train_batches(seed=0, batch_size=4))
+    steps = []
+    for micro_batch, checkpointing in ((None, False), (1, False), (3, True)):
+        model = task.build_model(seed=0)
+        if checkpointing:
+            task.enable_checkpointing(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = inner_step(model, optimizer, batch, lr=0.1, loss_of=task.loss, micro_batch=micro_batch)
+        steps.append((loss, [p.detach().clone() for p in model.parameters()]))
+    (loss, params), *others = steps
+    for other_loss, other_params in others:
+        assert other_loss == pytest.approx(loss, rel=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params, other_params, strict=True))
+
+
+def test_a_batch_is_cut_along_its_first_dimension_whatever_its_structure() -> None:
+    batch = {"x": torch.arange(10).view(5, 2), "y": (torch.arange(5), torch.arange(5) * 2)}
+    pieces = split_batch(batch, 2)
+    assert [size for size, _ in pieces] == [2, 2, 1]
+    assert torch.equal(pieces[2][1]["x"], torch.tensor([[8, 9]]))
+    assert torch.equal(pieces[1][1]["y"][1], torch.tensor([4, 6]))
+    assert split_batch(batch, None) == [(5, batch)] and split_batch(batch, 9) == [(5, batch)]
