@@ -18,7 +18,19 @@ import typer
 from rich.logging import RichHandler
 
 from potluck import __version__
-from potluck.cli import aggregator, bans, doctor, identity, ledger, peer, planning, redteam, serverless, swarm
+from potluck.cli import (
+    aggregator,
+    bans,
+    doctor,
+    identity,
+    ledger,
+    peer,
+    planning,
+    redteam,
+    serverless,
+    swarm,
+    tokenizer,
+)
 from potluck.cli.common import stderr, stdout
 from potluck.errors import ERROR_PREFIX, PotluckError
 from potluck.protocol import PROTOCOL_VERSION
@@ -45,6 +57,7 @@ app.command("redteam")(redteam.redteam)
 app.add_typer(ledger.ledger_app, name="ledger")
 app.add_typer(ledger.receipts_app, name="receipts")
 app.command("leaderboard")(ledger.leaderboard)
+app.add_typer(tokenizer.tokenizer_app, name="tokenizer")
 
 
 def setup_logging(verbose: bool) -> None:
