@@ -368,6 +368,7 @@ def _jsonl_texts(path: Path, *, field: str) -> Iterator[str]:
 
 
 def _parquet_texts(path: Path, *, column: str) -> Iterator[str]:
+    """The non-empty texts of a Parquet file's string ``column``; the file and its column are checked now."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -383,8 +384,12 @@ def _parquet_texts(path: Path, *, column: str) -> Iterator[str]:
     kind = schema.field(column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise DataError(f"{path}: column {column!r} holds {kind}, not text")
-    for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
-        yield from (text for text in batch.column(0).to_pylist() if text)
+    return (
+        text
+        for batch in parquet.iter_batches(batch_size=1024, columns=[column])
+        for text in batch[0].to_pylist()
+        if text
+    )
 
 
 def _capped(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
