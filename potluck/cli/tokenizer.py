@@ -71,7 +71,6 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Train a byte-level BPE tokenizer on your text (the same text gives the same file) and write tokenizer.json."""
-    from potluck.training.data import iter_texts
     from potluck.training.tokenizer import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, save_tokenizer, train_tokenizer
 
     if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
@@ -82,6 +81,8 @@ def train(
     if min_frequency < 1:
         raise UsageError(f"--min-frequency must be at least 1, got {min_frequency}")
     out = _check_out(out, force=force)
+    from potluck.training.data import iter_texts  # after the checks: it imports torch, seconds on a slow machine
+
     texts = iter_texts(data, field=field, max_bytes=max_bytes)
 
     started = time.perf_counter()
