@@ -112,10 +112,10 @@ def train(
         }
         print(json.dumps(result))
         return
-    short = "" if tokenizer.vocab_size == vocab_size else f" (of {vocab_size} asked: the text repeats too few pairs)"
+    short = "" if tokenizer.vocab_size == vocab_size else f" (of {vocab_size:,} asked: the text repeats too few pairs)"
     stdout.print(
-        f"trained a {tokenizer.vocab_size}-token BPE tokenizer{short} on {reading.bytes:,} bytes in {seconds:.1f} s: "
-        f"sha256 {tokenizer.sha256[:16]}, wrote {out}",
+        f"trained a BPE tokenizer of {tokenizer.vocab_size:,} tokens{short} on {reading.bytes:,} bytes "
+        f"in {seconds:.1f} s: sha256 {tokenizer.sha256[:16]}, wrote {out}",
         markup=False,
         highlight=False,
         soft_wrap=True,

@@ -80,7 +80,7 @@ def test_the_same_text_gives_the_same_file_and_max_bytes_bounds_the_read(tmp_pat
 
     assert first.exit_code == again.exit_code == 0, first.output + again.output
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
-    assert first.output.startswith("trained a 300-token BPE tokenizer on 5,000 bytes")
+    assert first.output.startswith("trained a BPE tokenizer of 300 tokens on 5,000 bytes")
 
 
 def test_jsonl_records_are_read_by_their_field(tmp_path: Path) -> None:
