@@ -54,14 +54,14 @@ class _Reading:
 
 @tokenizer_app.command("train")
 def train(
+    vocab_size: Annotated[int, typer.Option(help="Tokens in the vocabulary, special and byte tokens included.")],
+    out: Annotated[Path, typer.Option(help="The tokenizer.json file to write.")],
     data: Annotated[
         str,
         typer.Option(
             help="The text: 'builtin', a text file or directory, a .jsonl or .parquet file, or hf:<saved dataset dir>."
         ),
-    ],
-    vocab_size: Annotated[int, typer.Option(help="Tokens in the vocabulary, special and byte tokens included.")],
-    out: Annotated[Path, typer.Option(help="The tokenizer.json file to write.")],
+    ] = "builtin",
     field: Annotated[
         str, typer.Option("--field", "--column", help="The text field of .jsonl records, or column of .parquet/hf.")
     ] = "text",
@@ -97,6 +97,8 @@ def train(
     ) as progress:
         reading = _Reading(texts, progress, max_bytes=max_bytes)
         tokenizer_json = train_tokenizer(reading, vocab_size=vocab_size, min_frequency=min_frequency)
+    if out.exists() and not force:  # it appeared while we trained
+        raise UsageError(f"{out} already exists; pass --force to replace it")
     tokenizer = save_tokenizer(tokenizer_json, out)
     seconds = time.perf_counter() - started
 
