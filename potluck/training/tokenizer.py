@@ -57,7 +57,7 @@ BYTES_SHA256 = "bytes"  # the byte tokenizer's name where a tokenizer file's sha
 # vocabularies) are about 20 MiB, and a peer may receive the file from an aggregator.
 MAX_TOKENIZER_BYTES = 64 * 2**20
 MIN_VOCAB_SIZE = 260  # 256 byte tokens, the two special tokens and at least a couple of merges
-MAX_VOCAB_SIZE = 1_000_000
+MAX_VOCAB_SIZE = 1_000_000  # 4x the largest vocabularies in use (about 256k tokens)
 EOS_TOKEN = "<|endoftext|>"  # what train_tokenizer puts between documents (GPT-2's name)
 PAD_TOKEN = "<|pad|>"  # train_tokenizer's padding token, for transformers' batched generation
 # Names other tokenizers give their end-of-document / start-of-document tokens, tried in order.
@@ -126,7 +126,12 @@ class ByteTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A Hugging Face ``tokenizers`` file, loaded from checked bytes (``from_bytes``, ``from_file``)."""
+    """A Hugging Face ``tokenizers`` file, loaded from checked bytes (the constructor, or ``from_file``).
+
+    The size is bounded before parsing, but the parser's cost also grows with the largest token
+    id a file names (a 4-billion id takes the library most of a minute): compare bytes received
+    from another node with the run's pinned sha256 before handing them over.
+    """
 
     def __init__(self, data: bytes, *, name: str = "tokenizer.json", eos_token: str | None = None) -> None:
         """Parse and check ``data`` (the bytes of a tokenizer.json); ``name`` says where it came from in errors.
@@ -150,13 +155,18 @@ class HFTokenizer(Tokenizer):
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         if not vocab:
             raise TokenizerError(f"tokenizer {name} has an empty vocabulary")
+        top_id = max(vocab.values())
+        if top_id >= MAX_VOCAB_SIZE:  # a model would need an embedding row for every id up to it
+            raise TokenizerError(
+                f"tokenizer {name} has token id {top_id:,}; potluck takes at most {MAX_VOCAB_SIZE:,} tokens"
+            )
         # A file made for a fixed-length model may truncate or pad; potluck cuts its own windows.
         tokenizer.no_truncation()
         tokenizer.no_padding()
         # Text that happens to contain "<|endoftext|>" is text: only encode_documents puts an eos in.
         tokenizer.encode_special_tokens = True
         self.data = data  # the file's exact bytes, hashed and served to joiners as they are
-        self.vocab_size = max(vocab.values()) + 1
+        self.vocab_size = top_id + 1
         self.sha256 = hashlib.sha256(data).hexdigest()
         specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
         if eos_token is not None and eos_token not in vocab:
@@ -252,8 +262,9 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int, min_frequency: int
     ``EOS_TOKEN`` (between documents) and ``PAD_TOKEN``; the 256 byte tokens follow, then the
     merges, most frequent first, until ``vocab_size`` tokens or no pair occurs ``min_frequency``
     times (a small text may give fewer tokens than asked). The same texts give the same bytes,
-    hence the same sha256: the trainer breaks ties between equally frequent pairs by the pair
-    itself, whether or not it runs on several threads (TOKENIZERS_PARALLELISM changes speed only).
+    hence the same sha256, in any process and whether or not the library uses several threads
+    (TOKENIZERS_PARALLELISM changes speed only): the trainer's pair counts do not depend on the
+    order it sees words in, and it breaks ties between equally frequent pairs by the pair itself.
     Raises TokenizerError for a vocabulary size out of range or no text at all.
     """
     if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:

@@ -228,6 +228,14 @@ def test_a_vocabulary_past_65536_tokens_gives_uint32_ids() -> None:
     assert [token_dtype(n) for n in (256, 257, 65_536, 65_537)] == [np.uint8, np.uint16, np.uint16, np.uint32]
 
 
+def test_a_token_id_past_the_vocabulary_limit_is_refused() -> None:
+    huge = tokenizers.Tokenizer(models.WordLevel({"a": 0, "b": 2_000_000}, unk_token="a"))
+
+    with pytest.raises(TokenizerError) as exc:
+        HFTokenizer(huge.to_str().encode())
+    assert "2,000,000" in _one_line(exc)
+
+
 def test_a_named_end_of_text_token_must_exist(trained: bytes) -> None:
     assert HFTokenizer(trained, eos_token=PAD_TOKEN).eos_id == 1
     with pytest.raises(TokenizerError) as exc:
