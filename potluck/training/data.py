@@ -295,6 +295,8 @@ def iter_texts(source: str = "builtin", *, field: str = "text", max_bytes: int |
     texts: Iterator[str]
     if source.startswith("hf:"):
         train, _ = _open_saved_dataset(source[3:], column=field)
+        if getattr(train.features[field], "dtype", None) not in ("string", "large_string"):  # a list has none
+            raise DataError(f"dataset at {source[3:]!r}: column {field!r} holds {train.features[field]}, not text")
         texts = (row[field] for row in train if row[field])
     elif source == "builtin":
         root = Path(sysconfig.get_paths()["stdlib"])

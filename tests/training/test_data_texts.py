@@ -102,6 +102,10 @@ def test_a_saved_dataset_gives_its_train_rows(tmp_path: Path) -> None:
     )
 
     assert list(iter_texts(f"hf:{tmp_path / 'ds'}")) == ["a", "b"]
+    datasets.Dataset.from_dict({"text": [1, 2]}).save_to_disk(str(tmp_path / "numbers"))
+    with pytest.raises(DataError) as numbers:
+        iter_texts(f"hf:{tmp_path / 'numbers'}")
+    assert "not text" in _one_line(numbers)
 
 
 def test_a_missing_or_binary_source_is_one_line(tmp_path: Path) -> None:
