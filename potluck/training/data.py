@@ -287,8 +287,10 @@ def iter_texts(source: str = "builtin", *, field: str = "text", max_bytes: int |
     a line) and a ``.parquet`` file; ``field`` names the text field of their records and the
     column of a saved dataset. Files come in ``load_corpus``'s hash order, so a ``max_bytes``
     cap (UTF-8 bytes, the last text cut short) takes a mix of documents rather than the first
-    directory; only what is yielded is read, and a large file is yielded a piece at a time.
-    Bytes that are not UTF-8 become U+FFFD. Raises ``DataError`` for a missing or unusable source.
+    directory; only what is yielded is read. A file over 1 MiB is yielded a piece at a time
+    (cut at line ends), so a text is a document or a piece of one: put no end-of-document token
+    between texts of a plain file. Bytes that are not UTF-8 become U+FFFD. Raises
+    ``DataError`` for a missing or unusable source.
     """
     if max_bytes is not None and max_bytes < 1:
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
