@@ -18,7 +18,20 @@ import typer
 from rich.logging import RichHandler
 
 from potluck import __version__
-from potluck.cli import aggregator, bans, doctor, export, identity, ledger, peer, planning, redteam, serverless, swarm
+from potluck.cli import (
+    aggregator,
+    bans,
+    doctor,
+    export,
+    identity,
+    ledger,
+    peer,
+    planning,
+    redteam,
+    serverless,
+    swarm,
+    tokenizer,
+)
 from potluck.cli.common import stderr, stdout
 from potluck.errors import ERROR_PREFIX, PotluckError
 from potluck.protocol import PROTOCOL_VERSION
@@ -47,6 +60,7 @@ app.add_typer(ledger.receipts_app, name="receipts")
 app.command("leaderboard")(ledger.leaderboard)
 app.command("export")(export.export)
 app.command("sample")(export.sample)
+app.add_typer(tokenizer.tokenizer_app, name="tokenizer")
 
 
 def setup_logging(verbose: bool) -> None:

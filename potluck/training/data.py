@@ -18,20 +18,23 @@ dataset written with ``save_to_disk``; needs the optional ``datasets`` package).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import json
 import logging
 import os
 import sysconfig
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from potluck.errors import PotluckError
 
-__all__ = ["BatchSampler", "Corpus", "DataError", "builtin_corpus_files", "load_corpus", "val_batches"]
+__all__ = ["BatchSampler", "Corpus", "DataError", "builtin_corpus_files", "iter_texts", "load_corpus", "val_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +221,28 @@ def _load_hf(path: str, *, val_fraction: float, max_bytes: int | None) -> tuple[
     "test") as held-out text; otherwise rows are held out by a hash of their index.
     Each row is encoded as UTF-8 and followed by a newline.
     """
+    loaded, held_out = _open_saved_dataset(path, column="text")
+    val_budget = train_budget = None
+    if max_bytes is not None:
+        val_budget = max(1, round(max_bytes * val_fraction))
+        train_budget = max_bytes - val_budget
+    if held_out is not None:
+        return _rows_to_tokens(loaded, train_budget), _rows_to_tokens(held_out, val_budget)
+    val_rows = [i for i in range(len(loaded)) if _split_key(f"row/{i}") < val_fraction] or [0]
+    val_set = set(val_rows)
+    train_rows = [i for i in range(len(loaded)) if i not in val_set]
+    return (
+        _rows_to_tokens(loaded.select(train_rows), train_budget),
+        _rows_to_tokens(loaded.select(val_rows), val_budget),
+    )
+
+
+def _open_saved_dataset(path: str, *, column: str) -> tuple[Any, Any]:
+    """A dataset saved with ``datasets.save_to_disk``: its train rows and its held-out rows (or None).
+
+    A saved ``DatasetDict`` gives its "train" split and, when present, "validation" (or "test");
+    a plain ``Dataset`` is all train. Both must have ``column``.
+    """
     try:
         import datasets
     except ImportError:
@@ -236,22 +261,9 @@ def _load_hf(path: str, *, val_fraction: float, max_bytes: int | None) -> tuple[
         held_out = loaded.get("validation", loaded.get("test"))
         loaded = loaded["train"]
     for ds in (loaded, held_out):
-        if ds is not None and "text" not in ds.column_names:
-            raise DataError(f"dataset at {path!r} has columns {ds.column_names}; it needs a 'text' column")
-
-    val_budget = train_budget = None
-    if max_bytes is not None:
-        val_budget = max(1, round(max_bytes * val_fraction))
-        train_budget = max_bytes - val_budget
-    if held_out is not None:
-        return _rows_to_tokens(loaded, train_budget), _rows_to_tokens(held_out, val_budget)
-    val_rows = [i for i in range(len(loaded)) if _split_key(f"row/{i}") < val_fraction] or [0]
-    val_set = set(val_rows)
-    train_rows = [i for i in range(len(loaded)) if i not in val_set]
-    return (
-        _rows_to_tokens(loaded.select(train_rows), train_budget),
-        _rows_to_tokens(loaded.select(val_rows), val_budget),
-    )
+        if ds is not None and column not in ds.column_names:
+            raise DataError(f"dataset at {path!r} has columns {ds.column_names}; it needs a {column!r} column")
+    return loaded, held_out
 
 
 def _rows_to_tokens(ds: Iterable[dict[str, str | None]], budget: int | None) -> np.ndarray:
@@ -265,6 +277,135 @@ def _rows_to_tokens(ds: Iterable[dict[str, str | None]], budget: int | None) -> 
         chunks.append(data)
         total += len(data)
     return np.frombuffer(b"".join(chunks), dtype=np.uint8)
+
+
+def iter_texts(source: str = "builtin", *, field: str = "text", max_bytes: int | None = None) -> Iterator[str]:
+    """The text of every document of a source, lazily, for work over plain text such as training a tokenizer.
+
+    Sources are those of ``load_corpus`` (``"builtin"``, a text file, a directory of text
+    files, ``"hf:<dir>"``, whose train split is read), plus a ``.jsonl`` file (one JSON object
+    a line) and a ``.parquet`` file; ``field`` names the text field of their records and the
+    column of a saved dataset. Files come in ``load_corpus``'s hash order, so a ``max_bytes``
+    cap (UTF-8 bytes, the last text cut short) takes a mix of documents rather than the first
+    directory; only what is yielded is read. A file over 1 MiB is yielded a piece at a time
+    (cut at line ends), so a text is a document or a piece of one: put no end-of-document token
+    between texts of a plain file. Bytes that are not UTF-8 become U+FFFD. Raises
+    ``DataError`` for a missing or unusable source.
+    """
+    if max_bytes is not None and max_bytes < 1:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    texts: Iterator[str]
+    if source.startswith("hf:"):
+        train, _ = _open_saved_dataset(source[3:], column=field)
+        if getattr(train.features[field], "dtype", None) not in ("string", "large_string"):  # a list has none
+            raise DataError(f"dataset at {source[3:]!r}: column {field!r} holds {train.features[field]}, not text")
+        texts = (row[field] for row in train if row[field])
+    elif source == "builtin":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        texts = _docs_texts([_doc(root, p) for p in builtin_corpus_files()])
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise DataError(
+                f"text source {source!r} does not exist; pass a text, .jsonl or .parquet file, a directory, "
+                "'builtin' or 'hf:<dir>'"
+            )
+        if path.is_dir():
+            docs = _text_docs(path)
+            if not docs:
+                raise DataError(f"directory {source!r} holds no non-empty text files; add some or pick another source")
+            texts = _docs_texts(docs)
+        elif path.suffix == ".jsonl":
+            texts = _jsonl_texts(path, field=field)
+        elif path.suffix == ".parquet":
+            texts = _parquet_texts(path, column=field)
+        elif not _is_text(path):
+            raise DataError(f"{source!r} is not a text file (it has NUL bytes); pass UTF-8 or other plain text")
+        else:
+            texts = _file_texts(path)
+    return texts if max_bytes is None else _capped(texts, max_bytes)
+
+
+def _docs_texts(docs: list[_Doc]) -> Iterator[str]:
+    for doc in sorted(docs, key=lambda d: (d.key, d.relpath)):
+        yield from _file_texts(doc.path)
+
+
+# A large text file is yielded in pieces of about this many bytes, each ending at a line's end where it can.
+_TEXT_PIECE_BYTES = 2**20
+
+
+def _file_texts(path: Path) -> Iterator[str]:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    carry = ""
+    with path.open("rb") as f:
+        while chunk := f.read(_TEXT_PIECE_BYTES):
+            text = carry + decoder.decode(chunk)
+            cut = text.rfind("\n") + 1 or len(text)
+            carry = text[cut:]
+            if cut:
+                yield text[:cut]
+    if tail := carry + decoder.decode(b"", final=True):
+        yield tail
+
+
+def _jsonl_texts(path: Path, *, field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                message = f"{path}:{number} is not JSON ({exc.msg}); a .jsonl file has one object a line"
+                raise DataError(message) from None
+            if not isinstance(record, dict) or field not in record:
+                fields = list(record) if isinstance(record, dict) else type(record).__name__
+                raise DataError(f"{path}:{number} has no {field!r} field (it has {fields}); name the text field")
+            text = record[field]
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{number}: field {field!r} is {type(text).__name__}, not text")
+            if text:
+                yield text
+
+
+def _parquet_texts(path: Path, *, column: str) -> Iterator[str]:
+    """The non-empty texts of a Parquet file's string ``column``; the file and its column are checked now."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"reading {path} needs the pyarrow package: pip install pyarrow") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"cannot read {path} as Parquet: {exc}") from None
+    schema = parquet.schema_arrow
+    if column not in schema.names:
+        raise DataError(f"{path} has columns {schema.names}; it needs a {column!r} column of text")
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataError(f"{path}: column {column!r} holds {kind}, not text")
+    return (
+        text
+        for batch in parquet.iter_batches(batch_size=1024, columns=[column])
+        for text in batch[0].to_pylist()
+        if text
+    )
+
+
+def _capped(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+    """``texts`` up to ``max_bytes`` UTF-8 bytes in all; the text that crosses the cap is cut there."""
+    left = max_bytes
+    for text in texts:
+        data = text.encode("utf-8")
+        if len(data) >= left:
+            yield data[:left].decode("utf-8", errors="ignore")  # a character cut in two is dropped
+            return
+        left -= len(data)
+        yield text
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
