@@ -9,7 +9,6 @@ trained on and decodes them back.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 
 def _byte_symbols() -> list[str]:
@@ -50,10 +49,3 @@ def byte_tokenizer_json() -> str:
         },
     }
     return json.dumps(spec, ensure_ascii=False)
-
-
-def save_tokenizer(tokenizer_json: str, out: Path) -> None:
-    """Write `tokenizer.json` and the `tokenizer_config.json` that lets AutoTokenizer load it offline."""
-    (out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000_000}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -20,9 +20,10 @@ import torch.nn as nn
 
 from potluck.protocol.config import RunConfig
 from potluck.tasks.base import TaskError
-from potluck.tasks.byte_tokenizer import byte_tokenizer_json, save_tokenizer
+from potluck.tasks.byte_tokenizer import byte_tokenizer_json
 from potluck.tasks.language import BYTE_VOCAB, LanguageModelTask
 from potluck.training.models import on_meta
+from potluck.training.tokenizer import save_for_transformers
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -110,7 +111,7 @@ class HFCausalLMTask(LanguageModelTask):
     def export(self, model: nn.Module, out: Path, *, run: Mapping[str, Any]) -> list[str]:
         """A `save_pretrained` directory and the run's tokenizer: `from_pretrained(out)` loads both, no potluck."""
         model.save_pretrained(str(out))  # type: ignore[operator]  # a transformers PreTrainedModel
-        save_tokenizer(self.tokenizer_json(), out)
+        save_for_transformers(self.tokenizer_json().encode(), out, model_max_length=self.block_size)
         (out / "potluck.json").write_text(json.dumps(dict(run), indent=2) + "\n")
         return sorted(p.name for p in out.iterdir())
 
