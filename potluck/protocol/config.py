@@ -220,6 +220,10 @@ class DataSpec(BaseModel):
     val_fraction: float = Field(0.02, gt=0, lt=0.5)  # held-out share for validation loss
     # Read at most this many bytes of the source (None: all of it); 4 MB keeps the builtin corpus quick.
     max_bytes: Annotated[Annotated[int, Field(gt=0)] | None, _Optional] = 4_000_000
+    # The sha256 of the run's tokenizer.json (potluck tokenizer train makes one); None: a token is a byte.
+    # run.toml may name the file instead: it is read and kept in this machine's store when the run is loaded
+    # (potluck.tasks.tokens), and every node finds it there by this hash.
+    tokenizer: Annotated[Annotated[str, AfterValidator(_check_sha256)] | None, _Optional] = None
 
 
 class InnerOptimizerSpec(BaseModel):

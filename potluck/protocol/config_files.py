@@ -19,6 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from potluck.protocol.config import ConfigError, RunConfig
+from potluck.protocol.file_store import MAX_STORED_BYTES, TOKENIZERS, store
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,6 +28,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 
 MAX_HF_CONFIG_BYTES = 1_000_000  # a transformers config.json is a few kilobytes
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # ---------------------------------------------------------------------------------------------- loading
 
@@ -36,7 +38,7 @@ def run_config_or_default(path: str | Path | None, *, overrides: Mapping[str, An
     if path is not None:
         return load_run_config(path, overrides=overrides)
     data = _apply_overrides({}, overrides, "<flags>") if overrides else {}
-    return run_config_from_mapping(_read_hf_config_file(data, "--set", relative_to=Path.cwd()))
+    return run_config_from_mapping(_read_local_files(data, "--set", relative_to=Path.cwd()))
 
 
 def load_run_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> RunConfig:
@@ -63,9 +65,9 @@ def load_run_config(path: str | Path, *, overrides: Mapping[str, Any] | None = N
         raise ConfigError(source, [f"cannot read: {exc.strerror or exc}"]) from None
     data = _parse_toml(text, source) if suffix == ".toml" else _parse_yaml(text, source)
     if isinstance(data, Mapping):  # a file's path is the file's own, a flag's the working directory's
-        data = _read_hf_config_file(data, source, relative_to=path.parent)
+        data = _read_local_files(data, source, relative_to=path.parent)
         if overrides:
-            data = _read_hf_config_file(_apply_overrides(data, overrides, source), source, relative_to=Path.cwd())
+            data = _read_local_files(_apply_overrides(data, overrides, source), source, relative_to=Path.cwd())
     return run_config_from_mapping(data, source=source)
 
 
@@ -84,6 +86,30 @@ def run_config_from_mapping(
         return RunConfig.model_validate(dict(data))
     except ValidationError as exc:
         raise ConfigError(source, [_describe(error) for error in exc.errors()]) from None
+
+
+def _read_local_files(data: Mapping[str, Any], source: str, *, relative_to: Path) -> Mapping[str, Any]:
+    """`data` with the files a local config names read in: the hf_config's JSON, the tokenizer's hash (stored)."""
+    return _store_tokenizer_file(_read_hf_config_file(data, source, relative_to=relative_to), source, relative_to)
+
+
+def _store_tokenizer_file(data: Mapping[str, Any], source: str, relative_to: Path) -> Mapping[str, Any]:
+    """`data` with a data.tokenizer given as a path replaced by the file's sha256, the file kept in the store."""
+    section = data.get("data")
+    value = section.get("tokenizer") if isinstance(section, Mapping) else None
+    if not isinstance(value, str) or _SHA256.fullmatch(value) or value.strip().lower() == "none":
+        return data
+    assert isinstance(section, Mapping)
+    path = relative_to / Path(value).expanduser()
+    try:
+        if path.stat().st_size > MAX_STORED_BYTES:
+            raise ConfigError(source, [f"data.tokenizer: {value} is over {MAX_STORED_BYTES} bytes"])
+        sha = store(TOKENIZERS, path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(source, [f"data.tokenizer: no such file {value}"]) from None
+    except OSError as exc:
+        raise ConfigError(source, [f"data.tokenizer: cannot read {value}: {exc}"]) from None
+    return {**data, "data": {**section, "tokenizer": sha}}
 
 
 def _read_hf_config_file(data: Mapping[str, Any], source: str, *, relative_to: Path) -> Mapping[str, Any]:

@@ -21,6 +21,7 @@ peers serve potluck.chunk too. The state payload is a safetensors file: master p
 joiner needs nothing but the stream.
 """
 
+import hashlib
 import json
 import struct
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ import torch
 from potluck.errors import PotluckError
 from potluck.protocol.config import ConfigError, RunConfig
 from potluck.protocol.config_files import dump_run_config, run_config_from_toml
+from potluck.protocol.file_store import TOKENIZERS, StoreError, stored
 
 STATE_HANDLER = "potluck.state"
 SUBMIT_HANDLER = "potluck.submit"
@@ -47,6 +49,7 @@ _LENGTH = struct.Struct(">I")
 MAX_REQUEST_BYTES = 256  # the msgpack request bodies are a few dozen bytes
 _PARAM = "param/"
 _OUTER = "outer/"
+_TOKENIZER = "file/tokenizer.json"  # the run's tokenizer file as bytes (a run with data.tokenizer only)
 
 
 class MessageError(PotluckError):
@@ -146,17 +149,28 @@ def parse_receipt_request(body: bytes) -> tuple[int, bytes]:
 def encode_state_payload(
     cfg: RunConfig, *, params: Mapping[str, torch.Tensor], outer_state: Mapping[str, torch.Tensor]
 ) -> bytes:
-    """The state payload: parameters and outer buffers as safetensors, the config as TOML metadata."""
+    """The state payload: parameters and outer buffers as safetensors, the config as TOML metadata.
+
+    A run with a tokenizer carries its file too (from this machine's store), so joiners need not have it.
+    """
     tensors = {_PARAM + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in params.items()}
     tensors |= {_OUTER + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in outer_state.items()}
+    if cfg.data.tokenizer is not None:
+        data = stored(TOKENIZERS, cfg.data.tokenizer)
+        if data is None:
+            raise StoreError(f"the run's tokenizer {cfg.data.tokenizer[:12]} is not in this machine's store")
+        tensors[_TOKENIZER] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return safetensors.torch.save(tensors, metadata={"config": dump_run_config(cfg, "toml")})
 
 
-def decode_state_payload(payload: bytes) -> tuple[RunConfig, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(config, params, outer_state) from a state payload; MessageError if it is not one.
+def decode_state_payload(
+    payload: bytes,
+) -> tuple[RunConfig, dict[str, torch.Tensor], dict[str, torch.Tensor], bytes | None]:
+    """(config, params, outer_state, tokenizer file) from a state payload; MessageError if it is not one.
 
-    Only the format is checked here; the caller checks names and shapes against the model the
-    config describes, and the parameters against the signed state_sha256.
+    Only the format is checked here, and that a tokenizer file is the one the config names by its hash;
+    the caller checks names and shapes against the model the config describes, and the parameters
+    against the signed state_sha256.
     """
     try:
         tensors = safetensors.torch.load(payload)
@@ -170,6 +184,12 @@ def decode_state_payload(payload: bytes) -> tuple[RunConfig, dict[str, torch.Ten
     except (KeyError, ConfigError) as e:
         raise MessageError(f"state payload carries no valid run config: {e}") from e
     params, outer = {}, {}
+    tokenizer = tensors.pop(_TOKENIZER, None)
+    tokenizer_bytes = None if tokenizer is None else tokenizer.numpy().tobytes()
+    if (tokenizer_bytes is None) != (cfg.data.tokenizer is None) or (
+        tokenizer_bytes is not None and hashlib.sha256(tokenizer_bytes).hexdigest() != cfg.data.tokenizer
+    ):
+        raise MessageError("state payload's tokenizer file is not the one its config names")
     for name, tensor in tensors.items():
         if tensor.dtype != torch.float32:
             raise MessageError(f"state tensor {name!r} is {tensor.dtype}, expected float32")
@@ -179,7 +199,7 @@ def decode_state_payload(payload: bytes) -> tuple[RunConfig, dict[str, torch.Ten
             outer[name[len(_OUTER) :]] = tensor
         else:
             raise MessageError(f"state payload has an unexpected tensor {name!r:.80}")
-    return cfg, params, outer
+    return cfg, params, outer, tokenizer_bytes
 
 
 def config_in_head(head: bytes) -> RunConfig | None:

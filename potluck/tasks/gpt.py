@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from potluck.protocol.config import RunConfig
-from potluck.tasks.base import Batch
+from potluck.tasks.base import Batch, TaskError
 from potluck.tasks.language import LanguageModelTask
 from potluck.training.models import GPT, GPTConfig, build_model, model_config, on_meta
 
@@ -18,6 +18,8 @@ class GPTTask(LanguageModelTask):
 
     def __init__(self, cfg: RunConfig, *, data_source: str | None = None) -> None:
         super().__init__(cfg, data_source=data_source)
+        if cfg.data.tokenizer is not None:
+            raise TaskError('the built-in GPT reads bytes; a run with a tokenizer trains task "hf-causal-lm"')
         self.model_config: GPTConfig = model_config(cfg.model.size, block_size=cfg.model.block_size)
 
     @property

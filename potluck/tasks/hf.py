@@ -23,7 +23,7 @@ from potluck.tasks.base import TaskError
 from potluck.tasks.byte_tokenizer import byte_tokenizer_json
 from potluck.tasks.language import BYTE_VOCAB, LanguageModelTask
 from potluck.training.models import on_meta
-from potluck.training.tokenizer import save_for_transformers
+from potluck.training.tokenizer import HFTokenizer, save_for_transformers
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -66,7 +66,7 @@ class HFCausalLMTask(LanguageModelTask):
             raise TaskError('task "hf-causal-lm" needs task.hf_config: the model\'s transformers config')
         self.config = hf_config(cfg.task.hf_config_values())
         vocab = int(getattr(self.config, "vocab_size", 0) or 0)
-        if vocab < BYTE_VOCAB:
+        if vocab < BYTE_VOCAB and cfg.data.tokenizer is None:
             raise TaskError(f"task.hf_config.vocab_size is {vocab}; the run's tokens need at least {BYTE_VOCAB}")
 
     @cached_property
@@ -115,8 +115,15 @@ class HFCausalLMTask(LanguageModelTask):
         (out / "potluck.json").write_text(json.dumps(dict(run), indent=2) + "\n")
         return sorted(p.name for p in out.iterdir())
 
+    @property
+    def model_vocab_size(self) -> int:
+        """The config's vocab_size."""
+        return int(getattr(self.config, "vocab_size", 0) or 0)
+
     def tokenizer_json(self) -> str:
         """The run's tokenizer as `tokenizer.json` text (bytes: a byte-level tokenizer whose ids are the bytes)."""
+        if isinstance(self.tokenizer, HFTokenizer):
+            return self.tokenizer.data.decode("utf-8")
         return byte_tokenizer_json()
 
     def logits(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

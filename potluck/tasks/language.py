@@ -7,6 +7,7 @@ windows every node scores on, a cross-entropy loss over next tokens, and work co
 
 from __future__ import annotations
 
+import json
 from abc import abstractmethod
 from collections.abc import Iterator
 from functools import cached_property
@@ -16,8 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from potluck.protocol.config import RunConfig
-from potluck.tasks.base import Batch, Task
+from potluck.tasks.base import Batch, Task, TaskError
+from potluck.tasks.tokens import stored_tokenizer, tokenized
 from potluck.training.data import BatchSampler, Corpus, load_corpus, val_batches
+from potluck.training.tokenizer import Tokenizer
 
 BYTE_VOCAB = 256  # without a tokenizer a token is a byte
 
@@ -41,10 +44,31 @@ class LanguageModelTask(Task):
         """The model's next-token logits for `inputs` ([batch, time] token ids): [batch, time, vocab]."""
 
     @cached_property
+    def tokenizer(self) -> Tokenizer | None:
+        """The run's tokenizer (data.tokenizer, from this machine's store); None: a token is a byte."""
+        if self.cfg.data.tokenizer is None:
+            return None
+        tokenizer = stored_tokenizer(self.cfg.data.tokenizer)
+        if tokenizer.vocab_size > self.model_vocab_size:
+            raise TaskError(
+                f"the run's tokenizer has {tokenizer.vocab_size} tokens, more than the model's {self.model_vocab_size}"
+            )
+        return tokenizer
+
+    @property
+    def model_vocab_size(self) -> int:
+        """Token ids the model can take."""
+        return BYTE_VOCAB
+
+    @cached_property
     def corpus(self) -> Corpus:
-        """The run's text, split into training and held-out tokens (read on first use)."""
+        """The run's text, split into training and held-out tokens (read, and tokenized once, on first use)."""
         data = self.cfg.data
-        return load_corpus(self.data_source, val_fraction=data.val_fraction, max_bytes=data.max_bytes)
+        text = load_corpus(self.data_source, val_fraction=data.val_fraction, max_bytes=data.max_bytes)
+        if self.tokenizer is None:
+            return text
+        key = json.dumps([self.data_source, data.val_fraction, data.max_bytes])
+        return tokenized(text, self.tokenizer, key=key)
 
     def train_batches(self, *, seed: int, batch_size: int) -> Iterator[Batch]:
         """Random windows of this peer's draw of the corpus: (inputs, next-token targets)."""
@@ -67,7 +91,7 @@ class LanguageModelTask(Task):
     @property
     def vocab_size(self) -> int:
         """Distinct token ids the corpus holds (bytes without a tokenizer)."""
-        return BYTE_VOCAB
+        return BYTE_VOCAB if self.tokenizer is None else self.tokenizer.vocab_size
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Mean cross-entropy (nats per token) of the next-token predictions."""
@@ -77,10 +101,14 @@ class LanguageModelTask(Task):
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (its UTF-8 bytes without a tokenizer)."""
+        if self.tokenizer is not None:
+            return [int(i) for i in self.tokenizer.encode(text)]
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
         """Text of token ids (undecodable bytes shown as U+FFFD)."""
+        if self.tokenizer is not None:
+            return self.tokenizer.decode(ids)
         return bytes(i for i in ids if 0 <= i < BYTE_VOCAB).decode("utf-8", errors="replace")
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ from potluck.protocol.codecs import CodecError
 from potluck.protocol.config import RunConfig
 from potluck.protocol.density import density_problem, round_codecs
 from potluck.protocol.envelope import EnvelopeError, SignedAggregate, SignedState, StateHeader
+from potluck.protocol.file_store import TOKENIZERS, store
 from potluck.protocol.identity import public_key_to_hex
 from potluck.protocol.messages import MessageError, decode_state_payload
 from potluck.protocol.shards import ShardError, shard_names, shard_of_key
@@ -48,7 +49,7 @@ def check_state(
     try:
         signed.verify({source})
         signed.verify_payload(payload)
-        cfg, params, outer_state = decode_state_payload(payload)
+        cfg, params, outer_state, tokenizer = decode_state_payload(payload)
     except (EnvelopeError, MessageError) as e:
         raise ReplicaError(f"its state does not check out: {e}") from e
     h = signed.header
@@ -69,6 +70,8 @@ def check_state(
     problem = density_problem(cfg, h.density)
     if problem is not None:
         raise ReplicaError(f"its state announces a {problem}")
+    if tokenizer is not None:
+        store(TOKENIZERS, tokenizer)  # checked against the config's hash: where this node's task reads it
     outer = OuterOptimizer(kind=cfg.outer.kind, lr=cfg.outer.lr, momentum=cfg.outer.momentum)
     outer.load_state_dict(outer_state)
     return ShardState(cfg=cfg, header=h, shard=shard, params={name: params[name] for name in names}, outer=outer)

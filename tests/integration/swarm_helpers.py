@@ -75,7 +75,7 @@ def signed_test_update(
 
     Encoded at the round's upload density, or at `density` (on the run's ladder) to send a wrong one.
     """
-    cfg, params, _ = decode_state_payload(state_payload)
+    cfg, params, _, _ = decode_state_payload(state_payload)
     codec, _ = round_codecs(cfg, state.header.density if density is None else density)
     model_shapes = parameter_shapes(model_config(cfg.model.size, block_size=cfg.model.block_size))
     shapes = {name: shape for name, shape in model_shapes.items() if name in params}  # a shard's, in a sharded run

@@ -64,17 +64,26 @@ def test_a_task_of_ones_own_trains_in_a_swarm_well_past_chance(tmp_path: Path) -
 
 
 @pytest.mark.timeout(300)
-def test_a_hugging_face_llama_trains_in_a_swarm_and_comes_out_for_transformers(tmp_path: Path) -> None:
-    # Execute: a transformers LlamaForCausalLM built from a tiny config.json the run's file names
+def test_a_hugging_face_llama_with_its_own_tokenizer_trains_in_a_swarm_and_comes_out_for_transformers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a BPE tokenizer trained here, and the example's Llama config with its vocabulary
+    monkeypatch.setenv("POTLUCK_CACHE", str(tmp_path / "cache"))  # this machine's store (the nodes inherit it)
+    _potluck("tokenizer", "train", "--vocab-size", "512", "--max-bytes", "2000000", "--out", f"{tmp_path}/tok.json")
+    model = {**json.loads((ROOT / "examples" / "llama" / "config.json").read_text()), "vocab_size": 512}
+    (tmp_path / "model.json").write_text(json.dumps(model))
+    run = (ROOT / "examples" / "llama" / "run.toml").read_text().replace('"config.json"', '"model.json"')
+    (tmp_path / "run.toml").write_text(run.replace('source = "builtin"', 'source = "builtin"\ntokenizer = "tok.json"'))
+    # Execute: a transformers LlamaForCausalLM, two peers and an aggregator as processes
     state, out = tmp_path / "aggregator", tmp_path / "exported"
-    flags = ("--config", "examples/llama/run.toml", "--rounds", "4", "--local-steps", "15", "--state-dir", str(state))
+    flags = ("--config", str(tmp_path / "run.toml"), "--rounds", "4", "--local-steps", "15", "--state-dir", str(state))
     result = _swarm(tmp_path, *flags)
     _potluck("export", "--state-dir", str(state), "--out", str(out))
     sampled = _potluck("sample", "--state-dir", str(state), "--prompt", "def ", "--tokens", "40")
     # Assert: it learned
     assert result["rounds_completed"] == 4
-    assert result["initial_val_loss"] > math.log(256) - 0.5
-    assert result["final_val_loss"] < result["initial_val_loss"] - 1.5, result["final_val_loss"]
+    assert result["initial_val_loss"] > math.log(512) - 0.5
+    assert result["final_val_loss"] < result["initial_val_loss"] - 1.0, result["final_val_loss"]
     assert sampled.startswith("def ") and len(sampled) > 10
     # and transformers alone, in a fresh process, loads the export and gives the checkpoint's logits
     cfg = load_run_config(state / "run.toml")
@@ -85,7 +94,7 @@ def test_a_hugging_face_llama_trains_in_a_swarm_and_comes_out_for_transformers(t
     load_params(model, checkpoint.params)
     text = "import os\nimport sys\n"
     with torch.no_grad():
-        expected = task.logits(model.eval(), torch.tensor([list(text.encode())]))
+        expected = task.logits(model.eval(), torch.tensor([task.encode(text)]))  # type: ignore[attr-defined]
     code = (
         "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         "model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"

@@ -23,7 +23,7 @@ async def _round_0_aggregate(tmp_path: Path) -> tuple[Master, SignedAggregate, b
     server = make_server(tmp_path)
     server.current.opened_at -= 100  # 100 s of compute against uploads read in microseconds
     signed_state, state_payload, aggregate, payload = await closed_round_0(server, PEERS)
-    cfg, params, _ = decode_state_payload(state_payload)
+    cfg, params, _, _ = decode_state_payload(state_payload)
     outer = OuterOptimizer(kind=cfg.outer.kind, lr=cfg.outer.lr, momentum=cfg.outer.momentum)
     names = tuple(parameter_shapes(model_config(cfg.model.size)))  # the model's order
     announced = AggregatorAnnouncement(

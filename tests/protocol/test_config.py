@@ -15,7 +15,7 @@ KEY_B = "0123456789abcdef" * 4
 
 # sha256 of the default config's canonical JSON. If this changes, every default run gets a new identity:
 # change it only on purpose (a new field, a new default) and say so in the commit.
-DEFAULT_HASH = "125579620fb9647aca46bfa803df374317f1e565b5015685c703b7f3b8a29d47"
+DEFAULT_HASH = "251a21d80bed4e78d764a60518e0a45c7457ad9195bf89b53ac9d9646dc50e25"
 
 
 def test_defaults_are_valid_and_hash_is_golden() -> None:

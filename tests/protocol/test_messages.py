@@ -249,7 +249,7 @@ def test_state_payload_round_trips_bit_exact() -> None:
     # Prepare
     params, outer = _params(), _outer()
     # Execute
-    cfg, decoded_params, decoded_outer = decode_state_payload(
+    cfg, decoded_params, decoded_outer, _ = decode_state_payload(
         encode_state_payload(CONFIG, params=params, outer_state=outer)
     )
     # Assert
@@ -265,7 +265,7 @@ def test_state_payload_round_trips_bit_exact() -> None:
 
 
 def test_state_payload_without_outer_state_round_trips() -> None:
-    cfg, params, outer = decode_state_payload(encode_state_payload(CONFIG, params=_params(), outer_state={}))
+    cfg, params, outer, _ = decode_state_payload(encode_state_payload(CONFIG, params=_params(), outer_state={}))
 
     assert cfg == CONFIG
     assert outer == {}
@@ -275,7 +275,7 @@ def test_state_payload_without_outer_state_round_trips() -> None:
 def test_state_payload_stores_other_dtypes_as_float32() -> None:
     params = {"w": torch.tensor([1.5, -2.0], dtype=torch.float64)}
 
-    _, decoded, _ = decode_state_payload(encode_state_payload(CONFIG, params=params, outer_state={}))
+    _, decoded, _, _ = decode_state_payload(encode_state_payload(CONFIG, params=params, outer_state={}))
 
     assert decoded["w"].dtype == torch.float32
     assert decoded["w"].tolist() == [1.5, -2.0]

@@ -198,3 +198,37 @@ def test_a_batch_is_cut_along_its_first_dimension_whatever_its_structure() -> No
     assert torch.equal(pieces[2][1]["x"], torch.tensor([[8, 9]]))
     assert torch.equal(pieces[1][1]["y"][1], torch.tensor([4, 6]))
     assert split_batch(batch, None) == [(5, batch)] and split_batch(batch, 9) == [(5, batch)]
+
+
+def test_a_runs_tokenizer_travels_with_its_state_to_a_machine_that_lacks_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the operator's machine has the tokenizer (the run names it by its hash); the volunteer's does not
+    from potluck.protocol.file_store import TOKENIZERS, stored
+    from potluck.protocol.messages import MessageError, decode_state_payload, encode_state_payload
+    from potluck.training.tokenizer import train_tokenizer
+
+    monkeypatch.setenv("POTLUCK_CACHE", str(tmp_path / "operator"))
+    (tmp_path / "tokenizer.json").write_bytes(train_tokenizer(["def f(x):\n    return x\n"] * 50, vocab_size=300))
+    (tmp_path / "model.json").write_text(json.dumps({**LLAMA, "vocab_size": 300}))
+    (tmp_path / "run.toml").write_text(
+        '[task]\nname = "hf-causal-lm"\nhf_config = "model.json"\n[data]\ntokenizer = "tokenizer.json"\n'
+    )
+    cfg = load_run_config(tmp_path / "run.toml")
+    params = {name: torch.zeros(shape) for name, shape in task_for(cfg).parameter_shapes().items()}
+    payload = encode_state_payload(cfg, params=params, outer_state={})
+    monkeypatch.setenv("POTLUCK_CACHE", str(tmp_path / "volunteer"))
+    assert stored(TOKENIZERS, str(cfg.data.tokenizer)) is None
+    # Execute
+    _, _, _, tokenizer = decode_state_payload(payload)
+    # Assert: it is the file the config names, and a state whose file is another is refused
+    assert tokenizer == (tmp_path / "tokenizer.json").read_bytes()
+    other = cfg.with_overrides({"data.tokenizer": "0" * 64}, source="test")
+    with pytest.raises(MessageError, match="not the one its config names"):
+        decode_state_payload(payload.replace(cfg.data.tokenizer.encode(), other.data.tokenizer.encode()))
+
+
+def test_the_built_in_gpt_refuses_a_tokenizer_in_one_line() -> None:
+    cfg = RunConfig().with_overrides({"data.tokenizer": "a" * 64}, source="test")
+    with pytest.raises(TaskError, match="reads bytes"):
+        task_for(cfg)

@@ -1,0 +1,73 @@
+"""A run's tokenizer and its tokenized corpus, kept on disk by content.
+
+A run that names a tokenizer records its sha256 (`data.tokenizer`); the file itself sits in this
+machine's store (potluck.protocol.file_store), put there when the run is loaded or when a node receives
+it with the state, and read back only by that hash. Tokenizing a large
+corpus is slow (the tokenizers library reads about a megabyte a second on a small CPU), so it happens
+once: the token arrays are kept next to it, keyed by the corpus's source, its split and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+
+from potluck.protocol.file_store import TOKENIZERS, cache_dir, stored
+from potluck.tasks.base import TaskError
+from potluck.training.data import Corpus
+from potluck.training.tokenizer import HFTokenizer, Tokenizer
+
+PIECE_CHARS = 1 << 20  # text is encoded in pieces of about this many characters, cut at line ends
+
+
+def stored_tokenizer(sha: str) -> HFTokenizer:
+    """The run's tokenizer from this machine's store; TaskError when it is not there yet."""
+    data = stored(TOKENIZERS, sha)
+    if data is None:
+        raise TaskError(f"the run's tokenizer {sha[:12]} is not on this machine; it comes with the run's state")
+    return HFTokenizer(data)
+
+
+def tokenized(corpus: Corpus, tokenizer: Tokenizer, *, key: str) -> Corpus:
+    """`corpus` (bytes) as the tokenizer's tokens, from the cache when this corpus was tokenized before.
+
+    `key` names the corpus (its source and split); the tokenizer's sha256 completes the cache's key.
+    """
+    digest = hashlib.sha256(json.dumps([key, tokenizer.sha256]).encode()).hexdigest()[:32]
+    where = cache_dir() / "tokens" / digest
+    arrays = {}
+    for side in ("train", "val"):
+        path = where / f"{side}.npy"
+        if path.exists():
+            arrays[side] = np.load(path, mmap_mode="r")
+            continue
+        arrays[side] = _encode(getattr(corpus, side), tokenizer, what=f"{side} of {corpus.source}")
+        where.mkdir(parents=True, exist_ok=True)
+        partial = where / f"{side}.{os.getpid()}.partial.npy"
+        np.save(partial, arrays[side])
+        partial.replace(path)
+    return Corpus(train=arrays["train"], val=arrays["val"], source=corpus.source)
+
+
+def _encode(data: np.ndarray, tokenizer: Tokenizer, *, what: str) -> np.ndarray:
+    """Token ids of the text in `data` (UTF-8 bytes), encoded piece by piece with a progress bar on stderr."""
+    from rich.progress import Progress
+
+    text = bytes(data).decode("utf-8", errors="replace")
+    pieces, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + PIECE_CHARS)
+        end = len(text) if end < 0 else end + 1
+        pieces.append(text[start:end])
+        start = end
+    out = []
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
+        bar = progress.add_task(f"tokenizing {what}", total=len(pieces))
+        for index in range(0, len(pieces), 8):
+            out.extend(tokenizer.encode_batch(pieces[index : index + 8]))
+            progress.advance(bar, len(pieces[index : index + 8]))
+    return np.concatenate(out).astype(tokenizer.dtype) if out else np.zeros(0, dtype=tokenizer.dtype)
