@@ -10,14 +10,18 @@ encoding with the run's default codec and error feedback.
 Measured:
 
 * on CPU, the process's peak resident memory (``ru_maxrss``) less its resident memory just before the model
-  is built (after every import): torch's tensors on CPU go through malloc, not tracemalloc;
+  is built (after every import): torch's tensors on CPU go through malloc, not tracemalloc. It is compared
+  with the estimate's tensors plus PyTorch's CPU runtime (the kernels and libraries the first step pages
+  in). Each case runs twice: with glibc's defaults, and with ``MALLOC_TRIM_THRESHOLD_=0``, which makes
+  glibc give freed heap memory back at once (and stops it raising its mmap threshold), so the resident
+  memory follows what PyTorch holds; the difference is what glibc keeps of freed activations;
 * on CUDA, ``torch.cuda.max_memory_allocated`` (the outer state stays in CPU memory and is not counted there,
   as the estimate's ``outer_state_on_cpu`` says).
 
 The cases: the built-in "10m" GPT, and a ~10M-parameter Llama built by transformers from a config (with and
 without activation checkpointing), all at micro-batch 8 and sequence 256.
 
-    python bench/memory_estimate.py                 # CPU, about a minute on 2 cores
+    python bench/memory_estimate.py                 # CPU, about four minutes on 2 cores
     python bench/memory_estimate.py --device cuda
 """
 
@@ -134,7 +138,7 @@ def child(case: str, *, device_name: str, micro_batch: int, seq: int, steps: int
 
 
 def estimate(case: str, *, device_name: str, micro_batch: int, seq: int) -> tuple[str, int, int]:
-    """(model name, parameters, estimated peak bytes on the device) for a case."""
+    """(model name, parameters, estimated peak bytes) for a case: on CPU with PyTorch's runtime, which RSS sees."""
     from potluck.planning.memory import TrainingSetup, estimate_memory, gpt_shape, hf_shape
     from potluck.training.models import model_config
 
@@ -148,7 +152,26 @@ def estimate(case: str, *, device_name: str, micro_batch: int, seq: int) -> tupl
         activation_checkpointing=bool(spec["checkpointing"]),
         outer_state_on_cpu=cuda,
     )
-    return shape.name, shape.params, estimate_memory(shape, setup).device_bytes
+    estimated = estimate_memory(shape, setup)
+    return shape.name, shape.params, estimated.device_bytes + (0 if cuda else estimated.runtime)
+
+
+def measure(case: str, args: argparse.Namespace, *, trim: bool) -> dict[str, int]:
+    """One case in a fresh process; `trim`: glibc returns freed heap memory at once (MALLOC_TRIM_THRESHOLD_=0)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if trim:
+        env["MALLOC_TRIM_THRESHOLD_"] = "0"
+    flags = ["--device", args.device, "--micro-batch", str(args.micro_batch), "--seq", str(args.seq)]
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", case, *flags, "--steps", str(args.steps)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    result: dict[str, int] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 def main() -> None:
@@ -168,44 +191,28 @@ def main() -> None:
         )
         print(json.dumps(measured))
         return
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cpu = args.device == "cpu"
     if not args.json:
+        trimmed = f"{'trim=0 MiB':>12}{'est/meas':>10}" if cpu else ""
         print(
             f"{'case':<16}{'params':>12}{'micro-batch':>12}{'seq':>6}{'estimated MiB':>15}{'measured MiB':>14}"
-            f"{'est/meas':>10}"
+            f"{'est/meas':>10}{trimmed}"
         )
     for case in args.cases.split(","):
-        flags = ["--device", args.device, "--micro-batch", str(args.micro_batch), "--seq", str(args.seq)]
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", case, *flags, "--steps", str(args.steps)],
-            check=True,
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        measured = json.loads(out.stdout.strip().splitlines()[-1])
         name, params, estimated = estimate(case, device_name=args.device, micro_batch=args.micro_batch, seq=args.seq)
-        ratio = estimated / measured["measured"]
+        default = measure(case, args, trim=False)["measured"]
+        trim = measure(case, args, trim=True)["measured"] if cpu else None
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "case": case,
-                        "params": params,
-                        "micro_batch": args.micro_batch,
-                        "seq": args.seq,
-                        "estimated": estimated,
-                        **measured,
-                        "ratio": ratio,
-                        "device": args.device,
-                    }
-                )
-            )
+            row = {"case": case, "model": name, "params": params, "micro_batch": args.micro_batch, "seq": args.seq}
+            row |= {"device": args.device, "estimated": estimated, "measured": default, "ratio": estimated / default}
+            if trim is not None:
+                row |= {"measured_trim0": trim, "ratio_trim0": estimated / trim}
+            print(json.dumps(row))
         else:
+            tail = f"{trim / 2**20:>12.1f}{estimated / trim:>10.2f}" if trim is not None else ""
             print(
                 f"{case:<16}{params:>12,}{args.micro_batch:>12}{args.seq:>6}{estimated / 2**20:>15.1f}"
-                f"{measured['measured'] / 2**20:>14.1f}{ratio:>10.2f}"
+                f"{default / 2**20:>14.1f}{estimated / default:>10.2f}{tail}"
             )
 
 

@@ -347,7 +347,6 @@ def _memory_plan(
 ) -> None:
     """`plan --memory`: the estimate of a peer's peak memory for the run's model, and whether a device fits it."""
     from potluck.planning.memory import (
-        CUDA_CONTEXT_BYTES,
         HEADROOM,
         TrainingSetup,
         estimate_memory,
@@ -382,7 +381,7 @@ def _memory_plan(
     )
     estimate = estimate_memory(shape, training)
     capacity = None if device_memory_gb is None else int(device_memory_gb * 2**30)
-    fit = None if capacity is None else fits(estimate, device_memory_bytes=capacity, device=setup.device)
+    fit = None if capacity is None else fits(estimate, device_memory_bytes=capacity)
     if as_json:
         out = {
             "model": asdict(shape),
@@ -414,13 +413,14 @@ def _memory_plan(
     for term, nbytes in sizes.items():
         table.add_row(labels.get(term, term.replace("_", " ")), _gib(nbytes), _gib(live[term]))
     table.add_row("peak", "", _gib(estimate.device_bytes), style="bold")
+    runtime = "CUDA context" if setup.device == "cuda" else "PyTorch's CPU kernels and libraries"
+    table.add_row(f"+ {runtime}", "", _gib(estimate.runtime))
     stdout.print(table)
     if estimate.host_bytes:
         stdout.print(f"host RAM besides: {_gib(estimate.host_bytes)} (outer state and round-end copies)")
     if capacity is not None:
-        context = f" and a {_gib(CUDA_CONTEXT_BYTES)} CUDA context" if setup.device == "cuda" else ""
         verdict = "fits" if fit else "does NOT fit"
-        stdout.print(f"{verdict} in {device_memory_gb:g} GB, keeping {HEADROOM:.0%} free{context}", highlight=False)
+        stdout.print(f"{verdict} in {device_memory_gb:g} GB, keeping {HEADROOM:.0%} free", highlight=False)
 
 
 def _gib(nbytes: int) -> str:

@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from potluck.training.models import GPTConfig
 
 __all__ = [
+    "CPU_RUNTIME_BYTES",
     "CUDA_CONTEXT_BYTES",
     "HEADROOM",
     "MemoryEstimate",
@@ -84,6 +85,9 @@ ROUND_END_COPIES = 5  # snapshot, delta, delta + residual (flat), its decoded pa
 # What a CUDA process holds before its first tensor: the context, cuBLAS's workspace and loaded kernels
 # (typically 0.3-0.6 GiB on recent GPUs and drivers); torch.cuda.max_memory_allocated does not see it.
 CUDA_CONTEXT_BYTES = 512 * 2**20
+# What PyTorch on CPU pages in at its first training step beyond the tensors: kernels and libraries
+# (oneDNN, MKL, OpenMP). Measured 90-96 MiB with torch 2.13 on x86 (bench/memory_estimate.py, warm-up run).
+CPU_RUNTIME_BYTES = 96 * 2**20
 # PyTorch's caching allocator reserves more than it hands out (rounding, fragmentation): keep a tenth free.
 HEADROOM = 0.10
 
@@ -178,7 +182,8 @@ class MemoryEstimate:
     sizes: MemoryTerms  # each term's own size (the outer state and round-end copies wherever they live)
     at_peak: MemoryTerms  # what is live on the training device at its peak; sums to device_bytes
     phase: Phase  # the moment of the peak
-    device_bytes: int  # the peak on the training device (the host RAM when it is the CPU)
+    device_bytes: int  # the tensors' peak on the training device (the host RAM when it is the CPU)
+    runtime: int  # what the framework holds there besides: the CUDA context, or PyTorch's CPU kernels
     host_bytes: int  # outer state and round-end copies kept in host RAM besides (0 when training on CPU)
     micro_batch: int
     seq: int
@@ -198,7 +203,9 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
     round_end = ROUND_END_COPIES * p
     outer_on_device = setup.device == "cpu" or not setup.outer_state_on_cpu
 
-    activations = _activation_bytes(shape, tokens=tokens, seq=seq, micro_batch=setup.micro_batch, c=c, setup=setup)
+    activations, rebuilt = _activation_bytes(
+        shape, tokens=tokens, seq=seq, micro_batch=setup.micro_batch, c=c, setup=setup
+    )
     logit_values = tokens * shape.vocab
     # Forward: the logits (compute dtype), a transient fp32 copy under autocast, the saved log-softmax (fp32).
     logits_forward = logit_values * (c + (FP32_BYTES if c != FP32_BYTES else 0) + FP32_BYTES)
@@ -213,22 +220,23 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
         optimizer=2 * p,
         outer_state=outer,
         round_end=round_end,
-        activations=activations,
+        activations=activations + rebuilt,
         logits=logits_backward,
         workspace=max(layer_workspace, optimizer_workspace),
     )
 
     held = {"parameters": p, "optimizer": 2 * p, "outer_state": outer if outer_on_device else 0}
     none = {"gradients": 0, "round_end": 0, "activations": 0, "logits": 0, "workspace": 0}
-    # The logits stay referenced by the caller through the backward pass; the rest is freed once used.
+    # The logits stay referenced by the caller through the backward pass; the rest of them is freed once
+    # used, before a checkpointed layer is rebuilt.
     backward_top = (
-        {"logits": logits_backward}
-        if logits_backward >= logit_values * c + layer_workspace
-        else {"logits": logit_values * c, "workspace": layer_workspace}
+        {"activations": activations, "logits": logits_backward}
+        if logits_backward >= logit_values * c + rebuilt + layer_workspace
+        else {"activations": activations + rebuilt, "logits": logit_values * c, "workspace": layer_workspace}
     )
     live: dict[Phase, dict[str, int]] = {
         "forward": {"gradients": p, "activations": activations, "logits": logits_forward},
-        "backward": {"activations": activations, **backward_top},
+        "backward": backward_top,
         "optimizer step": {"gradients": p, "workspace": optimizer_workspace},
         "round end": {"gradients": p, "round_end": round_end if outer_on_device else 0},
     }
@@ -239,6 +247,7 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
         at_peak=at_peak,
         phase=phase,
         device_bytes=at_peak.total,
+        runtime=CUDA_CONTEXT_BYTES if setup.device == "cuda" else CPU_RUNTIME_BYTES,
         host_bytes=0 if outer_on_device else outer + round_end,
         micro_batch=setup.micro_batch,
         seq=seq,
@@ -247,15 +256,19 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
 
 def _activation_bytes(
     shape: ModelShape, *, tokens: int, seq: int, micro_batch: int, c: int, setup: TrainingSetup
-) -> int:
-    """What autograd saves for the backward pass, all layers, at `tokens` = micro-batch x sequence length."""
+) -> tuple[int, int]:
+    """What autograd keeps from the forward pass, and what checkpointing rebuilds of one layer in the backward.
+
+    At `tokens` = micro-batch x sequence length. The attention kernels write their output in (batch, token,
+    head) order, so the transpose before the output projection is free: one tensor, counted once.
+    """
     h, f, r = shape.hidden, shape.ffn, FP32_BYTES  # r: the residual stream's bytes, fp32 under autocast too
     kv = shape.n_kv_head * (h // shape.n_head)
     if shape.family == "gpt":
-        per_token = 2 * h * r + (7 * h + 2 * f) * c
+        per_token = 2 * h * r + (6 * h + 2 * f) * c
         final = h * r + h * c  # ln_f's input, and its output the head reads
     else:
-        per_token = 4 * h * r + (5 * h + 2 * kv + 4 * f) * c
+        per_token = 4 * h * r + (4 * h + 2 * kv + 4 * f) * c
         final = 2 * h * r + h * c
     per_token += shape.n_head * FP32_BYTES  # the attention kernel's log-sum-exp per head
     layer = tokens * per_token
@@ -263,15 +276,13 @@ def _activation_bytes(
         probs = shape.n_head * seq * seq * micro_batch
         layer += probs * (FP32_BYTES + (c if c != FP32_BYTES else 0))
     if setup.activation_checkpointing:
-        # Each layer's input is kept; in the backward pass one layer's activations are rebuilt at a time.
-        return shape.n_layer * tokens * h * r + layer + tokens * final
-    return shape.n_layer * layer + tokens * final
+        return shape.n_layer * tokens * h * r + tokens * final, layer
+    return shape.n_layer * layer + tokens * final, 0
 
 
-def fits(estimate: MemoryEstimate, *, device_memory_bytes: int, device: Literal["cpu", "cuda"]) -> bool:
-    """Whether the peak fits a device of `device_memory_bytes`, keeping `HEADROOM` free (and a CUDA context)."""
-    context = CUDA_CONTEXT_BYTES if device == "cuda" else 0
-    return estimate.device_bytes + context <= device_memory_bytes * (1 - HEADROOM)
+def fits(estimate: MemoryEstimate, *, device_memory_bytes: int) -> bool:
+    """Whether the peak and the runtime fit a device of `device_memory_bytes`, keeping `HEADROOM` free."""
+    return estimate.device_bytes + estimate.runtime <= device_memory_bytes * (1 - HEADROOM)
 
 
 # ---------------------------------------------------------------------------------------------- adapters

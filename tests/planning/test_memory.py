@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from potluck.cli.app import app
 from potluck.cli.common import UsageError
 from potluck.planning.memory import (
+    CPU_RUNTIME_BYTES,
     CUDA_CONTEXT_BYTES,
     HFConfigError,
     ModelShape,
@@ -103,11 +104,11 @@ def test_the_rows_at_the_peak_add_up_to_it() -> None:
         assert all(estimate.at_peak.rows()[k] <= v for k, v in estimate.sizes.rows().items())
 
 
-def test_activations_of_the_gpt_in_fp32_are_seventeen_hidden_vectors_per_token_and_layer() -> None:
+def test_activations_of_the_gpt_in_fp32_are_sixteen_hidden_vectors_per_token_and_layer() -> None:
     sb, h = 8 * 256, SHAPE.hidden
     estimate = estimate_memory(SHAPE, TrainingSetup(micro_batch=8, device="cpu"))
-    # 17 h-wide fp32 values per token and layer, a log-sum-exp per head, and ln_f's input and output
-    assert estimate.sizes.activations == 6 * sb * (17 * h * 4 + 6 * 4) + sb * 2 * h * 4
+    # 16 h-wide fp32 values per token and layer, a log-sum-exp per head, and ln_f's input and output
+    assert estimate.sizes.activations == 6 * sb * (16 * h * 4 + 6 * 4) + sb * 2 * h * 4
 
 
 def test_a_large_vocabulary_moves_the_peak_into_the_logits() -> None:
@@ -117,12 +118,20 @@ def test_a_large_vocabulary_moves_the_peak_into_the_logits() -> None:
     assert estimate.at_peak.logits == 8 * 256 * 150_000 * 16  # logits, log-softmax and both gradients, fp32
 
 
-def test_fits_keeps_headroom_and_a_cuda_context() -> None:
+def test_fits_keeps_headroom_and_the_runtime() -> None:
     estimate = estimate_memory(SHAPE, TrainingSetup(micro_batch=8))
-    assert fits(estimate, device_memory_bytes=24 * 2**30, device="cuda")
-    assert not fits(estimate, device_memory_bytes=estimate.device_bytes, device="cpu")
-    exact = int((estimate.device_bytes + CUDA_CONTEXT_BYTES) / 0.9) + 1
-    assert fits(estimate, device_memory_bytes=exact, device="cuda")
+    assert estimate.runtime == CUDA_CONTEXT_BYTES
+    assert estimate_memory(SHAPE, TrainingSetup(micro_batch=8, device="cpu")).runtime == CPU_RUNTIME_BYTES
+    assert fits(estimate, device_memory_bytes=24 * 2**30)
+    assert not fits(estimate, device_memory_bytes=estimate.device_bytes)
+    assert fits(estimate, device_memory_bytes=int((estimate.device_bytes + CUDA_CONTEXT_BYTES) / 0.9) + 1)
+
+
+def test_checkpointing_rebuilds_one_layer_after_the_logits_are_freed() -> None:
+    wide = ModelShape(**{**_fields(SHAPE), "vocab": 150_000})
+    estimate = estimate_memory(wide, TrainingSetup(micro_batch=8, device="cpu", activation_checkpointing=True))
+    kept = 6 * 8 * 256 * 384 * 4 + 8 * 256 * 2 * 384 * 4  # each layer's input, ln_f's input and output
+    assert estimate.phase == "backward" and estimate.at_peak.activations == kept < estimate.sizes.activations
 
 
 @pytest.mark.parametrize("size", list(MODEL_SIZES))
