@@ -33,16 +33,21 @@ per layer and per token (h: hidden size, f: feed-forward width, kv: key/value wi
 
 * built-in GPT (LayerNorm, GELU MLP): the inputs of the two LayerNorms (2h, always fp32: the residual stream
   stays fp32 under autocast), and in the compute dtype the inputs of the four linears (h, h, h, f), the
-  q/k/v projection's output (3h) and the attention output (h): ``2h*4 + (7h + 2f)*c`` bytes, c = 4 in fp32
-  and 2 under bf16 autocast. At f = 4h and c = 2 that is 38h, Korthikanti's 34h less the masks, plus the
-  attention output kept by the kernel;
+  q/k/v projection's output (3h) and the GELU's input (f); the attention kernel writes its output in
+  (batch, token, head) order, so it is the output projection's input, one tensor. That is
+  ``2h*4 + (6h + 2f)*c`` bytes, c = 4 in fp32 and 2 under bf16 autocast: at f = 4h and c = 2, 36h, which is
+  Korthikanti's 34h less the two dropout masks (2h) plus 4h for the fp32 LayerNorm inputs;
 * Llama-style (RMSNorm, gated SiLU MLP): RMSNorm saves its input and the normalised values (2 x 2h, fp32),
   and in the compute dtype: the two norms' outputs (2h), the rotated q and k and the v (h + 2kv), the
-  attention output and the output projection's input (2h), and the MLP's gate, SiLU, up and product (4f).
+  attention output (h), and the MLP's gate, SiLU, up and product (4f).
 
 With activation checkpointing only each layer's input (h, fp32) is kept, and one layer's activations are
-rebuilt at a time in the backward pass. Eager attention (no fused kernel) adds the softmax probabilities,
-``a*s*s`` per layer in fp32 plus their compute-dtype copy.
+rebuilt at a time in the backward pass, once the logits' gradients are freed. Eager attention (no fused
+kernel) adds the softmax probabilities, ``a*s*s`` per layer in fp32 plus their compute-dtype copy.
+
+Besides the tensors, the framework's runtime: the CUDA context on a GPU, PyTorch's kernels and libraries on a
+CPU. On a CPU, glibc may keep freed activation memory resident beyond the estimate (bench/memory_estimate.py
+measures how much: 20-28% more at 10M parameters).
 
 Pure arithmetic on plain values: the adapters at the bottom turn a built-in GPT size or a Hugging Face
 config into a `ModelShape` (the HF one by building the model on the meta device, never downloading).
