@@ -7,8 +7,9 @@ efficiency of local SGD and the network time per round, from figures given or (`
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -158,18 +159,69 @@ def plan(
     ] = False,
     join: Annotated[str | None, typer.Option(help="With --auto: the aggregator multiaddr to probe.")] = None,
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="With --auto: the run config. [default: the embedded run]")
+        Path | None,
+        typer.Option("--config", "-c", help="With --auto or --memory: the run config. [default: the embedded run]"),
     ] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="With --auto: override one config field; repeatable.")
+        list[str] | None,
+        typer.Option("--set", help="With --auto or --memory: override one config field; repeatable."),
     ] = None,
     peers: Annotated[int, typer.Option(help="With --auto: peers in the run (He et al.'s m).", min=1)] = 8,
-    device: Annotated[str, typer.Option(help="With --auto: auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Annotated[
+        str, typer.Option(help="With --auto: auto, cpu, cuda, cuda:N or mps. With --memory: cpu, or a GPU (auto).")
+    ] = "auto",
+    memory: Annotated[
+        bool,
+        typer.Option(
+            "--memory",
+            help="Estimate a peer's peak memory for the run's model instead: parameters, gradients, AdamW and outer "
+            "state, activations and logits at the micro-batch.",
+        ),
+    ] = False,
+    size: Annotated[
+        str | None, typer.Option(help="With --memory: a built-in model size (tiny ... 1b). [default: the run's]")
+    ] = None,
+    hf_config: Annotated[
+        Path | None, typer.Option(help="With --memory: a Hugging Face config.json to estimate instead.")
+    ] = None,
+    micro_batch: Annotated[
+        int | None,
+        typer.Option(help="With --memory: sequences per pass. [default: the run's inner.batch_size]", min=1),
+    ] = None,
+    seq: Annotated[
+        int | None, typer.Option(help="With --memory: tokens per sequence. [default: the model's context]", min=1)
+    ] = None,
+    checkpointing: Annotated[
+        bool, typer.Option("--checkpointing/--no-checkpointing", help="With --memory: activation checkpointing.")
+    ] = False,
+    outer_on_cpu: Annotated[
+        bool, typer.Option("--outer-on-cpu", help="With --memory: keep the outer state in host RAM.")
+    ] = False,
+    device_memory: Annotated[
+        float | None, typer.Option(help="With --memory: the device's memory in GB (GiB, as cards are sold).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Scaling efficiency K of local SGD (He et al., arXiv 2409.13198) and network time per round."""
     from potluck.planning.plan import make_plan
 
+    if memory:
+        _memory_plan(
+            config=config,
+            overrides=set_ or [],
+            size=size,
+            hf_config=hf_config,
+            setup=_MemoryFlags(
+                micro_batch=micro_batch,
+                seq=seq,
+                device="cpu" if device.strip().lower() == "cpu" else "cuda",
+                checkpointing=checkpointing,
+                outer_on_cpu=outer_on_cpu,
+            ),
+            device_memory_gb=device_memory,
+            as_json=as_json,
+        )
+        return
     if auto:
         up_bits, down_bits = _quantity(up, "--up"), _quantity(down, "--down")
         result = _auto_plan(
@@ -271,3 +323,108 @@ def _auto_plan(
     except ValueError as e:
         raise UsageError(str(e)) from None
 
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _MemoryFlags:
+    """`plan --memory`'s flags about how the peer trains."""
+
+    micro_batch: int | None
+    seq: int | None
+    device: Literal["cpu", "cuda"]
+    checkpointing: bool
+    outer_on_cpu: bool
+
+
+def _memory_plan(
+    *,
+    config: Path | None,
+    overrides: list[str],
+    size: str | None,
+    hf_config: Path | None,
+    setup: _MemoryFlags,
+    device_memory_gb: float | None,
+    as_json: bool,
+) -> None:
+    """`plan --memory`: the estimate of a peer's peak memory for the run's model, and whether a device fits it."""
+    from potluck.planning.memory import (
+        HEADROOM,
+        TrainingSetup,
+        estimate_memory,
+        fits,
+        gpt_shape,
+        hf_shape,
+        load_hf_config,
+    )
+    from potluck.protocol.config_files import parse_overrides, run_config_or_default
+    from potluck.training.models import model_config
+
+    if device_memory_gb is not None and device_memory_gb <= 0:
+        raise UsageError(f"--device-memory must be positive GB, got {device_memory_gb}")
+    if hf_config is not None and size is not None:
+        raise UsageError("--size and --hf-config both name a model; give one")
+    cfg = run_config_or_default(config, overrides=parse_overrides(overrides))
+    if hf_config is not None:
+        shape = hf_shape(load_hf_config(hf_config), name=f"{hf_config.name}")
+    else:
+        try:
+            gpt = model_config(size or cfg.model.size, block_size=cfg.model.block_size)
+        except ValueError as e:
+            raise UsageError(f"--size: {e}") from None
+        shape = gpt_shape(gpt, name=f"gpt {size or cfg.model.size}")
+    training = TrainingSetup(
+        micro_batch=setup.micro_batch or cfg.inner.batch_size,
+        seq=setup.seq,
+        device=setup.device,
+        activation_checkpointing=setup.checkpointing,
+        outer_state_on_cpu=setup.outer_on_cpu,
+        outer_momentum=cfg.outer.kind == "nesterov",
+    )
+    estimate = estimate_memory(shape, training)
+    capacity = None if device_memory_gb is None else int(device_memory_gb * 2**30)
+    fit = None if capacity is None else fits(estimate, device_memory_bytes=capacity)
+    if as_json:
+        out = {
+            "model": asdict(shape),
+            "setup": {**asdict(training), "bf16_autocast": training.autocast},
+            "estimate": estimate.to_dict(),
+            "device_memory_bytes": capacity,
+            "fits": fit,
+        }
+        print(json.dumps(out))
+        return
+    where = "CPU RAM" if setup.device == "cpu" else setup.device
+    stdout.print(
+        f"{shape.name}: {shape.params:,} parameters; micro-batch {estimate.micro_batch} x {estimate.seq} tokens on "
+        f"{setup.device}{', bf16 autocast' if training.autocast else ''}"
+        f"{', activation checkpointing' if training.activation_checkpointing else ''}",
+        highlight=False,
+    )
+    moment = {
+        "forward": "the end of the forward pass",
+        "backward": "the start of the backward pass",
+        "optimizer step": "the optimizer step",
+        "round end": "the end of a round (encoding its update)",
+    }[estimate.phase]
+    table = Table(caption=f"the peak is at {moment}; the last column is what is live then")
+    for column in ("term", "size", f"at peak ({where})"):
+        table.add_column(column, justify="left" if column == "term" else "right")
+    labels = {"parameters": "parameters (fp32)", "optimizer": "AdamW state", "round_end": "round-end copies"}
+    sizes, live = estimate.sizes.rows(), estimate.at_peak.rows()
+    for term, nbytes in sizes.items():
+        table.add_row(labels.get(term, term.replace("_", " ")), _gib(nbytes), _gib(live[term]))
+    table.add_row("peak", "", _gib(estimate.device_bytes), style="bold")
+    runtime = "CUDA context" if setup.device == "cuda" else "PyTorch's CPU kernels and libraries"
+    table.add_row(f"+ {runtime}", "", _gib(estimate.runtime))
+    stdout.print(table)
+    if estimate.host_bytes:
+        stdout.print(f"host RAM besides: {_gib(estimate.host_bytes)} (outer state and round-end copies)")
+    if capacity is not None:
+        verdict = "fits" if fit else "does NOT fit"
+        stdout.print(f"{verdict} in {device_memory_gb:g} GB, keeping {HEADROOM:.0%} free", highlight=False)
+
+
+def _gib(nbytes: int) -> str:
+    """Bytes as GiB, or MiB below one GiB."""
+    if nbytes == 0:
+        return "-"
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
