@@ -365,6 +365,8 @@ def _memory_plan(
     cfg = run_config_or_default(config, overrides=parse_overrides(overrides))
     if hf_config is not None:
         shape = hf_shape(load_hf_config(hf_config), name=f"{hf_config.name}")
+    elif cfg.task.name == "hf-causal-lm" and size is None:  # the run's own transformers model
+        shape = hf_shape(cfg.task.hf_config_values(), name=str(cfg.task.hf_config_values()["model_type"]))
     else:
         try:
             gpt = model_config(size or cfg.model.size, block_size=cfg.model.block_size)
