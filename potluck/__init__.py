@@ -4,7 +4,8 @@ Peers train locally (DiLoCo: inner AdamW, outer Nesterov), publish compressed si
 pseudo-gradients, and aggregators combine them. See DESIGN.md for the architecture.
 
 The Python API is imported on first use (``import potluck`` stays light for the command line):
-``potluck.Task`` to bring your own model and data, ``potluck.RunConfig`` to describe a run.
+``potluck.Task`` to bring your own model and data, ``potluck.Optimizer`` to join a run from your own
+training loop, ``potluck.RunConfig`` to describe a run.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from potluck.errors import PotluckError
+    from potluck.peer.own_loop import Optimizer
     from potluck.protocol.config import RunConfig
     from potluck.tasks import Task, TaskError
 
-__all__ = ["PotluckError", "RunConfig", "Task", "TaskError", "__version__"]
+__all__ = ["Optimizer", "PotluckError", "RunConfig", "Task", "TaskError", "__version__"]
 
 _LAZY = {
+    "Optimizer": "potluck.peer.own_loop",
     "PotluckError": "potluck.errors",
     "RunConfig": "potluck.protocol.config",
     "Task": "potluck.tasks",

@@ -28,7 +28,7 @@ import torch
 from potluck.errors import PotluckError
 from potluck.protocol.codecs import Codec, NonFiniteError, make_codec
 from potluck.protocol.config import RunConfig
-from potluck.tasks import Task, check_task, run_task, task_for
+from potluck.tasks import Task, TaskMismatch, architecture_fingerprint, check_task, run_task, task_for
 from potluck.training.diloco import inner_lr, inner_step, load_params, make_inner_optimizer, snapshot
 
 STEP_TIME_SMOOTHING = 0.3  # weight of the newest step in the step-time estimate the time box plans with
@@ -91,6 +91,8 @@ class LocalTrainer:
         task: Task | None = None,
         micro_batch: int | None = None,
         checkpointing: bool = False,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         if not 0 < speed <= 1:
             raise ValueError(f"speed must be in (0, 1], got {speed}")
@@ -100,11 +102,17 @@ class LocalTrainer:
         self.task = task or (run_task(cfg) if data_source is None else task_for(cfg, data_source=data_source))
         check_task(cfg, self.task)  # TaskMismatch: this node builds another model than the run's
         self.batch_size = batch_size or cfg.inner.batch_size
-        self.model = self.task.build_model(seed=cfg.seed).to(device)
+        recorded = cfg.task.fingerprint
+        if model is not None and recorded is not None and architecture_fingerprint(model) != recorded:
+            raise TaskMismatch(
+                f"the model given is another architecture than run {cfg.run_name!r} trains (task {cfg.task.name}); "
+                "build it as the run's task does"
+            )
+        self.model = model if model is not None else self.task.build_model(seed=cfg.seed).to(device)
         if checkpointing:
             self.task.enable_checkpointing(self.model)
         self.micro_batch = micro_batch
-        self.optimizer = make_inner_optimizer(
+        self.optimizer = optimizer or make_inner_optimizer(
             self.model, lr=cfg.inner.lr, betas=(cfg.inner.beta1, cfg.inner.beta2), weight_decay=cfg.inner.weight_decay
         )
         self.batches = self.task.train_batches(seed=sampler_seed(cfg.seed, public_key), batch_size=self.batch_size)
