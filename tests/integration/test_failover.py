@@ -63,7 +63,8 @@ def test_a_killed_primary_hands_its_shard_to_the_standby_and_the_run_goes_on(nod
     # Assert: the standby takes over from exactly the primary's last durable state (it checkpoints a round's
     # result before it publishes it): nothing the primary committed is lost
     takeover = standby.next_event(_is("takeover"), timeout_s=120)
-    committed = load_checkpoint(nodes.work_dir / "primary", config_hash=load_run_config(config).config_hash)
+    run = load_run_config(nodes.work_dir / "primary" / "run.toml")  # the run as created: with its fingerprint
+    committed = load_checkpoint(nodes.work_dir / "primary", config_hash=run.config_hash)
     assert committed is not None and committed.round >= 2
     assert (takeover["round"], takeover["state_sha256"]) == (committed.round, state_sha256(committed.params).hex())
     # the run goes on within two rounds: the standby closes the very next round with both peers in it
