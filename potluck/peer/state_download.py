@@ -54,13 +54,17 @@ async def fetch_chunks(
     chunk_bytes: int,
     donors: Sequence[Donor],
     more: Awaitable[Sequence[Donor]] | None = None,
+    known: tuple[int, str, bytes] | None = None,
 ) -> Fetched:
     """The payload the manifest `digests` describes, from `donors`; DownloadFailed when they cannot give it all.
 
     `more`, when given, finds further donors while the first ones already give chunks (a DHT lookup
-    of the holders): the download neither waits for it nor fails when it does.
+    of the holders): the download neither waits for it nor fails when it does. `known`: a chunk already
+    in hand (its index, the donor that gave it, its bytes; checked like any other), not fetched again.
     """
     download = _Download(digests, payload_bytes=payload_bytes, chunk_bytes=chunk_bytes, donors=donors)
+    if known is not None:
+        download.keep(*known)
     return await download.run(more)
 
 
@@ -87,6 +91,15 @@ class _Download:
 
     def _start(self, donor: Donor) -> None:
         self.tasks.extend(asyncio.create_task(self._work(donor)) for _ in range(max(1, donor.streams)))
+
+    def keep(self, index: int, donor: str, data: bytes) -> None:
+        """A chunk fetched before the download started: kept (and credited to `donor`) if the manifest agrees."""
+        start, end = self._span(index)
+        if index in self.pending and len(data) == end - start and hashlib.sha256(data).digest() == self.digests[index]:
+            self.out[start:end] = data
+            self.result.bytes_by_donor[donor] = self.result.bytes_by_donor.get(donor, 0) + len(data)
+            self.done.add(index)
+            self.pending.remove(index)
 
     def _span(self, index: int) -> tuple[int, int]:
         return index * self.chunk_bytes, min((index + 1) * self.chunk_bytes, self.payload_bytes)

@@ -241,9 +241,10 @@ class Sync:
             digests = check_manifest(signed.header, digest_bytes)
         except (EnvelopeError, ChunkError) as e:
             raise UntrustedState(source, f"its state does not check out: {e}") from e
-        if cfg is None:
-            await self._check_task_first(signed.header, digests[0], link, source=source)
-        fetched = await self._fetch_chunks(signed.header, digests, link)
+        first = None
+        if cfg is None:  # the preferred aggregator's state: the run's task is checked before the bulk comes
+            first = await self._check_task_first(signed.header, digests[0], link, source=source)
+        fetched = await self._fetch_chunks(signed.header, digests, link, first=first)
         try:
             state = await asyncio.to_thread(check_state, signed, fetched.payload, source=source, shapes_of=run_shapes)
         except ReplicaError as e:
@@ -262,12 +263,13 @@ class Sync:
         )
         return state.cfg, state.header, shard, state.params
 
-    async def _check_task_first(self, h: StateHeader, digest: bytes, link: AggregatorLink, *, source: bytes) -> None:
+    async def _check_task_first(self, h: StateHeader, digest: bytes, link: AggregatorLink, *, source: bytes) -> bytes:
         """Read the run's config from the state's first chunk and build its task here, before the download.
 
         A volunteer who cannot train the run (its task does not import here, or builds another architecture)
         learns it in one line (TaskError) before the state's bulk comes down. A config too large for the
-        first chunk is checked once the state is in (check_state does it for every state).
+        first chunk is checked once the state is in (check_state does it for every state). The chunk, which
+        the download then keeps.
         """
         chunk, t = await link.fetch_chunk(_chunk_request(h, 0))
         self.tally.bytes_down += len(chunk) + t.sent_bytes
@@ -278,13 +280,19 @@ class Sync:
         except MessageError as e:
             raise UntrustedState(source, f"its state does not check out: {e}") from e
         if cfg is None:
-            return
+            return chunk
         if cfg.config_hash != h.config_hash or public_key_to_hex(source) not in cfg.aggregator_keys:
             raise UntrustedState(source, "it serves a config that does not trust it or does not match its signed hash")
         await asyncio.to_thread(run_task, cfg)  # TaskError, TaskMismatch: this node's own problem
+        return chunk
 
-    async def _fetch_chunks(self, h: StateHeader, digests: list[bytes], link: AggregatorLink) -> Fetched:
-        """The payload `h` signs, in chunks from its aggregator and from the peers the DHT says hold it."""
+    async def _fetch_chunks(
+        self, h: StateHeader, digests: list[bytes], link: AggregatorLink, *, first: bytes | None = None
+    ) -> Fetched:
+        """The payload `h` signs, in chunks from its aggregator and from the peers the DHT says hold it.
+
+        `first`: the first chunk, already fetched from the aggregator (kept, not asked for again).
+        """
 
         def request(index: int) -> ChunkRequest:
             return _chunk_request(h, index)
@@ -301,8 +309,8 @@ class Sync:
         # link busy across each request's round trip; one per peer leaves each peer's few chunk slots
         # (MAX_CHUNK_STREAMS) to several joiners at once. The holders are looked up while the aggregator
         # already gives chunks.
-        first = donor(fingerprint(h.aggregator_public_key), link, streams=2)
-        names = {first.name: h.aggregator_public_key}
+        aggregator = donor(fingerprint(h.aggregator_public_key), link, streams=2)
+        names = {aggregator.name: h.aggregator_public_key}
 
         async def holders() -> list[Donor]:
             records = await self._holders(h)
@@ -313,7 +321,12 @@ class Sync:
 
         try:
             fetched = await fetch_chunks(
-                digests, payload_bytes=h.payload_bytes, chunk_bytes=h.chunk_bytes, donors=[first], more=holders()
+                digests,
+                payload_bytes=h.payload_bytes,
+                chunk_bytes=h.chunk_bytes,
+                donors=[aggregator],
+                more=holders(),
+                known=None if first is None else (0, aggregator.name, first),
             )
         except DownloadFailed as e:
             raise AggregatorUnreachable(str(e)) from e

@@ -173,3 +173,24 @@ def test_a_chunk_already_fetched_is_never_asked_again_while_a_slow_copy_is_still
 
     assert got.payload == PAYLOAD
     assert sorted(fast_asked) == list(range(len(DIGESTS)))  # each once, the slow ones' chunks as copies
+
+
+@pytest.mark.parametrize("good", [True, False], ids=["kept", "refuted"])
+def test_a_chunk_in_hand_is_kept_and_credited_unless_the_manifest_refutes_it(good: bool) -> None:
+    # A joiner reads the run's config from the aggregator's first chunk before the download starts.
+    asked: list[int] = []
+    first = PAYLOAD[:CHUNK] if good else b"\x00" * CHUNK
+
+    got = asyncio.run(
+        fetch_chunks(
+            DIGESTS,
+            payload_bytes=len(PAYLOAD),
+            chunk_bytes=CHUNK,
+            donors=[_honest("holder", asked)],
+            known=(0, "aggregator", first),
+        )
+    )
+
+    assert got.payload == PAYLOAD
+    assert (0 in asked) is not good
+    assert got.bytes_by_donor.get("aggregator", 0) == (CHUNK if good else 0)
