@@ -33,8 +33,6 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
 class DigitsTask(Task):
     """A two-layer perceptron on 8x8 digit images; work is counted in images."""
 
-    work_unit = "images"
-
     def __init__(self, hidden: int = 64) -> None:
         features, labels = _digits()
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))  # the same split everywhere

@@ -42,9 +42,6 @@ class Task(ABC):
     models by their architecture fingerprint and scores updates on the same held-out batches.
     """
 
-    #: What the status lines call a unit of work ("tokens" for a language model).
-    work_unit: str = "samples"
-
     @abstractmethod
     def build_model(self, *, seed: int) -> nn.Module:
         """A freshly initialised model on the CPU whose weights are a pure function of `seed`."""
@@ -106,11 +103,6 @@ class Task(ABC):
         about = {**run, "parameters": {name: list(t.shape) for name, t in state.items()}}
         (out / "potluck.json").write_text(json.dumps(about, indent=2) + "\n")
         return ["model.safetensors", "potluck.json"]
-
-    def describe(self) -> dict[str, Any]:
-        """A few plain facts for logs, `plan` and exports (the model's class and size)."""
-        model = self.skeleton()
-        return {"model": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def architecture_fingerprint(model: nn.Module) -> str:

@@ -20,15 +20,13 @@ from potluck.protocol.config import RunConfig
 from potluck.tasks.base import Batch, Task, TaskError
 from potluck.tasks.tokens import stored_tokenizer, tokenized
 from potluck.training.data import BatchSampler, Corpus, load_corpus, val_batches
-from potluck.training.tokenizer import Tokenizer
+from potluck.training.tokenizer import ByteTokenizer, Tokenizer
 
 BYTE_VOCAB = 256  # without a tokenizer a token is a byte
 
 
 class LanguageModelTask(Task):
     """Next-token prediction on windows of `block_size` tokens of the run's corpus."""
-
-    work_unit = "tokens"
 
     def __init__(self, cfg: RunConfig, *, data_source: str | None = None) -> None:
         self.cfg = cfg
@@ -101,15 +99,13 @@ class LanguageModelTask(Task):
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (its UTF-8 bytes without a tokenizer)."""
-        if self.tokenizer is not None:
-            return [int(i) for i in self.tokenizer.encode(text)]
-        return list(text.encode("utf-8"))
+        return [int(i) for i in (self.tokenizer or ByteTokenizer()).encode(text)]
 
     def decode(self, ids: list[int]) -> str:
-        """Text of token ids (undecodable bytes shown as U+FFFD)."""
-        if self.tokenizer is not None:
-            return self.tokenizer.decode(ids)
-        return bytes(i for i in ids if 0 <= i < BYTE_VOCAB).decode("utf-8", errors="replace")
+        """Text of token ids (a byte-level model larger than the bytes may sample ids that are none: skipped)."""
+        if self.tokenizer is None:
+            return ByteTokenizer().decode([i for i in ids if 0 <= i < BYTE_VOCAB])
+        return self.tokenizer.decode(ids)
 
     @torch.no_grad()
     def generate(
