@@ -12,9 +12,11 @@ Measured:
 * on CPU, the process's peak resident memory (``ru_maxrss``) less its resident memory just before the model
   is built (after every import): torch's tensors on CPU go through malloc, not tracemalloc. It is compared
   with the estimate's tensors plus PyTorch's CPU runtime (the kernels and libraries the first step pages
-  in). Each case runs twice: with glibc's defaults, and with ``MALLOC_TRIM_THRESHOLD_=0``, which makes
-  glibc give freed heap memory back at once (and stops it raising its mmap threshold), so the resident
-  memory follows what PyTorch holds; the difference is what glibc keeps of freed activations;
+  in). Each case runs three times: as a potluck node runs (``potluck.training.host_memory``: glibc's mmap
+  threshold fixed at 1 MiB, so freed tensors go back to the system), with glibc's defaults, and with
+  ``MALLOC_TRIM_THRESHOLD_=0`` (glibc gives any freed heap memory back at once). The difference between the
+  defaults and the others is what glibc keeps of freed activations. The inner steps' time is reported too:
+  what returning memory costs;
 * on CUDA, ``torch.cuda.max_memory_allocated`` (the outer state stays in CPU memory and is not counted there,
   as the estimate's ``outer_state_on_cpu`` says).
 
@@ -33,6 +35,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +68,12 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(case: str, *, device_name: str, micro_batch: int, seq: int, steps: int) -> dict[str, int]:
-    """Run one case in this process and return its measured peak (bytes above the pre-build baseline)."""
+def child(case: str, *, device_name: str, micro_batch: int, seq: int, steps: int, as_node: bool) -> dict[str, float]:
+    """Run one case in this process: its measured peak (bytes above the pre-build baseline), its steps' time."""
+    if as_node:
+        from potluck.training.host_memory import return_freed_memory
+
+        assert return_freed_memory(), "not glibc: there is no node setting to measure"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
@@ -123,18 +130,22 @@ def child(case: str, *, device_name: str, micro_batch: int, seq: int, steps: int
     base = snapshot(model, device="cpu")
     residual = {name: torch.zeros_like(t) for name, t in master.items()}  # the error feedback of earlier rounds
     optimizer = make_inner_optimizer(model, lr=3e-4)
+    started = time.perf_counter()
     for batch in batches:
         inner_step(model, optimizer, batch, lr=3e-4, autocast=True)
+    if cuda:
+        torch.cuda.synchronize(device)
+    steps_s = time.perf_counter() - started
     current = snapshot(model, device="cpu")
     delta = {name: base[name] - current[name] for name in base}
     make_codec(RunConfig().codec.name, RunConfig().codec.params).encode(delta, residual)
     assert len(held) == 2  # the master copy and the momentum were held to the end
     if cuda:
-        return {"measured": torch.cuda.max_memory_allocated(device) - baseline}
+        return {"measured": torch.cuda.max_memory_allocated(device) - baseline, "steps_s": steps_s}
     peak = _peak_rss_bytes()
     if peak <= baseline_peak:
         raise RuntimeError("the imports' peak was never passed: the measurement says nothing")
-    return {"measured": peak - baseline_rss, "baseline_rss": baseline_rss}
+    return {"measured": peak - baseline_rss, "baseline_rss": baseline_rss, "steps_s": steps_s}
 
 
 def estimate(case: str, *, device_name: str, micro_batch: int, seq: int) -> tuple[str, int, int]:
@@ -156,13 +167,17 @@ def estimate(case: str, *, device_name: str, micro_batch: int, seq: int) -> tupl
     return shape.name, shape.params, estimated.device_bytes + (0 if cuda else estimated.runtime)
 
 
-def measure(case: str, args: argparse.Namespace, *, trim: bool) -> dict[str, int]:
-    """One case in a fresh process; `trim`: glibc returns freed heap memory at once (MALLOC_TRIM_THRESHOLD_=0)."""
+def measure(case: str, args: argparse.Namespace, *, malloc: str) -> dict[str, float]:
+    """One case in a fresh process; `malloc`: "node" (as a potluck node runs), "defaults" or "trim0"."""
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    if trim:
+    env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if malloc == "trim0":
         env["MALLOC_TRIM_THRESHOLD_"] = "0"
     flags = ["--device", args.device, "--micro-batch", str(args.micro_batch), "--seq", str(args.seq)]
+    if malloc == "node":
+        flags.append("--as-node")
     out = subprocess.run(
         [sys.executable, __file__, "--child", case, *flags, "--steps", str(args.steps)],
         check=True,
@@ -170,12 +185,12 @@ def measure(case: str, args: argparse.Namespace, *, trim: bool) -> dict[str, int
         text=True,
         env=env,
     )
-    result: dict[str, int] = json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
 
 def main() -> None:
-    """Run every case in its own process and print estimate, measurement and their ratio."""
+    """Run every case in its own process under each malloc setting; print estimate, measurements and ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--micro-batch", type=int, default=8)
@@ -184,36 +199,39 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--json", action="store_true", help="one JSON object per case instead of the table")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--as-node", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         measured = child(
-            args.child, device_name=args.device, micro_batch=args.micro_batch, seq=args.seq, steps=args.steps
+            args.child,
+            device_name=args.device,
+            micro_batch=args.micro_batch,
+            seq=args.seq,
+            steps=args.steps,
+            as_node=args.as_node,
         )
         print(json.dumps(measured))
         return
-    cpu = args.device == "cpu"
+    settings = ("node", "defaults", "trim0") if args.device == "cpu" else ("node",)
     if not args.json:
-        trimmed = f"{'trim=0 MiB':>12}{'est/meas':>10}" if cpu else ""
-        print(
-            f"{'case':<16}{'params':>12}{'micro-batch':>12}{'seq':>6}{'estimated MiB':>15}{'measured MiB':>14}"
-            f"{'est/meas':>10}{trimmed}"
-        )
+        columns = "".join(f"{s + ' MiB':>15}{'est/meas':>9}{'steps s':>8}" for s in settings)
+        print(f"{'case':<16}{'params':>12}{'micro-batch':>12}{'seq':>6}{'estimated MiB':>15}{columns}")
     for case in args.cases.split(","):
         name, params, estimated = estimate(case, device_name=args.device, micro_batch=args.micro_batch, seq=args.seq)
-        default = measure(case, args, trim=False)["measured"]
-        trim = measure(case, args, trim=True)["measured"] if cpu else None
+        found = {setting: measure(case, args, malloc=setting) for setting in settings}
         if args.json:
             row = {"case": case, "model": name, "params": params, "micro_batch": args.micro_batch, "seq": args.seq}
-            row |= {"device": args.device, "estimated": estimated, "measured": default, "ratio": estimated / default}
-            if trim is not None:
-                row |= {"measured_trim0": trim, "ratio_trim0": estimated / trim}
+            row |= {"device": args.device, "estimated": estimated}
+            for setting, result in found.items():
+                row |= {f"measured_{setting}": result["measured"], f"ratio_{setting}": estimated / result["measured"]}
+                row |= {f"steps_s_{setting}": round(result["steps_s"], 3)}
             print(json.dumps(row))
         else:
-            tail = f"{trim / 2**20:>12.1f}{estimated / trim:>10.2f}" if trim is not None else ""
-            print(
-                f"{case:<16}{params:>12,}{args.micro_batch:>12}{args.seq:>6}{estimated / 2**20:>15.1f}"
-                f"{default / 2**20:>14.1f}{estimated / default:>10.2f}{tail}"
+            cells = "".join(
+                f"{r['measured'] / 2**20:>15.1f}{estimated / r['measured']:>9.2f}{r['steps_s']:>8.2f}"
+                for r in found.values()
             )
+            print(f"{case:<16}{params:>12,}{args.micro_batch:>12}{args.seq:>6}{estimated / 2**20:>15.1f}{cells}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 
 from potluck.cli.common import DEFAULT_HTTP_PORT, DEFAULT_STATE_DIR, UsageError
 from potluck.cli.flags import Flags, flag, takes
-from potluck.cli.process import node_identity, run_until_stopped, set_threads
+from potluck.cli.process import node_identity, prepare_node_process, run_until_stopped
 from potluck.cli.status_lines import describe_aggregator_event, printer
 from potluck.lab.netlab import parse_rate
 
@@ -138,7 +138,7 @@ def run_aggregator(flags: AggregatorFlags) -> None:
     from potluck.protocol.config_files import load_run_config, parse_overrides, run_config_from_mapping
     from potluck.tasks import allow_task
 
-    set_threads(flags.threads)
+    prepare_node_process(flags.threads)
     state = flags.state_dir.expanduser()
     own_identity = node_identity(flags.identity or state / "identity.key")
     overrides = parse_overrides(list(flags.set_))

@@ -12,15 +12,15 @@ from typing import Any
 from potluck.cli.common import UsageError
 from potluck.cli.flags import takes
 from potluck.cli.peer_flags import PeerFlags
-from potluck.cli.process import node_identity, run_until_stopped, set_threads
+from potluck.cli.process import node_identity, prepare_node_process, run_until_stopped
 from potluck.cli.serverless import SERVERLESS_SWITCH, ServerlessFlags, run_serverless_peer
 from potluck.cli.status_lines import describe_peer_event, printer
 
 # The order `peer --help` has always listed its flags in: PeerFlags' own and the shared ones mixed, --serverless,
 # what only ServerlessFlags takes, --json.
 _HELP_ORDER = (
-    *("join", "identity", "data", "task", "device", "batch_size", "micro_batch", "checkpointing", "max_rounds"),
-    *("client_mode", "run", "port", "host"),
+    *("join", "identity", "data", "task", "tokenizer", "device", "batch_size", "micro_batch", "checkpointing"),
+    *("max_rounds", "client_mode", "run", "port", "host"),
     *("threads", "reconnect_timeout", "join_timeout", "receipts", "http_port", "http_host", "overlap"),
     *("overlap_limit", "speed", "plan", "plan_peers", "eval_batches", "serve_state", "serverless", "config", "set_"),
     "as_json",
@@ -61,13 +61,15 @@ def run_peer(flags: PeerFlags) -> None:
     from potluck.peer.join_url import resolve_joins
     from potluck.peer.runner import PeerRunner, join_addresses
     from potluck.tasks import allow_task
+    from potluck.tasks.tokens import brought_tokenizer
 
     if flags.task is not None:
         allow_task(flags.task)
+    tokenizer = None if flags.tokenizer is None else brought_tokenizer(flags.tokenizer)
     addresses = join_addresses(resolve_joins(list(flags.join), timeout_s=flags.join_timeout))
-    set_threads(flags.threads)
+    prepare_node_process(flags.threads)
     identity = node_identity(flags.identity)
-    options = flags.peer_options(join=addresses)
+    options = flags.peer_options(join=addresses, tokenizer=tokenizer)
     page = PageOptions(host=flags.http_host, port=flags.http_port)
     emit_line = printer(flags.as_json, describe_peer_event)
     status, emit = peer_page(on_event=emit_line)

@@ -94,6 +94,14 @@ class PeerFlags(NodeFlags):
     """What a peer of a run with aggregators takes (`potluck peer`, and each peer `potluck swarm` starts)."""
 
     run: Annotated[str | None, flag("--run", help="Which run to join when the DHT carries several.")] = None
+    tokenizer: Annotated[
+        Path | None,
+        flag(
+            "--tokenizer",
+            help="The tokenizer.json you bring (say, the one your --data was prepared with): a run with another "
+            "tokenizer is refused before anything is downloaded. [default: the run's, which comes with its state]",
+        ),
+    ] = None
     reconnect_timeout: Annotated[
         float,
         Field(ge=1),
@@ -170,8 +178,11 @@ class PeerFlags(NodeFlags):
         """`peer` and its flags: what `python -m potluck` runs as this peer."""
         return ["peer", *self.argv()]
 
-    def peer_options(self, *, join: tuple[str, ...]) -> PeerOptions:
-        """The node's options, given the multiaddrs the --join addresses resolved to (a status page is asked)."""
+    def peer_options(self, *, join: tuple[str, ...], tokenizer: str | None = None) -> PeerOptions:
+        """The node's options, given the multiaddrs the --join addresses resolved to (a status page is asked).
+
+        `tokenizer`: the sha256 of the --tokenizer file, once read and checked.
+        """
         from potluck.peer.options import PeerOptions  # torch: only a peer that runs needs it, not --help
         from potluck.training.device import pick_device
 
@@ -181,6 +192,7 @@ class PeerFlags(NodeFlags):
             client_mode=self.client_mode,
             run=self.run,
             data=self.data,
+            tokenizer=tokenizer,
             device=pick_device(self.device),
             batch_size=self.batch_size,
             micro_batch=self.micro_batch,

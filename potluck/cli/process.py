@@ -50,10 +50,13 @@ def run_until_stopped(main: Coroutine[Any, Any, None]) -> None:
         gc.freeze()
 
 
-def set_threads(threads: int | None) -> None:
-    """Torch's CPU threads for this process (None: torch's own choice)."""
+def prepare_node_process(threads: int | None) -> None:
+    """Ready this process to be a node: torch's CPU threads (None: torch's own choice), and freed tensor
+    memory handed back to the system, so a node's resident memory is what `potluck plan --memory` says."""
     from potluck.training.device import set_cpu_threads  # torch: not for --help
+    from potluck.training.host_memory import return_freed_memory
 
+    return_freed_memory()
     set_cpu_threads(threads)
 
 

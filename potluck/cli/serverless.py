@@ -16,7 +16,7 @@ import typer
 
 from potluck.cli.flags import flag
 from potluck.cli.peer_flags import NodeFlags, listen_maddr
-from potluck.cli.process import node_identity, run_until_stopped, set_threads
+from potluck.cli.process import node_identity, prepare_node_process, run_until_stopped
 from potluck.cli.status_lines import describe_serverless_event, printer
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ def run_serverless_peer(flags: ServerlessFlags) -> None:
     if flags.task is not None:
         allow_task(flags.task)
     options = flags.serverless_options()
-    set_threads(flags.threads)
+    prepare_node_process(flags.threads)
     runner = ServerlessPeer(
         node_identity(flags.identity), options, on_event=printer(flags.as_json, describe_serverless_event)
     )

@@ -31,6 +31,7 @@ class PeerOptions:
     client_mode: bool = False
     run: str | None = None  # which run to join when the DHT carries several
     data: str | None = None  # this peer's own text (None: the run's data)
+    tokenizer: str | None = None  # the sha256 of the tokenizer.json this volunteer brought: the run's must match
     device: torch.device = torch.device("cpu")
     batch_size: int | None = None
     max_rounds: int | None = None

@@ -34,7 +34,7 @@ from potluck.protocol.node import Node, dial, peer_id_of
 from potluck.protocol.shards import keys_of_shard
 from potluck.protocol.state_chunks import ChunkError, ChunkRequest, check_manifest
 from potluck.protocol.wire import RefusalCode
-from potluck.tasks import run_shapes, run_task
+from potluck.tasks import check_tokenizer, run_shapes, run_task
 from potluck.training.replica import ReplicaError, check_state
 
 if TYPE_CHECKING:
@@ -249,7 +249,9 @@ class Sync:
             state = await asyncio.to_thread(check_state, signed, fetched.payload, source=source, shapes_of=run_shapes)
         except ReplicaError as e:
             raise UntrustedState(source, str(e)) from e
-        if cfg is not None and state.cfg.config_hash != cfg.config_hash:
+        if cfg is None:
+            check_tokenizer(state.cfg, self.options.tokenizer)
+        elif state.cfg.config_hash != cfg.config_hash:
             raise UntrustedState(source, "it serves another run config than the run's other shards")
         sources.append(fetched)
         shard = Shard(
@@ -283,7 +285,8 @@ class Sync:
             return chunk
         if cfg.config_hash != h.config_hash or public_key_to_hex(source) not in cfg.aggregator_keys:
             raise UntrustedState(source, "it serves a config that does not trust it or does not match its signed hash")
-        await asyncio.to_thread(run_task, cfg)  # TaskError, TaskMismatch: this node's own problem
+        check_tokenizer(cfg, self.options.tokenizer)  # TaskMismatch, as below: this node's own problem
+        await asyncio.to_thread(run_task, cfg)  # TaskError, TaskMismatch
         return chunk
 
     async def _fetch_chunks(

@@ -17,7 +17,17 @@ from potluck.tasks.base import Task, TaskError
 from potluck.tasks.gpt import GPTTask
 from potluck.tasks.hf import HFCausalLMTask
 
-__all__ = ["TaskMismatch", "allow_task", "check_task", "created", "load_task", "run_shapes", "run_task", "task_for"]
+__all__ = [
+    "TaskMismatch",
+    "allow_task",
+    "check_task",
+    "check_tokenizer",
+    "created",
+    "load_task",
+    "run_shapes",
+    "run_task",
+    "task_for",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +76,17 @@ def run_task(cfg: RunConfig) -> Task:
             _tasks.clear()
         _tasks[key] = task
     return _tasks[key]
+
+
+def check_tokenizer(cfg: RunConfig, brought: str | None) -> None:
+    """Refuse a run whose tokenizer is not the one this node's user brought (`brought`: its sha256, or None)."""
+    if brought is None or brought == cfg.data.tokenizer:
+        return
+    theirs = "bytes, no tokenizer file" if cfg.data.tokenizer is None else f"sha256 {cfg.data.tokenizer[:12]}"
+    raise TaskMismatch(
+        f"this node's --tokenizer (sha256 {brought[:12]}) is another tokenizer than the run's ({theirs}); "
+        "bring the run's tokenizer.json, or leave --tokenizer out and use the one that comes with the run"
+    )
 
 
 def run_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:

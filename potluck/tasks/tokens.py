@@ -13,10 +13,11 @@ import hashlib
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
-from potluck.protocol.file_store import TOKENIZERS, cache_dir, stored
+from potluck.protocol.file_store import TOKENIZERS, cache_dir, store, stored
 from potluck.tasks.base import TaskError
 from potluck.training.data import Corpus
 from potluck.training.tokenizer import HFTokenizer, Tokenizer
@@ -30,6 +31,16 @@ def stored_tokenizer(sha: str) -> HFTokenizer:
     if data is None:
         raise TaskError(f"the run's tokenizer {sha[:12]} is not on this machine; it comes with the run's state")
     return HFTokenizer(data)
+
+
+def brought_tokenizer(path: str | Path) -> str:
+    """Check the tokenizer.json a volunteer brings (`peer --tokenizer`) and keep it in the store; its sha256.
+
+    TokenizerError (one line) when it cannot be read or is not a tokenizer.
+    """
+    tokenizer = HFTokenizer.from_file(path)
+    store(TOKENIZERS, tokenizer.data)
+    return tokenizer.sha256
 
 
 def tokenized(corpus: Corpus, tokenizer: Tokenizer, *, key: str) -> Corpus:

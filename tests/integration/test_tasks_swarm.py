@@ -18,6 +18,7 @@ from potluck.errors import ERROR_PREFIX
 from potluck.lab.children import start_child
 from potluck.protocol.config_files import load_run_config
 from potluck.tasks import run_task
+from potluck.tasks.byte_tokenizer import byte_tokenizer_json
 from potluck.training.diloco import load_params
 from tests.integration.swarm_helpers import Node, Nodes, _pump, p2pd_pids, wait_until
 
@@ -158,8 +159,20 @@ def test_a_volunteer_who_cannot_train_the_runs_task_is_refused_in_one_line_befor
     aggregator = _node_in(nodes, operator, "aggregator", "aggregator", *flags)
     join = aggregator.next_event(lambda e: e.get("event") == "ready", timeout_s=90)["maddrs"][0]
     # Execute and assert: each refusal is one line, and the peer never synced nor trained
-    cases = [("unnamed", (), operator), ("missing", ("--task", task), empty), ("wider", ("--task", task), other)]
-    problems = [f"pass --task {task}", "cannot import their_digits here", "builds another architecture than the run's"]
+    tokenizer = tmp_path / "tokenizer.json"  # a volunteer brings a tokenizer to a run that has none
+    tokenizer.write_text(byte_tokenizer_json())
+    cases = [
+        ("unnamed", (), operator),
+        ("missing", ("--task", task), empty),
+        ("wider", ("--task", task), other),
+        ("tokenizer", ("--task", task, "--tokenizer", str(tokenizer)), operator),
+    ]
+    problems = [
+        f"pass --task {task}",
+        "cannot import their_digits here",
+        "builds another architecture than the run's",
+        "is another tokenizer than the run's (bytes, no tokenizer file)",
+    ]
     for (line, stdout), problem in zip(_refused_peers(tmp_path, join, cases), problems, strict=True):
         assert problem in line and line.startswith(ERROR_PREFIX), line
         assert not any(json.loads(e).get("event") in ("synced", "round") for e in stdout.splitlines()), stdout

@@ -232,3 +232,41 @@ def test_the_built_in_gpt_refuses_a_tokenizer_in_one_line() -> None:
     cfg = RunConfig().with_overrides({"data.tokenizer": "a" * 64}, source="test")
     with pytest.raises(TaskError, match="reads bytes"):
         task_for(cfg)
+
+
+def test_a_volunteer_who_brings_another_tokenizer_is_refused_and_the_runs_own_is_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: two tokenizers; a run that names the first, and one that uses bytes
+    from potluck.tasks import check_tokenizer
+    from potluck.tasks.tokens import brought_tokenizer
+    from potluck.training.tokenizer import train_tokenizer
+
+    monkeypatch.setenv("POTLUCK_CACHE", str(tmp_path / "cache"))
+    for name, text in (("ours.json", "def f(x):\n    return x\n"), ("theirs.json", "SELECT * FROM t;\n")):
+        (tmp_path / name).write_bytes(train_tokenizer([text] * 50, vocab_size=300))
+    ours, theirs = brought_tokenizer(tmp_path / "ours.json"), brought_tokenizer(tmp_path / "theirs.json")
+    run = RunConfig().with_overrides({"data.tokenizer": ours}, source="test")
+    # Execute and assert: the run's own tokenizer, or none brought, passes; another, or any against bytes, does not
+    check_tokenizer(run, ours)
+    check_tokenizer(run, None)
+    with pytest.raises(TaskMismatch, match=rf"another tokenizer than the run's \(sha256 {ours[:12]}\)"):
+        check_tokenizer(run, theirs)
+    with pytest.raises(TaskMismatch, match=r"\(bytes, no tokenizer file\)"):
+        check_tokenizer(RunConfig(), ours)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"), [(None, "does not exist"), (b"{not json", "not a valid tokenizer.json")]
+)
+def test_a_tokenizer_a_volunteer_brings_that_is_not_one_is_one_line(
+    tmp_path: Path, content: bytes | None, problem: str
+) -> None:
+    from potluck.tasks.tokens import brought_tokenizer
+    from potluck.training.tokenizer import TokenizerError
+
+    path = tmp_path / "tokenizer.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(TokenizerError, match=problem):
+        brought_tokenizer(path)
