@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from potluck.cli.common import DEFAULT_IDENTITY, DEFAULT_RECEIPTS
 from potluck.cli.flags import Flags, flag
+from potluck.protocol.config import check_data_source
 
 if TYPE_CHECKING:
     from potluck.peer.options import PeerOptions
@@ -40,7 +41,11 @@ class NodeFlags(Flags):
     identity: Annotated[Path, flag("--identity", "-i", help="Ed25519 key, created on first run.")] = DEFAULT_IDENTITY
     data: Annotated[
         str | None,
-        flag("--data", help="Train on your own text: a file, a directory or hf:<dir>. [default: the run's data]"),
+        flag(
+            "--data",
+            help="Train on your own text: a text file, a directory, a .jsonl or .parquet file (its "
+            "text in the run's data.text_field) or hf:<dir>. [default: the run's data.source]",
+        ),
     ] = None
     task: Annotated[
         str | None,
@@ -88,6 +93,16 @@ class NodeFlags(Flags):
         ),
     ] = 1.0
     as_json: Annotated[bool, flag("--json", help="One JSON object per event on stdout.")] = False
+
+    @field_validator("data")
+    @classmethod
+    def _data_is_a_source(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return check_data_source(value)
+        except ValueError as e:
+            raise ValueError(f"--data {value!r}: {e}") from None
 
 
 class PeerFlags(NodeFlags):

@@ -96,7 +96,9 @@ def swarm(
     data: Annotated[
         str | None,
         PeerFlags.option(
-            "data", help="Train on your own text: a file, a directory or hf:<dir>. [default: Python's stdlib]"
+            "data",
+            help="Train on your own text: a text, .jsonl or .parquet file, a directory or hf:<dir>. "
+            "[default: Python's stdlib]",
         ),
     ] = None,
     task: Annotated[

@@ -40,6 +40,7 @@ __all__ = [
     "OuterOptimizerSpec",
     "RunConfig",
     "TaskSpec",
+    "check_data_source",
     "config_hash",
 ]
 
@@ -136,11 +137,18 @@ def _hf_config_text(value: Any) -> Any:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
-def _check_data_source(value: str) -> str:
+def check_data_source(value: str) -> str:
+    """A data source's spelling, checked before anything is read (the config's and a peer's --data)."""
     if not value.strip():
-        raise ValueError('must be "builtin", a file or directory path, or "hf:<dataset dir>"')
+        raise ValueError('must be "builtin", a text, .jsonl or .parquet file, a directory, or "hf:<dataset dir>"')
     if value.startswith("hf:") and not value[3:].strip():
         raise ValueError('"hf:" needs the directory of a dataset saved on disk, e.g. "hf:/data/fineweb"')
+    return value
+
+
+def _check_text_field(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must name the field (or column) that holds each record's text, e.g. text")
     return value
 
 
@@ -215,15 +223,32 @@ class DataSpec(BaseModel):
     model_config = _FROZEN
 
     # "builtin" (the Python standard library's own source, present on every install), a path to a
-    # text file or directory, or "hf:<dir>" for a Hugging Face dataset saved on disk.
-    source: Annotated[str, AfterValidator(_check_data_source)] = "builtin"
-    val_fraction: float = Field(0.02, gt=0, lt=0.5)  # held-out share for validation loss
-    # Read at most this many bytes of the source (None: all of it); 4 MB keeps the builtin corpus quick.
+    # text file or directory, a .jsonl file (one JSON object a line) or a .parquet file (the text in
+    # text_field), or "hf:<dir>" for a Hugging Face dataset saved on disk.
+    source: Annotated[str, AfterValidator(check_data_source)] = "builtin"
+    # The field of each .jsonl object, and the column of a .parquet file or saved dataset, that holds the text.
+    text_field: Annotated[str, Field(max_length=256), AfterValidator(_check_text_field)] = "text"
+    # Text held out for the validation loss, read from a source of its own (any kind source takes): all of
+    # source is then training text, and every node scores on this. None: documents of source are held out.
+    held_out_source: Annotated[Annotated[str, AfterValidator(check_data_source)] | None, _Optional] = None
+    # Held-out share of source for validation loss, by document (unused with held_out_source).
+    val_fraction: float = Field(0.02, gt=0, lt=0.5)
+    # Read at most this many bytes of the source (None: all of it), and as many of held_out_source;
+    # 4 MB keeps the builtin corpus quick.
     max_bytes: Annotated[Annotated[int, Field(gt=0)] | None, _Optional] = 4_000_000
     # The sha256 of the run's tokenizer.json (potluck tokenizer train makes one); None: a token is a byte.
     # run.toml may name the file instead: it is read and kept in this machine's store when the run is loaded
     # (potluck.tasks.tokens), and every node finds it there by this hash.
     tokenizer: Annotated[Annotated[str, AfterValidator(_check_sha256)] | None, _Optional] = None
+
+    @model_validator(mode="after")
+    def _held_out_is_not_trained_on(self) -> DataSpec:
+        if self.held_out_source is not None and self.held_out_source.strip() == self.source.strip():
+            raise ValueError(
+                "data.held_out_source is data.source: the model would be scored on text it trains on; "
+                "name another source, or leave held_out_source out to hold out documents of source"
+            )
+        return self
 
 
 class InnerOptimizerSpec(BaseModel):

@@ -1,8 +1,9 @@
 """Language-model tasks: next-token prediction on the run's text corpus.
 
 The built-in GPT family and Hugging Face causal language models share everything but the model:
-the corpus (`data.source`, held out by document), each peer's own random windows, the held-out
-windows every node scores on, a cross-entropy loss over next tokens, and work counted in tokens.
+the corpus (`data.source`, held out by document, or beside a separate `data.held_out_source`), each
+peer's own random windows, the held-out windows every node scores on, a cross-entropy loss over next
+tokens, and work counted in tokens.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ from abc import abstractmethod
 from collections.abc import Iterator
 from functools import cached_property
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from potluck.protocol.config import RunConfig
 from potluck.tasks.base import Batch, Task, TaskError
-from potluck.tasks.tokens import stored_tokenizer, tokenized
-from potluck.training.data import BatchSampler, Corpus, load_corpus, val_batches
+from potluck.tasks.tokens import stored_tokenizer, tokenized, tokenized_text
+from potluck.training.data import BatchSampler, Corpus, load_corpus, load_source, val_batches
 from potluck.training.tokenizer import ByteTokenizer, Tokenizer
 
 BYTE_VOCAB = 256  # without a tokenizer a token is a byte
@@ -60,25 +62,56 @@ class LanguageModelTask(Task):
 
     @cached_property
     def corpus(self) -> Corpus:
-        """The run's text, split into training and held-out tokens (read, and tokenized once, on first use)."""
+        """The training source split into training and held-out tokens (read, and tokenized once, on first use)."""
         data = self.cfg.data
-        text = load_corpus(self.data_source, val_fraction=data.val_fraction, max_bytes=data.max_bytes)
+        text = load_corpus(
+            self.data_source, val_fraction=data.val_fraction, max_bytes=data.max_bytes, field=data.text_field
+        )
         if self.tokenizer is None:
             return text
-        key = json.dumps([self.data_source, data.val_fraction, data.max_bytes])
+        key = json.dumps([self.data_source, data.val_fraction, data.max_bytes, data.text_field])
         return tokenized(text, self.tokenizer, key=key)
+
+    @cached_property
+    def train_tokens(self) -> np.ndarray:
+        """Training tokens: the training source less its held-out documents, or all of it given a held-out source."""
+        if self.cfg.data.held_out_source is None:
+            return self.corpus.train
+        return self._whole_source(self.data_source, held_out=False)
+
+    @cached_property
+    def held_out_tokens(self) -> np.ndarray:
+        """Held-out tokens: documents held out of the training source, or all of data.held_out_source."""
+        if self.cfg.data.held_out_source is None:
+            return self.corpus.val
+        return self._whole_source(self.cfg.data.held_out_source, held_out=True)
+
+    def _whole_source(self, source: str, *, held_out: bool) -> np.ndarray:
+        """All of `source` as tokens (each side of a run with a separate held-out source), tokenized once."""
+        data = self.cfg.data
+
+        def read() -> np.ndarray:
+            return load_source(source, field=data.text_field, max_bytes=data.max_bytes, held_out=held_out)
+
+        if self.tokenizer is None:
+            return read()
+        role = "held-out" if held_out else "train"
+        key = json.dumps(["whole", role, source, data.text_field, data.max_bytes])
+        return tokenized_text(read, self.tokenizer, key=key, what=f"{role} source {source}")
 
     def train_batches(self, *, seed: int, batch_size: int) -> Iterator[Batch]:
         """Random windows of this peer's draw of the corpus: (inputs, next-token targets)."""
         sampler = BatchSampler(
-            self.corpus.train, batch_size=batch_size, block_size=self.block_size, shard=0, num_shards=1, seed=seed
+            self.train_tokens, batch_size=batch_size, block_size=self.block_size, shard=0, num_shards=1, seed=seed
         )
         while True:
             yield sampler.next_batch()
 
     def held_out_batches(self, *, batch_size: int, count: int) -> list[Batch]:
         """Windows evenly spaced over the held-out text: every node scores the same ones."""
-        return list(val_batches(self.corpus.val, batch_size=batch_size, block_size=self.block_size, num_batches=count))
+        return list(
+            val_batches(self.held_out_tokens, batch_size=batch_size, block_size=self.block_size, num_batches=count)
+        )
 
     def example_batch(self, *, batch_size: int, seed: int) -> Batch:
         """Random tokens of the full window: a step's cost without reading the corpus."""

@@ -4,7 +4,8 @@ A run that names a tokenizer records its sha256 (`data.tokenizer`); the file its
 machine's store (potluck.protocol.file_store), put there when the run is loaded or when a node receives
 it with the state, and read back only by that hash. Tokenizing a large
 corpus is slow (the tokenizers library reads about a megabyte a second on a small CPU), so it happens
-once: the token arrays are kept next to it, keyed by the corpus's source, its split and the tokenizer.
+once: the token arrays are kept next to it, keyed by the corpus's source, its split (or the role of a source read
+whole, such as a run's separate held-out source) and the tokenizer.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,20 +50,36 @@ def tokenized(corpus: Corpus, tokenizer: Tokenizer, *, key: str) -> Corpus:
 
     `key` names the corpus (its source and split); the tokenizer's sha256 completes the cache's key.
     """
+    where = _cache_entry(key, tokenizer)
+    train = _cached(where / "train.npy", lambda: corpus.train, tokenizer, what=f"train of {corpus.source}")
+    val = _cached(where / "val.npy", lambda: corpus.val, tokenizer, what=f"val of {corpus.source}")
+    return Corpus(train=train, val=val, source=corpus.source)
+
+
+def tokenized_text(read: Callable[[], np.ndarray], tokenizer: Tokenizer, *, key: str, what: str) -> np.ndarray:
+    """The text `read` returns (UTF-8 bytes) as the tokenizer's tokens; from the cache, unread, when it is there.
+
+    `key` names the text (its source and how it was read, e.g. a run's separate held-out source); the
+    tokenizer's sha256 completes the cache's key. `what` names it on the progress bar.
+    """
+    return _cached(_cache_entry(key, tokenizer) / "tokens.npy", read, tokenizer, what=what)
+
+
+def _cache_entry(key: str, tokenizer: Tokenizer) -> Path:
     digest = hashlib.sha256(json.dumps([key, tokenizer.sha256]).encode()).hexdigest()[:32]
-    where = cache_dir() / "tokens" / digest
-    arrays = {}
-    for side in ("train", "val"):
-        path = where / f"{side}.npy"
-        if path.exists():
-            arrays[side] = np.load(path, mmap_mode="r")
-            continue
-        arrays[side] = _encode(getattr(corpus, side), tokenizer, what=f"{side} of {corpus.source}")
-        where.mkdir(parents=True, exist_ok=True)
-        partial = where / f"{side}.{os.getpid()}.partial.npy"
-        np.save(partial, arrays[side])
-        partial.replace(path)
-    return Corpus(train=arrays["train"], val=arrays["val"], source=corpus.source)
+    return cache_dir() / "tokens" / digest
+
+
+def _cached(path: Path, read: Callable[[], np.ndarray], tokenizer: Tokenizer, *, what: str) -> np.ndarray:
+    """The token array at `path`, or `read()`'s text tokenized and written there (whole, then renamed)."""
+    if path.exists():
+        return np.load(path, mmap_mode="r")
+    tokens = _encode(read(), tokenizer, what=what)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
+    np.save(partial, tokens)
+    partial.replace(path)
+    return tokens
 
 
 def _encode(data: np.ndarray, tokenizer: Tokenizer, *, what: str) -> np.ndarray:

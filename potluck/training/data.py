@@ -5,36 +5,56 @@ vocabulary): ``train`` for the peers and ``val``, held out for evaluation. Held-
 chosen *by document*: files are ranked by a hash of their relative path and the first ones,
 up to ``val_fraction`` of the bytes, are held out. Validation loss then measures text the
 model has never seen (not the other half of a file it trained on), and since the split is
-made before ``max_bytes`` trims anything, a file's side never depends on the cap.
+made before ``max_bytes`` trims anything, a file's side never depends on the cap. Records
+(``.jsonl`` lines, ``.parquet`` rows, a saved dataset's rows) are held out by a hash of their
+position instead (potluck.training.sources).
 
 Files are concatenated in the order of that same hash, not alphabetically, so every peer's
 contiguous shard (see ``BatchSampler``) holds a random mix of documents rather than, say,
 all of ``asyncio/``.
 
 Sources: ``"builtin"`` (the Python standard library's own ``.py`` files, which every Python
-install carries), a text file, a directory of text files, or ``"hf:<dir>"`` (a Hugging Face
-dataset written with ``save_to_disk``; needs the optional ``datasets`` package).
+install carries), a text file, a directory of text files, a ``.jsonl`` or ``.parquet`` file
+(the text in one named field or column; ``.parquet`` needs ``pyarrow``), or ``"hf:<dir>"`` (a
+Hugging Face dataset written with ``save_to_disk``; needs the optional ``datasets`` package).
+A run with a separate held-out source reads each side whole instead (``load_source``).
 """
 
 from __future__ import annotations
 
 import codecs
-import hashlib
-import json
 import logging
 import os
 import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from potluck.errors import PotluckError
+from potluck.training.sources import (
+    DataError,
+    is_record_file,
+    load_hf,
+    open_saved_dataset,
+    record_texts,
+    records_tokens,
+    rows_tokens,
+    split_key,
+    split_records,
+)
 
-__all__ = ["BatchSampler", "Corpus", "DataError", "builtin_corpus_files", "iter_texts", "load_corpus", "val_batches"]
+__all__ = [
+    "BatchSampler",
+    "Corpus",
+    "DataError",
+    "builtin_corpus_files",
+    "iter_texts",
+    "load_corpus",
+    "load_source",
+    "val_batches",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +64,6 @@ _TEXT_SNIFF_BYTES = 8000
 # caches, and the stdlib's own test suites (often missing from slim installs such as Debian's
 # python3-minimal, and full of deliberately malformed files).
 _BUILTIN_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
-
-
-class DataError(PotluckError):
-    """The training data cannot be used; the message says why and what to do."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -67,13 +83,7 @@ class _Doc:
 
     @property
     def key(self) -> float:
-        return _split_key(self.relpath)
-
-
-def _split_key(name: str) -> float:
-    """Uniform in [0, 1), a pure function of a document's name: its split side and order."""
-    digest = hashlib.sha256(b"potluck/corpus-split\0" + name.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+        return split_key(self.relpath)
 
 
 def builtin_corpus_files() -> list[Path]:
@@ -95,15 +105,18 @@ def builtin_corpus_files() -> list[Path]:
     return sorted(files)
 
 
-def load_corpus(source: str = "builtin", *, val_fraction: float = 0.02, max_bytes: int | None = None) -> Corpus:
+def load_corpus(
+    source: str = "builtin", *, val_fraction: float = 0.02, max_bytes: int | None = None, field: str = "text"
+) -> Corpus:
     """Load a corpus and split it into train and held-out tokens.
 
     Documents are ranked by a hash of their relative path and the first ones, up to
     ``val_fraction`` of the bytes, are held out; a single file is split by position instead
-    (its last ``val_fraction``). ``max_bytes``
+    (its last ``val_fraction``), and records (``.jsonl``, ``.parquet``, ``hf:``; their text in
+    ``field``) by a hash of their position. ``max_bytes``
     caps the bytes read: each side keeps its share of the cap, filled with whole documents
     in hash order and the last one cut short, so the choice is deterministic and only the
-    chosen files are read. Raises ``DataError`` for a missing, empty or binary source.
+    chosen files are read. Raises ``DataError`` for a missing, empty, binary or malformed source.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -111,34 +124,95 @@ def load_corpus(source: str = "builtin", *, val_fraction: float = 0.02, max_byte
         raise ValueError(f"max_bytes must be at least 2 (one train and one held-out byte), got {max_bytes}")
 
     if source.startswith("hf:"):
-        train, val = _load_hf(source[3:], val_fraction=val_fraction, max_bytes=max_bytes)
+        train, val = load_hf(source[3:], column=field, val_fraction=val_fraction, max_bytes=max_bytes)
     elif source == "builtin":
-        root = Path(sysconfig.get_paths()["stdlib"])
-        docs = [_doc(root, p) for p in builtin_corpus_files()]
-        train, val = _split_docs([d for d in docs if d.size > 0], val_fraction=val_fraction, max_bytes=max_bytes)
+        train, val = _split_docs(_builtin_docs(), val_fraction=val_fraction, max_bytes=max_bytes)
     else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise DataError(
-                f"corpus source {source!r} does not exist; pass a text file, a directory, 'builtin' or 'hf:<dir>'"
-            )
+        path = _local(source)
         if path.is_dir():
-            docs = _text_docs(path)
-            if not docs:
-                raise DataError(f"directory {source!r} holds no non-empty text files; add some or pick another source")
+            docs = _dir_docs(path, source)
             if len(docs) == 1:
                 train, val = _split_file(docs[0].path, val_fraction=val_fraction, max_bytes=max_bytes)
             else:
                 train, val = _split_docs(docs, val_fraction=val_fraction, max_bytes=max_bytes)
+        elif is_record_file(path):
+            train, val = split_records(record_texts(path, field=field), val_fraction=val_fraction, max_bytes=max_bytes)
         else:
-            if not _is_text(path):
-                raise DataError(f"{source!r} is not a text file (it has NUL bytes); pass UTF-8 or other plain text")
+            _check_text_file(path, source)
             train, val = _split_file(path, val_fraction=val_fraction, max_bytes=max_bytes)
 
     if train.size == 0 or val.size == 0:
         raise DataError(f"corpus {source!r} is too small to split into train and held-out text; add more text")
     logger.info("corpus %s: %d train bytes, %d held-out bytes", source, train.size, val.size)
     return Corpus(train=train, val=val, source=source)
+
+
+def load_source(
+    source: str, *, field: str = "text", max_bytes: int | None = None, held_out: bool = False
+) -> np.ndarray:
+    """All of a source's text as byte tokens, none held out: either side of a run with a separate held-out source.
+
+    Documents come in ``load_corpus``'s order and ``max_bytes`` caps the bytes read (the last
+    document cut short; only what is kept is read). A saved ``DatasetDict`` gives its train split,
+    or with ``held_out`` its "validation" (or "test") split where it has one. Raises ``DataError``
+    for a missing, empty, binary or malformed source.
+    """
+    if max_bytes is not None and max_bytes < 1:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    if source.startswith("hf:"):
+        train, held = open_saved_dataset(source[3:], column=field)
+        rows = held if held_out and held is not None else train
+        tokens = rows_tokens(rows, column=field, budget=max_bytes)
+    elif source == "builtin":
+        tokens = _read_docs(_in_order(_builtin_docs()), budget=max_bytes)
+    else:
+        path = _local(source)
+        if path.is_dir():
+            tokens = _read_docs(_in_order(_dir_docs(path, source)), budget=max_bytes)
+        elif is_record_file(path):
+            tokens = records_tokens(record_texts(path, field=field), budget=max_bytes)
+        else:
+            _check_text_file(path, source)
+            tokens = _read_docs([_doc(path.parent, path)], budget=max_bytes)
+    if tokens.size == 0:
+        raise DataError(f"data source {source!r} holds no text; add some or pick another source")
+    logger.info("%s %s: %d bytes", "held-out source" if held_out else "source", source, tokens.size)
+    return tokens
+
+
+def _local(source: str) -> Path:
+    """The file or directory `source` names; DataError when there is none."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"data source {source!r} does not exist; pass a text, .jsonl or .parquet file, a directory, "
+            "'builtin' or 'hf:<dir>'"
+        )
+    if not os.access(path, os.R_OK):
+        raise DataError(f"data source {source!r} is not readable by this user; check its permissions")
+    return path
+
+
+def _check_text_file(path: Path, source: str) -> None:
+    if not _is_text(path):
+        raise DataError(f"{source!r} is not a text file (it has NUL bytes); pass UTF-8 or other plain text")
+
+
+def _builtin_docs() -> list[_Doc]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [doc for doc in (_doc(root, p) for p in builtin_corpus_files()) if doc.size > 0]
+
+
+def _dir_docs(path: Path, source: str) -> list[_Doc]:
+    docs = _text_docs(path)
+    if not docs:
+        raise DataError(f"directory {source!r} holds no non-empty text files; add some or pick another source")
+    return docs
+
+
+def _in_order(docs: list[_Doc]) -> list[_Doc]:
+    """Documents in the corpus's order: by the hash of their relative path."""
+    return sorted(docs, key=lambda d: (d.key, d.relpath))
 
 
 def _doc(root: Path, path: Path) -> _Doc:
@@ -174,7 +248,7 @@ def _split_docs(docs: list[_Doc], *, val_fraction: float, max_bytes: int | None)
     """
     if len(docs) < 2:
         raise DataError("need at least two documents to hold one out; add more files")
-    docs = sorted(docs, key=lambda d: (d.key, d.relpath))
+    docs = _in_order(docs)
     val_target, n_val, val_size = val_fraction * sum(d.size for d in docs), 0, 0
     while n_val < len(docs) - 1 and (n_val == 0 or val_size < val_target):
         val_size += docs[n_val].size
@@ -214,78 +288,13 @@ def _split_file(path: Path, *, val_fraction: float, max_bytes: int | None) -> tu
     return tokens[:-n_val], tokens[-n_val:]
 
 
-def _load_hf(path: str, *, val_fraction: float, max_bytes: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """A dataset saved with ``datasets.save_to_disk``: rows of its "text" column are documents.
-
-    A saved ``DatasetDict`` uses its "train" split and, when present, "validation" (or
-    "test") as held-out text; otherwise rows are held out by a hash of their index.
-    Each row is encoded as UTF-8 and followed by a newline.
-    """
-    loaded, held_out = _open_saved_dataset(path, column="text")
-    val_budget = train_budget = None
-    if max_bytes is not None:
-        val_budget = max(1, round(max_bytes * val_fraction))
-        train_budget = max_bytes - val_budget
-    if held_out is not None:
-        return _rows_to_tokens(loaded, train_budget), _rows_to_tokens(held_out, val_budget)
-    val_rows = [i for i in range(len(loaded)) if _split_key(f"row/{i}") < val_fraction] or [0]
-    val_set = set(val_rows)
-    train_rows = [i for i in range(len(loaded)) if i not in val_set]
-    return (
-        _rows_to_tokens(loaded.select(train_rows), train_budget),
-        _rows_to_tokens(loaded.select(val_rows), val_budget),
-    )
-
-
-def _open_saved_dataset(path: str, *, column: str) -> tuple[Any, Any]:
-    """A dataset saved with ``datasets.save_to_disk``: its train rows and its held-out rows (or None).
-
-    A saved ``DatasetDict`` gives its "train" split and, when present, "validation" (or "test");
-    a plain ``Dataset`` is all train. Both must have ``column``.
-    """
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"source 'hf:{path}' needs the datasets package: pip install datasets") from None
-    if not Path(path).exists():
-        raise DataError(f"no saved dataset at {path!r}; write one with Dataset.save_to_disk({path!r})")
-    try:
-        loaded = datasets.load_from_disk(path)
-    except Exception as exc:  # datasets raises several unrelated types for a bad directory
-        raise DataError(f"cannot load a dataset from {path!r}: {exc}") from exc
-
-    held_out = None
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise DataError(f"dataset at {path!r} has splits {list(loaded)}; it needs a 'train' split")
-        held_out = loaded.get("validation", loaded.get("test"))
-        loaded = loaded["train"]
-    for ds in (loaded, held_out):
-        if ds is not None and column not in ds.column_names:
-            raise DataError(f"dataset at {path!r} has columns {ds.column_names}; it needs a {column!r} column")
-    return loaded, held_out
-
-
-def _rows_to_tokens(ds: Iterable[dict[str, str | None]], budget: int | None) -> np.ndarray:
-    chunks, total = [], 0
-    for row in ds:
-        if budget is not None and total >= budget:
-            break
-        data = (row["text"] or "").encode() + b"\n"
-        if budget is not None:
-            data = data[: budget - total]
-        chunks.append(data)
-        total += len(data)
-    return np.frombuffer(b"".join(chunks), dtype=np.uint8)
-
-
 def iter_texts(source: str = "builtin", *, field: str = "text", max_bytes: int | None = None) -> Iterator[str]:
     """The text of every document of a source, lazily, for work over plain text such as training a tokenizer.
 
-    Sources are those of ``load_corpus`` (``"builtin"``, a text file, a directory of text
-    files, ``"hf:<dir>"``, whose train split is read), plus a ``.jsonl`` file (one JSON object
-    a line) and a ``.parquet`` file; ``field`` names the text field of their records and the
-    column of a saved dataset. Files come in ``load_corpus``'s hash order, so a ``max_bytes``
+    Sources are those of ``load_corpus``: ``"builtin"``, a text file, a directory of text
+    files, a ``.jsonl`` file (one JSON object a line), a ``.parquet`` file and ``"hf:<dir>"``
+    (whose train split is read); ``field`` names the text field of their records. Files come
+    in ``load_corpus``'s hash order, so a ``max_bytes``
     cap (UTF-8 bytes, the last text cut short) takes a mix of documents rather than the first
     directory; only what is yielded is read. A file over 1 MiB is yielded a piece at a time
     (cut at line ends), so a text is a document or a piece of one: put no end-of-document token
@@ -296,38 +305,24 @@ def iter_texts(source: str = "builtin", *, field: str = "text", max_bytes: int |
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
     texts: Iterator[str]
     if source.startswith("hf:"):
-        train, _ = _open_saved_dataset(source[3:], column=field)
-        if getattr(train.features[field], "dtype", None) not in ("string", "large_string"):  # a list has none
-            raise DataError(f"dataset at {source[3:]!r}: column {field!r} holds {train.features[field]}, not text")
+        train, _ = open_saved_dataset(source[3:], column=field)
         texts = (row[field] for row in train if row[field])
     elif source == "builtin":
-        root = Path(sysconfig.get_paths()["stdlib"])
-        texts = _docs_texts([_doc(root, p) for p in builtin_corpus_files()])
+        texts = _docs_texts(_builtin_docs())
     else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise DataError(
-                f"text source {source!r} does not exist; pass a text, .jsonl or .parquet file, a directory, "
-                "'builtin' or 'hf:<dir>'"
-            )
+        path = _local(source)
         if path.is_dir():
-            docs = _text_docs(path)
-            if not docs:
-                raise DataError(f"directory {source!r} holds no non-empty text files; add some or pick another source")
-            texts = _docs_texts(docs)
-        elif path.suffix == ".jsonl":
-            texts = _jsonl_texts(path, field=field)
-        elif path.suffix == ".parquet":
-            texts = _parquet_texts(path, column=field)
-        elif not _is_text(path):
-            raise DataError(f"{source!r} is not a text file (it has NUL bytes); pass UTF-8 or other plain text")
+            texts = _docs_texts(_dir_docs(path, source))
+        elif is_record_file(path):
+            texts = record_texts(path, field=field)
         else:
+            _check_text_file(path, source)
             texts = _file_texts(path)
     return texts if max_bytes is None else _capped(texts, max_bytes)
 
 
 def _docs_texts(docs: list[_Doc]) -> Iterator[str]:
-    for doc in sorted(docs, key=lambda d: (d.key, d.relpath)):
+    for doc in _in_order(docs):
         yield from _file_texts(doc.path)
 
 
@@ -347,53 +342,6 @@ def _file_texts(path: Path) -> Iterator[str]:
                 yield text[:cut]
     if tail := carry + decoder.decode(b"", final=True):
         yield tail
-
-
-def _jsonl_texts(path: Path, *, field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                message = f"{path}:{number} is not JSON ({exc.msg}); a .jsonl file has one object a line"
-                raise DataError(message) from None
-            if not isinstance(record, dict) or field not in record:
-                fields = list(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"{path}:{number} has no {field!r} field (it has {fields}); name the text field")
-            text = record[field]
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{number}: field {field!r} is {type(text).__name__}, not text")
-            if text:
-                yield text
-
-
-def _parquet_texts(path: Path, *, column: str) -> Iterator[str]:
-    """The non-empty texts of a Parquet file's string ``column``; the file and its column are checked now."""
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"reading {path} needs the pyarrow package: pip install pyarrow") from None
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"cannot read {path} as Parquet: {exc}") from None
-    schema = parquet.schema_arrow
-    if column not in schema.names:
-        raise DataError(f"{path} has columns {schema.names}; it needs a {column!r} column of text")
-    kind = schema.field(column).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise DataError(f"{path}: column {column!r} holds {kind}, not text")
-    return (
-        text
-        for batch in parquet.iter_batches(batch_size=1024, columns=[column])
-        for text in batch[0].to_pylist()
-        if text
-    )
 
 
 def _capped(texts: Iterable[str], max_bytes: int) -> Iterator[str]:

@@ -15,7 +15,7 @@ KEY_B = "0123456789abcdef" * 4
 
 # sha256 of the default config's canonical JSON. If this changes, every default run gets a new identity:
 # change it only on purpose (a new field, a new default) and say so in the commit.
-DEFAULT_HASH = "251a21d80bed4e78d764a60518e0a45c7457ad9195bf89b53ac9d9646dc50e25"
+DEFAULT_HASH = "7b261b5223f8bd9426bc7352edfe8efcaa7094dff0c762f8f58e1ba6e6c7a5b7"
 
 
 def test_defaults_are_valid_and_hash_is_golden() -> None:
@@ -35,6 +35,8 @@ def test_defaults_are_valid_and_hash_is_golden() -> None:
         {"data.source": "hf:/data/x"},
         {"data.val_fraction": 0.05},
         {"data.max_bytes": "none"},
+        {"data.text_field": "body"},
+        {"data.held_out_source": "held-out.jsonl"},
         {"inner.lr": 1e-3},
         {"inner.beta1": 0.8},
         {"inner.beta2": 0.99},
@@ -163,6 +165,9 @@ INVALID_MAPPINGS = [
     ({"codec": {"params": {"k": [1, 2]}}}, "codec.params: parameter 'k' must be a number, string or boolean"),
     ({"data": {"source": "hf:"}}, "data.source:"),
     ({"data": {"val_fraction": 0.5}}, "data.val_fraction:"),
+    ({"data": {"text_field": " "}}, "data.text_field:"),
+    ({"data": {"held_out_source": "hf:"}}, "data.held_out_source:"),
+    ({"data": {"source": "a.jsonl", "held_out_source": "a.jsonl"}}, "would be scored on text it trains on"),
     ({"seed": -1}, "seed:"),
     ({"rounds": 2, "local_steps": 3}, "inner.warmup_steps (20) is longer than the whole run"),
 ]

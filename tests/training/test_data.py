@@ -179,11 +179,12 @@ def test_val_batches_are_fixed_and_evenly_spaced() -> None:
 
 
 class _FakeDataset:
-    """Just enough of ``datasets.Dataset`` for the loader: rows, columns, select."""
+    """Just enough of ``datasets.Dataset`` for the loader: rows, columns and their types, select."""
 
     def __init__(self, texts: list[str], column: str = "text") -> None:
         self.rows = [{column: t} for t in texts]
         self.column_names = [column]
+        self.features = {column: types.SimpleNamespace(dtype="string")}
 
     def __len__(self) -> int:
         return len(self.rows)

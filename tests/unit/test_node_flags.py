@@ -164,3 +164,18 @@ def test_the_flags_give_the_node_every_option_it_takes() -> None:
     assert options.host_maddrs == ("/ip4/127.0.0.2/tcp/4001",)
     assert options.receipts_dir == Path("/tmp/receipts/peer-3")
     assert (options.reconnect_timeout_s, options.join_timeout_s) == (12.5, 7.0)
+
+
+@pytest.mark.parametrize("source", ["x.jsonl", "rows.parquet", "texts/", "hf:/data/wiki", "builtin"])
+def test_every_kind_of_data_source_is_taken_by_data(source: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert PeerFlags.parsed({"data": source}).data == source
+    assert _parsed_by_the_peer_command(["peer", "--data", source], monkeypatch) == PeerFlags(data=source)
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"), [(" ", "--data ' ': must be"), ("hf:", "--data 'hf:': \"hf:\" needs")]
+)
+def test_data_that_names_no_source_is_one_usage_line(source: str, expected: str) -> None:
+    with pytest.raises(UsageError) as raised:
+        ServerlessFlags.parsed({"data": source})
+    assert str(raised.value).startswith(expected)
