@@ -91,7 +91,7 @@ class AggregatorFlags(Flags):
     ] = None
     http_port: Annotated[
         int | None,
-        Field(ge=0),
+        Field(ge=0, le=65535),
         flag("--http-port", help="Status page, JSON API and /metrics port (0: none). [default: 8000]"),
     ] = None
     http_host: Annotated[
