@@ -91,7 +91,7 @@ class AggregatorFlags(Flags):
     ] = None
     http_port: Annotated[
         int | None,
-        Field(ge=0),
+        Field(ge=0, le=65535),
         flag("--http-port", help="Status page, JSON API and /metrics port (0: none). [default: 8000]"),
     ] = None
     http_host: Annotated[
@@ -140,7 +140,6 @@ def run_aggregator(flags: AggregatorFlags) -> None:
 
     prepare_node_process(flags.threads)
     state = flags.state_dir.expanduser()
-    own_identity = node_identity(flags.identity or state / "identity.key")
     overrides = parse_overrides(list(flags.set_))
     if flags.task is not None:
         allow_task(flags.task)
@@ -150,6 +149,8 @@ def run_aggregator(flags: AggregatorFlags) -> None:
         cfg = load_run_config(flags.config, overrides=overrides)
     elif overrides:
         cfg = run_config_from_mapping({}, overrides=overrides)
+    # only once the config reads: a bad one fails with nothing written in the state directory
+    own_identity = node_identity(flags.identity or state / "identity.key")
     run_cfg = prepare_run(state_dir=state, config=cfg, identity=own_identity)
     options = ServerOptions(
         state_dir=state,

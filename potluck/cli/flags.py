@@ -18,6 +18,7 @@ import annotated_types
 import typer
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
+from rich.markup import escape
 
 from potluck.cli.common import UsageError
 
@@ -36,6 +37,12 @@ class Flag:
 def flag(*decls: str, help: str) -> Flag:  # noqa: A002 - typer's name for it
     """A field's command-line spelling, e.g. `flag("--join", "-j", help="...")`."""
     return Flag(decls=decls, help=help)
+
+
+def as_written(text: str) -> str:
+    """Help text that `--help` shows as written: typer reads help as rich markup, where a hint such as
+    `[default: the run's]` is a style tag and vanishes, so its brackets are escaped."""
+    return escape(text)
 
 
 def _flag(field: FieldInfo) -> Flag:
@@ -65,7 +72,7 @@ class Flags(BaseModel):
         spelled = _flag(field)
         return typer.Option(
             *spelled.decls,
-            help=spelled.help if help is None else help,
+            help=as_written(spelled.help if help is None else help),
             min=_bound(field, annotated_types.Ge),
             max=_bound(field, annotated_types.Le),
         )

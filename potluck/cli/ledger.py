@@ -11,10 +11,11 @@ from typing import Annotated, Literal
 import typer
 
 from potluck.cli.common import DEFAULT_RECEIPTS, DEFAULT_STATE_DIR, UsageError
+from potluck.cli.flags import as_written
 
 ledger_app = typer.Typer(help="Check and export an aggregator's contribution ledger.", no_args_is_help=True)
 
-_DB_HELP = "The ledger file. [default: STATE_DIR/ledger.sqlite]"
+_DB_HELP = as_written("The ledger file. [default: STATE_DIR/ledger.sqlite]")
 
 
 def _db_path(db: Path | None, state_dir: Path) -> Path:
@@ -43,7 +44,9 @@ def verify(
     ),
     key: Annotated[
         str | None,
-        typer.Option(help="The aggregator's public key (64 hex). [default: the key its first signed head names]"),
+        typer.Option(
+            help=as_written("The aggregator's public key (64 hex). [default: the key its first signed head names]")
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
@@ -150,7 +153,9 @@ def receipts_verify(
     ] = DEFAULT_RECEIPTS,
     key: Annotated[
         list[str] | None,
-        typer.Option("--key", help="A trusted aggregator public key (64 hex); repeatable. [default: as signed]"),
+        typer.Option(
+            "--key", help=as_written("A trusted aggregator public key (64 hex); repeatable. [default: as signed]")
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:

@@ -129,7 +129,9 @@ class PeerFlags(NodeFlags):
         Path, flag("--receipts", help="Keep the aggregator's signed receipts here (potluck receipts verify).")
     ] = DEFAULT_RECEIPTS
     http_port: Annotated[
-        int, Field(ge=0), flag("--http-port", help="Serve this peer's own status (JSON) on this port (0: none).")
+        int,
+        Field(ge=0, le=65535),
+        flag("--http-port", help="Serve this peer's own status (JSON) on this port (0: none)."),
     ] = 0
     http_host: Annotated[str, flag("--http-host", help="Address of this peer's status page.")] = "127.0.0.1"
     overlap: Annotated[

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from potluck.cli.common import UsageError, stderr, stdout
+from potluck.cli.flags import as_written
 
 if TYPE_CHECKING:
     from potluck.planning.plan import AutoPlan
@@ -23,16 +24,18 @@ if TYPE_CHECKING:
 
 def simulate(
     peers: Annotated[int, typer.Option(help="Simulated peers (run one after another).", min=1)] = 4,
-    rounds: Annotated[int | None, typer.Option(help="Outer rounds. [default: 8, or the config's]", min=1)] = None,
+    rounds: Annotated[
+        int | None, typer.Option(help=as_written("Outer rounds. [default: 8, or the config's]"), min=1)
+    ] = None,
     local_steps: Annotated[
-        int | None, typer.Option(help="Inner steps per round (H). [default: 25, or the config's]", min=1)
+        int | None, typer.Option(help=as_written("Inner steps per round (H). [default: 25, or the config's]"), min=1)
     ] = None,
     codecs: Annotated[
         str,
         typer.Option(help="Comma-separated arms, name[:param=value...] each, e.g. none,dct-topk:density=0.03."),
     ] = "none,int8,dct-topk",
     outer: Annotated[
-        str | None, typer.Option(help="Outer optimizer: nesterov or average. [default: the config's]")
+        str | None, typer.Option(help=as_written("Outer optimizer: nesterov or average. [default: the config's]"))
     ] = None,
     config: Annotated[Path | None, typer.Option(help="A run config (TOML or YAML); flags override it.")] = None,
     data: Annotated[str | None, typer.Option(help="builtin, a text file, a directory, or hf:<saved dataset>.")] = None,
@@ -160,7 +163,9 @@ def plan(
     join: Annotated[str | None, typer.Option(help="With --auto: the aggregator multiaddr to probe.")] = None,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="With --auto or --memory: the run config. [default: the embedded run]"),
+        typer.Option(
+            "--config", "-c", help=as_written("With --auto or --memory: the run config. [default: the embedded run]")
+        ),
     ] = None,
     set_: Annotated[
         list[str] | None,
@@ -179,17 +184,21 @@ def plan(
         ),
     ] = False,
     size: Annotated[
-        str | None, typer.Option(help="With --memory: a built-in model size (tiny ... 1b). [default: the run's]")
+        str | None,
+        typer.Option(help=as_written("With --memory: a built-in model size (tiny ... 1b). [default: the run's]")),
     ] = None,
     hf_config: Annotated[
         Path | None, typer.Option(help="With --memory: a Hugging Face config.json to estimate instead.")
     ] = None,
     micro_batch: Annotated[
         int | None,
-        typer.Option(help="With --memory: sequences per pass. [default: the run's inner.batch_size]", min=1),
+        typer.Option(
+            help=as_written("With --memory: sequences per pass. [default: the run's inner.batch_size]"), min=1
+        ),
     ] = None,
     seq: Annotated[
-        int | None, typer.Option(help="With --memory: tokens per sequence. [default: the model's context]", min=1)
+        int | None,
+        typer.Option(help=as_written("With --memory: tokens per sequence. [default: the model's context]"), min=1),
     ] = None,
     checkpointing: Annotated[
         bool, typer.Option("--checkpointing/--no-checkpointing", help="With --memory: activation checkpointing.")

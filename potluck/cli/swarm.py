@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from potluck.cli.common import DEFAULT_HTTP_PORT, UsageError, stderr, stdout
+from potluck.cli.flags import as_written
 from potluck.cli.peer_flags import PeerFlags
 from potluck.cli.serverless import ServerlessFlags
 from potluck.events import (
@@ -88,10 +89,12 @@ def swarm(
     peers: Annotated[int, typer.Option(help="Peer processes to start.", min=1, max=64)] = 3,
     rounds: Annotated[int, typer.Option(help="Outer rounds to train.", min=1)] = 6,
     local_steps: Annotated[
-        int | None, typer.Option("--local-steps", help="Inner steps per round (H). [default: the config's]", min=1)
+        int | None,
+        typer.Option("--local-steps", help=as_written("Inner steps per round (H). [default: the config's]"), min=1),
     ] = None,
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="Run config (TOML/YAML). [default: the embedded tiny run]")
+        Path | None,
+        typer.Option("--config", "-c", help=as_written("Run config (TOML/YAML). [default: the embedded tiny run]")),
     ] = None,
     data: Annotated[
         str | None,
@@ -111,7 +114,7 @@ def swarm(
         Path | None,
         typer.Option(
             "--state-dir",
-            help="The aggregator's directory, kept after the run. [default: potluck-runs/RUN-TIME here]",
+            help=as_written("The aggregator's directory, kept after the run. [default: a new one in potluck-runs/]"),
         ),
     ] = None,
     timeout: Annotated[float, typer.Option(help="Stop everything after this many seconds.", min=1)] = 1800.0,
@@ -122,7 +125,10 @@ def swarm(
     http_port: Annotated[
         int | None,
         typer.Option(
-            "--http-port", help="The aggregator's status page on 127.0.0.1 (0: none). [default: 8000]", min=0
+            "--http-port",
+            help=as_written("The aggregator's status page on 127.0.0.1 (0: none). [default: 8000]"),
+            min=0,
+            max=65535,
         ),
     ] = None,
     overlap: Annotated[

@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
+from potluck.protocol.backoff import backoff_s
 from potluck.protocol.node import JoinError, parse_join_address
 
 __all__ = [
@@ -36,7 +37,8 @@ logger = logging.getLogger(__name__)
 JOIN_PATH = "/api/join"
 MAX_REPLY_BYTES = 64 * 1024  # 16 multiaddrs and a run name fit in far less
 MAX_ADDRESSES = 16
-_RETRY_S = 1.0
+_RETRY_BASE_S = 0.5  # the first wait before asking a starting page again is at most this; later ones double it
+_RETRY_CAP_S = 4.0  # the longest wait between two asks
 
 
 def is_join_url(text: str) -> bool:
@@ -108,6 +110,7 @@ def fetch_join_addresses(url: str, *, timeout_s: float) -> list[str]:
     endpoint = join_endpoint(url)
     host = urlsplit(endpoint).hostname or ""
     deadline = time.monotonic() + timeout_s
+    attempt = 0
     while True:
         left_s = deadline - time.monotonic()
         try:
@@ -118,10 +121,13 @@ def fetch_join_addresses(url: str, *, timeout_s: float) -> list[str]:
             reason = f"HTTP {e.code}"
         except (urllib.error.URLError, OSError) as e:
             reason = str(getattr(e, "reason", e))
-        if time.monotonic() + _RETRY_S > deadline:
+        # jittered: peers started together against a starting aggregator must not ask in lock-step
+        wait_s = backoff_s(attempt, base_s=_RETRY_BASE_S, cap_s=_RETRY_CAP_S)
+        attempt += 1
+        if time.monotonic() + wait_s > deadline:
             raise JoinError(f"no join addresses from {endpoint} within {timeout_s:g} s (last: {reason})")
         logger.info("asking %s for the aggregator's address: %s; retrying", endpoint, reason)
-        time.sleep(_RETRY_S)
+        time.sleep(wait_s)
 
 
 def resolve_joins(values: Sequence[str], *, timeout_s: float) -> tuple[str, ...]:

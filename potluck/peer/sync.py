@@ -2,7 +2,7 @@
 
 The peer never trusts an aggregator key the run's config does not list. A state that fails
 verification marks its source: that aggregator is never asked again. A call that gets no answer is
-retried with exponential backoff (the aggregator may be restarting), the aggregator is looked up
+retried with jittered exponential backoff (the aggregator may be restarting), the aggregator is looked up
 again on the DHT, and a shard whose aggregator stays silent moves to its standby once one is announced.
 """
 
@@ -23,6 +23,7 @@ from potluck.peer.options import PeerError, PeerOptions, RunFinished
 from potluck.peer.records import HeldOutScore, Master, Shard, Tally
 from potluck.peer.state_download import Donor, DownloadFailed, Fetched, fetch_chunks
 from potluck.protocol import PROTOCOL_VERSION
+from potluck.protocol.backoff import backoff_s
 from potluck.protocol.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable
 from potluck.protocol.config import RunConfig
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, parse_announcements
@@ -46,6 +47,8 @@ T = TypeVar("T")
 
 FAILOVER_AFTER_S = 10.0  # a shard's aggregator silent this long: switch to its standby once one is announced
 MAX_DONORS = 8  # holding peers one state download asks besides the aggregator
+RETRY_BASE_S = 0.5  # the first retry of an unreachable aggregator comes within this; each later one doubles it
+RETRY_CAP_S = 10.0  # the most any wait between retries can be
 
 
 class UntrustedState(PotluckError):
@@ -379,23 +382,25 @@ class Sync:
         """
         deadline = time.monotonic() + self.options.reconnect_timeout_s
         failing_since = time.monotonic()
-        delay_s = 0.5
+        attempt = 0
         while True:
             try:
                 return await call()
             except AggregatorUnreachable as e:
                 now = time.monotonic()
                 if shard is not None and now - failing_since >= FAILOVER_AFTER_S and await self.failover(shard):
-                    failing_since, delay_s = now, 0.5
+                    failing_since, attempt = now, 0
                     deadline = now + self.options.reconnect_timeout_s
                     continue
+                # jittered: the peers that lost a restarting aggregator together must not retry in lock-step
+                delay_s = backoff_s(attempt, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S)
+                attempt += 1
                 if time.monotonic() + delay_s > deadline:
                     raise PeerError(
                         f"gave up {what} after {self.options.reconnect_timeout_s:.0f} s: {e}; is the aggregator up?"
                     ) from e
                 logger.warning("%s: %s; retrying in %.1f s", what, e, delay_s)
                 await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 10.0)
                 target = shard.announcement if shard is not None else self.announcement
                 if target is not None:
                     await self.connect(target)

@@ -6,7 +6,7 @@ several apps (an aggregator and a peer, or many tests) can live in one process.
 
 from collections.abc import Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -68,9 +68,13 @@ def _gauge(name: str, documentation: str, value: float | None) -> GaugeMetricFam
 
 
 def make_registry(status: RunStatus) -> CollectorRegistry:
-    """A fresh registry holding only `status`'s collector."""
+    """A fresh registry holding `status`'s collector and the standard process, platform and GC metrics
+    (resident memory, open descriptors, CPU seconds, Python version), as the global registry would."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RunStatusCollector(status))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     return registry
 
 

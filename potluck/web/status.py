@@ -248,10 +248,12 @@ class RunStatus:
         accepted: tuple[AcceptedUpdate, ...] = e.accepted[:MAX_ROUND_ENTRIES]
         tokens_per_s = tokens / round_s if round_s is not None else None
         self._rounds_closed += 1
-        self._round = closed + 1
-        self._round_deadline_s = self._deadline_at_s = None
+        if self._round is None or closed >= self._round:
+            # else the next round's open event came first: its round and countdown stand
+            self._round = closed + 1
+            self._round_deadline_s = self._deadline_at_s = None
         rounds_total = self._run.get("rounds_total")
-        if rounds_total is not None and self._round >= rounds_total:
+        if rounds_total is not None and closed + 1 >= rounds_total:
             self._phase = "finished"
         if val_loss is not None:
             self._loss.append({"round": closed, "val_loss": val_loss})

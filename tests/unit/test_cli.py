@@ -173,6 +173,19 @@ def test_a_bad_state_upload_rate_is_one_line_and_creates_nothing(tmp_path: Path)
     assert not (tmp_path / "state").exists()
 
 
+def test_an_aggregator_with_a_bad_config_fails_before_it_writes_anything(tmp_path: Path) -> None:
+    # Prepare
+    config = tmp_path / "run.toml"
+    config.write_text("[inner]\nlr = -1.0\n")
+    state = tmp_path / "state"
+    # Execute
+    result = run("aggregator", "--state-dir", str(state), "--config", str(config), "--http-port", "0")
+    # Assert: no identity.key (nor anything else) was made for a run that cannot start
+    assert result.returncode == 2
+    assert "inner.lr" in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+    assert not state.exists()
+
+
 def test_bad_config_is_one_line_naming_the_field(tmp_path: Path) -> None:
     config = tmp_path / "run.toml"
     config.write_text("[inner]\nlr = -1.0\n")

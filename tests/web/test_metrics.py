@@ -94,3 +94,14 @@ def test_peer_series_are_bounded_and_hostile_labels_escaped() -> None:
     points = {labels[0][1]: v for (name, labels), v in samples.items() if name == "potluck_peer_points"}
     assert len(points) == MAX_PEER_SERIES
     assert points[crowd[-1]] == MAX_PEER_SERIES + 49  # the top scorer, its label round-tripped intact
+
+
+def test_metrics_carry_the_standard_process_metrics(client: TestClient) -> None:
+    # Execute
+    samples = _samples(client.get("/metrics").text)
+    # Assert
+    names = {name for name, _ in samples}
+    assert samples[("process_resident_memory_bytes", ())] > 0
+    assert samples[("process_open_fds", ())] > 0
+    assert "process_cpu_seconds_total" in names
+    assert any(name == "python_info" for name in names)

@@ -113,6 +113,22 @@ def test_the_countdown_follows_the_clock_and_stops_when_the_round_closes(
     assert after_close is None
 
 
+def test_a_close_that_arrives_after_the_next_rounds_open_keeps_its_countdown(clock: FakeClock) -> None:
+    # Prepare: round 0 closes, but round 1's open event is folded before round 0's close event.
+    status = RunStatus(clock=clock)
+    status.handle(ready())
+    status.handle(round_open(0))
+    status.handle(round_open(1))
+    clock.now_s = T0_S + 70.0  # 10 s into round 1
+    # Execute
+    status.handle(closed(0, accepted=[ALICE], val_loss=5.0))
+    # Assert
+    s = status.status()
+    assert (s["phase"], s["round"], s["rounds_closed"]) == ("collecting", 1, 1)
+    assert s["seconds_to_deadline"] == pytest.approx(50.0)
+    assert s["round_deadline_s"] == 60.0
+
+
 def test_peers_show_activity_verdicts_last_rejection_and_bans(run_status: RunStatus) -> None:
     # Prepare: one more round without BOB makes him idle (his last upload is three rounds back).
     run_status.handle(received(ALICE, 2))
