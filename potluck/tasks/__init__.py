@@ -1,6 +1,7 @@
 """What a run trains: the Task seam and the built-in tasks (see potluck.tasks.base)."""
 
 from potluck.tasks.base import Batch, Task, TaskError, architecture_fingerprint
+from potluck.tasks.init_weights import InitWeightsError, initial_model
 from potluck.tasks.registry import (
     TaskMismatch,
     allow_task,
@@ -14,6 +15,7 @@ from potluck.tasks.registry import (
 
 __all__ = [
     "Batch",
+    "InitWeightsError",
     "Task",
     "TaskError",
     "TaskMismatch",
@@ -21,6 +23,7 @@ __all__ = [
     "architecture_fingerprint",
     "check_task",
     "created",
+    "initial_model",
     "load_task",
     "run_shapes",
     "run_task",

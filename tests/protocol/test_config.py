@@ -56,6 +56,7 @@ def test_defaults_are_valid_and_hash_is_golden() -> None:
         {"max_update_bytes": 1024},
         {"aggregator_keys": [KEY_A]},
         {"seed": 1},
+        {"task.init_from": KEY_B},
     ],
 )
 def test_every_field_changes_the_hash(override: dict) -> None:
