@@ -15,7 +15,7 @@ KEY_B = "0123456789abcdef" * 4
 
 # sha256 of the default config's canonical JSON. If this changes, every default run gets a new identity:
 # change it only on purpose (a new field, a new default) and say so in the commit.
-DEFAULT_HASH = "251a21d80bed4e78d764a60518e0a45c7457ad9195bf89b53ac9d9646dc50e25"
+DEFAULT_HASH = "468f6e1716f0df4c09d75aa1a4ee32215770185f064647f57dbb797dd6acce7a"
 
 
 def test_defaults_are_valid_and_hash_is_golden() -> None:
