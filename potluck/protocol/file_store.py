@@ -55,8 +55,14 @@ def stored(kind: str, sha: str) -> bytes | None:
 
 
 def store_file(kind: str, source: Path) -> str:
-    """Keep a copy of the file at `source` as a `kind`, read in chunks (no size limit); its sha256."""
+    """Keep a copy of the file at `source` as a `kind`, read in chunks (no size limit); its sha256.
+
+    A file the store already holds intact is not written again: a run's config is loaded at every start.
+    """
     folder = cache_dir() / kind
+    sha = file_sha256(source)
+    if (folder / sha).is_file() and file_sha256(folder / sha) == sha:
+        return sha
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f"copy.{os.getpid()}.partial"
     digest = hashlib.sha256()

@@ -183,6 +183,9 @@ def test_stored_weights_that_changed_or_are_missing_stop_the_run_in_one_line(tmp
         created(cfg)
     assert "changed since it was stored" in _one_line(changed.value)
     assert "holds no weight" in _one_line(missing.value) and "init_from = PATH" in str(missing.value)
+    stored.write_bytes(b"not the weights")  # and loading the run again, as the fix says, repairs the store
+    assert load_run_config(tmp_path / "run.toml").task.init_from == stored.name
+    assert stored.read_bytes() == (tmp_path / "w.safetensors").read_bytes()
 
 
 def test_a_config_from_the_network_never_names_a_local_file(tmp_path: Path) -> None:
