@@ -21,7 +21,7 @@ from potluck.protocol.config import RunConfig
 from potluck.protocol.density import start_density
 from potluck.protocol.envelope import AggregateHeader, SignedAggregate, payload_digest, sign_aggregate
 from potluck.protocol.identity import Identity
-from potluck.tasks import run_task
+from potluck.tasks import initial_model, run_task
 from potluck.training.combine import combine
 from potluck.training.diloco import OuterOptimizer, snapshot, state_sha256
 
@@ -54,8 +54,8 @@ class Contribution:
 
 
 def initial_master(cfg: RunConfig, *, names: Sequence[str] | None = None) -> MasterState:
-    """Round 0: the run's model at its seed (only the tensors in `names`: a shard), no momentum, no residual."""
-    model = run_task(cfg).build_model(seed=cfg.seed)
+    """Round 0: the run's model, its seed's or init_from's weights (the tensors in `names`: a shard), no momentum."""
+    model = initial_model(cfg, run_task(cfg))
     params = snapshot(model, device="cpu")
     if names is not None:
         params = {name: params[name] for name in names}

@@ -40,7 +40,7 @@ from potluck.events import Event, ServerlessReady, ServerlessRound, ServerlessSy
 from potluck.peer.trainer import LocalTrainer
 from potluck.protocol.config import RunConfig
 from potluck.protocol.identity import Identity
-from potluck.tasks import run_task
+from potluck.tasks import initial_model, run_task
 from potluck.tasks.held_out import HeldOutLoss
 from potluck.training.diloco import OuterOptimizer, snapshot
 
@@ -176,7 +176,7 @@ class ServerlessPeer:
     def _setup(
         self, dht: hivemind.DHT
     ) -> tuple[LocalTrainer, OuterOptimizer, dict[str, torch.Tensor], _StateAverager]:
-        """The trainer, the outer optimizer and the master state, from the run's seed or from a peer that has one."""
+        """The trainer, the outer optimizer and the master state: the run's initial one, or a peer's that has more."""
         opts, cfg = self.options, self.options.cfg
         trainer = LocalTrainer(
             cfg,
@@ -188,7 +188,7 @@ class ServerlessPeer:
             micro_batch=opts.micro_batch,
             checkpointing=opts.checkpointing,
         )
-        params = snapshot(run_task(cfg).build_model(seed=cfg.seed), device="cpu")
+        params = snapshot(initial_model(cfg, run_task(cfg)), device="cpu")
         outer = OuterOptimizer(kind=cfg.outer.kind, lr=cfg.outer.lr, momentum=cfg.outer.momentum)
         momentum = {name: torch.zeros_like(t) for name, t in params.items()} if outer.kind == "nesterov" else {}
         averaged = [*params.values(), *momentum.values()]

@@ -203,6 +203,12 @@ class TaskSpec(BaseModel):
     # sha256 over the model's parameter names, shapes and dtypes (potluck.tasks.base.architecture_fingerprint),
     # set when the run is created; a peer whose own build of the task differs is refused before it trains.
     fingerprint: Annotated[Annotated[str, AfterValidator(_check_sha256)] | None, _Optional] = None
+    # The weights the run starts from instead of its seed's (continued pretraining, fine-tuning): the sha256 of
+    # a safetensors file. run.toml may name a safetensors file or a save_pretrained / potluck export directory
+    # instead: it is read and kept in this machine's store when the run is loaded (potluck.protocol.weights_files)
+    # and loaded into the model when the run is created; every parameter must be there with its shape. Peers
+    # receive the weights with the run's state and never need the file. None: the task's own initialisation.
+    init_from: Annotated[Annotated[str, AfterValidator(_check_sha256)] | None, _Optional] = None
 
     def hf_config_values(self) -> dict[str, Any]:
         """The transformers config as a mapping (empty when the task is not hf-causal-lm)."""

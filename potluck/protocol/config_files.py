@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from potluck.protocol.config import ConfigError, RunConfig
 from potluck.protocol.file_store import MAX_STORED_BYTES, TOKENIZERS, store
+from potluck.protocol.weights_files import WeightsError, store_weights
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -89,8 +90,23 @@ def run_config_from_mapping(
 
 
 def _read_local_files(data: Mapping[str, Any], source: str, *, relative_to: Path) -> Mapping[str, Any]:
-    """`data` with the files a local config names read in: the hf_config's JSON, the tokenizer's hash (stored)."""
-    return _store_tokenizer_file(_read_hf_config_file(data, source, relative_to=relative_to), source, relative_to)
+    """`data` with the local files it names read in (hf_config) or stored and named by hash (tokenizer, init_from)."""
+    data = _store_tokenizer_file(_read_hf_config_file(data, source, relative_to=relative_to), source, relative_to)
+    return _store_init_weights(data, source, relative_to)
+
+
+def _store_init_weights(data: Mapping[str, Any], source: str, relative_to: Path) -> Mapping[str, Any]:
+    """`data` with a task.init_from given as a path replaced by the weights' sha256, the weights kept in the store."""
+    task = data.get("task")
+    value = task.get("init_from") if isinstance(task, Mapping) else None
+    if not isinstance(value, str) or _SHA256.fullmatch(value) or value.strip().lower() == "none":
+        return data
+    assert isinstance(task, Mapping)
+    try:
+        sha = store_weights(relative_to / Path(value).expanduser(), shown=value)
+    except WeightsError as e:
+        raise ConfigError(source, [f"task.init_from: {e}"]) from None
+    return {**data, "task": {**task, "init_from": sha}}
 
 
 def _store_tokenizer_file(data: Mapping[str, Any], source: str, relative_to: Path) -> Mapping[str, Any]:

@@ -1,6 +1,7 @@
 """What a run trains: the Task seam and the built-in tasks (see potluck.tasks.base)."""
 
 from potluck.tasks.base import Batch, Task, TaskError, architecture_fingerprint
+from potluck.tasks.init_weights import InitWeightsError, initial_model
 from potluck.tasks.registry import (
     TaskMismatch,
     allow_task,
@@ -15,6 +16,7 @@ from potluck.tasks.registry import (
 
 __all__ = [
     "Batch",
+    "InitWeightsError",
     "Task",
     "TaskError",
     "TaskMismatch",
@@ -23,6 +25,7 @@ __all__ = [
     "check_task",
     "check_tokenizer",
     "created",
+    "initial_model",
     "load_task",
     "run_shapes",
     "run_task",

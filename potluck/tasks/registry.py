@@ -16,6 +16,7 @@ from potluck.protocol.config import RunConfig
 from potluck.tasks.base import Task, TaskError
 from potluck.tasks.gpt import GPTTask
 from potluck.tasks.hf import HFCausalLMTask
+from potluck.tasks.init_weights import check_init_weights
 
 __all__ = [
     "TaskMismatch",
@@ -123,15 +124,20 @@ def load_task(ref: str, params: dict[str, int | float | str | bool]) -> Task:
 
 
 def created(cfg: RunConfig) -> RunConfig:
-    """`cfg` as a new run records it: with its task's architecture fingerprint (checked if already there)."""
-    found = task_for(cfg).fingerprint()
-    if cfg.task.fingerprint is None:
-        return cfg.model_copy(update={"task": cfg.task.model_copy(update={"fingerprint": found})})
-    if cfg.task.fingerprint != found:
+    """`cfg` as a new run records it: with its task's architecture fingerprint (checked if already there).
+
+    Weights the run starts from (task.init_from) must fit the model: checked here, before the run exists.
+    """
+    task = task_for(cfg)
+    found = task.fingerprint()
+    if cfg.task.fingerprint is not None and cfg.task.fingerprint != found:
         raise TaskMismatch(
             f"task {cfg.task.name}: the config's architecture fingerprint {cfg.task.fingerprint[:12]} is not "
             f"this build's {found[:12]}; the task's code or its parameters changed since the run was created"
         )
+    check_init_weights(cfg, task)
+    if cfg.task.fingerprint is None:
+        return cfg.model_copy(update={"task": cfg.task.model_copy(update={"fingerprint": found})})
     return cfg
 
 

@@ -15,7 +15,7 @@ KEY_B = "0123456789abcdef" * 4
 
 # sha256 of the default config's canonical JSON. If this changes, every default run gets a new identity:
 # change it only on purpose (a new field, a new default) and say so in the commit.
-DEFAULT_HASH = "7b261b5223f8bd9426bc7352edfe8efcaa7094dff0c762f8f58e1ba6e6c7a5b7"
+DEFAULT_HASH = "702c03945f5e60d7d8d0c3a9eecbc10cb6e6076e65b2f2faf00dfbf1db97d6f3"
 
 
 def test_defaults_are_valid_and_hash_is_golden() -> None:
@@ -58,6 +58,7 @@ def test_defaults_are_valid_and_hash_is_golden() -> None:
         {"max_update_bytes": 1024},
         {"aggregator_keys": [KEY_A]},
         {"seed": 1},
+        {"task.init_from": KEY_B},
     ],
 )
 def test_every_field_changes_the_hash(override: dict) -> None:

@@ -37,6 +37,7 @@ NODE = {
 PEER = PeerFlags(
     **NODE,
     run="tiny",
+    tokenizer=Path("/tmp/tokenizer.json"),
     reconnect_timeout=12.5,
     join_timeout=7.0,
     receipts=Path("/tmp/receipts/peer-3"),
