@@ -157,8 +157,9 @@ def test_the_flags_give_the_node_every_option_it_takes() -> None:
     from potluck.peer.options import PeerOptions
 
     # Execute
-    options = PEER.peer_options(join=(MADDR,))
-    # Assert: each of the node's options comes from a flag (device: cpu is its default too)
+    options = PEER.peer_options(join=(MADDR,), tokenizer="ab" * 32)
+    # Assert: each of the node's options comes from a flag (device: cpu is its default too), the tokenizer's
+    # sha256 from the file --tokenizer names
     defaults = PeerOptions(join=())
     same = [f.name for f in dataclasses.fields(PeerOptions) if getattr(options, f.name) == getattr(defaults, f.name)]
     assert same == ["device"], same
