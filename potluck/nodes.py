@@ -95,8 +95,9 @@ class _NodeThread:
         if not self._settled.wait(timeout_s):
             self.stop()
             raise NodeError(f"the {self.KIND} did not start within {timeout_s:.0f} s")
-        if self._ended.is_set():
+        if self._ended.is_set():  # it failed, or had nothing to do (a peer of a run already over)
             thread.join()
+            atexit.unregister(self.stop)
             self._raise_failure()
         return self
 
