@@ -4,8 +4,9 @@ Peers train locally (DiLoCo: inner AdamW, outer Nesterov), publish compressed si
 pseudo-gradients, and aggregators combine them. See DESIGN.md for the architecture.
 
 The Python API is imported on first use (``import potluck`` stays light for the command line):
-``potluck.Task`` to bring your own model and data, ``potluck.Optimizer`` to join a run from your own
-training loop, ``potluck.RunConfig`` to describe a run.
+``potluck.Task`` to bring your own model and data, ``potluck.Aggregator`` and ``potluck.Peer`` to run
+the nodes from Python, ``potluck.Optimizer`` to join a run from your own training loop, ``potluck.RunConfig``
+to describe a run.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from potluck.errors import PotluckError
+    from potluck.nodes import Aggregator, Peer
     from potluck.peer.own_loop import Optimizer
     from potluck.protocol.config import RunConfig
     from potluck.tasks import Task, TaskError
 
-__all__ = ["Optimizer", "PotluckError", "RunConfig", "Task", "TaskError", "__version__"]
+__all__ = ["Aggregator", "Optimizer", "Peer", "PotluckError", "RunConfig", "Task", "TaskError", "__version__"]
 
 _LAZY = {
+    "Aggregator": "potluck.nodes",
     "Optimizer": "potluck.peer.own_loop",
+    "Peer": "potluck.nodes",
     "PotluckError": "potluck.errors",
     "RunConfig": "potluck.protocol.config",
     "Task": "potluck.tasks",

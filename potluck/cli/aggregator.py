@@ -6,8 +6,9 @@ them for the aggregators it starts.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, field_validator
 
@@ -16,6 +17,12 @@ from potluck.cli.flags import Flags, flag, takes
 from potluck.cli.process import node_identity, prepare_node_process, run_until_stopped
 from potluck.cli.status_lines import describe_aggregator_event, printer
 from potluck.lab.netlab import parse_rate
+
+if TYPE_CHECKING:
+    from potluck.aggregator_server.server import AggregatorServer
+    from potluck.events import Event
+    from potluck.protocol.config import RunConfig
+    from potluck.tasks import Task
 
 
 class AggregatorFlags(Flags):
@@ -131,6 +138,23 @@ def aggregator(**values: Any) -> None:
 
 def run_aggregator(flags: AggregatorFlags) -> None:
     """Serve the run until its last round, Ctrl-C or SIGTERM."""
+    emit_line = printer(flags.as_json, describe_aggregator_event)
+    _, main = aggregator_node(flags, on_event=emit_line)
+    run_until_stopped(main)
+
+
+def aggregator_node(
+    flags: AggregatorFlags,
+    *,
+    on_event: Callable[[Event], None],
+    config: RunConfig | None = None,
+    task: Task | None = None,
+) -> tuple[AggregatorServer, Coroutine[Any, Any, None]]:
+    """The aggregator `flags` describe, its run prepared in its state directory, and the coroutine that serves it.
+
+    What `potluck aggregator` runs and what `potluck.Aggregator` runs in its thread. `config`: the run's config
+    as an object, in place of `flags.config`; `task`: the object to run as `flags.task` (not imported).
+    """
     # torch and hivemind: imported when a node starts, not for --help
     from potluck.aggregator_server.server import AggregatorServer, ServerOptions
     from potluck.aggregator_server.setup import prepare_run
@@ -142,12 +166,12 @@ def run_aggregator(flags: AggregatorFlags) -> None:
     state = flags.state_dir.expanduser()
     overrides = parse_overrides(list(flags.set_))
     if flags.task is not None:
-        allow_task(flags.task)
+        allow_task(flags.task, task)
         overrides.setdefault("task.name", flags.task)
-    cfg = None
-    if flags.config is not None:
+    cfg = config.with_overrides(overrides) if config is not None and overrides else config
+    if cfg is None and flags.config is not None:
         cfg = load_run_config(flags.config, overrides=overrides)
-    elif overrides:
+    elif cfg is None and overrides:
         cfg = run_config_from_mapping({}, overrides=overrides)
     # only once the config reads: a bad one fails with nothing written in the state directory
     own_identity = node_identity(flags.identity or state / "identity.key")
@@ -169,10 +193,9 @@ def run_aggregator(flags: AggregatorFlags) -> None:
         required=flags.http_port is not None,
         admin_token=_read_admin_token(flags.admin_token_file),
     )
-    emit_line = printer(flags.as_json, describe_aggregator_event)
-    status, emit = aggregator_page(on_event=emit_line)
+    status, emit = aggregator_page(on_event=on_event)
     server = AggregatorServer(run_cfg, own_identity, options, on_event=emit)
-    run_until_stopped(serve_with_page(server.serve(), aggregator_app(status, server, page), page, on_event=emit_line))
+    return server, serve_with_page(server.serve(), aggregator_app(status, server, page), page, on_event=on_event)
 
 
 def _read_admin_token(path: Path | None) -> str | None:

@@ -7,7 +7,8 @@ Its flags are `PeerFlags` (potluck.cli.peer_flags), declared once there; with `-
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from potluck.cli.common import UsageError
 from potluck.cli.flags import takes
@@ -15,6 +16,11 @@ from potluck.cli.peer_flags import PeerFlags
 from potluck.cli.process import node_identity, prepare_node_process, run_until_stopped
 from potluck.cli.serverless import SERVERLESS_SWITCH, ServerlessFlags, run_serverless_peer
 from potluck.cli.status_lines import describe_peer_event, printer
+
+if TYPE_CHECKING:
+    from potluck.events import Event
+    from potluck.peer.runner import PeerRunner
+    from potluck.tasks import Task
 
 # The order `peer --help` has always listed its flags in: PeerFlags' own and the shared ones mixed, --serverless,
 # what only ServerlessFlags takes, --json.
@@ -56,6 +62,19 @@ def peer(**values: Any) -> None:
 
 def run_peer(flags: PeerFlags) -> None:
     """Run a peer of a run with aggregators until it leaves, the run ends, Ctrl-C or SIGTERM."""
+    emit_line = printer(flags.as_json, describe_peer_event)
+    _, main = peer_node(flags, on_event=emit_line)
+    run_until_stopped(main)
+
+
+def peer_node(
+    flags: PeerFlags, *, on_event: Callable[[Event], None], task: Task | None = None
+) -> tuple[PeerRunner, Coroutine[Any, Any, None]]:
+    """The peer `flags` describe and the coroutine that runs it (with its status page when asked).
+
+    What `potluck peer` runs and what `potluck.Peer` runs in its thread. `task`: the object to run as
+    `flags.task` (not imported).
+    """
     # torch and hivemind: imported when a node starts, not for --help
     from potluck.cli.node_web import PageOptions, peer_app, peer_page, serve_with_page
     from potluck.peer.join_url import resolve_joins
@@ -64,14 +83,13 @@ def run_peer(flags: PeerFlags) -> None:
     from potluck.tasks.tokens import brought_tokenizer
 
     if flags.task is not None:
-        allow_task(flags.task)
+        allow_task(flags.task, task)
     tokenizer = None if flags.tokenizer is None else brought_tokenizer(flags.tokenizer)
     addresses = join_addresses(resolve_joins(list(flags.join), timeout_s=flags.join_timeout))
     prepare_node_process(flags.threads)
     identity = node_identity(flags.identity)
     options = flags.peer_options(join=addresses, tokenizer=tokenizer)
     page = PageOptions(host=flags.http_host, port=flags.http_port)
-    emit_line = printer(flags.as_json, describe_peer_event)
-    status, emit = peer_page(on_event=emit_line)
+    status, emit = peer_page(on_event=on_event)
     runner = PeerRunner(identity, options, on_event=emit)
-    run_until_stopped(serve_with_page(runner.run(), peer_app(status), page, on_event=emit_line))
+    return runner, serve_with_page(runner.run(), peer_app(status), page, on_event=on_event)

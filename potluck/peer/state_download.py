@@ -10,6 +10,7 @@ protecting its link, not a broken one).
 
 import asyncio
 import hashlib
+import inspect
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -198,6 +199,8 @@ class _Download:
             for t in everything:
                 t.cancel()  # endgame copies still in flight, donors still waiting
             outcomes = await asyncio.gather(*everything, return_exceptions=True)
+            if inspect.iscoroutine(more):
+                more.close()  # the recruiter was cancelled before it began: `more` was never awaited, now closed
         for outcome in outcomes:
             if isinstance(outcome, Exception):
                 raise outcome  # a bug in the loop above, not a donor's failure (those are caught in _work)

@@ -2,6 +2,7 @@
 
 import asyncio
 import hashlib
+import inspect
 
 import pytest
 
@@ -194,3 +195,21 @@ def test_a_chunk_in_hand_is_kept_and_credited_unless_the_manifest_refutes_it(goo
     assert got.payload == PAYLOAD
     assert (0 in asked) is not good
     assert got.bytes_by_donor.get("aggregator", 0) == (CHUNK if good else 0)
+
+
+def test_a_download_complete_before_the_holder_lookup_starts_closes_the_lookup() -> None:
+    # Prepare: the state's one chunk is in hand already (a tiny model's), so the lookup of more donors never runs
+    chunk = PAYLOAD[:CHUNK]
+
+    async def holders() -> list[Donor]:
+        return []
+
+    lookup = holders()
+    # Execute
+    fetching = fetch_chunks(
+        DIGESTS[:1], payload_bytes=CHUNK, chunk_bytes=CHUNK, donors=[_honest("a")], more=lookup, known=(0, "a", chunk)
+    )
+    got = asyncio.run(fetching)
+    # Assert: closed, not left for the garbage collector to warn that it was never awaited
+    assert got.payload == chunk
+    assert inspect.getcoroutinestate(lookup) == inspect.CORO_CLOSED
