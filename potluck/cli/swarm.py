@@ -179,7 +179,7 @@ def swarm(
 ) -> None:
     """Start an aggregator and N peers on 127.0.0.1 (or behind shaped links) and train the run to its end."""
     # torch and hivemind (the fork server preloads them): imported when the swarm starts, not for --help
-    from potluck.lab.swarm import SwarmOptions, run_swarm, sigterm_stops_the_swarm
+    from potluck.lab.swarm import SwarmOptions, run_swarm
     from potluck.protocol.config import RunConfig
     from potluck.protocol.config_files import load_run_config, parse_overrides
     from potluck.tasks import allow_task
@@ -226,9 +226,8 @@ def swarm(
         TimeElapsedColumn(),
         console=stderr,
         transient=False,
-    ) as progress:
-        with sigterm_stops_the_swarm():
-            result = run_swarm(options, on_event=_SwarmProgress(progress, rounds=cfg.rounds, serverless=serverless))
+    ) as progress:  # run_swarm stops every child on Ctrl-C and SIGTERM too
+        result = run_swarm(options, on_event=_SwarmProgress(progress, rounds=cfg.rounds, serverless=serverless))
     kept_at = None if kept is None else kept.expanduser().resolve()
     if as_json:
         print(json.dumps({**result.to_dict(), "state_dir": None if kept_at is None else str(kept_at)}))
