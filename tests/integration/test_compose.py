@@ -73,6 +73,23 @@ def test_every_knob_the_file_documents_is_used_and_every_one_used_is_documented(
     assert documented == used
 
 
+def test_every_peer_keeps_its_identity_and_receipts_on_a_named_volume() -> None:
+    # Prepare
+    compose = load_compose(COMPOSE, {})
+    named = set(compose["volumes"])
+    for name in ("peer", "gpu-peer"):
+        service = compose["services"][name]
+        mounts = [entry.split(":")[:2] for entry in service.get("volumes") or []]
+        words = " ".join([*(service.get("entrypoint") or []), *service["command"]])
+        for flag in ("--identity", "--receipts"):
+            # Execute
+            found = re.search(rf"{flag}=(\S+)", words)
+            # Assert: on a volume, so that a rebuilt container gives the volunteer its key and credit back
+            assert found is not None, f"{name} keeps its {flag} in the container"
+            path = found.group(1)
+            assert any(source in named and path.startswith(f"{target}/") for source, target in mounts), (name, path)
+
+
 def _get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our own local page
         return json.load(response)
@@ -124,4 +141,9 @@ def test_the_compose_services_run_as_processes_join_and_complete_the_run(tmp_pat
     for peer in started["peer"]:  # each trained to the end of the run, its updates accepted
         assert log_of(peer).count("accepted") >= 1, log_of(peer)[-3000:]
     assert (tmp_path / "volumes" / "aggregator-state" / "ledger.sqlite").exists()  # its state is in the volume
+    # each replica claimed a slot of the peers' volume: a key of its own, and its receipts, kept there
+    slots = sorted((tmp_path / "volumes" / "peer-state").iterdir())
+    assert [slot.name for slot in slots] == ["1", "2"]
+    assert (slots[0] / "identity.key").read_bytes() != (slots[1] / "identity.key").read_bytes()
+    assert all(any((slot / "receipts").iterdir()) for slot in slots)
     wait_until(lambda: not (p2pd_pids() - before), timeout_s=20, what="every p2pd of the compose swarm to exit")
