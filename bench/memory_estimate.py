@@ -235,4 +235,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from potluck.lab.children import sigterm_unwinds
+
+    with sigterm_unwinds():  # SIGTERM ends the measuring child too (subprocess.run kills it on the way out)
+        main()

@@ -18,10 +18,13 @@ difference with overlap, in percent (negative: overlap is better).
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from potluck.lab.children import run_launcher, sigterm_unwinds  # noqa: E402
 
 
 def swarm(
@@ -47,7 +50,7 @@ def swarm(
     if link is not None:
         command += ["--link", link]
     command += ["--json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)  # noqa: S603
+    done = run_launcher(command, timeout_s=1800)
     if done.returncode != 0:
         raise SystemExit(f"overlap={overlap} seed={seed}: {done.stderr.strip().splitlines()[-1]}")
     result = json.loads(done.stdout)
@@ -176,4 +179,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_unwinds():  # SIGTERM stops the running swarm and its processes, as Ctrl-C does
+        main()

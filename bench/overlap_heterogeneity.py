@@ -13,11 +13,14 @@ held-out loss, and per peer its speed, inner steps, tokens, accepted updates and
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from potluck.lab.children import run_launcher, sigterm_unwinds  # noqa: E402
 
 RUNS: dict[str, list[str]] = {
     "overlap on": ["--peers", "4", "--rounds", "6", "--overlap"],
@@ -49,7 +52,7 @@ def run(name: str, args: list[str], *, link: str | None) -> dict[str, Any]:
     if link is not None:
         command[4:4] = ["--link", link]
     started = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)  # noqa: S603
+    done = run_launcher(command, timeout_s=1800)
     if done.returncode != 0:
         raise SystemExit(f"{name}: {done.stderr.strip().splitlines()[-1]}")
     result = json.loads(done.stdout)
@@ -109,4 +112,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_unwinds():  # SIGTERM stops the running swarm and its processes, as Ctrl-C does
+        main()

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from potluck.lab.children import run_launcher, sigterm_unwinds  # noqa: E402
 
 ATTACKS = [
     "nan", "noise", "scaled", "sign-flip", "zero", "stale", "replay", "forged", "wrong-base",
@@ -47,7 +50,7 @@ def main() -> None:
         for item in args.set:
             command += ["--set", item]
         started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = run_launcher(command)
         wall_s = time.perf_counter() - started
         if done.returncode != 0:
             report = {"attack": attack, "error": done.stderr.strip().splitlines()[-1:], "wall_s": wall_s}
@@ -83,4 +86,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_unwinds():  # SIGTERM stops the running swarm and its processes, as Ctrl-C does
+        main()

@@ -21,10 +21,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from potluck.lab.children import run_launcher, sigterm_unwinds  # noqa: E402
 
 
 def _mean(values: list[float]) -> float:
@@ -54,7 +57,8 @@ def main() -> None:
     if args.local_steps is not None:
         command += ["--local-steps", str(args.local_steps)]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    done = run_launcher(command)
+    done.check_returncode()
     wall_s = time.perf_counter() - started
     result = json.loads(done.stdout)
 
@@ -103,4 +107,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_unwinds():  # SIGTERM stops the running swarm and its processes, as Ctrl-C does
+        main()

@@ -37,6 +37,7 @@ def redteam(
 ) -> None:
     """RED TEAM: a local swarm with misbehaving peers, against the same swarm clean (and undefended)."""
     # torch and hivemind: imported when the runs start, not for --help
+    from potluck.lab.children import sigterm_unwinds
     from potluck.lab.redteam.harness import run_redteam, to_json, verdict
     from potluck.protocol.config import RunConfig
     from potluck.protocol.config_files import parse_overrides
@@ -55,15 +56,16 @@ def redteam(
             stderr.print(f"{run:>10}: round {done[run]}/{cfg.rounds}, held-out loss {event.val_loss:.4f}")
 
     try:
-        report = run_redteam(
-            cfg,
-            attack=attack,
-            peers=peers,
-            adversaries=adversaries,
-            strength=strength,
-            timeout_s=timeout,
-            on_event=on_event,
-        )
+        with sigterm_unwinds():  # each swarm stops its children, and SIGTERM between two swarms starts no next one
+            report = run_redteam(
+                cfg,
+                attack=attack,
+                peers=peers,
+                adversaries=adversaries,
+                strength=strength,
+                timeout_s=timeout,
+                on_event=on_event,
+            )
     except ValueError as e:
         raise UsageError(str(e)) from None
     if as_json:

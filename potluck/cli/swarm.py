@@ -6,6 +6,8 @@ this command builds once from its own, so a peer flag is declared and checked in
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import socket
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -187,7 +190,7 @@ def swarm(
 ) -> None:
     """Start an aggregator and N peers on 127.0.0.1 (or behind shaped links) and train the run to its end."""
     # torch and hivemind (the fork server preloads them): imported when the swarm starts, not for --help
-    from potluck.lab.swarm import SwarmOptions, run_swarm, sigterm_stops_the_swarm
+    from potluck.lab.swarm import SwarmOptions, run_swarm
     from potluck.protocol.config import RunConfig
     from potluck.protocol.config_files import load_run_config, parse_overrides
     from potluck.tasks import allow_task
@@ -234,9 +237,8 @@ def swarm(
         TimeElapsedColumn(),
         console=stderr,
         transient=False,
-    ) as progress:
-        with sigterm_stops_the_swarm():
-            result = run_swarm(options, on_event=_SwarmProgress(progress, rounds=cfg.rounds, serverless=serverless))
+    ) as progress:  # run_swarm stops every child on Ctrl-C and SIGTERM too
+        result = run_swarm(options, on_event=_SwarmProgress(progress, rounds=cfg.rounds, serverless=serverless))
     kept_at = None if kept is None else kept.expanduser().resolve()
     if as_json:
         print(json.dumps({**result.to_dict(), "state_dir": None if kept_at is None else str(kept_at)}))
@@ -261,11 +263,16 @@ FIRST_AGGREGATOR = ("aggregator", "aggregator-0", "standby-0")  # the child whos
 
 
 class _SwarmProgress:
-    """The swarm's progress bar on stderr, fed every child's events, with the lines worth a human's eye above it."""
+    """The swarm's progress bar on stderr, fed every child's events, with the lines worth a human's eye above it.
+
+    Where stderr is no terminal (CI, `docker logs`, a pipe) rich draws no bar: one status line per round instead.
+    """
 
     def __init__(self, progress: Progress, *, rounds: int, serverless: bool) -> None:
         self.progress = progress
         self.task = progress.add_task("starting", total=rounds)
+        self.rounds = rounds
+        self.lines = not progress.console.is_terminal  # a line per round, where no bar is drawn
         self.serverless = serverless
         self.loss: float | None = None  # the run's latest held-out loss
         self.round = 0  # rounds done
@@ -273,10 +280,12 @@ class _SwarmProgress:
         self.up = 0  # bytes all peers uploaded, and downloaded
         self.down = 0
         self.group = 0  # peers in the last serverless average
+        self.shown = 0  # the last round a status line was printed for
 
     def __call__(self, name: str, event: Event) -> None:
         """Follow child `name`'s event, then redraw the bar."""
-        print_line = self.progress.console.print
+        # unwrapped: a join line is copied whole, whatever the width; plain: a reason's [brackets] are no markup
+        print_line = functools.partial(self.progress.console.print, soft_wrap=True, markup=False)
         if self.serverless and name == "peer-0" and isinstance(event, ServerlessReady | ServerlessRound):
             self.loss = event.val_loss
             self.round = event.round + isinstance(event, ServerlessRound)
@@ -309,37 +318,69 @@ class _SwarmProgress:
         elif isinstance(event, UpdateRejected):
             print_line(f"rejected {event.fingerprint} round {event.round}: {event.reason}")
         loss = "-" if self.loss is None else f"{self.loss:.4f}"
-        self.progress.update(
-            self.task,
-            completed=self.round,
-            description=f"held-out loss {loss} | averaging groups of {self.group}"
+        description = (
+            f"held-out loss {loss} | averaging groups of {self.group}"
             if self.serverless
-            else f"held-out loss {loss} | {len(self.peers)} peers | up {_kb(self.up)} down {_kb(self.down)}",
+            else f"held-out loss {loss} | {len(self.peers)} peers | up {_kb(self.up)} down {_kb(self.down)}"
         )
+        if self.lines and isinstance(event, RoundClosed | ServerlessRound) and self.round > self.shown:
+            self.shown = self.round
+            print_line(f"round {self.round}/{self.rounds} done | {description}")
+        self.progress.update(self.task, completed=self.round, description=description)
+
+
+# Where the whole table is wider than the terminal: two tables, each under 80 columns, the peer named in both.
+NARROW_SUMMARY = (
+    ("peer", "fingerprint", "joined", "accepted", "rejected"),
+    ("peer", "steps", "busy", "up", "down", "compression"),
+)
+SUMMARY_COLUMNS = NARROW_SUMMARY[0] + NARROW_SUMMARY[1][1:]
+
+
+def _summary_row(row: dict[str, Any], num_params: int) -> dict[str, str]:
+    """One peer's cells of the summary, by column."""
+    sent = [r["bytes_up"] for r in row["rounds"]]
+    dense = 4 * num_params  # one fp32 pseudo-gradient
+    return {
+        "peer": row["name"],
+        "fingerprint": str(row["fingerprint"]),
+        "joined": str(row["joined_round"]),
+        "accepted": str(row["accepted"]),
+        "rejected": str(row["rejected"]),
+        "steps": str(row["inner_steps"]),
+        "busy": "-" if row["compute_utilization"] is None else f"{row['compute_utilization']:.0%}",
+        "up": _kb(row["bytes_up"]),
+        "down": _kb(row["bytes_down"]),
+        "compression": f"{dense / (sum(sent) / len(sent)):,.0f}x" if sent else "-",
+    }
+
+
+def _table(title: str | None, columns: tuple[str, ...], rows: list[dict[str, str]]) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right", overflow="fold")  # a cell too wide wraps, never loses its end
+    for row in rows:
+        table.add_row(*(row[column] for column in columns))
+    return table
+
+
+def summary_tables(result: Any, *, width: int) -> list[Table]:
+    """The swarm's per-peer summary: one table where it fits `width` columns, else two narrower ones.
+
+    A terminal of 80-120 columns would otherwise cut every cell of the ten-column table short.
+    """
+    title = f"{result.rounds_completed} rounds in {result.wall_s:.0f} s"
+    rows = [_summary_row(row, result.num_params) for row in result.peers]
+    whole = _table(title, SUMMARY_COLUMNS, rows)
+    measuring = Console(width=10_000, file=io.StringIO())
+    if measuring.measure(whole).maximum <= width:
+        return [whole]
+    return [_table(title if i == 0 else None, columns, rows) for i, columns in enumerate(NARROW_SUMMARY)]
 
 
 def _print_summary(result: Any) -> None:
-    table = Table(title=f"{result.rounds_completed} rounds in {result.wall_s:.0f} s")
-    columns = ("peer", "fingerprint", "joined", "accepted", "rejected", "steps", "busy", "up", "down", "compression")
-    for column in columns:
-        table.add_column(column, justify="right")
-    dense = 4 * result.num_params  # one fp32 pseudo-gradient
-    for row in result.peers:
-        sent = [r["bytes_up"] for r in row["rounds"]]
-        ratio = f"{dense / (sum(sent) / len(sent)):,.0f}x" if sent else "-"
-        table.add_row(
-            row["name"],
-            str(row["fingerprint"]),
-            str(row["joined_round"]),
-            str(row["accepted"]),
-            str(row["rejected"]),
-            str(row["inner_steps"]),
-            "-" if row["compute_utilization"] is None else f"{row['compute_utilization']:.0%}",
-            _kb(row["bytes_up"]),
-            _kb(row["bytes_down"]),
-            ratio,
-        )
-    stdout.print(table)
+    for table in summary_tables(result, width=stdout.width):
+        stdout.print(table)
     if len(result.aggregators) > 1:
         for hub in result.aggregators:
             stdout.print(

@@ -3,9 +3,12 @@ and stop them all so that no child or libp2p daemon outlives the swarm.
 
 Each child and its libp2p daemon form one process group: stopping signals every group, waits, and kills
 what is left. Children report through JSON lines on stdout; their logs go to files in the swarm's work
-directory, whose last line says why a child failed.
+directory, whose last line says why a child failed. Every launcher (`potluck swarm`, `potluck redteam`, the
+bench harnesses) stops what it started on Ctrl-C, SIGTERM and its timeout: `sigterm_unwinds` turns SIGTERM
+into Ctrl-C's unwinding, and `run_launcher` runs a launcher as a child without orphaning the launcher's own.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -13,8 +16,9 @@ import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ from potluck.lab.priority import lower_priority
 logger = logging.getLogger(__name__)
 
 STOP_GRACE_S = 15.0  # after SIGTERM, how long a child may take to shut its node down cleanly
+LAUNCHER_GRACE_S = 2 * STOP_GRACE_S  # after SIGTERM, how long a launcher may take to stop its own children
 
 
 @dataclass(kw_only=True, slots=True)
@@ -171,3 +176,48 @@ def signal_group(child: Child, sig: signal.Signals) -> None:
         os.killpg(child.process.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """While inside, SIGTERM unwinds like Ctrl-C (KeyboardInterrupt), so the children started inside are stopped.
+
+    Without it SIGTERM (docker stop, systemd, `timeout`, kill) ends a launcher at once and leaves its
+    children, each in a session of its own, running. Only the main thread can take signals; elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_launcher(
+    argv: Sequence[str], *, timeout_s: float | None = None, env: dict[str, str] | None = None
+) -> "subprocess.CompletedProcess[str]":
+    """`subprocess.run(argv, capture_output=True, text=True)` for a command that starts processes of its own.
+
+    Interrupted (Ctrl-C, or SIGTERM inside `sigterm_unwinds`) or past `timeout_s`, the command gets SIGTERM
+    and `LAUNCHER_GRACE_S` to stop its children; subprocess.run would SIGKILL it and orphan them.
+    """
+    process = subprocess.Popen(  # noqa: S603 - the caller's own command
+        list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env
+    )
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    except BaseException:
+        process.terminate()
+        try:
+            process.communicate(timeout=LAUNCHER_GRACE_S)  # read on: a launcher blocked on a full pipe never exits
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise
+    return subprocess.CompletedProcess(list(argv), process.returncode, out, err)

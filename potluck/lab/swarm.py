@@ -21,7 +21,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,6 +51,7 @@ from potluck.lab.children import (
     last_log_line,
     pump,
     signal_group,
+    sigterm_unwinds,
     start_child,
     stop_children,
     threads_per_process,
@@ -148,29 +149,11 @@ def _own_task(cfg: RunConfig) -> str | None:
     return None if cfg.task.name in BUILT_IN_TASKS else cfg.task.name
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def sigterm_stops_the_swarm() -> Iterator[None]:
-    """While inside, SIGTERM unwinds like Ctrl-C, so the swarm's children are stopped, not orphaned.
-
-    Without it SIGTERM (docker stop, systemd, kill) ends the parent at once and leaves every peer
-    retrying an aggregator that is gone. Only the main thread can take signals; elsewhere a no-op.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, Event], None]) -> SwarmResult:
     """Start the aggregator, then the peers; follow their events until the run ends; stop every child.
+
+    Every child is stopped however the swarm ends: done, failed, past `timeout_s`, Ctrl-C or SIGTERM
+    (which unwinds like Ctrl-C while the swarm runs, then raises KeyboardInterrupt to the caller).
 
     `on_event(child_name, event)` sees every event (for live progress). SwarmError when a child
     fails, the aggregator does not get ready, or the run outlasts `timeout_s`.
@@ -180,6 +163,7 @@ def run_swarm(options: SwarmOptions, *, on_event: Callable[[str, Event], None]) 
     children: list[Child] = []
     events: queue.Queue[tuple[Child, Event | None]] = queue.Queue()
     with contextlib.ExitStack() as stack:
+        stack.enter_context(sigterm_unwinds())  # its handler goes back last, once every child is stopped
         work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="potluck-swarm-")))
         lab = None
         shards = options.aggregators

@@ -4,13 +4,15 @@ No Docker engine runs on CI, yet the compose file must not drift from the CLI. S
 Compose reads it (YAML merge keys, `${VAR:-default}` interpolation), each service's command is run
 after the image's ENTRYPOINT (read from the Dockerfile), and only what a container changes is mapped:
 service names and 0.0.0.0 become 127.0.0.1, named volumes become temporary directories, each
-container gets a home of its own, `potluck` and `python` are this interpreter. Services start in
+container gets a home of its own, `potluck` and `python` are this interpreter (`potluck` also on the PATH
+of a service's shell script). Services start in
 `depends_on` order, waiting for a dependency's own health check when the file asks for that.
 """
 
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -125,6 +127,15 @@ class ComposeProcesses:
         programs = {"potluck": [sys.executable, "-m", "potluck"], "python": [sys.executable]}
         return [*programs.get(out[0], [out[0]]), *out[1:]]
 
+    def _programs_on_path(self) -> str:
+        """PATH with `potluck` as this interpreter's, for the commands a service's shell script runs."""
+        programs = self.work_dir / "bin"
+        programs.mkdir(exist_ok=True)
+        shim = programs / "potluck"
+        shim.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m potluck "$@"\n')
+        shim.chmod(0o755)
+        return f"{programs}{os.pathsep}{os.environ.get('PATH', '')}"
+
     def healthcheck_argv(self, name: str) -> list[str] | None:
         """The service's health check test as a command line; None when it declares none."""
         service = self.services[name]
@@ -146,7 +157,7 @@ class ComposeProcesses:
             directory.mkdir(parents=True, exist_ok=True)
         home = self.work_dir / "homes" / f"{name}-{replica}"
         home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "HOME": str(home), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "HOME": str(home), "PYTHONUNBUFFERED": "1", "PATH": self._programs_on_path()}
         environment = service.get("environment") or {}
         if isinstance(environment, list):
             environment = dict(item.split("=", 1) for item in environment)

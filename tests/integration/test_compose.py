@@ -9,6 +9,8 @@ deciding when the peers start. If the file drifts from the CLI, this fails.
 
 import json
 import re
+import shlex
+import sys
 import urllib.request
 from importlib import resources
 from pathlib import Path
@@ -17,6 +19,12 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from packaging.requirements import Requirement
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 from tests.integration.compose_processes import (
     ComposeProcesses,
@@ -73,6 +81,75 @@ def test_every_knob_the_file_documents_is_used_and_every_one_used_is_documented(
     assert documented == used
 
 
+def test_every_peer_keeps_its_identity_and_receipts_on_a_named_volume() -> None:
+    # Prepare
+    compose = load_compose(COMPOSE, {})
+    named = set(compose["volumes"])
+    for name in ("peer", "gpu-peer"):
+        service = compose["services"][name]
+        mounts = [entry.split(":")[:2] for entry in service.get("volumes") or []]
+        words = " ".join([*(service.get("entrypoint") or []), *service["command"]])
+        for flag in ("--identity", "--receipts"):
+            # Execute
+            found = re.search(rf"{flag}=(\S+)", words)
+            # Assert: on a volume, so that a rebuilt container gives the volunteer its key and credit back
+            assert found is not None, f"{name} keeps its {flag} in the container"
+            path = found.group(1)
+            assert any(source in named and path.startswith(f"{target}/") for source, target in mounts), (name, path)
+
+
+CONSTRAINTS = ROOT / "docker" / "constraints.txt"
+VALUED_OPTIONS = {"-r", "-c", "--index-url", "--extra-index-url"}
+
+
+def _pip_installs(dockerfile: str) -> list[list[str]]:
+    """The arguments of every `pip install` the Dockerfile runs."""
+    installs = []
+    for line in dockerfile.replace("\\\n", " ").splitlines():
+        if line.startswith("RUN "):
+            for command in line.removeprefix("RUN ").split("&&"):
+                words = shlex.split(command)
+                if words[:2] == ["pip", "install"]:
+                    installs.append(words[2:])
+    return installs
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_image_installs_every_package_at_a_pinned_version() -> None:
+    # Prepare
+    dockerfile = DOCKERFILE.read_text()
+    arguments = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.MULTILINE))
+    pins = dict(
+        line.split("==", 1) for line in CONSTRAINTS.read_text().splitlines() if line and not line.startswith("#")
+    )
+    dependencies = [
+        Requirement(text) for text in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    ]
+    # Execute
+    installs = _pip_installs(dockerfile)
+    # Assert: each install names exact versions, takes them from the constraints, or is potluck's own source
+    assert len(installs) == 3, installs
+    for words in installs:
+        if "--no-deps" in words:
+            continue
+        if "-c" in words:
+            assert words[words.index("-c") + 1] == "/src/constraints.txt", words
+            continue
+        assert "-r" not in words, f"pip install {' '.join(words)}: a requirements file of ranges, no constraints"
+        named = [w for i, w in enumerate(words) if not w.startswith("-") and words[i - 1] not in VALUED_OPTIONS]
+        for requirement in named:
+            name, _, version = requirement.partition("==")
+            version = re.sub(r"\$\{(\w+)\}", lambda m: arguments[m.group(1)], version)
+            assert re.fullmatch(r"\d+(\.\d+)+", version), f"{requirement} is not pinned"
+    assert all(re.fullmatch(r"\d+(\.\d+)*(\.post\d+)?", version) for version in pins.values()), pins
+    assert "!docker/constraints.txt" in (ROOT / ".dockerignore").read_text().split()  # or the build cannot COPY it
+    wanted = {_canonical(r.name) for r in dependencies if r.marker is None or r.marker.evaluate()} - {"torch"}
+    assert wanted <= {_canonical(name) for name in pins}, wanted - set(pins)
+
+
 def _get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our own local page
         return json.load(response)
@@ -124,4 +201,9 @@ def test_the_compose_services_run_as_processes_join_and_complete_the_run(tmp_pat
     for peer in started["peer"]:  # each trained to the end of the run, its updates accepted
         assert log_of(peer).count("accepted") >= 1, log_of(peer)[-3000:]
     assert (tmp_path / "volumes" / "aggregator-state" / "ledger.sqlite").exists()  # its state is in the volume
+    # each replica claimed a slot of the peers' volume: a key of its own, and its receipts, kept there
+    slots = sorted((tmp_path / "volumes" / "peer-state").iterdir())
+    assert [slot.name for slot in slots] == ["1", "2"]
+    assert (slots[0] / "identity.key").read_bytes() != (slots[1] / "identity.key").read_bytes()
+    assert all(any((slot / "receipts").iterdir()) for slot in slots)
     wait_until(lambda: not (p2pd_pids() - before), timeout_s=20, what="every p2pd of the compose swarm to exit")

@@ -63,6 +63,9 @@ def test_swarm_of_three_trains_and_leaves_nothing_running(tmp_path: Path) -> Non
     assert all(p["accepted"] >= 1 and p["bytes_up"] > 0 and p["bytes_down"] > 0 for p in result["peers"])
     assert result["final_val_loss"] < result["initial_val_loss"] - 0.5
     assert result["aggregator_multiaddrs"][0].startswith("/ip4/127.0.0.1/tcp/")
+    # its output is piped, so no progress bar is drawn: a status line per round tells CI and `docker logs`
+    status = [line.split(" done | ")[0] for line in done.stderr.splitlines() if " done | held-out loss " in line]
+    assert status == ["round 1/4", "round 2/4", "round 3/4", "round 4/4"], done.stderr[-2000:]
     # no round waited for the slow peer past its deadline (closing takes a moment more), and its tokens count
     assert all(r["round_s"] < DEADLINE_S + 2 for r in result["rounds"]), [r["round_s"] for r in result["rounds"]]
     slow = result["peers"][2]
