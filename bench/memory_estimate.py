@@ -12,11 +12,12 @@ Measured:
 * on CPU, the process's peak resident memory (``ru_maxrss``) less its resident memory just before the model
   is built (after every import): torch's tensors on CPU go through malloc, not tracemalloc. It is compared
   with the estimate's tensors plus PyTorch's CPU runtime (the kernels and libraries the first step pages
-  in). Each case runs three times: as a potluck node runs (``potluck.training.host_memory``: glibc's mmap
-  threshold fixed at 1 MiB, so freed tensors go back to the system), with glibc's defaults, and with
-  ``MALLOC_TRIM_THRESHOLD_=0`` (glibc gives any freed heap memory back at once). The difference between the
-  defaults and the others is what glibc keeps of freed activations. The inner steps' time is reported too:
-  what returning memory costs;
+  in). Each case runs three times: with glibc's defaults (as a peer runs), as a peer with
+  ``--return-memory`` runs (``potluck.training.host_memory``: glibc's mmap threshold fixed at 4 MiB, so a
+  step's large freed tensors go back to the system), and with ``MALLOC_TRIM_THRESHOLD_=0`` (glibc gives any
+  freed heap memory back at once). The difference between the defaults and the others is what glibc keeps
+  of freed activations. The inner steps' time is reported too: what returning memory costs (noisy with the
+  default 3 steps: use ``--steps 10`` and repeat for timing);
 * on CUDA, ``torch.cuda.max_memory_allocated`` (the outer state stays in CPU memory and is not counted there,
   as the estimate's ``outer_state_on_cpu`` says).
 
@@ -68,12 +69,14 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(case: str, *, device_name: str, micro_batch: int, seq: int, steps: int, as_node: bool) -> dict[str, float]:
+def child(
+    case: str, *, device_name: str, micro_batch: int, seq: int, steps: int, return_memory: bool
+) -> dict[str, float]:
     """Run one case in this process: its measured peak (bytes above the pre-build baseline), its steps' time."""
-    if as_node:
+    if return_memory:
         from potluck.training.host_memory import return_freed_memory
 
-        assert return_freed_memory(), "not glibc: there is no node setting to measure"
+        assert return_freed_memory(), "not glibc: --return-memory does nothing here"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
@@ -168,7 +171,7 @@ def estimate(case: str, *, device_name: str, micro_batch: int, seq: int) -> tupl
 
 
 def measure(case: str, args: argparse.Namespace, *, malloc: str) -> dict[str, float]:
-    """One case in a fresh process; `malloc`: "node" (as a potluck node runs), "defaults" or "trim0"."""
+    """One case in a fresh process; `malloc`: "defaults" (as a peer runs), "return" (--return-memory) or "trim0"."""
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("MALLOC_TRIM_THRESHOLD_", None)
@@ -176,8 +179,8 @@ def measure(case: str, args: argparse.Namespace, *, malloc: str) -> dict[str, fl
     if malloc == "trim0":
         env["MALLOC_TRIM_THRESHOLD_"] = "0"
     flags = ["--device", args.device, "--micro-batch", str(args.micro_batch), "--seq", str(args.seq)]
-    if malloc == "node":
-        flags.append("--as-node")
+    if malloc == "return":
+        flags.append("--return-memory")
     out = subprocess.run(
         [sys.executable, __file__, "--child", case, *flags, "--steps", str(args.steps)],
         check=True,
@@ -199,7 +202,7 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--json", action="store_true", help="one JSON object per case instead of the table")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--as-node", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--return-memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         measured = child(
@@ -208,11 +211,11 @@ def main() -> None:
             micro_batch=args.micro_batch,
             seq=args.seq,
             steps=args.steps,
-            as_node=args.as_node,
+            return_memory=args.return_memory,
         )
         print(json.dumps(measured))
         return
-    settings = ("node", "defaults", "trim0") if args.device == "cpu" else ("node",)
+    settings = ("defaults", "return", "trim0") if args.device == "cpu" else ("defaults",)
     if not args.json:
         columns = "".join(f"{s + ' MiB':>15}{'est/meas':>9}{'steps s':>8}" for s in settings)
         print(f"{'case':<16}{'params':>12}{'micro-batch':>12}{'seq':>6}{'estimated MiB':>15}{columns}")

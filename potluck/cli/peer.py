@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # what only ServerlessFlags takes, --json.
 _HELP_ORDER = (
     *("join", "identity", "data", "task", "tokenizer", "device", "batch_size", "micro_batch", "checkpointing"),
+    "return_memory",
     *("max_rounds", "client_mode", "run", "port", "host"),
     *("threads", "reconnect_timeout", "join_timeout", "receipts", "http_port", "http_host", "overlap"),
     *("overlap_limit", "speed", "plan", "plan_peers", "eval_batches", "serve_state", "serverless", "config", "set_"),
@@ -86,7 +87,7 @@ def peer_node(
         allow_task(flags.task, task)
     tokenizer = None if flags.tokenizer is None else brought_tokenizer(flags.tokenizer)
     addresses = join_addresses(resolve_joins(list(flags.join), timeout_s=flags.join_timeout))
-    prepare_node_process(flags.threads)
+    prepare_node_process(flags.threads, return_memory=flags.return_memory)
     identity = node_identity(flags.identity)
     options = flags.peer_options(join=addresses, tokenizer=tokenizer)
     page = PageOptions(host=flags.http_host, port=flags.http_port)

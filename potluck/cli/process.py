@@ -50,13 +50,14 @@ def run_until_stopped(main: Coroutine[Any, Any, None]) -> None:
         gc.freeze()
 
 
-def prepare_node_process(threads: int | None) -> None:
-    """Ready this process to be a node: torch's CPU threads (None: torch's own choice), and freed tensor
-    memory handed back to the system, so a node's resident memory is what `potluck plan --memory` says."""
+def prepare_node_process(threads: int | None, *, return_memory: bool = False) -> None:
+    """Ready this process to be a node: torch's CPU threads (None: torch's own choice), and with `return_memory`
+    a step's large freed tensors handed back to the system (potluck.training.host_memory)."""
     from potluck.training.device import set_cpu_threads  # torch: not for --help
     from potluck.training.host_memory import return_freed_memory
 
-    return_freed_memory()
+    if return_memory and not return_freed_memory():
+        logger.warning("--return-memory has no effect here: it needs Linux's glibc")
     set_cpu_threads(threads)
 
 

@@ -95,7 +95,7 @@ def run_serverless_peer(flags: ServerlessFlags) -> None:
     if flags.task is not None:
         allow_task(flags.task)
     options = flags.serverless_options()
-    prepare_node_process(flags.threads)
+    prepare_node_process(flags.threads, return_memory=flags.return_memory)
     runner = ServerlessPeer(
         node_identity(flags.identity), options, on_event=printer(flags.as_json, describe_serverless_event)
     )

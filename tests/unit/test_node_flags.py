@@ -26,6 +26,7 @@ NODE = {
     "batch_size": 3,
     "micro_batch": 1,
     "checkpointing": True,
+    "return_memory": True,
     "max_rounds": 5,
     "client_mode": True,
     "port": 4001,
