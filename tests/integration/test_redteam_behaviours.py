@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 ROUNDS = 3
 PEERS, ADVERSARIES = 6, 2
-DEADLINE_S = 12.0  # the behaviours that never report (forged, stale, ...) cost a deadline a round
+DEADLINE_S = 9.0  # the behaviours that never report (forged, stale, ...) cost a deadline a round
 CFG = RunConfig().with_overrides(
     {
         "rounds": ROUNDS,

@@ -70,7 +70,7 @@ def test_a_hugging_face_llama_with_its_own_tokenizer_trains_in_a_swarm_and_comes
 ) -> None:
     # Prepare: a BPE tokenizer trained here, and the example's Llama config with its vocabulary
     monkeypatch.setenv("POTLUCK_CACHE", str(tmp_path / "cache"))  # this machine's store (the nodes inherit it)
-    _potluck("tokenizer", "train", "--vocab-size", "512", "--max-bytes", "2000000", "--out", f"{tmp_path}/tok.json")
+    _potluck("tokenizer", "train", "--vocab-size", "512", "--max-bytes", "1000000", "--out", f"{tmp_path}/tok.json")
     model = {**json.loads((ROOT / "examples" / "llama" / "config.json").read_text()), "vocab_size": 512}
     (tmp_path / "model.json").write_text(json.dumps(model))
     run = (ROOT / "examples" / "llama" / "run.toml").read_text().replace('"config.json"', '"model.json"')
