@@ -5,3 +5,7 @@
 # 2: aggregates commit to their updates and the ledger; receipts carry proofs; 3: densities;
 # 4: an ERROR frame carries a RefusalCode byte before its text
 PROTOCOL_VERSION = 4
+
+# How a message tells a user to move to another protocol version. It names no install command: potluck is
+# installed from a clone of its repository, and a package of its name on a registry is not the project's.
+UPGRADE_HINT = "upgrade potluck from where you installed it"

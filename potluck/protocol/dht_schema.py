@@ -36,7 +36,7 @@ with warnings.catch_warnings():
     from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 
 from potluck.errors import PotluckError
-from potluck.protocol import PROTOCOL_VERSION
+from potluck.protocol import PROTOCOL_VERSION, UPGRADE_HINT
 from potluck.protocol.identity import (
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
@@ -191,7 +191,7 @@ def _decode_announcement(subkey: Any, data: Any) -> AggregatorAnnouncement:
         version = values[0] if isinstance(values, list) and values and type(values[0]) is int else "?"
         raise DHTSchemaError(
             f"announcement has a field list unlike protocol v{PROTOCOL_VERSION}'s (it claims v{version}); "
-            "if its version is newer, upgrade potluck (pip install -U potluck)"
+            f"if its version is newer, {UPGRADE_HINT}"
         )
     as_fields = dict(zip(names, values, strict=True))
     if isinstance(as_fields["maddrs"], list):

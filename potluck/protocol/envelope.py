@@ -28,7 +28,7 @@ from typing import Any, ClassVar, TypeVar
 import msgpack
 
 from potluck.errors import PotluckError
-from potluck.protocol import PROTOCOL_VERSION
+from potluck.protocol import PROTOCOL_VERSION, UPGRADE_HINT
 from potluck.protocol.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, fingerprint, verify_signature
 
 NONCE_BYTES = 16  # 128 random bits: nonces never repeat by chance across all peers and rounds
@@ -65,9 +65,9 @@ def payload_digest(payload: bytes) -> bytes:
 
 def _version_mismatch(version: int) -> str:
     if version > PROTOCOL_VERSION:
-        fix = "upgrade potluck (pip install -U potluck)"
+        fix = UPGRADE_HINT
     else:
-        fix = "the peer must upgrade potluck (pip install -U potluck)"
+        fix = "the peer must upgrade potluck"
     return f"peer speaks protocol v{version}, this node speaks v{PROTOCOL_VERSION}; {fix}"
 
 

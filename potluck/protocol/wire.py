@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Collection, Iterator
 from enum import IntEnum
 
 from potluck.errors import PotluckError
-from potluck.protocol import PROTOCOL_VERSION
+from potluck.protocol import PROTOCOL_VERSION, UPGRADE_HINT
 
 MAGIC = b"PLK"
 _HEADER = struct.Struct(">3sBBQ")  # magic, protocol version, message kind, body length
@@ -77,9 +77,7 @@ class VersionMismatchError(WireError):
     def reply(self) -> str:
         """The refusal to send back, phrased for the other side: both versions and who must upgrade."""
         fix = (
-            "upgrade potluck (pip install -U potluck)"
-            if self.theirs < PROTOCOL_VERSION
-            else "this node must upgrade potluck before you can use it"
+            UPGRADE_HINT if self.theirs < PROTOCOL_VERSION else "this node must upgrade potluck before you can use it"
         )
         return f"this node speaks protocol v{PROTOCOL_VERSION}, you sent v{self.theirs}; {fix}"
 
@@ -114,7 +112,7 @@ class MessageKind(IntEnum):
 
 
 def _version_message(theirs: int) -> str:
-    fix = "upgrade potluck (pip install -U potluck)" if theirs > PROTOCOL_VERSION else "the peer must upgrade potluck"
+    fix = UPGRADE_HINT if theirs > PROTOCOL_VERSION else "the peer must upgrade potluck"
     return f"peer speaks protocol v{theirs}, this node speaks v{PROTOCOL_VERSION}; {fix}"
 
 

@@ -105,4 +105,4 @@ def test_a_peer_of_another_protocol_version_is_refused_naming_both_versions(node
 
     assert f"speaks protocol v{PROTOCOL_VERSION}, you sent v{PROTOCOL_VERSION + 1}" in newer
     assert "this node must upgrade" in newer
-    assert f"you sent v{PROTOCOL_VERSION - 1}; upgrade potluck (pip install -U potluck)" in older
+    assert f"you sent v{PROTOCOL_VERSION - 1}; upgrade potluck from where you installed it" in older

@@ -232,6 +232,32 @@ def test_other_protocol_version_is_returned_for_the_caller_to_refuse() -> None:
     assert found.protocol_version == PROTOCOL_VERSION + 1
 
 
+def test_a_field_list_of_a_newer_version_is_skipped_naming_no_install_command() -> None:
+    # Prepare: a newer protocol added a field
+    identity = generate_identity()
+    values = [PROTOCOL_VERSION + 1, "tiny-run", "ab" * 32, identity.public_key, b"\x00", [], 3, 1.5, "new"]
+    data = msgpack.packb(["potluck/aggregator-announcement", values, bytes(64)], use_bin_type=True)
+    warned: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warned.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger(parse_announcements.__module__)
+    logger.addHandler(handler)
+
+    # Execute
+    try:
+        found = parse_announcements(_as_dht_result({announcement_subkey(identity.public_key): data}))
+    finally:
+        logger.removeHandler(handler)
+
+    # Assert
+    assert found == []
+    [line] = warned
+    assert line.endswith(
+        f"(it claims v{PROTOCOL_VERSION + 1}); if its version is newer, upgrade potluck from where you installed it"
+    )
+    assert "pip" not in line
+
+
 @given(data=st.binary(max_size=600))
 def test_hostile_announcement_bytes_are_skipped(data: bytes) -> None:
     subkey = announcement_subkey(bytes(32))

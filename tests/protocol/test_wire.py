@@ -177,7 +177,7 @@ def test_wrong_magic_is_refused_at_the_first_byte() -> None:
 @pytest.mark.parametrize(
     ("theirs", "fix"),
     [
-        (PROTOCOL_VERSION + 1, "upgrade potluck (pip install -U potluck)"),
+        (PROTOCOL_VERSION + 1, "upgrade potluck from where you installed it"),
         (PROTOCOL_VERSION - 1, "the peer must upgrade potluck"),
     ],
 )
