@@ -19,10 +19,10 @@ import torch
 
 from potluck.errors import PotluckError
 from potluck.events import DonorDropped, Event, Failover, PeerSynced, StateRefused
+from potluck.peer.discovery import SkipLog, usable_announcements
 from potluck.peer.options import PeerError, PeerOptions, RunFinished
 from potluck.peer.records import HeldOutScore, Master, Shard, Tally
 from potluck.peer.state_download import Donor, DownloadFailed, Fetched, fetch_chunks
-from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.backoff import backoff_s
 from potluck.protocol.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable
 from potluck.protocol.config import RunConfig
@@ -88,31 +88,25 @@ class Sync:
         self.link: AggregatorLink | None = None
         self.cfg: RunConfig | None = None  # the run's config, from the last state downloaded
         self.synced_at = time.monotonic()  # when that state arrived: the first round's time box counts from here
+        self.skips = SkipLog()  # announcements skipped, each logged once
 
     # ----------------------------------------------------------------- discovery
 
     async def announcements(self) -> list[AggregatorAnnouncement]:
-        """This run's aggregator announcements on the DHT, from sources that have not served a bad state."""
+        """This run's aggregator announcements on the DHT, from sources that have not served a bad state.
+
+        Another version's or another run's announcement is skipped, never fatal (discovery.py): anyone can
+        write one. Only the run's own aggregators, once its config is known, can tell this peer to upgrade.
+        """
         result = await self.node.dht.get(AGGREGATORS_KEY, latest=True)
-        announcements = parse_announcements(result)
-        for a in announcements:
-            if a.protocol_version != PROTOCOL_VERSION:
-                raise PeerError(
-                    f"aggregator {fingerprint(a.public_key)} speaks protocol v{a.protocol_version}, this peer speaks "
-                    f"v{PROTOCOL_VERSION}; "
-                    + (
-                        "upgrade potluck: pip install -U potluck"
-                        if a.protocol_version > PROTOCOL_VERSION
-                        else "the aggregator must upgrade potluck"
-                    )
-                )
-        if self.options.run is not None:
-            announcements = [a for a in announcements if a.run_id == self.options.run]
-        runs = sorted({a.run_id for a in announcements})
-        if len(runs) > 1:
-            raise PeerError(f"the DHT carries several runs ({', '.join(runs)}); choose one with --run NAME")
-        if not announcements:
-            raise AggregatorUnreachable("no aggregator announcement on the DHT yet")
+        cfg = self.cfg
+        announcements = usable_announcements(
+            parse_announcements(result),
+            run=self.options.run if cfg is None else cfg.run_name,
+            run_keys=None if cfg is None else cfg.aggregator_keys,
+            joined={peer_id_of(a).to_bytes() for a in self.join_addrs},
+            log=self.skips,
+        )
         trusted = [a for a in announcements if a.public_key not in self.refused_sources]
         if not trusted:
             raise AggregatorUnreachable(

@@ -1,14 +1,23 @@
-"""The peer leaves on the aggregator's RUN_FINISHED code, not on the refusal's words."""
+"""The peer leaves on the RUN_FINISHED code, not on words; strangers' announcements do not stop it joining."""
 
 import asyncio
+import warnings
+from types import SimpleNamespace
 
 import pytest
+
+with warnings.catch_warnings():
+    # `import hivemind` runs torch.jit.script, which recent torch deprecates with a warning of its own.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from hivemind.utils import ValueWithExpiration
 
 from potluck.peer.options import PeerOptions, RunFinished
 from potluck.peer.records import HeldOutScore, Tally
 from potluck.peer.sync import Sync
+from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.client import AggregatorRefused
-from potluck.protocol.identity import generate_identity
+from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, sign_announcement
+from potluck.protocol.identity import Identity, generate_identity
 from potluck.protocol.wire import RefusalCode
 
 
@@ -37,3 +46,60 @@ def test_run_finished_code_ends_the_peer_whatever_the_words() -> None:
 def test_words_alone_do_not_end_the_peer() -> None:
     with pytest.raises(AggregatorRefused):
         _retrying(AggregatorRefused("run 'x' has finished at round 3"))
+
+
+class _DHT:
+    """A DHT whose every lookup finds the same signed announcements."""
+
+    def __init__(self, signed: list[tuple[AggregatorAnnouncement, Identity]]) -> None:
+        entries = dict(sign_announcement(a, identity) for a, identity in signed)
+        self.result = ValueWithExpiration({k: ValueWithExpiration(v, 2e9) for k, v in entries.items()}, 2e9)
+
+    async def get(self, key: str, *, latest: bool) -> ValueWithExpiration:
+        assert key == AGGREGATORS_KEY and latest
+        return self.result
+
+
+def test_a_joiner_picks_the_real_aggregator_among_strangers_of_another_version_and_run() -> None:
+    # Prepare: two strangers announce after the real aggregator, one in a newer protocol, one another run
+    real, newer, other_run = generate_identity(), generate_identity(), generate_identity()
+
+    def announcement(identity: Identity, **overrides: object) -> AggregatorAnnouncement:
+        values: dict = {
+            "run_id": "tiny-run",
+            "config_hash": "ab" * 32,
+            "public_key": identity.public_key,
+            "libp2p_peer_id": b"\x00\x24" + identity.public_key + bytes(4),
+            "maddrs": ("/ip4/127.0.0.1/tcp/4242",),
+            "round": 3,
+            "timestamp_s": 1_700_000_000.5,
+        }
+        return AggregatorAnnouncement(**(values | overrides))
+
+    dht = _DHT(
+        [
+            (announcement(real), real),
+            (announcement(newer, protocol_version=PROTOCOL_VERSION + 1, timestamp_s=1_700_000_100.0), newer),
+            (announcement(other_run, run_id="other-run", timestamp_s=1_700_000_100.0), other_run),
+        ]
+    )
+    sync = Sync(
+        SimpleNamespace(dht=dht, p2p=None),  # type: ignore[arg-type]  # discovery asks only the DHT
+        generate_identity(),
+        PeerOptions(join=(), run="tiny-run"),
+        join_addrs=[],
+        tally=Tally(),
+        score=HeldOutScore(0),
+        on_event=lambda _: None,
+    )
+
+    async def connect(chosen: AggregatorAnnouncement) -> bytes:
+        return chosen.libp2p_peer_id
+
+    sync.connect = connect  # type: ignore[method-assign,assignment]  # no libp2p here
+
+    # Execute
+    asyncio.run(sync.find_aggregator())
+
+    # Assert
+    assert sync.announcement is not None and sync.announcement.public_key == real.public_key
