@@ -119,7 +119,7 @@ class AggregatorAnnouncement:
     """What an aggregator publishes under AGGREGATORS_KEY: who it is, where to reach it, which round is open.
 
     Any protocol_version >= 1 is accepted here so that a reader can name the other side's version; the
-    caller refuses announcements whose version differs from PROTOCOL_VERSION. Field order is the wire order.
+    caller skips announcements whose version differs from PROTOCOL_VERSION. Field order is the wire order.
     """
 
     protocol_version: int = PROTOCOL_VERSION
@@ -217,7 +217,8 @@ def parse_announcements(result: Any) -> list[AggregatorAnnouncement]:
     `result` is None or a ValueWithExpiration whose .value maps subkey -> ValueWithExpiration(bytes).
     Malformed, unsigned or misplaced entries are skipped with a warning. Announcements of another
     protocol_version are returned as long as their fields parse: the caller must compare
-    protocol_version with PROTOCOL_VERSION and refuse with a message naming both.
+    protocol_version with PROTOCOL_VERSION and skip them, naming both; anyone can sign one, so only the
+    run's own aggregator keys may make it end a node.
     """
     if result is None:
         return []
