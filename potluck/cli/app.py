@@ -33,6 +33,7 @@ from potluck.cli import (
     tokenizer,
 )
 from potluck.cli.common import stderr, stdout
+from potluck.cli.log_limit import RepeatFilter
 from potluck.errors import ERROR_PREFIX, PotluckError
 from potluck.protocol import PROTOCOL_VERSION
 
@@ -66,7 +67,9 @@ app.add_typer(tokenizer.tokenizer_app, name="tokenizer")
 def setup_logging(verbose: bool) -> None:
     """Logs to stderr: rich on a terminal, one plain line per record otherwise (log files, docker logs, tests).
 
-    INFO with --verbose, else WARNING. Only entry points call this.
+    INFO with --verbose, else WARNING. A line repeated from one place in the code is shown a few times
+    per window, then counted (potluck.cli.log_limit), so a flood of errors cannot fill the disk. Only entry points
+    call this.
     """
     if stderr.is_terminal:
         handler: logging.Handler = RichHandler(console=stderr, show_path=False, rich_tracebacks=False)
@@ -74,6 +77,7 @@ def setup_logging(verbose: bool) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RepeatFilter())
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler], force=True)
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import typer
 
+from potluck.cli.log_limit import limit_repeats
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,11 +53,16 @@ def run_until_stopped(main: Coroutine[Any, Any, None]) -> None:
 
 
 def prepare_node_process(threads: int | None, *, return_memory: bool = False) -> None:
-    """Ready this process to be a node: torch's CPU threads (None: torch's own choice), and with `return_memory`
-    a step's large freed tensors handed back to the system (potluck.training.host_memory)."""
+    """Ready this process to be a node: as many open files as the system allows (raise_descriptor_limit), torch's
+    CPU threads (None: torch's own choice), and with `return_memory` a step's large freed tensors handed back to
+    the system (potluck.training.host_memory)."""
+    from hivemind.utils.logging import get_logger as hivemind_logger
+
     from potluck.training.device import set_cpu_threads  # torch: not for --help
     from potluck.training.host_memory import return_freed_memory
 
+    raise_descriptor_limit()
+    limit_repeats(hivemind_logger("hivemind"))  # hivemind logs through a handler of its own, not the root's
     if return_memory and not return_freed_memory():
         logger.warning("--return-memory has no effect here: it needs Linux's glibc")
     set_cpu_threads(threads)
@@ -70,3 +77,42 @@ def node_identity(path: Path) -> Any:
         logger.warning("created identity %s at %s", node_identity.fingerprint, path)
     return node_identity
 
+
+def raised_descriptor_limit(soft: int, hard: int, *, unlimited: int) -> int:
+    """The soft limit on open files to ask for, given the current `soft` and `hard` limits: the hard one.
+
+    An `unlimited` hard limit (macOS) is not a value setrlimit accepts for files, so the soft one then rises to
+    a bound that still covers any node; a soft limit already above that is kept.
+    """
+    if hard == unlimited:
+        return soft if soft == unlimited else max(soft, _UNLIMITED_HARD_SOFT)
+    return max(soft, hard)
+
+
+_UNLIMITED_HARD_SOFT = 10240  # macOS's OPEN_MAX, the most a process may ask for there
+
+
+def raise_descriptor_limit() -> int | None:
+    """Raise this process's soft limit on open files to its hard limit; the new soft limit, or None if it stays.
+
+    Every HTTP connection and every libp2p stream handed over by p2pd is a descriptor, and a common default of
+    1,024 is filled by a thousand half-open connections, after which the node's own streams fail with "Too many
+    open files". Raising the soft limit needs no privilege; if the system refuses, the node runs on (said once).
+    """
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = raised_descriptor_limit(soft, hard, unlimited=resource.RLIM_INFINITY)
+    if wanted == soft:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as e:
+        logger.warning(
+            "could not raise the open-file limit from %d to %d (%s); the node runs with %d", soft, wanted, e, soft
+        )
+        return None
+    logger.info("open-file limit raised from %d to %d", soft, wanted)
+    return wanted

@@ -3,7 +3,8 @@
 The aggregator and the peer own their process: its signals, its logging and its exit code.
 So the server here installs no signal handlers, leaves logging configuration alone, binds its
 socket itself (a busy port becomes one clear error rather than uvicorn's log line and
-sys.exit), and stops when asked.
+sys.exit), and stops when asked. It also bounds its connections, their request heads and their time,
+so that a flood of slow or half-sent requests cannot take the descriptors the node's streams need.
 """
 
 import asyncio
@@ -12,17 +13,74 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
+from typing import Any
 
+import h11
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from potluck.errors import PotluckError
 
 logger = logging.getLogger(__name__)
 
+# The page shares the node's descriptors with its libp2p streams; these bounds keep a flood of connections to the
+# page from taking them all (1,030 half-sent requests once filled a node's 1,024).
+MAX_CONNECTIONS = 256  # open connections at once, well under the common 1,024 soft limit; more are closed at once
+REQUEST_TIMEOUT_S = 10.0  # to send a whole request (head and body), from connecting or from the last response
+KEEP_ALIVE_S = 5  # an idle connection between requests
+MAX_HEAD_BYTES = 8 * 1024  # a request head's size; the page's own requests carry a few hundred bytes
+
 
 class WebServerError(PotluckError, RuntimeError):
     """The status page could not be served; the message says why and what to do."""
+
+
+class _BoundedH11Protocol(H11Protocol):
+    """uvicorn's h11 connection with the two bounds uvicorn lacks: a cap on open connections, and a deadline
+    for each request.
+
+    uvicorn's `limit_concurrency` only answers 503 once a request's head has arrived, and nothing times out a
+    connection that sends half a head (or one byte a second), so each such connection holds a descriptor for as
+    long as its sender likes. Here a connection over the cap is closed as soon as it is accepted, and one that
+    has not sent a whole request within `request_timeout_s` of connecting (or of its last response) is closed.
+    """
+
+    request_timeout_s = REQUEST_TIMEOUT_S
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._request_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's
+        """Accept the connection, or close it at once when the page already holds its cap of connections."""
+        super().connection_made(transport)
+        if self.limit_concurrency is not None and len(self.connections) > self.limit_concurrency:
+            transport.close()
+            return
+        self._arm_request_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the connection and its deadline."""
+        if self._request_deadline is not None:
+            self._request_deadline.cancel()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        """The next request on this connection gets a deadline of its own."""
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_request_deadline()
+
+    def _arm_request_deadline(self) -> None:
+        if self._request_deadline is not None:
+            self._request_deadline.cancel()
+        self._request_deadline = self.loop.call_later(self.request_timeout_s, self._request_overdue)
+
+    def _request_overdue(self) -> None:
+        # IDLE: no request head yet; SEND_BODY: a head, but not all of its body
+        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+            self.transport.close()
 
 
 class _HostedServer(uvicorn.Server):
@@ -76,19 +134,49 @@ class RunningServer:
                 await self._task
 
 
-async def start_server(app: ASGIApp, *, host: str, port: int, startup_timeout_s: float = 10.0) -> RunningServer:
-    """Serve `app` on host:port (0: any free port) in the running loop; return once it accepts connections."""
-    sock = _bind(host, port)
-    config = uvicorn.Config(
+def server_config(
+    app: ASGIApp, *, max_connections: int = MAX_CONNECTIONS, request_timeout_s: float = REQUEST_TIMEOUT_S
+) -> uvicorn.Config:
+    """The uvicorn configuration of a status page: hosted in the node's loop and bounded so it cannot starve it.
+
+    At most `max_connections` open at once, each given `request_timeout_s` to send a whole request, a head of at
+    most MAX_HEAD_BYTES, and KEEP_ALIVE_S idle between requests.
+    """
+    timeout_s = request_timeout_s
+
+    class Protocol(_BoundedH11Protocol):
+        request_timeout_s = timeout_s
+
+    return uvicorn.Config(
         app,
         log_config=None,  # the host process configured logging; uvicorn's dictConfig would replace it
         log_level="warning",
         access_log=False,
-        http="h11",
+        http=Protocol,
         ws="none",
         lifespan="off",
         timeout_graceful_shutdown=2,
+        limit_concurrency=max_connections,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
     )
+
+
+async def start_server(
+    app: ASGIApp,
+    *,
+    host: str,
+    port: int,
+    startup_timeout_s: float = 10.0,
+    max_connections: int = MAX_CONNECTIONS,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
+) -> RunningServer:
+    """Serve `app` on host:port (0: any free port) in the running loop; return once it accepts connections.
+
+    The connection bounds are server_config's.
+    """
+    sock = _bind(host, port)
+    config = server_config(app, max_connections=max_connections, request_timeout_s=request_timeout_s)
     server = _HostedServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name=f"status page on {host}:{port}")
     listening = asyncio.create_task(server.listening.wait())
