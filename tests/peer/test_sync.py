@@ -19,6 +19,7 @@ from potluck.protocol.client import AggregatorRefused
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, sign_announcement
 from potluck.protocol.identity import Identity, generate_identity
 from potluck.protocol.wire import RefusalCode
+from tests.peer.test_discovery import announcement
 
 
 def _retrying(refusal: AggregatorRefused) -> None:
@@ -63,19 +64,6 @@ class _DHT:
 def test_a_joiner_picks_the_real_aggregator_among_strangers_of_another_version_and_run() -> None:
     # Prepare: two strangers announce after the real aggregator, one in a newer protocol, one another run
     real, newer, other_run = generate_identity(), generate_identity(), generate_identity()
-
-    def announcement(identity: Identity, **overrides: object) -> AggregatorAnnouncement:
-        values: dict = {
-            "run_id": "tiny-run",
-            "config_hash": "ab" * 32,
-            "public_key": identity.public_key,
-            "libp2p_peer_id": b"\x00\x24" + identity.public_key + bytes(4),
-            "maddrs": ("/ip4/127.0.0.1/tcp/4242",),
-            "round": 3,
-            "timestamp_s": 1_700_000_000.5,
-        }
-        return AggregatorAnnouncement(**(values | overrides))
-
     dht = _DHT(
         [
             (announcement(real), real),
