@@ -56,6 +56,10 @@ logger = logging.getLogger(__name__)
 
 # Rejections decided before the signature is known good: the ledger cannot say whose upload it was.
 UNATTRIBUTED = frozenset({"signature", "banned", "finished"})
+# Refusals of non-members' uploads reported a round (log, events, status page); the rest are only counted.
+# A member's refusals are reported every time, and booked (ledger row, strike, remembered answer): see
+# `_book_refusal`.
+MAX_STRANGER_REPORTS = 16
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -142,6 +146,10 @@ class RoundKeeper:
         self.rounds_closed = 0
         self.finished = False
         self.closer = Closer(self, scorer=scorer)
+        # The run's members: keys with an update accepted in it (the ledger's, then each accepted on arrival).
+        # Only a member's refusals leave a record; anyone can make a fresh key for every upload.
+        self.members: set[bytes] = set(ledger.accepted_counts())
+        self.strangers_refused = 0  # non-members' uploads refused in the open round
 
     # ----------------------------------------------------------------- uploads
 
@@ -245,20 +253,22 @@ class RoundKeeper:
     ) -> Decision:
         """Report the upload, book a refusal (ledger row, strike, whom the round waits for), and answer."""
         h = upload.update.header
-        self.on_event(
-            UpdateReceived(
-                fingerprint=fingerprint(h.peer_public_key),
-                round=h.round,
-                tokens=h.tokens,
-                bytes=len(upload.payload),
-                accepted=rejection is None,
-                check=None if rejection is None else rejection.check,
-                time_s=self.clock() if upload.received_s is None else upload.received_s,
+        reported = rejection is None or self._reports(h.peer_public_key, rejection)
+        if reported:
+            self.on_event(
+                UpdateReceived(
+                    fingerprint=fingerprint(h.peer_public_key),
+                    round=h.round,
+                    tokens=h.tokens,
+                    bytes=len(upload.payload),
+                    accepted=rejection is None,
+                    check=None if rejection is None else rejection.check,
+                    time_s=self.clock() if upload.received_s is None else upload.received_s,
+                )
             )
-        )
         changed = taken  # a new update in the round
         if rejection is not None and not repeated:
-            self._book_refusal(upload, rejection)
+            self._book_refusal(upload, rejection, reported=reported)
             changed = True
         return Decision(
             rejection=rejection,
@@ -268,24 +278,42 @@ class RoundKeeper:
             changed=changed,
         )
 
-    def _book_refusal(self, upload: Upload, rejection: Rejection) -> None:
+    def _book_refusal(self, upload: Upload, rejection: Rejection, *, reported: bool) -> None:
         h = upload.update.header
         self.current.rejected += 1
-        if rejection.check not in UNATTRIBUTED:  # signed by its key: the ledger records it
+        member = self.is_member(h.peer_public_key, rejection)
+        if member:  # signed by a member's key: the ledger records it (bounded per key and round: rounds.py)
             received_s = self.clock() if upload.received_s is None else upload.received_s
             entry = refused_entry(
                 upload.update, payload_bytes=len(upload.payload), rejection=rejection, received_s=received_s
             )
             self.current.refuse(entry)
+        else:
+            self.strangers_refused += 1
         if rejection.check == "round" and h.round < self.current.index:
             self.current.expect(h.peer_public_key, late=True)  # alive, just slow: wait for it next time
         elif rejection.check not in ("signature", "banned") and h.round == self.current.index:
-            self.current.reported.add(h.peer_public_key)  # it has had its say this round
-        self.record_rejection(h.peer_public_key, h.round, rejection, upload.update)
-        if rejection.check not in UNATTRIBUTED:
+            if h.peer_public_key in self.current.expected:  # only a key the round waits for needs to report
+                self.current.reported.add(h.peer_public_key)  # it has had its say this round
+        if reported:
+            self.record_rejection(h.peer_public_key, h.round, rejection, upload.update)
+        if member:
             self.current.remember_refusal(h.digest(), rejection)
         if self.reputation.is_banned(h.peer_public_key):
             self.current.expected.discard(h.peer_public_key)  # never wait for a banned key
+
+    def is_member(self, public_key: bytes, rejection: Rejection | None = None) -> bool:
+        """Whether the key has had an update accepted in this run, and (given) `rejection` proves the upload is its.
+
+        An upload refused before its signature is known good (UNATTRIBUTED) is nobody's: anyone can name a
+        member's key on one.
+        """
+        attributed = rejection is None or rejection.check not in UNATTRIBUTED
+        return attributed and public_key in self.members
+
+    def _reports(self, public_key: bytes, rejection: Rejection) -> bool:
+        """Whether this refusal is logged and reported: a member's always, a stranger's while the round has quota."""
+        return self.is_member(public_key, rejection) or self.strangers_refused < MAX_STRANGER_REPORTS
 
     def upload_codec(self, late: bool) -> Codec:
         """The codec an upload for the open round (or, `late`, for the round before) was encoded with."""
@@ -348,12 +376,13 @@ class RoundKeeper:
             received_s=self.clock(),
         )
         self.current.expected.add(key)
+        self.members.add(key)
         return weight
 
     def record_rejection(
         self, public_key: bytes, round_index: int, rejection: Rejection, update: SignedUpdate | None = None
     ) -> None:
-        """Log a rejection, report it (status line, swarm, and later the ledger) and strike its key."""
+        """Log a rejection, report it (status line, swarm, and later the ledger) and strike its key if a member's."""
         who = fingerprint(public_key)
         logger.warning("rejected update from %s for round %d: %s", who, round_index, rejection)
         self.on_event(
@@ -365,6 +394,8 @@ class RoundKeeper:
                 update=None if update is None else update.header.digest().hex()[:16],
             )
         )
+        if not self.is_member(public_key, rejection):
+            return  # a stranger's failure says nothing of a volunteer's standing: no strike, no record
         try:
             ban = self.reputation.strike(public_key, round_index=self.current.index, check=rejection.check)
         except BanFileError as e:
@@ -448,9 +479,21 @@ class RoundKeeper:
         self.closed.add(closed.record)
         self.current = closed.round.successor()
         self.rounds_closed += 1
+        self._count_strangers(closed.round.index)
         with contextlib.suppress(OSError):
             prune_spool(self.state_dir, before_round=closed.master.round)
         return closed
+
+    def _count_strangers(self, round_index: int) -> None:
+        """Log how many non-members' uploads the round refused, the unreported ones included, and start over."""
+        if self.strangers_refused > MAX_STRANGER_REPORTS:
+            logger.warning(
+                "round %d: refused %d uploads from keys with no accepted update in this run (%d reported)",
+                round_index,
+                self.strangers_refused,
+                MAX_STRANGER_REPORTS,
+            )
+        self.strangers_refused = 0
 
     def evaluate(self, params: dict[str, torch.Tensor]) -> float | None:
         """The held-out loss of `params` (None for a shard's aggregator, which holds part of the model only)."""
