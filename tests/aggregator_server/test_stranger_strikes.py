@@ -84,9 +84,14 @@ def test_a_thousand_stranger_uploads_leave_no_record_and_do_not_slow_honest_ones
         refusals = [e for e in events if isinstance(e, UpdateRejected)]
         received = [e for e in events if isinstance(e, UpdateReceived) and not e.accepted]
         assert len(refusals) == len(received) == MAX_STRANGER_REPORTS
-        await server.close("all-reported")  # the round's ledger rows: the honest uploads' only
+        # a member's refusal is still booked: the strangers took none of the round's refused rows
+        second = signed_test_update(signed_state, state_payload, sender=honest[0], tokens=1_000, seed=99)
+        assert (await submit(server, *second)).receipt.reason.startswith("duplicate:")
+        assert [e.peer_public_key for e in server.current.refused] == [honest[0].public_key]
+        await server.close("all-reported")  # the round's ledger rows: the honest peers' only
         rows = server.ledger.rows(round_index=0)
-        assert sorted(r.entry.peer_public_key for r in rows) == sorted(peer.public_key for peer in honest)
+        members = [peer.public_key for peer in [*honest, honest[0]]]
+        assert sorted(r.entry.peer_public_key for r in rows) == sorted(members)
         server.ledger.close()
         server.reputation.close()
         return {"before": before, "during": during, "after": after}, result
