@@ -34,6 +34,7 @@ from potluck.aggregator_server.checkpoint import Checkpoint, load_spool, prune_s
 from potluck.aggregator_server.closed_rounds import ClosedRound, ClosedRounds
 from potluck.aggregator_server.closing import Closer, Deferred, RoundClose
 from potluck.aggregator_server.master import MasterState, token_cap
+from potluck.aggregator_server.members import Members
 from potluck.aggregator_server.reputation import BanFileError, Reputation
 from potluck.aggregator_server.rounds import Accepted, OpenRound
 from potluck.aggregator_server.validation import (
@@ -53,13 +54,6 @@ from potluck.protocol.identity import Identity, fingerprint
 from potluck.tasks.held_out import HeldOutLoss
 
 logger = logging.getLogger(__name__)
-
-# Rejections decided before the signature is known good: the ledger cannot say whose upload it was.
-UNATTRIBUTED = frozenset({"signature", "banned", "finished"})
-# Refusals of non-members' uploads reported a round (log, events, status page); the rest are only counted.
-# A member's refusals are reported every time, and booked (ledger row, strike, remembered answer): see
-# `_book_refusal`.
-MAX_STRANGER_REPORTS = 16
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -146,10 +140,7 @@ class RoundKeeper:
         self.rounds_closed = 0
         self.finished = False
         self.closer = Closer(self, scorer=scorer)
-        # The run's members: keys with an update accepted in it (the ledger's, then each accepted on arrival).
-        # Only a member's refusals leave a record; anyone can make a fresh key for every upload.
-        self.members: set[bytes] = set(ledger.accepted_counts())
-        self.strangers_refused = 0  # non-members' uploads refused in the open round
+        self.members = Members(ledger.accepted_counts())  # only a member's refusals leave a record (members.py)
 
     # ----------------------------------------------------------------- uploads
 
@@ -253,7 +244,7 @@ class RoundKeeper:
     ) -> Decision:
         """Report the upload, book a refusal (ledger row, strike, whom the round waits for), and answer."""
         h = upload.update.header
-        reported = rejection is None or self._reports(h.peer_public_key, rejection)
+        reported = rejection is None or self.members.reports(h.peer_public_key, rejection)
         if reported:
             self.on_event(
                 UpdateReceived(
@@ -281,7 +272,7 @@ class RoundKeeper:
     def _book_refusal(self, upload: Upload, rejection: Rejection, *, reported: bool) -> None:
         h = upload.update.header
         self.current.rejected += 1
-        member = self.is_member(h.peer_public_key, rejection)
+        member = self.members.owns(h.peer_public_key, rejection)
         if member:  # signed by a member's key: the ledger records it (bounded per key and round: rounds.py)
             received_s = self.clock() if upload.received_s is None else upload.received_s
             entry = refused_entry(
@@ -289,7 +280,7 @@ class RoundKeeper:
             )
             self.current.refuse(entry)
         else:
-            self.strangers_refused += 1
+            self.members.strangers_refused += 1
         if rejection.check == "round" and h.round < self.current.index:
             self.current.expect(h.peer_public_key, late=True)  # alive, just slow: wait for it next time
         elif rejection.check not in ("signature", "banned") and h.round == self.current.index:
@@ -301,19 +292,6 @@ class RoundKeeper:
             self.current.remember_refusal(h.digest(), rejection)
         if self.reputation.is_banned(h.peer_public_key):
             self.current.expected.discard(h.peer_public_key)  # never wait for a banned key
-
-    def is_member(self, public_key: bytes, rejection: Rejection | None = None) -> bool:
-        """Whether the key has had an update accepted in this run, and (given) `rejection` proves the upload is its.
-
-        An upload refused before its signature is known good (UNATTRIBUTED) is nobody's: anyone can name a
-        member's key on one.
-        """
-        attributed = rejection is None or rejection.check not in UNATTRIBUTED
-        return attributed and public_key in self.members
-
-    def _reports(self, public_key: bytes, rejection: Rejection) -> bool:
-        """Whether this refusal is logged and reported: a member's always, a stranger's while the round has quota."""
-        return self.is_member(public_key, rejection) or self.strangers_refused < MAX_STRANGER_REPORTS
 
     def upload_codec(self, late: bool) -> Codec:
         """The codec an upload for the open round (or, `late`, for the round before) was encoded with."""
@@ -394,7 +372,7 @@ class RoundKeeper:
                 update=None if update is None else update.header.digest().hex()[:16],
             )
         )
-        if not self.is_member(public_key, rejection):
+        if not self.members.owns(public_key, rejection):
             return  # a stranger's failure says nothing of a volunteer's standing: no strike, no record
         try:
             ban = self.reputation.strike(public_key, round_index=self.current.index, check=rejection.check)
@@ -479,21 +457,10 @@ class RoundKeeper:
         self.closed.add(closed.record)
         self.current = closed.round.successor()
         self.rounds_closed += 1
-        self._count_strangers(closed.round.index)
+        self.members.end_round(closed.round.index)
         with contextlib.suppress(OSError):
             prune_spool(self.state_dir, before_round=closed.master.round)
         return closed
-
-    def _count_strangers(self, round_index: int) -> None:
-        """Log how many non-members' uploads the round refused, the unreported ones included, and start over."""
-        if self.strangers_refused > MAX_STRANGER_REPORTS:
-            logger.warning(
-                "round %d: refused %d uploads from keys with no accepted update in this run (%d reported)",
-                round_index,
-                self.strangers_refused,
-                MAX_STRANGER_REPORTS,
-            )
-        self.strangers_refused = 0
 
     def evaluate(self, params: dict[str, torch.Tensor]) -> float | None:
         """The held-out loss of `params` (None for a shard's aggregator, which holds part of the model only)."""

@@ -185,7 +185,7 @@ def test_the_ledgers_accepted_keys_are_members_after_a_restart(tmp_path: Path) -
     # Execute
     restarted = _keeper(tmp_path)
     # Assert
-    assert restarted.members == {PEER.public_key}
+    assert restarted.members.keys == {PEER.public_key}
     restarted.ledger.close()
 
 

@@ -12,7 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
-from potluck.aggregator_server.keeper import MAX_STRANGER_REPORTS
+from potluck.aggregator_server.members import MAX_STRANGER_REPORTS
 from potluck.aggregator_server.reputation import BANS_FILE
 from potluck.events import Event, UpdateReceived, UpdateRejected
 from potluck.lab.attackers.stranger_uploads import flood
