@@ -493,6 +493,8 @@ class RoundKeeper:
         self.master = master
         self.codec, self.aggregate_codec = round_codecs(self.cfg, master.density)
         self.late_codec = self.codec
+        for key in contributors:  # in the primary's signed aggregate: it accepted their updates
+            self.members.add(key)
         self.current = OpenRound(
             index=master.round,
             deadline_s=self.cfg.round_deadline_s,

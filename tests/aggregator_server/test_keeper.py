@@ -189,6 +189,15 @@ def test_the_ledgers_accepted_keys_are_members_after_a_restart(tmp_path: Path) -
     restarted.ledger.close()
 
 
+def test_a_standby_taking_over_counts_the_primarys_last_contributors_as_members(tmp_path: Path) -> None:
+    keeper = _keeper(tmp_path)
+
+    keeper.take_over(keeper.master, {PEER.public_key})
+
+    assert PEER.public_key in keeper.members and OTHER.public_key not in keeper.members
+    keeper.ledger.close()
+
+
 def test_a_refused_update_sent_again_gets_the_same_answer_without_a_second_strike(tmp_path: Path) -> None:
     keeper = _keeper(tmp_path)
     keeper.members.add(PEER.public_key)
