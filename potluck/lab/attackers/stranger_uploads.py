@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from potluck.errors import PotluckError
 from potluck.protocol.envelope import SignedReceipt, SignedUpdate, UpdateHeader, new_nonce, payload_digest, sign_update
 from potluck.protocol.identity import generate_identity
 
@@ -27,7 +28,7 @@ class FloodResult:
 
     sent: int
     answers: dict[str, int]  # the receipts' reason codes ("accepted" for none), counted
-    failed: int  # sends that raised (no receipt)
+    failed: int  # sends that got no receipt (refused, dropped or timed out on the way)
     seconds: float
 
 
@@ -71,7 +72,7 @@ async def flood(send: Send, *, count: int, concurrency: int = 4, payload_bytes: 
             update, payload = stranger_update(payload_bytes=payload_bytes)
             try:
                 receipt = (await send(update, payload)).receipt
-            except Exception:  # noqa: BLE001 — a refused or dropped stream is an answer too: count it
+            except (PotluckError, OSError, TimeoutError):  # refused or dropped on the way: an answer too
                 failed += 1
             else:
                 answers["accepted" if receipt.accepted else receipt.reason.split(":", 1)[0]] += 1
