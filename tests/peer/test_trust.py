@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from potluck.aggregator_server.announcer import Announcer
 from potluck.cli.common import UsageError
 from potluck.cli.peer_flags import PeerFlags
 from potluck.peer import sync as sync_module
@@ -18,7 +19,7 @@ from potluck.peer.records import HeldOutScore, Tally
 from potluck.peer.sync import Sync
 from potluck.peer.trust import TrustError, choose_root, joined_key, pin_file, read_pin, write_pin
 from potluck.protocol import PROTOCOL_VERSION
-from potluck.protocol.ban_records import BanList, parse_ban_lists, sign_ban_list
+from potluck.protocol.ban_records import BANS_KEY, BanList, parse_ban_lists, sign_ban_list
 from potluck.protocol.client import AggregatorUnreachable
 from potluck.protocol.dht_schema import AggregatorAnnouncement
 from potluck.protocol.envelope import SignedState, StateHeader, sign_state
@@ -267,3 +268,38 @@ def test_a_strangers_ban_list_naming_an_honest_peer_is_skipped_quietly(caplog: p
     # Assert: nothing applied, and nothing a flood of strangers could fill a log with
     assert lists == []
     assert caplog.records == []
+
+
+def test_an_aggregator_applies_its_fellow_aggregators_ban_lists_and_no_strangers() -> None:
+    # Prepare: a run of two aggregators; the DHT holds the other one's list and a stranger's naming an honest peer
+    cheater = generate_identity().public_key
+    lists = [(STANDBY, cheater), (STRANGER, HONEST_PEER)]
+    entries = {}
+    for issuer, banned in lists:
+        ban_list = BanList(issuer=issuer.public_key, config_hash="ab" * 32, bans=((banned, "x"),), timestamp_s=1.0)
+        subkey, value = sign_ban_list(ban_list, issuer)
+        entries[subkey] = SimpleNamespace(value=value)
+
+    class _BanDHT:
+        async def get(self, key: str, *, latest: bool) -> SimpleNamespace:
+            assert key == BANS_KEY and latest
+            return SimpleNamespace(value=entries)
+
+    banned: list[bytes] = []
+
+    async def ban(key: bytes, reason: str, issuer: bytes) -> None:
+        banned.append(key)
+
+    announcer = Announcer(
+        SimpleNamespace(config_hash="ab" * 32, aggregator_keys=_hex(REAL, STANDBY)),  # type: ignore[arg-type]
+        REAL,
+        reputation=SimpleNamespace(bans={}, is_banned=lambda _: False),  # type: ignore[arg-type]
+        ban=ban,
+        every_s=10.0,
+    )
+
+    # Execute
+    asyncio.run(announcer.share_bans(SimpleNamespace(dht=_BanDHT())))  # type: ignore[arg-type]
+
+    # Assert
+    assert banned == [cheater]
