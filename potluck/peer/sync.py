@@ -23,7 +23,7 @@ from potluck.peer.discovery import SkipLog, usable_announcements
 from potluck.peer.options import PeerError, PeerOptions, RunFinished
 from potluck.peer.records import HeldOutScore, Master, Shard, Tally
 from potluck.peer.state_download import Donor, DownloadFailed, Fetched, fetch_chunks
-from potluck.peer.trust import Root, choose_root, read_pin, root_from_join, write_pin
+from potluck.peer.trust import Root, choose_root, keep_pin, read_pin, root_from_join
 from potluck.protocol.backoff import backoff_s
 from potluck.protocol.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable
 from potluck.protocol.config import RunConfig
@@ -96,14 +96,16 @@ class Sync:
 
     # ----------------------------------------------------------------- discovery
 
-    async def announcements(self) -> list[AggregatorAnnouncement]:
+    async def announcements(self, cfg: RunConfig | None = None) -> list[AggregatorAnnouncement]:
         """This run's aggregator announcements on the DHT, from sources that have not served a bad state.
+
+        `cfg`: the run's config when it is known before `self.cfg` is (the first shard's, in a sharded run).
 
         Another version's or another run's announcement is skipped, never fatal (discovery.py): anyone can
         write one. Before the run's config is known only the trust root's keys count (trust.py), then the
         config's; only those can tell this peer to upgrade.
         """
-        cfg, root = self.cfg, None
+        cfg, root = cfg or self.cfg, None
         if cfg is None:
             root = await self.trust_root()
         result = await self.node.dht.get(AGGREGATORS_KEY, latest=True)
@@ -222,7 +224,7 @@ class Sync:
         cfg, h, first, params = await self._fetch_shard(self.announcement, self.link, sources=sources)
         shards = {first.index: first}
         if cfg.shards > 1:
-            announced = await self.announcements()
+            announced = await self.announcements(cfg)  # the trusted first shard's config names the others
             for index in range(cfg.shards):
                 if index in shards:
                     continue
@@ -243,11 +245,7 @@ class Sync:
         params = {name: params[name] for name in shapes}  # the model's order: payloads depend on it
         val_loss = await self.score(cfg, params)
         self.cfg, self.synced_at = cfg, time.monotonic()
-        if self.options.trust_file is not None:  # a restart trusts these keys, whoever it joins through
-            try:
-                write_pin(self.options.trust_file, cfg.run_name, cfg.aggregator_keys)
-            except OSError as e:
-                logger.warning("could not pin the run's aggregator keys in %s: %s", self.options.trust_file, e)
+        keep_pin(self.options.trust_file, cfg.run_name, cfg.aggregator_keys)  # a restart trusts only these
         logger.info("synced run %r at round %d from %s", cfg.run_name, h.round, fingerprint(first.key))
         self.on_event(
             PeerSynced(

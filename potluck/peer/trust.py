@@ -101,6 +101,16 @@ def write_pin(path: Path, run: str, keys: Collection[str]) -> None:
     logger.info("pinned run %r's %d aggregator key(s) in %s", run, len(keys), path)
 
 
+def keep_pin(path: Path | None, run: str, keys: Collection[str]) -> None:
+    """Pin the keys of the run a peer synced (write_pin), unless it pins nothing; a disk that refuses is logged."""
+    if path is None:
+        return
+    try:
+        write_pin(path, run, keys)
+    except OSError as e:
+        logger.warning("could not pin the run's aggregator keys in %s: %s", path, e)
+
+
 def joined_key(
     signed: SignedState, peer_id: bytes, announcements: Sequence[AggregatorAnnouncement], *, run: str | None
 ) -> bytes:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from potluck.peer.trust import read_pin
 from potluck.protocol.identity import load_or_create_identity, public_key_to_hex
 from tests.integration.swarm_helpers import Nodes, wait_until
 
@@ -79,7 +80,12 @@ def test_a_strangers_announcements_and_ban_list_change_nothing_for_joining_or_ru
     first_round = joiner.next_event(_is("round"), timeout_s=120)
     assert first_round["accepted"], first_round["reason"]
     assert joiner.wait_exit(timeout_s=60) == 0
+    # no stranger's key was ever asked for a state (not even the one claiming the real node), nor obeyed
+    assert not any(e.get("event") == "state-refused" for e in joiner.all_events(timeout_s=10))
     assert "upgrade" not in joiner.log()
+    # the run's key is pinned beside the joiner's identity: a restart through any node trusts only it
+    real_key, _ = load_or_create_identity(nodes.work_dir / "aggregator" / "identity.key")
+    assert read_pin(nodes.work_dir / "joiner.trusted-aggregators.json") == (ready["run"], {real_key.public_key})
     # ... and the running peer, named in the stranger's ban list, keeps its rounds accepted
     after = first_round["round"] + 1
     later = runner.next_event(lambda e: e.get("event") == "round" and e["round"] >= after, timeout_s=120)
