@@ -1,6 +1,7 @@
-"""Attacks on a node's resources rather than on the model: floods a red team sends at a live aggregator.
+"""RED TEAM ONLY: attackers that hit a run from outside it, with no key of the run (`potluck redteam`, tests).
 
-RED TEAM ONLY: no node imports this package. Each attacker is transport-agnostic (it is handed the
-coroutine that sends one message), so a test drives it through an aggregator's handlers in process and
-`potluck redteam` over libp2p.
+They attack a node's resources and what it believes rather than the model: floods of uploads, streams and
+connections, and records on the DHT. Nothing outside the lab imports this package; a volunteer's peer and an
+operator's aggregator never run any of it. Where it fits, an attacker is handed the coroutine that sends one
+message, so a test drives it through an aggregator's handlers in process and `potluck redteam` over libp2p.
 """
