@@ -70,11 +70,11 @@ class _BoundedH11Protocol(H11Protocol):
 
     def _from_same_address(self) -> int:
         """How many open connections (this one included) come from this connection's remote address."""
-        if self.client is None:  # a unix socket: no address to share
+        host = _remote_host(self)
+        if host is None:  # a unix socket: no address to share
             return 1
-        host = self.client[0]
         # at most MAX_CONNECTIONS + 1 to look at, and only when a connection is accepted
-        return sum(1 for other in self.connections if getattr(other, "client", None) and other.client[0] == host)
+        return sum(1 for other in self.connections if _remote_host(other) == host)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the connection and its deadline."""
@@ -97,6 +97,12 @@ class _BoundedH11Protocol(H11Protocol):
         # IDLE: no request head yet; SEND_BODY: a head, but not all of its body
         if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
             self.transport.close()
+
+
+def _remote_host(protocol: object) -> str | None:
+    """The remote address of one of uvicorn's connections (any of its protocol classes), None if it has none."""
+    client = getattr(protocol, "client", None)
+    return str(client[0]) if isinstance(client, tuple) and client else None
 
 
 class _HostedServer(uvicorn.Server):

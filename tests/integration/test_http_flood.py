@@ -1,0 +1,128 @@
+"""HTTP exhaustion, against a real aggregator process: 2,000 half-open connections to its status page at a 1,024
+descriptor limit leave its libp2p requests answered and its log small, and the page answers again afterwards.
+
+Once, 1,030 half-sent requests filled a node's 1,024 descriptors: the streams p2pd hands over a unix socket failed
+with "Too many open files" and the log grew 309 MB in 65 s. The attacker (potluck.lab.attackers.http_flood, what
+the red team runs) is a process of its own, spread over 50 loopback addresses so that both the page's cap per
+address and its cap in all are reached, and it reopens every connection the page closes.
+"""
+
+import asyncio
+import contextlib
+import os
+import resource
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from potluck.lab.children import start_child
+from potluck.protocol.client import AggregatorLink
+from potluck.protocol.identity import generate_identity
+from potluck.protocol.node import parse_join_address, peer_id_of, start_node
+from tests.integration.swarm_helpers import Node, Nodes, _pump, free_port, wait_until
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+DESCRIPTOR_LIMIT = 1024  # a common default soft limit, here the hard one too: the node cannot raise it
+CONNECTIONS = 2000
+SPREAD = 50  # source addresses: 40 connections each, over the page's 32 per address; 50 x 32 is over its 256
+FETCHES = 3  # whole state downloads (manifest and chunks, each a libp2p stream) while the flood is held
+LOG_BOUND_BYTES = 2 * 1024 * 1024
+HEALTH = b"GET /api/health HTTP/1.1\r\nHost: page\r\nConnection: close\r\n\r\n"
+
+
+def _open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _fetch_states(join: str, *, count: int) -> list[int]:
+    """Download the run's state `count` times as a joining peer does; the payload sizes."""
+
+    async def fetch() -> list[int]:
+        node = await start_node(initial_peers=[join])
+        try:
+            link = AggregatorLink(node.p2p, peer_id_of(parse_join_address(join)))
+            sizes = []
+            for _ in range(count):
+                _, payload, _ = await link.fetch_state(generate_identity().public_key)
+                sizes.append(len(payload))
+            return sizes
+        finally:
+            await node.shutdown()
+
+    return asyncio.run(asyncio.wait_for(fetch(), 60))
+
+
+def _page_answers(port: int) -> bool:
+    """Whether the page answers one request from an address the attacker does not use."""
+
+    async def ask() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.1", 0))
+        try:
+            writer.write(HEALTH)
+            return await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    try:
+        return asyncio.run(ask()).startswith(b"HTTP/1.1 200")
+    except (OSError, asyncio.TimeoutError):
+        return False
+
+
+def _attacker(nodes: Nodes, page_port: int) -> Node:
+    """The flood as a child of its own, stopped with the test's nodes."""
+    args = ["--port", str(page_port), "--connections", str(CONNECTIONS), "--spread", str(SPREAD)]
+    module = "potluck.lab.attackers.http_flood"
+    child = start_child("http-flood", args, work_dir=nodes.work_dir, threads=1, module=module)
+    attacker = Node(child=child)
+    threading.Thread(target=_pump, args=(child, attacker.events), daemon=True).start()
+    nodes.started.append(attacker)
+    return attacker
+
+
+@pytest.mark.timeout(120)
+def test_half_open_connections_at_a_1024_descriptor_limit_leave_libp2p_answered_and_the_log_small(
+    nodes: Nodes,
+) -> None:
+    # Prepare: an aggregator with its page, held to 1,024 descriptors (soft and hard) once it is up
+    page_port = free_port()
+    aggregator = nodes.aggregator(extra=("--http-port", str(page_port)))
+    join = aggregator.next_event(lambda e: e.get("event") == "ready", timeout_s=90)["maddrs"][0]
+    pid = aggregator.child.process.pid
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (DESCRIPTOR_LIMIT, DESCRIPTOR_LIMIT))
+    calm_sizes = _fetch_states(join, count=1)
+    log_before = Path(aggregator.child.log_path).stat().st_size
+    assert _page_answers(page_port)
+
+    # Execute: hold the flood, and download the state through it
+    attacker = _attacker(nodes, page_port)
+    flooding = attacker.next_event(lambda e: e.get("event") == "flooding", timeout_s=60)
+    descriptors_flooded = _open_descriptors(pid)
+    started = time.monotonic()
+    sizes = _fetch_states(join, count=FETCHES)
+    fetch_s = time.monotonic() - started
+    descriptors_after_fetches = _open_descriptors(pid)
+    attacker.child.process.terminate()
+    stopped = attacker.next_event(lambda e: e.get("event") == "stopped", timeout_s=30)
+    wait_until(lambda: _page_answers(page_port), timeout_s=20, what="the status page to answer after the flood")
+    log_growth = Path(aggregator.child.log_path).stat().st_size - log_before
+
+    # Assert
+    print(
+        f"flood: {flooding} -> {stopped}; aggregator descriptors {descriptors_flooded} then "
+        f"{descriptors_after_fetches} (limit {DESCRIPTOR_LIMIT}); {FETCHES} state fetches in {fetch_s:.1f} s; "
+        f"log grew {log_growth} bytes"
+    )
+    assert flooding["attempts"] >= CONNECTIONS
+    assert stopped["closed_by_server"] > 0, stopped  # the page's caps turned connections away
+    assert resource.prlimit(pid, resource.RLIMIT_NOFILE) == (DESCRIPTOR_LIMIT, DESCRIPTOR_LIMIT)
+    assert sizes == calm_sizes * FETCHES  # every libp2p download answered in full during the flood
+    assert max(descriptors_flooded, descriptors_after_fetches) < DESCRIPTOR_LIMIT // 2
+    log = Path(aggregator.child.log_path).read_text(errors="replace")
+    assert "Too many open files" not in log, log[-3000:]
+    assert log_growth < LOG_BOUND_BYTES, log[-3000:]
