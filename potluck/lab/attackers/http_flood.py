@@ -5,6 +5,7 @@ descriptor for it for as long as the attacker likes; 1,030 of them once filled a
 streams failed. The attacker reopens every connection the server closes (after a pause), so the pressure lasts,
 and can spread its connections over many loopback source addresses, standing in for many machines.
 
+Some connections can send a malformed request instead, again and again, to flood the server's log.
 `python -m potluck.lab.attackers.http_flood --port 8000 --connections 2000 --spread 50` floods until SIGTERM,
 SIGINT or `--duration`; it prints one JSON line once every connection has been tried, and one with its counts
 when it stops.
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 HALF_HEAD = b"GET /api/status HTTP/1.1\r\nHost: potluck\r\nUser-Agent: "  # a head that is never finished
+INVALID_HEAD = b"GET /api/status HTTP/1.1\r\nHost potluck\r\n\r\n"  # no colon: a 400, and a warning in the log
 CONNECT_TIMEOUT_S = 5.0
 MAX_CONNECTING = 256  # connects in flight at once, so the first pass does not overflow the server's accept queue
 DESCRIPTOR_MARGIN = 64  # descriptors the attacker needs besides its connections (interpreter, pipes, event loop)
@@ -61,11 +63,13 @@ async def flood(
     counts: FloodCounts,
     sources: Sequence[str] = (),
     reconnect_after_s: float = 1.0,
+    invalid: int = 0,
     tried: asyncio.Event | None = None,
 ) -> None:
     """Hold `connections` half-sent requests to host:port until `stop` is set, reopening each one the server
     closes after about `reconnect_after_s`; connection i comes from `sources[i % len(sources)]` (none: the
-    system's choice). `tried` is set once every connection has been tried once."""
+    system's choice). The first `invalid` of them send a malformed request instead, which servers answer, log
+    and close: a flood of log lines. `tried` is set once every connection has been tried once."""
     connecting = asyncio.Semaphore(MAX_CONNECTING)
     untried = [connections]
 
@@ -76,9 +80,10 @@ async def flood(
 
     async def hold(index: int) -> None:
         source = sources[index % len(sources)] if sources else None
+        head = INVALID_HEAD if index < invalid else HALF_HEAD
         first = True
         while not stop.is_set():
-            opened = await _connect(host, port, source=source, connecting=connecting, counts=counts)
+            opened = await _connect(host, port, head, source=source, connecting=connecting, counts=counts)
             if first:
                 first = False
                 first_try_done()
@@ -98,9 +103,9 @@ async def flood(
 
 
 async def _connect(
-    host: str, port: int, *, source: str | None, connecting: asyncio.Semaphore, counts: FloodCounts
+    host: str, port: int, head: bytes, *, source: str | None, connecting: asyncio.Semaphore, counts: FloodCounts
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-    """A new connection that has sent half a request head, or None when the connect failed."""
+    """A new connection that has sent `head`, or None when the connect failed."""
     async with connecting:
         counts.attempts += 1
         try:
@@ -110,7 +115,7 @@ async def _connect(
         except (OSError, asyncio.TimeoutError):
             counts.failed += 1
             return None
-    writer.write(HALF_HEAD)
+    writer.write(head)
     counts.connected += 1
     return reader, writer
 
@@ -162,6 +167,7 @@ async def _run(args: argparse.Namespace) -> None:
             counts=counts,
             sources=loopback_sources(args.spread),
             reconnect_after_s=args.reconnect_after,
+            invalid=args.invalid,
             tried=tried,
         )
     )
@@ -181,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="the status page's port")
     parser.add_argument("--connections", type=int, default=2000, help="half-sent requests held at once")
     parser.add_argument("--spread", type=int, default=0, help="loopback source addresses to spread them over")
+    parser.add_argument("--invalid", type=int, default=0, help="of the connections, how many send malformed requests")
     parser.add_argument("--reconnect-after", type=float, default=1.0, help="seconds before reopening a closed one")
     parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: on a signal)")
     args = parser.parse_args(argv)
