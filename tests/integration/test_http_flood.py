@@ -2,10 +2,10 @@
 descriptor limit leave its libp2p requests answered and its log small, and the page answers again afterwards.
 
 Once, 1,030 half-sent requests filled a node's 1,024 descriptors: the streams p2pd hands over a unix socket failed
-with "Too many open files" and the log grew 309 MB in 65 s. The attacker (potluck.lab.attackers.http_flood, what
-the red team runs) is a process of its own, spread over 50 loopback addresses so that both the page's cap per
-address and its cap in all are reached, and it reopens every connection the page closes; some of its connections
-send malformed requests, each of which the page logs.
+with "Too many open files" and the log grew 309 MB in 65 s. The attacker (potluck.lab.attackers.http_flood, for
+the red team) is a process of its own, spread over 50 loopback addresses as a botnet would be, so that the
+page's cap in all is what holds (its cap per address is tested in tests/web), and it reopens every connection the
+page closes; some of its connections send malformed requests, each of which the page logs.
 """
 
 import asyncio
@@ -33,7 +33,7 @@ pytestmark = [
 
 DESCRIPTOR_LIMIT = 1024  # a common default soft limit, here the hard one too: the node cannot raise it
 CONNECTIONS = 2000
-SPREAD = 50  # source addresses: 40 connections each, over the page's 32 per address; 50 x 32 is over its 256
+SPREAD = 50  # source addresses, 40 connections each: the page's 256 in all fill before any address has its 32
 INVALID = 200  # of them, first, sending malformed requests (each a 400 and a warning line) again and again
 INVALID_LINE = "Invalid HTTP request received."  # uvicorn's warning for each
 FETCHES = 3  # whole state downloads (manifest and chunks, each a libp2p stream) while the flood is held
