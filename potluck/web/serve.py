@@ -33,6 +33,9 @@ MAX_CONNECTIONS_PER_ADDRESS = 32
 REQUEST_TIMEOUT_S = 10.0  # to send a whole request (head and body), from connecting or from the last response
 KEEP_ALIVE_S = 5  # an idle connection between requests
 MAX_HEAD_BYTES = 8 * 1024  # a request head's size; the page's own requests carry a few hundred bytes
+# connections waiting to be accepted, which is also how many asyncio accepts at once before any is looked at: with
+# uvicorn's 2,048 one burst took every descriptor of a node limited to 1,024 before the caps could close any
+ACCEPT_BACKLOG = 64
 
 
 class WebServerError(PotluckError, RuntimeError):
@@ -167,7 +170,7 @@ def server_config(
 
     At most `max_connections` open at once and `max_per_address` from one remote address, each given
     `request_timeout_s` to send a whole request, a head of at most MAX_HEAD_BYTES, and KEEP_ALIVE_S idle between
-    requests.
+    requests; at most ACCEPT_BACKLOG accepted at once.
     """
     if max_per_address < 1 or max_connections < 1:
         raise WebServerError(
@@ -192,6 +195,7 @@ def server_config(
         limit_concurrency=max_connections,
         timeout_keep_alive=KEEP_ALIVE_S,
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        backlog=ACCEPT_BACKLOG,
     )
 
 

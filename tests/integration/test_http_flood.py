@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import resource
+import signal
 import sys
 import threading
 import time
@@ -21,7 +22,7 @@ import pytest
 
 from potluck.cli.log_limit import MAX_PER_WINDOW, WINDOW_S
 from potluck.lab.children import start_child
-from potluck.protocol.client import AggregatorLink
+from potluck.protocol.client import AggregatorLink, LinkError
 from potluck.protocol.identity import generate_identity
 from potluck.protocol.node import parse_join_address, peer_id_of, start_node
 from tests.integration.swarm_helpers import Node, Nodes, _pump, free_port, wait_until
@@ -37,7 +38,16 @@ CONNECTIONS = 2000
 SPREAD = 50  # source addresses, 40 connections each: the page's 256 in all fill before any address has its 32
 INVALID = 200  # of them, first, sending malformed requests (each a 400 and a warning line) again and again
 INVALID_LINE = "Invalid HTTP request received."  # uvicorn's warning for each
-FETCHES = 3  # whole state downloads (manifest and chunks, each a libp2p stream) while the flood is held
+# how long the flood is held after the stall, downloading the state again and again (manifest and chunks, each a
+# libp2p stream)
+HOLD_S = 5.0
+# the node stops for a moment (closing a round, a collection) while connections keep arriving: they queue in the
+# kernel, and the loop that comes back accepts them at once, before the page's caps can close any
+STALL_S = 2.0
+FETCH_EVERY_S = 0.5
+# Back to back, about 1 in 1,600 downloads ends early ("stream ended after N of M STATE body bytes") with no flood
+# at all; one such is no sign of starvation, which fails every download from the first
+MAX_FAILED_FETCHES = 1
 LOG_BOUND_BYTES = 2 * 1024 * 1024
 HEALTH = b"GET /api/health HTTP/1.1\r\nHost: page\r\nConnection: close\r\n\r\n"
 
@@ -46,22 +56,40 @@ def _open_descriptors(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _fetch_states(join: str, *, count: int) -> list[int]:
-    """Download the run's state `count` times as a joining peer does; the payload sizes."""
+def _fetch_states(join: str, *, for_s: float, pid: int) -> tuple[list[int], int, list[int]]:
+    """Download the run's state as a joining peer does, every FETCH_EVERY_S for `for_s` (at least once); the payload
+    sizes, how many downloads failed, and the node's open descriptors after each try."""
 
-    async def fetch() -> list[int]:
+    async def fetch() -> tuple[list[int], int, list[int]]:
         node = await start_node(initial_peers=[join])
         try:
             link = AggregatorLink(node.p2p, peer_id_of(parse_join_address(join)))
-            sizes = []
-            for _ in range(count):
-                _, payload, _ = await link.fetch_state(generate_identity().public_key)
-                sizes.append(len(payload))
-            return sizes
+            sizes, failed, descriptors = [], 0, []
+            until = time.monotonic() + for_s
+            while not sizes or time.monotonic() < until:
+                try:
+                    _, payload, _ = await link.fetch_state(generate_identity().public_key)
+                    sizes.append(len(payload))
+                except LinkError:
+                    failed += 1
+                    if failed > MAX_FAILED_FETCHES:
+                        raise
+                descriptors.append(_open_descriptors(pid))
+                await asyncio.sleep(FETCH_EVERY_S)  # a joiner's pace, not a benchmark's
+            return sizes, failed, descriptors
         finally:
             await node.shutdown()
 
-    return asyncio.run(asyncio.wait_for(fetch(), 60))
+    return asyncio.run(asyncio.wait_for(fetch(), for_s + 60))
+
+
+def _stall(pid: int, *, for_s: float) -> None:
+    """Stop the process for `for_s`, as a busy event loop would be, then let it go on."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(for_s)  # the length of the stall, not a wait for anything
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def _page_answers(port: int) -> bool:
@@ -107,7 +135,7 @@ def test_half_open_connections_at_a_1024_descriptor_limit_leave_libp2p_answered_
     ready_s = time.monotonic() - began
     pid = aggregator.child.process.pid
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (DESCRIPTOR_LIMIT, DESCRIPTOR_LIMIT))
-    calm_sizes = _fetch_states(join, count=1)
+    calm_sizes, _, _ = _fetch_states(join, for_s=0, pid=pid)
     log_before = Path(aggregator.child.log_path).stat().st_size
     assert _page_answers(page_port)
 
@@ -115,12 +143,9 @@ def test_half_open_connections_at_a_1024_descriptor_limit_leave_libp2p_answered_
     attacker = _attacker(nodes, page_port)
     attack_began = time.monotonic()
     flooding = attacker.next_event(lambda e: e.get("event") == "flooding", timeout_s=60)
-    descriptors_flooded = _open_descriptors(pid)
     flood_began = time.monotonic()
-    started = time.monotonic()
-    sizes = _fetch_states(join, count=FETCHES)
-    fetch_s = time.monotonic() - started
-    descriptors_after_fetches = _open_descriptors(pid)
+    _stall(pid, for_s=STALL_S)
+    sizes, failed, descriptors = _fetch_states(join, for_s=HOLD_S, pid=pid)
     attacker.child.process.terminate()
     stopped = attacker.next_event(lambda e: e.get("event") == "stopped", timeout_s=30)
     attack_s = time.monotonic() - attack_began
@@ -129,17 +154,18 @@ def test_half_open_connections_at_a_1024_descriptor_limit_leave_libp2p_answered_
 
     # Assert
     print(
-        f"flood: {flooding} -> {stopped}; aggregator descriptors {descriptors_flooded} then "
-        f"{descriptors_after_fetches} (limit {DESCRIPTOR_LIMIT}); {FETCHES} state fetches in {fetch_s:.1f} s; "
-        f"log grew {log_growth} bytes; the aggregator ready {ready_s:.1f} s in, the attacker started "
+        f"flood: {flooding} -> {stopped}; aggregator descriptors {min(descriptors)}-{max(descriptors)} (limit "
+        f"{DESCRIPTOR_LIMIT}); {len(sizes)} state fetches ({failed} failed); log grew {log_growth} bytes; the "
+        f"aggregator ready {ready_s:.1f} s in, the attacker started "
         f"{attack_began - began:.1f} s in, its first pass {flood_began - attack_began:.1f} s, the flood held "
         f"{time.monotonic() - flood_began:.1f} s"
     )
     assert flooding["attempts"] >= CONNECTIONS
     assert stopped["closed_by_server"] > 0, stopped  # the page's caps turned connections away
     assert resource.prlimit(pid, resource.RLIMIT_NOFILE) == (DESCRIPTOR_LIMIT, DESCRIPTOR_LIMIT)
-    assert sizes == calm_sizes * FETCHES  # every libp2p download answered in full during the flood
-    assert max(descriptors_flooded, descriptors_after_fetches) < DESCRIPTOR_LIMIT // 2
+    # libp2p downloads kept being answered in full during the flood
+    assert len(sizes) >= HOLD_S / FETCH_EVERY_S / 4 and sizes == calm_sizes * len(sizes), (sizes, failed)
+    assert max(descriptors) < DESCRIPTOR_LIMIT // 2
     log = Path(aggregator.child.log_path).read_text(errors="replace")
     assert "Too many open files" not in log, log[-3000:]
     # hundreds were sent; a few per window of the log's repeat filter were kept

@@ -47,6 +47,7 @@ def test_the_page_config_bounds_connections_request_heads_and_idle_time() -> Non
     assert config.limit_concurrency is not None and 0 < config.limit_concurrency <= COMMON_SOFT_LIMIT // 2
     assert config.h11_max_incomplete_event_size is not None and config.h11_max_incomplete_event_size <= 16 * 1024
     assert 0 < config.timeout_keep_alive <= 30
+    assert 0 < config.backlog <= 128  # asyncio accepts this many at once, before the caps close any
     assert isinstance(config.http, type) and issubclass(config.http, H11Protocol)
 
 
