@@ -123,7 +123,7 @@ def _attacker(nodes: Nodes, page_port: int) -> Node:
     return attacker
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 def test_half_open_connections_at_a_1024_descriptor_limit_leave_libp2p_answered_and_the_log_small(
     nodes: Nodes,
 ) -> None:
