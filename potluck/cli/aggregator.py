@@ -104,6 +104,15 @@ class AggregatorFlags(Flags):
     http_host: Annotated[
         str, flag("--http-host", help="Status page address (0.0.0.0: every interface).")
     ] = "127.0.0.1"
+    http_per_address: Annotated[
+        int | None,
+        Field(ge=1),
+        flag(
+            "--http-per-address",
+            help="Status page connections one remote address may hold open, so one cannot take all 256; raise it "
+            "behind a reverse proxy, where every browser has the proxy's address. [default: 32]",
+        ),
+    ] = None
     admin_token_file: Annotated[
         Path | None,
         flag("--admin-token-file", help="File holding the bearer token that enables the admin endpoints."),
@@ -192,6 +201,7 @@ def aggregator_node(
         port=DEFAULT_HTTP_PORT if flags.http_port is None else flags.http_port,
         required=flags.http_port is not None,
         admin_token=_read_admin_token(flags.admin_token_file),
+        max_per_address=flags.http_per_address,
     )
     status, emit = aggregator_page(on_event=on_event)
     server = AggregatorServer(run_cfg, own_identity, options, on_event=emit)

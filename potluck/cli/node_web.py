@@ -14,6 +14,7 @@ from potluck.aggregator_server.server import AggregatorServer
 from potluck.events import Event, StatusPage
 from potluck.protocol.identity import fingerprint, public_key_from_hex
 from potluck.web import PeerStatus, RunStatus, WebServerError, create_app, create_peer_app, start_server
+from potluck.web.serve import MAX_CONNECTIONS_PER_ADDRESS
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class PageOptions:
     port: int = 0
     required: bool = True  # False: the port was the default, so a busy one is a warning, not an error
     admin_token: str | None = None
+    max_per_address: int | None = None  # open connections one remote address may hold; None: the page's default
 
 
 class AggregatorAdmin:
@@ -94,7 +96,8 @@ async def serve_with_page(
     running = None
     if options.port:
         try:
-            running = await start_server(app, host=options.host, port=options.port)
+            per_address = options.max_per_address or MAX_CONNECTIONS_PER_ADDRESS
+            running = await start_server(app, host=options.host, port=options.port, max_per_address=per_address)
         except WebServerError as e:
             if options.required:
                 main.close()

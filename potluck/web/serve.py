@@ -27,9 +27,15 @@ logger = logging.getLogger(__name__)
 # The page shares the node's descriptors with its libp2p streams; these bounds keep a flood of connections to the
 # page from taking them all (1,030 half-sent requests once filled a node's 1,024).
 MAX_CONNECTIONS = 256  # open connections at once, well under the common 1,024 soft limit; more are closed at once
+# open connections from one remote address, so one address cannot take all of MAX_CONNECTIONS; behind a reverse proxy
+# every browser shares the proxy's address, so raise it there (loopback counts like any other address)
+MAX_CONNECTIONS_PER_ADDRESS = 32
 REQUEST_TIMEOUT_S = 10.0  # to send a whole request (head and body), from connecting or from the last response
 KEEP_ALIVE_S = 5  # an idle connection between requests
 MAX_HEAD_BYTES = 8 * 1024  # a request head's size; the page's own requests carry a few hundred bytes
+# connections waiting to be accepted, which is also how many asyncio accepts at once before any is looked at: with
+# uvicorn's 2,048 one burst took every descriptor of a node limited to 1,024 before the caps could close any
+ACCEPT_BACKLOG = 64
 
 
 class WebServerError(PotluckError, RuntimeError):
@@ -37,16 +43,19 @@ class WebServerError(PotluckError, RuntimeError):
 
 
 class _BoundedH11Protocol(H11Protocol):
-    """uvicorn's h11 connection with the two bounds uvicorn lacks: a cap on open connections, and a deadline
-    for each request.
+    """uvicorn's h11 connection with the bounds uvicorn lacks: caps on open connections, in all and per remote
+    address, and a deadline for each request.
 
     uvicorn's `limit_concurrency` only answers 503 once a request's head has arrived, and nothing times out a
     connection that sends half a head (or one byte a second), so each such connection holds a descriptor for as
-    long as its sender likes. Here a connection over the cap is closed as soon as it is accepted, and one that
+    long as its sender likes. Here a connection over either cap is closed as soon as it is accepted, and one that
     has not sent a whole request within `request_timeout_s` of connecting (or of its last response) is closed.
+    This subclasses uvicorn's internal class: pyproject.toml bounds uvicorn to the versions it was checked
+    against, and tests/web/test_serve_limits.py says what broke if a release changes it.
     """
 
     request_timeout_s = REQUEST_TIMEOUT_S
+    max_per_address = MAX_CONNECTIONS_PER_ADDRESS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -55,10 +64,20 @@ class _BoundedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's
         """Accept the connection, or close it at once when the page already holds its cap of connections."""
         super().connection_made(transport)
-        if self.limit_concurrency is not None and len(self.connections) > self.limit_concurrency:
+        if (self.limit_concurrency is not None and len(self.connections) > self.limit_concurrency) or (
+            self._from_same_address() > self.max_per_address
+        ):
             transport.close()
             return
         self._arm_request_deadline()
+
+    def _from_same_address(self) -> int:
+        """How many open connections (this one included) come from this connection's remote address."""
+        host = _remote_host(self)
+        if host is None:  # a unix socket: no address to share
+            return 1
+        # at most MAX_CONNECTIONS + 1 to look at, and only when a connection is accepted
+        return sum(1 for other in self.connections if _remote_host(other) == host)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the connection and its deadline."""
@@ -81,6 +100,12 @@ class _BoundedH11Protocol(H11Protocol):
         # IDLE: no request head yet; SEND_BODY: a head, but not all of its body
         if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
             self.transport.close()
+
+
+def _remote_host(protocol: object) -> str | None:
+    """The remote address of one of uvicorn's connections (any of its protocol classes), None if it has none."""
+    client = getattr(protocol, "client", None)
+    return str(client[0]) if isinstance(client, tuple) and client else None
 
 
 class _HostedServer(uvicorn.Server):
@@ -135,17 +160,28 @@ class RunningServer:
 
 
 def server_config(
-    app: ASGIApp, *, max_connections: int = MAX_CONNECTIONS, request_timeout_s: float = REQUEST_TIMEOUT_S
+    app: ASGIApp,
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    max_per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
 ) -> uvicorn.Config:
     """The uvicorn configuration of a status page: hosted in the node's loop and bounded so it cannot starve it.
 
-    At most `max_connections` open at once, each given `request_timeout_s` to send a whole request, a head of at
-    most MAX_HEAD_BYTES, and KEEP_ALIVE_S idle between requests.
+    At most `max_connections` open at once and `max_per_address` from one remote address, each given
+    `request_timeout_s` to send a whole request, a head of at most MAX_HEAD_BYTES, and KEEP_ALIVE_S idle between
+    requests; at most ACCEPT_BACKLOG accepted at once.
     """
-    timeout_s = request_timeout_s
+    if max_per_address < 1 or max_connections < 1:
+        raise WebServerError(
+            f"the status page needs at least one connection (got {max_connections} in all, {max_per_address} "
+            "per address)"
+        )
+    timeout_s, per_address = request_timeout_s, max_per_address
 
     class Protocol(_BoundedH11Protocol):
         request_timeout_s = timeout_s
+        max_per_address = per_address
 
     return uvicorn.Config(
         app,
@@ -159,6 +195,7 @@ def server_config(
         limit_concurrency=max_connections,
         timeout_keep_alive=KEEP_ALIVE_S,
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        backlog=ACCEPT_BACKLOG,
     )
 
 
@@ -169,6 +206,7 @@ async def start_server(
     port: int,
     startup_timeout_s: float = 10.0,
     max_connections: int = MAX_CONNECTIONS,
+    max_per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
     request_timeout_s: float = REQUEST_TIMEOUT_S,
 ) -> RunningServer:
     """Serve `app` on host:port (0: any free port) in the running loop; return once it accepts connections.
@@ -176,7 +214,9 @@ async def start_server(
     The connection bounds are server_config's.
     """
     sock = _bind(host, port)
-    config = server_config(app, max_connections=max_connections, request_timeout_s=request_timeout_s)
+    config = server_config(
+        app, max_connections=max_connections, max_per_address=max_per_address, request_timeout_s=request_timeout_s
+    )
     server = _HostedServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name=f"status page on {host}:{port}")
     listening = asyncio.create_task(server.listening.wait())

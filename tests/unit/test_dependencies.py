@@ -1,9 +1,10 @@
-"""potluck's dependency ranges: hivemind, whose internals potluck imports, is bounded above."""
+"""potluck's dependency ranges: hivemind and uvicorn, whose internals potluck imports, are bounded above."""
 
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 if sys.version_info >= (3, 11):
@@ -14,11 +15,12 @@ else:
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
-def test_hivemind_is_bounded_above_and_the_installed_version_is_in_range() -> None:
+@pytest.mark.parametrize("name", ["hivemind", "uvicorn"])
+def test_a_dependency_used_below_its_public_api_is_bounded_above_and_installed_in_range(name: str) -> None:
     # Prepare
     dependencies = [Requirement(text) for text in tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]]
     # Execute
-    hivemind = next(r for r in dependencies if r.name == "hivemind")
-    # Assert: a release that moves what potluck imports from below hivemind's public API cannot install itself
-    assert any(spec.operator in ("<", "<=", "==", "~=") for spec in hivemind.specifier), hivemind
-    assert hivemind.specifier.contains(version("hivemind")), (hivemind, version("hivemind"))
+    requirement = next(r for r in dependencies if r.name == name)
+    # Assert: a release that moves what potluck imports from below the public API cannot install itself
+    assert any(spec.operator in ("<", "<=", "==", "~=") for spec in requirement.specifier), requirement
+    assert requirement.specifier.contains(version(name)), (requirement, version(name))

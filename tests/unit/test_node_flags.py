@@ -103,6 +103,7 @@ def test_every_aggregator_flag_survives_the_round_trip_through_argv_and_the_aggr
         threads=2,
         http_port=0,
         http_host="0.0.0.0",
+        http_per_address=8,
         admin_token_file=Path("/tmp/token"),
         as_json=True,
     )
