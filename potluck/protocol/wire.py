@@ -51,12 +51,14 @@ MAX_ERROR_BODY_BYTES = 1024  # an ERROR frame carries its code byte and one line
 
 @dataclass(frozen=True, slots=True)
 class Deadlines:
-    """How long a stream may take over each step; the defaults suit a volunteer's link down to ~0.5 Mbit/s."""
+    """How long a stream may take over each step; the defaults suit a volunteer's link down to ~128 kbit/s."""
 
     head_s: float = 10.0  # from the stream's start to a whole frame header (and a small request's body)
     stall_s: float = 10.0  # the longest a body may go without a byte moving, either way
     floor_s: float = 10.0  # the least time any body gets, whatever its size
-    min_bytes_per_s: float = 64 * 1024  # the slowest rate a body may average before its stream is dropped
+    # the slowest rate a body may average before its stream is dropped: low, because an honest server's link
+    # is shared by every peer it sends an aggregate to at once; the stall limit is what frees slots quickly
+    min_bytes_per_s: float = 16 * 1024
 
     def __post_init__(self) -> None:
         if min(self.head_s, self.stall_s, self.floor_s, self.min_bytes_per_s) <= 0:
@@ -65,6 +67,11 @@ class Deadlines:
     def body_s(self, body_bytes: int) -> float:
         """The deadline for a body of `body_bytes` (read or written): the floor, plus its size at the minimum rate."""
         return self.floor_s + body_bytes / self.min_bytes_per_s
+
+    def piece_bytes(self) -> int:
+        """How much one write hands the stream before it waits: small enough to drain within `stall_s` at the
+        minimum rate, so a slow honest reader is never taken for one that stopped."""
+        return max(4096, min(DEFAULT_CHUNK_BYTES, int(self.stall_s * self.min_bytes_per_s / 2)))
 
 
 DEFAULT_DEADLINES = Deadlines()
@@ -353,9 +360,8 @@ async def write_frame(
         if deadlines is None:
             await _write(writer, kind, body, chunk_bytes, None)
         else:
-            await asyncio.wait_for(
-                _write(writer, kind, body, chunk_bytes, deadlines.stall_s), deadlines.body_s(len(body))
-            )
+            piece = min(chunk_bytes, deadlines.piece_bytes())
+            await asyncio.wait_for(_write(writer, kind, body, piece, deadlines.stall_s), deadlines.body_s(len(body)))
     except (TimeoutError, asyncio.TimeoutError):
         abort(writer)
         raise

@@ -240,3 +240,17 @@ def test_unread_chunk_replies_give_their_slots_back_within_the_stall_limit() -> 
     # Assert
     assert stuck.transport.aborted
     assert (kind, body) == (MessageKind.CHUNK, PAYLOAD[:MIN_CHUNK_BYTES])
+
+
+def test_a_deadlined_write_goes_in_pieces_a_slow_honest_reader_drains_within_the_stall_limit() -> None:
+    deadlines = Deadlines(stall_s=10, min_bytes_per_s=16 * 1024)
+    writes: list[int] = []
+
+    class _Counting(_Writer):
+        def write(self, chunk: bytes) -> None:
+            writes.append(len(chunk))
+
+    asyncio.run(write_frame(_Counting(), kind=MessageKind.CHUNK, body=bytes(300_000), deadlines=deadlines))  # type: ignore[arg-type]
+
+    assert max(writes) <= deadlines.piece_bytes() <= deadlines.stall_s * deadlines.min_bytes_per_s / 2
+    assert sum(writes) == 300_000 + 13
