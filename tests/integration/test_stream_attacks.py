@@ -7,6 +7,7 @@ same test (the machine is shared, so only the ratio is asserted), and a late joi
 """
 
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 FAST = {"local_steps": 6, "inner__warmup_steps": 2, "inner__batch_size": 8, "data__max_bytes": 400_000}
 PEERS = 4
 TIMED_ROUNDS = 3  # per phase
+SILENT = 64  # the attacker's default silent streams
 SLOWDOWN_BOUND = 1.5  # rounds under attack close within this many times their calm time (median)
 
 
@@ -43,6 +45,14 @@ def _rounds(aggregator: Node, *, opened_after_s: float, count: int, timeout_s: f
     return rounds
 
 
+def _start_attack(nodes: Nodes, name: str, join: str, member_key: bytes) -> tuple[Node, float]:
+    """An attacker against `join`, and the wall time at which it holds all its streams."""
+    # at the lowest CPU priority: its own CPU use is not a cost a remote attacker could put on the swarm
+    args = ("--join", join, "--claim-key", member_key.hex(), "--nice", "19")
+    attacker = nodes.start(name, *args, module="potluck.lab.attackers.streams")
+    return attacker, attacker.next_event(_is("attacking"), timeout_s=60)["time_s"]
+
+
 @pytest.mark.timeout(300)
 def test_silent_streams_and_unread_replies_do_not_slow_the_rounds_or_stop_a_joiner(nodes: Nodes) -> None:
     # Prepare: four peers; the attacker claims one of their keys for its manifest requests, so that it is
@@ -53,27 +63,29 @@ def test_silent_streams_and_unread_replies_do_not_slow_the_rounds_or_stop_a_join
     join = aggregator.next_event(_is("ready"), timeout_s=90)["maddrs"][0]
     for i in range(PEERS):
         nodes.peer(f"peer{i}", join)
-    everyone = aggregator.next_event(
-        lambda e: e.get("event") == "round" and len(e["accepted"]) == PEERS, timeout_s=120
-    )
+    everyone = aggregator.next_event(lambda e: _is("round")(e) and len(e["accepted"]) == PEERS, timeout_s=120)
     calm = _rounds(aggregator, opened_after_s=everyone["time_s"], count=TIMED_ROUNDS, timeout_s=60)
-    # Execute
-    attacker = nodes.start(
-        "attacker", "--join", join, "--claim-key", member.public_key.hex(), module="potluck.lab.attackers.streams"
-    )
-    started_s = attacker.next_event(_is("attacking"), timeout_s=60)["time_s"]
+    # Execute: rounds under attack, then calm again (the machine's load drifts: calm is timed on both sides),
+    # then a late joiner under a fresh attack
+    attacker, started_s = _start_attack(nodes, "attacker", join, member.public_key)
     under_attack = _rounds(aggregator, opened_after_s=started_s, count=TIMED_ROUNDS, timeout_s=90)
+    report = attacker.next_event(
+        lambda e: _is("attack")(e) and e["time_s"] >= under_attack[-1]["time_s"], timeout_s=10
+    )
+    attacker.kill()
+    calm_again = _rounds(aggregator, opened_after_s=time.time(), count=TIMED_ROUNDS, timeout_s=60)
+    _start_attack(nodes, "attacker2", join, member.public_key)
     joiner = nodes.peer("late", join)
     synced = joiner.next_event(_is("synced"), timeout_s=90)
-    report = attacker.next_event(lambda e: e.get("event") == "attack" and e.get("refused busy", 0) > 0, timeout_s=30)
     # Assert: the attack ran and was refused, and the swarm did not notice it
-    calm_s = statistics.median(r["round_s"] for r in calm)
-    attack_s = statistics.median(r["round_s"] for r in under_attack)
-    print(f"calm rounds {[r['round_s'] for r in calm]}, under attack {[r['round_s'] for r in under_attack]}")
+    times = {name: [r["round_s"] for r in rounds] for name, rounds in (("calm", calm), ("attack", under_attack))}
+    times["calm after"] = [r["round_s"] for r in calm_again]
+    print(f"round_s: {times}")
+    calm_s = max(statistics.median(times["calm"]), statistics.median(times["calm after"]))
     closes = [(r["round"], len(r["accepted"]), r["rejected"], r["closed_by"]) for r in calm + under_attack]
     # every peer's update got through and was judged (a round-close check may reject one: that is noise the
     # strike policy handles, not this attack's doing), and no round had to wait out its deadline
     assert all(c[1] + c[2] == PEERS and c[3] != "deadline" for c in closes), closes
-    assert attack_s <= SLOWDOWN_BOUND * calm_s, (calm_s, attack_s, report)
-    assert synced["round"] > calm[-1]["round"]
-    assert report["potluck.chunk opened"] >= 64 and report["refused busy"] > 0, report
+    assert statistics.median(times["attack"]) <= SLOWDOWN_BOUND * calm_s, (times, report)
+    assert report["potluck.submit opened"] >= 2 * SILENT and report["refused busy"] > 0, report
+    assert synced["round"] > calm_again[-1]["round"] - 1

@@ -8,6 +8,9 @@
   (from its manifest, at the manifest's chunk size, or `--chunk-bytes`), and never reads the reply;
   every `--cycle` seconds it gives the stream up and asks again, so the pressure never lets go.
 
+`--nice 19` keeps the attacker's own CPU use (and its p2pd's) out of the way of a swarm on the same
+machine, so what is measured is what the target pays for the attack, as it would be over a network.
+
 The manifest is asked for under `--claim-key` (a public key it claims, unauthenticated; by default a
 throwaway one), so the attack can avoid, or include, the cost of a stranger joining the round.
 
@@ -18,6 +21,7 @@ the counts so far (streams opened, refused busy, dropped by the target).
 import argparse
 import asyncio
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,7 +32,7 @@ from potluck.protocol.identity import generate_identity
 from potluck.protocol.messages import CHUNK_HANDLER, SUBMIT_HANDLER
 from potluck.protocol.node import dial, parse_join_address, peer_id_of, start_node
 from potluck.protocol.state_chunks import SHA256_BYTES, ChunkRequest
-from potluck.protocol.wire import MessageKind, RefusalCode, decode_error, encode_frame, encode_header
+from potluck.protocol.wire import HEADER_BYTES, MessageKind, RefusalCode, decode_error, encode_frame, encode_header
 
 SILENT_UPLOAD_BYTES = 2**20  # what a silent stream declares: under any aggregator's upload limit
 MAX_HOLD_S = 120.0  # a silent stream the target never drops is given up and opened again after this
@@ -65,24 +69,26 @@ async def silent_stream(p2p: Any, target: Any, tally: Tally, *, pause_s: float) 
         try:
             writer.write(encode_header(MessageKind.SUBMIT, SILENT_UPLOAD_BYTES))
             await writer.drain()
-            head = await asyncio.wait_for(reader.read(64), MAX_HOLD_S)  # the target's answer, or its close
+            # the target's answer (an ERROR frame's header and code byte), or its close
+            head = await asyncio.wait_for(reader.readexactly(HEADER_BYTES + 1), MAX_HOLD_S)
             _note_answer(head, tally)
             await asyncio.sleep(pause_s)  # holding streams, not flooding opens: back as soon as a slot may be free
         except (TimeoutError, asyncio.TimeoutError):
             tally.counts["held to the end"] += 1
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
             tally.counts["dropped by target"] += 1
+            await asyncio.sleep(pause_s)
         finally:
             writer.close()
 
 
 def _note_answer(head: bytes, tally: Tally) -> None:
-    """Count what a silent stream got back: a BUSY refusal, another refusal, or a plain close."""
-    if len(head) > 13 and head[4] == MessageKind.ERROR:
-        code, _ = decode_error(head[13:])
+    """Count what a silent stream got back: a BUSY refusal, or another refusal."""
+    if head[4] == MessageKind.ERROR:
+        code, _ = decode_error(head[HEADER_BYTES:])
         tally.counts["refused busy" if code is RefusalCode.BUSY else "refused"] += 1
     else:
-        tally.counts["dropped by target"] += 1
+        tally.counts["answered"] += 1
 
 
 async def unread_stream(p2p: Any, target: Any, tally: Tally, *, cycle_s: float, index: int) -> None:
@@ -183,9 +189,15 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=1.0, help="seconds before a refused stream is opened again")
     parser.add_argument("--claim-key", default=None, help="hex public key claimed in manifest requests")
     parser.add_argument("--chunk-bytes", type=int, default=None, help="chunk size asked for (default: the manifest's)")
+    parser.add_argument(
+        "--nice", type=int, default=0, help="lower this process's CPU priority (and its p2pd's) by this much"
+    )
     parser.add_argument("--threads", type=int, default=1, help="ignored (the launchers pass it to every node)")
     parser.add_argument("--json", action="store_true", help="ignored: events are always JSON lines")
     args = parser.parse_args()
+    if args.nice:
+        # on one shared machine the attacker's own CPU would slow the swarm too, which no remote attacker can do
+        os.nice(args.nice)
     asyncio.run(
         attack(
             args.join,
