@@ -129,7 +129,9 @@ class AggregatorLink:
         unsent: BaseException | None = None
         try:
             try:
-                await write_frame(writer, kind=kind, body=body)
+                await asyncio.wait_for(write_frame(writer, kind=kind, body=body), timeout=timeout_s)  # a stuck reader
+            except (TimeoutError, asyncio.TimeoutError):
+                raise  # an OSError too, but no refusal is waiting behind it
             except (ConnectionError, OSError) as e:  # refused after our head (busy): its answer may be waiting
                 unsent = e
             # _TimedReader has the two reads a StreamReader offers that the frame reader uses, not its type
