@@ -1,9 +1,15 @@
 """The aggregator's stream handlers: frames in, the keeper's or the server's answer out, nothing decided here.
 
 One handler per protocol request (protocol/messages.py): state, manifest, submit, aggregate, probe and
-receipt. Each reads one bounded frame, hands its content to the round keeper (keeper.py) or the server,
-and writes the reply frame. `closing` wraps each: a refusal or malformed input is answered with one
-ERROR line, and the stream is always closed.
+receipt. Each gets one bounded request frame, hands its content to the round keeper (keeper.py) or the
+server, and writes the reply frame. `closing` wraps each: a refusal or malformed input is answered with
+one ERROR line, and the stream is always closed.
+
+Before a handler runs, `StreamHandlers.serve` reads the request's head (within seconds), takes a slot
+of the request's kind for the remote peer (protocol/limits.py: a few per peer, more in all; "busy" as a
+BUSY refusal beyond), then reads the body under deadlines set by its declared size. Every reply is
+written under deadlines too. A silent, slow or never-reading stream therefore holds only its own
+peer's slots, for seconds, and every other peer is served as before.
 """
 
 import asyncio
@@ -11,17 +17,18 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from potluck.aggregator_server.accounting import final_receipt
 from potluck.aggregator_server.checkpoint import CheckpointError
 from potluck.aggregator_server.keeper import Admission, Decision, Upload
-from potluck.aggregator_server.probe_handler import PROBE_HANDLER, handle_probe
+from potluck.aggregator_server.probe_handler import MAX_PROBE_BYTES, PROBE_HANDLER, answer_probe
 from potluck.errors import PotluckError
 from potluck.protocol.envelope import MAX_UPDATE_ENVELOPE_BYTES, EnvelopeError, Receipt, SignedUpdate, sign_receipt
+from potluck.protocol.limits import Busy, StreamLimits, peer_of
 from potluck.protocol.messages import (
     AGGREGATE_HANDLER,
-    BUSY_PREFIX,
     MANIFEST_HANDLER,
     MAX_REQUEST_BYTES,
     RECEIPT_HANDLER,
@@ -33,12 +40,16 @@ from potluck.protocol.messages import (
     unpack_envelope,
 )
 from potluck.protocol.wire import (
+    DEFAULT_DEADLINES,
+    Deadlines,
     MessageKind,
     RefusalCode,
     VersionMismatchError,
     WireError,
+    abort,
     error_body,
-    read_frame_from_stream,
+    read_frame_body,
+    read_frame_head,
     write_frame,
 )
 
@@ -47,11 +58,50 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-READ_TIMEOUT_S = 60.0  # a peer that goes silent mid-request loses its stream after this
-MAX_UPLOADS = 32  # uploads read at once: bounds the memory hostile peers can pin (32 x max_update_bytes)
-MAX_PROBES = 2  # concurrent doctor probes; more would let anyone eat the aggregator's bandwidth
+# Slots per kind of request: (at once in all, at once per remote peer). The totals bound what the node
+# holds (uploads pin up to max_update_bytes each until judged); the per-peer share, well under each total,
+# is what one remote can take: an honest peer needs one or two of each at a time.
+MAX_UPLOADS, UPLOADS_PER_PEER = 32, 2
+# uploads read and waiting to be judged, per signing key whose signature holds (one key behind many peer ids)
+MAX_JUDGING, UPLOADS_PER_KEY = 256, 2
+MAX_PROBES, PROBES_PER_PEER = 2, 1  # each may cost 8 MiB each way
+MAX_STATE_REQUESTS, STATE_REQUESTS_PER_PEER = 64, 2  # manifests and whole states
+MAX_LONG_POLLS, LONG_POLLS_PER_PEER = 1024, 4  # aggregate requests waiting for their round to close: cheap
+MAX_RECEIPT_REQUESTS, RECEIPT_REQUESTS_PER_PEER = 64, 4
+# streams whose request head has not arrived yet: beyond this they are closed unanswered (a flood)
+MAX_WAITING_HEADS, WAITING_HEADS_PER_PEER = 512, 16
 
 Handler = Callable[[object, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Request:
+    """One request frame, read: who sent it, its body, and how long its body took to arrive."""
+
+    info: object  # hivemind's StreamInfo
+    peer: bytes | None  # the remote libp2p peer id
+    body: bytes
+    read_s: float
+    arrived_at: float  # monotonic
+
+
+RequestHandler = Callable[[Request, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Route:
+    """One stream handler: the request kind it takes, its size limit, its slots, and what answers it."""
+
+    name: str
+    kind: MessageKind
+    max_body_bytes: int
+    limits: StreamLimits
+    answer: RequestHandler
+    slot_while_answering: bool = True  # False: the slot covers reading the body only (uploads: judging is queued)
+
+
+class Flooded(PotluckError):
+    """More streams of one peer wait for their request heads than it may open: closed, nothing answered."""
 
 
 class Refusal(PotluckError):
@@ -66,6 +116,8 @@ def _refusal_code(e: Exception) -> RefusalCode:
     """The code an ERROR frame carries for an exception `closing` answers."""
     if isinstance(e, Refusal):
         return e.code
+    if isinstance(e, Busy):
+        return RefusalCode.BUSY
     if isinstance(e, VersionMismatchError):
         return RefusalCode.VERSION_MISMATCH
     if isinstance(e, (WireError, MessageError)):
@@ -76,64 +128,132 @@ def _refusal_code(e: Exception) -> RefusalCode:
 class StreamHandlers:
     """The server's protocol handlers; `register` serves them on a libp2p node."""
 
-    def __init__(self, server: "AggregatorServer") -> None:
+    def __init__(self, server: "AggregatorServer", *, deadlines: Deadlines = DEFAULT_DEADLINES) -> None:
         self.server = server
-        self._probes = asyncio.Semaphore(MAX_PROBES)
-        self._uploads = asyncio.Semaphore(MAX_UPLOADS)
+        self.deadlines = deadlines
+        self.waiting = StreamLimits("streams", total=MAX_WAITING_HEADS, per_owner=WAITING_HEADS_PER_PEER)
+        self.uploads = StreamLimits("uploads", total=MAX_UPLOADS, per_owner=UPLOADS_PER_PEER)
+        self.upload_keys = StreamLimits("uploads", total=MAX_JUDGING, per_owner=UPLOADS_PER_KEY)
+        self.probes = StreamLimits("probes", total=MAX_PROBES, per_owner=PROBES_PER_PEER)
+        self.state_requests = StreamLimits(
+            "state requests", total=MAX_STATE_REQUESTS, per_owner=STATE_REQUESTS_PER_PEER
+        )
+        self.long_polls = StreamLimits("aggregate requests", total=MAX_LONG_POLLS, per_owner=LONG_POLLS_PER_PEER)
+        self.receipt_requests = StreamLimits(
+            "receipt requests", total=MAX_RECEIPT_REQUESTS, per_owner=RECEIPT_REQUESTS_PER_PEER
+        )
+
+    def routes(self) -> list[Route]:
+        """Every request this server answers, with its kind, size limit and slots."""
+        upload_bytes = 4 + MAX_UPDATE_ENVELOPE_BYTES + self.server.cfg.max_update_bytes
+        return [
+            Route(
+                name=STATE_HANDLER,
+                kind=MessageKind.STATE_REQUEST,
+                max_body_bytes=MAX_REQUEST_BYTES,
+                limits=self.state_requests,
+                answer=self.state,
+            ),
+            Route(
+                name=MANIFEST_HANDLER,
+                kind=MessageKind.MANIFEST_REQUEST,
+                max_body_bytes=MAX_REQUEST_BYTES,
+                limits=self.state_requests,
+                answer=self.manifest,
+            ),
+            Route(
+                name=SUBMIT_HANDLER,
+                kind=MessageKind.SUBMIT,
+                max_body_bytes=upload_bytes,
+                limits=self.uploads,
+                answer=self.submit,
+                slot_while_answering=False,
+            ),
+            Route(
+                name=AGGREGATE_HANDLER,
+                kind=MessageKind.AGGREGATE_REQUEST,
+                max_body_bytes=MAX_REQUEST_BYTES,
+                limits=self.long_polls,
+                answer=self.aggregate,
+            ),
+            Route(
+                name=PROBE_HANDLER,
+                kind=MessageKind.PROBE,
+                max_body_bytes=MAX_PROBE_BYTES,
+                limits=self.probes,
+                answer=self.probe,
+            ),
+            Route(
+                name=RECEIPT_HANDLER,
+                kind=MessageKind.RECEIPT_REQUEST,
+                max_body_bytes=MAX_REQUEST_BYTES,
+                limits=self.receipt_requests,
+                answer=self.receipt,
+            ),
+        ]
 
     async def register(self, p2p: Any) -> None:
         """Serve the protocol's requests (each through `closing`: one ERROR line for what it refuses)."""
-        for name, handler in (
-            (STATE_HANDLER, self.state),
-            (MANIFEST_HANDLER, self.manifest),
-            (SUBMIT_HANDLER, self.submit),
-            (AGGREGATE_HANDLER, self.aggregate),
-            (PROBE_HANDLER, self.probe),
-            (RECEIPT_HANDLER, self.receipt),
-        ):
-            await p2p.add_binary_stream_handler(name, closing(name, handler))
+        for route in self.routes():
+            await p2p.add_binary_stream_handler(route.name, closing(route.name, self.serving(route), self.deadlines))
+
+    def serving(self, route: Route | str) -> Handler:
+        """The stream handler of `route` (or of the route named so), unwrapped: head, slot, body, then its answer.
+
+        Its refusals are raised, not answered (`closing` answers them): tests drive it in process.
+        """
+        if isinstance(route, str):
+            route = next(r for r in self.routes() if r.name == route)
+
+        answer = route.answer
+
+        async def serve(info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peer = peer_of(info)
+            expected = {route.kind}
+            try:
+                with self.waiting.slot(peer):
+                    kind, size = await read_frame_head(
+                        reader, max_body_bytes=route.max_body_bytes, expected_kinds=expected, deadlines=self.deadlines
+                    )
+            except Busy as e:
+                raise Flooded(str(e)) from None
+            with route.limits.slot(peer):  # Busy here is answered: the asker has sent its head and hears why
+                reading = time.monotonic()
+                _, body = await read_frame_body(reader, kind, size, expected_kinds=expected, deadlines=self.deadlines)
+                arrived = time.monotonic()
+                request = Request(info=info, peer=peer, body=body, read_s=arrived - reading, arrived_at=arrived)
+                if route.slot_while_answering:
+                    await answer(request, writer)
+            if not route.slot_while_answering:
+                await answer(request, writer)
+
+        return serve
 
     async def _reply(self, writer: asyncio.StreamWriter, kind: MessageKind, body: bytes) -> None:
         self.server.bytes_out += len(body)
-        await write_frame(writer, kind=kind, body=body)
+        await write_frame(writer, kind=kind, body=body, deadlines=self.deadlines)
 
-    async def probe(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """The doctor's rate probe, at most MAX_PROBES at a time: each may cost 8 MiB each way."""
-        if self._probes.locked():
-            raise Refusal(
-                RefusalCode.BUSY, f"{BUSY_PREFIX}measuring other peers' links; try potluck doctor again in a minute"
-            )
-        async with self._probes:
-            await handle_probe(info, reader, writer)
+    async def probe(self, request: Request, writer: asyncio.StreamWriter) -> None:
+        """The doctor's rate probe, at most MAX_PROBES at a time (one per peer): each may cost 8 MiB each way."""
+        await answer_probe(getattr(request.info, "peer_id", "?"), request.body, writer, deadlines=self.deadlines)
 
-    async def state(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def state(self, request: Request, writer: asyncio.StreamWriter) -> None:
         """The whole state in one reply (standbys follow this way; joiners use the manifest and chunks)."""
-        _, body = await read(reader, MessageKind.STATE_REQUEST, MAX_REQUEST_BYTES)
-        await self.server.admit(body)
+        await self.server.admit(request.body)
         async with self.server.lock:
             reply = (await self.server.served_state()).state_body()
         await self._reply(writer, MessageKind.STATE, reply)
 
-    async def manifest(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def manifest(self, request: Request, writer: asyncio.StreamWriter) -> None:
         """The signed state header and its chunk digests: a joiner then fetches the chunks from every holder."""
-        _, body = await read(reader, MessageKind.MANIFEST_REQUEST, MAX_REQUEST_BYTES)
-        await self.server.admit(body)
+        await self.server.admit(request.body)
         async with self.server.lock:
             reply = (await self.server.served_state()).manifest_body()
         await self._reply(writer, MessageKind.MANIFEST, reply)
 
-    async def submit(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """An upload: read it (at most MAX_UPLOADS at a time), let the keeper decide, reply with a signed receipt."""
-        server = self.server
-        limit = 4 + MAX_UPDATE_ENVELOPE_BYTES + server.cfg.max_update_bytes
-        if self._uploads.locked():
-            raise Refusal(
-                RefusalCode.BUSY, f"{BUSY_PREFIX}{MAX_UPLOADS} uploads are already in progress; retry in a few seconds"
-            )
-        async with self._uploads:  # each upload may hold max_update_bytes in memory until it is judged
-            reading = time.monotonic()
-            _, body = await read(reader, MessageKind.SUBMIT, limit)
-            arrived = time.monotonic()
+    async def submit(self, request: Request, writer: asyncio.StreamWriter) -> None:
+        """An upload (read, at most MAX_UPLOADS at a time): let the keeper decide, reply with a signed receipt."""
+        server, body = self.server, request.body
         server.bytes_in += len(body)
         received_s = time.time()
         envelope, payload = unpack_envelope(body, max_envelope_bytes=MAX_UPDATE_ENVELOPE_BYTES)
@@ -146,10 +266,17 @@ class StreamHandlers:
             envelope=envelope,
             payload=payload,
             received_s=received_s,
-            upload_s=arrived - reading,
-            arrived_at=arrived,
+            upload_s=request.read_s,
+            arrived_at=request.arrived_at,
         )
-        keeper = server.keeper
+        # a key whose signature holds may have UPLOADS_PER_KEY uploads queued for judging, whatever its peer ids
+        with self.upload_keys.slot(_verified_key(update)):
+            decision = await self._judge(upload)
+        await self._reply(writer, MessageKind.SUBMIT_REPLY, self._receipt(update, decision))
+
+    async def _judge(self, upload: Upload) -> Decision:
+        """The keeper's decision on an upload (decoding and spooling off the event loop), under the server's lock."""
+        server, keeper = self.server, self.server.keeper
         async with server.lock:
             step = keeper.screen(upload)
             if isinstance(step, Admission):  # decoding and spooling are the heavy part: off the event loop
@@ -157,7 +284,7 @@ class StreamHandlers:
             decision: Decision = step
             if decision.changed:
                 server.wake()
-        await self._reply(writer, MessageKind.SUBMIT_REPLY, self._receipt(update, decision))
+        return decision
 
     def _receipt(self, update: SignedUpdate, decision: Decision) -> bytes:
         """The signed receipt that answers `update` with the keeper's `decision`."""
@@ -176,11 +303,10 @@ class StreamHandlers:
         )
         return sign_receipt(receipt, server.identity).to_bytes()
 
-    async def aggregate(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def aggregate(self, request: Request, writer: asyncio.StreamWriter) -> None:
         """Round r's aggregate: held, or (r open) sent when r closes; refused if r is not open yet or too old."""
         server = self.server
-        _, body = await read(reader, MessageKind.AGGREGATE_REQUEST, MAX_REQUEST_BYTES)
-        wanted = parse_aggregate_request(body)
+        wanted = parse_aggregate_request(request.body)
         if wanted > server.current.index:
             raise Refusal(
                 RefusalCode.NOT_STARTED, f"round {wanted} has not started; the open round is {server.current.index}"
@@ -200,11 +326,10 @@ class StreamHandlers:
         server.fetches[wanted] = server.fetches.get(wanted, 0) + 1
         server.wake()
 
-    async def receipt(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def receipt(self, request: Request, writer: asyncio.StreamWriter) -> None:
         """A closed round's final receipt for one update, built from its ledger rows (with the Merkle proof)."""
         server = self.server
-        _, body = await read(reader, MessageKind.RECEIPT_REQUEST, MAX_REQUEST_BYTES)
-        round_index, digest = parse_receipt_request(body)
+        round_index, digest = parse_receipt_request(request.body)
         if round_index >= server.master.round:
             raise Refusal(
                 RefusalCode.ROUND_OPEN,
@@ -232,33 +357,45 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
-async def read(reader: asyncio.StreamReader, kind: MessageKind, max_body_bytes: int) -> tuple[MessageKind, bytes]:
-    """One frame of `kind`, at most `max_body_bytes`, within READ_TIMEOUT_S."""
-    return await asyncio.wait_for(
-        read_frame_from_stream(reader, max_body_bytes=max_body_bytes, expected_kinds={kind}), READ_TIMEOUT_S
-    )
+def _verified_key(update: SignedUpdate) -> bytes | None:
+    """The upload's signing key if its header's signature holds (a claimed key counts for nobody), else None."""
+    try:
+        update.verify()
+    except EnvelopeError:
+        return None
+    return update.header.peer_public_key
 
 
-def closing(name: str, handler: Handler) -> Handler:
-    """Run a handler; answer refusals and malformed input with one ERROR line; always close the stream."""
+def closing(name: str, handler: Handler, deadlines: Deadlines = DEFAULT_DEADLINES) -> Handler:
+    """Run a handler; answer refusals and malformed input with one ERROR line; always close the stream.
+
+    A stream that timed out, or a flood's extra stream, is dropped without an answer (nothing would read it).
+    """
 
     async def wrapped(info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = getattr(info, "peer_id", "?")
         try:
             await handler(info, reader, writer)
-        except (Refusal, WireError, MessageError, CheckpointError) as e:
-            logger.info("%s from %s refused: %s", name, getattr(info, "peer_id", "?"), e)
+        except Flooded as e:
+            logger.debug("%s from %s closed unread: %s", name, peer, e)
+            abort(writer)
+        except (Refusal, Busy, WireError, MessageError, CheckpointError) as e:
+            log = logger.debug if isinstance(e, Busy) else logger.info
+            log("%s from %s refused: %s", name, peer, e)
             reply = e.reply() if isinstance(e, VersionMismatchError) else str(e)
             with contextlib.suppress(Exception):
-                await write_frame(writer, kind=MessageKind.ERROR, body=error_body(reply, code=_refusal_code(e)))
+                body = error_body(reply, code=_refusal_code(e))
+                await write_frame(writer, kind=MessageKind.ERROR, body=body, deadlines=deadlines)
         except (TimeoutError, asyncio.TimeoutError):
-            logger.info("%s from %s timed out", name, getattr(info, "peer_id", "?"))
+            logger.info("%s from %s timed out", name, peer)
+            abort(writer)
         except (ConnectionError, asyncio.IncompleteReadError) as e:
             logger.debug("%s: connection lost: %s", name, e)
         except Exception:
             logger.exception("%s handler failed", name)
             with contextlib.suppress(Exception):
                 body = error_body("internal error on the aggregator", code=RefusalCode.INTERNAL)
-                await write_frame(writer, kind=MessageKind.ERROR, body=body)
+                await write_frame(writer, kind=MessageKind.ERROR, body=body, deadlines=deadlines)
         finally:
             writer.close()
 

@@ -10,11 +10,20 @@ import logging
 from typing import Any
 
 from potluck.protocol.probe import MAX_PROBE_BYTES, PROBE_HANDLER, decode_probe_request, encode_probe_request
-from potluck.protocol.wire import MessageKind, RefusalCode, WireError, error_body, read_frame_from_stream, write_frame
+from potluck.protocol.wire import (
+    Deadlines,
+    MessageKind,
+    RefusalCode,
+    WireError,
+    error_body,
+    read_frame_from_stream,
+    write_frame,
+)
 
 __all__ = [
     "MAX_PROBE_BYTES",
     "PROBE_HANDLER",
+    "answer_probe",
     "decode_probe_request",
     "encode_probe_request",
     "handle_probe",
@@ -40,7 +49,7 @@ async def handle_probe(stream_info: Any, reader: asyncio.StreamReader, writer: a
                 read_frame_from_stream(reader, max_body_bytes=MAX_PROBE_BYTES, expected_kinds={MessageKind.PROBE}),
                 PROBE_STEP_TIMEOUT_S,
             )
-            reply_bytes = decode_probe_request(body)
+            decode_probe_request(body)
         except (WireError, asyncio.TimeoutError) as e:
             reason = str(e) or f"no probe request within {PROBE_STEP_TIMEOUT_S:.0f} s"
             logger.info("refused a probe from %s: %s", peer, reason)
@@ -49,12 +58,23 @@ async def handle_probe(stream_info: Any, reader: asyncio.StreamReader, writer: a
                 PROBE_STEP_TIMEOUT_S,
             )
             return
-        del body  # up to 8 MiB of filler: do not hold it while the reply goes out
-        await asyncio.wait_for(
-            write_frame(writer, kind=MessageKind.PROBE_REPLY, body=bytes(reply_bytes)), PROBE_STEP_TIMEOUT_S
-        )
-        logger.debug("served a probe from %s: %d bytes back", peer, reply_bytes)
+        await answer_probe(peer, body, writer)
     except (OSError, asyncio.TimeoutError) as e:
         logger.debug("probe from %s ended early: %r", peer, e)
     finally:
         writer.close()
+
+
+async def answer_probe(
+    peer: object, body: bytes, writer: asyncio.StreamWriter, *, deadlines: Deadlines | None = None
+) -> None:
+    """Answer a probe request already read (`body`) with the PROBE_REPLY it asks for; WireError if malformed.
+
+    With `deadlines` the reply is bounded by them (a reader that stops reading is dropped), otherwise by
+    PROBE_STEP_TIMEOUT_S.
+    """
+    reply_bytes = decode_probe_request(body)
+    del body  # up to 8 MiB of filler: do not hold it while the reply goes out
+    reply = write_frame(writer, kind=MessageKind.PROBE_REPLY, body=bytes(reply_bytes), deadlines=deadlines)
+    await (reply if deadlines is not None else asyncio.wait_for(reply, PROBE_STEP_TIMEOUT_S))
+    logger.debug("served a probe from %s: %d bytes back", peer, reply_bytes)

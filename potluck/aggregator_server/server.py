@@ -52,7 +52,12 @@ from potluck.events import (
     Takeover,
     Unbanned,
 )
-from potluck.protocol.chunk_server import AGGREGATOR_CHUNK_STREAMS, Pacer, chunk_handler
+from potluck.protocol.chunk_server import (
+    AGGREGATOR_CHUNK_STREAMS,
+    AGGREGATOR_CHUNK_STREAMS_PER_PEER,
+    Pacer,
+    chunk_handler,
+)
 from potluck.protocol.codecs import Codec
 from potluck.protocol.config import RunConfig
 from potluck.protocol.identity import Identity, fingerprint, public_key_to_hex
@@ -224,6 +229,7 @@ class AggregatorServer:
                     self.find_chunk_payload,
                     on_served=self._chunk_sent,
                     max_streams=AGGREGATOR_CHUNK_STREAMS,
+                    per_peer=AGGREGATOR_CHUNK_STREAMS_PER_PEER,
                     pacer=None if cap is None else Pacer(cap),
                 ),
             )

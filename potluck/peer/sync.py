@@ -429,6 +429,8 @@ class Sync:
                 return await call()
             except AggregatorUnreachable as e:
                 now = time.monotonic()
+                if e.code is RefusalCode.BUSY:  # it answered: up, at its limit; not a reason to fail over
+                    failing_since = now
                 if shard is not None and now - failing_since >= FAILOVER_AFTER_S and await self.failover(shard):
                     failing_since, attempt = now, 0
                     deadline = now + self.options.reconnect_timeout_s

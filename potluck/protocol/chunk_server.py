@@ -1,8 +1,13 @@
 """Serving state chunks (potluck.chunk): the one stream handler that aggregators and peers both run.
 
-A peer serves at most MAX_CHUNK_STREAMS chunks at once (an aggregator AGGREGATOR_CHUNK_STREAMS) and
-answers "busy" beyond that, so joiners spread over donors instead of queueing on one; a joiner that
-hears "busy" gives the chunk to another donor and asks this one again a little later.
+A peer serves at most MAX_CHUNK_STREAMS chunks at once (an aggregator AGGREGATOR_CHUNK_STREAMS), at most
+a few of them (CHUNK_STREAMS_PER_PEER) to any one remote peer, and answers "busy" beyond that, so joiners
+spread over donors instead of queueing on one; a joiner that hears "busy" gives the chunk to another donor
+and asks this one again a little later. The request is read before any refusal, so the asker hears why.
+
+Every step has a deadline (wire.Deadlines): the request must arrive within seconds, and the reply, whose
+size the state's manifest sets (not the asker), must be taken at a minimum rate, or the stream is
+dropped and its slot freed: a requester that never reads its replies holds slots for seconds, not minutes.
 """
 
 import asyncio
@@ -12,13 +17,17 @@ import time
 from collections.abc import Awaitable, Callable
 
 from potluck.errors import PotluckError
+from potluck.protocol.limits import Busy, StreamLimits, peer_of
 from potluck.protocol.messages import BUSY_PREFIX
 from potluck.protocol.state_chunks import ChunkError, ChunkRequest, chunk_of
 from potluck.protocol.wire import (
+    DEFAULT_DEADLINES,
+    Deadlines,
     MessageKind,
     RefusalCode,
     VersionMismatchError,
     WireError,
+    abort,
     error_body,
     read_frame_from_stream,
     write_frame,
@@ -28,7 +37,10 @@ logger = logging.getLogger(__name__)
 
 MAX_CHUNK_STREAMS = 4  # chunks one peer sends at once: joiners get a share of its link, not all of it
 AGGREGATOR_CHUNK_STREAMS = 32  # an aggregator's link is the fat one, and it is every joiner's first donor
-REQUEST_TIMEOUT_S = 30.0
+# a joiner asks one holder for at most 2 chunks at once (sync.py), more in a download's endgame
+CHUNK_STREAMS_PER_PEER = 2
+AGGREGATOR_CHUNK_STREAMS_PER_PEER = 4
+WAITING_REQUESTS_PER_SLOT = 4  # streams whose request is still being read, per slot: closed unanswered beyond that
 _MAX_REQUEST_BYTES = 256
 
 Handler = Callable[[object, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -70,6 +82,8 @@ def _code(e: Exception) -> RefusalCode:
     """The code of the ERROR frame that answers a chunk request refused with `e`."""
     if isinstance(e, ChunkUnavailable):
         return e.code
+    if isinstance(e, Busy):
+        return RefusalCode.BUSY
     if isinstance(e, VersionMismatchError):
         return RefusalCode.VERSION_MISMATCH
     return RefusalCode.BAD_REQUEST  # a malformed frame or chunk request
@@ -80,42 +94,59 @@ def chunk_handler(
     *,
     on_served: Callable[[int], None] = lambda n: None,
     max_streams: int = MAX_CHUNK_STREAMS,
+    per_peer: int = CHUNK_STREAMS_PER_PEER,
     pacer: Pacer | None = None,
+    deadlines: Deadlines = DEFAULT_DEADLINES,
 ) -> Handler:
     """A potluck.chunk stream handler: `find` returns the whole payload a request names, or ChunkUnavailable.
 
-    With `pacer`, chunks leave no faster than its rate on average, all streams together.
+    At most `max_streams` chunks go out at once, `per_peer` of them to one remote peer; every read and
+    write runs under `deadlines`. With `pacer`, chunks leave no faster than its rate on average.
     """
-    streams = asyncio.Semaphore(max_streams)
+    streams = StreamLimits("chunk streams", total=max_streams, per_owner=per_peer)
+    # streams whose request has not arrived yet: bounded too, so a flood of silent streams costs descriptors
+    # only up to this, and is closed unanswered beyond it
+    waiting = StreamLimits(
+        "chunk requests", total=WAITING_REQUESTS_PER_SLOT * max_streams, per_owner=WAITING_REQUESTS_PER_SLOT * per_peer
+    )
 
     async def handle(info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = peer_of(info)
         try:
-            if streams.locked():
-                raise ChunkUnavailable(
-                    f"{BUSY_PREFIX}serving {max_streams} chunks already; ask another holder", code=RefusalCode.BUSY
-                )
-            async with streams:
-                _, body = await asyncio.wait_for(
-                    read_frame_from_stream(
-                        reader, max_body_bytes=_MAX_REQUEST_BYTES, expected_kinds={MessageKind.CHUNK_REQUEST}
-                    ),
-                    REQUEST_TIMEOUT_S,
-                )
+            try:
+                with waiting.slot(peer):
+                    _, body = await read_frame_from_stream(
+                        reader,
+                        max_body_bytes=_MAX_REQUEST_BYTES,
+                        expected_kinds={MessageKind.CHUNK_REQUEST},
+                        deadlines=deadlines,
+                    )
+            except Busy as e:  # a flood of streams, not a request: nothing was read, nothing is answered
+                logger.debug("chunk stream from %s closed unread: %s", getattr(info, "peer_id", "?"), e)
+                abort(writer)
+                return
+            with streams.slot(peer):
                 request = ChunkRequest.from_bytes(body)
                 chunk = chunk_of(await find(request), request)
                 if pacer is not None:
                     await pacer.take(len(chunk))
-                await write_frame(writer, kind=MessageKind.CHUNK, body=chunk)
+                await write_frame(writer, kind=MessageKind.CHUNK, body=chunk, deadlines=deadlines)
                 on_served(len(chunk))
-        except (ChunkUnavailable, ChunkError, WireError) as e:
-            logger.debug("chunk request from %s refused: %s", getattr(info, "peer_id", "?"), e)
-            with contextlib.suppress(Exception):
-                await write_frame(writer, kind=MessageKind.ERROR, body=error_body(str(e), code=_code(e)))
+        except (Busy, ChunkUnavailable, ChunkError, WireError) as e:
+            await _refuse(info, writer, e, deadlines)
         except (TimeoutError, asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError) as e:
             logger.debug("chunk request from %s dropped: %s", getattr(info, "peer_id", "?"), e or type(e).__name__)
+            abort(writer)
         except Exception:
             logger.exception("chunk handler failed")
         finally:
             writer.close()
 
     return handle
+
+
+async def _refuse(info: object, writer: asyncio.StreamWriter, e: Exception, deadlines: Deadlines) -> None:
+    """Answer a refused chunk request with its ERROR frame (bounded in time like any reply)."""
+    logger.debug("chunk request from %s refused: %s", getattr(info, "peer_id", "?"), e)
+    with contextlib.suppress(Exception):
+        await write_frame(writer, kind=MessageKind.ERROR, body=error_body(str(e), code=_code(e)), deadlines=deadlines)

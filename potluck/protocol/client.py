@@ -126,17 +126,23 @@ class AggregatorLink:
         except Exception as e:  # hivemind raises P2PDaemonError / P2PHandlerError / ConnectionError
             raise AggregatorUnreachable(f"{handler}: {_line(e)}") from e
         timed = _TimedReader(reader)
+        unsent: BaseException | None = None
         try:
-            await write_frame(writer, kind=kind, body=body)
+            try:
+                await asyncio.wait_for(write_frame(writer, kind=kind, body=body), timeout=timeout_s)  # a stuck reader
+            except (TimeoutError, asyncio.TimeoutError):
+                raise  # an OSError too, but no refusal is waiting behind it
+            except (ConnectionError, OSError) as e:  # refused after our head (busy): its answer may be waiting
+                unsent = e
             # _TimedReader has the two reads a StreamReader offers that the frame reader uses, not its type
             frame = read_frame_from_stream(timed, max_body_bytes=max_reply_bytes, expected_kinds={reply})  # type: ignore[arg-type]
-            _, reply_body = await asyncio.wait_for(frame, timeout=timeout_s)
+            _, reply_body = await asyncio.wait_for(frame, timeout=timeout_s if unsent is None else min(timeout_s, 10))
         except PeerRefusedError as e:
             if e.code is RefusalCode.BUSY:
                 raise AggregatorUnreachable(f"{handler}: {e.reason}", code=e.code) from e
             raise AggregatorRefused(e.reason, code=e.code) from e
         except WireError as e:
-            raise AggregatorUnreachable(f"{handler}: {e}") from e
+            raise AggregatorUnreachable(f"{handler}: {_line(unsent) if unsent else e}") from e
         except (TimeoutError, asyncio.TimeoutError) as e:
             raise AggregatorUnreachable(f"{handler}: no reply within {timeout_s:.0f} s") from e
         except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:

@@ -124,7 +124,14 @@ class ChunkRequest:
 
 
 def chunk_of(payload: bytes, request: ChunkRequest) -> bytes:
-    """The requested slice of `payload` (the caller has checked it is the payload asked for); ChunkError if none."""
+    """The requested slice of `payload` (the caller has checked it is the payload asked for); ChunkError if none.
+
+    The slice size is the manifest's (`chunk_bytes_for` the payload), never the asker's choice: a request
+    for another size is refused, so no one can make a holder send more per reply than the protocol says.
+    """
+    size = chunk_bytes_for(len(payload))
+    if request.chunk_bytes != size:
+        raise ChunkError(f"chunk request asks for {request.chunk_bytes}-byte chunks; this state's manifest has {size}")
     count = chunk_count(len(payload), request.chunk_bytes)
     if request.index >= count:
         raise ChunkError(f"chunk {request.index} asked of a state of {count} chunks")

@@ -23,13 +23,18 @@ people: what the receiver does follows the code, never the wording. `read_frame_
 reads past its frame. `read_frame` over chunks treats bytes after the frame in the same chunk as a
 protocol violation (a peer that sends more than one frame where one is expected is broken or
 hostile), and it never pulls another chunk once the frame is complete, so it does not block on a
-live stream. Neither function has a timeout:
-wrap calls in `asyncio.wait_for` so a silent peer cannot hold a handler open forever.
+live stream.
+
+Deadlines: given `deadlines`, the stream functions bound every step (the header, each piece of a body,
+the whole body by its size) and raise TimeoutError past one; a write that times out aborts the stream,
+so a peer that never reads what it asked for frees the writer at once. Without `deadlines` they wait as
+long as the peer takes: the caller then wraps them in `asyncio.wait_for` (a client waiting on a long-poll).
 """
 
 import asyncio
 import struct
 from collections.abc import AsyncIterator, Collection, Iterator
+from dataclasses import dataclass
 from enum import IntEnum
 
 from potluck.errors import PotluckError
@@ -42,6 +47,34 @@ HEADER_BYTES = _HEADER.size  # 13
 # applies backpressure long before a multi-GB state download sits in the socket buffer.
 DEFAULT_CHUNK_BYTES = 256 * 1024
 MAX_ERROR_BODY_BYTES = 1024  # an ERROR frame carries its code byte and one line of text, never more
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """How long a stream may take over each step; the defaults suit a volunteer's link down to ~128 kbit/s."""
+
+    head_s: float = 10.0  # from the stream's start to a whole frame header (and a small request's body)
+    stall_s: float = 10.0  # the longest a body may go without a byte moving, either way
+    floor_s: float = 10.0  # the least time any body gets, whatever its size
+    # the slowest rate a body may average before its stream is dropped: low, because an honest server's link
+    # is shared by every peer it sends an aggregate to at once; the stall limit is what frees slots quickly
+    min_bytes_per_s: float = 16 * 1024
+
+    def __post_init__(self) -> None:
+        if min(self.head_s, self.stall_s, self.floor_s, self.min_bytes_per_s) <= 0:
+            raise ValueError(f"every deadline and the minimum rate must be positive, got {self}")
+
+    def body_s(self, body_bytes: int) -> float:
+        """The deadline for a body of `body_bytes` (read or written): the floor, plus its size at the minimum rate."""
+        return self.floor_s + body_bytes / self.min_bytes_per_s
+
+    def piece_bytes(self) -> int:
+        """How much one write hands the stream before it waits: small enough to drain within `stall_s` at the
+        minimum rate, so a slow honest reader is never taken for one that stopped."""
+        return max(4096, min(DEFAULT_CHUNK_BYTES, int(self.stall_s * self.min_bytes_per_s / 2)))
+
+
+DEFAULT_DEADLINES = Deadlines()
 
 
 class RefusalCode(IntEnum):
@@ -231,31 +264,121 @@ async def read_frame(
     raise WireError(f"stream ended after {len(body)} of {body_bytes} {kind.name} body bytes")
 
 
-async def read_frame_from_stream(
-    reader: asyncio.StreamReader, *, max_body_bytes: int, expected_kinds: Collection[MessageKind]
-) -> tuple[MessageKind, bytes]:
-    """Read one frame from a hivemind stream reader, never past its end; same checks as `read_frame`."""
+async def read_frame_head(
+    reader: asyncio.StreamReader,
+    *,
+    max_body_bytes: int,
+    expected_kinds: Collection[MessageKind],
+    deadlines: Deadlines | None = None,
+) -> tuple[MessageKind, int]:
+    """Read and check one frame's 13-byte header: (kind, declared body length), within `deadlines.head_s` if given.
+
+    A server reads the head before it decides anything (a "busy" refusal included), so every asker
+    hears why it was refused instead of finding its stream closed.
+    """
+    header = await (
+        _read_header(reader) if deadlines is None else asyncio.wait_for(_read_header(reader), deadlines.head_s)
+    )
+    return decode_header(header, max_body_bytes=max_body_bytes, expected_kinds=expected_kinds)
+
+
+async def _read_header(reader: asyncio.StreamReader) -> bytes:
     magic = b""
     try:
-        magic = await reader.readexactly(len(MAGIC))  # checked first, so a stray protocol fails fast
-        if magic != MAGIC:
+        magic = await reader.readexactly(len(MAGIC))
+        if magic != MAGIC:  # checked first, so a stray protocol fails fast
             raise WireError(f"not a potluck frame (starts {magic!r}); is the peer a potluck node?")
-        rest = await reader.readexactly(HEADER_BYTES - len(MAGIC))
+        return magic + await reader.readexactly(HEADER_BYTES - len(MAGIC))
     except asyncio.IncompleteReadError as e:
         got = len(magic) + len(e.partial)
         raise WireError(f"stream ended inside the frame header ({got} of {HEADER_BYTES} bytes)") from None
-    kind, body_bytes = decode_header(magic + rest, max_body_bytes=max_body_bytes, expected_kinds=expected_kinds)
+
+
+async def read_frame_body(
+    reader: asyncio.StreamReader,
+    kind: MessageKind,
+    body_bytes: int,
+    *,
+    expected_kinds: Collection[MessageKind],
+    deadlines: Deadlines | None = None,
+) -> tuple[MessageKind, bytes]:
+    """Read the body a checked head declared (`body_bytes`, already bounded); with `deadlines`, piece by piece.
+
+    With deadlines, no piece may take over `stall_s` and the whole body no longer than `body_s(body_bytes)`:
+    a peer that declares a large body and sends nothing loses its stream after `stall_s`.
+    """
     try:
-        body = await reader.readexactly(body_bytes)  # bounded: body_bytes <= max_body_bytes
+        if deadlines is None:
+            body = await reader.readexactly(body_bytes)  # bounded: body_bytes <= the caller's limit
+        else:
+            body = await asyncio.wait_for(_read_paced(reader, body_bytes, deadlines), deadlines.body_s(body_bytes))
     except asyncio.IncompleteReadError as e:
         raise WireError(f"stream ended after {len(e.partial)} of {body_bytes} {kind.name} body bytes") from None
     return _finish(kind, body, expected_kinds)
 
 
+async def _read_paced(reader: asyncio.StreamReader, body_bytes: int, deadlines: Deadlines) -> bytes:
+    body = bytearray()
+    while len(body) < body_bytes:
+        piece = await asyncio.wait_for(
+            reader.read(min(body_bytes - len(body), DEFAULT_CHUNK_BYTES)), deadlines.stall_s
+        )
+        if not piece:
+            raise asyncio.IncompleteReadError(bytes(body), body_bytes)
+        body += piece
+    return bytes(body)
+
+
+async def read_frame_from_stream(
+    reader: asyncio.StreamReader,
+    *,
+    max_body_bytes: int,
+    expected_kinds: Collection[MessageKind],
+    deadlines: Deadlines | None = None,
+) -> tuple[MessageKind, bytes]:
+    """Read one frame from a hivemind stream reader, never past its end; same checks as `read_frame`."""
+    kind, body_bytes = await read_frame_head(
+        reader, max_body_bytes=max_body_bytes, expected_kinds=expected_kinds, deadlines=deadlines
+    )
+    return await read_frame_body(reader, kind, body_bytes, expected_kinds=expected_kinds, deadlines=deadlines)
+
+
 async def write_frame(
-    writer: asyncio.StreamWriter, *, kind: MessageKind, body: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    writer: asyncio.StreamWriter,
+    *,
+    kind: MessageKind,
+    body: bytes,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    deadlines: Deadlines | None = None,
 ) -> None:
-    """Send one frame on a hivemind stream writer, draining after each chunk (backpressure, bounded buffers)."""
+    """Send one frame on a hivemind stream writer, draining after each chunk (backpressure, bounded buffers).
+
+    With `deadlines`, each drain must finish within `stall_s` and the whole frame within `body_s(len(body))`;
+    past either the stream is aborted (what is still buffered is dropped) and TimeoutError raised.
+    """
+    try:
+        if deadlines is None:
+            await _write(writer, kind, body, chunk_bytes, None)
+        else:
+            piece = min(chunk_bytes, deadlines.piece_bytes())
+            await asyncio.wait_for(_write(writer, kind, body, piece, deadlines.stall_s), deadlines.body_s(len(body)))
+    except (TimeoutError, asyncio.TimeoutError):
+        abort(writer)
+        raise
+
+
+async def _write(
+    writer: asyncio.StreamWriter, kind: MessageKind, body: bytes, chunk_bytes: int, stall_s: float | None
+) -> None:
     for chunk in frame_chunks(kind, body, chunk_bytes=chunk_bytes):
         writer.write(chunk)
-        await writer.drain()
+        await (writer.drain() if stall_s is None else asyncio.wait_for(writer.drain(), stall_s))
+
+
+def abort(writer: asyncio.StreamWriter) -> None:
+    """Drop a stream at once, with whatever is still buffered for it: a peer that stopped reading gets nothing more."""
+    transport = getattr(writer, "transport", None)
+    if transport is not None:
+        transport.abort()
+    else:
+        writer.close()

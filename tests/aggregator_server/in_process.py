@@ -16,7 +16,7 @@ from potluck.protocol.envelope import (
     SignedUpdate,
 )
 from potluck.protocol.identity import Identity, generate_identity
-from potluck.protocol.messages import pack_envelope, unpack_envelope
+from potluck.protocol.messages import SUBMIT_HANDLER, pack_envelope, unpack_envelope
 from potluck.protocol.wire import MessageKind, frame_chunks, read_frame_from_stream
 from tests.integration.swarm_helpers import signed_test_update
 
@@ -54,7 +54,7 @@ async def submit(server: AggregatorServer, update: SignedUpdate, payload: bytes)
         reader.feed_data(bytes(chunk))
     reader.feed_eof()
     writer = _Writer()
-    await server.handlers.submit(None, reader, writer)  # type: ignore[arg-type]
+    await server.handlers.serving(SUBMIT_HANDLER)(None, reader, writer)  # type: ignore[arg-type]
     replies = asyncio.StreamReader()
     replies.feed_data(bytes(writer.data))
     replies.feed_eof()

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,18 +30,20 @@ from potluck.training.models import model_config, parameter_shapes
 Printed = dict[str, Any]  # one JSON object a node printed on stdout (`--json`): the interface scripts read
 
 
-def p2pd_pids() -> set[int]:
-    """Every running p2pd on this machine (compare before/after: other tests' daemons are gone by then)."""
+def p2pd_pids(*, sessions: Collection[int] | None = None) -> set[int]:
+    """Every running p2pd on this machine, or only those in `sessions` (the sessions of the nodes a test started:
+    a node's p2pd stays in its session even once orphaned, and daemons other test runs start meanwhile do not)."""
     found = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            state, session = fields[0], int(fields[3])
+        except (OSError, IndexError, ValueError):
             continue
-        if b"p2pd" in cmdline.split(b"\0")[0] and state != "Z":
+        if b"p2pd" in cmdline.split(b"\0")[0] and state != "Z" and (sessions is None or session in sessions):
             found.add(int(proc.name))
     return found
 
@@ -238,10 +240,10 @@ def _pump(child: Child, events: "queue.Queue[Printed | None]") -> None:
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[Nodes]:
     """Start nodes in a test; every one of them (and its p2pd) is gone after it, and the test fails if not."""
-    before = p2pd_pids()
     started = Nodes(tmp_path)
     try:
         yield started
     finally:
         started.stop()
-    wait_until(lambda: not (p2pd_pids() - before), timeout_s=20, what="every p2pd of the test to exit")
+    sessions = {node.child.process.pid for node in started.started}  # each node leads a session of its own
+    wait_until(lambda: not p2pd_pids(sessions=sessions), timeout_s=20, what="every p2pd of the test to exit")

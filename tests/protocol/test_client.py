@@ -82,3 +82,23 @@ def test_a_hostile_code_is_a_plain_refusal() -> None:
 def test_no_stream_or_a_broken_reply_is_worth_retrying(reply: bytes | None) -> None:
     with pytest.raises(AggregatorUnreachable):
         _fetch(reply)
+
+
+def test_a_busy_refusal_that_cut_the_upload_short_still_reaches_the_client() -> None:
+    # Prepare: the aggregator read the head, answered BUSY and closed; the rest of the body cannot be sent
+    class _Cut(_Writer):
+        async def drain(self) -> None:
+            raise ConnectionResetError("stream reset by the remote")
+
+    class _CutP2P(_FakeP2P):
+        async def call_binary_stream_handler(self, peer_id: object, handler: str):  # noqa: ANN201
+            info, reader, _ = await super().call_binary_stream_handler(peer_id, handler)
+            return info, reader, _Cut()
+
+    body = error_body(f"{BUSY_PREFIX}you already have 2 uploads in progress here", code=RefusalCode.BUSY)
+    link = AggregatorLink(_CutP2P(encode_frame(MessageKind.ERROR, body)), peer_id="aggregator")
+    # Execute
+    with pytest.raises(AggregatorUnreachable, match="2 uploads in progress") as info:
+        asyncio.run(link.fetch_aggregate(3, timeout_s=5))
+    # Assert: busy (back off and retry), not a broken link
+    assert info.value.code is RefusalCode.BUSY
