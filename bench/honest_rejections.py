@@ -23,6 +23,7 @@ and per-update statistics; the summary printed at the end is what BENCHMARKS.md 
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from potluck.aggregator_server.judge import judge_round  # noqa: E402
 from potluck.aggregator_server.master import Contribution, MasterState, close_round, initial_master, token_cap  # noqa: E402
+from potluck.aggregator_server.round_checks import (  # noqa: E402
+    MAD_TO_SIGMA,
+    MIN_RELATIVE_SCALE,
+    direction_check,
+    update_norms,
+)
 from potluck.aggregator_server.validation import RoundContext, check_envelope, decode_update  # noqa: E402
 from potluck.peer.overlap import RoundPacer  # noqa: E402
 from potluck.peer.trainer import LocalTrainer  # noqa: E402
@@ -72,7 +79,7 @@ class RunResult:
     updates: int = 0
     rejections: list[dict[str, Any]] = field(default_factory=list)
     held_out_loss: list[float] = field(default_factory=list)
-    min_cosine_margin: list[float] = field(default_factory=list)
+    margins: list[dict[str, float]] = field(default_factory=list)  # per round: how close the nearest update came
     wall_s: float = 0.0
 
 
@@ -198,6 +205,7 @@ def run_one(cfg: RunConfig, scenario: str, *, peers: int, rounds: int, deadline:
             )
             peer.pacer.after_drop(r, stale_steps=stale[i], inner_steps=work.inner_steps)
         result.updates += len(group)
+        result.margins.append(_margins(decoded, verdict.gains))
         contributions = [
             Contribution(
                 public_key=headers[i][0].identity.public_key,
@@ -223,6 +231,39 @@ def run_one(cfg: RunConfig, scenario: str, *, peers: int, rounds: int, deadline:
     return result
 
 
+def _margins(decoded: list[dict[str, torch.Tensor]], gains: dict[int, float]) -> dict[str, float]:
+    """How close the round's nearest honest update came to each round-close threshold (the real checks' numbers).
+
+    max_z: the largest robust z-score of a norm (rejected above max_norm_z); min_ratio: the smallest norm over
+    the median (rejected below min_norm_ratio); min_cosine: the smallest cosine with the median of the others
+    (rejected below min_cosine; read from direction_check's own detail); min_gain_ratio: the smallest held-out
+    gain over the median update's (with held_out_margin 1, rejected below 0).
+    """
+    norms = update_norms(decoded)
+    median = statistics.median(norms)
+    mad = statistics.median(abs(n - median) for n in norms)
+    scale = max(MAD_TO_SIGMA * mad, MIN_RELATIVE_SCALE * median)
+    cosines = [float(r.detail.split()[1]) for r in direction_check(decoded, min_cosine=1.0) if r is not None]
+    values = sorted(gains.values())
+    median_gain = statistics.median(values) if values else float("nan")
+    return {
+        "max_z": max((n - median) / scale for n in norms),
+        "min_ratio": min(norms) / median,
+        "min_cosine": min(cosines, default=float("nan")),
+        "min_gain_ratio": values[0] / median_gain if values and median_gain > 0 else float("nan"),
+    }
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    finite = sorted(v for v in values if math.isfinite(v))
+    if not finite:
+        return {}
+    return {
+        q: finite[min(len(finite) - 1, int(f * len(finite)))]
+        for q, f in (("min", 0), ("p01", 0.01), ("p50", 0.5), ("p99", 0.99))
+    } | {"max": finite[-1]}
+
+
 def summarize(results: list[RunResult]) -> dict[str, Any]:
     """Rates per scenario and overall, by check; the worst peer's rate (a key is judged alone)."""
     out: dict[str, Any] = {}
@@ -241,6 +282,10 @@ def summarize(results: list[RunResult]) -> dict[str, Any]:
         rejected = sum(by_check.values())
         worst = max(per_peer.values(), default=0)
         worst_rounds = max((r.rounds for r in chosen), default=0)
+        margins = {
+            name: _quantiles([m[name] for run in chosen for m in run.margins])
+            for name in ("max_z", "min_ratio", "min_cosine", "min_gain_ratio")
+        }
         out[scenario] = {
             "runs": len(chosen),
             "rounds": sum(r.rounds for r in chosen),
@@ -252,6 +297,7 @@ def summarize(results: list[RunResult]) -> dict[str, Any]:
             "by_check": by_check,
             "worst_peer_rejections": worst,
             "worst_peer_rate": worst / worst_rounds if worst_rounds else 0.0,
+            "round_margins": margins,
         }
     return out
 
