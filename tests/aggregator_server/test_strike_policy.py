@@ -92,17 +92,21 @@ def test_the_bound_holds_against_simulated_honest_keys() -> None:
     assert bound / 20 < struck / keys <= bound
 
 
-def test_the_keeper_drops_a_statistical_outlier_without_a_strike_until_it_repeats(tmp_path: Path) -> None:
+def test_the_keeper_drops_a_statistical_outlier_without_a_strike_until_it_repeats_then_bans_it(
+    tmp_path: Path,
+) -> None:
     # Arrange
     keeper = _keeper(tmp_path)
     outlier = Rejection(check="norm", detail="norm 9.9 is 40 robust deviations above the round's median 1")
-    threshold = keeper.noise.threshold
-    # Act: the same key is a statistical outlier in `threshold` rounds in a row
-    struck = []
-    for r in range(threshold):
+    threshold, ban_after = keeper.noise.threshold, keeper.reputation.ban_after
+    # Act: the same key is a statistical outlier round after round, as a persistent attacker is
+    struck, banned = [], []
+    for r in range(threshold + ban_after - 1):
         keeper.current.index = r
         keeper.record_rejection(PEER.public_key, r, outlier)
-        struck.append(bool(keeper.reputation.strikes.get(PEER.public_key)))
-    # Assert
-    assert struck == [False] * (threshold - 1) + [True]
+        struck.append(len(keeper.reputation.strikes.get(PEER.public_key, [])))
+        banned.append(keeper.reputation.is_banned(PEER.public_key))
+    # Assert: no strike while noise explains it, then one a round until the ban
+    assert struck == [0] * (threshold - 1) + list(range(1, ban_after + 1))
+    assert banned == [False] * (threshold + ban_after - 2) + [True]
     keeper.ledger.close()
