@@ -37,6 +37,7 @@ from potluck.aggregator_server.master import MasterState, token_cap
 from potluck.aggregator_server.members import Members
 from potluck.aggregator_server.reputation import BanFileError, Reputation
 from potluck.aggregator_server.rounds import Accepted, OpenRound
+from potluck.aggregator_server.strike_policy import NoiseFilter
 from potluck.aggregator_server.validation import (
     Rejection,
     RoundContext,
@@ -125,6 +126,7 @@ class RoundKeeper:
         self.state_dir = state_dir
         self.ledger = ledger
         self.reputation = reputation
+        self.noise = NoiseFilter.for_run(cfg)  # which round-close rejections are beyond chance (strike_policy.py)
         self.on_event = on_event
         self.clock = clock
         self.cap = token_cap(cfg)
@@ -360,7 +362,7 @@ class RoundKeeper:
     def record_rejection(
         self, public_key: bytes, round_index: int, rejection: Rejection, update: SignedUpdate | None = None
     ) -> None:
-        """Log a rejection, report it (status line, swarm, and later the ledger) and strike its key if a member's."""
+        """Log a rejection, report it (status line, swarm, and later the ledger); strike a member if it counts."""
         who = fingerprint(public_key)
         logger.warning("rejected update from %s for round %d: %s", who, round_index, rejection)
         self.on_event(
@@ -374,6 +376,8 @@ class RoundKeeper:
         )
         if not self.members.owns(public_key, rejection):
             return  # a stranger's failure says nothing of a volunteer's standing: no strike, no record
+        if not self.noise.strikes(public_key, round_index=self.current.index, check=rejection.check):
+            return  # a statistical outlier within what chance explains: dropped, not held against the key
         try:
             ban = self.reputation.strike(public_key, round_index=self.current.index, check=rejection.check)
         except BanFileError as e:

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 TIME_BOX_MARGIN = 0.1  # of the round deadline, kept free: the round opened a download before the peer saw it
 # The overlap limit a peer falls back to once an update with more than this share of stale steps was dropped at
 # round close: at 15 of 30 stale steps the held-out check dropped no honest update, at 30 of 30 one in nine
-# (docs/experiments/overlap.md), and three drops within ten rounds ban a key.
+# (docs/experiments/overlap.md): each such drop costs the round's credit.
 SAFE_OVERLAP_LIMIT = 0.5
 
 
@@ -96,7 +96,7 @@ class RoundPacer:
         SAFE_OVERLAP_LIMIT of a round's steps do so from now on.
 
         An update trained mostly from the peer's guess of the state, not from the state itself, can fail the
-        aggregator's held-out check though honest, and every such drop is a strike against the peer's key.
+        aggregator's held-out check though honest, and every such drop costs the round's credit.
         """
         if not self.overlap or stale_steps * 2 <= inner_steps or self.limit <= SAFE_OVERLAP_LIMIT:
             return

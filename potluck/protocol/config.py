@@ -317,8 +317,9 @@ class ValidationSpec(BaseModel):
     # gain over the base (1.0: worse than not training at all). None: off (it costs one evaluation per update).
     held_out_margin: Annotated[Annotated[float, Field(gt=0)] | None, _Optional] = 1.0
     held_out_batches: int = Field(2, ge=1, le=64)
-    # A key whose updates fail this many checks (that its holder must have caused) within ban_window_rounds
-    # rounds is banned for the run; one bad round is a glitch, three in ten is a pattern.
+    # A key that takes this many strikes within ban_window_rounds rounds is banned for the run; one bad round
+    # is a glitch, three in ten is a pattern. A check that proves misbehaviour strikes at once; the round-close
+    # checks (norm, direction, held-out) strike only beyond chance (aggregator_server/strike_policy.py).
     ban_after_rejections: int = Field(3, ge=1)
     ban_window_rounds: int = Field(10, ge=1)
 
