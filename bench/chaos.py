@@ -5,8 +5,9 @@ seeded schedule does what real volunteers and operators do to a run:
 
 - SIGKILLs peers (the whole process group, p2pd included) and restarts them a round or three later, with
   their identity and receipts;
-- `kill -9`s the aggregator mid-round and restarts it at once on the same state dir, port and key;
-- kills the aggregator for good, so that its standby takes the shard over;
+- `kill -9`s the aggregator mid-round, once it has accepted an upload of the round, and restarts it at once
+  on the same state dir, port and key;
+- kills the aggregator for good (also mid-round), so that its standby takes the shard over;
 - starts one peer whose state disk is full: each file it writes may hold only a few bytes (RLIMIT_FSIZE;
   Python ignores SIGXFSZ, so a write past it fails with EFBIG), so every receipt it tries to keep fails.
 
@@ -58,6 +59,7 @@ from potluck.events import (  # noqa: E402
     ReceiptReceived,
     RoundClosed,
     Takeover,
+    UpdateReceived,
 )
 from potluck.lab.children import (  # noqa: E402
     Child,
@@ -74,10 +76,7 @@ from potluck.protocol.identity import Identity, public_key_to_hex, save_identity
 from potluck.tasks import created  # noqa: E402
 
 LOSS_BAR = 1.05  # the chaos run's final held-out loss over the calm run's
-STALL_GRACE_S = 10.0
-# Once the last round closed, how long peers may take to leave; a peer a round behind then retries its upload
-# to an aggregator that has left, for up to its --reconnect-timeout: it is stopped, and listed as lingering.
-END_GRACE_S = 60.0  # a round's close may run this far past its deadline (aggregation, the ledger, a busy box)
+STALL_GRACE_S = 10.0  # a round's close may run this far past its deadline (aggregation, the ledger, a busy box)
 READY_TIMEOUT_S = 180.0
 JOIN_TIMEOUT_S = 120.0  # a peer's first DHT ping, on a shared 2-core box with ten processes starting at once
 PEER_NICE = 10
@@ -103,6 +102,9 @@ class Plan:
     failover_after_s: float = 30.0  # the standby's: longer than a restart takes, so only the last kill hands over
     fsize_bytes: int = 64  # the full disk: a receipt is a few hundred bytes
     timeout_s: float = 1500.0
+    # Once the last round closed, how long peers may take to leave; a peer a round behind then retries its upload
+    # to an aggregator that has left, for up to its --reconnect-timeout: it is stopped, and listed as lingering.
+    end_grace_s: float = 60.0
 
     def calm(self) -> Plan:
         """The same run, seeds and keys, with no kill, no restart, no full disk."""
@@ -111,7 +113,8 @@ class Plan:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Action:
-    """One thing the schedule does: `delay_s` after round `round` opens (the previous round's close)."""
+    """One thing the schedule does: `delay_s` after round `round` opens (the previous round's close); to the
+    aggregator, `delay_s` after it accepted the round's first upload."""
 
     round: int
     kind: str  # kill-peer, restart-peer, kill-aggregator (restarted at once), takeover (killed for good)
@@ -371,7 +374,12 @@ def _on_event(soak: Soak, child: Child, event: Event, due: list[tuple[float, Act
         )
         if event.round == soak.plan.rounds - 1 and soak.finished_at is None:
             soak.finished_at = time.monotonic()
-        for action in (a for a in actions if a.round == event.round + 1):
+        for action in (a for a in actions if a.round == event.round + 1 and a.target != "aggregator"):
+            due.append((time.monotonic() + action.delay_s, action))
+    elif isinstance(event, UpdateReceived) and event.accepted and child is soak.alive.get("aggregator"):
+        # the aggregator dies with an accepted upload of the open round spooled: what a crash must not lose
+        for action in [a for a in actions if a.round == event.round and a.target == "aggregator"]:
+            actions.remove(action)  # once: the restarted aggregator accepts this round's uploads again
             due.append((time.monotonic() + action.delay_s, action))
     elif isinstance(event, AggregatorReady | Takeover) and soak.outages and soak.outages[-1]["to_s"] is None:
         if isinstance(event, Takeover) or not event.standby_of:
@@ -392,6 +400,7 @@ def _on_event(soak: Soak, child: Child, event: Event, due: list[tuple[float, Act
 def _follow(soak: Soak, actions: list[Action]) -> None:
     """Consume events and run the schedule until every child's stdout has closed."""
     deadline = soak.started + soak.plan.timeout_s
+    pending = list(actions)
     due: list[tuple[float, Action]] = []
     for action in (a for a in actions if a.round == 0):
         due.append((time.monotonic() + action.delay_s, action))
@@ -402,7 +411,7 @@ def _follow(soak: Soak, actions: list[Action]) -> None:
                 _act(soak, action)
         if not soak.open:
             return
-        if soak.finished_at is not None and time.monotonic() > soak.finished_at + END_GRACE_S:
+        if soak.finished_at is not None and time.monotonic() > soak.finished_at + soak.plan.end_grace_s:
             soak.lingered = sorted(name for name, c in soak.alive.items() if id(c) in soak.open)
             soak.say(f"[{soak.now():7.1f}s] the run is over; still running, stopped: {', '.join(soak.lingered)}")
             return
@@ -414,7 +423,7 @@ def _follow(soak: Soak, actions: list[Action]) -> None:
             continue
         if event is not None:
             child.events.append(event)
-            _on_event(soak, child, event, due, actions)
+            _on_event(soak, child, event, due, pending)
             continue
         soak.open.discard(id(child))
         code = child.process.wait()
