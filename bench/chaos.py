@@ -194,7 +194,7 @@ def _start_full_disk(name: str, args: list[str], *, work_dir: Path, threads: int
 
     def copy_log() -> None:
         assert process.stderr is not None
-        with open(log_path, "w") as log:
+        with process.stderr, open(log_path, "w") as log:
             for line in process.stderr:
                 log.write(line)
                 log.flush()
