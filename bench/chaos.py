@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import queue
-import random
 import resource
 import signal
 import subprocess
@@ -41,7 +40,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from bench.chaos_checks import Ack, check_acknowledged, check_merkle, check_receipts, ledger_verify  # noqa: E402
+from bench.chaos_checks import (  # noqa: E402
+    Ack,
+    compare,
+    result_of,
+    summary,
+)
+from bench.chaos_plan import Action, Plan, schedule  # noqa: E402
 from potluck.cli.aggregator import AggregatorFlags  # noqa: E402
 from potluck.cli.peer_flags import PeerFlags  # noqa: E402
 from potluck.events import (  # noqa: E402
@@ -75,8 +80,6 @@ from potluck.protocol.config_files import dump_run_config  # noqa: E402
 from potluck.protocol.identity import Identity, public_key_to_hex, save_identity  # noqa: E402
 from potluck.tasks import created  # noqa: E402
 
-LOSS_BAR = 1.05  # the chaos run's final held-out loss over the calm run's
-STALL_GRACE_S = 10.0  # a round's close may run this far past its deadline (aggregation, the ledger, a busy box)
 READY_TIMEOUT_S = 180.0
 JOIN_TIMEOUT_S = 120.0  # a peer's first DHT ping, on a shared 2-core box with ten processes starting at once
 PEER_NICE = 10
@@ -84,76 +87,6 @@ PEER_NICE = 10
 
 class ChaosError(RuntimeError):
     """The soak could not run to its end (a child failed to start, the acting aggregator crashed, timeout)."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Plan:
-    """What one soak does; `calm()` is the same run with nothing done to it."""
-
-    peers: int = 8
-    rounds: int = 30
-    seed: int = 0
-    peer_kills: int = 6
-    aggregator_restarts: int = 2
-    takeover: bool = True
-    full_disk: bool = True
-    deadline_s: float = 20.0
-    local_steps: int = 3
-    failover_after_s: float = 30.0  # the standby's: longer than a restart takes, so only the last kill hands over
-    fsize_bytes: int = 64  # the full disk: a receipt is a few hundred bytes
-    timeout_s: float = 1500.0
-    # Once the last round closed, how long peers may take to leave; a peer a round behind then retries its upload
-    # to an aggregator that has left, for up to its --reconnect-timeout: it is stopped, and listed as lingering.
-    end_grace_s: float = 60.0
-
-    def calm(self) -> Plan:
-        """The same run, seeds and keys, with no kill, no restart, no full disk."""
-        return replace(self, peer_kills=0, aggregator_restarts=0, takeover=False, full_disk=False)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Action:
-    """One thing the schedule does: `delay_s` after round `round` opens (the previous round's close); to the
-    aggregator, `delay_s` after it accepted the round's first upload."""
-
-    round: int
-    kind: str  # kill-peer, restart-peer, kill-aggregator (restarted at once), takeover (killed for good)
-    target: str
-    delay_s: float
-
-
-def schedule(plan: Plan) -> list[Action]:
-    """The seeded chaos schedule: spread aggregator kills, a takeover near the end, random peer kills."""
-    rng = random.Random(plan.seed)
-    last = plan.rounds - 3  # the last round anything is done in: the run must end calm enough to be judged
-    # the take-over three quarters in, so that rounds under the standby (and peers rejoining it) follow
-    handover = max(2, min(last, (3 * plan.rounds) // 4)) if plan.takeover else last + 1
-    actions: list[Action] = []
-    for k in range(plan.aggregator_restarts):  # spread over [2, handover): mid-round, uploads in flight
-        r = 2 + (k + 1) * (handover - 2) // (plan.aggregator_restarts + 1) + rng.randint(-1, 1)
-        actions.append(
-            Action(
-                round=max(1, min(r, handover - 1)),
-                kind="kill-aggregator",
-                target="aggregator",
-                delay_s=rng.uniform(0.3, 1.5),
-            )
-        )
-    if plan.takeover:
-        actions.append(Action(round=handover, kind="takeover", target="aggregator", delay_s=rng.uniform(0.3, 1.5)))
-    killable = [f"peer-{i}" for i in range(plan.peers - (1 if plan.full_disk else 0))]
-    down_until: dict[str, int] = {}
-    for _ in range(plan.peer_kills if killable else 0):
-        r = rng.randint(1, max(1, last - 1))
-        up = [p for p in killable if down_until.get(p, -1) < r]
-        if not up:
-            continue
-        peer = rng.choice(up)
-        back = min(r + rng.randint(1, 3), plan.rounds - 2)
-        down_until[peer] = back
-        actions.append(Action(round=r, kind="kill-peer", target=peer, delay_s=rng.uniform(0.0, 2.0)))
-        actions.append(Action(round=back, kind="restart-peer", target=peer, delay_s=0.0))
-    return sorted(actions, key=lambda a: (a.round, a.delay_s))
 
 
 def _identity(seed: int, name: str, path: Path) -> bytes:
@@ -468,126 +401,7 @@ def run(
         hubs = "aggregator, standby" if plan.takeover else "aggregator"
         say(f"[{soak.now():7.1f}s] {hubs} and {plan.peers} peers started; {len(actions)} actions planned")
         _follow(soak, actions)
-    return _result(soak, ready, actions)
-
-
-def _stalls(soak: Soak) -> list[str]:
-    """Rounds that ran past their deadline (plus the grace), and rounds never closed."""
-    bar = soak.plan.deadline_s + STALL_GRACE_S
-    late = [f"round {c['round']} took {c['round_s']} s" for c in soak.closes if c["round_s"] > bar]
-    closed = {c["round"] for c in soak.closes}
-    return late + [f"round {r} never closed" for r in range(soak.plan.rounds) if r not in closed]
-
-
-def _result(soak: Soak, ready: AggregatorReady, actions: list[Action]) -> dict[str, Any]:
-    """What the soak did and what its checks found; `ok` when nothing failed."""
-    plan, work = soak.plan, soak.work_dir
-    state_dirs = {"aggregator": work / "aggregator", "standby": work / "standby"}
-    ledgers = [d / "ledger.sqlite" for d in state_dirs.values() if (d / "ledger.sqlite").is_file()]
-    verified = [
-        ledger_verify(state_dirs[n], soak.keys[n]) for n in state_dirs if (state_dirs[n] / "ledger.sqlite").is_file()
-    ]
-    receipt_dirs = [work / f"peer-{i}" / "receipts" for i in range(plan.peers)]
-    receipts = check_receipts(receipt_dirs, [soak.keys["aggregator"], soak.keys["standby"]])
-    merkle = check_merkle([d for d in receipt_dirs if d.is_dir()], ledgers)
-    acked = check_acknowledged(soak.acks, ledgers)
-    by_round = {c["round"]: c for c in soak.closes}  # a round closed twice (a crash after its close) counts once
-    losses = [by_round[r]["val_loss"] for r in sorted(by_round) if by_round[r]["val_loss"] is not None]
-    full_disk = None
-    if plan.full_disk:
-        name = f"peer-{plan.peers - 1}"
-        lines = (work / f"{name}.log").read_text(errors="replace").splitlines()
-        full_disk = {
-            "peer": name,
-            "limit_bytes": plan.fsize_bytes,
-            "errors": [ln for ln in lines if "receipt" in ln and ("too large" in ln.lower() or "space" in ln.lower())][
-                :3
-            ],
-            "receipts_kept": len(list((work / name / "receipts").glob("*/round-*.receipt"))),
-            "final_receipts_acked": sum(a.kind == "final" and a.peer == name for a in soak.acks),
-        }
-    stalls = _stalls(soak)
-    result = {
-        "plan": asdict(plan),
-        "schedule": [asdict(a) for a in actions],
-        "rounds_completed": len(by_round),
-        "initial_val_loss": ready.val_loss,
-        "final_val_loss": losses[-1] if losses else None,
-        "counts": {
-            k: soak.counts.get(k, 0)
-            for k in ("peer_kills", "peer_restarts", "aggregator_kills", "aggregator_restarts")
-        },
-        "takeover_round": next((o["round"] for o in soak.outages if o["kind"] == "takeover"), None),
-        "outages": soak.outages,
-        "rounds": [by_round[r] for r in sorted(by_round)],
-        "max_round_s": max((c["round_s"] for c in soak.closes), default=None),
-        "stalls": stalls,
-        "crashes": soak.crashes,
-        "after_end": soak.after_end,
-        "lingered": soak.lingered,
-        "ledgers": verified,
-        "receipts": receipts,
-        "merkle": merkle,
-        "acknowledged": acked,
-        "full_disk": full_disk,
-        "events": soak.log,
-        "wall_s": round(soak.now(), 1),
-        "process_groups": sorted({c.process.pid for c in soak.children}),  # each child's: it and its p2pd
-    }
-    result["ok"] = bool(
-        verified
-        and all(v["ok"] and v["exit"] == 0 for v in verified)
-        and not receipts["bad"]
-        and not merkle["mismatched"]
-        and not acked["lost"]
-        and not stalls
-        and not soak.crashes
-    )
-    return result
-
-
-def compare(calm: dict[str, Any], chaos: dict[str, Any]) -> dict[str, Any]:
-    """The two runs side by side; `ok` when both passed their checks and chaos's loss is within LOSS_BAR of calm's."""
-    ratio = None
-    if calm["final_val_loss"] and chaos["final_val_loss"] is not None:
-        ratio = chaos["final_val_loss"] / calm["final_val_loss"]
-    return {
-        "calm_final_val_loss": calm["final_val_loss"],
-        "chaos_final_val_loss": chaos["final_val_loss"],
-        "loss_ratio": ratio,
-        "ok": bool(calm["ok"] and chaos["ok"] and ratio is not None and ratio <= LOSS_BAR),
-    }
-
-
-def summary(calm: dict[str, Any], chaos: dict[str, Any], verdict: dict[str, Any]) -> list[str]:
-    """A few lines for a person."""
-    c, acked = chaos["counts"], chaos["acknowledged"]
-    lines = [
-        f"rounds: calm {calm['rounds_completed']}, chaos {chaos['rounds_completed']} of {chaos['plan']['rounds']}",
-        f"chaos: {c['peer_kills']} peer kills, {c['peer_restarts']} peer restarts, {c['aggregator_kills']} aggregator "
-        f"kill -9 ({c['aggregator_restarts']} restarted), takeover at round {chaos['takeover_round']}",
-        f"stalls: {len(chaos['stalls'])} (max round {chaos['max_round_s']} s, "
-        f"deadline {chaos['plan']['deadline_s']} s); "
-        f"crashes: {len(chaos['crashes'])}",
-        "ledgers: "
-        + ", ".join(
-            f"{Path(v['state_dir']).name} {'ok' if v['ok'] else 'BAD'} ({v.get('rows_checked')} rows, "
-            f"{v.get('heads_checked')} heads)"
-            for v in chaos["ledgers"]
-        ),
-        f"receipts verified offline: {chaos['receipts']['checked']} ({len(chaos['receipts']['bad'])} bad); "
-        f"aggregates under their ledger's Merkle root: {chaos['merkle']['aggregates_checked']} "
-        f"({len(chaos['merkle']['mismatched'])} mismatched)",
-        f"acknowledged: {acked['upload_acks']} uploads, {acked['final_receipts']} final receipts; "
-        f"lost: {len(acked['lost'])}",
-        f"full disk: {chaos['full_disk']}",
-        f"final held-out loss: calm {calm['final_val_loss']:.4f}, chaos {chaos['final_val_loss']:.4f}, "
-        f"ratio {verdict['loss_ratio']:.4f} (bar {LOSS_BAR})"
-        if verdict["loss_ratio"]
-        else "final loss: missing",
-        f"wall: calm {calm['wall_s']} s, chaos {chaos['wall_s']} s; {'PASS' if verdict['ok'] else 'FAIL'}",
-    ]
-    return lines
+    return result_of(soak, ready, actions)
 
 
 def soak(plan: Plan, *, say: Callable[[str], None], keep: Path | None = None) -> dict[str, Any]:

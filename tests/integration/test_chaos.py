@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.chaos import Action, Plan, run
+from bench.chaos import run
+from bench.chaos_plan import Action, Plan
 from tests.integration.swarm_helpers import wait_until
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
