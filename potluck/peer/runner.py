@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from potluck.events import Event, Finished, PeerDone, PeerPlan
@@ -31,11 +31,12 @@ from potluck.peer.sync import Sync, UntrustedState
 from potluck.peer.trainer import LocalTrainer, RoundWork
 from potluck.planning.benchmark import measure_for_plan
 from potluck.planning.plan import auto_plan
+from potluck.protocol.backoff import backoff_s
 from potluck.protocol.client import AggregatorLink
 from potluck.protocol.config import RunConfig
 from potluck.protocol.envelope import SignedUpdate, UpdateHeader, new_nonce, payload_digest, sign_update
 from potluck.protocol.identity import Identity
-from potluck.protocol.node import JoinError, parse_join_address, start_node
+from potluck.protocol.node import JoinError, Node, parse_join_address, start_node
 from potluck.protocol.probe import ProbeUnavailableError, measure_rates
 from potluck.protocol.wire import PeerRefusedError, WireError
 
@@ -84,12 +85,15 @@ class PeerRunner:
 
     async def run(self) -> None:
         """Join, sync and train until done; the DHT node and its daemon are shut down on every exit path."""
-        node = await start_node(
-            initial_peers=self.join_addrs,
-            host_maddrs=self.options.host_maddrs,
-            client_mode=self.options.client_mode,
-            signer=self.identity,  # signs its holder record (serve_state)
-            bootstrap_timeout_s=self.options.join_timeout_s,
+        node = await join_within(
+            self.options.join_timeout_s,
+            lambda timeout_s: start_node(
+                initial_peers=self.join_addrs,
+                host_maddrs=self.options.host_maddrs,
+                client_mode=self.options.client_mode,
+                signer=self.identity,  # signs its holder record (serve_state)
+                bootstrap_timeout_s=timeout_s,
+            ),
         )
         try:
             serving = StateServer(node, self.identity, self.options, tally=self.tally)
@@ -244,3 +248,28 @@ def join_addresses(values: Sequence[str]) -> tuple[str, ...]:
     for value in values:
         parse_join_address(value)
     return tuple(values)
+
+
+JOIN_RETRY_BASE_S = 1.0
+JOIN_RETRY_CAP_S = 8.0
+MIN_JOIN_ATTEMPT_S = 5.0  # the shortest bootstrap worth trying: one ping's round trip through p2pd
+
+
+async def join_within(timeout_s: float, start: Callable[[float], Awaitable[Node]]) -> Node:
+    """`start(bootstrap_timeout_s)` until it joins, for up to `timeout_s` in all (the peer's --join-timeout).
+
+    A joiner whose --join node is down for a moment (an aggregator restarting on its port) would otherwise
+    exit at the first failed ping, long before the timeout it was given. The last JoinError is raised.
+    """
+    deadline = time.monotonic() + timeout_s
+    attempt = 0
+    while True:
+        try:
+            return await start(max(MIN_JOIN_ATTEMPT_S, deadline - time.monotonic()))
+        except JoinError as e:
+            delay_s = backoff_s(attempt, base_s=JOIN_RETRY_BASE_S, cap_s=JOIN_RETRY_CAP_S)
+            attempt += 1
+            if time.monotonic() + delay_s + MIN_JOIN_ATTEMPT_S > deadline:
+                raise
+            logger.warning("%s; retrying in %.1f s", e, delay_s)
+            await asyncio.sleep(delay_s)
