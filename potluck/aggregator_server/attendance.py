@@ -12,6 +12,12 @@ waiting for it until an update of it is kept again. One exception, for a member 
 update of it for the round before that comes late, while it has missed at most MAX_MISSES rounds, has the
 open round wait for it once more (it is training this round now, from the aggregate it was late for).
 
+A joiner is no member: a round does not wait for it, and it is accepted when its update comes in time. But
+a joiner that syncs while a round is open is late for that round, and would start every later round behind
+the members. So a key that is no member and sends a validly signed update for the round before, late, is a
+newcomer, once per key: the open round, once its members have reported, waits for it no longer than the
+members took. A stranger who does that under fresh keys can make rounds twice as long, never a deadline.
+
 The first rounds of a fresh run have no member yet: until some update has been kept, a round waits for
 those that downloaded the state (the keeper's `join`), so a swarm that starts together closes its first
 round when everyone reported. That costs a run one deadline at most, whoever asks.
@@ -24,6 +30,7 @@ from potluck.incentives.ledger import Ledger
 
 RECENT_ROUNDS = 2  # a key is a member while an update of it was kept in one of this many last rounds
 MAX_MISSES = 1  # rounds a member is waited for in vain before the rounds stop waiting for it
+MAX_WELCOMED = 4096  # newcomer keys remembered (past it, the oldest half is forgotten)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -32,6 +39,7 @@ class Attendance:
 
     kept: dict[bytes, int] = field(default_factory=dict)  # key -> last round an update of it was kept in
     misses: dict[bytes, int] = field(default_factory=dict)  # key -> rounds waited for in vain since then
+    welcomed: dict[bytes, None] = field(default_factory=dict)  # newcomers waited for once already, oldest first
 
     @property
     def started(self) -> bool:
@@ -46,6 +54,16 @@ class Attendance:
         """Whether round `round_index` may wait for `public_key`, whose update for the round before came late."""
         kept = self.kept.get(public_key)
         return kept is not None and self._member(public_key, kept, round_index - 1, MAX_MISSES + 1)
+
+    def welcome(self, public_key: bytes) -> bool:
+        """Whether the open round may wait a little for `public_key`, a newcomer whose update came late: once."""
+        if public_key in self.kept or public_key in self.welcomed:
+            return False
+        if len(self.welcomed) >= MAX_WELCOMED:
+            for key in list(self.welcomed)[: MAX_WELCOMED // 2]:
+                del self.welcomed[key]
+        self.welcomed[public_key] = None
+        return True
 
     def _member(self, public_key: bytes, kept: int, round_index: int, allowed_misses: int) -> bool:
         return kept >= round_index - RECENT_ROUNDS and self.misses.get(public_key, 0) < allowed_misses

@@ -283,6 +283,8 @@ class RoundKeeper:
         if rejection.check == "round" and h.round == self.current.index - 1:
             if self.attendance.may_wait_late(h.peer_public_key, self.current.index):
                 self.current.expected.add(h.peer_public_key)  # a member, just slow: it trains this round now
+            elif self.attendance.welcome(h.peer_public_key):
+                self.current.newcomers.add(h.peer_public_key)  # a joiner, perhaps: waited for a little, once
         elif rejection.check not in ("signature", "banned") and h.round == self.current.index:
             self.current.reported.add(h.peer_public_key)  # it has had its say this round
         self.record_rejection(h.peer_public_key, h.round, rejection, upload.update)

@@ -56,6 +56,10 @@ class OpenRound:
     # wait_for_peers, waited for only before the run has members; bounded, see MAX_JOINED)
     joined: set[bytes] = field(default_factory=set)
     reported: set[bytes] = field(default_factory=set)  # keys whose (validly signed) update was judged, good or not
+    # keys, not members, whose update for the round before came late (attendance.py): once the members have
+    # reported, the round waits for them no longer than the members took
+    newcomers: set[bytes] = field(default_factory=set)
+    members_in_at: float | None = None  # time.monotonic() when every expected key had reported
     rejected: int = 0
     # ledger rows of updates refused on arrival, written when the round closes (bounded: see refuse())
     refused: list[LedgerEntry] = field(default_factory=list)
@@ -79,8 +83,13 @@ class OpenRound:
             return None
         if self.target_tokens is not None and self.tokens >= self.target_tokens:
             return "tokens"
-        if self.expected and self.expected <= self.accepted.keys() | self.reported:
-            return "all-reported"
+        now = time.monotonic() if now is None else now
+        heard = self.accepted.keys() | self.reported
+        if self.expected and self.expected <= heard:
+            if self.members_in_at is None:
+                self.members_in_at = now
+            if self.newcomers <= heard or now - self.members_in_at >= self.members_in_at - self.opened_at:
+                return "all-reported"
         if self.seconds_left(now) <= 0:
             return "deadline"
         return None

@@ -70,7 +70,7 @@ def test_a_member_that_misses_rounds_drops_out_and_is_back_when_it_delivers(tmp_
     keeper.ledger.close()
 
 
-def test_a_stale_sender_is_not_waited_for_but_a_late_member_is_once(tmp_path: Path) -> None:
+def test_a_late_stranger_is_only_a_newcomer_but_a_late_member_is_waited_for_again(tmp_path: Path) -> None:
     # Prepare: PEER and OTHER members; PEER misses round 1; STRANGER never had an update kept
     keeper = _keeper(tmp_path, rounds=8)
     for member in (PEER, OTHER):
@@ -82,9 +82,11 @@ def test_a_stale_sender_is_not_waited_for_but_a_late_member_is_once(tmp_path: Pa
     stale = _resigned(late, STRANGER, peer_public_key=STRANGER.public_key)
     # Execute: both send an update for the round before, during round 2
     refused = [keeper.submit(stale), keeper.submit(late)]
-    # Assert: the member is waited for again (it trains this round now), the stranger is not
+    # Assert: the member is waited for again (it trains this round now), the stranger only as a newcomer, once
     assert [d.rejection.check for d in refused if d.rejection is not None] == ["round", "round"]
     assert keeper.current.expected == {PEER.public_key, OTHER.public_key}
+    assert keeper.current.newcomers == {STRANGER.public_key}
+    assert not keeper.attendance.welcome(STRANGER.public_key)
     keeper.ledger.close()
 
 

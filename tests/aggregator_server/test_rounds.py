@@ -148,3 +148,17 @@ def test_a_peer_whose_update_was_rejected_has_reported_too() -> None:
     open_round.reported.add(PEERS[1].public_key)  # its signed update failed a check
 
     assert open_round.close_reason(now=OPENED_AT + 1) == "all-reported"
+
+
+def test_a_newcomer_is_waited_for_no_longer_than_the_members_took() -> None:
+    # Prepare: the member reports 3 s into the round; a newcomer is still to come
+    open_round = _round(expected={PEERS[0].public_key})
+    open_round.newcomers.add(PEERS[1].public_key)
+    _accept(open_round, PEERS[0])
+    # Execute / Assert
+    assert open_round.close_reason(now=OPENED_AT + 3) is None  # the members are in: the newcomer's grace starts
+    assert open_round.close_reason(now=OPENED_AT + 5) is None
+    assert open_round.close_reason(now=OPENED_AT + 6) == "all-reported"  # as long again as the members took
+    open_round.members_in_at = None
+    open_round.reported.add(PEERS[1].public_key)
+    assert open_round.close_reason(now=OPENED_AT + 3) == "all-reported"  # or as soon as it reports
