@@ -285,8 +285,8 @@ class RoundKeeper:
                 self.current.expected.add(h.peer_public_key)  # a member, just slow: it trains this round now
             elif self.attendance.welcome(h.peer_public_key):
                 self.current.newcomers.add(h.peer_public_key)  # a joiner, perhaps: waited for a little, once
-        elif rejection.check not in ("signature", "banned") and h.round == self.current.index:
-            self.current.reported.add(h.peer_public_key)  # it has had its say this round
+        elif rejection.check not in ("signature", "banned") and h.round >= self.current.index:
+            self.current.reported.add(h.peer_public_key)  # it has had its say this round (one update a round)
         self.record_rejection(h.peer_public_key, h.round, rejection, upload.update)
         if rejection.check not in UNATTRIBUTED:
             self.current.remember_refusal(h.digest(), rejection)

@@ -90,6 +90,20 @@ def test_a_late_stranger_is_only_a_newcomer_but_a_late_member_is_waited_for_agai
     keeper.ledger.close()
 
 
+def test_a_signed_update_for_a_later_round_is_a_report_in_the_first_round_too(tmp_path: Path) -> None:
+    # Prepare: a fresh run's first round waits for both joiners
+    keeper = _keeper(tmp_path)
+    for member in (PEER, OTHER):
+        keeper.join(member.public_key, wait_for_peers=0)
+    assert keeper.submit(_update(keeper, PEER)).accepted
+    # Execute: OTHER signs its update for round 1, not 0 (as the red team's "stale" peer does)
+    refused = keeper.submit(_resigned(_update(keeper, OTHER, seed=3), OTHER, round=1))
+    # Assert: refused, and the round does not wait for it any longer
+    assert refused.rejection is not None and refused.rejection.check == "round"
+    assert keeper.current.close_reason() == "all-reported"
+    keeper.ledger.close()
+
+
 def test_attendance_counts_misses_and_forgets_old_members() -> None:
     a = Attendance()
     a.round_closed(0, waited=set(), reported=set(), kept={b"p", b"q"})
