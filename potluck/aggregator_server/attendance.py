@@ -17,6 +17,9 @@ a joiner that syncs while a round is open is late for that round, and would star
 the members. So a key that is no member and sends a validly signed update for the round before, late, is a
 newcomer, once per key: the open round, once its members have reported, waits for it no longer than the
 members took. A stranger who does that under fresh keys can make rounds twice as long, never a deadline.
+A key whose update came in time and decoded, but was dropped by the round's checks at close, is a newcomer
+in the next round the same way (an honest update the checks drop by chance in the first round must not
+leave its peer behind for good).
 
 The first rounds of a fresh run have no member yet: until some update has been kept, a round waits for
 those that downloaded the state (the keeper's `join`), so a swarm that starts together closes its first

@@ -420,7 +420,7 @@ class RoundKeeper:
         self.current.join(public_key)
         if not self.attendance.started:
             self.current.expected.add(public_key)
-        if wait_for_peers and self.rounds_closed == 0 and len(self.arrived()) == wait_for_peers:
+        if wait_for_peers and self.rounds_closed == 0 and len(self.current.arrived) == wait_for_peers:
             self.current.extend()  # everyone the first round waited for is here: give them a full deadline
             return True
         return False
@@ -437,10 +437,6 @@ class RoundKeeper:
     def _forget(self, public_key: bytes) -> None:
         self.current.expected.discard(public_key)
         self.attendance.kept.pop(public_key, None)
-
-    def arrived(self) -> set[bytes]:
-        """The keys the open round waits for or that downloaded its state (what wait_for_peers counts)."""
-        return self.current.expected | self.current.joined
 
     def known_keys(self) -> set[bytes]:
         """Every peer key this run has seen: banned, struck, waited for, contributing, or in the ledger."""
@@ -466,6 +462,7 @@ class RoundKeeper:
         done = closed.round
         self.attendance.round_closed(done.index, waited=done.expected, reported=done.reported, kept=done.accepted)
         self.current = done.successor(expected=self.attendance.expected(done.index + 1))
+        self.current.newcomers = done.dropped - self.current.expected  # signed, on time, decoded: work, perhaps
         self.rounds_closed += 1
         with contextlib.suppress(OSError):
             prune_spool(self.state_dir, before_round=closed.master.round)

@@ -56,9 +56,10 @@ class OpenRound:
     # wait_for_peers, waited for only before the run has members; bounded, see MAX_JOINED)
     joined: set[bytes] = field(default_factory=set)
     reported: set[bytes] = field(default_factory=set)  # keys whose (validly signed) update was judged, good or not
-    # keys, not members, whose update for the round before came late (attendance.py): once the members have
-    # reported, the round waits for them no longer than the members took
+    # keys, not members, whose update for the round before came late or was dropped at its close (attendance.py):
+    # once the members have reported, the round waits for them no longer than the members took
     newcomers: set[bytes] = field(default_factory=set)
+    dropped: set[bytes] = field(default_factory=set)  # keys whose update was accepted, then dropped at close
     members_in_at: float | None = None  # time.monotonic() when every expected key had reported
     rejected: int = 0
     # ledger rows of updates refused on arrival, written when the round closes (bounded: see refuse())
@@ -72,6 +73,11 @@ class OpenRound:
     def tokens(self) -> int:
         """Tokens claimed by the accepted updates."""
         return sum(a.update.header.tokens for a in self.accepted.values())
+
+    @property
+    def arrived(self) -> set[bytes]:
+        """The keys the round waits for or that downloaded its state (what the first round's wait_for_peers counts)."""
+        return self.expected | self.joined
 
     def seconds_left(self, now: float | None = None) -> float:
         """Time until the deadline (negative when past it)."""

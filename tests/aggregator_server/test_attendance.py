@@ -104,6 +104,22 @@ def test_a_signed_update_for_a_later_round_is_a_report_in_the_first_round_too(tm
     keeper.ledger.close()
 
 
+def test_a_key_whose_update_the_checks_dropped_is_a_newcomer_in_the_next_round(tmp_path: Path) -> None:
+    # Prepare: the first round, whose checks drop OTHER's update at close (as closing.py books it)
+    keeper = _keeper(tmp_path)
+    for member in (PEER, OTHER):
+        keeper.join(member.public_key, wait_for_peers=0)
+    assert keeper.submit(_update(keeper, PEER)).accepted
+    keeper.current.reported.add(OTHER.public_key)
+    keeper.current.dropped.add(OTHER.public_key)
+    # Execute
+    assert isinstance(keeper.close("all-reported"), RoundClose)
+    # Assert: no member, but waited for a little in the next round
+    assert keeper.current.expected == {PEER.public_key}
+    assert keeper.current.newcomers == {OTHER.public_key}
+    keeper.ledger.close()
+
+
 def test_attendance_counts_misses_and_forgets_old_members() -> None:
     a = Attendance()
     a.round_closed(0, waited=set(), reported=set(), kept={b"p", b"q"})
