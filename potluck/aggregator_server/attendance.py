@@ -21,9 +21,10 @@ A key whose update came in time and decoded, but was dropped by the round's chec
 in the next round the same way (an honest update the checks drop by chance in the first round must not
 leave its peer behind for good).
 
-The first rounds of a fresh run have no member yet: until some update has been kept, a round waits for
-those that downloaded the state (the keeper's `join`), so a swarm that starts together closes its first
-round when everyone reported. That costs a run one deadline at most, whoever asks.
+The first STARTUP_ROUNDS rounds of a run (and any round before some update was kept) also wait for those
+that downloaded the state while they were open (the keeper's `join`): a swarm that starts together closes
+its first round when everyone has reported, and a peer that started too slowly for the first round is
+waited for in the second. That costs a run STARTUP_ROUNDS deadlines at most, whoever asks.
 """
 
 from collections.abc import Iterable
@@ -33,6 +34,7 @@ from potluck.incentives.ledger import Ledger
 
 RECENT_ROUNDS = 2  # a key is a member while an update of it was kept in one of this many last rounds
 MAX_MISSES = 1  # rounds a member is waited for in vain before the rounds stop waiting for it
+STARTUP_ROUNDS = 2  # a run's first rounds, which wait for their joiners too
 MAX_WELCOMED = 4096  # newcomer keys remembered (past it, the oldest half is forgotten)
 
 
@@ -48,6 +50,10 @@ class Attendance:
     def started(self) -> bool:
         """Whether the run has members: some update was kept (else a round waits for its joiners)."""
         return bool(self.kept)
+
+    def waits_for_joiners(self, round_index: int) -> bool:
+        """Whether round `round_index` waits for the keys that download the state while it is open."""
+        return round_index < STARTUP_ROUNDS or not self.started
 
     def expected(self, round_index: int) -> set[bytes]:
         """The keys round `round_index` waits for: members that have not run out of misses."""

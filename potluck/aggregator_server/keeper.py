@@ -418,7 +418,7 @@ class RoundKeeper:
         if public_key in self.current.accepted:
             return False
         self.current.join(public_key)
-        if not self.attendance.started:
+        if self.attendance.waits_for_joiners(self.current.index):
             self.current.expected.add(public_key)
         if wait_for_peers and self.rounds_closed == 0 and len(self.current.arrived) == wait_for_peers:
             self.current.extend()  # everyone the first round waited for is here: give them a full deadline

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from potluck.aggregator_server.attendance import MAX_MISSES, RECENT_ROUNDS, Attendance
+from potluck.aggregator_server.attendance import MAX_MISSES, RECENT_ROUNDS, STARTUP_ROUNDS, Attendance
 from potluck.aggregator_server.closing import RoundClose
 from potluck.aggregator_server.keeper import RoundKeeper
 from potluck.protocol.identity import Identity, generate_identity
@@ -19,16 +19,17 @@ def _round_with(keeper: RoundKeeper, *senders: Identity, reason: str = "all-repo
 
 
 def test_a_key_that_only_asks_for_the_state_is_never_waited_for(tmp_path: Path) -> None:
-    # Prepare: a run under way, PEER and OTHER its members
-    keeper = _keeper(tmp_path)
+    # Prepare: a run under way (past its start-up rounds), PEER and OTHER its members
+    keeper = _keeper(tmp_path, rounds=8)
     for member in (PEER, OTHER):
         keeper.join(member.public_key, wait_for_peers=0)
-    _round_with(keeper, PEER, OTHER)
+    for _ in range(STARTUP_ROUNDS):
+        _round_with(keeper, PEER, OTHER)
     # Execute: a stranger asks for the manifest, again and again, under its key
     for _ in range(3):
         keeper.join(STRANGER.public_key, wait_for_peers=0)
     for i, member in enumerate((PEER, OTHER)):
-        assert keeper.submit(_update(keeper, member, seed=20 + i)).accepted
+        assert keeper.submit(_update(keeper, member, seed=50 + i)).accepted
     # Assert: the round closes when its members reported, and the next does not wait for the stranger either
     assert STRANGER.public_key not in keeper.current.expected
     assert keeper.current.close_reason() == "all-reported"
@@ -37,14 +38,16 @@ def test_a_key_that_only_asks_for_the_state_is_never_waited_for(tmp_path: Path) 
     keeper.ledger.close()
 
 
-def test_the_first_round_of_a_fresh_run_waits_for_its_joiners(tmp_path: Path) -> None:
+def test_the_first_rounds_of_a_fresh_run_wait_for_their_joiners(tmp_path: Path) -> None:
     keeper = _keeper(tmp_path)
 
     keeper.join(PEER.public_key, wait_for_peers=0)
-    keeper.join(OTHER.public_key, wait_for_peers=0)
+    _round_with(keeper, PEER)
+    keeper.join(OTHER.public_key, wait_for_peers=0)  # too slow for the first round: the second waits for it
 
+    assert keeper.current.index == 1 < STARTUP_ROUNDS
     assert keeper.current.expected == {PEER.public_key, OTHER.public_key}
-    assert keeper.submit(_update(keeper, PEER)).accepted
+    assert keeper.submit(_update(keeper, PEER, seed=7)).accepted
     assert keeper.current.close_reason() is None  # OTHER has not reported
     keeper.ledger.close()
 

@@ -1,6 +1,6 @@
 """Admission by work against real processes: a stranger's manifest requests under random keys do not hold rounds.
 
-An aggregator and two peers run; once the run has members (its first round closed), a fake joiner asks for
+An aggregator and two peers run; once the run is under way (past its start-up rounds), a fake joiner asks for
 the manifest under a fresh key five times a second. Every later round must still close when the two peers
 have reported, far inside its deadline. Hard timeout; no p2pd left (the `nodes` fixture checks).
 """
@@ -36,18 +36,18 @@ def _start_fake_joins(join: str, stop: threading.Event) -> "Future[FakeJoins]":
 
 @pytest.mark.timeout(150)
 def test_fake_joiners_do_not_make_rounds_wait_for_them(nodes: Nodes) -> None:
-    # Prepare: a run whose first round has closed (its two peers are members)
-    aggregator = nodes.aggregator(rounds=3, round_deadline_s=DEADLINE_S, **FAST)
+    # Prepare: a run past its start-up rounds (which wait for joiners too: attendance.py)
+    aggregator = nodes.aggregator(rounds=4, round_deadline_s=DEADLINE_S, **FAST)
     join = aggregator.next_event(lambda e: e.get("event") == "ready", timeout_s=90)["maddrs"][0]
     peers = [nodes.peer(name, join) for name in ("a", "b")]
-    aggregator.next_event(lambda e: e.get("event") == "round" and e["round"] == 0, timeout_s=90)
+    aggregator.next_event(lambda e: e.get("event") == "round" and e["round"] == 1, timeout_s=90)
     stop = threading.Event()
     attacker = _start_fake_joins(join, stop)
     try:
         # Execute: the rest of the run under fake joins
         rounds = [
             aggregator.next_event(lambda e, r=r: e.get("event") == "round" and e["round"] == r, timeout_s=DEADLINE_S)
-            for r in (1, 2)
+            for r in (2, 3)
         ]
     finally:
         stop.set()
