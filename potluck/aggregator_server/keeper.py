@@ -35,6 +35,7 @@ from potluck.aggregator_server.checkpoint import Checkpoint, load_spool, prune_s
 from potluck.aggregator_server.closed_rounds import ClosedRound, ClosedRounds
 from potluck.aggregator_server.closing import Closer, Deferred, RoundClose
 from potluck.aggregator_server.master import MasterState, token_cap
+from potluck.aggregator_server.members import Members
 from potluck.aggregator_server.reputation import BanFileError, Reputation
 from potluck.aggregator_server.rounds import Accepted, OpenRound
 from potluck.aggregator_server.validation import (
@@ -54,9 +55,6 @@ from potluck.protocol.identity import Identity, fingerprint
 from potluck.tasks.held_out import HeldOutLoss
 
 logger = logging.getLogger(__name__)
-
-# Rejections decided before the signature is known good: the ledger cannot say whose upload it was.
-UNATTRIBUTED = frozenset({"signature", "banned", "finished"})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -145,6 +143,7 @@ class RoundKeeper:
         self.rounds_closed = 0
         self.finished = False
         self.closer = Closer(self, scorer=scorer)
+        self.members = Members(ledger.accepted_counts())  # only a member's refusals leave a record (members.py)
 
     # ----------------------------------------------------------------- uploads
 
@@ -248,20 +247,22 @@ class RoundKeeper:
     ) -> Decision:
         """Report the upload, book a refusal (ledger row, strike, whom the round waits for), and answer."""
         h = upload.update.header
-        self.on_event(
-            UpdateReceived(
-                fingerprint=fingerprint(h.peer_public_key),
-                round=h.round,
-                tokens=h.tokens,
-                bytes=len(upload.payload),
-                accepted=rejection is None,
-                check=None if rejection is None else rejection.check,
-                time_s=self.clock() if upload.received_s is None else upload.received_s,
+        reported = rejection is None or self.members.reports(h.peer_public_key, rejection)
+        if reported:
+            self.on_event(
+                UpdateReceived(
+                    fingerprint=fingerprint(h.peer_public_key),
+                    round=h.round,
+                    tokens=h.tokens,
+                    bytes=len(upload.payload),
+                    accepted=rejection is None,
+                    check=None if rejection is None else rejection.check,
+                    time_s=self.clock() if upload.received_s is None else upload.received_s,
+                )
             )
-        )
         changed = taken  # a new update in the round
         if rejection is not None and not repeated:
-            self._book_refusal(upload, rejection)
+            self._book_refusal(upload, rejection, reported=reported)
             changed = True
         return Decision(
             rejection=rejection,
@@ -271,24 +272,30 @@ class RoundKeeper:
             changed=changed,
         )
 
-    def _book_refusal(self, upload: Upload, rejection: Rejection) -> None:
+    def _book_refusal(self, upload: Upload, rejection: Rejection, *, reported: bool) -> None:
         h = upload.update.header
         self.current.rejected += 1
-        if rejection.check not in UNATTRIBUTED:  # signed by its key: the ledger records it
+        member = self.members.owns(h.peer_public_key, rejection)
+        if member:  # signed by a member's key: the ledger records it (bounded per key and round: rounds.py)
             received_s = self.clock() if upload.received_s is None else upload.received_s
             entry = refused_entry(
                 upload.update, payload_bytes=len(upload.payload), rejection=rejection, received_s=received_s
             )
             self.current.refuse(entry)
+        else:
+            self.members.strangers_refused += 1
+        key = h.peer_public_key
         if rejection.check == "round" and h.round == self.current.index - 1:
-            if self.attendance.may_wait_late(h.peer_public_key, self.current.index):
-                self.current.expected.add(h.peer_public_key)  # a member, just slow: it trains this round now
-            elif self.attendance.welcome(h.peer_public_key):
-                self.current.newcomers.add(h.peer_public_key)  # a joiner, perhaps: waited for a little, once
+            if self.attendance.may_wait_late(key, self.current.index):
+                self.current.expected.add(key)  # a member, just slow: it trains this round now
+            elif self.attendance.welcome(key):
+                self.current.newcomers.add(key)  # a joiner, perhaps: waited for a little, once
         elif rejection.check not in ("signature", "banned") and h.round >= self.current.index:
-            self.current.reported.add(h.peer_public_key)  # it has had its say this round (one update a round)
-        self.record_rejection(h.peer_public_key, h.round, rejection, upload.update)
-        if rejection.check not in UNATTRIBUTED:
+            if key in self.current.expected or key in self.current.newcomers:  # only those the round waits for
+                self.current.reported.add(key)  # it has had its say this round (one update a round)
+        if reported:
+            self.record_rejection(h.peer_public_key, h.round, rejection, upload.update)
+        if member:
             self.current.remember_refusal(h.digest(), rejection)
         if self.reputation.is_banned(h.peer_public_key):
             self._forget(h.peer_public_key)  # never wait for a banned key
@@ -354,12 +361,13 @@ class RoundKeeper:
             received_s=self.clock(),
         )
         self.current.expected.add(key)
+        self.members.add(key)
         return weight
 
     def record_rejection(
         self, public_key: bytes, round_index: int, rejection: Rejection, update: SignedUpdate | None = None
     ) -> None:
-        """Log a rejection, report it (status line, swarm, and later the ledger) and strike its key."""
+        """Log a rejection, report it (status line, swarm, and later the ledger) and strike its key if a member's."""
         who = fingerprint(public_key)
         logger.warning("rejected update from %s for round %d: %s", who, round_index, rejection)
         self.on_event(
@@ -371,6 +379,8 @@ class RoundKeeper:
                 update=None if update is None else update.header.digest().hex()[:16],
             )
         )
+        if not self.members.owns(public_key, rejection):
+            return  # a stranger's failure says nothing of a volunteer's standing: no strike, no record
         try:
             ban = self.reputation.strike(public_key, round_index=self.current.index, check=rejection.check)
         except BanFileError as e:
@@ -464,6 +474,7 @@ class RoundKeeper:
         self.current = done.successor(expected=self.attendance.expected(done.index + 1))
         self.current.newcomers = done.dropped - self.current.expected  # signed, on time, decoded: work, perhaps
         self.rounds_closed += 1
+        self.members.end_round(closed.round.index)
         with contextlib.suppress(OSError):
             prune_spool(self.state_dir, before_round=closed.master.round)
         return closed
@@ -500,6 +511,8 @@ class RoundKeeper:
         self.codec, self.aggregate_codec = round_codecs(self.cfg, master.density)
         self.late_codec = self.codec
         self.attendance.seed(master.round - 1, contributors)  # kept a round ago: members, alive then
+        for key in contributors:  # in the primary's signed aggregate: it accepted their updates
+            self.members.add(key)
         self.current = OpenRound(
             index=master.round,
             deadline_s=self.cfg.round_deadline_s,

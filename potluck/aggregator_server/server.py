@@ -253,6 +253,7 @@ class AggregatorServer:
                     await announcer
             await node.shutdown()
             self.ledger.close()
+            self.reputation.close()
         self.on_event(AggregatorDone(round=self.master.round, rounds_closed=self.rounds_closed))
 
     async def _ready_event(self) -> AggregatorReady:
@@ -471,6 +472,7 @@ class AggregatorServer:
         """
         async with self.lock:
             round_index = self.keeper.ban(public_key, reason=reason, issuer=issuer)
+        await asyncio.to_thread(self.reputation.flush)  # on disk before this returns (and the operator is told)
         self.on_event(Banned(fingerprint=fingerprint(public_key), round=round_index, reason=reason))
         self._wake.set()
 
@@ -481,6 +483,7 @@ class AggregatorServer:
         """Lift a key's ban; False if it was not banned."""
         async with self.lock:
             lifted = self.reputation.lift(public_key)
+        await asyncio.to_thread(self.reputation.flush)
         if lifted:
             self.on_event(Unbanned(fingerprint=fingerprint(public_key)))
         return lifted

@@ -35,10 +35,17 @@ def bans_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """The banned keys, with why and when, and the keys with strikes against them."""
-    from potluck.aggregator_server.reputation import Reputation
+    from potluck.aggregator_server.reputation import BANS_FILE, LEGACY_BANS_FILE, Ban, Reputation
     from potluck.protocol.identity import fingerprint
 
-    reputation = Reputation.open(state_dir.expanduser())
+    state_dir = state_dir.expanduser()
+    banned: list[Ban] = []
+    struck: dict[bytes, list[int]] = {}
+    if any((state_dir / name).is_file() for name in (BANS_FILE, LEGACY_BANS_FILE)):  # else create nothing there
+        reputation = Reputation.open(state_dir)
+        reputation.close()
+        banned = list(reputation.bans.values())
+        struck = {k: v for k, v in reputation.strikes.items() if k not in reputation.bans}
     bans: list[dict[str, Any]] = [
         {
             "fingerprint": fingerprint(b.public_key),
@@ -46,9 +53,9 @@ def bans_list(
             "reason": b.reason,
             "round": b.round,
         }
-        for b in reputation.bans.values()
+        for b in banned
     ]
-    strikes = {fingerprint(k): v for k, v in reputation.strikes.items() if k not in reputation.bans}
+    strikes = {fingerprint(k): v for k, v in struck.items()}
     if as_json:
         print(json.dumps({"bans": bans, "strikes": strikes}))
         return
@@ -72,8 +79,12 @@ def bans_add(
     from potluck.protocol.identity import fingerprint
 
     reputation = Reputation.open(state_dir.expanduser())
-    public_key = _resolve_key(reputation, key)
-    reputation.ban(public_key, reason=reason)
+    try:
+        public_key = _resolve_key(reputation, key)
+        reputation.ban(public_key, reason=reason)
+        reputation.flush()  # on disk before this says so; a running aggregator reloads on the commit
+    finally:
+        reputation.close()
     print(f"banned {fingerprint(public_key)}")
 
 
@@ -87,7 +98,12 @@ def bans_lift(
     from potluck.protocol.identity import fingerprint
 
     reputation = Reputation.open(state_dir.expanduser())
-    public_key = _resolve_key(reputation, key)
-    if not reputation.lift(public_key):
+    try:
+        public_key = _resolve_key(reputation, key)
+        lifted = reputation.lift(public_key)
+        reputation.flush()
+    finally:
+        reputation.close()
+    if not lifted:
         raise UsageError(f"{fingerprint(public_key)} is not banned")
     print(f"lifted the ban on {fingerprint(public_key)}")

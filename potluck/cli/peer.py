@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 _HELP_ORDER = (
     *("join", "identity", "data", "task", "tokenizer", "device", "batch_size", "micro_batch", "checkpointing"),
     "return_memory",
-    *("max_rounds", "client_mode", "run", "port", "host"),
+    *("max_rounds", "client_mode", "run", "aggregator_key", "port", "host"),
     *("threads", "reconnect_timeout", "join_timeout", "receipts", "http_port", "http_host", "overlap"),
     *("overlap_limit", "speed", "plan", "plan_peers", "eval_batches", "serve_state", "serverless", "config", "set_"),
     "as_json",

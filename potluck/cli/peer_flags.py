@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from potluck.cli.common import DEFAULT_IDENTITY, DEFAULT_RECEIPTS
 from potluck.cli.flags import Flags, flag
 from potluck.protocol.config import check_data_source
+from potluck.protocol.identity import public_key_from_hex
 
 if TYPE_CHECKING:
     from potluck.peer.options import PeerOptions
@@ -117,6 +118,14 @@ class PeerFlags(NodeFlags):
     """What a peer of a run with aggregators takes (`potluck peer`, and each peer `potluck swarm` starts)."""
 
     run: Annotated[str | None, flag("--run", help="Which run to join when the DHT carries several.")] = None
+    aggregator_key: Annotated[
+        tuple[str, ...],
+        flag(
+            "--aggregator-key",
+            help="Trust only this aggregator key (64 hex characters, from the run's operator); repeatable. "
+            "[default: the key of the --join aggregator, else the keys pinned beside --identity at first join]",
+        ),
+    ] = ()
     tokenizer: Annotated[
         Path | None,
         flag(
@@ -193,6 +202,17 @@ class PeerFlags(NodeFlags):
         ),
     ] = True
 
+    @field_validator("aggregator_key")
+    @classmethod
+    def _keys_are_hex(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        keys = tuple(v.strip().lower() for v in values)
+        for value, key in zip(values, keys, strict=True):
+            try:
+                public_key_from_hex(key)
+            except ValueError:
+                raise ValueError(f"--aggregator-key {value!r:.80}: a key is 64 hex characters") from None
+        return keys
+
     @model_validator(mode="after")
     def _overlap_limit_needs_overlap(self) -> PeerFlags:
         if self.overlap_limit < 1 and not self.overlap:
@@ -209,6 +229,7 @@ class PeerFlags(NodeFlags):
         `tokenizer`: the sha256 of the --tokenizer file, once read and checked.
         """
         from potluck.peer.options import PeerOptions  # torch: only a peer that runs needs it, not --help
+        from potluck.peer.trust import pin_file
         from potluck.training.device import pick_device
 
         return PeerOptions(
@@ -216,6 +237,8 @@ class PeerFlags(NodeFlags):
             host_maddrs=(listen_maddr(self.host, self.port, join),),
             client_mode=self.client_mode,
             run=self.run,
+            aggregator_keys=self.aggregator_key,
+            trust_file=pin_file(self.identity.expanduser()),
             data=self.data,
             tokenizer=tokenizer,
             device=pick_device(self.device),

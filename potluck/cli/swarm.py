@@ -237,6 +237,7 @@ def swarm(
         TimeElapsedColumn(),
         console=stderr,
         transient=False,
+        disable=not stderr.is_terminal,  # piped: the per-round lines say it all, no bar cut at the width
     ) as progress:  # run_swarm stops every child on Ctrl-C and SIGTERM too
         result = run_swarm(options, on_event=_SwarmProgress(progress, rounds=cfg.rounds, serverless=serverless))
     kept_at = None if kept is None else kept.expanduser().resolve()

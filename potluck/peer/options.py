@@ -30,6 +30,10 @@ class PeerOptions:
     host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
     client_mode: bool = False
     run: str | None = None  # which run to join when the DHT carries several
+    # The run's aggregator keys (hex) given with --aggregator-key: trusted instead of asking the --join node
+    aggregator_keys: tuple[str, ...] = ()
+    # Where the run's aggregator keys are pinned at first join and trusted on restart (None: nothing pinned)
+    trust_file: Path | None = None
     data: str | None = None  # this peer's own text (None: the run's data)
     tokenizer: str | None = None  # the sha256 of the tokenizer.json this volunteer brought: the run's must match
     device: torch.device = torch.device("cpu")

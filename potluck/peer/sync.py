@@ -24,6 +24,7 @@ from potluck.peer.holder_trust import state_members
 from potluck.peer.options import PeerError, PeerOptions, RunFinished
 from potluck.peer.records import HeldOutScore, Master, Shard, Tally
 from potluck.peer.state_download import Donor, DownloadFailed, Fetched, fetch_chunks
+from potluck.peer.trust import Root, choose_root, keep_pin, read_pin, root_from_join
 from potluck.protocol.backoff import backoff_s
 from potluck.protocol.client import AggregatorLink, AggregatorRefused, AggregatorUnreachable
 from potluck.protocol.config import RunConfig
@@ -91,24 +92,37 @@ class Sync:
         self.cfg: RunConfig | None = None  # the run's config, from the last state downloaded
         self.synced_at = time.monotonic()  # when that state arrived: the first round's time box counts from here
         self.skips = SkipLog()  # announcements skipped, each logged once
+        # The aggregator keys trusted before the run's config is known (trust.py): None until found.
+        self.root: Root | None = None
+        self.pinned = None if options.trust_file is None else read_pin(options.trust_file)  # TrustError: now
 
     # ----------------------------------------------------------------- discovery
 
-    async def announcements(self) -> list[AggregatorAnnouncement]:
+    async def announcements(self, cfg: RunConfig | None = None) -> list[AggregatorAnnouncement]:
         """This run's aggregator announcements on the DHT, from sources that have not served a bad state.
 
+        `cfg`: the run's config when it is known before `self.cfg` is (the first shard's, in a sharded run).
+
         Another version's or another run's announcement is skipped, never fatal (discovery.py): anyone can
-        write one. Only the run's own aggregators, once its config is known, can tell this peer to upgrade.
+        write one. Before the run's config is known only the trust root's keys count (trust.py), then the
+        config's; only those can tell this peer to upgrade.
         """
+        cfg, root = cfg or self.cfg, None
+        if cfg is None:
+            root = await self.trust_root()
         result = await self.node.dht.get(AGGREGATORS_KEY, latest=True)
-        cfg = self.cfg
-        announcements = usable_announcements(
-            parse_announcements(result),
-            run=self.options.run if cfg is None else cfg.run_name,
-            run_keys=None if cfg is None else cfg.aggregator_keys,
-            joined={peer_id_of(a).to_bytes() for a in self.join_addrs},
-            log=self.skips,
-        )
+        try:
+            announcements = usable_announcements(
+                parse_announcements(result),
+                run=self.options.run if cfg is None else cfg.run_name,
+                run_keys=root.hex_keys if root is not None else cfg.aggregator_keys if cfg is not None else (),
+                joined={peer_id_of(a).to_bytes() for a in self.join_addrs},
+                log=self.skips,
+            )
+        except AggregatorUnreachable as e:
+            if root is None:
+                raise
+            raise AggregatorUnreachable(f"{e} (this peer trusts only {root.source})") from e
         trusted = [a for a in announcements if a.public_key not in self.refused_sources]
         if not trusted:
             raise AggregatorUnreachable(
@@ -116,6 +130,38 @@ class Sync:
             )
         alive = [a for a in trusted if a.public_key not in self.abandoned]  # a gone one's record lingers a while
         return alive or trusted
+
+    async def trust_root(self) -> Root:
+        """The aggregator keys this peer trusts before it has the run's config (trust.py), found once.
+
+        AggregatorUnreachable (retried) while neither --aggregator-key, the --join node nor a pin gives any.
+        """
+        if self.root is None:
+            proven, why = None, None
+            if not self.options.aggregator_keys:
+                try:
+                    proven = await root_from_join(
+                        self.node,
+                        self.join_addrs,
+                        requester=self.identity.public_key,
+                        client_mode=self.options.client_mode,
+                        run=self.options.run,
+                    )
+                except AggregatorUnreachable as e:
+                    why = e
+            root = choose_root(
+                flag_keys=self.options.aggregator_keys,
+                proven=proven,
+                pinned=self.pinned,
+                run=self.options.run,
+                pin_path=self.options.trust_file,
+            )
+            if root is None:
+                assert why is not None  # choose_root finds nothing only when the --join node proved nothing
+                raise why
+            logger.info("trusting %d aggregator key(s): %s", len(root.keys), root.source)
+            self.root = root
+        return self.root
 
     async def find_aggregator(self) -> AggregatorLink:
         """The aggregator to sync from first: the one named with --join when it is announced, else the newest."""
@@ -180,7 +226,7 @@ class Sync:
         cfg, h, first, params = await self._fetch_shard(self.announcement, self.link, sources=sources)
         shards = {first.index: first}
         if cfg.shards > 1:
-            announced = await self.announcements()
+            announced = await self.announcements(cfg)  # the trusted first shard's config names the others
             for index in range(cfg.shards):
                 if index in shards:
                     continue
@@ -201,6 +247,7 @@ class Sync:
         params = {name: params[name] for name in shapes}  # the model's order: payloads depend on it
         val_loss = await self.score(cfg, params)
         self.cfg, self.synced_at = cfg, time.monotonic()
+        keep_pin(self.options.trust_file, cfg.run_name, cfg.aggregator_keys)  # a restart trusts only these
         logger.info("synced run %r at round %d from %s", cfg.run_name, h.round, fingerprint(first.key))
         self.on_event(
             PeerSynced(

@@ -4,7 +4,8 @@ In a sharded run a peer uploads to every shard's aggregator, so a key that one o
 be refused by all. Each aggregator keeps one record under BANS_KEY, at the owner-marked subkey of its own
 key (dht_schema.Ed25519RecordValidator lets nobody else write it). The value is itself a signed message,
 so a reader checks it even on a DHT started without the validator, and it applies a list only when
-the signer is one of its run's `aggregator_keys` and the list names its run's config hash.
+the signer is one of its run's `aggregator_keys` and the list names its run's config hash. A list from
+any other key is skipped quietly and changes nothing: anyone can write one on an open DHT.
 """
 
 import logging
@@ -30,6 +31,10 @@ _DOMAIN = b"potluck/ban-list/v1\0"
 
 class BanRecordError(PotluckError):
     """A ban list that is malformed, unsigned, or not from an aggregator of this run (one line)."""
+
+
+class StrangerBanList(BanRecordError):
+    """A ban list whose issuer is not an aggregator of this run: anyone may write one, so it is skipped unread."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -89,12 +94,12 @@ def parse_ban_list(subkey: Any, data: Any, *, config_hash: str, trusted: frozens
         raise BanRecordError("ban list issuer must be a raw Ed25519 key")
     if subkey != announcement_subkey(issuer):
         raise BanRecordError(f"ban list of {fingerprint(issuer)} is stored under another subkey")
+    if issuer not in trusted:  # before the signature: a stranger's list costs no verification
+        raise StrangerBanList(f"ban list from {fingerprint(issuer)}, which is not an aggregator of this run")
     if not verify_signature(
         issuer, signature, _DOMAIN + msgpack.packb(body, use_bin_type=True, use_single_float=False)
     ):
         raise BanRecordError(f"ban list signature does not verify under {fingerprint(issuer)}")
-    if issuer not in trusted:
-        raise BanRecordError(f"ban list from {fingerprint(issuer)}, which is not an aggregator of this run")
     if hashed != config_hash:
         raise BanRecordError(f"ban list from {fingerprint(issuer)} is for another run config")
     if not (isinstance(bans, list) and isinstance(timestamp_s, float) and math.isfinite(timestamp_s)):
@@ -121,6 +126,8 @@ def parse_ban_lists(result: Any, *, config_hash: str, trusted: frozenset[bytes])
             lists.append(
                 parse_ban_list(subkey, getattr(item, "value", None), config_hash=config_hash, trusted=trusted)
             )
+        except StrangerBanList as e:  # the DHT is open: strangers' lists are expected, never news
+            logger.debug("ignoring a ban list under subkey %.90r: %s", subkey, e)
         except BanRecordError as e:
             logger.warning("ignoring a ban list under subkey %.90r: %s", subkey, e)
     return lists

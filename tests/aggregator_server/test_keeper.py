@@ -122,27 +122,28 @@ def _second(keeper: RoundKeeper) -> Upload:
     return _update(keeper, PEER, seed=2)
 
 
-@pytest.mark.parametrize(
-    ("make", "check", "attributed", "strike"),
-    [
-        (_forged, "signature", False, False),
-        (_banned, "banned", False, False),
-        (_finished, "finished", False, False),
-        (_old, "freshness", True, False),
-        (lambda k: _resigned(_update(k, PEER), PEER, round=2), "round", True, False),
-        (lambda k: _resigned(_update(k, PEER), PEER, run_id="another"), "run", True, True),
-        (lambda k: _resigned(_update(k, PEER), PEER, codec="int8"), "codec", True, True),
-        (lambda k: _update(k, PEER, density=1 / 2), "decode", True, True),
-        (_copied, "replay", True, True),
-        (_second, "duplicate", True, True),
-    ],
-)
+REFUSALS = [
+    (_forged, "signature", False, False),
+    (_banned, "banned", False, False),
+    (_finished, "finished", False, False),
+    (_old, "freshness", True, False),
+    (lambda k: _resigned(_update(k, PEER), PEER, round=2), "round", True, False),
+    (lambda k: _resigned(_update(k, PEER), PEER, run_id="another"), "run", True, True),
+    (lambda k: _resigned(_update(k, PEER), PEER, codec="int8"), "codec", True, True),
+    (lambda k: _update(k, PEER, density=1 / 2), "decode", True, True),
+    (_copied, "replay", True, True),
+    (_second, "duplicate", True, True),
+]
+
+
+@pytest.mark.parametrize(("make", "check", "attributed", "strike"), REFUSALS)
 def test_each_refusal_names_its_check_and_is_booked_as_the_check_says(
     tmp_path: Path, make: Callable[[RoundKeeper], Upload], check: str, attributed: bool, strike: bool
 ) -> None:
     """Only a validly signed refusal is a ledger row (`attributed`); only some checks are a strike (reputation.py)."""
-    # Prepare
+    # Prepare: PEER is a member (an update of its was accepted in an earlier round)
     keeper = _keeper(tmp_path, clock=_Clock())
+    keeper.members.add(PEER.public_key)
     upload = make(keeper)
     rejected_before = keeper.current.rejected
     # Execute
@@ -158,8 +159,48 @@ def test_each_refusal_names_its_check_and_is_booked_as_the_check_says(
     keeper.ledger.close()
 
 
+@pytest.mark.parametrize(("make", "check"), [(make, check) for make, check, _, _ in REFUSALS if check != "duplicate"])
+def test_a_key_with_no_accepted_update_is_refused_without_a_record(
+    tmp_path: Path, make: Callable[[RoundKeeper], Upload], check: str
+) -> None:
+    """Anyone can sign each upload with a fresh key: a stranger's refusal is no ledger row and no strike."""
+    # Prepare
+    keeper = _keeper(tmp_path, clock=_Clock())
+    upload = make(keeper)
+    # Execute
+    decision = keeper.submit(upload)
+    # Assert
+    assert decision.rejection is not None and decision.rejection.check == check
+    assert keeper.current.refused == [] and keeper.current.answered == {}
+    assert PEER.public_key not in keeper.reputation.strikes
+    keeper.ledger.close()
+
+
+def test_the_ledgers_accepted_keys_are_members_after_a_restart(tmp_path: Path) -> None:
+    # Prepare: round 0 closes with PEER's update
+    keeper = _keeper(tmp_path)
+    assert keeper.submit(_update(keeper, PEER)).accepted
+    assert isinstance(keeper.close("all-reported"), RoundClose)
+    keeper.ledger.close()
+    # Execute
+    restarted = _keeper(tmp_path)
+    # Assert
+    assert restarted.members.keys == {PEER.public_key}
+    restarted.ledger.close()
+
+
+def test_a_standby_taking_over_counts_the_primarys_last_contributors_as_members(tmp_path: Path) -> None:
+    keeper = _keeper(tmp_path)
+
+    keeper.take_over(keeper.master, {PEER.public_key})
+
+    assert PEER.public_key in keeper.members and OTHER.public_key not in keeper.members
+    keeper.ledger.close()
+
+
 def test_a_refused_update_sent_again_gets_the_same_answer_without_a_second_strike(tmp_path: Path) -> None:
     keeper = _keeper(tmp_path)
+    keeper.members.add(PEER.public_key)
     wrong = _resigned(_update(keeper, PEER), PEER, codec="int8")
 
     answers = [keeper.submit(wrong) for _ in range(3)]

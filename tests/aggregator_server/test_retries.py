@@ -19,6 +19,7 @@ def test_a_refused_update_sent_again_gets_the_same_answer_and_no_second_strike(t
         # Prepare: an update in the wrong codec, signed by its peer (a strike: ban_after_rejections = 3)
         server = make_server(tmp_path)
         peer = generate_identity()
+        server.keeper.members.add(peer.public_key)  # an update of its was accepted before: it can be struck
         good, payload = signed_test_update(*await state(server), sender=peer, tokens=2048)
         wrong = sign_update(dataclasses.replace(good.header, codec="int8", nonce=new_nonce()), peer)
         # Execute: the same update five times, as retries after lost replies would send it

@@ -79,7 +79,8 @@ async def _submit_retrying(link: AggregatorLink, update, payload: bytes):  # noq
 
 
 async def _strike_out_then_submit(join: str, *, offender: Identity, strikes: int) -> list:  # noqa: ANN401
-    """Send `strikes` updates with the wrong codec, then a good one; return all receipts."""
+    """Send a good update (the offender becomes a member: only members are struck), `strikes` other updates
+    for the same round, then the good one again; return all receipts."""
     node = await start_node(initial_peers=[join])
     try:
         link = AggregatorLink(node.p2p, peer_id_of(parse_join_address(join)))
@@ -90,7 +91,7 @@ async def _strike_out_then_submit(join: str, *, offender: Identity, strikes: int
             for _ in range(strikes)
         ]
         receipts = []
-        for update in [*updates, good]:
+        for update in [good, *updates, good]:
             receipts.append(await _submit_retrying(link, update, payload))
         return receipts
     finally:
@@ -99,13 +100,14 @@ async def _strike_out_then_submit(join: str, *, offender: Identity, strikes: int
 
 @pytest.mark.timeout(200)
 def test_a_banned_key_stays_banned_after_a_restart(nodes: Nodes, tmp_path: Path) -> None:
-    # Prepare: a key that fails three checks in a round is banned (ban_after_rejections = 3)
+    # Prepare: a member whose updates fail three checks in a round is banned (ban_after_rejections = 3)
     port, state_dir = free_port(), tmp_path / "durable"
     first = nodes.aggregator("first", state_dir=state_dir, port=port, **SETTINGS)
     join = first.next_event(lambda e: e.get("event") == "ready", timeout_s=90)["maddrs"][0]
     offender = generate_identity()
     before = asyncio.run(asyncio.wait_for(_strike_out_then_submit(join, offender=offender, strikes=3), 60))
-    assert [r.reason.split(":")[0] for r in before] == ["codec", "codec", "codec", "banned"]
+    assert before[0].accepted
+    assert [r.reason.split(":")[0] for r in before[1:]] == ["duplicate", "duplicate", "duplicate", "banned"]
     first.next_event(lambda e: e.get("event") == "banned", timeout_s=10)
     # Execute
     first.kill()

@@ -66,6 +66,7 @@ def test_swarm_of_three_trains_and_leaves_nothing_running(tmp_path: Path) -> Non
     # its output is piped, so no progress bar is drawn: a status line per round tells CI and `docker logs`
     status = [line.split(" done | ")[0] for line in done.stderr.splitlines() if " done | held-out loss " in line]
     assert status == ["round 1/4", "round 2/4", "round 3/4", "round 4/4"], done.stderr[-2000:]
+    assert "━" not in done.stderr, done.stderr[-2000:]  # nor the bar's last frame, cut at the pipe's width
     # no round waited for the slow peer past its deadline (closing takes a moment more), and its tokens count
     assert all(r["round_s"] < DEADLINE_S + 2 for r in result["rounds"]), [r["round_s"] for r in result["rounds"]]
     slow = result["peers"][2]

@@ -1,12 +1,13 @@
 """Joiners trust nothing unsigned: a tampered or wrongly signed state is refused and another source is tried.
 
 A forger (tests/integration/forger.py, a real process on the same DHT) announces itself as an aggregator
-of the run and serves the real state with a byte flipped, or re-signed under its own key. The joiner is
-pointed at the forger, so the forger is its first choice.
+of the run and serves the real state with a byte flipped, or re-signed under its own key. A joiner pointed
+at the forger takes no run from it (peer/trust.py): only one given the run's key joins the real run.
 """
 
 import pytest
 
+from potluck.protocol.identity import load_or_create_identity, public_key_to_hex
 from tests.integration.swarm_helpers import Nodes
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -20,22 +21,26 @@ def _is(kind: str):  # noqa: ANN202 - a predicate factory
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("tamper", ["payload", "resign"])
-def test_a_joiner_refuses_a_forged_state_and_trains_from_the_real_aggregator(nodes: Nodes, tamper: str) -> None:
+def test_a_joiner_takes_no_run_from_a_forger_at_join_and_trains_with_the_runs_key(nodes: Nodes, tamper: str) -> None:
     # Prepare: the forger's state fetch makes the aggregator wait for one key that never submits: short deadline
     aggregator = nodes.aggregator(rounds=40, round_deadline_s=20, **FAST)
     real = aggregator.next_event(_is("ready"), timeout_s=90)["maddrs"][0]
+    real_key, _ = load_or_create_identity(nodes.work_dir / "aggregator" / "identity.key")
     forger = nodes.start("forger", "--join", real, "--tamper", tamper, module="tests.integration.forger")
     forged = forger.next_event(_is("ready"), timeout_s=90)["maddrs"][0]
-    # Execute
-    joiner = nodes.peer("joiner", forged, "--max-rounds", "1")
-    # Assert
-    refused = joiner.next_event(_is("state-refused"), timeout_s=90)
-    forger.next_event(_is("served"), timeout_s=5)  # the joiner did ask the forger first
-    synced = joiner.next_event(_is("synced"), timeout_s=90)
-    assert synced["aggregator"] != refused["aggregator"]
-    first_round = joiner.next_event(_is("round"), timeout_s=120)
+    # Execute: both join through the forger; one was given the run's key
+    alone = nodes.peer("alone", forged, "--max-rounds", "1", "--reconnect-timeout", "10")
+    keyed = nodes.peer(
+        "keyed", forged, "--max-rounds", "1", "--aggregator-key", public_key_to_hex(real_key.public_key)
+    )
+    # Assert: without a key the forger's run is never trained (its state, signed by itself, is refused)
+    assert alone.wait_exit(timeout_s=120) == 2
+    assert not any(e.get("event") in ("synced", "round") for e in alone.all_events(timeout_s=10))
+    synced = keyed.next_event(_is("synced"), timeout_s=90)
+    assert synced["aggregator"] == real_key.fingerprint
+    first_round = keyed.next_event(_is("round"), timeout_s=120)
     assert first_round["accepted"], first_round["reason"]
-    assert joiner.wait_exit(timeout_s=60) == 0
+    assert keyed.wait_exit(timeout_s=60) == 0
 
 
 @pytest.mark.timeout(240)

@@ -17,7 +17,7 @@ from potluck.peer.sync import Sync
 from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.client import AggregatorRefused
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, sign_announcement
-from potluck.protocol.identity import Identity, generate_identity
+from potluck.protocol.identity import Identity, generate_identity, public_key_to_hex
 from potluck.protocol.wire import RefusalCode
 from tests.peer.test_discovery import announcement
 
@@ -74,7 +74,7 @@ def test_a_joiner_picks_the_real_aggregator_among_strangers_of_another_version_a
     sync = Sync(
         SimpleNamespace(dht=dht, p2p=None),  # type: ignore[arg-type]  # discovery asks only the DHT
         generate_identity(),
-        PeerOptions(join=(), run="tiny-run"),
+        PeerOptions(join=(), run="tiny-run", aggregator_keys=(public_key_to_hex(real.public_key),)),
         join_addrs=[],
         tally=Tally(),
         score=HeldOutScore(0),

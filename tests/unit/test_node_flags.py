@@ -38,6 +38,7 @@ NODE = {
 PEER = PeerFlags(
     **NODE,
     run="tiny",
+    aggregator_key=("ab" * 32, "cd" * 32),
     tokenizer=Path("/tmp/tokenizer.json"),
     reconnect_timeout=12.5,
     join_timeout=7.0,
