@@ -97,6 +97,7 @@ def test_the_keeper_drops_a_statistical_outlier_without_a_strike_until_it_repeat
 ) -> None:
     # Arrange
     keeper = _keeper(tmp_path)
+    keeper.members.add(PEER.public_key)  # only a member of the run is struck at all
     outlier = Rejection(check="norm", detail="norm 9.9 is 40 robust deviations above the round's median 1")
     threshold, ban_after = keeper.noise.threshold, keeper.reputation.ban_after
     # Act: the same key is a statistical outlier round after round, as a persistent attacker is
