@@ -1,4 +1,5 @@
-"""`potluck redteam`: a local swarm with misbehaving peers, against the same swarm clean and undefended."""
+"""`potluck redteam`: a local swarm with misbehaving peers, against the same swarm clean and undefended; or an honest
+swarm with an attacker from outside the run (a network attack), against the same swarm calm."""
 
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ from rich.table import Table
 from potluck.cli.common import UsageError, stderr, stdout
 from potluck.events import Event, RoundClosed
 
+# the names only: potluck.lab.redteam.network imports torch and hivemind, which --help does not need
+NETWORK_ATTACK_NAMES = ("silent-streams", "unread-replies", "dht-strangers", "stranger-uploads", "http-flood")
+
 
 def redteam(
     attack: Annotated[
         str,
         typer.Option(
-            help="The misbehaviour: nan, noise, scaled, sign-flip, zero, stale, replay, forged, wrong-base, "
-            "alie, ipm, label-flip, copycat, sybil or bitflip."
+            help="A peer's misbehaviour: nan, noise, scaled, sign-flip, zero, stale, replay, forged, wrong-base, "
+            "alie, ipm, label-flip, copycat, sybil or bitflip. Or a network attack from outside the run, against "
+            "the aggregator of an honest swarm: " + ", ".join(NETWORK_ATTACK_NAMES) + " (--adversaries and "
+            "--strength do not apply; the report compares round times and honest uploads with a calm run)."
         ),
     ],
     peers: Annotated[int, typer.Option(help="Peers in all, adversaries included.", min=2, max=64)] = 8,
@@ -48,6 +54,9 @@ def redteam(
         "inner.warmup_steps": min(10, rounds * local_steps),
     }
     cfg = RunConfig().with_overrides({**overrides, **parse_overrides(set_ or [])}, source="flags")
+    if attack in NETWORK_ATTACK_NAMES:
+        _network(cfg, attack=attack, peers=peers, timeout=timeout, as_json=as_json)
+        return
     done: dict[str, int] = {}
 
     def on_event(run: str, child: str, event: Event) -> None:
@@ -93,3 +102,38 @@ def redteam(
         )
     stdout.print(table)
     stdout.print("  ".join(f"{name}: {'ok' if ok else 'NOT MET'}" for name, ok in verdict(report).items()))
+
+
+def _network(cfg: Any, *, attack: str, peers: int, timeout: float, as_json: bool) -> None:
+    """`--attack <network attack>`: the honest swarm calm, then under the attack; a table or one JSON object."""
+    import json
+
+    from potluck.lab.children import sigterm_unwinds
+    from potluck.lab.redteam.network import network_to_json_ready, network_verdict, run_network_redteam
+
+    def on_event(run: str, child: str, event: Event) -> None:
+        if child == "aggregator" and isinstance(event, RoundClosed):
+            stderr.print(
+                f"{run:>10}: round {event.round + 1}/{cfg.rounds} in {event.round_s:.1f} s ({event.closed_by})"
+            )
+
+    with sigterm_unwinds():  # each swarm stops its children (and the attacker), and SIGTERM starts no next swarm
+        report = run_network_redteam(cfg, attack=attack, peers=peers, timeout_s=timeout, on_event=on_event)
+    if as_json:
+        print(json.dumps(network_to_json_ready(report)))
+        return
+    table = Table(title=f"network attack {attack} ({report['what']}): {peers} honest peers, {cfg.rounds} rounds")
+    for column in ("", "calm", "attacked"):
+        table.add_column(column, justify="right")
+    seconds = lambda s: "-" if s is None else f"{s:.2f} s"  # noqa: E731
+    calm, attacked = report["calm"], report["attacked"]
+    table.add_row("rounds", str(calm["rounds"]), str(attacked["rounds"]))
+    table.add_row("median round time", seconds(calm["median_round_s"]), seconds(attacked["median_round_s"]))
+    table.add_row("closed by deadline", str(calm["closed_by_deadline"]), str(attacked["closed_by_deadline"]))
+    for key in ("honest_accepted", "honest_rejected"):
+        table.add_row(key.replace("_", " "), str(calm[key]), str(attacked[key]))
+    ratio = report["round_time_ratio"]
+    table.add_row("round time, attacked / calm", "", "-" if ratio is None else f"{ratio:.2f}x")
+    stdout.print(table)
+    stdout.print("attacker: " + (", ".join(f"{k} {v}" for k, v in report["attacker"].items()) or "no counters"))
+    stdout.print("  ".join(f"{name}: {'ok' if ok else 'NOT MET'}" for name, ok in network_verdict(report).items()))
