@@ -180,8 +180,8 @@ class Closer:
                 closing.refuse(
                     refused_entry(a.update, payload_bytes=len(a.payload), rejection=rejection, received_s=a.received_s)
                 )
-            if not k.reputation.is_banned(key):
-                closing.expect(key, late=True)  # alive: the next round still waits for it
+            closing.reported.add(key)  # it has had its say: a round left open does not wait for it again
+            closing.dropped.add(key)
         if head is None:
             logger.warning("round %d: every update was dropped at close; waiting another deadline", closing.index)
             closing.extend()

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from potluck.aggregator_server.accounting import refused_entry
+from potluck.aggregator_server.attendance import Attendance
 from potluck.aggregator_server.checkpoint import Checkpoint, load_spool, prune_spool, save_checkpoint, spool_update
 from potluck.aggregator_server.closed_rounds import ClosedRound, ClosedRounds
 from potluck.aggregator_server.closing import Closer, Deferred, RoundClose
@@ -139,6 +140,8 @@ class RoundKeeper:
             index=master.round, deadline_s=cfg.round_deadline_s, target_tokens=cfg.target_tokens_per_round
         )
         self.closed = ClosedRounds() if closed is None else closed
+        self.attendance = Attendance.from_ledger(ledger, round_index=master.round)  # whom rounds wait for
+        self.current.expected = self.attendance.expected(master.round)
         self.rounds_closed = 0
         self.finished = False
         self.closer = Closer(self, scorer=scorer)
@@ -283,17 +286,21 @@ class RoundKeeper:
             self.current.refuse(entry)
         else:
             self.members.strangers_refused += 1
-        if rejection.check == "round" and h.round < self.current.index:
-            self.current.expect(h.peer_public_key, late=True)  # alive, just slow: wait for it next time
-        elif rejection.check not in ("signature", "banned") and h.round == self.current.index:
-            if h.peer_public_key in self.current.expected:  # only a key the round waits for needs to report
-                self.current.reported.add(h.peer_public_key)  # it has had its say this round
+        key = h.peer_public_key
+        if rejection.check == "round" and h.round == self.current.index - 1:
+            if self.attendance.may_wait_late(key, self.current.index):
+                self.current.expected.add(key)  # a member, just slow: it trains this round now
+            elif self.attendance.welcome(key):
+                self.current.newcomers.add(key)  # a joiner, perhaps: waited for a little, once
+        elif rejection.check not in ("signature", "banned") and h.round >= self.current.index:
+            if key in self.current.expected or key in self.current.newcomers:  # only those the round waits for
+                self.current.reported.add(key)  # it has had its say this round (one update a round)
         if reported:
             self.record_rejection(h.peer_public_key, h.round, rejection, upload.update)
         if member:
             self.current.remember_refusal(h.digest(), rejection)
         if self.reputation.is_banned(h.peer_public_key):
-            self.current.expected.discard(h.peer_public_key)  # never wait for a banned key
+            self._forget(h.peer_public_key)  # never wait for a banned key
 
     def upload_codec(self, late: bool) -> Codec:
         """The codec an upload for the open round (or, `late`, for the round before) was encoded with."""
@@ -416,15 +423,18 @@ class RoundKeeper:
     # ----------------------------------------------------------------- who the round waits for
 
     def join(self, public_key: bytes, *, wait_for_peers: int) -> bool:
-        """A joiner downloads the state: the open round waits for it; True when the first round's wait is over.
+        """A joiner downloads the state; True when the first round's wait for `wait_for_peers` is over.
 
-        `wait_for_peers` is how many the first round waits for (ServerOptions); when the last of them
-        comes, the round gets a full deadline from now.
+        The request is unauthenticated: the open round waits for the joiner only while the run has no member
+        yet (attendance.py). `wait_for_peers` is how many the first round waits for (ServerOptions); when
+        the last of them comes, the round gets a full deadline from now.
         """
         if public_key in self.current.accepted:
             return False
-        self.current.expect(public_key, late=False)
-        if wait_for_peers and self.rounds_closed == 0 and len(self.current.expected) == wait_for_peers:
+        self.current.join(public_key)
+        if self.attendance.waits_for_joiners(self.current.index):
+            self.current.expected.add(public_key)
+        if wait_for_peers and self.rounds_closed == 0 and len(self.current.arrived) == wait_for_peers:
             self.current.extend()  # everyone the first round waited for is here: give them a full deadline
             return True
         return False
@@ -435,8 +445,12 @@ class RoundKeeper:
         `issuer`: the run's other aggregator the ban was learned from (None: this one's own).
         """
         ban = self.reputation.ban(public_key, reason=reason, issuer=issuer)
-        self.current.expected.discard(public_key)
+        self._forget(public_key)
         return ban.round
+
+    def _forget(self, public_key: bytes) -> None:
+        self.current.expected.discard(public_key)
+        self.attendance.kept.pop(public_key, None)
 
     def known_keys(self) -> set[bytes]:
         """Every peer key this run has seen: banned, struck, waited for, contributing, or in the ledger."""
@@ -459,7 +473,10 @@ class RoundKeeper:
         self.late_codec = self.codec
         self.codec, self.aggregate_codec = round_codecs(self.cfg, closed.master.density)
         self.closed.add(closed.record)
-        self.current = closed.round.successor()
+        done = closed.round
+        self.attendance.round_closed(done.index, waited=done.expected, reported=done.reported, kept=done.accepted)
+        self.current = done.successor(expected=self.attendance.expected(done.index + 1))
+        self.current.newcomers = done.dropped - self.current.expected  # signed, on time, decoded: work, perhaps
         self.rounds_closed += 1
         self.members.end_round(closed.round.index)
         with contextlib.suppress(OSError):
@@ -497,11 +514,12 @@ class RoundKeeper:
         self.master = master
         self.codec, self.aggregate_codec = round_codecs(self.cfg, master.density)
         self.late_codec = self.codec
+        self.attendance.seed(master.round - 1, contributors)  # kept a round ago: members, alive then
         for key in contributors:  # in the primary's signed aggregate: it accepted their updates
             self.members.add(key)
         self.current = OpenRound(
             index=master.round,
             deadline_s=self.cfg.round_deadline_s,
             target_tokens=self.cfg.target_tokens_per_round,
-            expected=contributors,  # alive a round ago: wait for them, not for the first to arrive
+            expected=self.attendance.expected(master.round),  # wait for them, not for the first to arrive
         )

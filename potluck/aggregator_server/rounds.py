@@ -2,10 +2,10 @@
 
 A round closes at the first of: its deadline; the accepted updates carrying the run's target number
 of tokens; every peer it expects having reported (an update signed by the peer, accepted or rejected:
-a forger cannot report for someone else). It expects the peers that took part in the previous
-round (accepted or late) and those that downloaded the state while it was open (joiners). A peer that
-dies is expected for one round at most, so it costs at most one deadline, never a stall. A round with
-no update at its deadline stays open for another deadline: there is nothing to aggregate.
+a forger cannot report for someone else). Whom it expects is the keeper's to say (attendance.py: keys
+that did work lately, never keys that only asked for something), so a peer that dies or stalls costs a
+deadline at most, never a stall. A round with no update at its deadline stays open for another deadline:
+there is nothing to aggregate.
 """
 
 import time
@@ -19,6 +19,7 @@ from potluck.protocol.envelope import SignedUpdate
 
 MAX_REFUSED_PER_KEY = 4  # ledger rows a round keeps for one key's refused uploads
 MAX_REFUSED_ROWS = 4096  # and for everyone's
+MAX_JOINED = 4096  # joiners a round remembers (anyone can ask for the state under any key)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -51,9 +52,15 @@ class OpenRound:
     target_tokens: int | None
     expected: set[bytes] = field(default_factory=set)  # public keys the round waits for
     accepted: dict[bytes, Accepted] = field(default_factory=dict)  # by public key
-    late: set[bytes] = field(default_factory=set)  # keys that sent an update for an earlier round meanwhile
-    joined: set[bytes] = field(default_factory=set)  # keys that downloaded the state while this round was open
+    # keys that downloaded the state while this round was open (unauthenticated: counted for the first round's
+    # wait_for_peers, waited for only before the run has members; bounded, see MAX_JOINED)
+    joined: set[bytes] = field(default_factory=set)
     reported: set[bytes] = field(default_factory=set)  # keys whose (validly signed) update was judged, good or not
+    # keys, not members, whose update for the round before came late or was dropped at its close (attendance.py):
+    # once the members have reported, the round waits for them no longer than the members took
+    newcomers: set[bytes] = field(default_factory=set)
+    dropped: set[bytes] = field(default_factory=set)  # keys whose update was accepted, then dropped at close
+    members_in_at: float | None = None  # time.monotonic() when every expected key had reported
     rejected: int = 0
     # ledger rows of updates refused on arrival, written when the round closes (bounded: see refuse())
     refused: list[LedgerEntry] = field(default_factory=list)
@@ -67,6 +74,11 @@ class OpenRound:
         """Tokens claimed by the accepted updates."""
         return sum(a.update.header.tokens for a in self.accepted.values())
 
+    @property
+    def arrived(self) -> set[bytes]:
+        """The keys the round waits for or that downloaded its state (what the first round's wait_for_peers counts)."""
+        return self.expected | self.joined
+
     def seconds_left(self, now: float | None = None) -> float:
         """Time until the deadline (negative when past it)."""
         return self.opened_at + self.deadline_s - (time.monotonic() if now is None else now)
@@ -77,8 +89,13 @@ class OpenRound:
             return None
         if self.target_tokens is not None and self.tokens >= self.target_tokens:
             return "tokens"
-        if self.expected and self.expected <= self.accepted.keys() | self.reported:
-            return "all-reported"
+        now = time.monotonic() if now is None else now
+        heard = self.accepted.keys() | self.reported
+        if self.expected and self.expected <= heard:
+            if self.members_in_at is None:
+                self.members_in_at = now
+            if self.newcomers <= heard or now - self.members_in_at >= self.members_in_at - self.opened_at:
+                return "all-reported"
         if self.seconds_left(now) <= 0:
             return "deadline"
         return None
@@ -87,13 +104,10 @@ class OpenRound:
         """Give a round that got no update another full deadline."""
         self.opened_at = time.monotonic() if now is None else now
 
-    def successor(self) -> "OpenRound":
-        """The next round, expecting this round's contributors, late senders and joiners."""
+    def successor(self, *, expected: set[bytes]) -> "OpenRound":
+        """The next round, waiting for `expected` (the keeper's attendance says whom)."""
         return OpenRound(
-            index=self.index + 1,
-            deadline_s=self.deadline_s,
-            target_tokens=self.target_tokens,
-            expected=set(self.accepted) | self.late | self.joined,
+            index=self.index + 1, deadline_s=self.deadline_s, target_tokens=self.target_tokens, expected=expected
         )
 
     def refuse(self, entry: LedgerEntry) -> bool:
@@ -112,7 +126,7 @@ class OpenRound:
         if len(self.answered) < MAX_REFUSED_ROWS:
             self.answered[digest] = rejection
 
-    def expect(self, public_key: bytes, *, late: bool) -> None:
-        """Wait for `public_key` in this round (it joined, or its update for an earlier round came late)."""
-        self.expected.add(public_key)
-        (self.late if late else self.joined).add(public_key)
+    def join(self, public_key: bytes) -> None:
+        """`public_key` downloaded the state while this round was open (kept up to MAX_JOINED keys)."""
+        if len(self.joined) < MAX_JOINED:
+            self.joined.add(public_key)

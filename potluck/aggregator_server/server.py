@@ -390,7 +390,7 @@ class AggregatorServer:
 
     def _waiting_for_peers(self) -> bool:
         """Whether the first round still waits for `wait_for_peers` peers to join (see ServerOptions)."""
-        return self.rounds_closed == 0 and len(self.current.expected) < self.options.wait_for_peers
+        return self.rounds_closed == 0 and len(self.current.arrived) < self.options.wait_for_peers
 
     def _round_opened(self) -> None:
         self.on_event(

@@ -5,7 +5,8 @@ workers that take the next chunk nobody has; a fast donor therefore serves more 
 one, and none serves them all. A chunk whose sha256 differs from the manifest's is refused, its donor
 is dropped for the rest of the download, and the chunk goes back for another donor. A donor that fails
 to answer is dropped after MAX_FAILURES tries ("busy" counts a fifth of a failure: it is a donor
-protecting its link, not a broken one).
+protecting its link, not a broken one); a donor with a `timeout_s` (a holding peer) that sends nothing
+within it is dropped at once, so a silent one costs a download that long, once, not a retry per chunk.
 """
 
 import asyncio
@@ -36,6 +37,7 @@ class Donor:
     name: str  # how events and errors name it (a fingerprint)
     fetch: Callable[[int], Awaitable[bytes]]
     streams: int = 2  # chunks asked of it at once
+    timeout_s: float | None = None  # a chunk not in by then drops the donor at once (None: `fetch`'s own limit)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -142,7 +144,12 @@ class _Download:
         """Chunk `index` from `donor`, kept if it matches the manifest; the pause before asking `donor` again."""
         ok, pause = False, 0.0
         try:
-            data = await donor.fetch(index)
+            try:
+                data = await asyncio.wait_for(donor.fetch(index), donor.timeout_s)
+            except (TimeoutError, asyncio.TimeoutError):
+                self.failures[donor.name] = MAX_FAILURES
+                self.result.dropped.setdefault(donor.name, f"sent no chunk within {donor.timeout_s:.0f} s")
+                raise
             start, end = self._span(index)
             if len(data) != end - start or hashlib.sha256(data).digest() != self.digests[index]:
                 self.result.dropped.setdefault(donor.name, f"chunk {index} does not match the signed manifest")

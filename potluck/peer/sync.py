@@ -20,6 +20,7 @@ import torch
 from potluck.errors import PotluckError
 from potluck.events import DonorDropped, Event, Failover, PeerSynced, StateRefused
 from potluck.peer.discovery import SkipLog, usable_announcements
+from potluck.peer.holder_trust import state_members
 from potluck.peer.options import PeerError, PeerOptions, RunFinished
 from potluck.peer.records import HeldOutScore, Master, Shard, Tally
 from potluck.peer.state_download import Donor, DownloadFailed, Fetched, fetch_chunks
@@ -30,7 +31,7 @@ from potluck.protocol.config import RunConfig
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, parse_announcements
 from potluck.protocol.envelope import EnvelopeError, StateHeader
 from potluck.protocol.holder_records import HOLDERS_KEY, HolderRecord, parse_holder_records
-from potluck.protocol.identity import Identity, fingerprint, public_key_to_hex
+from potluck.protocol.identity import Identity, fingerprint, public_key_from_hex, public_key_to_hex
 from potluck.protocol.messages import MessageError, config_in_head
 from potluck.protocol.node import Node, dial, peer_id_of
 from potluck.protocol.shards import keys_of_shard
@@ -48,6 +49,7 @@ T = TypeVar("T")
 
 FAILOVER_AFTER_S = 10.0  # a shard's aggregator silent this long: switch to its standby once one is announced
 MAX_DONORS = 8  # holding peers one state download asks besides the aggregator
+HOLDER_CHUNK_TIMEOUT_S = 15.0  # a holding peer that sends a chunk no sooner is dropped (8 MiB at 5 Mbit/s)
 RETRY_BASE_S = 0.5  # the first retry of an unreachable aggregator comes within this; each later one doubles it
 RETRY_CAP_S = 10.0  # the most any wait between retries can be
 
@@ -344,13 +346,13 @@ class Sync:
         def request(index: int) -> ChunkRequest:
             return _chunk_request(h, index)
 
-        def donor(name: str, to: AggregatorLink, *, streams: int) -> Donor:
+        def donor(name: str, to: AggregatorLink, *, streams: int, timeout_s: float | None = None) -> Donor:
             async def fetch(index: int) -> bytes:
                 chunk, t = await to.fetch_chunk(request(index))
                 self.tally.bytes_down += len(chunk) + t.sent_bytes
                 return chunk
 
-            return Donor(name=name, fetch=fetch, streams=streams)
+            return Donor(name=name, fetch=fetch, streams=streams, timeout_s=timeout_s)
 
         # A fast donor serves more chunks than a slow one. Two chunks in flight keep the aggregator's fat
         # link busy across each request's round trip; one per peer leaves each peer's few chunk slots
@@ -361,10 +363,17 @@ class Sync:
 
         async def holders() -> list[Donor]:
             records = await self._holders(h)
+            if records:  # believed only from the run's members (holder_trust.py)
+                aggregators = () if self.cfg is None else [public_key_from_hex(k) for k in self.cfg.aggregator_keys]
+                members = await state_members(link, h, aggregators=aggregators)
+                self.tally.bytes_down += members.bytes_down
+                records = [r for r in records if r.holder in members.keys]
+            random.shuffle(records)  # joiners arriving together spread over the holders
+            records = records[:MAX_DONORS]
             links = await asyncio.gather(*(self._holder_link(r) for r in records))
             found = [(r, to) for r, to in zip(records, links, strict=True) if to is not None]
             names.update((fingerprint(r.holder), r.holder) for r, _ in found)
-            return [donor(fingerprint(r.holder), to, streams=1) for r, to in found]
+            return [donor(fingerprint(r.holder), to, streams=1, timeout_s=HOLDER_CHUNK_TIMEOUT_S) for r, to in found]
 
         try:
             fetched = await fetch_chunks(
@@ -385,7 +394,7 @@ class Sync:
         return fetched
 
     async def _holders(self, h: StateHeader) -> list[HolderRecord]:
-        """Peers whose DHT record says they hold shard `h.shard` at `h.new_version`, at most MAX_DONORS, shuffled."""
+        """Peers whose DHT record says they hold shard `h.shard` at `h.new_version` (unchecked: see holder_trust)."""
         try:
             result = await asyncio.wait_for(self.node.dht.get(HOLDERS_KEY, latest=True), timeout=30)
         except (TimeoutError, asyncio.TimeoutError):
@@ -397,8 +406,7 @@ class Sync:
             and r.holder != self.identity.public_key
             and r.holder not in self.bad_donors
         ]
-        random.shuffle(records)  # joiners arriving together spread over the holders
-        return records[:MAX_DONORS]
+        return records
 
     async def _holder_link(self, record: HolderRecord) -> AggregatorLink | None:
         """A link to a holding peer, dialled; None when its record's addresses do not parse."""

@@ -113,46 +113,30 @@ def test_extend_gives_another_full_deadline() -> None:
     assert open_round.close_reason() is None
 
 
-def test_the_successor_expects_contributors_late_senders_and_joiners() -> None:
+def test_the_successor_waits_for_whom_it_is_told_and_starts_empty() -> None:
     # Prepare
-    dead = b"\x09" * 32  # expected this round, never reported: not expected again
-    open_round = _round(target_tokens=500, expected={PEERS[0].public_key, dead})
+    open_round = _round(target_tokens=500, expected={PEERS[0].public_key})
     _accept(open_round, PEERS[0])
-    open_round.expect(PEERS[1].public_key, late=True)
-    open_round.expect(PEERS[2].public_key, late=False)
+    open_round.join(PEERS[2].public_key)
     # Execute
-    following = open_round.successor()
+    following = open_round.successor(expected={PEERS[1].public_key})
     # Assert
     assert following.index == 5
     assert following.deadline_s == DEADLINE_S
     assert following.target_tokens == 500
-    assert following.expected == {p.public_key for p in PEERS}
+    assert following.expected == {PEERS[1].public_key}
     assert following.accepted == {}
-    assert following.late == set()
     assert following.joined == set()
     assert following.rejected == 0
 
 
-def test_expect_records_late_senders_and_joiners_apart() -> None:
-    open_round = _round()
-
-    open_round.expect(PEERS[0].public_key, late=True)
-    open_round.expect(PEERS[1].public_key, late=False)
-
-    assert open_round.expected == {PEERS[0].public_key, PEERS[1].public_key}
-    assert open_round.late == {PEERS[0].public_key}
-    assert open_round.joined == {PEERS[1].public_key}
-
-
-def test_a_joiner_delays_all_reported_until_it_reports() -> None:
+def test_a_joiner_is_remembered_but_not_waited_for() -> None:
     open_round = _round(expected={PEERS[0].public_key})
     _accept(open_round, PEERS[0])
-    assert open_round.close_reason(now=OPENED_AT) == "all-reported"
 
-    open_round.expect(PEERS[1].public_key, late=False)
+    open_round.join(PEERS[1].public_key)
 
-    assert open_round.close_reason(now=OPENED_AT) is None
-    _accept(open_round, PEERS[1])
+    assert open_round.joined == {PEERS[1].public_key}
     assert open_round.close_reason(now=OPENED_AT) == "all-reported"
 
 
@@ -164,3 +148,17 @@ def test_a_peer_whose_update_was_rejected_has_reported_too() -> None:
     open_round.reported.add(PEERS[1].public_key)  # its signed update failed a check
 
     assert open_round.close_reason(now=OPENED_AT + 1) == "all-reported"
+
+
+def test_a_newcomer_is_waited_for_no_longer_than_the_members_took() -> None:
+    # Prepare: the member reports 3 s into the round; a newcomer is still to come
+    open_round = _round(expected={PEERS[0].public_key})
+    open_round.newcomers.add(PEERS[1].public_key)
+    _accept(open_round, PEERS[0])
+    # Execute / Assert
+    assert open_round.close_reason(now=OPENED_AT + 3) is None  # the members are in: the newcomer's grace starts
+    assert open_round.close_reason(now=OPENED_AT + 5) is None
+    assert open_round.close_reason(now=OPENED_AT + 6) == "all-reported"  # as long again as the members took
+    open_round.members_in_at = None
+    open_round.reported.add(PEERS[1].public_key)
+    assert open_round.close_reason(now=OPENED_AT + 3) == "all-reported"  # or as soon as it reports

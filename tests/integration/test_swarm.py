@@ -108,7 +108,7 @@ def test_a_peer_killed_mid_round_costs_one_deadline_not_a_stall(nodes: Nodes) ->
 
 
 @pytest.mark.timeout(180)
-def test_a_late_joiner_is_accepted_from_its_first_round(nodes: Nodes) -> None:
+def test_a_late_joiner_is_credited_once_it_has_caught_up(nodes: Nodes) -> None:
     # Prepare
     aggregator = nodes.aggregator(rounds=40, **FAST)  # enough rounds to outlast the joiner's start-up
     join = aggregator.next_event(_is("ready"), timeout_s=90)["maddrs"][0]
@@ -116,7 +116,8 @@ def test_a_late_joiner_is_accepted_from_its_first_round(nodes: Nodes) -> None:
     aggregator.next_event(_is("round", round=1), timeout_s=90)
     # Execute
     late = nodes.peer("late", join, "--plan")
-    # Assert
+    # Assert: rounds do not wait for a joiner (its request proves nothing), so it is credited once its update
+    # comes in time; an update that came late was refused for its round, not struck
     synced = late.next_event(_is("synced"), timeout_s=90)
     assert synced["round"] >= 2
     plan = late.next_event(_is("plan"), timeout_s=60)  # its start-up self-benchmark, before its first round
@@ -124,9 +125,13 @@ def test_a_late_joiner_is_accepted_from_its_first_round(nodes: Nodes) -> None:
     assert 0 < plan["K_potluck"] <= 1 and plan["local_steps_for_k_potluck"] >= 1
     first_round = late.next_event(_is("round"), timeout_s=90)
     assert first_round["round"] == synced["round"]
-    assert first_round["accepted"], first_round["reason"]
-    closed = aggregator.next_event(_is("round", round=synced["round"]), timeout_s=60)
-    assert synced["fingerprint"] in {a["fingerprint"] for a in closed["accepted"]}
+    assert first_round["accepted"] or first_round["reason"].startswith("round: "), first_round["reason"]
+    credited = aggregator.next_event(
+        lambda e: e.get("event") == "round" and synced["fingerprint"] in {a["fingerprint"] for a in e["accepted"]},
+        timeout_s=90,
+    )
+    following = aggregator.next_event(_is("round", round=credited["round"] + 1), timeout_s=60)
+    assert synced["fingerprint"] in {a["fingerprint"] for a in following["accepted"]}  # waited for from then on
     assert late.wait_exit(timeout_s=90) == 0
 
 

@@ -44,9 +44,9 @@ def test_a_joiner_takes_no_run_from_a_forger_at_join_and_trains_with_the_runs_ke
 
 
 @pytest.mark.timeout(240)
-def test_a_joiner_takes_the_state_from_several_holders_and_refuses_a_bad_donors_chunks(nodes: Nodes) -> None:
+def test_a_joiner_takes_the_state_from_several_holders_and_never_asks_a_stranger_claiming_one(nodes: Nodes) -> None:
     # Prepare: one honest peer that holds the state, slowed so that each round lasts most of its 10 s deadline
-    # (the joiner arrives mid-round), and a forger that claims the same version and serves garbage chunks. The
+    # (the joiner arrives mid-round), and a forger that claims the same version (it would serve garbage). The
     # aggregator caps its state uploads (~16 s for the whole state) so that the holders, found on the DHT while
     # it already sends, have chunks left to give on a link as fast as loopback.
     aggregator = nodes.aggregator(rounds=40, round_deadline_s=10, extra=("--state-upload-rate", "1mbit"), **FAST)
@@ -61,11 +61,10 @@ def test_a_joiner_takes_the_state_from_several_holders_and_refuses_a_bad_donors_
     # Execute: a joiner arrives while round `held` is open
     joiner = nodes.peer("joiner", real, "--max-rounds", "1")
     # Assert
-    dropped = joiner.next_event(_is("donor-dropped"), timeout_s=90)
     synced = joiner.next_event(_is("synced"), timeout_s=90)
-    assert "does not match the signed manifest" in dropped["reason"]
     sources = synced["state_sources"]
-    assert sources[dropped["donor"]] == 0  # nothing of the forger's was kept
+    # the forger's record is not believed (its key was credited in no round), so it is never asked
+    assert set(sources) == {holder_fp, ready["fingerprint"]}, sources
     assert sources[holder_fp] > 0 and sources[ready["fingerprint"]] > 0, sources  # two sources gave chunks
     first_round = joiner.next_event(_is("round"), timeout_s=120)
     assert first_round["accepted"], first_round["reason"]

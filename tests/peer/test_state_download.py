@@ -213,3 +213,28 @@ def test_a_download_complete_before_the_holder_lookup_starts_closes_the_lookup()
     # Assert: closed, not left for the garbage collector to warn that it was never awaited
     assert got.payload == chunk
     assert inspect.getcoroutinestate(lookup) == inspect.CORO_CLOSED
+
+
+def test_donors_that_send_nothing_in_time_are_dropped_at_once_and_cost_the_download_that_time_once() -> None:
+    # Prepare: two holders that never answer, each fetch left hanging, with a short limit of their own
+    asked: list[str] = []
+
+    def silent(name: str) -> Donor:
+        async def fetch(index: int) -> bytes:
+            asked.append(name)
+            await asyncio.Event().wait()  # never set: no reply, ever
+            raise AssertionError("unreachable")
+
+        return Donor(name=name, fetch=fetch, streams=1, timeout_s=0.2)
+
+    async def slow(index: int) -> bytes:
+        await asyncio.sleep(0.05)  # the whole payload takes longer than the fakes' limit
+        return PAYLOAD[index * CHUNK : (index + 1) * CHUNK]
+
+    # Execute
+    got = _run(silent("fake-1"), silent("fake-2"), Donor(name="aggregator", fetch=slow, streams=1))
+    # Assert: each was asked once and dropped; the honest donor gave everything
+    assert got.payload == PAYLOAD and got.bytes_by_donor["aggregator"] == len(PAYLOAD)
+    assert sorted(asked) == ["fake-1", "fake-2"]
+    assert set(got.dropped) == {"fake-1", "fake-2"} and "sent no chunk within" in got.dropped["fake-1"]
+    assert not got.refuted
