@@ -12,7 +12,14 @@ from potluck.cli.common import UsageError, stderr, stdout
 from potluck.events import Event, RoundClosed
 
 # the names only: potluck.lab.redteam.network imports torch and hivemind, which --help does not need
-NETWORK_ATTACK_NAMES = ("silent-streams", "unread-replies", "dht-strangers", "stranger-uploads", "http-flood")
+NETWORK_ATTACK_NAMES = (
+    "silent-streams",
+    "unread-replies",
+    "dht-strangers",
+    "fake-joiners",
+    "stranger-uploads",
+    "http-flood",
+)
 
 
 def redteam(

@@ -65,6 +65,11 @@ NETWORK_ATTACKS: dict[str, NetworkAttack] = {
         args=lambda t: ["--join", t.join],
         what="stranger-signed announcements (other version, other run, own key, real node) and a ban list",
     ),
+    "fake-joiners": NetworkAttack(
+        module="potluck.lab.attackers.fake_joiners",
+        args=lambda t: ["--join", t.join, "--every", "1"],
+        what="a manifest request under a fresh random key every second",
+    ),
     "stranger-uploads": NetworkAttack(
         module="potluck.lab.attackers.stranger_uploads",
         args=lambda t: ["--join", t.join],
