@@ -48,7 +48,8 @@ def redteam(
     timeout: Annotated[float, typer.Option(help="Stop a run after this many seconds.", min=1)] = 1800.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
-    """RED TEAM: a local swarm with misbehaving peers, against the same swarm clean (and undefended)."""
+    """RED TEAM: a local swarm with misbehaving peers, against the same swarm clean (and undefended); or an honest
+    swarm with a network attacker against its aggregator, against the same swarm calm."""
     # torch and hivemind: imported when the runs start, not for --help
     from potluck.lab.children import sigterm_unwinds
     from potluck.lab.redteam.harness import run_redteam, to_json, verdict
