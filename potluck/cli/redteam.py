@@ -137,7 +137,8 @@ def _network(cfg: Any, *, attack: str, peers: int, timeout: float, as_json: bool
     calm, attacked = report["calm"], report["attacked"]
     table.add_row("rounds", str(calm["rounds"]), str(attacked["rounds"]))
     table.add_row("median round time", seconds(calm["median_round_s"]), seconds(attacked["median_round_s"]))
-    table.add_row("closed by deadline", str(calm["closed_by_deadline"]), str(attacked["closed_by_deadline"]))
+    deadlines = lambda row: f"{row['closed_by_deadline']} {row['deadline_rounds'] or ''}".strip()  # noqa: E731
+    table.add_row("closed by deadline (rounds)", deadlines(calm), deadlines(attacked))
     for key in ("honest_accepted", "honest_rejected"):
         table.add_row(key.replace("_", " "), str(calm[key]), str(attacked[key]))
     ratio = report["round_time_ratio"]

@@ -109,13 +109,16 @@ def attacker_counters(lines: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def run_summary(result: SwarmResult) -> dict[str, Any]:
-    """One swarm's row: rounds, median round time after round 0, deadline closes, honest uploads kept and lost."""
+    """One swarm's row: rounds, median round time after round 0, deadline closes (which rounds), the round each
+    peer joined at, honest uploads kept and lost."""
     timed = [r["round_s"] for r in result.rounds if r["round"] > 0] or [r["round_s"] for r in result.rounds]
     counted = rates(result)
     return {
         "rounds": result.rounds_completed,
         "median_round_s": statistics.median(timed) if timed else None,
         "closed_by_deadline": sum(r["closed_by"] == "deadline" for r in result.rounds),
+        "deadline_rounds": [r["round"] for r in result.rounds if r["closed_by"] == "deadline"],
+        "joined_rounds": [p.get("joined_round") for p in result.peers],  # an attack on joining shows here
         "honest_accepted": counted["honest_updates"] - counted["honest_rejected"],
         "honest_rejected": counted["honest_rejected"],
         "final_val_loss": result.final_val_loss,

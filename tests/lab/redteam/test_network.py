@@ -20,7 +20,7 @@ def _round(index: int, seconds: float, closed_by: str, accepted: list[str]) -> d
 
 
 def _result(rounds: list[dict[str, Any]], uploads: list[list[str]]) -> SwarmResult:
-    peers = [{"name": f"peer-{i}", "adversary": False, "uploads": u} for i, u in enumerate(uploads)]
+    peers = [{"name": f"peer-{i}", "adversary": False, "uploads": u, "joined_round": 0} for i, u in enumerate(uploads)]
     return SwarmResult(
         initial_val_loss=4.0,
         final_val_loss=3.5,
@@ -68,8 +68,8 @@ def test_a_runs_row_times_the_rounds_after_the_first_and_counts_honest_uploads_n
 
     row = run_summary(_result(rounds, [["a0", "a1", "a2", "a3"], ["b0", "b1", "b2", "b3"]]))
 
-    assert row["rounds"] == 4 and row["median_round_s"] == 3.0
-    assert row["closed_by_deadline"] == 1
+    assert row["rounds"] == 4 and row["median_round_s"] == 3.0 and row["joined_rounds"] == [0, 0]
+    assert row["closed_by_deadline"] == 1 and row["deadline_rounds"] == [2]
     assert (row["honest_accepted"], row["honest_rejected"]) == (7, 1)
 
 
