@@ -117,7 +117,7 @@ def _network(cfg: Any, *, attack: str, peers: int, timeout: float, as_json: bool
     import json
 
     from potluck.lab.children import sigterm_unwinds
-    from potluck.lab.redteam.network import network_to_json_ready, network_verdict, run_network_redteam
+    from potluck.lab.redteam.network import network_to_json_ready, run_network_redteam
 
     def on_event(run: str, child: str, event: Event) -> None:
         if child == "aggregator" and isinstance(event, RoundClosed):
@@ -130,7 +130,15 @@ def _network(cfg: Any, *, attack: str, peers: int, timeout: float, as_json: bool
     if as_json:
         print(json.dumps(network_to_json_ready(report)))
         return
-    table = Table(title=f"network attack {attack} ({report['what']}): {peers} honest peers, {cfg.rounds} rounds")
+    print_network_report(report, rounds=cfg.rounds)
+
+
+def print_network_report(report: dict[str, Any], *, rounds: int) -> None:
+    """A network attack's report as a table, calm beside attacked, then the attacker's counters and the verdict."""
+    from potluck.lab.redteam.network import network_verdict
+
+    title = f"network attack {report['attack']} ({report['what']}): {report['peers']} honest peers, {rounds} rounds"
+    table = Table(title=title)
     for column in ("", "calm", "attacked"):
         table.add_column(column, justify="right")
     seconds = lambda s: "-" if s is None else f"{s:.2f} s"  # noqa: E731

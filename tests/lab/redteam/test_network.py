@@ -3,7 +3,8 @@
 import asyncio
 from typing import Any
 
-from potluck.cli.redteam import NETWORK_ATTACK_NAMES
+from potluck.cli.common import stdout
+from potluck.cli.redteam import NETWORK_ATTACK_NAMES, print_network_report
 from potluck.lab.attackers.stranger_uploads import libp2p_send, stranger_update
 from potluck.lab.redteam.network import (
     NETWORK_ATTACKS,
@@ -102,3 +103,18 @@ def test_the_libp2p_sender_uploads_through_the_links_submit_and_returns_its_rece
 
     assert asyncio.run(send(update, payload)) is receipt
     assert calls == [(payload, 7.0)]
+
+
+def test_the_table_sets_the_attacked_run_beside_the_calm_one_with_the_attackers_counters_and_the_verdict() -> None:
+    row = {"rounds": 3, "median_round_s": 2.0, "honest_accepted": 9, "honest_rejected": 0}
+    calm = row | {"closed_by_deadline": 0, "deadline_rounds": []}
+    attacked = row | {"median_round_s": 2.5, "closed_by_deadline": 1, "deadline_rounds": [0]}
+    report = {"attack": "fake-joiners", "what": "fakes", "peers": 3, "calm": calm, "attacked": attacked}
+    report |= {"round_time_ratio": 1.25, "attacker": {"sent": 12}}
+
+    with stdout.capture() as captured:
+        print_network_report(report, rounds=3)
+
+    text = captured.get()
+    assert "1.25x" in text and "1 [0]" in text and "sent 12" in text
+    assert "no_deadline_round: NOT MET" in text and "attack_ran: ok" in text
