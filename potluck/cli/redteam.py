@@ -46,6 +46,13 @@ def redteam(
         ),
     ] = None,
     timeout: Annotated[float, typer.Option(help="Stop a run after this many seconds.", min=1)] = 1800.0,
+    calm_after: Annotated[
+        bool,
+        typer.Option(
+            help="Network attacks: time the swarm calm again after the attacked run, and bound the attacked "
+            "round time by the slower calm run (a shared machine's load drifts between runs)."
+        ),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """RED TEAM: a local swarm with misbehaving peers, against the same swarm clean (and undefended); or an honest
@@ -63,7 +70,7 @@ def redteam(
     }
     cfg = RunConfig().with_overrides({**overrides, **parse_overrides(set_ or [])}, source="flags")
     if attack in NETWORK_ATTACK_NAMES:
-        _network(cfg, attack=attack, peers=peers, timeout=timeout, as_json=as_json)
+        _network(cfg, attack=attack, peers=peers, timeout=timeout, calm_after=calm_after, as_json=as_json)
         return
     done: dict[str, int] = {}
 
@@ -112,7 +119,7 @@ def redteam(
     stdout.print("  ".join(f"{name}: {'ok' if ok else 'NOT MET'}" for name, ok in verdict(report).items()))
 
 
-def _network(cfg: Any, *, attack: str, peers: int, timeout: float, as_json: bool) -> None:
+def _network(cfg: Any, *, attack: str, peers: int, timeout: float, calm_after: bool, as_json: bool) -> None:
     """`--attack <network attack>`: the honest swarm calm, then under the attack; a table or one JSON object."""
     import json
 
@@ -126,7 +133,9 @@ def _network(cfg: Any, *, attack: str, peers: int, timeout: float, as_json: bool
             )
 
     with sigterm_unwinds():  # each swarm stops its children (and the attacker), and SIGTERM starts no next swarm
-        report = run_network_redteam(cfg, attack=attack, peers=peers, timeout_s=timeout, on_event=on_event)
+        report = run_network_redteam(
+            cfg, attack=attack, peers=peers, calm_after=calm_after, timeout_s=timeout, on_event=on_event
+        )
     if as_json:
         print(json.dumps(network_to_json_ready(report)))
         return
@@ -139,18 +148,20 @@ def print_network_report(report: dict[str, Any], *, rounds: int) -> None:
 
     title = f"network attack {report['attack']} ({report['what']}): {report['peers']} honest peers, {rounds} rounds"
     table = Table(title=title)
-    for column in ("", "calm", "attacked"):
-        table.add_column(column, justify="right")
+    runs = [run for run in ("calm", "attacked", "calm_after") if report.get(run)]
+    for column in ("", *runs):
+        table.add_column(column.replace("_", " "), justify="right")
     seconds = lambda s: "-" if s is None else f"{s:.2f} s"  # noqa: E731
-    calm, attacked = report["calm"], report["attacked"]
-    table.add_row("rounds", str(calm["rounds"]), str(attacked["rounds"]))
-    table.add_row("median round time", seconds(calm["median_round_s"]), seconds(attacked["median_round_s"]))
     deadlines = lambda row: f"{row['closed_by_deadline']} {row['deadline_rounds'] or ''}".strip()  # noqa: E731
-    table.add_row("closed by deadline (rounds)", deadlines(calm), deadlines(attacked))
+    table.add_row("rounds", *(str(report[run]["rounds"]) for run in runs))
+    table.add_row("median round time", *(seconds(report[run]["median_round_s"]) for run in runs))
+    table.add_row("closed by deadline (rounds)", *(deadlines(report[run]) for run in runs))
     for key in ("honest_accepted", "honest_rejected"):
-        table.add_row(key.replace("_", " "), str(calm[key]), str(attacked[key]))
+        table.add_row(key.replace("_", " "), *(str(report[run][key]) for run in runs))
     ratio = report["round_time_ratio"]
-    table.add_row("round time, attacked / calm", "", "-" if ratio is None else f"{ratio:.2f}x")
+    ratio_row = ["" for _ in runs]
+    ratio_row[1] = "-" if ratio is None else f"{ratio:.2f}x"
+    table.add_row("round time, attacked / slower calm", *ratio_row)
     stdout.print(table)
     stdout.print("attacker: " + (", ".join(f"{k} {v}" for k, v in report["attacker"].items()) or "no counters"))
     stdout.print("  ".join(f"{name}: {'ok' if ok else 'NOT MET'}" for name, ok in network_verdict(report).items()))

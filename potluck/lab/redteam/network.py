@@ -128,14 +128,25 @@ def run_summary(result: SwarmResult) -> dict[str, Any]:
 def network_verdict(report: dict[str, Any]) -> dict[str, bool]:
     """The bars: round time within 1.5x calm, no honest upload lost and no deadline close beyond the calm run's,
     and the attack ran (some counter of the attacker's above zero)."""
-    calm, attacked = report["calm"], report["attacked"]
+    calms, attacked = _calm_rows(report), report["attacked"]
     ratio = report["round_time_ratio"]
     return {
         "round_time_within_1.5x": ratio is not None and ratio <= SLOWDOWN_BOUND,
-        "no_honest_update_lost": attacked["honest_rejected"] <= calm["honest_rejected"],
-        "no_deadline_round": attacked["closed_by_deadline"] <= calm["closed_by_deadline"],
+        "no_honest_update_lost": attacked["honest_rejected"] <= max(c["honest_rejected"] for c in calms),
+        "no_deadline_round": attacked["closed_by_deadline"] <= max(c["closed_by_deadline"] for c in calms),
         "attack_ran": any(v > 0 for v in report["attacker"].values()),
     }
+
+
+def _calm_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [report["calm"], *([report["calm_after"]] if report.get("calm_after") else [])]
+
+
+def round_time_ratio(report: dict[str, Any]) -> float | None:
+    """The attacked run's median round time over the slower calm run's (the machine's load drifts between runs)."""
+    calm_s = [c["median_round_s"] for c in _calm_rows(report) if c["median_round_s"]]
+    attacked_s = report["attacked"]["median_round_s"]
+    return None if not calm_s or attacked_s is None else attacked_s / max(calm_s)
 
 
 def _free_port() -> int:
@@ -200,10 +211,12 @@ def run_network_redteam(
     *,
     attack: str,
     peers: int,
+    calm_after: bool = False,
     timeout_s: float = 1800.0,
     on_event: Callable[[str, str, Event], None] = lambda run, child, event: None,
 ) -> dict[str, Any]:
-    """Run the swarm calm, then with `attack`'s attacker against its aggregator; the report (module docstring)."""
+    """Run the swarm calm, then with `attack`'s attacker against its aggregator (then calm again when `calm_after`:
+    on a shared machine the load drifts between runs, and the slower calm run is the baseline); the report."""
     if attack not in NETWORK_ATTACKS:
         raise ValueError(f"unknown network attack {attack!r}; choose one of: {', '.join(NETWORK_ATTACKS)}")
     with tempfile.TemporaryDirectory(prefix="potluck-redteam-net-") as tmp:
@@ -224,20 +237,18 @@ def run_network_redteam(
             attacked = swarm("attacked", attacker)
         finally:
             attacker.stop()
-        calm_row, attacked_row = run_summary(calm), run_summary(attacked)
-        ratio = None
-        if calm_row["median_round_s"] and attacked_row["median_round_s"] is not None:
-            ratio = attacked_row["median_round_s"] / calm_row["median_round_s"]
         report: dict[str, Any] = {
             "attack": attack,
             "what": NETWORK_ATTACKS[attack].what,
             "peers": peers,
             "round_deadline_s": cfg.round_deadline_s,
-            "calm": calm_row,
-            "attacked": attacked_row,
-            "round_time_ratio": ratio,
+            "calm": run_summary(calm),
+            "attacked": run_summary(attacked),
             "attacker": attacker_counters(attacker.lines),
         }
+        if calm_after:
+            report["calm_after"] = run_summary(swarm("calm after", None))
+        report["round_time_ratio"] = round_time_ratio(report)
         if not any(v > 0 for v in report["attacker"].values()):
             report["attacker_log"] = attacker.log_tail()
         return report

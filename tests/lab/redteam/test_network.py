@@ -11,6 +11,7 @@ from potluck.lab.redteam.network import (
     Target,
     attacker_counters,
     network_verdict,
+    round_time_ratio,
     run_summary,
 )
 from potluck.lab.swarm import SwarmResult
@@ -118,3 +119,11 @@ def test_the_table_sets_the_attacked_run_beside_the_calm_one_with_the_attackers_
     text = " ".join(captured.get().split())  # as wide as the terminal: lines may wrap anywhere
     assert "1.25x" in text and "1 [0]" in text and "sent 12" in text
     assert "no_deadline_round: NOT MET" in text and "attack_ran: ok" in text
+
+
+def test_the_round_time_ratio_is_taken_over_the_slower_calm_run() -> None:
+    report = {"calm": {"median_round_s": 2.0}, "attacked": {"median_round_s": 3.0}}
+
+    assert round_time_ratio(report) == 1.5
+    assert round_time_ratio(report | {"calm_after": {"median_round_s": 4.0}}) == 0.75
+    assert round_time_ratio(report | {"attacked": {"median_round_s": None}}) is None
