@@ -64,14 +64,27 @@ async def fake_joins(
 
 
 async def _run(join: str, every_s: float) -> None:
-    """Fake joins until SIGTERM or SIGINT, the counts printed each second and once more at the end."""
+    """Fake joins until SIGTERM or SIGINT, the counts printed each second once the first is sent, and at the end.
+
+    A node that fails to start (its daemon is slow on a loaded machine) is started again.
+    """
     stop, counts = threading.Event(), FakeJoins()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    task = asyncio.create_task(fake_joins(join, every_s=every_s, stop=stop, counts=counts))
+
+    async def keep_up() -> None:
+        while not stop.is_set():
+            try:
+                await fake_joins(join, every_s=every_s, stop=stop, counts=counts)
+            except Exception as e:  # noqa: BLE001 - p2pd's start-up errors: try again
+                logger.warning("fake joiner's node failed (%s); starting it again", e)
+                await asyncio.sleep(1.0)
+
+    task = asyncio.create_task(keep_up())
     while not task.done():
-        print(json.dumps({"event": "attack", "time_s": time.time(), **asdict(counts)}), flush=True)
+        if counts.sent:
+            print(json.dumps({"event": "attack", "time_s": time.time(), **asdict(counts)}), flush=True)
         await asyncio.wait({task}, timeout=1.0)
     await task
     print(json.dumps({"event": "stopped", "time_s": time.time(), **asdict(counts)}), flush=True)

@@ -29,7 +29,7 @@ from potluck.protocol.config import RunConfig
 
 SLOWDOWN_BOUND = 1.5  # the attacked run's median round time, at most this many times the calm run's
 ATTACKER_NICE = 19  # its own CPU use on this machine is no cost a remote attacker could put on the swarm
-ATTACKER_READY_S = 90.0  # how long the peers wait for the attacker's first report (it starts a libp2p node)
+ATTACKER_READY_S = 90.0  # how long the peers wait for the attacker to report that it attacks (it starts a node)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -185,7 +185,8 @@ class _Attacker:
     def _read(self, child: Child) -> None:
         for line in read_json_lines(child):
             self.lines.append(line)
-            self._reported.set()
+            if any(v > 0 for v in attacker_counters([line]).values()):  # it has done something: it attacks
+                self._reported.set()
         self._reported.set()
 
     def stop(self) -> None:
