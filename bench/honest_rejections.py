@@ -17,7 +17,11 @@ boxed peers of speeds 1..0.25 do proportionally fewer inner steps), `overlap-het
         --out bench/results/honest-rejections.json
 
 The JSON has, per scenario and seed, every rejection (round, peer, check, detail, steps, stale steps)
-and per-update statistics; the summary printed at the end is what BENCHMARKS.md quotes.
+and per-update statistics; the summary printed at the end is what BENCHMARKS.md quotes. Beside it,
+`*.losses.jsonl` has each round's raw held-out losses (the base's, and each peer's update applied
+alone), so that any held-out rule can be judged offline on the same numbers:
+
+    python bench/honest_rejections.py --replay bench/results/honest-rejections.losses.jsonl --noise-z 0,3
 """
 
 import argparse
@@ -40,6 +44,7 @@ from potluck.aggregator_server.round_checks import (  # noqa: E402
     MAD_TO_SIGMA,
     MIN_RELATIVE_SCALE,
     direction_check,
+    held_out_check,
     update_norms,
 )
 from potluck.aggregator_server.validation import RoundContext, check_envelope, decode_update  # noqa: E402
@@ -80,6 +85,9 @@ class RunResult:
     rejections: list[dict[str, Any]] = field(default_factory=list)
     held_out_loss: list[float] = field(default_factory=list)
     margins: list[dict[str, float]] = field(default_factory=list)  # per round: how close the nearest update came
+    # per round the held-out check judged: [round, base loss, [[peer, loss with its update applied alone], ...]],
+    # every peer honest, so any held-out rule can be replayed offline on the same numbers (replay_held_out)
+    held_out_losses: list[list[Any]] = field(default_factory=list)
     wall_s: float = 0.0
 
 
@@ -185,11 +193,24 @@ def run_one(cfg: RunConfig, scenario: str, *, peers: int, rounds: int, deadline:
             if peer.pacer.overlap:
                 _run_ahead(peer, master, cfg, values, shot)
 
-        def held_out(delta: dict[str, torch.Tensor] | None, base: MasterState = master) -> float:
+        scored: dict[int, float] = {}  # id(update) -> its loss; None's (the base's) under key 0
+
+        def held_out(
+            delta: dict[str, torch.Tensor] | None, base: MasterState = master, record: dict[int, float] = scored
+        ) -> float:
             params = base.params if delta is None else {n: p - cfg.outer.lr * delta[n] for n, p in base.params.items()}
-            return scorer(params, first=cfg.validation.held_out_batches)
+            loss = scorer(params, first=cfg.validation.held_out_batches)
+            record[0 if delta is None else id(delta)] = loss
+            return loss
 
         verdict = judge_round(decoded, tokens, cfg=cfg, token_cap=cap, held_out_loss=held_out)
+        if 0 in scored:
+            pairs = [
+                [group.index(headers[i][0]), round(scored[id(values)], 6)]
+                for i, values in enumerate(decoded)
+                if id(values) in scored
+            ]
+            result.held_out_losses.append([r, round(scored[0], 6), pairs])
         for i, rejection in sorted(verdict.rejections.items()):
             peer, _, work = headers[i]
             result.rejections.append(
@@ -323,8 +344,14 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--max-minutes", type=float, default=40.0, help="stop (keeping what was measured) after this")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a shared box: 1)")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="the report; the raw held-out losses go beside it")
+    parser.add_argument("--replay", type=Path, nargs="+", default=None, help="*.losses.jsonl: judge them, run nothing")
+    parser.add_argument("--noise-z", default="0,3", help="with --replay: the held-out noise_z values to judge with")
     args = parser.parse_args()
+    if args.replay is not None:
+        noise_zs = [float(z) for z in args.noise_z.split(",")]
+        print(json.dumps(replay_held_out(args.replay, margin=1.0, noise_zs=noise_zs), indent=1))
+        return
     torch.set_num_threads(args.threads)
     deadline = time.monotonic() + args.max_minutes * 60
     results: list[RunResult] = []
@@ -341,12 +368,66 @@ def main() -> None:
                 "peers": args.peers,
                 "local_steps": args.local_steps,
                 "summary": summarize(results),
-                "runs": [r.__dict__ for r in results],
+                "runs": [{k: v for k, v in r.__dict__.items() if k != "held_out_losses"} for r in results],
             }
             if args.out is not None:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(report, indent=1))
+                write_losses(results, args.out.with_suffix(".losses.jsonl"))
     print(json.dumps(summarize(results), indent=1))
+
+
+def write_losses(results: list[RunResult], path: Path) -> None:
+    """The raw held-out losses, one round per line: what replay_held_out reads to judge another rule."""
+    lines = [
+        json.dumps({"scenario": r.scenario, "seed": r.seed, "round": rnd, "base": base, "losses": pairs})
+        for r in results
+        for rnd, base, pairs in r.held_out_losses
+    ]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def replay_held_out(paths: list[Path], *, margin: float, noise_zs: list[float]) -> dict[str, Any]:
+    """Judge the recorded honest losses with held_out_check at each noise_z; rates by round range.
+
+    Every recorded update is honest, so every rejection is a false one. Also reports the distribution of
+    the honest losses' robust z, (loss - median) / (1.4826 MAD), which is what noise_z is measured in.
+    """
+    rounds = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    ranges = {"rounds 0-19": range(0, 20), "rounds 20 on": range(20, 10**9), "all": range(0, 10**9)}
+    out: dict[str, Any] = {"rounds": len(rounds), "margin": margin}
+    for noise_z in noise_zs:
+        counts = {name: [0, 0] for name in ranges}
+        for entry in rounds:
+            losses = [loss for _, loss in entry["losses"]]
+            rejected = sum(
+                r is not None for r in held_out_check(losses, base_loss=entry["base"], margin=margin, noise_z=noise_z)
+            )
+            for name, span in ranges.items():
+                if entry["round"] in span:
+                    counts[name][0] += rejected
+                    counts[name][1] += len(losses)
+        out[f"noise_z={noise_z:g}"] = {
+            name: {
+                "rejected": k,
+                "updates": n,
+                "rate": k / n if n else 0.0,
+                "rate_upper_95": _upper_95(k, n) if n else 1.0,
+            }
+            for name, (k, n) in counts.items()
+        }
+    robust_z: dict[str, list[float]] = {name: [] for name in ranges if name != "all"}
+    for entry in rounds:
+        losses = [loss for _, loss in entry["losses"]]
+        median = statistics.median(losses)
+        sigma = MAD_TO_SIGMA * statistics.median(abs(x - median) for x in losses)
+        name = "rounds 0-19" if entry["round"] < 20 else "rounds 20 on"
+        robust_z[name] += [(x - median) / sigma for x in losses if sigma > 0]
+    out["robust_z"] = {
+        name: _quantiles(values) | {"p95": sorted(values)[int(0.95 * len(values))] if values else math.nan}
+        for name, values in robust_z.items()
+    }
+    return out
 
 
 if __name__ == "__main__":

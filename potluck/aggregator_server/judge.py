@@ -59,7 +59,13 @@ def judge_round(
         if len(passed) >= v.min_updates:
             losses = [held_out_loss(updates[i]) for i in passed]
             base_loss = held_out_loss(None)
-            checked = held_out_check(losses, base_loss=base_loss, margin=v.held_out_margin, min_updates=v.min_updates)
+            checked = held_out_check(
+                losses,
+                base_loss=base_loss,
+                margin=v.held_out_margin,
+                noise_z=v.held_out_noise_z,
+                min_updates=v.min_updates,
+            )
             gains = {i: base_loss - loss for i, loss in zip(passed, losses, strict=True)}
             for i, rejection in zip(passed, checked, strict=True):
                 verdicts[i] = rejection

@@ -9,7 +9,8 @@ at round close over the decoded updates, and return one ``Rejection | None`` per
   absolute deviation), or a tiny fraction of it;
 - ``direction_check``: an update's cosine with the coordinate-wise median of the *other* updates;
 - ``held_out_check`` (optional): the held-out loss of the round's base with this one update applied,
-  against the same for the round's median update (the losses are computed by the caller).
+  against the same for the round's median update, beyond the round's own noise (the losses are computed
+  by the caller).
 
 Both use medians, not means, so that a minority of attackers cannot move the reference they are judged
 against. Everything is a pure, deterministic function of plain tensors; inputs are never modified.
@@ -184,7 +185,7 @@ def direction_check(
 
 
 def held_out_check(
-    losses: Sequence[float], *, base_loss: float, margin: float = 1.0, min_updates: int = 4
+    losses: Sequence[float], *, base_loss: float, margin: float = 1.0, noise_z: float = 0.0, min_updates: int = 4
 ) -> list[Rejection | None]:
     """Reject updates that, applied alone to the round's base, make the held-out loss clearly worse than most.
 
@@ -192,12 +193,18 @@ def held_out_check(
     itself. The round's median update gains ``base_loss - median(losses)``; an update is rejected when
     its loss exceeds the median's by more than ``margin`` times that gain (margin 1: it does worse than
     not training at all). The yardstick is the round's own median gain, so the check tightens as the
-    run converges and a minority cannot move it. It judges nothing with fewer than min_updates losses
-    or when the median update gains nothing (nothing to compare with); a non-finite loss is rejected.
+    run converges and a minority cannot move it. Late in a run that gain is smaller than the noise of
+    scoring on a few batches, so the allowance is never below ``noise_z`` robust standard deviations of
+    the round's own losses (1.4826 x their MAD): the spread of single-update losses is the measurement
+    noise, and a median-based spread is one a minority cannot inflate. ``noise_z`` 0: no floor. It judges
+    nothing with fewer than min_updates losses or when the median update gains nothing (nothing to
+    compare with); a non-finite loss is rejected.
     """
     _check_min_updates(min_updates)
     if not (math.isfinite(margin) and margin > 0):
         raise ValueError(f"margin must be finite and positive, got {margin}")
+    if not (math.isfinite(noise_z) and noise_z >= 0):
+        raise ValueError(f"noise_z must be finite and non-negative, got {noise_z}")
     if not math.isfinite(base_loss):
         raise ValueError(f"base_loss must be finite, got {base_loss}")
     results: list[Rejection | None] = [
@@ -211,14 +218,15 @@ def held_out_check(
     gain = base_loss - median
     if gain <= 0:
         return results
-    limit = median + margin * gain
+    noise = MAD_TO_SIGMA * statistics.median(abs(loss - median) for loss in finite)
+    limit = median + max(margin * gain, noise_z * noise)
     for i, loss in enumerate(losses):
         if results[i] is None and loss > limit:
             results[i] = Rejection(
                 check="held-out",
                 detail=(
                     f"held-out loss {loss:.4f} with it applied, above {limit:.4f} (round median {median:.4f}, "
-                    f"base {base_loss:.4f}, margin {margin:g})"
+                    f"base {base_loss:.4f}, margin {margin:g}, noise {noise:.4f} x {noise_z:g})"
                 ),
             )
     return results

@@ -316,6 +316,11 @@ class ValidationSpec(BaseModel):
     # that loss is worse than the round's median update's by more than held_out_margin x the median update's
     # gain over the base (1.0: worse than not training at all). None: off (it costs one evaluation per update).
     held_out_margin: Annotated[Annotated[float, Field(gt=0)] | None, _Optional] = 1.0
+    # ... but never by less than held_out_noise_z x the round's robust spread of those losses (1.4826 x MAD):
+    # late in a run one update gains less than the noise of a few held-out batches, and without this floor an
+    # honest update measured a thousandth of a nat worse than the base is rejected. 4: above the measured 99th
+    # percentile of an honest update's robust z late in a run with 8 peers (3.99; 3.62 for Gaussian noise). 0: none.
+    held_out_noise_z: float = Field(4.0, ge=0, allow_inf_nan=False)
     held_out_batches: int = Field(2, ge=1, le=64)
     # A key that takes this many strikes within ban_window_rounds rounds is banned for the run; one bad round
     # is a glitch, three in ten is a pattern. A check that proves misbehaviour strikes at once; the round-close

@@ -274,3 +274,44 @@ def test_held_out_check_rejects_a_non_finite_loss_and_refuses_bad_arguments() ->
         held_out_check([2.8] * 4, base_loss=3.0, margin=0.0)
     with pytest.raises(ValueError, match="base_loss"):
         held_out_check([2.8] * 4, base_loss=float("inf"))
+
+
+# A late round (about round 20 of the honest-rejection bench): the median update gains 0.004 nats, less
+# than the spread of single-update losses on 2 held-out batches; 2.3353 is the honest update the rule
+# without a noise floor rejected ("above 2.3283 (round median 2.3242, base 2.3283, margin 1)").
+LATE_BASE = 2.3283
+LATE_HONEST = [2.3168, 2.3205, 2.3226, 2.3238, 2.3246, 2.3270, 2.3301, 2.3353]
+
+
+def test_held_out_noise_floor_keeps_honest_updates_whose_loss_is_within_the_rounds_noise() -> None:
+    without_floor = held_out_check(LATE_HONEST, base_loss=LATE_BASE, margin=1.0, noise_z=0.0)
+    with_floor = held_out_check(LATE_HONEST, base_loss=LATE_BASE, margin=1.0, noise_z=4.0)
+
+    assert [r is not None for r in without_floor] == [False] * 6 + [True, True]
+    assert with_floor == [None] * 8
+
+
+def test_held_out_noise_floor_still_rejects_an_update_well_above_the_base() -> None:
+    losses = [*LATE_HONEST[:7], 2.40]  # 0.07 nats worse than not training: 15 robust deviations from the median
+
+    results = held_out_check(losses, base_loss=LATE_BASE, margin=1.0, noise_z=4.0)
+
+    assert [r is not None for r in results] == [False] * 7 + [True]
+    assert results[7] is not None and "2.4000" in results[7].detail and "noise" in results[7].detail
+
+
+def test_held_out_noise_floor_still_rejects_label_flip_in_the_first_rounds() -> None:
+    # round 0-1 of the red team's label-flip: two flipped updates at 5.454 and 5.46 against base 5.383, the
+    # round's median 4.943; the honest six spread over 0.04 nats, as single updates do that early
+    honest = [4.921, 4.932, 4.938, 4.941, 4.945, 4.958]
+    losses = [*honest, 5.454, 5.460]
+
+    results = held_out_check(losses, base_loss=5.383, margin=1.0, noise_z=4.0)
+
+    assert [r is not None for r in results] == [False] * 6 + [True, True]
+
+
+def test_held_out_noise_z_must_be_finite_and_non_negative() -> None:
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="noise_z"):
+            held_out_check(LATE_HONEST, base_loss=LATE_BASE, noise_z=bad)

@@ -15,7 +15,7 @@ KEY_B = "0123456789abcdef" * 4
 
 # sha256 of the default config's canonical JSON. If this changes, every default run gets a new identity:
 # change it only on purpose (a new field, a new default) and say so in the commit.
-DEFAULT_HASH = "702c03945f5e60d7d8d0c3a9eecbc10cb6e6076e65b2f2faf00dfbf1db97d6f3"
+DEFAULT_HASH = "715e159011f1eaeea798f244d385bff648af492f65ff729deb4a3d13842fb5d8"
 
 
 def test_defaults_are_valid_and_hash_is_golden() -> None:
@@ -59,6 +59,7 @@ def test_defaults_are_valid_and_hash_is_golden() -> None:
         {"aggregator_keys": [KEY_A]},
         {"seed": 1},
         {"task.init_from": KEY_B},
+        {"validation.held_out_noise_z": 2.0},
     ],
 )
 def test_every_field_changes_the_hash(override: dict) -> None:
@@ -271,3 +272,10 @@ def test_bad_flags_are_refused() -> None:
 def test_bad_validation_and_aggregation_settings_name_the_field(overrides: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         run_config_from_mapping({}, overrides=overrides)
+
+
+def test_held_out_noise_z_is_a_finite_non_negative_number() -> None:
+    assert RunConfig().with_overrides({"validation.held_out_noise_z": 0.0}).validation.held_out_noise_z == 0.0
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="held_out_noise_z"):
+            RunConfig().with_overrides({"validation.held_out_noise_z": bad})
