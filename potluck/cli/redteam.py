@@ -1,4 +1,5 @@
-"""`potluck redteam`: a local swarm with misbehaving peers, against the same swarm clean and undefended."""
+"""`potluck redteam`: a local swarm with misbehaving peers, against the same swarm clean and undefended; or an honest
+swarm with an attacker from outside the run (a network attack), against the same swarm calm."""
 
 from __future__ import annotations
 
@@ -10,13 +11,25 @@ from rich.table import Table
 from potluck.cli.common import UsageError, stderr, stdout
 from potluck.events import Event, RoundClosed
 
+# the names only: potluck.lab.redteam.network imports torch and hivemind, which --help does not need
+NETWORK_ATTACK_NAMES = (
+    "silent-streams",
+    "unread-replies",
+    "dht-strangers",
+    "fake-joiners",
+    "stranger-uploads",
+    "http-flood",
+)
+
 
 def redteam(
     attack: Annotated[
         str,
         typer.Option(
-            help="The misbehaviour: nan, noise, scaled, sign-flip, zero, stale, replay, forged, wrong-base, "
-            "alie, ipm, label-flip, copycat, sybil or bitflip."
+            help="A peer's misbehaviour: nan, noise, scaled, sign-flip, zero, stale, replay, forged, wrong-base, "
+            "alie, ipm, label-flip, copycat, sybil or bitflip. Or a network attack from outside the run, against "
+            "the aggregator of an honest swarm: " + ", ".join(NETWORK_ATTACK_NAMES) + " (--adversaries and "
+            "--strength do not apply; the report compares round times and honest uploads with a calm run)."
         ),
     ],
     peers: Annotated[int, typer.Option(help="Peers in all, adversaries included.", min=2, max=64)] = 8,
@@ -33,9 +46,17 @@ def redteam(
         ),
     ] = None,
     timeout: Annotated[float, typer.Option(help="Stop a run after this many seconds.", min=1)] = 1800.0,
+    calm_after: Annotated[
+        bool,
+        typer.Option(
+            help="Network attacks: time the swarm calm again after the attacked run, and bound the attacked "
+            "round time by the slower calm run (a shared machine's load drifts between runs)."
+        ),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
-    """RED TEAM: a local swarm with misbehaving peers, against the same swarm clean (and undefended)."""
+    """RED TEAM: a local swarm with misbehaving peers, against the same swarm clean (and undefended); or an honest
+    swarm with a network attacker against its aggregator, against the same swarm calm."""
     # torch and hivemind: imported when the runs start, not for --help
     from potluck.lab.children import sigterm_unwinds
     from potluck.lab.redteam.harness import run_redteam, to_json, verdict
@@ -48,6 +69,9 @@ def redteam(
         "inner.warmup_steps": min(10, rounds * local_steps),
     }
     cfg = RunConfig().with_overrides({**overrides, **parse_overrides(set_ or [])}, source="flags")
+    if attack in NETWORK_ATTACK_NAMES:
+        _network(cfg, attack=attack, peers=peers, timeout=timeout, calm_after=calm_after, as_json=as_json)
+        return
     done: dict[str, int] = {}
 
     def on_event(run: str, child: str, event: Event) -> None:
@@ -93,3 +117,51 @@ def redteam(
         )
     stdout.print(table)
     stdout.print("  ".join(f"{name}: {'ok' if ok else 'NOT MET'}" for name, ok in verdict(report).items()))
+
+
+def _network(cfg: Any, *, attack: str, peers: int, timeout: float, calm_after: bool, as_json: bool) -> None:
+    """`--attack <network attack>`: the honest swarm calm, then under the attack; a table or one JSON object."""
+    import json
+
+    from potluck.lab.children import sigterm_unwinds
+    from potluck.lab.redteam.network import network_to_json_ready, run_network_redteam
+
+    def on_event(run: str, child: str, event: Event) -> None:
+        if child == "aggregator" and isinstance(event, RoundClosed):
+            stderr.print(
+                f"{run:>10}: round {event.round + 1}/{cfg.rounds} in {event.round_s:.1f} s ({event.closed_by})"
+            )
+
+    with sigterm_unwinds():  # each swarm stops its children (and the attacker), and SIGTERM starts no next swarm
+        report = run_network_redteam(
+            cfg, attack=attack, peers=peers, calm_after=calm_after, timeout_s=timeout, on_event=on_event
+        )
+    if as_json:
+        print(json.dumps(network_to_json_ready(report)))
+        return
+    print_network_report(report, rounds=cfg.rounds)
+
+
+def print_network_report(report: dict[str, Any], *, rounds: int) -> None:
+    """A network attack's report as a table, calm beside attacked, then the attacker's counters and the verdict."""
+    from potluck.lab.redteam.network import network_verdict
+
+    title = f"network attack {report['attack']} ({report['what']}): {report['peers']} honest peers, {rounds} rounds"
+    table = Table(title=title)
+    runs = [run for run in ("calm", "attacked", "calm_after") if report.get(run)]
+    for column in ("", *runs):
+        table.add_column(column.replace("_", " "), justify="right")
+    seconds = lambda s: "-" if s is None else f"{s:.2f} s"  # noqa: E731
+    deadlines = lambda row: f"{row['closed_by_deadline']} {row['deadline_rounds'] or ''}".strip()  # noqa: E731
+    table.add_row("rounds", *(str(report[run]["rounds"]) for run in runs))
+    table.add_row("median round time", *(seconds(report[run]["median_round_s"]) for run in runs))
+    table.add_row("closed by deadline (rounds)", *(deadlines(report[run]) for run in runs))
+    for key in ("honest_accepted", "honest_rejected"):
+        table.add_row(key.replace("_", " "), *(str(report[run][key]) for run in runs))
+    ratio = report["round_time_ratio"]
+    ratio_row = ["" for _ in runs]
+    ratio_row[1] = "-" if ratio is None else f"{ratio:.2f}x"
+    table.add_row("round time, attacked / slower calm", *ratio_row)
+    stdout.print(table)
+    stdout.print("attacker: " + (", ".join(f"{k} {v}" for k, v in report["attacker"].items()) or "no counters"))
+    stdout.print("  ".join(f"{name}: {'ok' if ok else 'NOT MET'}" for name, ok in network_verdict(report).items()))

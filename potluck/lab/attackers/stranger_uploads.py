@@ -5,9 +5,14 @@ accepted an update from may grow with such uploads: once, each was a strike writ
 loop and never pruned, and a long flood made every upload take over a second. The updates are validly
 signed (the signature check passes, so the aggregator attributes each to its key) but name another run,
 so the second check refuses them; `flood` sends them through any `send` coroutine and counts the answers.
+
+`python -m potluck.lab.attackers.stranger_uploads --join ADDR [--concurrency 4] [--batch 50]` floods a live
+aggregator over libp2p (`libp2p_send`) until killed, printing a JSON `attack` line with the totals after each batch.
 """
 
+import argparse
 import asyncio
+import json
 import os
 import time
 from collections import Counter
@@ -15,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from potluck.errors import PotluckError
+from potluck.protocol.client import AggregatorLink
 from potluck.protocol.envelope import SignedReceipt, SignedUpdate, UpdateHeader, new_nonce, payload_digest, sign_update
 from potluck.protocol.identity import generate_identity
 
@@ -80,3 +86,52 @@ async def flood(send: Send, *, count: int, concurrency: int = 4, payload_bytes: 
 
     await asyncio.gather(*(sender() for _ in range(concurrency)))
     return FloodResult(sent=count, answers=dict(answers), failed=failed, seconds=time.perf_counter() - started)
+
+
+def libp2p_send(link: AggregatorLink, *, timeout_s: float = 30.0) -> Send:
+    """A `Send` that uploads through the aggregator's real submit stream, as a peer's client does."""
+
+    async def send(update: SignedUpdate, payload: bytes) -> SignedReceipt:
+        receipt, _ = await link.submit(update, payload, timeout_s=timeout_s)
+        return receipt
+
+    return send
+
+
+async def attack(join: str, *, concurrency: int, batch: int, payload_bytes: int) -> None:
+    """Flood the aggregator at `join` with stranger uploads until cancelled, printing the totals after each batch."""
+    from potluck.protocol.node import dial, parse_join_address, peer_id_of, start_node
+
+    maddr = parse_join_address(join)
+    node = await start_node(initial_peers=[maddr], client_mode=True)
+    try:
+        target = peer_id_of(maddr)
+        await dial(node.p2p, target, [maddr])
+        send = libp2p_send(AggregatorLink(node.p2p, target))
+        answers: Counter[str] = Counter()
+        sent = failed = 0
+        while True:
+            result = await flood(send, count=batch, concurrency=concurrency, payload_bytes=payload_bytes)
+            sent, failed = sent + result.sent, failed + result.failed
+            answers.update(result.answers)
+            event = {"event": "attack", "time_s": time.time(), "sent": sent, "failed": failed, "answers": answers}
+            print(json.dumps(event), flush=True)
+    finally:
+        await node.shutdown()
+
+
+def main() -> None:
+    """The attacker's command line (red team only)."""
+    parser = argparse.ArgumentParser(prog="python -m potluck.lab.attackers.stranger_uploads", description=__doc__)
+    parser.add_argument("--join", required=True, help="the target aggregator's multiaddr")
+    parser.add_argument("--concurrency", type=int, default=4, help="uploads in flight at once")
+    parser.add_argument("--batch", type=int, default=50, help="uploads between two printed totals")
+    parser.add_argument("--payload-bytes", type=int, default=1024, help="each upload's payload size")
+    parser.add_argument("--threads", type=int, default=1, help="ignored (the launchers pass it to every node)")
+    parser.add_argument("--json", action="store_true", help="ignored: events are always JSON lines")
+    args = parser.parse_args()
+    asyncio.run(attack(args.join, concurrency=args.concurrency, batch=args.batch, payload_bytes=args.payload_bytes))
+
+
+if __name__ == "__main__":
+    main()
