@@ -71,14 +71,14 @@ def test_a_strangers_announcements_and_ban_list_change_nothing_for_joining_or_ru
 
     runner.next_event(_is("synced"), timeout_s=120)
     # Execute: a peer joins through the real aggregator after the stranger's records are in
-    joiner = nodes.peer("joiner", real, "--max-rounds", "1")
+    joiner = nodes.peer("joiner", real, "--max-rounds", "3")
 
     # Assert: it synced from the real aggregator, trained and left cleanly, never told to upgrade
     synced = joiner.next_event(_is("synced"), timeout_s=120)
     assert synced["aggregator"] == ready["fingerprint"]
     assert synced["run"] == ready["run"]
-    first_round = joiner.next_event(_is("round"), timeout_s=120)
-    assert first_round["accepted"], first_round["reason"]
+    # rounds do not wait for a joiner: its first update may be late, and a later one is kept
+    first_round = joiner.next_event(lambda e: _is("round")(e) and e["accepted"], timeout_s=120)
     assert joiner.wait_exit(timeout_s=60) == 0
     # no stranger's key was ever asked for a state (not even the one claiming the real node), nor obeyed
     assert not any(e.get("event") == "state-refused" for e in joiner.all_events(timeout_s=10))
