@@ -372,7 +372,7 @@ def main() -> None:
             }
             if args.out is not None:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(report, indent=1))
+                args.out.write_text(json.dumps(report, separators=(",", ":")))
                 write_losses(results, args.out.with_suffix(".losses.jsonl"))
     print(json.dumps(summarize(results), indent=1))
 
