@@ -11,7 +11,6 @@ protocol/ban_records.py) keep it out.
 the records, prints a JSON `stored` event, and stores them again every few seconds until killed.
 """
 
-import argparse
 import asyncio
 import dataclasses
 import json
@@ -20,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from potluck.lab.attackers.command import attacker_parser
 from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.ban_records import BANS_KEY, BanList, sign_ban_list
 from potluck.protocol.dht_schema import (
@@ -141,11 +141,8 @@ async def attack(join: str, banned: Sequence[bytes]) -> None:
 
 def main() -> None:
     """`python -m potluck.lab.attackers.dht_records --join ADDR --ban HEX ...`."""
-    parser = argparse.ArgumentParser(prog="potluck.lab.attackers.dht_records", description=__doc__)
-    parser.add_argument("--join", required=True, help="the real aggregator's multiaddr")
+    parser = attacker_parser("potluck.lab.attackers.dht_records", __doc__)
     parser.add_argument("--ban", action="append", default=[], help="an honest peer's key (hex) to ban; repeatable")
-    parser.add_argument("--threads", type=int, default=1)  # what every lab node takes; unused here
-    parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     asyncio.run(attack(args.join, [public_key_from_hex(k) for k in args.ban]))
 

@@ -10,7 +10,6 @@ must answer them and go on closing its rounds when its real members have reporte
 printing a JSON `attack` line with the counts each second.
 """
 
-import argparse
 import asyncio
 import json
 import logging
@@ -21,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from potluck.lab.attackers.command import attacker_parser
 from potluck.protocol.client import AggregatorLink, LinkError
 from potluck.protocol.node import create_p2p, dial
 
@@ -92,11 +92,8 @@ async def _run(join: str, every_s: float) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The attacker's command line (red team only)."""
-    parser = argparse.ArgumentParser(prog="python -m potluck.lab.attackers.fake_joiners", description=__doc__)
-    parser.add_argument("--join", required=True, help="the target aggregator's multiaddr")
+    parser = attacker_parser("potluck.lab.attackers.fake_joiners", __doc__)
     parser.add_argument("--every", type=float, default=1.0, help="seconds between two fake joins")
-    parser.add_argument("--threads", type=int, default=1, help="ignored (the launchers pass it to every node)")
-    parser.add_argument("--json", action="store_true", help="ignored: events are always JSON lines")
     args = parser.parse_args(argv)
     asyncio.run(_run(args.join, args.every))
 

@@ -10,7 +10,6 @@ so the second check refuses them; `flood` sends them through any `send` coroutin
 aggregator over libp2p (`libp2p_send`) until killed, printing a JSON `attack` line with the totals after each batch.
 """
 
-import argparse
 import asyncio
 import json
 import os
@@ -20,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from potluck.errors import PotluckError
+from potluck.lab.attackers.command import attacker_parser
 from potluck.protocol.client import AggregatorLink
 from potluck.protocol.envelope import SignedReceipt, SignedUpdate, UpdateHeader, new_nonce, payload_digest, sign_update
 from potluck.protocol.identity import generate_identity
@@ -122,13 +122,10 @@ async def attack(join: str, *, concurrency: int, batch: int, payload_bytes: int)
 
 def main() -> None:
     """The attacker's command line (red team only)."""
-    parser = argparse.ArgumentParser(prog="python -m potluck.lab.attackers.stranger_uploads", description=__doc__)
-    parser.add_argument("--join", required=True, help="the target aggregator's multiaddr")
+    parser = attacker_parser("potluck.lab.attackers.stranger_uploads", __doc__)
     parser.add_argument("--concurrency", type=int, default=4, help="uploads in flight at once")
     parser.add_argument("--batch", type=int, default=50, help="uploads between two printed totals")
     parser.add_argument("--payload-bytes", type=int, default=1024, help="each upload's payload size")
-    parser.add_argument("--threads", type=int, default=1, help="ignored (the launchers pass it to every node)")
-    parser.add_argument("--json", action="store_true", help="ignored: events are always JSON lines")
     args = parser.parse_args()
     asyncio.run(attack(args.join, concurrency=args.concurrency, batch=args.batch, payload_bytes=args.payload_bytes))
 

@@ -18,7 +18,6 @@ Prints JSON events: `attacking` once every stream has been opened once, then `at
 the counts so far (streams opened, refused busy, dropped by the target).
 """
 
-import argparse
 import asyncio
 import json
 import os
@@ -27,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from potluck.lab.attackers.command import attacker_parser
 from potluck.protocol.client import AggregatorLink
 from potluck.protocol.identity import generate_identity
 from potluck.protocol.messages import CHUNK_HANDLER, SUBMIT_HANDLER
@@ -181,8 +181,7 @@ async def attack(
 
 def main() -> None:
     """The attacker's command line (red team only)."""
-    parser = argparse.ArgumentParser(prog="python -m potluck.lab.attackers.streams", description=__doc__)
-    parser.add_argument("--join", required=True, help="the target aggregator's multiaddr")
+    parser = attacker_parser("potluck.lab.attackers.streams", __doc__)
     parser.add_argument("--silent", type=int, default=64, help="silent upload streams kept open")
     parser.add_argument("--unread", type=int, default=64, help="chunk streams whose replies are never read")
     parser.add_argument("--cycle", type=float, default=3.0, help="seconds an unread stream is held before renewal")
@@ -192,8 +191,6 @@ def main() -> None:
     parser.add_argument(
         "--nice", type=int, default=0, help="lower this process's CPU priority (and its p2pd's) by this much"
     )
-    parser.add_argument("--threads", type=int, default=1, help="ignored (the launchers pass it to every node)")
-    parser.add_argument("--json", action="store_true", help="ignored: events are always JSON lines")
     args = parser.parse_args()
     if args.nice:
         # on one shared machine the attacker's own CPU would slow the swarm too, which no remote attacker can do
