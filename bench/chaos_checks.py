@@ -174,11 +174,23 @@ def summary(calm: dict[str, Any], chaos: dict[str, Any], verdict: dict[str, Any]
     return lines
 
 
-def stalls_of(soak: Soak) -> list[str]:
-    """Rounds that ran past their deadline (plus the grace), and rounds never closed."""
+def ledger_rounds(ledgers: Iterable[Path]) -> set[int]:
+    """Rounds some ledger holds a signed head for: closed, whether or not their close event got out."""
+    closed: set[int] = set()
+    for path in ledgers:
+        with Ledger.open(path, read_only=True) as ledger:
+            closed.update(head.round for head in ledger.heads())
+    return closed
+
+
+def stalls_of(soak: Soak, in_ledger: set[int]) -> list[str]:
+    """Rounds that ran past their deadline (plus the grace), and rounds never closed.
+
+    A round whose head is in a ledger closed even when no close event was seen: a kill between the
+    ledger's write and the event's print cuts only the event."""
     bar = soak.plan.deadline_s + STALL_GRACE_S
     late = [f"round {c['round']} took {c['round_s']} s" for c in soak.closes if c["round_s"] > bar]
-    closed = {c["round"] for c in soak.closes}
+    closed = {c["round"] for c in soak.closes} | in_ledger
     return late + [f"round {r} never closed" for r in range(soak.plan.rounds) if r not in closed]
 
 
@@ -209,7 +221,7 @@ def result_of(soak: Soak, ready: AggregatorReady, actions: list[Action]) -> dict
             "receipts_kept": len(list((work / name / "receipts").glob("*/round-*.receipt"))),
             "final_receipts_acked": sum(a.kind == "final" and a.peer == name for a in soak.acks),
         }
-    stalls = stalls_of(soak)
+    stalls = stalls_of(soak, ledger_rounds(ledgers))
     result = {
         "plan": asdict(plan),
         "schedule": [asdict(a) for a in actions],
