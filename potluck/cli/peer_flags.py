@@ -228,6 +228,7 @@ class PeerFlags(NodeFlags):
 
         `tokenizer`: the sha256 of the --tokenizer file, once read and checked.
         """
+        from potluck.peer.inner_state import state_file
         from potluck.peer.options import PeerOptions  # torch: only a peer that runs needs it, not --help
         from potluck.peer.trust import pin_file
         from potluck.training.device import pick_device
@@ -239,6 +240,7 @@ class PeerFlags(NodeFlags):
             run=self.run,
             aggregator_keys=self.aggregator_key,
             trust_file=pin_file(self.identity.expanduser()),
+            inner_state_file=state_file(self.identity.expanduser()),
             data=self.data,
             tokenizer=tokenizer,
             device=pick_device(self.device),

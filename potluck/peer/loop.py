@@ -17,6 +17,7 @@ import torch
 
 from potluck.events import Event, PeerRound
 from potluck.peer.final_receipts import FinalReceipts, total_points
+from potluck.peer.inner_state import StateWriter
 from potluck.peer.options import PeerDiverged, PeerError, PeerOptions, RunFinished
 from potluck.peer.overlap import InnerSteps, RoundPacer, guess_next_state
 from potluck.peer.records import HeldOutScore, Master, Shard, Tally, apply_shard_aggregate
@@ -146,6 +147,7 @@ class RoundLoop:
         score: HeldOutScore,
         tally: Tally,
         on_event: Callable[[Event], None],
+        inner_state: StateWriter | None = None,
     ) -> None:
         self.maker = maker
         self.identity = identity
@@ -158,6 +160,7 @@ class RoundLoop:
         self.score = score
         self.tally = tally
         self.on_event = on_event
+        self.inner_state = inner_state  # keeps the optimizer's state for a restart
         self.pacer = RoundPacer(trainer, cfg, overlap=options.overlap, overlap_limit=options.overlap_limit)
         self.steps = InnerSteps(trainer, self.pacer)
 
@@ -196,6 +199,8 @@ class RoundLoop:
         self.trainer.codec = codecs[0][0]  # a run of one shard's codec, for whoever reads it (the red team)
         await self.steps.finish()
         shot = await asyncio.to_thread(self.trainer.take_snapshot)
+        if self.inner_state is not None:  # no step runs now: the optimizer holds this round's end
+            await self.inner_state.after_round(self.trainer.optimizer, r)
         works = await self._encode(master, shot, codecs)
         point: Mapping[str, torch.Tensor] = shot.current  # where the next round's steps start from
         if self.options.overlap and not self._last(master):

@@ -34,6 +34,8 @@ class PeerOptions:
     aggregator_keys: tuple[str, ...] = ()
     # Where the run's aggregator keys are pinned at first join and trusted on restart (None: nothing pinned)
     trust_file: Path | None = None
+    # Where the inner optimizer's state is kept between rounds, for a restart to take back (None: not kept)
+    inner_state_file: Path | None = None
     data: str | None = None  # this peer's own text (None: the run's data)
     tokenizer: str | None = None  # the sha256 of the tokenizer.json this volunteer brought: the run's must match
     device: torch.device = torch.device("cpu")

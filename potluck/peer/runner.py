@@ -23,6 +23,7 @@ from typing import Any
 
 from potluck.events import Event, Finished, PeerDone, PeerPlan
 from potluck.peer.final_receipts import FinalReceipts
+from potluck.peer.inner_state import StateWriter, load_state
 from potluck.peer.loop import RoundLoop
 from potluck.peer.options import PeerDiverged, PeerError, PeerOptions, RunFinished
 from potluck.peer.records import HeldOutScore, Master, Tally
@@ -112,6 +113,7 @@ class PeerRunner:
             if self.options.plan:
                 await self._start_up_plan(master.cfg, sync.link)
             self.trainer = await asyncio.to_thread(self.make_trainer, master.cfg)
+            writer = await self._inner_state(master)
             loop = RoundLoop(
                 self,
                 identity=self.identity,
@@ -124,13 +126,27 @@ class PeerRunner:
                 score=self.score,
                 tally=self.tally,
                 on_event=self.on_event,
+                inner_state=writer,
             )
-            await loop.run(master)
+            try:
+                await loop.run(master)
+            finally:
+                if writer is not None:
+                    await writer.close()
         except RunFinished as e:
             self.on_event(Finished(detail=str(e)))
         finally:
             await node.shutdown()
         self.on_event(self.summary())
+
+    async def _inner_state(self, master: Master) -> StateWriter | None:
+        """Take back the optimizer state a restart left, if it is this run's; the writer that keeps it from now on."""
+        path = self.options.inner_state_file
+        if path is None or self.trainer is None:
+            return None
+        config = master.cfg.config_hash
+        await asyncio.to_thread(load_state, path, self.trainer.optimizer, config_hash=config, round_index=master.round)
+        return StateWriter(path, config_hash=config)
 
     async def _start_up_plan(self, cfg: RunConfig, link: AggregatorLink | None) -> None:
         """Measure this machine and link for the run and report what they predict (an event, one log line)."""
