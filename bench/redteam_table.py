@@ -4,7 +4,7 @@ Each attack runs three local swarms (attacked, clean, and for statistical attack
 processes; results are appended to OUT.jsonl as they come, so a partial sweep is not lost.
 
     python bench/redteam_table.py --peers 8 --adversaries 2 --rounds 6 --local-steps 10 \\
-        --out bench/results/redteam
+        --out bench/results/redteam-run1
 """
 
 from __future__ import annotations
