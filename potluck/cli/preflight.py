@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from potluck import __version__
 from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.probe import ProbeUnavailableError, daemon_reason, measure_rates
+from potluck.protocol.reachability import classify, ips_of
 from potluck.protocol.wire import PeerRefusedError, WireError
 
 if TYPE_CHECKING:
@@ -163,31 +163,13 @@ def parse_join_address(address: str) -> tuple[Multiaddr, PeerID]:
         raise ValueError(str(e)) from None
 
 
-def _public_ips(maddrs: Iterable[Multiaddr]) -> list[str]:
-    """The globally routable IPs among some multiaddrs (not private, loopback, link-local or documentation)."""
-    found = []
-    for maddr in maddrs:
-        for proto in ("ip4", "ip6"):
-            try:
-                ip = maddr.value_for_protocol(proto)
-            except LookupError:
-                continue
-            if ipaddress.ip_address(ip).is_global and ip not in found:
-                found.append(ip)
-    return found
-
-
-def _reachability(maddrs: Iterable[Multiaddr]) -> Check:
-    public = _public_ips(maddrs)
-    if public:
-        detail = f"public address {', '.join(public)} (dialable unless a firewall blocks potluck's port)"
+def _reachability(maddrs: Iterable[Multiaddr], *, joined: Iterable[Multiaddr] = ()) -> Check:
+    """Whether others can dial us, judged from our visible addresses and the aggregators' (a guess: "appears")."""
+    verdict = classify(ips_of(maddrs), remote_ips=ips_of(joined))
+    detail = f"{verdict.detail} ({verdict.meaning})" if verdict.can_serve_state else verdict.detail
+    if verdict.can_serve_state:
         return Check(name="reachability", status=Status.OK, detail=detail)
-    return Check(
-        name="reachability",
-        status=Status.WARNING,
-        detail="no public address: peers cannot dial you",
-        fix="run peer with --client-mode (fine for volunteers: you dial out, nobody dials in)",
-    )
+    return Check(name="reachability", status=Status.WARNING, detail=detail, fix=verdict.meaning)
 
 
 # --- network --------------------------------------------------------------------------------------
@@ -316,6 +298,7 @@ async def _network_checks(*, join: list[str], timeout_s: float) -> list[Check]:
 
     checks: list[Check] = []
     seen: list[Multiaddr] = []
+    joined: list[Multiaddr] = []  # the aggregators we reached: a public one and only private addresses here is NAT
     try:
         async with _running_p2p(timeout_s=timeout_s, host_maddrs=_LISTEN_ALL) as p2p:
             seen += await asyncio.wait_for(p2p.get_visible_maddrs(latest=True), timeout_s)
@@ -349,8 +332,9 @@ async def _network_checks(*, join: list[str], timeout_s: float) -> list[Check]:
         join_checks, join_seen = await _check_join(address, maddr=maddr, peer_id=peer_id, timeout_s=timeout_s)
         checks += join_checks
         seen += join_seen
+        joined += [maddr] if join_seen else []
     if p2pd_works:
-        checks.append(_reachability(seen))
+        checks.append(_reachability(seen, joined=joined))
     return checks
 
 

@@ -120,6 +120,20 @@ def test_a_public_address_makes_reachability_ok() -> None:
     assert "8.8.8.8" in public.detail
 
 
+def test_private_addresses_and_a_public_aggregator_read_as_behind_nat_with_what_that_means() -> None:
+    # Prepare: what p2pd shows at home, and the aggregator reached
+    seen = [Multiaddr("/ip4/192.168.1.20/tcp/4000"), Multiaddr("/ip4/127.0.0.1/tcp/4000")]
+    aggregator = Multiaddr(f"/ip4/1.1.1.1/tcp/31337/p2p/{PEER_ID}")
+    # Execute
+    home = preflight._reachability(seen, joined=[aggregator])
+    lan = preflight._reachability(seen, joined=[Multiaddr(f"/ip4/192.168.1.2/tcp/31337/p2p/{PEER_ID}")])
+    # Assert: a guess ("appear"), and what the volunteer can and cannot do
+    assert home.status is Status.WARNING
+    assert "appear to be behind NAT" in home.detail
+    assert "--client-mode" in home.fix and "earn credit" in home.fix and "cannot serve the state" in home.fix
+    assert lan.status is Status.OK and "share a private network" in lan.detail
+
+
 @pytest.mark.parametrize(
     ("free_bytes", "status"),
     [(100 * 10**6, Status.PROBLEM), (10**9, Status.WARNING), (50 * 10**9, Status.OK)],
