@@ -1,12 +1,13 @@
 """Whether other nodes can dial this one, as far as its own addresses and the aggregator's can tell.
 
 A volunteer at home sits behind a NAT router: its interfaces carry private addresses (192.168.x.x,
-10.x.x.x, 100.64.x.x of a carrier's NAT), the aggregator it joins is on a public one, and nothing on
-the internet can open a connection to it. Such a volunteer trains and earns credit in `--client-mode`
-(it only dials out), but cannot serve the state to joiners: a holder record naming its addresses would
-send them dialling in vain. This module only reads addresses, so its verdict is a guess and says so
-("appears"): a firewall can block a public address, and a port forward can open a private one.
-`potluck doctor` prints the verdict; a serving peer that appears to be behind NAT announces no holder record.
+10.x.x.x, 100.64.x.x of a carrier's NAT), the aggregator it joins is on a public one (or on another
+private network), and nothing on the other side can open a connection to it. Such a volunteer trains
+and earns credit in `--client-mode` (it only dials out), but cannot serve the state to joiners: a
+holder record naming its addresses would send them dialling in vain. This module only reads addresses,
+so its verdict is a guess and says so ("appears"): a firewall can block a public address, and a port
+forward or a VPN can open a private one. `potluck doctor` prints the verdict; a serving peer that
+appears to be behind NAT announces no holder record.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from enum import Enum
 __all__ = ["Reachability", "Verdict", "classify", "ips_of"]
 
 _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+# The private blocks a router hands out: two nodes in different ones are on different networks, a router between
+# them, and unless it forwards a port for them the one inside cannot be dialled from the other side.
+_PRIVATE_BLOCKS = tuple(
+    ipaddress.ip_network(block)
+    for block in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+)
 
 
 class Reachability(str, Enum):
@@ -26,7 +33,8 @@ class Reachability(str, Enum):
 
     PUBLIC = "public"  # it has a globally routable address: dialable unless a firewall blocks its port
     SAME_NETWORK = "same-network"  # private addresses, and so is every aggregator it joins: a LAN, a lab, one machine
-    BEHIND_NAT = "behind-nat"  # only private addresses, while what it joins is public (or unknown)
+    # only private addresses, while what it joins is public, on another private block, or unknown
+    BEHIND_NAT = "behind-nat"
     UNKNOWN = "unknown"  # no address to judge by
 
 
@@ -65,6 +73,11 @@ def _parsed(ips: Iterable[str]) -> list[_IP]:
     return parsed
 
 
+def _blocks(ips: Iterable[_IP]) -> set[int]:
+    """Which of the private blocks these addresses fall in (by index)."""
+    return {i for i, block in enumerate(_PRIVATE_BLOCKS) for ip in ips if ip in block}
+
+
 def classify(own_ips: Iterable[str], *, remote_ips: Iterable[str] = ()) -> Verdict:
     """Who can dial a node with addresses `own_ips` that joins nodes at `remote_ips` (empty: not known).
 
@@ -94,13 +107,18 @@ def classify(own_ips: Iterable[str], *, remote_ips: Iterable[str] = ()) -> Verdi
             meaning="connect to a network first",
         )
     private = ", ".join(map(str, outward))
-    if remote and not any(ip.is_global for ip in remote):
+    if remote and not any(ip.is_global for ip in remote) and _blocks(outward) & _blocks(remote):
         return Verdict(
             reachability=Reachability.SAME_NETWORK,
             detail=f"private address {private}, like the aggregator's: you appear to share a private network",
             meaning="nodes on that network can dial you; nobody outside it can",
         )
-    joined = "the aggregator is public" if remote else "no aggregator address to compare with"
+    if not remote:
+        joined = "no aggregator address to compare with"
+    elif any(ip.is_global for ip in remote):
+        joined = "the aggregator is public"
+    else:
+        joined = "the aggregator is on another private network"
     return Verdict(
         reachability=Reachability.BEHIND_NAT,
         detail=f"only private addresses ({private}) and {joined}: you appear to be behind NAT or a firewall",

@@ -49,7 +49,8 @@ def _announced(visible: list[str], join: str, *, client_mode: bool = False) -> t
     ("visible", "join", "announced"),
     [
         (["/ip4/127.0.0.1/tcp/4000"], "/ip4/127.0.0.1", True),  # one machine
-        (["/ip4/192.168.7.2/tcp/4000"], "/ip4/10.20.30.1", True),  # a lab or a LAN: private on both sides
+        (["/ip4/192.168.7.2/tcp/4000"], "/ip4/192.168.7.1", True),  # a LAN: one private network
+        (["/ip4/192.168.7.2/tcp/4000"], "/ip4/10.20.30.1", False),  # a home network behind a router
         (["/ip4/192.168.1.20/tcp/4000", "/ip4/8.8.4.4/tcp/4000"], "/ip4/8.8.8.8", True),  # a public address
         (["/ip4/192.168.1.20/tcp/4000", "/ip4/127.0.0.1/tcp/4000"], "/ip4/8.8.8.8", False),  # home, behind NAT
         (["/ip4/192.168.1.20/tcp/4000"], "/dns4/aggregator", True),  # a name: nothing to compare with

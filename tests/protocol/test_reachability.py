@@ -19,8 +19,11 @@ PEER_ID = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
         # a public address (or a router's port mapping that p2pd found) is dialable
         (["192.168.1.20", "8.8.4.4"], ["8.8.8.8"], Reachability.PUBLIC),
         (["2001:4860:4860::8888"], [], Reachability.PUBLIC),
-        # a lab, a LAN: the aggregator is private too
-        (["192.168.7.2"], ["10.20.30.1"], Reachability.SAME_NETWORK),
+        # a LAN: the aggregator is private too, in the same private block
+        (["192.168.7.2"], ["192.168.7.1"], Reachability.SAME_NETWORK),
+        (["10.1.2.3", "127.0.0.1"], ["10.20.30.1", "127.0.0.1"], Reachability.SAME_NETWORK),
+        # another private block: a router stands between them (the network lab's home network)
+        (["192.168.7.2"], ["10.20.30.1"], Reachability.BEHIND_NAT),
         # one machine
         (["127.0.0.1"], ["127.0.0.1"], Reachability.SAME_NETWORK),
         # nothing but loopback and link-local here, and a public aggregator
@@ -40,6 +43,12 @@ def test_behind_nat_says_appears_and_what_it_means_for_a_volunteer() -> None:
     assert "appear to be behind NAT" in verdict.detail and "192.168.1.20" in verdict.detail
     assert "--client-mode" in verdict.meaning and "earn credit" in verdict.meaning
     assert "cannot serve the state" in verdict.meaning
+
+
+def test_another_private_network_is_named_as_such() -> None:
+    verdict = classify(["192.168.7.2"], remote_ips=["10.20.30.1"])
+
+    assert "the aggregator is on another private network" in verdict.detail
 
 
 def test_public_and_same_network_nodes_can_serve_state() -> None:
