@@ -22,6 +22,9 @@ from potluck.protocol.state_chunks import ChunkRequest
 
 logger = logging.getLogger(__name__)
 
+LIST_PEERS_TIMEOUT_S = 5.0
+MAX_PEERS_COMPARED = 64  # the aggregator is among the first few connections; enough to judge by
+
 
 class StateServer:
     """The chunks of this peer's master state, for joiners; the holder record that points them here."""
@@ -52,7 +55,7 @@ class StateServer:
         if not self.serves:
             return
         maddrs = await self.node.p2p.get_visible_maddrs()
-        if not self._dialable(maddrs):
+        if not await self._dialable(maddrs):
             return
         record = HolderRecord(
             holder=self.identity.public_key,
@@ -64,20 +67,32 @@ class StateServer:
         )
         await store_holder_record(self.node.dht, record, self.identity, ttl_s=2 * master.cfg.round_deadline_s + 60)
 
-    def _dialable(self, maddrs: list[object]) -> bool:
+    async def _dialable(self, maddrs: list[object]) -> bool:
         """Whether joiners could dial `maddrs`; when this peer appears to be behind NAT it stops serving, once.
 
         A holder record naming only addresses nobody outside can reach would send every joiner dialling
-        in vain, so a peer with only private addresses that joined a public aggregator announces none. An
-        aggregator known only by name (a compose service, a LAN host) gives nothing to compare with: it serves.
+        in vain, so a peer with only private addresses that joined a public aggregator (or one on another
+        private network) announces none. An aggregator joined by name is compared at the addresses p2pd
+        is connected to; with none of those either there is nothing to compare with, and it serves.
         """
-        remote = ips_of(self.join)
+        remote = ips_of(self.join) or await self._connected_ips()
         verdict = classify(ips_of(maddrs), remote_ips=remote)
         if verdict.can_serve_state or not remote:
             return True
         logger.warning("not serving the state to joiners: %s; %s", verdict.detail, verdict.meaning)
         self.serves = False
         return False
+
+    async def _connected_ips(self) -> list[str]:
+        """The IPs of the nodes p2pd is connected to (the aggregator among them), or none when it cannot say."""
+        from hivemind.p2p import P2PDaemonError  # the node's own: loaded with it
+
+        try:
+            peers = await asyncio.wait_for(self.node.p2p.list_peers(), LIST_PEERS_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError, P2PDaemonError) as e:
+            logger.info("cannot list this node's connections (%s)", e)
+            return []
+        return ips_of(a for info in peers[:MAX_PEERS_COMPARED] for a in info.addrs)
 
     async def held_payload(self, request: ChunkRequest) -> bytes:
         """The payload of the shard and version a chunk request names, if this peer holds exactly that state.

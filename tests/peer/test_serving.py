@@ -20,12 +20,17 @@ class _FakeNode:
 
     def __init__(self, visible: list[str]) -> None:
         self.stored: list[Any] = []
-        self.p2p = SimpleNamespace(get_visible_maddrs=self._visible, peer_id=SimpleNamespace(to_bytes=lambda: b"id"))
+        self.p2p = SimpleNamespace(
+            get_visible_maddrs=self._visible, peer_id=SimpleNamespace(to_bytes=lambda: b"id"), list_peers=self._peers
+        )
         self.dht = SimpleNamespace(store=self._store)
         self.visible = visible
 
     async def _visible(self, latest: bool = False) -> list[str]:
         return [f"{m}/p2p/{PEER_ID}" for m in self.visible]
+
+    async def _peers(self) -> list[Any]:
+        return []
 
     async def _store(self, *args: Any, **kwargs: Any) -> bool:
         self.stored.append((args, kwargs))
@@ -70,3 +75,20 @@ def test_a_peer_in_client_mode_never_announces() -> None:
     stored, server = _announced(["/ip4/8.8.4.4/tcp/4000"], "/ip4/8.8.8.8", client_mode=True)
 
     assert not stored and not server.serves
+
+
+def test_an_aggregator_joined_by_name_is_compared_at_the_addresses_p2pd_is_connected_to() -> None:
+    # Prepare: at home, joined by name; p2pd is connected to the aggregator's public address
+    node = _FakeNode(["/ip4/192.168.1.20/tcp/4000"])
+    connected = [SimpleNamespace(addrs=["/ip4/8.8.8.8/tcp/31337"])]
+
+    async def list_peers() -> list[Any]:
+        return connected
+
+    node.p2p.list_peers = list_peers
+    options = PeerOptions(join=(f"/dns4/aggregator.example/tcp/31337/p2p/{PEER_ID}",))
+    server = StateServer(node, generate_identity(), options, tally=Tally())  # type: ignore[arg-type]
+    # Execute
+    asyncio.run(server.announce_holding(_master()))
+    # Assert
+    assert node.stored == [] and not server.serves
