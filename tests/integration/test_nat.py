@@ -59,7 +59,7 @@ def _settings() -> list[str]:
     return [arg for key, value in SETTINGS.items() for arg in ("--set", f"{key.replace('__', '.')}={value}")]
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_peers_behind_nat_train_are_credited_and_never_named_as_holders(tmp_path: Path) -> None:
     # Prepare: the aggregator on the public side, two volunteers on a home network behind the router (one of
     # them in --client-mode, the other left to find out that it appears to be behind NAT)
@@ -79,7 +79,7 @@ def test_peers_behind_nat_train_are_credited_and_never_named_as_holders(tmp_path
                 *("--http-port", "0", "--wait-for-peers", "2", *_settings()),
                 wrap=lambda argv: lab.command(0, argv),
             )
-            ready = aggregator.next_event(lambda e: e.get("event") == "ready", timeout_s=90)
+            ready = aggregator.next_event(lambda e: e.get("event") == "ready", timeout_s=180)
             join = ready["maddrs"][0]
             look_up = subprocess.Popen(
                 lab.command(0, [sys.executable, "-c", LOOK_UP, join, ready["config_hash"], lab.addresses[0]]),
