@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from potluck import __version__
 from potluck.protocol import PROTOCOL_VERSION
 from potluck.protocol.probe import ProbeUnavailableError, daemon_reason, measure_rates
+from potluck.protocol.reachability import classify, ips_of
 from potluck.protocol.wire import PeerRefusedError, WireError
 
 if TYPE_CHECKING:
@@ -163,31 +163,13 @@ def parse_join_address(address: str) -> tuple[Multiaddr, PeerID]:
         raise ValueError(str(e)) from None
 
 
-def _public_ips(maddrs: Iterable[Multiaddr]) -> list[str]:
-    """The globally routable IPs among some multiaddrs (not private, loopback, link-local or documentation)."""
-    found = []
-    for maddr in maddrs:
-        for proto in ("ip4", "ip6"):
-            try:
-                ip = maddr.value_for_protocol(proto)
-            except LookupError:
-                continue
-            if ipaddress.ip_address(ip).is_global and ip not in found:
-                found.append(ip)
-    return found
-
-
-def _reachability(maddrs: Iterable[Multiaddr]) -> Check:
-    public = _public_ips(maddrs)
-    if public:
-        detail = f"public address {', '.join(public)} (dialable unless a firewall blocks potluck's port)"
+def _reachability(maddrs: Iterable[Multiaddr], *, joined: Iterable[Multiaddr] = ()) -> Check:
+    """Whether others can dial us, judged from our visible addresses and the aggregators' (a guess: "appears")."""
+    verdict = classify(ips_of(maddrs), remote_ips=ips_of(joined))
+    detail = f"{verdict.detail} ({verdict.meaning})" if verdict.can_serve_state else verdict.detail
+    if verdict.can_serve_state:
         return Check(name="reachability", status=Status.OK, detail=detail)
-    return Check(
-        name="reachability",
-        status=Status.WARNING,
-        detail="no public address: peers cannot dial you",
-        fix="run peer with --client-mode (fine for volunteers: you dial out, nobody dials in)",
-    )
+    return Check(name="reachability", status=Status.WARNING, detail=detail, fix=verdict.meaning)
 
 
 # --- network --------------------------------------------------------------------------------------
@@ -248,10 +230,23 @@ def _mbit(bytes_per_s: float) -> str:
     return f"{bytes_per_s * 8 / 1e6:.1f} Mbit/s"
 
 
+async def _connected_to(p2p: P2P, peer_id: PeerID, *, fallback: Multiaddr, timeout_s: float) -> list[Multiaddr]:
+    """The addresses our p2pd is connected to `peer_id` at: a /dns4/ join address resolved, for the NAT guess."""
+    from hivemind.p2p import P2PDaemonError
+
+    try:
+        peers = await asyncio.wait_for(p2p.list_peers(), timeout_s)
+    except (P2PDaemonError, OSError, asyncio.TimeoutError) as e:
+        logger.info("cannot list p2pd's connections (%s); comparing with the join address as given", e)
+        return [fallback]
+    return [a for info in peers if info.peer_id == peer_id for a in info.addrs] or [fallback]
+
+
 async def _check_join(
     address: str, *, maddr: Multiaddr, peer_id: PeerID, timeout_s: float
-) -> tuple[list[Check], list[Multiaddr]]:
-    """Dial one aggregator (as a bootstrap peer) and probe its rates; also returns our visible addresses."""
+) -> tuple[list[Check], list[Multiaddr], list[Multiaddr]]:
+    """Dial one aggregator (as a bootstrap peer) and probe its rates; also returns our visible addresses and the
+    aggregator's as connected to (none when it cannot be reached)."""
     from hivemind.p2p import P2PDaemonError
 
     name = f"join {address}"
@@ -260,6 +255,7 @@ async def _check_join(
             # p2pd dials its bootstrap peers before it reports ready, so a started node is a connected one.
             reached = Check(name=name, status=Status.OK, detail=f"reached peer {peer_id}")
             seen = await asyncio.wait_for(p2p.get_visible_maddrs(latest=True), timeout_s)
+            connected = await _connected_to(p2p, peer_id, fallback=maddr, timeout_s=timeout_s)
             try:
                 up, down = await _measure_rates_twice(p2p, peer_id, timeout_s=timeout_s)
             except ProbeUnavailableError:
@@ -282,7 +278,7 @@ async def _check_join(
                 probe = Check(
                     name=f"rates {address}", status=Status.OK, detail=f"upload {_mbit(up)}, download {_mbit(down)}"
                 )
-            return [reached, probe], seen
+            return [reached, probe], seen, connected
     except (P2PDaemonError, asyncio.TimeoutError) as e:
         reason = daemon_reason(e) if isinstance(e, P2PDaemonError) else f"no answer within {timeout_s:g} s"
         unreachable = Check(
@@ -291,7 +287,7 @@ async def _check_join(
             detail=f"cannot reach the aggregator: {reason}",
             fix="check the address, that aggregator-server is running there, and that a firewall lets its port in",
         )
-        return [unreachable], []
+        return [unreachable], [], []
 
 
 async def _check_page(url: str, *, timeout_s: float) -> tuple[Check, str | None]:
@@ -316,6 +312,7 @@ async def _network_checks(*, join: list[str], timeout_s: float) -> list[Check]:
 
     checks: list[Check] = []
     seen: list[Multiaddr] = []
+    joined: list[Multiaddr] = []  # the aggregators we reached: a public one and only private addresses here is NAT
     try:
         async with _running_p2p(timeout_s=timeout_s, host_maddrs=_LISTEN_ALL) as p2p:
             seen += await asyncio.wait_for(p2p.get_visible_maddrs(latest=True), timeout_s)
@@ -346,11 +343,14 @@ async def _network_checks(*, join: list[str], timeout_s: float) -> list[Check]:
             detail = "not tried: p2pd does not start"
             checks.append(Check(name=f"join {address}", status=Status.PROBLEM, detail=detail, fix="fix p2pd first"))
             continue
-        join_checks, join_seen = await _check_join(address, maddr=maddr, peer_id=peer_id, timeout_s=timeout_s)
+        join_checks, join_seen, connected = await _check_join(
+            address, maddr=maddr, peer_id=peer_id, timeout_s=timeout_s
+        )
         checks += join_checks
         seen += join_seen
+        joined += connected
     if p2pd_works:
-        checks.append(_reachability(seen))
+        checks.append(_reachability(seen, joined=joined))
     return checks
 
 

@@ -5,6 +5,7 @@ the same version, so the aggregator's link is not the only way in (state_downloa
 """
 
 import asyncio
+import logging
 import time
 
 from potluck.peer.options import PeerOptions
@@ -16,7 +17,13 @@ from potluck.protocol.holder_records import HolderRecord, store_holder_record
 from potluck.protocol.identity import Identity
 from potluck.protocol.messages import CHUNK_HANDLER, encode_state_payload
 from potluck.protocol.node import Node
+from potluck.protocol.reachability import classify, ips_of
 from potluck.protocol.state_chunks import ChunkRequest
+
+logger = logging.getLogger(__name__)
+
+LIST_PEERS_TIMEOUT_S = 5.0
+MAX_PEERS_COMPARED = 64  # the aggregator is among the first few connections; enough to judge by
 
 
 class StateServer:
@@ -28,6 +35,7 @@ class StateServer:
         self.tally = tally
         # A peer in client mode cannot be dialled, so it never serves.
         self.serves = options.serve_state and not options.client_mode
+        self.join = options.join  # the aggregators' addresses: a public one seen from private addresses is NAT
         self.holding: Master | None = None  # the master state this peer serves chunks of; None before the first
         self._held: dict[int, tuple[int, bytes, bytes]] = {}  # shard -> (version, payload, its sha256), built lazily
         self._building = asyncio.Lock()
@@ -46,15 +54,45 @@ class StateServer:
         self._held = {i: held for i, held in self._held.items() if current.get(i) == held[0]}  # free stale payloads
         if not self.serves:
             return
+        maddrs = await self.node.p2p.get_visible_maddrs()
+        if not await self._dialable(maddrs):
+            return
         record = HolderRecord(
             holder=self.identity.public_key,
             libp2p_peer_id=self.node.p2p.peer_id.to_bytes(),
-            maddrs=tuple(str(m) for m in (await self.node.p2p.get_visible_maddrs())[:MAX_MADDRS]),
+            maddrs=tuple(str(m) for m in maddrs[:MAX_MADDRS]),
             config_hash=master.cfg.config_hash,
             shards=tuple((s.index, s.version) for s in master.shards),
             timestamp_s=time.time(),
         )
         await store_holder_record(self.node.dht, record, self.identity, ttl_s=2 * master.cfg.round_deadline_s + 60)
+
+    async def _dialable(self, maddrs: list[object]) -> bool:
+        """Whether joiners could dial `maddrs`; when this peer appears to be behind NAT it stops serving, once.
+
+        A holder record naming only addresses nobody outside can reach would send every joiner dialling
+        in vain, so a peer with only private addresses that joined a public aggregator (or one on another
+        private network) announces none. An aggregator joined by name is compared at the addresses p2pd
+        is connected to; with none of those either there is nothing to compare with, and it serves.
+        """
+        remote = ips_of(self.join) or await self._connected_ips()
+        verdict = classify(ips_of(maddrs), remote_ips=remote)
+        if verdict.can_serve_state or not remote:
+            return True
+        logger.warning("not serving the state to joiners: %s; %s", verdict.detail, verdict.meaning)
+        self.serves = False
+        return False
+
+    async def _connected_ips(self) -> list[str]:
+        """The IPs of the nodes p2pd is connected to (the aggregator among them), or none when it cannot say."""
+        from hivemind.p2p import P2PDaemonError  # the node's own: loaded with it
+
+        try:
+            peers = await asyncio.wait_for(self.node.p2p.list_peers(), LIST_PEERS_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError, P2PDaemonError) as e:
+            logger.info("cannot list this node's connections (%s)", e)
+            return []
+        return ips_of(a for info in peers[:MAX_PEERS_COMPARED] for a in info.addrs)
 
     async def held_payload(self, request: ChunkRequest) -> bytes:
         """The payload of the shard and version a chunk request names, if this peer holds exactly that state.

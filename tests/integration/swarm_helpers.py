@@ -186,10 +186,15 @@ class Nodes:
         self.work_dir = work_dir
         self.started: list[Node] = []
 
-    def start(self, name: str, *args: str, module: str = "potluck") -> Node:
-        """`python -m MODULE ARGS --json` as a new process (one torch thread: tests share 2 cores)."""
+    def start(
+        self, name: str, *args: str, module: str = "potluck", wrap: Callable[[list[str]], list[str]] | None = None
+    ) -> Node:
+        """`python -m MODULE ARGS --json` as a new process (one torch thread: tests share 2 cores).
+
+        `wrap` turns the command into another one: the network lab's `command` runs it in a namespace.
+        """
         child = start_child(
-            name, [*args, "--threads", "1", "--json"], work_dir=self.work_dir, threads=1, module=module
+            name, [*args, "--threads", "1", "--json"], work_dir=self.work_dir, threads=1, module=module, wrap=wrap
         )
         node = Node(child=child)
         threading.Thread(target=_pump, args=(child, node.events), daemon=True).start()

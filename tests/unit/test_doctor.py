@@ -4,6 +4,7 @@ The p2pd start is replaced by a fake node here (tests/integration/test_probe.py 
 these tests start no process and finish in seconds.
 """
 
+import asyncio
 import json
 import time
 import warnings
@@ -18,6 +19,8 @@ import pytest
 with warnings.catch_warnings():
     # `import hivemind` runs torch.jit.script at import time, which recent torch deprecates (see test_p2p_streams).
     warnings.simplefilter("ignore", DeprecationWarning)
+    from hivemind.p2p import PeerID
+    from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerInfo
     from hivemind.utils.multiaddr import Multiaddr
 
 from potluck.cli import preflight
@@ -120,6 +123,20 @@ def test_a_public_address_makes_reachability_ok() -> None:
     assert "8.8.8.8" in public.detail
 
 
+def test_private_addresses_and_a_public_aggregator_read_as_behind_nat_with_what_that_means() -> None:
+    # Prepare: what p2pd shows at home, and the aggregator reached
+    seen = [Multiaddr("/ip4/192.168.1.20/tcp/4000"), Multiaddr("/ip4/127.0.0.1/tcp/4000")]
+    aggregator = Multiaddr(f"/ip4/1.1.1.1/tcp/31337/p2p/{PEER_ID}")
+    # Execute
+    home = preflight._reachability(seen, joined=[aggregator])
+    lan = preflight._reachability(seen, joined=[Multiaddr(f"/ip4/192.168.1.2/tcp/31337/p2p/{PEER_ID}")])
+    # Assert: a guess ("appear"), and what the volunteer can and cannot do
+    assert home.status is Status.WARNING
+    assert "appear to be behind NAT" in home.detail
+    assert "--client-mode" in home.fix and "earn credit" in home.fix and "cannot serve the state" in home.fix
+    assert lan.status is Status.OK and "share a private network" in lan.detail
+
+
 @pytest.mark.parametrize(
     ("free_bytes", "status"),
     [(100 * 10**6, Status.PROBLEM), (10**9, Status.WARNING), (50 * 10**9, Status.OK)],
@@ -151,3 +168,38 @@ def test_device_check_names_a_gpu_or_the_cpu_cores() -> None:
         assert "GiB free" in check.detail or check.detail.startswith("CPU only (")
     else:
         assert check.fix
+
+
+class _ConnectedP2P:
+    """Stands in for a started P2P connected to an aggregator (and to one other node)."""
+
+    def __init__(self, peers: list[PeerInfo] | None) -> None:
+        self.peers = peers
+
+    async def list_peers(self) -> list[PeerInfo]:
+        if self.peers is None:
+            raise OSError("p2pd went away")
+        return self.peers
+
+
+def test_the_aggregator_is_compared_at_the_address_p2pd_connected_to_not_its_name() -> None:
+    # Prepare: joined by name; p2pd resolved it to a public address
+    aggregator = PeerID.from_base58(PEER_ID)
+    other = PeerID.from_base58("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N")
+    by_name = Multiaddr(f"/dns4/aggregator.example/tcp/31337/p2p/{PEER_ID}")
+    connected = _ConnectedP2P(
+        [
+            PeerInfo(other, [Multiaddr("/ip4/192.168.1.9/tcp/1")]),
+            PeerInfo(aggregator, [Multiaddr("/ip4/1.1.1.1/tcp/31337")]),
+        ]
+    )
+    # Execute
+    found = asyncio.run(preflight._connected_to(connected, aggregator, fallback=by_name, timeout_s=5))  # type: ignore[arg-type]
+    unlisted = asyncio.run(preflight._connected_to(_ConnectedP2P(None), aggregator, fallback=by_name, timeout_s=5))  # type: ignore[arg-type]
+    # Assert: the resolved public address makes a home machine read as behind NAT; without it, the name is kept
+    assert [str(a) for a in found] == ["/ip4/1.1.1.1/tcp/31337"]
+    assert unlisted == [by_name]
+    assert (
+        "appear to be behind NAT"
+        in preflight._reachability([Multiaddr("/ip4/192.168.1.20/tcp/4000")], joined=found).detail
+    )
