@@ -136,7 +136,6 @@ class LocalTrainer:
         """Inner steps taken since the last snapshot."""
         return len(self._losses)
 
-
     def start_round(self, master: Mapping[str, torch.Tensor], *, round_index: int) -> None:
         """Reset the model to `master` for round `round_index` (after a sync, or every round without overlap)."""
         with self._lock:
@@ -297,19 +296,3 @@ class LocalTrainer:
             max_steps=self.cfg.local_steps, stop=lambda: time.monotonic() - started > time_budget_s, on_step=on_step
         )
         return self.encode(self.take_snapshot(), round_index=round_index)
-
-    def take_back(self, payload: bytes, *, codec: Codec | None = None, names: Sequence[str] | None = None) -> None:
-        """An update the aggregator refused: fold what it carried back into the residual, so it is sent later.
-
-        The codec's error feedback already keeps what an update dropped; this keeps what it sent, which
-        the run never received. A late update's direction is still a descent direction for the next round.
-        """
-        spec = {name: tuple(t.shape) for name, t in self.model.named_parameters()}
-        if names is not None:  # one shard's update
-            spec = {name: spec[name] for name in names}
-        sent = (codec or self.codec).decode(payload, spec)
-        for name, tensor in sent.items():
-            if name in self.residual:
-                self.residual[name].add_(tensor)
-            else:
-                self.residual[name] = tensor.clone()

@@ -45,18 +45,6 @@ def test_an_exhausted_time_budget_sends_what_it_has(trainer: LocalTrainer) -> No
     assert work.tokens == 4 * trainer.task.block_size
 
 
-def test_a_refused_update_goes_back_into_the_residual(trainer: LocalTrainer) -> None:
-    master = snapshot(trainer.model, device="cpu")
-    work = trainer.train_round(master, round_index=2, time_budget_s=1e9)
-    before = {name: t.clone() for name, t in trainer.residual.items()}
-
-    trainer.take_back(work.payload)
-
-    sent = trainer.codec.decode(work.payload, _spec(trainer))
-    for name, tensor in sent.items():
-        assert torch.equal(trainer.residual[name], before[name] + tensor)
-
-
 def test_each_peer_draws_its_own_batches() -> None:
     seeds = {sampler_seed(0, bytes([i]) * 32) for i in range(50)}
     assert len(seeds) == 50

@@ -53,7 +53,6 @@ class AdversarialPeer(PeerRunner):
 
     def make_trainer(self, cfg: RunConfig) -> LocalTrainer:
         trainer = super().make_trainer(cfg)
-        trainer.take_back = lambda payload, **_: None  # type: ignore[method-assign]  # its uploads are meant to fail
         if self.attack_name == "label-flip":
             honest = trainer.batches
             # the attack, poisoned batches: every next-byte target reversed in value ('e' (101) is taught as 154)
