@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import msgpack
 import pytest
 
+from potluck.lab.attackers.dht_records import ManyKeysValidator
 from potluck.protocol import holder_records
 from potluck.protocol.dht_schema import announcement_subkey
 from potluck.protocol.holder_records import (
@@ -22,12 +23,14 @@ from potluck.protocol.holder_records import (
     holder_buckets,
     holders_key,
     lookup_holders,
+    lookup_keys,
     parse_holder_record,
     parse_holder_records,
     sign_holder_record,
     store_holder_record,
 )
 from potluck.protocol.identity import generate_identity
+from potluck.protocol.node import start_node
 
 HOLDER = generate_identity()
 HASH = "cd" * 32
@@ -209,3 +212,52 @@ def test_a_reader_checks_at_most_a_buckets_cap_of_member_records_freshest_first(
     )
 
     assert [r.holder for r in found] == [m.public_key for m in members[:2]]
+
+
+@pytest.mark.network
+@pytest.mark.timeout(90)
+def test_a_lookup_over_real_dht_nodes_finds_the_trusted_holders_of_the_buckets_it_reads() -> None:
+    # Prepare: one node stores the records of 40 holders (three buckets) and a stranger's, another reads
+    holders, stranger = [generate_identity() for _ in range(40)], generate_identity()
+    trusted = {h.public_key for h in holders}
+    buckets = holder_buckets(len(holders))
+    keys = lookup_keys(HASH, shard=0, version=7, contributors=len(holders), rng=random.Random(1))
+    read = {int(key.rsplit("/", 1)[1]) for key in keys}
+
+    async def scenario() -> list[HolderRecord]:
+        storing = await start_node()
+        reader = None
+        try:
+            storing.dht.protocol.record_validator = ManyKeysValidator([*holders, stranger])
+            stores = [
+                store_holder_record(
+                    storing.dht, _record(holder=i.public_key, shards=((0, 7),)), i, ttl_s=60, contributors={0: 40}
+                )
+                for i in [*holders, stranger]
+            ]
+            assert all(await asyncio.gather(*stores))
+            reader = await start_node(initial_peers=[str(m) for m in await storing.p2p.get_visible_maddrs()])
+            found = await lookup_holders(
+                reader.dht,
+                config_hash=HASH,
+                shard=0,
+                version=7,
+                contributors=40,
+                trusted=trusted,
+                rng=random.Random(1),
+            )
+            return found
+        finally:
+            for node in (reader, storing):
+                if node is not None:
+                    await node.shutdown()
+
+    # Execute
+    found = asyncio.run(scenario())
+
+    # Assert: exactly the trusted holders whose bucket was read, each once
+    expected = {
+        h.public_key for h in holders if holder_bucket(h.public_key, shard=0, version=7, buckets=buckets) in read
+    }
+    assert buckets == 3 and len(keys) == READ_BUCKETS
+    assert sorted(r.holder for r in found) == sorted(expected) and expected
