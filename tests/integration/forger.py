@@ -104,10 +104,12 @@ async def forge_holder(node: Node, identity: Identity, join: str) -> None:
     print(json.dumps({"event": "ready", "maddrs": list(maddrs)}), flush=True)
     link = AggregatorLink(node.p2p, peer_id_of(parse_join_address(join)))
     claimed: int | None = None
+    seen = 0  # the last round announced open: its aggregate is fetched once
     while True:
         announced = parse_announcements(await node.dht.get(AGGREGATORS_KEY, latest=True))
         opened = max((a.round for a in announced), default=0)
-        if opened > 0:
+        if opened > seen:
+            seen = opened
             aggregate = (await link.fetch_aggregate(opened - 1, timeout_s=30))[0].header
             if aggregate.new_version != claimed:
                 record = HolderRecord(
