@@ -16,8 +16,10 @@ from potluck.aggregator_server.reputation import BanFileError, Reputation
 from potluck.protocol.ban_records import BANS_KEY, BanList, BanRecordError, parse_ban_lists, sign_ban_list
 from potluck.protocol.config import RunConfig
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, MAX_MADDRS, AggregatorAnnouncement, sign_announcement
+from potluck.protocol.envelope import MAX_AGGREGATE_ENVELOPE_BYTES, SignedAggregate
 from potluck.protocol.holder_records import HolderRecord, store_holder_record
 from potluck.protocol.identity import Identity, fingerprint, public_key_from_hex
+from potluck.protocol.messages import unpack_envelope
 from potluck.protocol.node import Node
 
 logger = logging.getLogger(__name__)
@@ -97,9 +99,24 @@ class Announcer:
                     await self.ban(key, learned, ban_list.issuer)
 
     async def announce_holding(
-        self, node: Node, *, peer_id: bytes, maddrs: Sequence[str], shard: int, version: int
+        self,
+        node: Node,
+        *,
+        peer_id: bytes,
+        maddrs: Sequence[str],
+        shard: int,
+        version: int,
+        made_by: bytes | None,
     ) -> None:
-        """Tell joiners this aggregator holds `version` of `shard` (a standby's copy): they may fetch chunks here."""
+        """Tell joiners this aggregator holds `version` of `shard` (a standby's copy): they may fetch chunks here.
+
+        `made_by`: the aggregate (envelope and payload, checked by the standby) that made `version`, None
+        for a downloaded state; the count of contributors it lists says where the record goes.
+        """
+        contributors = 0
+        if made_by is not None:
+            envelope, _ = unpack_envelope(made_by, max_envelope_bytes=MAX_AGGREGATE_ENVELOPE_BYTES)
+            contributors = len(SignedAggregate.from_bytes(envelope).header.contributors)
         record = HolderRecord(
             holder=self.identity.public_key,
             libp2p_peer_id=peer_id,
@@ -108,4 +125,10 @@ class Announcer:
             shards=((shard, version),),
             timestamp_s=time.time(),
         )
-        await store_holder_record(node.dht, record, self.identity, ttl_s=2 * self.cfg.round_deadline_s + 60)
+        await store_holder_record(
+            node.dht,
+            record,
+            self.identity,
+            ttl_s=2 * self.cfg.round_deadline_s + 60,
+            contributors={shard: contributors},
+        )

@@ -329,7 +329,12 @@ class AggregatorServer:
         self.keeper.followed(master, aggregate)
         assert self.node is not None
         await self.announcer.announce_holding(
-            self.node, peer_id=self.peer_id, maddrs=self.maddrs, shard=self.shard, version=master.version
+            self.node,
+            peer_id=self.peer_id,
+            maddrs=self.maddrs,
+            shard=self.shard,
+            version=master.version,
+            made_by=aggregate,
         )
 
     def _write_multiaddr_file(self) -> None:

@@ -24,6 +24,7 @@ class Members:
     """The keys a joiner believes holder records from, and the bytes it took to learn them."""
 
     keys: frozenset[bytes]
+    contributors: int = 0  # how many the aggregate lists: the holders' records are spread by it (holder_records.py)
     bytes_down: int = 0
 
 
@@ -43,4 +44,8 @@ async def state_members(link: AggregatorLink, h: StateHeader, *, aggregators: Co
     if (a.round, a.new_version, a.config_hash) != (h.round - 1, h.new_version, h.config_hash):
         logger.info("holder records not used: round %d's aggregate is not the one that made this state", a.round)
         return Members(keys=keys, bytes_down=len(t.body) + t.sent_bytes)
-    return Members(keys=keys | {key for key, _ in a.contributors}, bytes_down=len(t.body) + t.sent_bytes)
+    return Members(
+        keys=keys | {key for key, _ in a.contributors},
+        contributors=len(a.contributors),
+        bytes_down=len(t.body) + t.sent_bytes,
+    )

@@ -28,6 +28,7 @@ class Shard:
     version: int  # aggregates of this shard applied so far
     outer: OuterOptimizer
     density: float  # the open round's upload density (protocol/density.py)
+    contributors: int = 0  # how many the aggregate that made `version` lists; 0 for a downloaded state
 
     @property
     def key(self) -> bytes:
@@ -79,6 +80,7 @@ def apply_shard_aggregate(master: Master, shard: Shard, signed: SignedAggregate,
         logger.warning("round %d: %s; downloading the state again", master.round, e)
         return False
     shard.version = signed.header.new_version
+    shard.contributors = len(signed.header.contributors)
     shard.density = signed.header.next_density
     return True
 

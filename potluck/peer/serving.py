@@ -65,7 +65,13 @@ class StateServer:
             shards=tuple((s.index, s.version) for s in master.shards),
             timestamp_s=time.time(),
         )
-        await store_holder_record(self.node.dht, record, self.identity, ttl_s=2 * master.cfg.round_deadline_s + 60)
+        await store_holder_record(
+            self.node.dht,
+            record,
+            self.identity,
+            ttl_s=2 * master.cfg.round_deadline_s + 60,
+            contributors={s.index: s.contributors for s in master.shards},
+        )
 
     async def _dialable(self, maddrs: list[object]) -> bool:
         """Whether joiners could dial `maddrs`; when this peer appears to be behind NAT it stops serving, once.

@@ -20,7 +20,7 @@ import torch
 from potluck.errors import PotluckError
 from potluck.events import DonorDropped, Event, Failover, PeerSynced, StateRefused
 from potluck.peer.discovery import SkipLog, usable_announcements
-from potluck.peer.holder_trust import state_members
+from potluck.peer.holder_trust import Members, state_members
 from potluck.peer.options import PeerError, PeerOptions, RunFinished
 from potluck.peer.records import HeldOutScore, Master, Shard, Tally
 from potluck.peer.state_download import Donor, DownloadFailed, Fetched, fetch_chunks
@@ -30,7 +30,7 @@ from potluck.protocol.client import AggregatorLink, AggregatorRefused, Aggregato
 from potluck.protocol.config import RunConfig
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, parse_announcements
 from potluck.protocol.envelope import EnvelopeError, StateHeader
-from potluck.protocol.holder_records import HOLDERS_KEY, HolderRecord, parse_holder_records
+from potluck.protocol.holder_records import HolderRecord, lookup_holders
 from potluck.protocol.identity import Identity, fingerprint, public_key_from_hex, public_key_to_hex
 from potluck.protocol.messages import MessageError, config_in_head
 from potluck.protocol.node import Node, dial, peer_id_of
@@ -362,12 +362,11 @@ class Sync:
         names = {aggregator.name: h.aggregator_public_key}
 
         async def holders() -> list[Donor]:
-            records = await self._holders(h)
-            if records:  # believed only from the run's members (holder_trust.py)
-                aggregators = () if self.cfg is None else [public_key_from_hex(k) for k in self.cfg.aggregator_keys]
-                members = await state_members(link, h, aggregators=aggregators)
-                self.tally.bytes_down += members.bytes_down
-                records = [r for r in records if r.holder in members.keys]
+            # believed only from the run's members (holder_trust.py), whose count also says where their records are
+            aggregators = () if self.cfg is None else [public_key_from_hex(k) for k in self.cfg.aggregator_keys]
+            members = await state_members(link, h, aggregators=aggregators)
+            self.tally.bytes_down += members.bytes_down
+            records = await self._holders(h, members)
             random.shuffle(records)  # joiners arriving together spread over the holders
             records = records[:MAX_DONORS]
             links = await asyncio.gather(*(self._holder_link(r) for r in records))
@@ -393,20 +392,24 @@ class Sync:
             self.on_event(DonorDropped(donor=name, reason=reason, shard=h.shard))
         return fetched
 
-    async def _holders(self, h: StateHeader) -> list[HolderRecord]:
-        """Peers whose DHT record says they hold shard `h.shard` at `h.new_version` (unchecked: see holder_trust)."""
+    async def _holders(self, h: StateHeader, members: Members) -> list[HolderRecord]:
+        """Members whose DHT record says they hold shard `h.shard` at `h.new_version` (a few buckets' worth)."""
+        trusted = members.keys - self.bad_donors - {self.identity.public_key}
         try:
-            result = await asyncio.wait_for(self.node.dht.get(HOLDERS_KEY, latest=True), timeout=30)
+            records = await asyncio.wait_for(
+                lookup_holders(
+                    self.node.dht,
+                    config_hash=h.config_hash,
+                    shard=h.shard,
+                    version=h.new_version,
+                    contributors=members.contributors,
+                    trusted=trusted,
+                ),
+                timeout=30,
+            )
         except (TimeoutError, asyncio.TimeoutError):
             return []
-        records = [
-            r
-            for r in parse_holder_records(result, config_hash=h.config_hash)
-            if r.version_of(h.shard) == h.new_version
-            and r.holder != self.identity.public_key
-            and r.holder not in self.bad_donors
-        ]
-        return records
+        return [r for r in records if r.version_of(h.shard) == h.new_version]
 
     async def _holder_link(self, record: HolderRecord) -> AggregatorLink | None:
         """A link to a holding peer, dialled; None when its record's addresses do not parse."""

@@ -1,15 +1,27 @@
 """Who holds the state: peers that follow the run say so on the DHT, so joiners can fetch chunks from them.
 
-Each peer that serves chunks keeps one record under HOLDERS_KEY, at the owner-marked subkey of its own
+Each peer that serves chunks keeps one record per shard it holds, at the owner-marked subkey of its own
 key (dht_schema.Ed25519RecordValidator lets nobody else write it): where to reach it and which version of
 each shard it holds. The value is itself a signed message, checked by the reader even on a DHT started
 without the validator. A record is only a hint: every chunk is checked against the aggregator's signed
 manifest, so a holder that lies wastes one request of a joiner's, never its state.
+
+Where a record goes, so that a lookup does not grow with the run: under the key of its run config, shard
+and version, in one of `holder_buckets(n)` buckets, where n is the number of contributors the aggregate
+that made that version lists (both the holder and the joiner have that signed aggregate; the holders a
+joiner believes are those contributors, holder_trust.py). A holder's bucket is a hash of its key, so about
+PER_BUCKET holders share one. A joiner reads READ_BUCKETS random buckets and parses only the subkeys of
+keys it believes, at most MAX_PARSED_PER_BUCKET of them a bucket, freshest first: a stranger's subkeys
+cost it bytes on the wire (hivemind's message limit caps one answer), never a signature check, and
+cannot push a member's record out (hivemind keeps every subkey; a stranger cannot write a member's).
 """
 
 import asyncio
+import hashlib
 import logging
 import math
+import random
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +33,17 @@ from potluck.protocol.identity import PUBLIC_KEY_BYTES, Identity, fingerprint, v
 
 logger = logging.getLogger(__name__)
 
-HOLDERS_KEY = "potluck/v1/state-holders"  # one subkey per holding peer, owner-marked like AGGREGATORS_KEY's
+# v1 kept every holder of the run under one key; v2 keys by config, shard, version and bucket (records unchanged).
+HOLDERS_PREFIX = "potluck/v2/state-holders"
 MAX_SHARDS = 64  # shards one record may list
 MAX_RECORD_BYTES = 4096 + MAX_MADDRS * MAX_MADDR_CHARS * 4
+PER_BUCKET = 16  # holders a bucket holds on average: twice MAX_DONORS (peer/sync.py) over READ_BUCKETS buckets
+MAX_BUCKETS = 4096  # 65,536 contributors before a bucket grows past PER_BUCKET on average
+READ_BUCKETS = 2  # buckets a joiner reads: one bucket's holders may all be gone or busy
+MAX_PARSED_PER_BUCKET = 4 * PER_BUCKET  # a bucket's count is binomial: 64 is past any honest one's tail
 _KIND = "potluck/state-holder"
 _DOMAIN = b"potluck/state-holder/v1\0"
+_BUCKET_DOMAIN = b"potluck/holder-bucket/v1\0"
 
 
 class HolderRecordError(PotluckError):
@@ -124,13 +142,50 @@ def parse_holder_record(subkey: Any, data: Any) -> HolderRecord:
     )
 
 
-def parse_holder_records(result: Any, *, config_hash: str) -> list[HolderRecord]:
-    """The valid records of this run config in what `dht.get(HOLDERS_KEY, latest=True)` returned."""
+def holder_buckets(contributors: int) -> int:
+    """How many buckets the holders of a version are spread over, from the contributors its aggregate lists.
+
+    Both sides know the count from the same signed aggregate; 0 (a first state, no aggregate) is one bucket.
+    """
+    return max(1, min(MAX_BUCKETS, math.ceil(contributors / PER_BUCKET)))
+
+
+def holder_bucket(holder: bytes, *, shard: int, version: int, buckets: int) -> int:
+    """The bucket `holder`'s record of `shard` at `version` goes to: a hash of all three, mod `buckets`."""
+    digest = hashlib.sha256(_BUCKET_DOMAIN + holder + shard.to_bytes(8, "big") + version.to_bytes(8, "big")).digest()
+    return int.from_bytes(digest[:8], "big") % buckets
+
+
+def holders_key(config_hash: str, *, shard: int, version: int, bucket: int) -> str:
+    """The DHT key of one bucket of the holders of `shard` at `version` in the run config `config_hash`."""
+    return f"{HOLDERS_PREFIX}/{config_hash}/{shard}/{version}/{bucket}"
+
+
+def parse_holder_records(
+    result: Any,
+    *,
+    config_hash: str,
+    trusted: Collection[bytes] | None,
+    limit: int = MAX_PARSED_PER_BUCKET,
+) -> list[HolderRecord]:
+    """The valid records of this run config in what `dht.get(<a holders key>, latest=True)` returned.
+
+    Only subkeys of `trusted` keys are parsed (None: every key, for tools that look at what strangers
+    wrote), the freshest `limit` of them: the signature checks a lookup costs are bounded by what the
+    reader believes, never by what anyone wrote.
+    """
     entries = getattr(result, "value", None)
     if not isinstance(entries, dict):
         return []
+    wanted = None if trusted is None else {announcement_subkey(key) for key in trusted}
+    candidates = [
+        (subkey, item)
+        for subkey, item in entries.items()
+        if wanted is None or (isinstance(subkey, str) and subkey in wanted)
+    ]
+    candidates.sort(key=lambda entry: _expiration(entry[1]), reverse=True)
     records = []
-    for subkey, item in entries.items():
+    for subkey, item in candidates[:limit]:
         try:
             record = parse_holder_record(subkey, getattr(item, "value", None))
         except HolderRecordError as e:
@@ -141,22 +196,79 @@ def parse_holder_records(result: Any, *, config_hash: str) -> list[HolderRecord]
     return records
 
 
-async def store_holder_record(dht: Any, record: HolderRecord, identity: Identity, *, ttl_s: float) -> bool:
+def lookup_keys(
+    config_hash: str, *, shard: int, version: int, contributors: int, rng: random.Random | None = None
+) -> list[str]:
+    """The keys of READ_BUCKETS distinct random buckets (all of them when there are fewer) a joiner reads."""
+    buckets = holder_buckets(contributors)
+    chosen = (rng or random).sample(range(buckets), min(READ_BUCKETS, buckets))
+    return [holders_key(config_hash, shard=shard, version=version, bucket=b) for b in chosen]
+
+
+async def lookup_holders(
+    dht: Any,
+    *,
+    config_hash: str,
+    shard: int,
+    version: int,
+    contributors: int,
+    trusted: Collection[bytes],
+    rng: random.Random | None = None,
+) -> list[HolderRecord]:
+    """The records of `trusted` holders of `shard` at `version`, from READ_BUCKETS random buckets of its key.
+
+    `dht` is a hivemind DHTNode; `contributors` the count the aggregate that made `version` lists. Each
+    record is checked (parse_holder_records); whether it names that version is the caller's to check.
+    """
+    keys = lookup_keys(config_hash, shard=shard, version=version, contributors=contributors, rng=rng)
+    found = await dht.get_many(keys, sufficient_expiration_time=float("inf"))
+    records: dict[bytes, HolderRecord] = {}
+    for key in keys:
+        for record in parse_holder_records(found.get(key), config_hash=config_hash, trusted=trusted):
+            records[record.holder] = record
+    return list(records.values())
+
+
+async def store_holder_record(
+    dht: Any, record: HolderRecord, identity: Identity, *, ttl_s: float, contributors: Mapping[int, int]
+) -> bool:
     """Publish `record` on `dht` (a hivemind DHTNode whose validator signs as `identity`) for `ttl_s` seconds.
 
-    A record is a hint for joiners: a store that fails or times out costs nothing but that, so this
-    returns False then instead of raising.
+    It goes to the bucket of each shard it lists; `contributors` maps a shard to the count its version's
+    aggregate lists (a shard left out: 0, the bucket of a state no aggregate made). A record is a hint
+    for joiners: a store that fails or times out costs nothing but that, so this returns False then
+    instead of raising.
     """
     from hivemind.utils import get_dht_time
 
     subkey, value = sign_holder_record(record, identity)
+    keys = [
+        holders_key(
+            record.config_hash,
+            shard=shard,
+            version=version,
+            bucket=holder_bucket(
+                record.holder, shard=shard, version=version, buckets=holder_buckets(contributors.get(shard, 0))
+            ),
+        )
+        for shard, version in record.shards
+    ]
+    expiration = get_dht_time() + ttl_s
     try:
-        return bool(
-            await asyncio.wait_for(dht.store(HOLDERS_KEY, value, get_dht_time() + ttl_s, subkey=subkey), timeout=10)
+        stored = await asyncio.wait_for(
+            asyncio.gather(*(dht.store(key, value, expiration, subkey=subkey) for key in keys)), timeout=10
         )
     except Exception as e:  # hivemind raises several types when no DHT peer answers
         logger.debug("holder record not stored: %s", e or type(e).__name__)
         return False
+    return all(stored)
+
+
+def _expiration(item: Any) -> float:
+    expiration = getattr(item, "expiration_time", None)
+    if isinstance(expiration, bool) or not isinstance(expiration, int | float) or not math.isfinite(expiration):
+        return -math.inf
+    return float(expiration)
 
 
 def _is_maddr(value: Any) -> bool:

@@ -6,9 +6,9 @@ manifest and chunks with one payload byte flipped (`payload`: the real header, w
 key) or re-signed by its own key over the payload it changed (`resign`: signed, but not by anyone the
 run trusts).
 
-`--tamper chunks`: it poses as a peer that holds the state. It publishes a signed holder record that
-claims the newest version of shard 0 that honest holders claim, and answers every chunk request with
-bytes of the right size and the wrong content.
+`--tamper chunks`: it poses as a peer that holds the state. It publishes, in every bucket of the holders'
+key, a signed holder record that claims the version of shard 0 the last closed round made, and answers
+every chunk request with bytes of the right size and the wrong content.
 
 Prints JSON events: `ready` (with its multiaddr), `claimed` (a version it now claims to hold), `served`
 per manifest or chunk request.
@@ -25,7 +25,7 @@ from hivemind.utils import get_dht_time
 from potluck.protocol.client import AggregatorLink
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, parse_announcements, sign_announcement
 from potluck.protocol.envelope import payload_digest, sign_state
-from potluck.protocol.holder_records import HOLDERS_KEY, HolderRecord, parse_holder_records, sign_holder_record
+from potluck.protocol.holder_records import HolderRecord, holder_buckets, holders_key, sign_holder_record
 from potluck.protocol.identity import Identity, generate_identity
 from potluck.protocol.messages import CHUNK_HANDLER, MANIFEST_HANDLER, pack_envelope
 from potluck.protocol.node import Node, parse_join_address, peer_id_of, start_node
@@ -85,8 +85,12 @@ async def forge_aggregator(node: Node, identity: Identity, join: str, tamper: st
     await asyncio.Event().wait()  # until killed
 
 
-async def forge_holder(node: Node, identity: Identity) -> None:
-    """Claim to hold whatever version is open, and serve garbage of the right size for every chunk."""
+async def forge_holder(node: Node, identity: Identity, join: str) -> None:
+    """Claim to hold whatever version is open, in every bucket a joiner may read, and serve garbage for every chunk.
+
+    The version and the contributor count (which says how many buckets there are) come from the round's
+    signed aggregate, which anyone may fetch: the strongest stranger writes where every joiner looks.
+    """
 
     async def serve_chunk(info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         _, body = await read_frame_from_stream(reader, max_body_bytes=4096, expected_kinds={MessageKind.CHUNK_REQUEST})
@@ -98,31 +102,32 @@ async def forge_holder(node: Node, identity: Identity) -> None:
     await node.p2p.add_binary_stream_handler(CHUNK_HANDLER, serve_chunk)
     maddrs = tuple(str(m) for m in await node.p2p.get_visible_maddrs())
     print(json.dumps({"event": "ready", "maddrs": list(maddrs)}), flush=True)
+    link = AggregatorLink(node.p2p, peer_id_of(parse_join_address(join)))
     claimed: int | None = None
+    seen = 0  # the last round announced open: its aggregate is fetched once
     while True:
         announced = parse_announcements(await node.dht.get(AGGREGATORS_KEY, latest=True))
-        config_hash = announced[0].config_hash if announced else None
-        honest = (
-            []
-            if config_hash is None
-            else parse_holder_records(await node.dht.get(HOLDERS_KEY, latest=True), config_hash=config_hash)
-        )
-        versions = [r.version_of(0) for r in honest if r.holder != identity.public_key]
-        newest = max((v for v in versions if v is not None), default=None)
-        if config_hash is not None and newest is not None and newest != claimed:
-            record = HolderRecord(
-                holder=identity.public_key,
-                libp2p_peer_id=node.p2p.peer_id.to_bytes(),
-                maddrs=maddrs,
-                config_hash=config_hash,
-                shards=((0, newest),),
-                timestamp_s=time.time(),
-            )
-            subkey, value = sign_holder_record(record, identity)
-            assert await node.dht.store(HOLDERS_KEY, value, get_dht_time() + 600, subkey=subkey)
-            claimed = newest
-            print(json.dumps({"event": "claimed", "version": newest}), flush=True)
-        await asyncio.sleep(0.2)  # polling the DHT: the forger has no other way to see the holders move
+        opened = max((a.round for a in announced), default=0)
+        if opened > seen:
+            seen = opened
+            aggregate = (await link.fetch_aggregate(opened - 1, timeout_s=30))[0].header
+            if aggregate.new_version != claimed:
+                record = HolderRecord(
+                    holder=identity.public_key,
+                    libp2p_peer_id=node.p2p.peer_id.to_bytes(),
+                    maddrs=maddrs,
+                    config_hash=aggregate.config_hash,
+                    shards=((0, aggregate.new_version),),
+                    timestamp_s=time.time(),
+                )
+                subkey, value = sign_holder_record(record, identity)
+                shard, version = 0, aggregate.new_version
+                for bucket in range(holder_buckets(len(aggregate.contributors))):
+                    key = holders_key(aggregate.config_hash, shard=shard, version=version, bucket=bucket)
+                    assert await node.dht.store(key, value, get_dht_time() + 600, subkey=subkey)
+                claimed = version
+                print(json.dumps({"event": "claimed", "version": version}), flush=True)
+        await asyncio.sleep(0.2)  # polling the DHT: the forger has no other way to see the rounds move
 
 
 async def forge(join: str, tamper: str) -> None:
@@ -130,7 +135,7 @@ async def forge(join: str, tamper: str) -> None:
     node = await start_node(initial_peers=[join], signer=identity)
     try:
         if tamper == "chunks":
-            await forge_holder(node, identity)
+            await forge_holder(node, identity, join)
         else:
             await forge_aggregator(node, identity, join, tamper)
     finally:

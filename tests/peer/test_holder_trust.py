@@ -40,6 +40,7 @@ def test_the_contributors_of_the_round_that_made_the_state_are_members() -> None
     assert link.asked == [7]
     assert members.keys == {PEER.public_key, b"\x07" * 32, AGGREGATOR.public_key, STANDBY.public_key}
     assert members.bytes_down == 110
+    assert members.contributors == 2  # the aggregate's count: where the holders' records are (holder_records.py)
 
 
 def test_an_aggregate_signed_by_another_key_or_for_another_state_names_no_member() -> None:
