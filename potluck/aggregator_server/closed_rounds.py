@@ -59,6 +59,10 @@ class ClosedRounds:
         """Nonce -> update digest over every held round's contributions (a nonce is spent once per run)."""
         return {n: d for closed in self._rounds.values() for n, d in closed.nonces.items()}
 
+    def nonce_maps(self) -> list[Mapping[bytes, bytes]]:
+        """Each held round's nonce -> digest map, newest first: `nonces` without copying them (one per upload)."""
+        return [self._rounds[r].nonces for r in sorted(self._rounds, reverse=True)]
+
     def __contains__(self, index: object) -> bool:
         return index in self._rounds
 
