@@ -221,7 +221,7 @@ class _Follow:
     def follow(self, lines: queue.Queue[Line], *, go: Path) -> None:
         """Until every worker is done: start them together, and report each round once all of it is in."""
         done: set[str] = set()
-        while len(done) < self.workers:
+        while len(done) < self.workers or self.tallies:  # a last round's close may come after its tallies
             if time.monotonic() > self.deadline:
                 raise SystemExit("the load run passed its --timeout")
             try:
