@@ -24,7 +24,7 @@ class ClosedRound:
     # update digest -> tokens credited: a retried upload whose first reply was lost gets its receipt again
     # instead of a "round closed" rejection (empty for a round restored from a checkpoint or followed)
     credited: Mapping[bytes, int] = field(default_factory=dict)
-    nonces: Mapping[bytes, bytes] = field(default_factory=dict)  # nonce -> digest of its contributors' updates
+    nonces: dict[bytes, bytes] = field(default_factory=dict)  # nonce -> digest of its contributors' updates
     rows: tuple[LedgerRow, ...] | None = None  # its ledger rows, for final receipts (None: read the ledger)
 
 
@@ -58,6 +58,10 @@ class ClosedRounds:
     def nonces(self) -> dict[bytes, bytes]:
         """Nonce -> update digest over every held round's contributions (a nonce is spent once per run)."""
         return {n: d for closed in self._rounds.values() for n, d in closed.nonces.items()}
+
+    def nonce_maps(self) -> list[dict[bytes, bytes]]:
+        """Each held round's nonce -> digest map, newest first: `nonces` without copying them (one per upload)."""
+        return [self._rounds[r].nonces for r in sorted(self._rounds, reverse=True)]
 
     def __contains__(self, index: object) -> bool:
         return index in self._rounds

@@ -86,14 +86,14 @@ class Closer:
         rows = k.ledger.rows(round_index=closing.index)
         kept = {r.entry.update_digest: r for r in rows if r.entry.accepted}
         for key, a in list(closing.accepted.items()):
-            if a.update.header.digest() not in kept:  # dropped by the round's checks (before a restart)
+            if a.digest not in kept:  # dropped by the round's checks (before a restart)
                 del closing.accepted[key]
         contributions = [
             Contribution(
                 public_key=key,
                 decoded=a.decoded,
-                tokens=int(kept[a.update.header.digest()].entry.weight),
-                update_digest=a.update.header.digest(),
+                tokens=int(kept[a.digest].entry.weight),
+                update_digest=a.digest,
             )
             for key, a in sorted(closing.accepted.items())
         ]
@@ -128,8 +128,8 @@ class Closer:
         record = ClosedRound(
             index=closing.index,
             aggregate=body,
-            credited={a.update.header.digest(): credited[key] for key, a in closing.accepted.items()},
-            nonces={a.update.header.nonce: a.update.header.digest() for a in closing.accepted.values()},
+            credited={a.digest: credited[key] for key, a in closing.accepted.items()},
+            nonces={a.update.header.nonce: a.digest for a in closing.accepted.values()},
             rows=tuple(rows),
         )
         return RoundClose(

@@ -23,6 +23,7 @@ An upload's admission ladder (`screen`), first match wins:
 import contextlib
 import logging
 import time
+from collections import ChainMap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,13 +326,12 @@ class RoundKeeper:
             version=self.master.version - late,
             codec=self.codec.name,
             max_update_bytes=self.cfg.max_update_bytes,
-            accepted_digests={k: a.update.header.digest() for k, a in self.current.accepted.items()},
+            accepted_digests={k: a.digest for k, a in self.current.accepted.items()},
             now_s=self.clock(),
             timestamp_window_s=self.cfg.validation.timestamp_window_s if check_clock else float("inf"),
-            seen_nonces={
-                **self.closed.nonces(),
-                **{a.update.header.nonce: a.update.header.digest() for a in self.current.accepted.values()},
-            },
+            seen_nonces=ChainMap(
+                {a.update.header.nonce: a.digest for a in self.current.accepted.values()}, *self.closed.nonce_maps()
+            ),
             round_payloads={a.update.header.payload_sha256: k for k, a in self.current.accepted.items()},
             late_slots={k: a.update.header.round for k, a in self.current.accepted.items() if a.discount < 1},
         )

@@ -41,6 +41,11 @@ class Accepted:
         return int(self.update.header.tokens * self.discount)
 
     received_s: float = field(default_factory=time.time)  # Unix time it arrived (its ledger row's time)
+    # its header's digest, computed once: every later upload of the round is checked against every accepted one's
+    digest: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.digest = self.update.header.digest()
 
 
 @dataclass(kw_only=True, slots=True)
