@@ -36,7 +36,7 @@ HOME = Link(up_bits_per_s=20 * 10**6, down_bits_per_s=100 * 10**6)  # a home lin
 LOOK_UP = """
 import asyncio, json, sys
 from potluck.protocol.dht_schema import AGGREGATORS_KEY, parse_announcements
-from potluck.protocol.holder_records import HOLDERS_KEY, parse_holder_records
+from potluck.protocol.holder_records import holders_key, parse_holder_records
 from potluck.protocol.node import start_node
 
 async def main():
@@ -46,7 +46,10 @@ async def main():
         print("joined", flush=True)
         await asyncio.to_thread(sys.stdin.readline)
         announced = parse_announcements(await node.dht.get(AGGREGATORS_KEY, latest=True))
-        holders = parse_holder_records(await node.dht.get(HOLDERS_KEY, latest=True), config_hash=config_hash)
+        # a run of 2 peers has one bucket per (shard, version); every version the run can reach is read
+        keys = [holders_key(config_hash, shard=0, version=v, bucket=0) for v in range(16)]
+        found = await node.dht.get_many(keys, sufficient_expiration_time=float("inf"))
+        holders = [r for k in keys for r in parse_holder_records(found.get(k), config_hash=config_hash, trusted=None)]
         print(json.dumps({"announced": len(announced), "holder_maddrs": [list(r.maddrs) for r in holders]}))
     finally:
         await node.shutdown()
