@@ -159,12 +159,14 @@ class DhtProbe:
         self.node = self._run(start_node(initial_peers=[self.join], client_mode=True), 60)
 
     def sizes(self) -> dict[str, dict[str, int]]:
-        """For each of the run's DHT keys: subkeys found and their values' bytes (a lookup's size)."""
+        """For the run's announcement key: subkeys found and their values' bytes (a lookup's size).
+
+        The identities serve no state, so they write no holder records (bench/dht_records.py sizes those).
+        """
         from potluck.protocol.dht_schema import AGGREGATORS_KEY
-        from potluck.protocol.holder_records import HOLDERS_KEY
 
         found: dict[str, dict[str, int]] = {}
-        for key in (AGGREGATORS_KEY, HOLDERS_KEY):
+        for key in (AGGREGATORS_KEY,):
             try:
                 result = self._run(self.node.dht.get(key, latest=True), 30)
             except (TimeoutError, OSError):
