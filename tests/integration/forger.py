@@ -103,31 +103,34 @@ async def forge_holder(node: Node, identity: Identity, join: str) -> None:
     maddrs = tuple(str(m) for m in await node.p2p.get_visible_maddrs())
     print(json.dumps({"event": "ready", "maddrs": list(maddrs)}), flush=True)
     link = AggregatorLink(node.p2p, peer_id_of(parse_join_address(join)))
-    claimed: int | None = None
-    seen = 0  # the last round announced open: its aggregate is fetched once
-    while True:
+    opened = 0
+    while opened == 0:  # the first round the DHT says is open; from then on it follows every aggregate
         announced = parse_announcements(await node.dht.get(AGGREGATORS_KEY, latest=True))
         opened = max((a.round for a in announced), default=0)
-        if opened > seen:
-            seen = opened
-            aggregate = (await link.fetch_aggregate(opened - 1, timeout_s=30))[0].header
-            if aggregate.new_version != claimed:
-                record = HolderRecord(
-                    holder=identity.public_key,
-                    libp2p_peer_id=node.p2p.peer_id.to_bytes(),
-                    maddrs=maddrs,
-                    config_hash=aggregate.config_hash,
-                    shards=((0, aggregate.new_version),),
-                    timestamp_s=time.time(),
-                )
-                subkey, value = sign_holder_record(record, identity)
-                shard, version = 0, aggregate.new_version
-                for bucket in range(holder_buckets(len(aggregate.contributors))):
-                    key = holders_key(aggregate.config_hash, shard=shard, version=version, bucket=bucket)
-                    assert await node.dht.store(key, value, get_dht_time() + 600, subkey=subkey)
-                claimed = version
-                print(json.dumps({"event": "claimed", "version": version}), flush=True)
-        await asyncio.sleep(0.2)  # polling the DHT: the forger has no other way to see the rounds move
+        await asyncio.sleep(0.2)
+    next_round = opened - 1
+    while True:
+        # a long-poll: it answers once round `next_round` has closed, so every version is claimed in turn
+        try:
+            aggregate = (await link.fetch_aggregate(next_round, timeout_s=60))[0].header
+        except Exception:  # noqa: BLE001 - a long-poll cut (busy, a deadline): ask again
+            await asyncio.sleep(0.2)
+            continue
+        record = HolderRecord(
+            holder=identity.public_key,
+            libp2p_peer_id=node.p2p.peer_id.to_bytes(),
+            maddrs=maddrs,
+            config_hash=aggregate.config_hash,
+            shards=((0, aggregate.new_version),),
+            timestamp_s=time.time(),
+        )
+        subkey, value = sign_holder_record(record, identity)
+        shard, version = 0, aggregate.new_version
+        for bucket in range(holder_buckets(len(aggregate.contributors))):
+            key = holders_key(aggregate.config_hash, shard=shard, version=version, bucket=bucket)
+            assert await node.dht.store(key, value, get_dht_time() + 600, subkey=subkey)
+        print(json.dumps({"event": "claimed", "version": version}), flush=True)
+        next_round += 1
 
 
 async def forge(join: str, tamper: str) -> None:

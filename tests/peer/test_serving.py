@@ -39,7 +39,7 @@ class _FakeNode:
 
 def _master() -> Any:
     cfg = SimpleNamespace(config_hash="c" * 64, round_deadline_s=30.0)
-    return SimpleNamespace(cfg=cfg, shards=[SimpleNamespace(index=0, version=1)], params={})
+    return SimpleNamespace(cfg=cfg, shards=[SimpleNamespace(index=0, version=1, contributors=0)], params={})
 
 
 def _announced(visible: list[str], join: str, *, client_mode: bool = False) -> tuple[bool, StateServer]:
