@@ -252,3 +252,18 @@ def nodes(tmp_path: Path) -> Iterator[Nodes]:
         started.stop()
     sessions = {node.child.process.pid for node in started.started}  # each node leads a session of its own
     wait_until(lambda: not p2pd_pids(sessions=sessions), timeout_s=20, what="every p2pd of the test to exit")
+
+
+def alive_in_groups(groups: set[int]) -> set[int]:
+    """Running (not zombie) processes in any of these process groups: the children and their p2pd."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) in groups:
+            found.add(int(proc.name))
+    return found

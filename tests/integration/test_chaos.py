@@ -7,24 +7,9 @@ import pytest
 
 from bench.chaos import run
 from bench.chaos_plan import Action, Plan
-from tests.integration.swarm_helpers import wait_until
+from tests.integration.swarm_helpers import alive_in_groups, wait_until
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
-
-
-def _alive_in(groups: set[int]) -> set[int]:
-    """Running (not zombie) processes in any of these process groups: the soak's children and their p2pd."""
-    found = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) in groups:
-            found.add(int(proc.name))
-    return found
 
 
 @pytest.mark.timeout(480)
@@ -55,4 +40,4 @@ def test_a_swarm_killed_and_restarted_mid_run_loses_nothing_it_acknowledged(tmp_
     # every child and its p2pd is gone (each ran in a process group of its own)
     groups = set(result["process_groups"])
     assert len(groups) == 6  # the aggregator twice, three peers, the killed one again
-    wait_until(lambda: not _alive_in(groups), timeout_s=30, what="the soak's children and p2pd to exit")
+    wait_until(lambda: not alive_in_groups(groups), timeout_s=30, what="the soak's children and p2pd to exit")

@@ -6,23 +6,9 @@ import pytest
 
 from bench.load import parser, run_load
 from potluck.lab.children import Child
+from tests.integration.swarm_helpers import alive_in_groups
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
-
-
-def _alive_in(groups: set[int]) -> set[int]:
-    """Running (not zombie) processes in any of these process groups: the children and their p2pd."""
-    found = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) in groups:
-            found.add(int(proc.name))
-    return found
 
 
 @pytest.mark.timeout(150)
@@ -42,4 +28,4 @@ def test_five_identities_are_accepted_and_credited_every_round_and_nothing_is_le
     assert all(r["accepted"] == 5 and r["credited"] == 5 and r["closed_by"] == "all-reported" for r in rounds)
     assert all(r["rss_mb"] and r["submit_p99_s"] is not None for r in rounds[1:])
     assert result["summary"]["refusals"] == 0 and len(lines) == 3
-    assert len(children) == 2 and not _alive_in({child.process.pid for child in children})
+    assert len(children) == 2 and not alive_in_groups({child.process.pid for child in children})
