@@ -21,6 +21,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from potluck.aggregator_server.validation import Rejection
@@ -33,6 +34,9 @@ MAD_TO_SIGMA = 1.4826
 # norm (MAD == 0) or nearly so, a z-score on the MAD alone would call an update 0.1% larger an
 # outlier; with this floor and max_z=6 an update within 6% of the median is never "too large".
 MIN_RELATIVE_SCALE = 0.01
+# The direction check works on blocks of about this many values (n updates x BLOCK_ELEMENTS / n coordinates):
+# a few float64 copies of a block stay near 100 MB however large the round or the model.
+BLOCK_ELEMENTS = 1 << 22
 
 Update = Mapping[str, torch.Tensor]
 
@@ -116,18 +120,24 @@ def norm_check(
     return results
 
 
-def _leave_one_out_median(ordered: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """Coordinate-wise median of the n rows of ``ordered`` (sorted along dim 0) without ``row``, one of them.
+def _leave_one_out_medians(columns: torch.Tensor) -> torch.Tensor:
+    """Row i of the result: the coordinate-wise median of the rows of ``columns`` other than row i.
 
-    Removing a value whose last position in the sorted column is r leaves the column t with
-    t[j] = s[j] if r > j else s[j + 1], and r > j exactly when s[j + 1] <= value. So each leave-one-out
-    order statistic is one ``where`` over the sorted stack: exact, ties included, in O(numel) per row
-    after a single sort, instead of a fresh median over n - 1 rows for every update.
+    ``columns`` is (numel, n): one update per column. Removing a value whose last position in the sorted
+    column s is r leaves the column t with t[j] = s[j] if r > j else s[j + 1], and r > j exactly when
+    s[j + 1] <= value. A leave-one-out median needs only the two or three middle order statistics of the
+    whole column, which one partial sort (numpy's introselect, O(n) per coordinate) finds: exact, ties
+    included, with no sort of the whole column and no fresh median over n - 1 values for every update.
     """
-    others = ordered.shape[0] - 1
+    n = columns.shape[1]
+    others = n - 1
+    lower = others // 2 if others % 2 == 1 else others // 2 - 1  # the first order statistic the median reads
+    needed = list(range(lower, others // 2 + 2))
+    picked = torch.from_numpy(np.partition(columns.numpy(), needed, axis=1)[:, needed].T.copy())
+    rows = columns.T
 
     def order_statistic(j: int) -> torch.Tensor:
-        return torch.where(row >= ordered[j + 1], ordered[j], ordered[j + 1])
+        return torch.where(rows >= picked[j + 1 - lower], picked[j - lower], picked[j + 1 - lower])
 
     if others % 2 == 1:
         return order_statistic(others // 2)
@@ -143,9 +153,9 @@ def direction_check(
     The reference for update i is the coordinate-wise median of the other n - 1 updates: a median, not a
     mean, because one attacker sending a huge update would drag a mean towards itself (and a mean that
     included i would let i vote for its own reference). Two identical attackers out of eight still face
-    an honest median. The median is computed exactly from one sort per tensor (see
-    _leave_one_out_median), tensor by tensor: memory is a few (n x numel) stacks of the largest tensor
-    beyond the inputs, never n copies of the model; dot products and squared norms accumulate in float64.
+    an honest median. The medians are exact and cost O(n) per coordinate (see _leave_one_out_medians),
+    block by block of coordinates: memory beyond the inputs is a few n x BLOCK_ELEMENTS / n blocks, never
+    n copies of the model; dot products and squared norms accumulate in float64.
 
     An update of norm 0 has no direction and gets cosine 0 (whether it is too small is norm_check's
     question); when the others' median is 0 everywhere there is no reference direction and it passes.
@@ -157,25 +167,25 @@ def direction_check(
     n = len(updates)
     if n < min_updates:
         return [None] * n
-    dots = [0.0] * n
-    norms_sq = [0.0] * n
-    reference_sq = [0.0] * n
+    dots = torch.zeros(n, dtype=torch.float64)
+    norms_sq = torch.zeros(n, dtype=torch.float64)
+    reference_sq = torch.zeros(n, dtype=torch.float64)
+    step = max(1, BLOCK_ELEMENTS // n)
     for name in updates[0]:
-        stacked = torch.stack([update[name].detach().reshape(-1).float() for update in updates])
-        ordered = torch.sort(stacked, dim=0).values
-        for i in range(n):
-            row = stacked[i]
-            reference = _leave_one_out_median(ordered, row).double()
-            row64 = row.double()
-            dots[i] += float(torch.dot(row64, reference))
-            norms_sq[i] += float(torch.dot(row64, row64))
-            reference_sq[i] += float(torch.dot(reference, reference))
+        flat = [update[name].detach().reshape(-1).float() for update in updates]
+        for start in range(0, flat[0].numel(), step):
+            columns = torch.stack([f[start : start + step] for f in flat], dim=1)
+            reference = _leave_one_out_medians(columns).double()
+            rows = columns.T.double()
+            dots += (rows * reference).sum(dim=1)
+            norms_sq += rows.square().sum(dim=1)
+            reference_sq += reference.square().sum(dim=1)
     results: list[Rejection | None] = []
-    for i in range(n):
-        if reference_sq[i] == 0:
+    for dot, norm_sq, ref_sq in zip(dots.tolist(), norms_sq.tolist(), reference_sq.tolist(), strict=True):
+        if ref_sq == 0:
             results.append(None)
             continue
-        cosine = 0.0 if norms_sq[i] == 0 else dots[i] / math.sqrt(norms_sq[i] * reference_sq[i])
+        cosine = 0.0 if norm_sq == 0 else dot / math.sqrt(norm_sq * ref_sq)
         if cosine < min_cosine:
             detail = f"cosine {cosine:.3f} with the median of the other {n - 1} updates, below {min_cosine:g}"
             results.append(Rejection(check="direction", detail=detail))

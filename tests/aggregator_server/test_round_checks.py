@@ -7,8 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from potluck.aggregator_server import round_checks as round_checks_module
 from potluck.aggregator_server.round_checks import (
-    _leave_one_out_median,
+    _leave_one_out_medians,
     direction_check,
     held_out_check,
     norm_check,
@@ -182,16 +183,27 @@ def test_norm_rejected_updates_leave_the_direction_reference() -> None:
     levels=st.integers(min_value=1, max_value=5),
 )
 def test_leave_one_out_median_equals_the_median_of_the_others(rows: int, columns: int, seed: int, levels: int) -> None:
-    # Prepare: few distinct values, so ties are common
+    # Prepare: few distinct values, so ties are common; one update per column, as the check lays them out
     generator = torch.Generator().manual_seed(seed)
     stacked = torch.randint(0, levels, (rows, columns), generator=generator).float() * 0.5
-    ordered = torch.sort(stacked, dim=0).values
+    # Execute
+    got = _leave_one_out_medians(stacked.T.contiguous())
+    # Assert
     for i in range(rows):
         others = torch.cat([stacked[:i], stacked[i + 1 :]])
-        # Execute
-        got = _leave_one_out_median(ordered, stacked[i])
-        # Assert
-        torch.testing.assert_close(got, torch.quantile(others, 0.5, dim=0), rtol=0, atol=0)
+        torch.testing.assert_close(got[i], torch.quantile(others, 0.5, dim=0), rtol=0, atol=0)
+
+
+def test_direction_check_is_the_same_in_blocks_as_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a round whose tensors span many blocks, with a reversed and a noise update
+    updates = [_honest(seed) for seed in range(9)] + [_scaled(_honest(9), -1.0), _noise_of_norm(10, 40.0)]
+    whole = direction_check(updates, min_cosine=MIN_COSINE)
+    monkeypatch.setattr(round_checks_module, "BLOCK_ELEMENTS", 7 * len(updates))  # 7 coordinates per block
+    # Execute
+    blocked = direction_check(updates, min_cosine=MIN_COSINE)
+    # Assert
+    assert _checks(blocked) == [None] * 9 + ["direction", "direction"]
+    assert blocked == whole
 
 
 def test_checks_are_deterministic_and_leave_inputs_alone() -> None:
