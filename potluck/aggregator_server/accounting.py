@@ -20,7 +20,7 @@ from potluck.aggregator_server.validation import Rejection
 from potluck.events import LedgerHead
 from potluck.incentives.ledger import Ledger, LedgerError
 from potluck.incentives.ledger_format import LedgerEntry, LedgerRow, SignedHead
-from potluck.incentives.merkle import merkle_proof, proof_to_bytes
+from potluck.incentives.merkle import MerkleTree, proof_to_bytes
 from potluck.incentives.scoring import ScoringRule, credit
 from potluck.protocol.envelope import MAX_REASON_CHARS, Receipt, SignedReceipt, SignedUpdate, sign_receipt
 from potluck.protocol.identity import Identity, fingerprint
@@ -102,6 +102,50 @@ def round_entries(
     return entries
 
 
+class RoundReceipts:
+    """One closed round's ledger rows, indexed to sign its final receipts: each in O(log n), not O(n).
+
+    An accepted update's receipt carries the Merkle proof of its digest among the round's accepted
+    digests: the leaves of the aggregate's `updates_root`. The tree is built once per round.
+    """
+
+    def __init__(self, rows: Sequence[LedgerRow]) -> None:
+        self._rows: dict[bytes, LedgerRow] = {}
+        for row in rows:
+            self._rows.setdefault(row.entry.update_digest, row)  # the first row of a digest, as a scan finds it
+        accepted = [r.entry.update_digest for r in rows if r.entry.accepted]
+        self._tree = MerkleTree(accepted) if accepted else None
+
+    def receipt(
+        self, update_digest: bytes, *, run_id: str, config_hash: str, identity: Identity
+    ) -> SignedReceipt | None:
+        """The signed final receipt of the update named `update_digest`, or None if the round has no such row."""
+        row = self._rows.get(update_digest)
+        if row is None:
+            return None
+        e = row.entry
+        proof = b""
+        if e.accepted:
+            assert self._tree is not None  # an accepted row is a leaf
+            proof = proof_to_bytes(self._tree.proof(update_digest))
+        receipt = Receipt(
+            run_id=run_id,
+            config_hash=config_hash,
+            round=row.round,
+            peer_public_key=e.peer_public_key,
+            aggregator_public_key=identity.public_key,
+            update_sha256=update_digest,
+            tokens_credited=int(e.weight) if e.accepted else 0,
+            accepted=e.accepted,
+            reason="" if e.accepted else f"{e.check}: {e.detail}"[:MAX_REASON_CHARS],
+            timestamp_s=time.time(),
+            score=float(e.credit),
+            ledger_row_hash=row.row_hash,
+            merkle_proof=proof,
+        )
+        return sign_receipt(receipt, identity)
+
+
 def final_receipt(
     rows: Sequence[LedgerRow],
     update_digest: bytes,
@@ -110,35 +154,8 @@ def final_receipt(
     config_hash: str,
     identity: Identity,
 ) -> SignedReceipt | None:
-    """The signed final receipt of the update named `update_digest` among one round's ledger `rows`, or None.
-
-    An accepted update's receipt carries the Merkle proof of its digest among the round's accepted
-    digests: the leaves of the aggregate's `updates_root`.
-    """
-    row = next((r for r in rows if r.entry.update_digest == update_digest), None)
-    if row is None:
-        return None
-    e = row.entry
-    proof = b""
-    if e.accepted:
-        leaves = [r.entry.update_digest for r in rows if r.entry.accepted]
-        proof = proof_to_bytes(merkle_proof(leaves, update_digest))
-    receipt = Receipt(
-        run_id=run_id,
-        config_hash=config_hash,
-        round=row.round,
-        peer_public_key=e.peer_public_key,
-        aggregator_public_key=identity.public_key,
-        update_sha256=update_digest,
-        tokens_credited=int(e.weight) if e.accepted else 0,
-        accepted=e.accepted,
-        reason="" if e.accepted else f"{e.check}: {e.detail}"[:MAX_REASON_CHARS],
-        timestamp_s=time.time(),
-        score=float(e.credit),
-        ledger_row_hash=row.row_hash,
-        merkle_proof=proof,
-    )
-    return sign_receipt(receipt, identity)
+    """The signed final receipt of the update named `update_digest` among one round's ledger `rows`, or None."""
+    return RoundReceipts(rows).receipt(update_digest, run_id=run_id, config_hash=config_hash, identity=identity)
 
 
 def open_ledger(path: Path, *, identity: Identity, round_index: int) -> Ledger:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from potluck.aggregator_server.accounting import final_receipt
+from potluck.aggregator_server.accounting import RoundReceipts
 from potluck.aggregator_server.checkpoint import CheckpointError
 from potluck.aggregator_server.keeper import Admission, Decision, Upload
 from potluck.aggregator_server.probe_handler import MAX_PROBE_BYTES, PROBE_HANDLER, answer_probe
@@ -68,6 +68,8 @@ MAX_PROBES, PROBES_PER_PEER = 2, 1  # each may cost 8 MiB each way
 MAX_STATE_REQUESTS, STATE_REQUESTS_PER_PEER = 64, 2  # manifests and whole states
 MAX_LONG_POLLS, LONG_POLLS_PER_PEER = 1024, 4  # aggregate requests waiting for their round to close: cheap
 MAX_RECEIPT_REQUESTS, RECEIPT_REQUESTS_PER_PEER = 64, 4
+# closed rounds whose rows stay indexed for final receipts (peers ask right after a close; older ones re-read)
+RECEIPT_ROUNDS_INDEXED = 4
 # streams whose request head has not arrived yet: beyond this they are closed unanswered (a flood)
 MAX_WAITING_HEADS, WAITING_HEADS_PER_PEER = 512, 16
 
@@ -135,6 +137,7 @@ class StreamHandlers:
         self.uploads = StreamLimits("uploads", total=MAX_UPLOADS, per_owner=UPLOADS_PER_PEER)
         self.upload_keys = StreamLimits("uploads", total=MAX_JUDGING, per_owner=UPLOADS_PER_KEY)
         self.probes = StreamLimits("probes", total=MAX_PROBES, per_owner=PROBES_PER_PEER)
+        self.round_receipts: dict[int, RoundReceipts] = {}  # round -> its rows, indexed (the newest few)
         self.state_requests = StreamLimits(
             "state requests", total=MAX_STATE_REQUESTS, per_owner=STATE_REQUESTS_PER_PEER
         )
@@ -335,16 +338,17 @@ class StreamHandlers:
                 RefusalCode.ROUND_OPEN,
                 f"round {round_index} has not closed yet (the open round is {server.current.index})",
             )
-        closed = server.keeper.closed.get(round_index)
-        rows = None if closed is None else closed.rows
-        if rows is None:
-            rows = tuple(await asyncio.to_thread(server.ledger.rows, round_index=round_index))
-        signed = final_receipt(
-            list(rows),
-            digest,
-            run_id=server.cfg.run_name,
-            config_hash=server.cfg.config_hash,
-            identity=server.identity,
+        index = self.round_receipts.get(round_index)
+        if index is None:
+            closed = server.keeper.closed.get(round_index)
+            rows = None if closed is None else closed.rows
+            if rows is None:
+                rows = tuple(await asyncio.to_thread(server.ledger.rows, round_index=round_index))
+            index = self.round_receipts[round_index] = await asyncio.to_thread(RoundReceipts, rows)
+            while len(self.round_receipts) > RECEIPT_ROUNDS_INDEXED:
+                del self.round_receipts[min(self.round_receipts)]
+        signed = index.receipt(
+            digest, run_id=server.cfg.run_name, config_hash=server.cfg.config_hash, identity=server.identity
         )
         if signed is None:
             raise Refusal(RefusalCode.NOT_FOUND, f"round {round_index}'s ledger has no update {digest.hex()[:16]}")

@@ -111,30 +111,47 @@ def _parent_level(level: list[bytes]) -> list[bytes]:
     return parents
 
 
+class MerkleTree:
+    """A tree built once over a fixed set of leaves: its root, and each leaf's proof in O(log n) hashes.
+
+    An aggregator answers every contributor's receipt request from one closed round; building the tree
+    once per round, not once per proof, keeps n receipts at O(n log n) instead of O(n^2).
+    """
+
+    def __init__(self, leaves: Sequence[bytes]) -> None:
+        ordered = _sorted_leaves(leaves)
+        self._index = {leaf: i for i, leaf in enumerate(ordered)}
+        self._levels = [[_leaf_hash(leaf) for leaf in ordered]]
+        while len(self._levels[-1]) > 1:
+            self._levels.append(_parent_level(self._levels[-1]))
+
+    @property
+    def root(self) -> bytes:
+        """The 32-byte root (see the module docstring)."""
+        return self._levels[-1][0]
+
+    def proof(self, leaf: bytes) -> MerkleProof:
+        """The proof that `leaf` is one of the tree's leaves; ValueError if it is not."""
+        index = self._index.get(leaf)
+        if index is None:
+            raise ValueError(f"leaf {leaf!r:.80} is not among the {len(self._levels[0])} leaves")
+        position, steps = index, []
+        for level in self._levels[:-1]:
+            sibling = position ^ 1
+            if sibling < len(level):
+                steps.append(ProofStep(sibling=level[sibling], sibling_is_left=sibling < position))
+            position //= 2
+        return MerkleProof(leaf_index=index, leaf_count=len(self._levels[0]), steps=tuple(steps))
+
+
 def merkle_root(leaves: Sequence[bytes]) -> bytes:
     """The 32-byte root over `leaves` in any order (sorted inside); ValueError on empty, duplicate or bad leaves."""
-    level = [_leaf_hash(leaf) for leaf in _sorted_leaves(leaves)]
-    while len(level) > 1:
-        level = _parent_level(level)
-    return level[0]
+    return MerkleTree(leaves).root
 
 
 def merkle_proof(leaves: Sequence[bytes], leaf: bytes) -> MerkleProof:
     """The proof that `leaf` is one of `leaves` (in any order, sorted inside); ValueError if it is not."""
-    ordered = _sorted_leaves(leaves)
-    try:
-        index = ordered.index(leaf)
-    except ValueError:
-        raise ValueError(f"leaf {leaf!r:.80} is not among the {len(ordered)} leaves") from None
-    level = [_leaf_hash(x) for x in ordered]
-    position, steps = index, []
-    while len(level) > 1:
-        sibling = position ^ 1
-        if sibling < len(level):
-            steps.append(ProofStep(sibling=level[sibling], sibling_is_left=sibling < position))
-        level = _parent_level(level)
-        position //= 2
-    return MerkleProof(leaf_index=index, leaf_count=len(ordered), steps=tuple(steps))
+    return MerkleTree(leaves).proof(leaf)
 
 
 def verify_proof(leaf: bytes, proof: MerkleProof, root: bytes) -> bool:
