@@ -75,6 +75,8 @@ JOIN_BARRIER_S = 60.0  # the longest a joiner of the first round waits for the o
 FIRST_ROUND_WAIT = 3  # deadlines the first round may wait for --wait-for-peers before it closes anyway
 
 LEDGER_FILE = "ledger.sqlite"
+# p2pd keeps 512 connections by default: fewer than a large run's volunteers (ServerOptions.max_connections)
+DEFAULT_MAX_CONNECTIONS = 4096
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -101,6 +103,9 @@ class ServerOptions:
     # Cap on the bytes per second of state chunks sent to joiners (None: as fast as the link goes): an
     # operator's way to keep rounds' traffic ahead of joiners', who then take more from holding peers.
     state_upload_bytes_per_s: float | None = None
+    # Connections its p2pd keeps before trimming the oldest (create_p2p): every volunteer holds one, each
+    # costs the daemon about 1 MB, and a trimmed one loses its streams (long-polls included) and redials.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
 
 class AggregatorServer:
@@ -216,6 +221,7 @@ class AggregatorServer:
             announce_maddrs=self.options.announce_maddrs,
             identity_path=self.options.state_dir / "libp2p.key",
             signer=self.identity,
+            max_connections=self.options.max_connections,
         )
         announcer: asyncio.Task[None] | None = None
         try:

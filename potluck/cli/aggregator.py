@@ -90,6 +90,15 @@ class AggregatorFlags(Flags):
             "from the peers that hold the state, and rounds keep the rest of the link. [default: no cap]",
         ),
     ] = None
+    max_connections: Annotated[
+        int,
+        Field(ge=64),
+        flag(
+            "--max-connections",
+            help="libp2p connections to keep: every volunteer holds one (~1 MB each); above this the oldest "
+            "are closed, with their streams, and redial. Set it above the run's volunteers.",
+        ),
+    ] = 4096
     set_: Annotated[
         tuple[str, ...], flag("--set", help="Override one config field, e.g. --set local_steps=20; repeatable.")
     ] = ()
@@ -195,6 +204,7 @@ def aggregator_node(
         wait_for_peers=flags.wait_for_peers,
         failover_after_s=flags.failover_after,
         state_upload_bytes_per_s=None if flags.state_upload_rate is None else _rate_bytes(flags.state_upload_rate),
+        max_connections=flags.max_connections,
     )
     page = PageOptions(
         host=flags.http_host,

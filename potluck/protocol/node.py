@@ -122,20 +122,30 @@ async def dial(p2p: P2P, peer_id: PeerID, maddrs: Sequence[Multiaddr], *, timeou
         logger.debug("connect to %s: %s", peer_id, e)
 
 
-async def create_p2p(**p2p_kwargs: Any) -> P2P:
-    """`P2P.create`, but a failed or cancelled start leaves no p2pd behind.
+async def create_p2p(*, max_connections: int | None = None, **p2p_kwargs: Any) -> P2P:
+    """`P2P.create`, but a failed or cancelled start leaves no p2pd behind, with a connection limit of our choosing.
 
     hivemind 1.1.12's `P2P.create` raises without shutting down the half-made node when p2pd exits
     during start-up (e.g. "failed to connect to bootstrap peers"), so every instance it makes is
     recorded and shut down on failure; the start is shielded from cancellation so that what it
     started can be stopped (it is bounded by `startup_timeout`).
+
+    `max_connections` is p2pd's connection manager's high-water mark (None: p2pd's own, 512): above it the
+    daemon closes its oldest idle-graced connections down to three quarters of it, and every stream on
+    them ends. An aggregator with more volunteers than the mark would cut their long-polls every few
+    minutes, so it sets a higher one (hivemind's `P2P.create` takes no such argument).
     """
     made: list[P2P] = []
+    limits = {} if max_connections is None else {"connHi": max_connections, "connLo": max_connections * 3 // 4}
 
     class _RecordedP2P(P2P):
         def __init__(self) -> None:
             super().__init__()
             made.append(self)
+
+        @staticmethod
+        def _make_process_args(*args: Any, **kwargs: Any) -> list[str]:
+            return P2P._make_process_args(*args, **kwargs, **limits)
 
     starting = asyncio.ensure_future(_RecordedP2P.create(**p2p_kwargs))
     try:
@@ -159,13 +169,14 @@ async def start_node(
     client_mode: bool = False,
     signer: Identity | None = None,
     bootstrap_timeout_s: float = 30.0,
+    max_connections: int | None = None,
 ) -> Node:
     """A DHT node (and its p2pd) with potluck's signed-record validator, bootstrapped from `initial_peers`.
 
     `identity_path` keeps the libp2p peer id stable across restarts (the aggregator's multiaddr must
     not change); it is created on first use. `signer` signs the DHT records this node stores under its
-    Ed25519 key (aggregators); nodes that only read leave it out. JoinError when no initial peer
-    answers in time; nothing is left running then.
+    Ed25519 key (aggregators); nodes that only read leave it out. `max_connections`: see create_p2p.
+    JoinError when no initial peer answers in time; nothing is left running then.
     """
     kwargs: dict[str, Any] = {"host_maddrs": list(host_maddrs), "startup_timeout": bootstrap_timeout_s}
     if initial_peers:
@@ -178,7 +189,7 @@ async def start_node(
     if client_mode:
         kwargs["dht_mode"] = "client"
     try:
-        p2p = await create_p2p(**kwargs)
+        p2p = await create_p2p(max_connections=max_connections, **kwargs)
     except Exception as e:  # hivemind raises P2PDaemonError and others when p2pd cannot start or bootstrap
         if initial_peers:
             raise JoinError(_unreachable(initial_peers, _reason(e))) from e

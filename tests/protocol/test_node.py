@@ -1,10 +1,13 @@
-"""Tests for potluck.protocol.node's join-address parsing (the network parts are integration tests)."""
+"""Tests for potluck.protocol.node: join-address parsing, and the daemon's connection limit (the rest of the network
+parts are integration tests)."""
 
+import asyncio
 import warnings
+from pathlib import Path
 
 import pytest
 
-from potluck.protocol.node import JOIN_FORMAT, JoinError, parse_join_address, peer_id_of
+from potluck.protocol.node import JOIN_FORMAT, JoinError, create_p2p, parse_join_address, peer_id_of
 
 with warnings.catch_warnings():
     # `import hivemind` runs torch.jit.script at import time, which recent torch deprecates (see test_p2p_streams).
@@ -67,3 +70,27 @@ def test_bad_join_addresses_are_refused_with_the_expected_form(address: str, exp
     assert "\n" not in message
     assert message.endswith(f"expected {JOIN_FORMAT}")
     assert "/ip4/<ip>/tcp/<port>/p2p/<peer id>" in message
+
+
+def _daemon_args(max_connections: int | None) -> list[str]:
+    """The command line of the p2pd that create_p2p starts (read from /proc), after it is stopped again."""
+
+    async def start_and_read() -> list[str]:
+        p2p = await create_p2p(max_connections=max_connections)
+        try:
+            pid = p2p._child.pid  # hivemind's handle on its p2pd process
+            return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        finally:
+            await p2p.shutdown()
+
+    return asyncio.run(start_and_read())
+
+
+@pytest.mark.network
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads the daemon's command line from /proc")
+def test_a_node_keeps_the_connections_it_is_told_to() -> None:
+    # Execute
+    raised, default = _daemon_args(6_000), _daemon_args(None)
+    # Assert: an aggregator's daemon trims above 6,000 (down to 4,500); a peer's keeps p2pd's own 512 / 256
+    assert "-connHi=6000" in raised and "-connLo=4500" in raised and "-connManager=1" in raised
+    assert not any(arg.startswith(("-connHi", "-connLo")) for arg in default)
