@@ -10,6 +10,11 @@ Identities share libp2p nodes, `--per-node` each (a p2pd per identity is ~40 MB 
 4 per node every identity long-polls as a real peer does, within the aggregator's per-peer caps, which the
 nodes respect client-side). The aggregator's limits are its own: nothing is loosened; refusals are counted.
 
+Shards (`--shards S`): the run's config lists S aggregator keys, and only shard 0's aggregator runs, as
+bench/aggregator_ingest.py measures it: the S aggregators of a sharded run do not talk to each other, each
+takes every peer's slice of its own tensors, so shard 0's (the largest or about so) is the round's slowest.
+Its rounds skip the held-out check (a shard's aggregator holds part of the model).
+
 Rounds: the workers join every identity, then start together; the first round is a warm-up (joiners are not
 yet members, attendance.py), the next `--rounds` are measured. Per round (one status line on stderr, one row in
 the JSON): close time (the aggregator's round_s, open to published, and its aggregation_s), ingest (upload
@@ -41,6 +46,7 @@ from potluck.events import AggregatorReady, Event, RoundClosed
 from potluck.lab.children import Child, read_events, read_json_lines, sigterm_unwinds, start_child, stop_children
 from potluck.protocol.config import RunConfig
 from potluck.protocol.config_files import dump_run_config, parse_overrides
+from potluck.protocol.identity import load_or_create_identity, public_key_to_hex
 from potluck.tasks import created
 
 READY_TIMEOUT_S = 180.0
@@ -81,11 +87,18 @@ def _quantile(values: list[float], q: float) -> float | None:
 
 def _config(args: argparse.Namespace, work_dir: Path) -> Path:
     overrides: dict[str, Any] = {"model.size": args.model, "round_deadline_s": args.deadline, "rounds": 10_000}
+    if args.shards > 1:  # every shard's key is listed; only shard 0's aggregator runs (see the module docstring)
+        keys = [load_or_create_identity(_shard_key(work_dir, s))[0].public_key for s in range(args.shards)]
+        overrides |= {"shards": args.shards, "aggregator_keys": [public_key_to_hex(k) for k in keys]}
     overrides |= parse_overrides(args.set)
     cfg = created(RunConfig().with_overrides(overrides, source="bench/load.py"))
     path = work_dir / "run.toml"
     path.write_text(dump_run_config(cfg, "toml"))
     return path
+
+
+def _shard_key(work_dir: Path, shard: int) -> Path:
+    return work_dir / f"aggregator-{shard}.key"
 
 
 def _start_workers(
@@ -141,6 +154,8 @@ def run_load(
                 threads=args.aggregator_threads,
                 http_port=port,
                 as_json=True,
+                identity=_shard_key(work_dir, 0) if args.shards > 1 else None,
+                max_connections=args.max_connections,
             )
             aggregator = start_child("aggregator", flags.command(), work_dir=work_dir, threads=args.aggregator_threads)
             children.append(aggregator)
@@ -172,7 +187,12 @@ def run_load(
                 else:
                     probe.halt.set()
             stop_children(children)
-    result |= {"identities": identities, "model": args.model, "wall_s": round(time.monotonic() - started, 1)}
+    result |= {
+        "identities": identities,
+        "model": args.model,
+        "shards": args.shards,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
     return result
 
 
@@ -333,9 +353,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="worker processes sharing the identities")
     p.add_argument("--per-node", type=int, default=4, help="identities per libp2p node (a p2pd each)")
     p.add_argument("--rounds", type=int, default=3, help="measured rounds, after one warm-up round")
+    p.add_argument("--shards", type=int, default=1, help="the run's shards: the load goes to shard 0's aggregator")
     p.add_argument("--deadline", type=float, default=120.0, help="the run's round_deadline_s")
     p.add_argument("--download-fraction", type=float, default=0.1, help="identities that download the whole state")
     p.add_argument("--spread", type=float, default=0.0, help="each upload waits uniform [0, SPREAD] s (0: a burst)")
+    p.add_argument("--max-connections", type=int, default=4096, help="the aggregator's --max-connections (its p2pd's)")
     p.add_argument("--aggregator-threads", type=int, default=os.cpu_count() or 1, help="its torch threads")
     p.add_argument("--worker-nice", type=int, default=WORKER_NICE, help="the workers' CPU priority (0: the same)")
     p.add_argument("--set", action="append", default=[], help="another run config override KEY=VALUE; repeatable")
@@ -354,7 +376,8 @@ def main() -> None:
     with sigterm_unwinds():
         for n in (int(x) for x in args.identities.split(",")):
             result = run_load(args, n) | {"machine": machine, "command": " ".join(sys.argv)}
-            out = args.out or RESULTS / f"load-{args.model}-{n}.json"
+            shards = f"-{args.shards}shards" if args.shards > 1 else ""
+            out = args.out or RESULTS / f"load-{args.model}{shards}-{n}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, separators=(",", ":")) + "\n")
             if args.json:

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import struct
 import sys
 import time
@@ -60,7 +61,9 @@ from potluck.protocol.envelope import StateHeader, UpdateHeader, new_nonce, payl
 from potluck.protocol.identity import Identity, generate_identity
 from potluck.protocol.messages import config_in_head
 from potluck.protocol.node import create_p2p, dial, parse_join_address, peer_id_of
+from potluck.protocol.shards import shard_names
 from potluck.protocol.state_chunks import check_manifest
+from potluck.protocol.wire import RefusalCode
 from potluck.tasks import run_shapes
 
 T = TypeVar("T")
@@ -95,11 +98,13 @@ def varied_payloads(payload: bytes) -> Callable[[int], bytes]:
 class Payloads:
     """The update payload at each density the run announces, encoded once from one pseudo-gradient."""
 
-    def __init__(self, cfg: RunConfig, seed: int) -> None:
+    def __init__(self, cfg: RunConfig, seed: int, *, shard: int = 0) -> None:
         self.cfg = cfg
         generator = torch.Generator().manual_seed(seed)
+        shapes = run_shapes(cfg)
+        owned = shard_names(shapes, cfg.shards)[shard]  # a shard's aggregator takes its own tensors only
         # honest peers agree on a direction: one shared random direction, small like a real round's update
-        self.delta = {name: torch.randn(shape, generator=generator) * 1e-3 for name, shape in run_shapes(cfg).items()}
+        self.delta = {name: torch.randn(shapes[name], generator=generator) * 1e-3 for name in owned}
         self._by_density: dict[float, tuple[str, Callable[[int], bytes]]] = {}
 
     def at(self, density: float) -> tuple[str, Callable[[int], bytes]]:
@@ -129,6 +134,14 @@ class Position:
     round: int
     version: int
     density: float
+
+
+def _refusal_key(stage: str, e: AggregatorUnreachable) -> str:
+    """`stage:CODE`, and for a failure without a code (a stream that ended or timed out) its cause, digits as N."""
+    if e.code is not RefusalCode.UNSPECIFIED:
+        return f"{stage}:{e.code.name}"
+    cause = re.sub(r"[0-9]+", "N", str(e).split(": ", 1)[-1])[:48]
+    return f"{stage}:{e.code.name}:{cause}"
 
 
 @dataclass(kw_only=True, slots=True)
@@ -186,7 +199,7 @@ class Worker:
             try:
                 return await call()
             except AggregatorUnreachable as e:
-                tally[f"{stage}:{e.code.name}"] += 1
+                tally[_refusal_key(stage, e)] += 1
                 if time.monotonic() >= deadline:
                     raise
                 await asyncio.sleep(backoff_s(attempt, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S))
@@ -223,7 +236,7 @@ class Worker:
         if cfg is None or cfg.config_hash != h.config_hash:
             raise SystemExit("the state's first chunk does not carry the run's config")
         self.cfg, self.tokens = cfg, token_cap(cfg)
-        self.payloads = Payloads(cfg, seed=self.args.seed)
+        self.payloads = Payloads(cfg, seed=self.args.seed, shard=h.shard)
 
     async def download(self, node: Node, h: StateHeader, digests: list[bytes]) -> None:
         """The state's chunks from the aggregator, as a joiner's first donor (the peer's own download code)."""
