@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+MAX_SHARDS = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +55,15 @@ def _median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
+def _upload_bytes(every: list[dict[str, Any]], measured: list[dict[str, Any]]) -> float:
+    """Bytes one identity uploads a round: over all rounds where the density never changed (results written before
+    bench/load.py counted the workers' bytes attribute some of a round's uploads to the round before), else the
+    measured rounds' median."""
+    if len({r["density"] for r in every}) == 1:
+        return sum(r["upload_bytes"] for r in every) / len(every)
+    return _median([r["upload_bytes"] for r in measured])
+
+
 def load_point(path: Path) -> Point:
     """A load result file's measured rounds as one point (ValueError when it has none)."""
     result = json.loads(path.read_text())
@@ -70,7 +79,7 @@ def load_point(path: Path) -> Point:
         identities=n,
         held_out=shards == 1,
         density=_median([r["density"] for r in rounds]),
-        upload_bytes=_median([r["upload_bytes"] for r in rounds]),
+        upload_bytes=_upload_bytes(result["rounds"], rounds),
         wall_s=_median([r["round_s"] / n for r in rounds]),
         core_s=_median([(r["cpu"] or 0.0) * r["round_s"] / n for r in rounds]),
         rss_mb=max(r["rss_mb"] or 0.0 for r in rounds),
@@ -93,7 +102,7 @@ class Model:
 
     wall: dict[bool, tuple[float, float]]  # held_out -> (a, b)
     memory: tuple[float, float]  # (c, d): MB per identity
-    base_mb: float  # an aggregator's RSS with no identity (the fit's intercept at the smallest model)
+    base: tuple[float, float]  # (e, f): an aggregator's RSS with no identity, MB, = e + f P
 
     def wall_s(self, params: float, *, held_out: bool) -> float:
         """Two-core aggregator seconds per identity per round."""
@@ -104,6 +113,11 @@ class Model:
         """MB per identity, held until the round closes."""
         c, d = self.memory
         return c + d * params
+
+    def base_mb(self, params: float) -> float:
+        """An aggregator's RSS before any identity: the model, its optimizer state, the served state."""
+        e, f = self.base
+        return e + f * params
 
 
 def fit(points: list[Point]) -> Model:
@@ -130,7 +144,8 @@ def fit(points: list[Point]) -> Model:
     if not slopes:
         raise ValueError("memory per identity needs two identity counts of one model")
     memory = fit_line([x for x, _ in slopes], [y for _, y in slopes])
-    return Model(wall=wall, memory=memory, base_mb=min(bases)[1])
+    base = fit_line([x for x, _ in bases], [y for _, y in bases])
+    return Model(wall=wall, memory=memory, base=base)
 
 
 def shards_needed(model: Model, *, params: float, volunteers: int, round_s: float, memory_gb: float) -> dict[str, Any]:
@@ -140,21 +155,16 @@ def shards_needed(model: Model, *, params: float, volunteers: int, round_s: floa
         owned = params / s
         held_out = s == 1
         cpu_ok = volunteers * model.wall_s(owned, held_out=held_out) <= round_s
-        mem_ok = model.base_mb + volunteers * model.memory_mb(owned) <= memory_gb * 1024
+        mem_ok = model.base_mb(owned) + volunteers * model.memory_mb(owned) <= memory_gb * 1024
         return cpu_ok, mem_ok
 
     cpu_floor = volunteers * model.wall[False][0]  # the per-identity cost no shard count removes
     if cpu_floor > round_s:
         return {"shards": None, "binds": f"CPU: {cpu_floor:.0f} s of fixed per-identity work exceeds the round"}
-    mem_floor = model.base_mb + volunteers * model.memory[0]
+    mem_floor = model.base[0] + volunteers * model.memory[0]
     if mem_floor > memory_gb * 1024:
         return {"shards": None, "binds": f"memory: {mem_floor / 1024:.1f} GB of fixed per-identity state"}
-    s = 1
-    while True:
-        cpu_ok, mem_ok = fits(s)
-        if cpu_ok and mem_ok:
-            break
-        s = s + 1 if s < 64 else math.ceil(s * 1.02)
+    s = next(k for k in range(1, MAX_SHARDS) if all(fits(k)))
     cpu_only = next(k for k in range(1, s + 1) if fits(k)[0])
     mem_only = next(k for k in range(1, s + 1) if fits(k)[1])
     owned = params / s
@@ -165,7 +175,7 @@ def shards_needed(model: Model, *, params: float, volunteers: int, round_s: floa
         "shards_for_memory": mem_only,
         "params_per_shard": round(owned),
         "aggregator_s_per_round": round(volunteers * model.wall_s(owned, held_out=s == 1), 1),
-        "aggregator_gb": round((model.base_mb + volunteers * model.memory_mb(owned)) / 1024, 1),
+        "aggregator_gb": round((model.base_mb(owned) + volunteers * model.memory_mb(owned)) / 1024, 1),
     }
 
 
@@ -191,7 +201,8 @@ def main() -> None:
         for m in (float(x) for x in args.memory_gb.split(","))
     ]
     if args.json:
-        out = {"points": [p.__dict__ for p in points], "wall": model.wall, "memory": model.memory, "answers": answers}
+        out = {"points": [p.__dict__ for p in points], "wall": model.wall, "memory": model.memory, "base": model.base}
+        out["answers"] = answers
         print(json.dumps(out))
         return
     print(
@@ -209,7 +220,8 @@ def main() -> None:
             f"{a:.4f} s + {b * 1e6:.4f} s per M params"
         )
     c, d = model.memory
-    print(f"memory per identity: {c:.3f} MB + {d * 1e6:.3f} MB per M params; aggregator base {model.base_mb:.0f} MB")
+    e, f = model.base
+    print(f"memory per identity: {c:.3f} MB + {d * 1e6:.3f} MB per M params; base {e:.0f} MB + {f * 1e6:.1f} MB per M")
     for answer in answers:
         print(json.dumps(answer))
 

@@ -17,8 +17,8 @@ Its rounds skip the held-out check (a shard's aggregator holds part of the model
 
 Rounds: the workers join every identity, then start together; the first round is a warm-up (joiners are not
 yet members, attendance.py), the next `--rounds` are measured. Per round (one status line on stderr, one row in
-the JSON): close time (the aggregator's round_s, open to published, and its aggregation_s), ingest (upload
-bytes the aggregator read over the round's collection time, and over its wall time), submit latency p50/p99
+the JSON): close time (the aggregator's round_s, open to published, and its aggregation_s), ingest (the bytes
+the identities' uploads of the round carried, over its collection time and over its wall time), submit latency p50/p99
 (first try to signed receipt, retries included), refusals by code and stage, the aggregator's CPU and peak
 RSS from /proc (its p2pd counted apart), /api/status latency, the DHT records' sizes.
 
@@ -235,7 +235,6 @@ class _Follow:
         self.tallies: dict[int, list[dict[str, Any]]] = {}
         self.dht_sizes: dict[int, Any] = {}
         self.rows: list[dict[str, Any]] = []
-        self.bytes_in = 0  # the aggregator's total at the last round's close
         self.go_s = 0.0
 
     def follow(self, lines: queue.Queue[Line], *, go: Path) -> None:
@@ -283,7 +282,9 @@ class _Follow:
         refused: Counter[str] = Counter()
         for t in tallies:
             refused.update(t["refused"])
-        bytes_in, self.bytes_in = closed.bytes_in - self.bytes_in, closed.bytes_in
+        # the round's uploads as the identities sent them: the aggregator's own total is read when its close is
+        # reported, and with a slow close (the 10m model) the next round's first uploads are in it already
+        bytes_in = sum(t["bytes_up"] for t in tallies)
         collect_s = max(closed.round_s - closed.aggregation_s, 1e-9)
         end_s = closed.time_s
         start_s = end_s - closed.round_s
