@@ -8,8 +8,9 @@ that owns P parameters gives:
 - the aggregator's core-seconds per identity (its CPU share over the round x round_s / N);
 - its peak RSS, whose slope over N at one P is the memory each identity costs.
 
-Fitted by least squares through those points, separately with the held-out check (one aggregator) and without
-it (a shard's aggregator, which holds part of the model and cannot run it):
+Fitted by least squares through those points, with the held-out check (one aggregator) and without it (a shard's
+aggregator, which holds part of the model and cannot run it; this line shares the first's intercept, the fixed
+work per identity):
 
     wall(P) = a + b P        seconds of a two-core aggregator per identity per round
     mem(P)  = c + d P        MB per identity, held until the round closes
@@ -127,12 +128,16 @@ def fit(points: list[Point]) -> Model:
         key = (p.model, p.shards)
         if key not in largest or p.identities > largest[key].identities:
             largest[key] = p
-    wall = {}
-    for held_out in (True, False):
-        chosen = [p for p in largest.values() if p.held_out == held_out]
-        if not chosen:
-            raise ValueError(f"no load result {'with' if held_out else 'without'} the held-out check to fit")
-        wall[held_out] = fit_line([p.params for p in chosen], [p.wall_s for p in chosen])
+    with_check = [p for p in largest.values() if p.held_out]
+    without = [p for p in largest.values() if not p.held_out]
+    if not with_check or not without:
+        raise ValueError("the fit needs load results with the held-out check (1 shard) and without (2 or more)")
+    a, b = fit_line([p.params for p in with_check], [p.wall_s for p in with_check])
+    # The fixed per-identity work (signature, decode, fsyncs, ledger row, receipts, streams) is the same with the
+    # check or without, and the check's own cost goes to 0 with the model: the line without it shares the
+    # intercept, and its slope is fitted through the shards' points (a free intercept goes negative on them).
+    slope = sum(p.params * (p.wall_s - a) for p in without) / sum(p.params**2 for p in without)
+    wall = {True: (a, b), False: (a, slope)}
     slopes: list[tuple[float, float]] = []  # (params, MB per identity)
     bases: list[tuple[int, float]] = []
     for key in largest:

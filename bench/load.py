@@ -157,7 +157,8 @@ def run_load(
                 identity=_shard_key(work_dir, 0) if args.shards > 1 else None,
                 max_connections=args.max_connections,
             )
-            aggregator = start_child("aggregator", flags.command(), work_dir=work_dir, threads=args.aggregator_threads)
+            argv = ["--verbose", *flags.command()] if args.verbose else flags.command()
+            aggregator = start_child("aggregator", argv, work_dir=work_dir, threads=args.aggregator_threads)
             children.append(aggregator)
             threading.Thread(target=_pump_events, args=(aggregator, lines), daemon=True).start()
             ready = _wait_ready(aggregator, lines, started + max(READY_TIMEOUT_S, args.timeout / 2))
@@ -365,6 +366,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dht", dest="dht", action="store_false", help="do not look the DHT records up each round")
     p.add_argument("--timeout", type=float, default=1800.0, help="stop a run after this many seconds")
     p.add_argument("--out", type=Path, help=f"result file (default: {RESULTS}/load-MODEL-N.json)")
+    p.add_argument(
+        "--verbose", action="store_true", help="the aggregator logs what each step does (its log: --work-dir)"
+    )
     p.add_argument("--work-dir", type=Path, help="keep the logs and state here (default: a temporary directory)")
     p.add_argument("--json", action="store_true", help="print each run's result as one JSON line on stdout")
     return p
