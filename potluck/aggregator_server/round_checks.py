@@ -154,7 +154,7 @@ def direction_check(
     mean, because one attacker sending a huge update would drag a mean towards itself (and a mean that
     included i would let i vote for its own reference). Two identical attackers out of eight still face
     an honest median. The medians are exact and cost O(n) per coordinate (see _leave_one_out_medians),
-    block by block of coordinates: memory beyond the inputs is a few n x BLOCK_ELEMENTS / n blocks, never
+    block by block of coordinates: memory beyond the inputs is a few blocks of about BLOCK_ELEMENTS values, never
     n copies of the model; dot products and squared norms accumulate in float64.
 
     An update of norm 0 has no direction and gets cosine 0 (whether it is too small is norm_check's
