@@ -22,15 +22,15 @@ import time
 
 from hivemind.utils import get_dht_time
 
-from potluck.protocol.client import AggregatorLink
-from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, parse_announcements, sign_announcement
+from potluck.protocol.client import AggregatorLink, AggregatorRefused
+from potluck.protocol.dht_schema import AGGREGATORS_KEY, AggregatorAnnouncement, sign_announcement
 from potluck.protocol.envelope import payload_digest, sign_state
 from potluck.protocol.holder_records import HolderRecord, holder_buckets, holders_key, sign_holder_record
 from potluck.protocol.identity import Identity, generate_identity
 from potluck.protocol.messages import CHUNK_HANDLER, MANIFEST_HANDLER, pack_envelope
 from potluck.protocol.node import Node, parse_join_address, peer_id_of, start_node
 from potluck.protocol.state_chunks import ChunkRequest, chunk_digests, chunk_of, digests_sha256
-from potluck.protocol.wire import MessageKind, read_frame_from_stream, write_frame
+from potluck.protocol.wire import MessageKind, RefusalCode, read_frame_from_stream, write_frame
 
 
 def _served(what: str) -> None:
@@ -103,17 +103,20 @@ async def forge_holder(node: Node, identity: Identity, join: str) -> None:
     maddrs = tuple(str(m) for m in await node.p2p.get_visible_maddrs())
     print(json.dumps({"event": "ready", "maddrs": list(maddrs)}), flush=True)
     link = AggregatorLink(node.p2p, peer_id_of(parse_join_address(join)))
-    opened = 0
-    while opened == 0:  # the first round the DHT says is open; from then on it follows every aggregate
-        announced = parse_announcements(await node.dht.get(AGGREGATORS_KEY, latest=True))
-        opened = max((a.round for a in announced), default=0)
-        await asyncio.sleep(0.2)
-    next_round = opened - 1
+    # From the oldest aggregate the aggregator still holds, every version in turn, then each as its round closes:
+    # whichever version a test waits for, it is claimed, however late this process started.
+    next_round = 0
     while True:
-        # a long-poll: it answers once round `next_round` has closed, so every version is claimed in turn
+        # a long-poll: it answers once round `next_round` has closed
         try:
             aggregate = (await link.fetch_aggregate(next_round, timeout_s=60))[0].header
-        except Exception:  # noqa: BLE001 - a long-poll cut (busy, a deadline): ask again
+        except AggregatorRefused as e:
+            if e.code is RefusalCode.NOT_HELD:  # too old: on to the next
+                next_round += 1
+            else:  # not started yet, or busy: ask again
+                await asyncio.sleep(0.2)
+            continue
+        except Exception:  # noqa: BLE001 - a long-poll cut (a deadline, the stream): ask again
             await asyncio.sleep(0.2)
             continue
         record = HolderRecord(

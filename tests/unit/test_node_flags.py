@@ -99,6 +99,7 @@ def test_every_aggregator_flag_survives_the_round_trip_through_argv_and_the_aggr
         wait_for_peers=3,
         failover_after=5.0,
         state_upload_rate="20mbit",
+        max_connections=8192,
         set_=("local_steps=3",),
         threads=2,
         http_port=0,
