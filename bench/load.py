@@ -359,7 +359,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, default=120.0, help="the run's round_deadline_s")
     p.add_argument("--download-fraction", type=float, default=0.1, help="identities that download the whole state")
     p.add_argument("--spread", type=float, default=0.0, help="each upload waits uniform [0, SPREAD] s (0: a burst)")
-    p.add_argument("--max-connections", type=int, default=4096, help="the aggregator's --max-connections (its p2pd's)")
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=AggregatorFlags.model_fields["max_connections"].default,
+        help="the aggregator's --max-connections, its p2pd's (default: the aggregator's)",
+    )
     p.add_argument("--aggregator-threads", type=int, default=os.cpu_count() or 1, help="its torch threads")
     p.add_argument("--worker-nice", type=int, default=WORKER_NICE, help="the workers' CPU priority (0: the same)")
     p.add_argument("--set", action="append", default=[], help="another run config override KEY=VALUE; repeatable")
