@@ -31,6 +31,7 @@ from potluck.cli.peer_flags import PeerFlags
 from potluck.errors import PotluckError
 from potluck.events import AggregatorDone, AggregatorReady, Event, PeerDone, PeerSynced
 from potluck.protocol.config import RunConfig
+from potluck.protocol.stopping import quiet_about_cancellation
 from potluck.tasks import Task
 
 __all__ = ["Aggregator", "NodeError", "Peer"]
@@ -105,6 +106,7 @@ class _NodeThread:
         async def guarded() -> None:
             with self._lock:
                 self._loop, self._main = asyncio.get_running_loop(), asyncio.current_task()
+                self._loop.set_exception_handler(quiet_about_cancellation)
                 stopping = self._stopping
             if stopping:
                 main.close()

@@ -20,6 +20,7 @@ from typing import Any
 import typer
 
 from potluck.cli.log_limit import limit_repeats
+from potluck.protocol.stopping import quiet_about_cancellation
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ def run_until_stopped(main: Coroutine[Any, Any, None]) -> None:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         assert task is not None
+        loop.set_exception_handler(quiet_about_cancellation)
         with contextlib.suppress(NotImplementedError, RuntimeError):  # no signal handlers off the main thread
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
         await main

@@ -27,6 +27,7 @@ from potluck.peer.runner import PeerRunner, join_addresses
 from potluck.peer.trainer import LocalTrainer
 from potluck.protocol.config import RunConfig
 from potluck.protocol.identity import load_or_create_identity
+from potluck.protocol.stopping import quiet_about_cancellation
 from potluck.tasks import Task, allow_task
 
 __all__ = ["Optimizer", "OwnLoopTrainer"]
@@ -193,6 +194,7 @@ class Optimizer:
     def _serve(self) -> None:
         async def serve() -> None:
             self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+            self._loop.set_exception_handler(quiet_about_cancellation)
             await self._peer.run()
 
         try:
