@@ -36,13 +36,16 @@ from potluck.lab.priority import lower_priority
 
 # What every swarm child imports; the server imports it once so that its children need not. torch._dynamo
 # (and sympy with it) is not imported by torch itself but by the first optimizer a peer builds: seconds of a
-# child's first round on a loaded machine.
+# child's first round on a loaded machine. potluck.cli.node_web brings FastAPI and uvicorn, which every node
+# imports for its status page: ~0.4 CPU-seconds a child.
 PRELOAD = (
     "torch",
     "torch._dynamo",
     "hivemind",
     "potluck.cli.app",
+    "potluck.cli.node_web",
     "potluck.peer.runner",
+    "potluck.peer.serverless",
     "potluck.aggregator_server.server",
     "potluck.lab.redteam.peer",
 )

@@ -20,6 +20,7 @@ OTHERS = [public_key_to_hex(generate_identity().public_key) for _ in range(3)]
         ([OTHERS[0], OWN], 2, 1, None),  # two shards: it owns the second
         ([OTHERS[0], OTHERS[1], OTHERS[2], OWN], 2, 1, OTHERS[1]),  # the second shard's standby
     ],
+    ids=["alone", "standby", "second-shard", "second-shards-standby"],  # the keys are random: not in the ids
 )
 def test_the_key_position_sets_shard_and_role(
     tmp_path: Path, keys: list[str], shards: int, shard: int, standby_of: str | None

@@ -125,11 +125,12 @@ def test_a_good_update_passes_every_check_and_decodes() -> None:
             "replay",
             "nonce already used",
         ),
-        (
+        pytest.param(
             lambda: (_signed(), PAYLOAD),
             {"round_payloads": {payload_digest(PAYLOAD): OTHER.public_key}},
             "replay",
             f"already sent this round by {OTHER.fingerprint}",
+            id="replay-sent-by-another",  # the fingerprint is random: not in the id, which pytest -n compares
         ),
     ],
 )

@@ -79,8 +79,10 @@ def test_a_hugging_face_llama_with_its_own_tokenizer_trains_in_a_swarm_and_comes
     state, out = tmp_path / "aggregator", tmp_path / "exported"
     flags = ("--config", str(tmp_path / "run.toml"), "--rounds", "4", "--local-steps", "15", "--state-dir", str(state))
     result = _swarm(tmp_path, *flags)
-    _potluck("export", "--state-dir", str(state), "--out", str(out))
-    sampled = _potluck("sample", "--state-dir", str(state), "--prompt", "def ", "--tokens", "40")
+    _, sampled = _potlucks(  # at once: each is mostly its own imports of torch and transformers
+        ("export", "--state-dir", str(state), "--out", str(out)),
+        ("sample", "--state-dir", str(state), "--prompt", "def ", "--tokens", "40"),
+    )
     # Assert: it learned
     assert result["rounds_completed"] == 4
     assert result["initial_val_loss"] > math.log(512) - 0.5
@@ -115,6 +117,25 @@ def _potluck(*args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "potluck", *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+def _potlucks(*commands: tuple[str, ...]) -> list[str]:
+    """Several `potluck` commands run side by side; each one's stdout, once all have exited with 0."""
+    started = [
+        subprocess.Popen(
+            [sys.executable, "-m", "potluck", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for args in commands
+    ]
+    outputs = []
+    for process in started:
+        try:
+            stdout, stderr = process.communicate(timeout=120)
+        finally:
+            process.kill()
+        assert process.returncode == 0, stderr[-3000:]
+        outputs.append(stdout)
+    return outputs
 
 
 def _refused_peers(tmp_path: Path, join: str, cases: list[tuple[str, tuple[str, ...], Path]]) -> list[tuple[str, str]]:
