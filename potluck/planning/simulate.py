@@ -16,11 +16,13 @@ and learning-rate schedule.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -84,6 +86,27 @@ class SimulationResult:
         return asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class WarmStart:
+    """Where an arm starts instead of a fresh model: a data-parallel checkpoint `steps` inner steps into the same
+    schedule, on the same streams (as DiLoCo and INTELLECT-1 start from one); the arm trains the steps left."""
+
+    params: dict[str, torch.Tensor]
+    steps: int
+    optimizer_state: dict[str, Any]  # the DDP arm's AdamW goes on with it; DiLoCo's workers start their own
+
+
+@dataclass(frozen=True, slots=True)
+class Dropout:
+    """Peers leaving mid-run: from round `at_round` on only the first `peers_left` train, and the run goes on for
+    `extra_rounds` past its plan (at the schedule's floor learning rate), e.g. until its tokens match an undisturbed
+    run's."""
+
+    at_round: int
+    peers_left: int
+    extra_rounds: int = 0
+
+
 def parse_arm(text: str) -> tuple[str, str, dict[str, int | float | str | bool]]:
     """``"dct-topk:density=0.03:bits=4"`` -> (arm label, codec name, params); numbers and booleans are typed.
 
@@ -117,9 +140,14 @@ def ddp_bytes_per_step(*, num_params: int, peers: int) -> float:
     return 2 * (peers - 1) / peers * 4 * num_params
 
 
-def _streams(cfg: RunConfig, task: Task, *, peers: int) -> list[Iterator[Batch]]:
-    """Each simulated peer's own batches (a seed of its own, as a real peer's key gives it)."""
-    return [task.train_batches(seed=cfg.seed + p, batch_size=cfg.inner.batch_size) for p in range(peers)]
+def _streams(cfg: RunConfig, task: Task, *, peers: int, skip: int = 0) -> list[Iterator[Batch]]:
+    """Each simulated peer's own batches (a seed of its own, as a real peer's key gives it), after its first `skip`
+    (those a warm start trained on)."""
+    streams = [task.train_batches(seed=cfg.seed + p, batch_size=cfg.inner.batch_size) for p in range(peers)]
+    for stream in streams:
+        for _ in range(skip):
+            next(stream)
+    return streams
 
 
 def _joined(parts: Sequence[Batch]) -> Batch:
@@ -160,15 +188,62 @@ def run_ddp(
     eval_set: Sequence[Batch],
     device: torch.device,
     on_progress: ProgressCallback | None = None,
+    warm: WarmStart | None = None,
+    label: str = "ddp",
 ) -> ArmResult:
     """Train one model on the union of the peers' batches, step by step: the data-parallel baseline."""
     started = time.perf_counter()
+    model, _, curve = _train_ddp(
+        cfg, peers=peers, task=task, device=device, warm=warm, stop=None, eval_set=eval_set, on_progress=on_progress
+    )
+    num_params = _param_count(model)
+    per_step = ddp_bytes_per_step(num_params=num_params, peers=peers)
+    return ArmResult(
+        name=label,
+        val_loss=curve[-1],
+        upload_bytes_per_peer_per_step=per_step,
+        upload_bytes_per_param_per_kstep=per_step / num_params * 1000,
+        # A ring all-reduce receives as much as it sends; a "round" is local_steps steps.
+        download_bytes_per_param_per_round=per_step * cfg.local_steps / num_params,
+        val_loss_per_round=curve,
+        wall_s=time.perf_counter() - started,
+    )
+
+
+def warm_start(cfg: RunConfig, *, peers: int, task: Task, device: torch.device, steps: int) -> WarmStart:
+    """The DDP checkpoint after the schedule's first `steps` inner steps (a whole number of rounds)."""
+    if steps % cfg.local_steps or not 0 < steps < cfg.rounds * cfg.local_steps:
+        raise ValueError(f"a warm start takes whole rounds short of the run: {steps} steps of {cfg.local_steps}")
+    model, optimizer, _ = _train_ddp(
+        cfg, peers=peers, task=task, device=device, warm=None, stop=steps, eval_set=(), on_progress=None
+    )
+    return WarmStart(params=snapshot(model), steps=steps, optimizer_state=copy.deepcopy(optimizer.state_dict()))
+
+
+def _train_ddp(
+    cfg: RunConfig,
+    *,
+    peers: int,
+    task: Task,
+    device: torch.device,
+    warm: WarmStart | None,
+    stop: int | None,
+    eval_set: Sequence[Batch],
+    on_progress: ProgressCallback | None,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, list[float]]:
+    """DDP from the start (or `warm`) to step `stop` (None: the schedule's end); the model, its optimizer and its
+    held-out loss after each round."""
     model = task.build_model(seed=cfg.seed).to(device)
+    first = 0 if warm is None else warm.steps
+    if warm is not None:
+        load_params(model, warm.params)
     optimizer = _optimizer(cfg, model)
-    streams = _streams(cfg, task, peers=peers)
-    total = cfg.rounds * cfg.local_steps
+    if warm is not None:
+        optimizer.load_state_dict(warm.optimizer_state)
+    streams = _streams(cfg, task, peers=peers, skip=first)
+    total = cfg.rounds * cfg.local_steps if stop is None else stop
     curve = []
-    for step in range(total):
+    for step in range(first, total):
         batch = _joined([next(stream) for stream in streams])
         inner_step(
             model,
@@ -180,21 +255,10 @@ def run_ddp(
             loss_of=task.loss,
         )
         if on_progress:
-            on_progress("ddp", step + 1, total)
-        if (step + 1) % cfg.local_steps == 0:
+            on_progress("ddp", step + 1 - first, total - first)
+        if eval_set and (step + 1) % cfg.local_steps == 0:
             curve.append(evaluate(model, eval_set, device=device, loss_of=task.loss))
-    num_params = _param_count(model)
-    per_step = ddp_bytes_per_step(num_params=num_params, peers=peers)
-    return ArmResult(
-        name="ddp",
-        val_loss=curve[-1],
-        upload_bytes_per_peer_per_step=per_step,
-        upload_bytes_per_param_per_kstep=per_step / num_params * 1000,
-        # A ring all-reduce receives as much as it sends; a "round" is local_steps steps.
-        download_bytes_per_param_per_round=per_step * cfg.local_steps / num_params,
-        val_loss_per_round=curve,
-        wall_s=time.perf_counter() - started,
-    )
+    return model, optimizer, curve
 
 
 def _signed_update_bytes(
@@ -230,28 +294,36 @@ def run_diloco(
     eval_set: Sequence[Batch],
     device: torch.device,
     on_progress: ProgressCallback | None = None,
+    warm: WarmStart | None = None,
+    dropout: Dropout | None = None,
 ) -> ArmResult:
     """DiLoCo with P peers run one after another: inner AdamW, compressed pseudo-gradients, outer step."""
     started = time.perf_counter()
     master_model = task.build_model(seed=cfg.seed).to(device)
+    first_round = 0 if warm is None else warm.steps // cfg.local_steps
+    if warm is not None:
+        load_params(master_model, warm.params)
     master = snapshot(master_model)
     spec = {name: tuple(t.shape) for name, t in master.items()}
     outer = OuterOptimizer(kind=cfg.outer.kind, lr=cfg.outer.lr, momentum=cfg.outer.momentum)
     workers = [task.build_model(seed=cfg.seed).to(device) for _ in range(peers)]
     optimizers = [_optimizer(cfg, w) for w in workers]
-    streams = _streams(cfg, task, peers=peers)
+    streams = _streams(cfg, task, peers=peers, skip=first_round * cfg.local_steps)
     identities = [generate_identity() for _ in range(peers)]
     peer_residuals: list[dict[str, torch.Tensor]] = [{} for _ in range(peers)]
     aggregator_residual: dict[str, torch.Tensor] = {}
     run_hash = config_hash(cfg)
     tokens_per_round = cfg.local_steps * task.most_work(batch_size=cfg.inner.batch_size)
-    total = cfg.rounds * cfg.local_steps * peers
-    done = 0
+    last_round = cfg.rounds + (0 if dropout is None else dropout.extra_rounds)
+    total = (cfg.rounds - first_round) * cfg.local_steps * peers
+    done = peer_steps = 0
     upload_bytes = download_bytes = 0
     curve = []
-    for round_index in range(cfg.rounds):
+    for round_index in range(first_round, last_round):
         decoded = []
-        for p, worker in enumerate(workers):
+        active = peers if dropout is None or round_index < dropout.at_round else dropout.peers_left
+        peer_steps += active * cfg.local_steps
+        for p, worker in enumerate(workers[:active]):
             load_params(worker, master)
             for local in range(cfg.local_steps):
                 step = round_index * cfg.local_steps + local
@@ -279,7 +351,7 @@ def run_diloco(
                 codec=codec.name,
             )
             decoded.append(codec.decode(payload, spec))
-        mean = weighted_mean(decoded, [float(tokens_per_round)] * peers)
+        mean = weighted_mean(decoded, [float(tokens_per_round)] * active)
         aggregate = encode_aggregate(mean, codec=aggregate_codec, state=aggregator_residual)
         download_bytes += len(aggregate)
         applied = {k: v.to(device) for k, v in aggregate_codec.decode(aggregate, spec).items()}
@@ -287,14 +359,13 @@ def run_diloco(
         load_params(master_model, master)
         curve.append(evaluate(master_model, eval_set, device=device, loss_of=task.loss))
     num_params = _param_count(master_model)
-    steps = cfg.rounds * cfg.local_steps
-    per_step = upload_bytes / peers / steps
+    per_step = upload_bytes / peer_steps
     return ArmResult(
         name=label,
         val_loss=curve[-1],
         upload_bytes_per_peer_per_step=per_step,
         upload_bytes_per_param_per_kstep=per_step / num_params * 1000,
-        download_bytes_per_param_per_round=download_bytes / cfg.rounds / num_params,
+        download_bytes_per_param_per_round=download_bytes / len(curve) / num_params,
         val_loss_per_round=curve,
         wall_s=time.perf_counter() - started,
     )
