@@ -104,7 +104,10 @@ def test_peers_behind_nat_train_are_credited_and_never_named_as_holders(tmp_path
             # look at the DHT from the public side while the run goes on
             for peer in peers:
                 peer.next_event(lambda e: e.get("event") == "round", timeout_s=120)
-            assert look_up.stdout is not None and look_up.stdout.readline().strip() == "joined"
+            assert look_up.stdout is not None
+            if look_up.stdout.readline().strip() != "joined":  # it exited: what it said is the failure's reason
+                look_up.kill()
+                raise AssertionError(f"the DHT lookup never joined: {look_up.communicate(timeout=20)[1][-3000:]}")
             found_text, errors = look_up.communicate("look\n", timeout=60)
             aggregator.next_event(lambda e: e.get("event") == "done", timeout_s=120)
             summaries = [p.next_event(lambda e: e.get("event") == "done", timeout_s=60) for p in peers]
