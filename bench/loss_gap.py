@@ -21,7 +21,9 @@ the rounds it takes the peers left to make up the tokens (equal tokens, at the s
 
 With `--warm F` each arm also runs warm-started (`+warm`): the seed's DDP checkpoint after the first F of the
 schedule (whole rounds), from which every arm trains the rest, as DiLoCo and INTELLECT-1 start. The DDP
-arms keep their AdamW state across the checkpoint; DiLoCo's workers start their own.
+arms keep their AdamW state across the checkpoint; DiLoCo's workers start their own. At that checkpoint it also
+prints the gradient noise scale (in sequences), against which to judge the per-peer batch: a peer's batch
+well below it sends mostly noise.
 
 Seeds change the model's initialisation and every peer's data stream; they run interleaved (every arm of
 seed 0, then of seed 1, ...). The table gives each arm's mean final held-out loss with a 95% t-interval, and
@@ -51,6 +53,7 @@ from potluck.protocol.codecs import make_codec
 from potluck.protocol.config import RunConfig
 from potluck.tasks import run_task
 from potluck.training.device import batch_to, pick_device
+from potluck.training.diloco import load_params
 from potluck.training.evaluate import evaluate
 
 SPARSELOCO = {"chunk": 4096, "density": 1 / 64, "bits": 2, "ef_decay": 0.95}
@@ -93,6 +96,26 @@ class Summary:
     gap_half_width: float = math.nan
     bytes_per_param_per_kstep: float = math.nan
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def noise_scale(model: torch.nn.Module, task: Any, *, seed: int, samples: int, device: torch.device) -> float:
+    """The gradient noise scale B_simple = tr(Sigma) / |G|^2 in sequences (McCandlish et al. 2018), from `samples`
+    one-sequence gradients: below it, a batch's gradient is mostly noise; well above it, more sequences add little.
+
+    |G|^2 is the squared norm of the mean gradient less its expected noise, tr(Sigma) / samples.
+    """
+    grads = []
+    stream = task.train_batches(seed=seed, batch_size=1)
+    model.train()
+    for _ in range(samples):
+        model.zero_grad(set_to_none=True)
+        task.loss(model, batch_to(next(stream), device)).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double())
+    stacked = torch.stack(grads)
+    mean = stacked.mean(0)
+    trace = float(((stacked - mean) ** 2).sum(1).mean()) * samples / (samples - 1)
+    signal = float(mean.square().sum()) - trace / samples
+    return trace / signal if signal > 0 else math.inf
 
 
 def t_half_width(values: Sequence[float]) -> float:
@@ -162,6 +185,7 @@ def run_seed(
     eval_batches: int,
     device: torch.device,
     dropout: bool = False,
+    noise_samples: int = 128,
 ) -> Iterable[dict[str, Any]]:
     """Every arm for one seed (cold, then warm-started), one record each as it finishes."""
     cfg = base.with_overrides({"seed": seed}, source="loss_gap")
@@ -173,6 +197,10 @@ def run_seed(
     if warm_fraction > 0:
         warm_rounds = max(1, round(cfg.rounds * warm_fraction))
         starts.append(warm_start(cfg, peers=peers, task=task, device=device, steps=warm_rounds * cfg.local_steps))
+        checkpoint = task.build_model(seed=cfg.seed).to(device)
+        load_params(checkpoint, starts[-1].params)  # type: ignore[union-attr]
+        scale = noise_scale(checkpoint, task, seed=10_000 + seed, samples=noise_samples, device=device)
+        print(f"seed {seed}: gradient noise scale at the warm start {scale:.0f} sequences", flush=True)
     initial = evaluate(task.build_model(seed=cfg.seed).to(device), eval_set, device=device, loss_of=task.loss)
     for warm in starts:
         for lr in ddp_lrs:
@@ -267,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--warm", type=float, default=0.0, help="also warm-start from DDP at this fraction (0.1)")
     parser.add_argument("--dropout", action="store_true", help="also kill half of potluck-default's peers mid-run")
+    parser.add_argument("--noise-samples", type=int, default=128, help="one-sequence gradients for the noise scale")
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per run here")
@@ -298,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             eval_batches=args.eval_batches,
             device=device,
             dropout=args.dropout,
+            noise_samples=args.noise_samples,
         ):
             records.append(record)
             print(

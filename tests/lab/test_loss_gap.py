@@ -15,7 +15,7 @@ def test_the_smallest_loss_gap_run_writes_every_arm_and_both_tables(
         [
             *("--peers", "2", "--rounds", "2", "--local-steps", "2", "--batch-size", "2", "--seeds", "0"),
             *("--ddp-lrs", "0.001,0.003", "--warm", "0.5", "--dropout", "--eval-batches", "1", "--device", "cpu"),
-            *("--out", str(out)),
+            *("--noise-samples", "4", "--out", str(out)),
         ]
     )
     # Assert: (cold, warm) x (2 DDP + 4 DiLoCo arms), the dropout arm, and a table for each start
@@ -27,6 +27,7 @@ def test_the_smallest_loss_gap_run_writes_every_arm_and_both_tables(
     }
     assert {r["warm_steps"] for r in records if r["warm"]} == {2}
     printed = capsys.readouterr().out
+    assert "gradient noise scale at the warm start" in printed
     assert "**from scratch**" in printed and "**warm-started**" in printed and "at equal tokens" in printed
     dropped = next(r for r in records if r["arm"] == "potluck-default+drop50")
     assert len(dropped["val_loss_per_round"]) == 3  # 2 planned, then 1 for the peer left to make up its share
