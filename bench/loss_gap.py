@@ -13,7 +13,9 @@ process, the aggregation is a function call, the bytes are the real signed messa
   values, error feedback (decay 0.95) in place of outer momentum, plain averaging of the sparse updates,
   the mean sent down uncompressed;
 - `potluck-default`: the run config's own codec, aggregate codec and outer optimizer, at the codec's
-  starting density (a live run raises it on fast links up to max_density).
+  starting density (a live run raises it on fast links up to max_density);
+- `potluck-average`: the default's codecs with plain averaging in place of its outer Nesterov, the control
+  that tells the outer optimizer's share of the gap from the codec's.
 
 With `--dropout`, potluck's default also runs with half its peers killed at mid-run (`potluck-default+drop50`):
 its loss when the undisturbed run ends (equal wall time: the same rounds, a quarter fewer tokens) and after
@@ -70,17 +72,15 @@ class DilocoArm:
 
 
 def diloco_arms(base: RunConfig) -> list[DilocoArm]:
-    """The DiLoCo arms the module docstring lists, the default one read from `base`."""
+    """The DiLoCo arms the module docstring lists, the default ones read from `base`."""
+    codec = (base.codec.name, dict(base.codec.params))
+    aggregate_codec = (base.aggregate_codec.name, dict(base.aggregate_codec.params))
     return [
         DilocoArm("diloco-nesterov", {"kind": "nesterov", "lr": 0.7, "momentum": 0.9}, ("none", {}), ("none", {})),
         DilocoArm("diloco-average", {"kind": "average"}, ("none", {}), ("none", {})),
         DilocoArm("sparseloco", {"kind": "average"}, ("topk", dict(SPARSELOCO)), ("none", {})),
-        DilocoArm(
-            "potluck-default",
-            base.outer.model_dump(),
-            (base.codec.name, dict(base.codec.params)),
-            (base.aggregate_codec.name, dict(base.aggregate_codec.params)),
-        ),
+        DilocoArm("potluck-default", base.outer.model_dump(), codec, aggregate_codec),
+        DilocoArm("potluck-average", {"kind": "average"}, codec, aggregate_codec),
     ]
 
 
@@ -209,7 +209,8 @@ def run_seed(
             yield _record(f"ddp@{lr:g}", arm, seed=seed, warm=warm, initial=initial)
         arms = [(spec, None) for spec in diloco_arms(base)]
         if dropout and warm is None:
-            arms.append((arms[-1][0], half_leave(rounds=cfg.rounds, peers=peers)))
+            default = next(spec for spec, _ in arms if spec.label == "potluck-default")
+            arms.append((default, half_leave(rounds=cfg.rounds, peers=peers)))
         for spec, leave in arms:
             arm_cfg = cfg.with_overrides({f"outer.{k}": v for k, v in spec.outer.items()}, source="loss_gap")
             arm = run_diloco(

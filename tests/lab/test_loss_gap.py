@@ -18,12 +18,12 @@ def test_the_smallest_loss_gap_run_writes_every_arm_and_both_tables(
             *("--noise-samples", "4", "--out", str(out)),
         ]
     )
-    # Assert: (cold, warm) x (2 DDP + 4 DiLoCo arms), the dropout arm, and a table for each start
+    # Assert: (cold, warm) x (2 DDP + 5 DiLoCo arms), the dropout arm, and a table for each start
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == 13
+    assert len(records) == 15
     assert {r["arm"] for r in records} == {
         *("ddp@0.001", "ddp@0.003", "diloco-nesterov", "diloco-average", "sparseloco", "potluck-default"),
-        "potluck-default+drop50",
+        *("potluck-average", "potluck-default+drop50"),
     }
     assert {r["warm_steps"] for r in records if r["warm"]} == {2}
     printed = capsys.readouterr().out
