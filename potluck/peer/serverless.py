@@ -266,11 +266,8 @@ class ServerlessPeer:
                     dst.copy_(src)
             started = time.monotonic()
             try:
-                gathered = await asyncio.to_thread(
-                    averager.step,
-                    weight=float(tokens),
-                    gather={"round": r},
-                    timeout=GROUP_TIMEOUT_FACTOR * opts.matchmaking_s,
+                gathered = await _averaged(
+                    averager, weight=float(tokens), r=r, timeout_s=GROUP_TIMEOUT_FACTOR * opts.matchmaking_s
                 )
             except Exception as e:  # noqa: BLE001 - hivemind reports a failed matchmaking or all-reduce in many types
                 logger.warning(
@@ -309,6 +306,20 @@ class ServerlessPeer:
                     time_s=time.time(),
                 )
             )
+
+
+async def _averaged(averager: _StateAverager, *, weight: float, r: int, timeout_s: float) -> Any:
+    """One averaging step, awaited on this loop: cancelling it (Ctrl-C, SIGTERM) cancels the step, where a step
+    waited for in a worker thread would keep that thread, and the loop's shutdown, waiting on an averager that has
+    stopped answering."""
+    control = averager.step(weight=weight, gather={"round": r}, timeout=timeout_s, wait=False)
+    try:
+        return await control
+    except asyncio.CancelledError:
+        if control.cancelled():  # the averager gave the step up, and this task is not being stopped: a failed round
+            raise RuntimeError("the averager cancelled the step") from None
+        control.cancel()
+        raise
 
 
 def serverless_status(join: Sequence[str], *, timeout_s: float = 30.0) -> dict[str, list[dict[str, Any]]]:

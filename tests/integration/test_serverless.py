@@ -2,6 +2,8 @@
 among themselves through hivemind's DecentralizedAverager (real processes, real DHT, real all-reduce)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +75,12 @@ def test_potluck_status_reads_a_live_serverless_run_from_the_dht(nodes: Nodes) -
     assert list(runs) == ["potluck-default"]
     peers = runs["potluck-default"]
     assert len(peers) == 2 and all(p["rounds"] == 50 and p["val_loss"] > 0 for p in peers)
+    # and SIGTERM stops a peer mid-run within seconds, also the one left alone looking for a group (it once
+    # waited on its stopped averager until killed)
+    for node in (second, first):
+        os.kill(node.child.process.pid, signal.SIGTERM)
+        assert node.wait_exit(timeout_s=15) == 130
+        assert "interrupted: the node and its p2pd have stopped" in node.log()
 
 
 def test_potluck_status_names_an_address_it_cannot_parse_in_one_line() -> None:
