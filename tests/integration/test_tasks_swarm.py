@@ -127,14 +127,21 @@ def _potlucks(*commands: tuple[str, ...]) -> list[str]:
         )
         for args in commands
     ]
+    return [stdout for stdout, _ in _exited(started, code=0, timeout_s=120)]
+
+
+def _exited(started: list[subprocess.Popen[str]], *, code: int, timeout_s: float) -> list[tuple[str, str]]:
+    """(stdout, stderr) of each started process, once each has exited with `code`; none outlives the call."""
     outputs = []
-    for process in started:
-        try:
-            stdout, stderr = process.communicate(timeout=120)
-        finally:
+    try:
+        for process in started:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+            assert process.returncode == code, (process.returncode, stderr[-3000:])
+            outputs.append((stdout, stderr))
+    finally:
+        for process in started:
             process.kill()
-        assert process.returncode == 0, stderr[-3000:]
-        outputs.append(stdout)
+            process.wait()
     return outputs
 
 
@@ -152,15 +159,7 @@ def _refused_peers(tmp_path: Path, join: str, cases: list[tuple[str, tuple[str, 
                 [*command, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
         )
-    found = []
-    for process in started:
-        try:
-            stdout, stderr = process.communicate(timeout=150)
-        finally:
-            process.kill()
-        assert process.returncode == 2, (process.returncode, stderr[-3000:])
-        found.append((stderr.strip().splitlines()[-1], stdout))
-    return found
+    return [(stderr.strip().splitlines()[-1], stdout) for stdout, stderr in _exited(started, code=2, timeout_s=150)]
 
 
 @pytest.mark.timeout(300)
