@@ -1,22 +1,27 @@
-"""potluck against hivemind.Optimizer and DDP (gloo): the same model, data and peers, side by side in one invocation.
+"""potluck against hivemind.Optimizer and DDP (gloo): the same model, data and peers, side by side, over seeds.
 
-    python bench/compare_systems.py --peers 4 --rounds 6 --link 10mbit/100mbit \\
-        --out bench/results/compare-systems-niced-peers-1
-    python bench/compare_systems.py --link none --systems potluck-overlap,ddp   # on 127.0.0.1, a subset
+    python bench/compare_systems.py --peers 4 --rounds 8 --link 10mbit/100mbit --seeds 0,1,2 \\
+        --set model.size=small --set local_steps=100 --out bench/results/compare-systems-v2
+    python bench/compare_systems.py --link none --systems potluck,ddp --seeds 0   # on 127.0.0.1, a subset
 
-Systems, one after another so they share the machine's state:
+Systems, one after another so they share the machine's state; seeds run interleaved (every system for seed 0,
+then for seed 1, ...), the order of the systems rotated by one per seed so that none always runs first:
 
-- `potluck-overlap`, `potluck-no-overlap`: a real local swarm, `potluck swarm --json` (aggregator and peers as
-  processes), with `--overlap` and `--no-overlap`.
-- `hivemind`: `hivemind.Optimizer` with local AdamW updates and parameter averaging about every `local_steps`
-  steps, one process per peer (bench/compare_workers.py says how it is configured and why).
-- `ddp`: `DistributedDataParallel` over gloo, an all-reduce and an AdamW step per batch, one process per peer.
+- `potluck`, `potluck-overlap`, `potluck-average`: a real local swarm, `potluck swarm --json` (aggregator and
+  peers as processes): its defaults; with `--overlap`; and with plain averaging as the outer step
+  (`outer.kind=average`), the control for the outer optimizer.
+- `hivemind`, `hivemind-blocking`: `hivemind.Optimizer` with local AdamW updates and parameter averaging about
+  every `local_steps` steps, one process per peer, in its default background averaging and blocking
+  (bench/compare_workers.py says how it is configured and why).
+- `ddp`, `ddp-bf16`, `ddp-powersgd`: `DistributedDataParallel` over gloo, an all-reduce and an AdamW step per
+  batch, one process per peer: fp32, and with torch's bf16 and PowerSGD communication hooks.
 
-All train what `potluck swarm` trains: `RunConfig()` with `--rounds` (the tiny GPT, the built-in corpus, batch 16
-x 64 tokens, inner lr 3e-3 with warmup and cosine decay over `rounds x local_steps` steps, grad clip 1) for
-`rounds x local_steps` inner steps per peer, and all report potluck's held-out loss (the aggregator's 8 fixed
-held-out batches, `evaluate`) once per round's worth of steps; the baselines' step-0 loss must equal potluck's
-initial loss, and a warning says so when it does not.
+All train what `potluck swarm` trains: `RunConfig()` with `--rounds` and every `--set` (the model size, local
+steps, batch), the seed of the invocation's turn (`seed=N`), for `rounds x local_steps` inner steps per peer,
+and all report potluck's held-out loss (the aggregator's 8 fixed held-out batches, `evaluate`) once per round's
+worth of steps; the baselines' step-0 loss must equal potluck's initial loss, and a warning says so when it does
+not. Pick `--set` so that a round of compute takes at least ~10 s on the machine: start-up and fixed per-round
+costs should not decide the comparison.
 
 In the lab (`--link UP/DOWN`) every system gets the same topology: node 0 behind 1gbit/1gbit (potluck's
 aggregator; unused by the baselines) and one node per peer behind the link, so every peer of every system
@@ -26,20 +31,26 @@ retries included. On localhost (`--link none`) only potluck's own byte counts ex
 
 Times are seconds since the system was launched (its lab, imports and start-up included). Compute utilization
 is, as in potluck's peers, time in inner steps (communication and evaluation excluded) over the wall time from
-a peer's first step to its last. The target loss is `--target`, or else the worst final loss among the systems;
-time to target is null for a system that never reached it.
+a peer's first step to its last. Targets, per seed: the fp32 DDP's held-out loss at 50%, 75% and 100% of its
+steps (interpolated between its evaluations), or `--target`; a system's time to a target is interpolated
+between the evaluations on either side of its first crossing, and null where it never got there. Over the
+seeds: means with 95% t-intervals, and each system's time to target as a ratio to `--reference`'s, paired per
+seed. hivemind's bytes are set beside the volume its fp16 butterfly all-reduce should move.
 
-Outputs with `--out PREFIX`: PREFIX.json (everything, raw events included), PREFIX.md (the tables),
-PREFIX-loss-vs-wall.png and PREFIX-loss-vs-bytes.png (matplotlib: `pip install -e .[bench]`).
+Outputs with `--out PREFIX`: PREFIX.jsonl (one compact line per run: evaluations, peers, bytes), PREFIX.md (the
+tables) and, for the first seed, PREFIX-loss-vs-wall.png and PREFIX-loss-vs-bytes.png (matplotlib:
+`pip install -e .[bench]`).
 """
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,14 +61,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from potluck.lab.intervals import mean_interval
 from potluck.lab.netlab import NetLab, parse_link
 from potluck.protocol.config import RunConfig
+from potluck.protocol.config_files import parse_overrides
+from potluck.training.models import build_model, model_config
 
-SYSTEMS = ("potluck-overlap", "potluck-no-overlap", "hivemind", "ddp")
+POTLUCK_SYSTEMS = {  # name: (swarm flags, extra --set)
+    "potluck": (("--no-overlap",), ()),
+    "potluck-overlap": (("--overlap",), ()),
+    "potluck-average": (("--no-overlap",), ("outer.kind=average",)),
+}
+SYSTEMS = (*POTLUCK_SYSTEMS, "hivemind", "hivemind-blocking", "ddp", "ddp-bf16", "ddp-powersgd")
+TARGET_FRACTIONS = (0.5, 0.75, 1.0)  # of the fp32 DDP's steps: its held-out loss there is a target
 WORKERS = Path(__file__).with_name("compare_workers.py")
 AGGREGATOR_LINK = "1gbit/1gbit"  # node 0, as `potluck swarm --link` places its aggregator
 SAMPLE_PERIOD_S = 0.5  # how often the lab's byte counters are read
 STOP_GRACE_S = 30.0  # after SIGTERM, how long a child may take to stop (a swarm stops its own children first)
+STRAGGLER_GRACE_S = 60.0  # hivemind: how long peers may go on once one has finished the run (2x averaging_timeout)
 DDP_PORT = 29500  # rank 0's TCP store; in the lab every node is a fresh namespace, so the port is free
 
 
@@ -171,15 +192,27 @@ def stop(procs: list[Proc], *, grace_s: float = STOP_GRACE_S) -> None:
             _LIVE.remove(proc)
 
 
-def wait_exit(procs: list[Proc], *, deadline: float) -> None:
-    """Until every child has exited and its output is read; BenchError on a failure or past `deadline`."""
+def wait_exit(procs: list[Proc], *, deadline: float, straggler_grace_s: float | None = None) -> list[str]:
+    """Until every child has exited and its output is read; BenchError on a failure or past `deadline`.
+
+    With `straggler_grace_s`, once one child has printed `done` the others get that long to finish; those still
+    running then are stopped, and their names returned (a hivemind peer left an epoch behind by its background
+    averaging can wait for a group that never forms).
+    """
+    grace_ends: float | None = None
     while True:
         for proc in procs:
             code = proc.popen.poll()
             if code not in (None, 0):
                 raise BenchError(f"{proc.name} exited with status {code}: {proc.last_log_line()}")
         if all(p.popen.poll() == 0 and p.closed.is_set() for p in procs):
-            return
+            return []
+        if straggler_grace_s is not None and grace_ends is None and any(p.event("done") for p in procs):
+            grace_ends = time.monotonic() + straggler_grace_s
+        if grace_ends is not None and time.monotonic() > grace_ends:
+            left = [p for p in procs if p.popen.poll() is None]
+            stop(left)
+            return [p.name for p in left]
         if time.monotonic() > deadline:
             slow = [p.name for p in procs if p.popen.poll() is None]
             raise BenchError(f"{', '.join(slow)} still running at the time limit (--timeout-s); stopped")
@@ -282,6 +315,7 @@ class Setup:
     link: str | None  # UP/DOWN per peer in the lab; None: 127.0.0.1
     timeout_s: float
     log_dir: Path
+    sets: tuple[str, ...] = ()  # `--set KEY=VALUE` for every system (the seed, the model size, local steps)
     potluck_set: tuple[str, ...] = ()  # extra `--set KEY=VALUE` for potluck's swarms (e.g. a codec's density)
 
 
@@ -302,14 +336,13 @@ def _mean_bytes(per_peer: list[tuple[int, int]] | None) -> tuple[float | None, f
     return sum(u for u, _ in per_peer) / len(per_peer), sum(d for _, d in per_peer) / len(per_peer)
 
 
-def run_potluck(setup: Setup, *, overlap: bool) -> dict[str, Any]:
+def run_potluck(setup: Setup, *, system: str) -> dict[str, Any]:
     """One `potluck swarm --json`; its rounds as eval points, its peers with the lab's byte counts."""
-    name = "potluck-overlap" if overlap else "potluck-no-overlap"
-    if setup.potluck_set:
-        name += f" ({', '.join(setup.potluck_set)})"
+    flags, extra = POTLUCK_SYSTEMS[system]
+    name = system
     argv = [sys.executable, "-m", "potluck", "swarm", "--http-port", "0", "--peers", str(setup.peers)]
-    argv += ["--rounds", str(setup.rounds), "--overlap" if overlap else "--no-overlap"]
-    for override in setup.potluck_set:
+    argv += ["--rounds", str(setup.rounds), *flags]
+    for override in (*setup.sets, *extra, *setup.potluck_set):
         argv += ["--set", override]
     argv += ["--timeout", str(setup.timeout_s), "--json"]
     if setup.link is not None:
@@ -393,24 +426,27 @@ def run_baseline(setup: Setup, *, system: str) -> dict[str, Any]:
         port = DDP_PORT if lab is not None else _free_port()
         base = [sys.executable, str(WORKERS), system, "--peers", str(setup.peers), "--rounds", str(setup.rounds)]
         base += ["--threads", str(threads), "--timeout-s", str(int(setup.timeout_s))]
+        for override in setup.sets:
+            base += ["--set", override]
         for rank in range(setup.peers):
             argv = [*base, "--rank", str(rank)]
-            if system == "ddp":
+            if system.startswith("ddp"):
                 argv += ["--master-addr", host(0), "--master-port", str(port)]
             else:
                 argv += ["--host", host(rank)]
                 if rank > 0:
                     argv += ["--initial-peer", _maddr(procs[0], host(0))]
             procs.append(start(f"{system}-{rank}", wrap(rank, argv), log_dir=setup.log_dir, env=env, stdin=True))
-            if system == "hivemind" and rank == 0:
+            if system.startswith("hivemind") and rank == 0:
                 wait_event(procs, "ready", deadline=deadline)  # the others join through its multiaddr
-        if system == "hivemind":
+        if system.startswith("hivemind"):
             wait_event(procs, "ready", deadline=deadline)
             for proc in procs:  # go: every peer starts training together
                 assert proc.popen.stdin is not None
                 proc.popen.stdin.write("go\n")
                 proc.popen.stdin.flush()
-        wait_exit(procs, deadline=deadline)
+        grace = STRAGGLER_GRACE_S if system.startswith("hivemind") else None
+        stragglers = wait_exit(procs, deadline=deadline, straggler_grace_s=grace)
         stack.close()  # stop (nothing left), the counters' last sample, the lab
         wall_s = time.time() - launched
     first = procs[0]
@@ -446,6 +482,7 @@ def run_baseline(setup: Setup, *, system: str) -> dict[str, Any]:
         "initial_val_loss": next((e["val_loss"] for e in evals if e.get("step") == 0), None),
         "evals": [e for e in evals if e.get("step") != 0],  # potluck's rounds do not include the start either
         "peers": peers,
+        "stopped_after_the_others": stragglers,
         "bytes_source": "lab counters" if lab_bytes else None,
         "counters": None if counters is None else counters.samples,
         "raw": {p.name: p.events for p in procs},
@@ -468,23 +505,114 @@ def _maddr(proc: Proc, host: str) -> str:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def summarize(results: list[dict[str, Any]], *, target: float | None) -> float | None:
-    """Fill in each result's final loss, time to the target and its per-peer means; return the target used."""
+def loss_at_step(initial: float, evals: list[dict[str, Any]], step: float) -> float | None:
+    """The held-out loss at `step`, linear between the evaluations on either side (None past the last)."""
+    points = [(0.0, initial)] + [(float(e["step"]), float(e["val_loss"])) for e in evals]
+    for (s0, v0), (s1, v1) in itertools.pairwise(points):
+        if s0 <= step <= s1:
+            return v0 if s1 == s0 else v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    return None
+
+
+def time_to(evals: list[dict[str, Any]], target: float) -> float | None:
+    """Seconds to the first crossing of `target`, linear between the evaluations on either side (None: never)."""
+    before: dict[str, Any] | None = None
+    for e in evals:
+        if e["val_loss"] <= target:
+            if before is None or before["val_loss"] <= e["val_loss"]:
+                return float(e["t"])
+            share = (before["val_loss"] - target) / (before["val_loss"] - e["val_loss"])
+            return float(before["t"] + share * (e["t"] - before["t"]))
+        before = e
+    return None
+
+
+def seed_targets(results: list[dict[str, Any]], *, total_steps: int, target: float | None) -> list[float]:
+    """One seed's targets: `target` if given, else the fp32 DDP's loss at TARGET_FRACTIONS of its steps, else
+    (no DDP run) the worst final loss."""
+    if target is not None:
+        return [target]
+    ddp = next((r for r in results if r["system"] == "ddp" and r.get("evals")), None)
+    if ddp is not None and ddp.get("initial_val_loss") is not None:
+        found = [loss_at_step(ddp["initial_val_loss"], ddp["evals"], f * total_steps) for f in TARGET_FRACTIONS]
+        if all(v is not None for v in found):
+            return [float(v) for v in found if v is not None]
     finals = [r["evals"][-1]["val_loss"] for r in results if r.get("evals")]
-    if target is None and finals:
-        target = max(finals)
+    return [max(finals)] if finals else []
+
+
+def summarize(results: list[dict[str, Any]], *, targets: list[float]) -> None:
+    """Fill in each of one seed's results: its final loss, time to each target and its per-peer means."""
     for r in results:
         if not r.get("evals"):
             continue
+        r["targets"] = targets
         r["final_val_loss"] = r["evals"][-1]["val_loss"]
         r["s_to_final_eval"] = r["evals"][-1]["t"]
-        reached = [e["t"] for e in r["evals"] if target is not None and e["val_loss"] <= target]
-        r["s_to_target"] = reached[0] if reached else None
+        r["s_to_targets"] = [time_to(r["evals"], t) for t in targets]
         ups = [p["bytes_up"] for p in r["peers"] if p["bytes_up"] is not None]
         downs = [p["bytes_down"] for p in r["peers"] if p["bytes_down"] is not None]
         r["mean_bytes_up"] = sum(ups) / len(ups) if ups else None
         r["mean_bytes_down"] = sum(downs) / len(downs) if downs else None
-    return target
+        utils = [p["utilization"] for p in r["peers"] if p["utilization"] is not None]
+        r["mean_utilization"] = sum(utils) / len(utils) if utils else None
+
+
+def over_seeds(results: list[dict[str, Any]], *, reference: str) -> str:
+    """Markdown: per system, over the seeds, the final loss, time to each target and its ratio to `reference`'s
+    (paired per seed, both having reached it), bytes and utilization, each mean with its 95% t-interval."""
+    by_system: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in results:
+        by_system.setdefault(r["system"], {})[r["seed"]] = r
+    n_targets = max((len(r.get("targets", [])) for r in results), default=0)
+    names = [f"{int(f * 100)}%" for f in TARGET_FRACTIONS] if n_targets == len(TARGET_FRACTIONS) else ["target"]
+    head = ["system", "runs", "final held-out loss"]
+    head += [f"s to DDP's {n}" for n in names[:n_targets]] + [f"x {reference} at {n}" for n in names[:n_targets]]
+    head += ["up per peer", "down per peer", "utilization"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    ref = by_system.get(reference, {})
+    for system, runs in by_system.items():
+        ok = {seed: r for seed, r in runs.items() if r.get("evals")}
+        cells = [system, f"{len(ok)}/{len(runs)}", mean_interval([r["final_val_loss"] for r in ok.values()], ".4f")]
+        for i in range(n_targets):
+            times = [r["s_to_targets"][i] for r in ok.values() if r["s_to_targets"][i] is not None]
+            reached = "" if len(times) == len(ok) else f" ({len(times)}/{len(ok)} reached)"
+            cells.append(mean_interval(times, ".1f") + reached)
+        for i in range(n_targets):
+            ratios = [
+                r["s_to_targets"][i] / ref[seed]["s_to_targets"][i]
+                for seed, r in ok.items()
+                if r["s_to_targets"][i] is not None
+                and seed in ref
+                and ref[seed].get("s_to_targets")
+                and ref[seed]["s_to_targets"][i]
+            ]
+            cells.append(mean_interval(ratios, ".2f"))
+        for key, spec in (("mean_bytes_up", "size"), ("mean_bytes_down", "size"), ("mean_utilization", ".3f")):
+            values = [r[key] for r in ok.values() if r.get(key) is not None]
+            if spec == "size":
+                cells.append(_size(statistics.fmean(values)) if values else "-")
+            else:
+                cells.append(mean_interval(values, spec))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def hivemind_volume(results: list[dict[str, Any]], *, params: int, peers: int) -> str:
+    """hivemind's measured bytes per peer beside what an fp16 butterfly all-reduce of the parameters moves per
+    averaging round (each way: 2 (n-1)/n x params x 2 bytes, DHT and state downloads not included)."""
+    per_round = 2 * (peers - 1) / peers * params * 2
+    lines = []
+    for r in results:
+        if not r["system"].startswith("hivemind") or not r.get("evals") or r.get("mean_bytes_up") is None:
+            continue
+        epochs = max((p.get("epochs") or 0) for p in r["peers"])
+        expected = per_round * epochs
+        lines.append(
+            f"- {r['system']} seed {r['seed']}: {epochs} averaging rounds, up {_size(r['mean_bytes_up'])} per peer "
+            f"against {_size(expected)} for the all-reduces alone ({r['mean_bytes_up'] / expected:.2f}x)"
+        )
+    return "\n".join(lines)
 
 
 def _size(n: float | None) -> str:
@@ -497,12 +625,13 @@ def _num(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def tables(results: list[dict[str, Any]], *, target: float | None) -> str:
-    """Markdown: one summary row per system, then each system's peers."""
+def tables(results: list[dict[str, Any]], *, seed: int) -> str:
+    """Markdown for one seed: one summary row per system, then each system's peers."""
+    targets: list[float] = next((r["targets"] for r in results if r.get("targets")), [])
     lines = [
-        f"Target loss: {_num(target, '.4f')}.",
+        f"**seed {seed}**, targets: {', '.join(f'{t:.4f}' for t in targets) or '-'}.",
         "",
-        "| system | wall s | s to final eval | final held-out loss | s to target | up per peer | down per peer "
+        "| system | wall s | s to final eval | final held-out loss | s to targets | up per peer | down per peer "
         "| utilization | tokens per peer |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
@@ -512,12 +641,13 @@ def tables(results: list[dict[str, Any]], *, target: float | None) -> str:
             continue
         utils = [p["utilization"] for p in r["peers"] if p["utilization"] is not None]
         tokens = [p["tokens"] for p in r["peers"] if p["tokens"] is not None]
+        stragglers = r.get("stopped_after_the_others")
         cells = [
-            r["system"],
+            r["system"] + (f" ({', '.join(stragglers)} stopped after the others finished)" if stragglers else ""),
             f"{r['wall_s']:.1f}",
             _num(r.get("s_to_final_eval"), ".1f"),
             _num(r.get("final_val_loss"), ".4f"),
-            _num(r.get("s_to_target"), ".1f"),
+            " / ".join(_num(t, ".1f") for t in r.get("s_to_targets", [])) or "-",
             _size(r.get("mean_bytes_up")),
             _size(r.get("mean_bytes_down")),
             f"{min(utils):.3f}-{max(utils):.3f}" if utils else "-",
@@ -631,7 +761,7 @@ def _signals_exit() -> Iterator[None]:
 
 
 def main() -> None:
-    """Run the chosen systems one after another; print the tables; write JSON, Markdown and plots next to --out."""
+    """Run the chosen systems for each seed; print the tables; write JSON lines, Markdown and plots at --out."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=6)
@@ -639,9 +769,14 @@ def main() -> None:
         "--link", default="10mbit/100mbit", help="UP/DOWN per peer in the network lab; none: localhost"
     )
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list from {','.join(SYSTEMS)}")
-    parser.add_argument("--target", type=float, default=None, help="target held-out loss [default: the worst final]")
+    parser.add_argument("--seeds", default="0", help="comma list of run seeds (`--set seed=N` for every system)")
+    parser.add_argument(
+        "--set", action="append", default=[], help="KEY=VALUE run-config override for every system (repeatable)"
+    )
+    parser.add_argument("--reference", default="potluck", help="the system others' times are divided by")
+    parser.add_argument("--target", type=float, default=None, help="one target held-out loss [default: DDP's]")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="hard limit for each system's run")
-    parser.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md and OUT-*.png")
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.jsonl, OUT.md and OUT-*.png")
     parser.add_argument(
         "--potluck-set", action="append", default=[], help="extra --set KEY=VALUE for potluck's swarms (repeatable)"
     )
@@ -651,60 +786,81 @@ def main() -> None:
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         parser.error(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    if not seeds:
+        parser.error("--seeds: give at least one seed")
     link = None if args.link.lower() == "none" else args.link
     if link is not None:
         parse_link(link)  # ValueError with the form
-    cfg = RunConfig().with_overrides({"rounds": args.rounds}, source="flags")
+    cfg = RunConfig().with_overrides({**parse_overrides(args.set), "rounds": args.rounds}, source="flags")
+    params = sum(
+        p.numel()
+        for p in build_model(model_config(cfg.model.size, block_size=cfg.model.block_size), seed=0).parameters()
+    )
     results: list[dict[str, Any]] = []
+    seed_tables = []
     with _signals_exit(), tempfile.TemporaryDirectory(prefix="compare-systems-") as tmp:
         log_dir = args.log_dir or Path(tmp)
         log_dir.mkdir(parents=True, exist_ok=True)
-        setup = Setup(
-            peers=args.peers,
-            rounds=args.rounds,
-            link=link,
-            timeout_s=args.timeout_s,
-            log_dir=log_dir,
-            potluck_set=tuple(args.potluck_set),
-        )
         try:
-            for system in systems:
-                print(f"running {system} ...", file=sys.stderr, flush=True)
-                started = time.monotonic()
-                try:
-                    if system.startswith("potluck"):
-                        result = run_potluck(setup, overlap=system == "potluck-overlap")
-                    else:
-                        result = run_baseline(setup, system=system)
-                except BenchError as e:
-                    result = {"system": system, "error": str(e)}
-                print(f"  {system}: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
-                results.append(result)
+            for turn, seed in enumerate(seeds):
+                setup = Setup(
+                    peers=args.peers,
+                    rounds=args.rounds,
+                    link=link,
+                    timeout_s=args.timeout_s,
+                    log_dir=log_dir,
+                    sets=(*args.set, f"seed={seed}"),
+                    potluck_set=tuple(args.potluck_set),
+                )
+                order = systems[turn % len(systems) :] + systems[: turn % len(systems)]
+                ran = []
+                for system in order:
+                    print(f"seed {seed}: running {system} ...", file=sys.stderr, flush=True)
+                    started = time.monotonic()
+                    try:
+                        if system in POTLUCK_SYSTEMS:
+                            result = run_potluck(setup, system=system)
+                        else:
+                            result = run_baseline(setup, system=system)
+                    except BenchError as e:
+                        result = {"system": system, "error": str(e)}
+                    result["seed"] = seed
+                    print(f"  {system}: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+                    ran.append(result)
+                ran.sort(key=lambda r: systems.index(r["system"]))
+                summarize(ran, targets=seed_targets(ran, total_steps=cfg.rounds * cfg.local_steps, target=args.target))
+                seed_tables.append(tables(ran, seed=seed))
+                print(seed_tables[-1], flush=True)
+                results += ran
         finally:
             stop(list(_LIVE))
-    target = summarize(results, target=args.target)
-    initial = {r["system"]: r["initial_val_loss"] for r in results if r.get("initial_val_loss") is not None}
-    if len({round(v, 6) for v in initial.values()}) > 1:
-        print(f"warning: the systems' step-0 held-out losses differ: {initial}", file=sys.stderr)
-    text = tables(results, target=target)
+    initial = {(r["system"], r["seed"]): r["initial_val_loss"] for r in results if r.get("initial_val_loss")}
+    for seed in seeds:
+        if len({round(v, 6) for (_, s), v in initial.items() if s == seed}) > 1:
+            print(f"warning: seed {seed}: the systems' step-0 held-out losses differ: {initial}", file=sys.stderr)
+    where = link or "localhost"
+    header = (
+        f"{args.peers} peers, {where}, {args.rounds} rounds x {cfg.local_steps} steps, model {cfg.model.size} "
+        f"({params:,} parameters), batch {cfg.inner.batch_size}, seeds {seeds}; "
+        f"{platform.machine()}, {os.cpu_count()} cores"
+    )
+    summary = over_seeds(results, reference=args.reference)
+    volume = hivemind_volume(results, params=params, peers=args.peers)
+    text = f"{header}\n\n{summary}\n\n{volume}\n"
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        title = f"{args.peers} peers, {link or 'localhost'}"
-        meta = {
-            "peers": args.peers,
-            "rounds": args.rounds,
-            "local_steps": cfg.local_steps,
-            "batch_size": cfg.inner.batch_size,
-            "inner_lr": cfg.inner.lr,
-            "link": link,
-            "target": target,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        }
-        args.out.with_suffix(".json").write_text(json.dumps({"setup": meta, "results": results}, indent=1))
-        pngs = plots(results, prefix=args.out, target=target, title=title)
+        with args.out.with_suffix(".jsonl").open("w") as f:
+            for r in results:
+                kept = {k: v for k, v in r.items() if k not in ("raw", "counters")}
+                f.write(json.dumps(kept, separators=(",", ":")) + "\n")
+        first = [r for r in results if r["seed"] == seeds[0]]
+        target = next((r["targets"][-1] for r in first if r.get("targets")), None)
+        pngs = plots(first, prefix=args.out, target=target, title=f"{args.peers} peers, {where}, seed {seeds[0]}")
         images = "\n".join(f"![{p.stem}]({p.name})" for p in pngs)
-        args.out.with_suffix(".md").write_text(f"{text}\n\n{images}\n")
+        body = "\n\n".join(seed_tables)
+        args.out.with_suffix(".md").write_text(f"{text}\n{body}\n\n{images}\n")
 
 
 if __name__ == "__main__":

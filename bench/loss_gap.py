@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from potluck.lab.intervals import t_half_width
 from potluck.planning.simulate import Dropout, WarmStart, run_ddp, run_diloco, warm_start
 from potluck.protocol.codecs import make_codec
 from potluck.protocol.config import RunConfig
@@ -116,16 +117,6 @@ def noise_scale(model: torch.nn.Module, task: Any, *, seed: int, samples: int, d
     trace = float(((stacked - mean) ** 2).sum(1).mean()) * samples / (samples - 1)
     signal = float(mean.square().sum()) - trace / samples
     return trace / signal if signal > 0 else math.inf
-
-
-def t_half_width(values: Sequence[float]) -> float:
-    """Half the width of the two-sided 95% t-interval of the mean of `values` (nan for fewer than two)."""
-    n = len(values)
-    if n < 2:
-        return math.nan
-    from scipy.stats import t  # hivemind's dependency; only the summary needs it
-
-    return float(t.ppf(0.975, n - 1) * statistics.stdev(values) / math.sqrt(n))
 
 
 def summarize(records: Iterable[dict[str, Any]], *, warm: bool) -> tuple[str, list[Summary]]:
