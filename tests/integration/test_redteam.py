@@ -36,6 +36,9 @@ def _redteam(tmp_path: Path, attack: str, *extra: str) -> dict:
         # Rounds close once every peer has reported; the deadline only bounds a stall, so keep it short.
         "--set",
         "round_deadline_s=15",
+        # the codec's starting density throughout, as in test_redteam_behaviours: nothing here is about the density
+        "--set",
+        "max_density=null",
         *extra,
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=tmp_path)
