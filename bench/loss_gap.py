@@ -17,6 +17,10 @@ process, the aggregation is a function call, the bytes are the real signed messa
 - `potluck-average`: the default's codecs with plain averaging in place of its outer Nesterov, the control
   that tells the outer optimizer's share of the gap from the codec's.
 
+With `--densities D,...` potluck's default also runs at each starting density D (`potluck@D`): what a live run
+sends once its adaptive density has climbed there. `--arms` runs only the named DiLoCo arms, `--ddp-lrs none` no
+DDP arm, and `--tables FILE...` prints the tables of earlier runs' JSON lines read together (same seeds and setup).
+
 With `--dropout`, potluck's default also runs with half its peers killed at mid-run (`potluck-default+drop50`):
 its loss when the undisturbed run ends (equal wall time: the same rounds, a quarter fewer tokens) and after
 the rounds it takes the peers left to make up the tokens (equal tokens, at the schedule's floor lr).
@@ -42,7 +46,6 @@ import json
 import math
 import platform
 import statistics
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,11 +75,16 @@ class DilocoArm:
     aggregate_codec: tuple[str, dict[str, Any]]
 
 
-def diloco_arms(base: RunConfig) -> list[DilocoArm]:
-    """The DiLoCo arms the module docstring lists, the default ones read from `base`."""
+def diloco_arms(base: RunConfig, *, densities: Sequence[float] = ()) -> list[DilocoArm]:
+    """The DiLoCo arms the module docstring lists, the default ones read from `base`, and the default at each of
+    `densities` (`potluck@D`: what a live run sends once its adaptive density has climbed to D)."""
     codec = (base.codec.name, dict(base.codec.params))
     aggregate_codec = (base.aggregate_codec.name, dict(base.aggregate_codec.params))
-    return [
+    denser = [
+        DilocoArm(f"potluck@{d:g}", base.outer.model_dump(), (codec[0], codec[1] | {"density": d}), aggregate_codec)
+        for d in densities
+    ]
+    return denser + [
         DilocoArm("diloco-nesterov", {"kind": "nesterov", "lr": 0.7, "momentum": 0.9}, ("none", {}), ("none", {})),
         DilocoArm("diloco-average", {"kind": "average"}, ("none", {}), ("none", {})),
         DilocoArm("sparseloco", {"kind": "average"}, ("topk", dict(SPARSELOCO)), ("none", {})),
@@ -177,6 +185,8 @@ def run_seed(
     device: torch.device,
     dropout: bool = False,
     noise_samples: int = 128,
+    arms: Sequence[str] | None = None,
+    densities: Sequence[float] = (),
 ) -> Iterable[dict[str, Any]]:
     """Every arm for one seed (cold, then warm-started), one record each as it finishes."""
     cfg = base.with_overrides({"seed": seed}, source="loss_gap")
@@ -198,11 +208,14 @@ def run_seed(
             ddp_cfg = cfg.with_overrides({"inner.lr": lr}, source="loss_gap")
             arm = run_ddp(ddp_cfg, peers=peers, task=task, eval_set=eval_set, device=device, warm=warm)
             yield _record(f"ddp@{lr:g}", arm, seed=seed, warm=warm, initial=initial)
-        arms = [(spec, None) for spec in diloco_arms(base)]
+        specs = diloco_arms(base, densities=densities)
+        chosen: list[tuple[DilocoArm, Dropout | None]] = [
+            (spec, None) for spec in specs if arms is None or spec.label in arms
+        ]
         if dropout and warm is None:
-            default = next(spec for spec, _ in arms if spec.label == "potluck-default")
-            arms.append((default, half_leave(rounds=cfg.rounds, peers=peers)))
-        for spec, leave in arms:
+            default = next(spec for spec in specs if spec.label == "potluck-default")
+            chosen.append((default, half_leave(rounds=cfg.rounds, peers=peers)))
+        for spec, leave in chosen:
             arm_cfg = cfg.with_overrides({f"outer.{k}": v for k, v in spec.outer.items()}, source="loss_gap")
             arm = run_diloco(
                 arm_cfg,
@@ -291,7 +304,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per run here")
+    parser.add_argument("--arms", default=None, help="comma-separated DiLoCo arms to run (default: all)")
+    parser.add_argument(
+        "--densities", default="", help="also run potluck's default at these starting densities (potluck@D arms)"
+    )
+    parser.add_argument(
+        "--tables", nargs="+", type=Path, default=None, help="only print the tables of these JSON-lines files"
+    )
     args = parser.parse_args(argv)
+    if args.tables:
+        records = [json.loads(line) for path in args.tables for line in path.read_text().splitlines() if line]
+        print_tables(records, warm=any(r["warm"] for r in records), dropout=any("+drop" in r["arm"] for r in records))
+        return
 
     steps = args.rounds * args.local_steps
     warmup = args.warmup_steps if args.warmup_steps is not None else min(RunConfig().inner.warmup_steps, steps // 10)
@@ -299,7 +323,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = RunConfig.model_validate(
         {"model": {"size": args.model}, "inner": inner, "local_steps": args.local_steps, "rounds": args.rounds}
     )
-    ddp_lrs = _floats(args.ddp_lrs) if args.ddp_lrs else [base.inner.lr * f for f in (0.5, 1.0, 2.0)]
+    if args.ddp_lrs == "none":  # DDP's runs are in another file: --tables reads them together
+        ddp_lrs: list[float] = []
+    else:
+        ddp_lrs = _floats(args.ddp_lrs) if args.ddp_lrs else [base.inner.lr * f for f in (0.5, 1.0, 2.0)]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     device = pick_device(args.device)
     print(
@@ -320,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             device=device,
             dropout=args.dropout,
             noise_samples=args.noise_samples,
+            arms=None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()],
+            densities=_floats(args.densities) if args.densities else (),
         ):
             records.append(record)
             print(
@@ -330,14 +359,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.out is not None:
                 with args.out.open("a") as f:
                     f.write(json.dumps(record | {"model": args.model, "peers": args.peers}) + "\n")
-    for warm in (False, True) if args.warm > 0 else (False,):
-        baseline, summaries = summarize(records, warm=warm)
+    if ddp_lrs:
+        print_tables(records, warm=args.warm > 0, dropout=args.dropout)
+
+
+def print_tables(records: list[dict[str, Any]], *, warm: bool, dropout: bool) -> None:
+    """The from-scratch table, the warm-started one with `warm`, and the dropout lines with `dropout`."""
+    for started_warm in (False, True) if warm else (False,):
+        baseline, summaries = summarize(records, warm=started_warm)
         print()
-        print(markdown(baseline, summaries, title="warm-started" if warm else "from scratch"))
-    if args.dropout:
+        print(markdown(baseline, summaries, title="warm-started" if started_warm else "from scratch"))
+    if dropout:
         print()
         print(dropout_lines(records))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

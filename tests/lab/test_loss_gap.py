@@ -15,15 +15,15 @@ def test_the_smallest_loss_gap_run_writes_every_arm_and_both_tables(
         [
             *("--peers", "2", "--rounds", "2", "--local-steps", "2", "--batch-size", "2", "--seeds", "0"),
             *("--ddp-lrs", "0.001,0.003", "--warm", "0.5", "--dropout", "--eval-batches", "1", "--device", "cpu"),
-            *("--noise-samples", "4", "--out", str(out)),
+            *("--noise-samples", "4", "--densities", "0.25", "--out", str(out)),
         ]
     )
-    # Assert: (cold, warm) x (2 DDP + 5 DiLoCo arms), the dropout arm, and a table for each start
+    # Assert: (cold, warm) x (2 DDP + 5 DiLoCo arms + the default at density 1/4), the dropout arm, and a table for each start
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == 15
+    assert len(records) == 17
     assert {r["arm"] for r in records} == {
         *("ddp@0.001", "ddp@0.003", "diloco-nesterov", "diloco-average", "sparseloco", "potluck-default"),
-        *("potluck-average", "potluck-default+drop50"),
+        *("potluck-average", "potluck@0.25", "potluck-default+drop50"),
     }
     assert {r["warm_steps"] for r in records if r["warm"]} == {2}
     printed = capsys.readouterr().out
@@ -31,6 +31,10 @@ def test_the_smallest_loss_gap_run_writes_every_arm_and_both_tables(
     assert "**from scratch**" in printed and "**warm-started**" in printed and "at equal tokens" in printed
     dropped = next(r for r in records if r["arm"] == "potluck-default+drop50")
     assert len(dropped["val_loss_per_round"]) == 3  # 2 planned, then 1 for the peer left to make up its share
+    # and the tables come back from the JSON lines alone
+    main(["--tables", str(out)])
+    reprinted = capsys.readouterr().out
+    assert "| potluck@0.25 | 1 |" in reprinted and "**warm-started**" in reprinted and "at equal tokens" in reprinted
 
 
 def test_the_baseline_is_the_ddp_arm_with_the_lowest_mean_and_gaps_are_paired_per_seed() -> None:
