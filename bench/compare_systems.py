@@ -775,6 +775,13 @@ def main() -> None:
     )
     parser.add_argument("--reference", default="potluck", help="the system others' times are divided by")
     parser.add_argument("--target", type=float, default=None, help="one target held-out loss [default: DDP's]")
+    parser.add_argument(
+        "--targets-from",
+        type=Path,
+        default=None,
+        help="take each seed's DDP targets from this earlier run's JSON lines (DDP's loss per step does not depend "
+        "on the link: run it on localhost once, and leave it out behind a slow one)",
+    )
     parser.add_argument("--timeout-s", type=float, default=900.0, help="hard limit for each system's run")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.jsonl, OUT.md and OUT-*.png")
     parser.add_argument(
@@ -797,6 +804,9 @@ def main() -> None:
         p.numel()
         for p in build_model(model_config(cfg.model.size, block_size=cfg.model.block_size), seed=0).parameters()
     )
+    earlier = []
+    if args.targets_from is not None:
+        earlier = [json.loads(line) for line in args.targets_from.read_text().splitlines() if line.strip()]
     results: list[dict[str, Any]] = []
     seed_tables = []
     with _signals_exit(), tempfile.TemporaryDirectory(prefix="compare-systems-") as tmp:
@@ -829,7 +839,9 @@ def main() -> None:
                     print(f"  {system}: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
                     ran.append(result)
                 ran.sort(key=lambda r: systems.index(r["system"]))
-                summarize(ran, targets=seed_targets(ran, total_steps=cfg.rounds * cfg.local_steps, target=args.target))
+                source = [r for r in earlier if r.get("seed") == seed] if earlier else ran
+                targets = seed_targets(source, total_steps=cfg.rounds * cfg.local_steps, target=args.target)
+                summarize(ran, targets=targets)
                 seed_tables.append(tables(ran, seed=seed))
                 print(seed_tables[-1], flush=True)
                 results += ran
