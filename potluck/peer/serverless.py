@@ -149,6 +149,7 @@ class ServerlessPeer:
 
     def _start_dht(self) -> hivemind.DHT:
         opts = self.options
+        _quiet_about_gone_senders(logging.getLogger("hivemind.dht.dht"))  # before the DHT's process forks
         try:
             dht = hivemind.DHT(
                 initial_peers=list(opts.join) or None,
@@ -306,6 +307,21 @@ class ServerlessPeer:
                     time_s=time.time(),
                 )
             )
+
+
+class _GoneSenderFilter(logging.Filter):
+    """Drops the DHT process's report of a request it could not unpickle because the process that sent it has
+    exited: the averager's last announcement, read after the averager stopped on Ctrl-C. It is logged as an
+    ERROR with a traceback, at every stop, and says nothing a user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (record.funcName == "_run" and isinstance(error, (ConnectionError, FileNotFoundError)))
+
+
+def _quiet_about_gone_senders(logger: logging.Logger) -> None:
+    if not any(isinstance(f, _GoneSenderFilter) for f in logger.filters):
+        logger.addFilter(_GoneSenderFilter())
 
 
 async def _averaged(averager: _StateAverager, *, weight: float, r: int, timeout_s: float) -> Any:

@@ -81,6 +81,7 @@ def test_potluck_status_reads_a_live_serverless_run_from_the_dht(nodes: Nodes) -
         os.kill(node.child.process.pid, signal.SIGTERM)
         assert node.wait_exit(timeout_s=15) == 130
         assert "interrupted: the node and its p2pd have stopped" in node.log()
+        assert "Traceback" not in node.log(), node.log()
 
 
 def test_potluck_status_names_an_address_it_cannot_parse_in_one_line() -> None:
