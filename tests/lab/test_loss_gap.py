@@ -18,7 +18,7 @@ def test_the_smallest_loss_gap_run_writes_every_arm_and_both_tables(
             *("--noise-samples", "4", "--densities", "0.25", "--out", str(out)),
         ]
     )
-    # Assert: (cold, warm) x (2 DDP + 5 DiLoCo arms + the default at density 1/4), the dropout arm, and a table for each start
+    # Assert: (cold, warm) x (2 DDP + 5 DiLoCo arms + the default at 1/4), the dropout arm, a table for each start
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 17
     assert {r["arm"] for r in records} == {
