@@ -14,6 +14,8 @@ process, the aggregation is a function call, the bytes are the real signed messa
   the mean sent down uncompressed;
 - `potluck-default`: the run config's own codec, aggregate codec and outer optimizer, at the codec's
   starting density (a live run raises it on fast links up to max_density);
+- `potluck@D` (with `--densities`): the default at upload density D and the aggregate at the density a live
+  round pairs with it (the config's ratio, 4x, at most 1);
 - `potluck-average`: the default's codecs with plain averaging in place of its outer Nesterov, the control
   that tells the outer optimizer's share of the gap from the codec's.
 
@@ -57,6 +59,7 @@ from potluck.lab.intervals import t_half_width
 from potluck.planning.simulate import Dropout, WarmStart, run_ddp, run_diloco, warm_start
 from potluck.protocol.codecs import make_codec
 from potluck.protocol.config import RunConfig
+from potluck.protocol.density import aggregate_density
 from potluck.tasks import run_task
 from potluck.training.device import batch_to, pick_device
 from potluck.training.diloco import load_params
@@ -80,10 +83,18 @@ def diloco_arms(base: RunConfig, *, densities: Sequence[float] = ()) -> list[Dil
     `densities` (`potluck@D`: what a live run sends once its adaptive density has climbed to D)."""
     codec = (base.codec.name, dict(base.codec.params))
     aggregate_codec = (base.aggregate_codec.name, dict(base.aggregate_codec.params))
-    denser = [
-        DilocoArm(f"potluck@{d:g}", base.outer.model_dump(), (codec[0], codec[1] | {"density": d}), aggregate_codec)
-        for d in densities
-    ]
+    denser = []
+    for d in densities:  # the aggregate follows the upload as in a live round: the config's ratio, at most 1
+        down = aggregate_density(base, d)
+        down_params = aggregate_codec[1] | ({} if down is None else {"density": down})
+        denser.append(
+            DilocoArm(
+                f"potluck@{d:g}",
+                base.outer.model_dump(),
+                (codec[0], codec[1] | {"density": d}),
+                (aggregate_codec[0], down_params),
+            )
+        )
     return denser + [
         DilocoArm("diloco-nesterov", {"kind": "nesterov", "lr": 0.7, "momentum": 0.9}, ("none", {}), ("none", {})),
         DilocoArm("diloco-average", {"kind": "average"}, ("none", {}), ("none", {})),
