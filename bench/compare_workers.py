@@ -107,6 +107,7 @@ class Worker:
             block_size=model_cfg.block_size,
             shard=0,
             num_shards=1,
+            # a system's variants (ddp-bf16, hivemind-blocking, ...) draw their family's data stream
             seed=sampler_seed(self.cfg.seed, f"{system.split('-')[0]}/peer-{rank}/of-{peers}".encode()),
         )
         self.val_set = val_batches(
@@ -268,7 +269,7 @@ def run_ddp(args: argparse.Namespace) -> None:
         world_size=args.peers,
         timeout=timedelta(seconds=120),
     )
-    bucket_cap_mb = BUCKET_CAP_MB if args.system == "ddp-powersgd" else 25  # 25: DDP's default
+    bucket_cap_mb = BUCKET_CAP_MB if args.system == "ddp-powersgd" else None  # None: DDP's own default
     model = DistributedDataParallel(worker.model, bucket_cap_mb=bucket_cap_mb)
     buckets: list[tuple[float, float]] = []  # (ready, all-reduced) per gradient bucket of the current step
     hook, hook_state = ddp_hook(

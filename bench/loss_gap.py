@@ -19,9 +19,8 @@ process, the aggregation is a function call, the bytes are the real signed messa
 - `potluck-average`: the default's codecs with plain averaging in place of its outer Nesterov, the control
   that tells the outer optimizer's share of the gap from the codec's.
 
-With `--densities D,...` potluck's default also runs at each starting density D (`potluck@D`): what a live run
-sends once its adaptive density has climbed there. `--arms` runs only the named DiLoCo arms, `--ddp-lrs none` no
-DDP arm, and `--tables FILE...` prints the tables of earlier runs' JSON lines read together (same seeds and setup).
+`--arms` runs only the named DiLoCo arms, `--ddp-lrs none` no DDP arm, and `--tables FILE...` prints the tables
+of earlier runs' JSON lines read together (same seeds and setup).
 
 With `--dropout`, potluck's default also runs with half its peers killed at mid-run (`potluck-default+drop50`):
 its loss when the undisturbed run ends (equal wall time: the same rounds, a quarter fewer tokens) and after
@@ -80,7 +79,7 @@ class DilocoArm:
 
 def diloco_arms(base: RunConfig, *, densities: Sequence[float] = ()) -> list[DilocoArm]:
     """The DiLoCo arms the module docstring lists, the default ones read from `base`, and the default at each of
-    `densities` (`potluck@D`: what a live run sends once its adaptive density has climbed to D)."""
+    `densities` (`potluck@D`: what a live run sends once its adaptive density has climbed to upload density D)."""
     codec = (base.codec.name, dict(base.codec.params))
     aggregate_codec = (base.aggregate_codec.name, dict(base.aggregate_codec.params))
     denser = []
@@ -317,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per run here")
     parser.add_argument("--arms", default=None, help="comma-separated DiLoCo arms to run (default: all)")
     parser.add_argument(
-        "--densities", default="", help="also run potluck's default at these starting densities (potluck@D arms)"
+        "--densities", default="", help="also run potluck's default at these upload densities (potluck@D arms)"
     )
     parser.add_argument(
         "--tables", nargs="+", type=Path, default=None, help="only print the tables of these JSON-lines files"
